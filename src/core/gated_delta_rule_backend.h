@@ -1,0 +1,39 @@
+// How the two gated delta rule ops reach a backend: each backend (src/cpu, src/cuda) fills one
+// table per op; the public entry points validate, pick the table for the inputs' device and call.
+#pragma once
+
+#include <cstddef>
+
+#include "flashdelta/gated_delta_rule.h"
+
+namespace flashdelta::detail {
+
+struct GatedDeltaRuleBackend {
+  size_t (*forward_workspace_bytes)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&);
+  size_t (*backward_workspace_bytes)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&);
+  void (*forward)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&,
+                  const GatedDeltaRuleForwardOutputs&);
+  void (*backward)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&,
+                   const GatedDeltaRuleBackwardInputs&, const GatedDeltaRuleBackwardOutputs&);
+};
+
+enum class GatedDeltaRuleKind { kChunk, kFusedRecurrent };
+
+// Defined by each backend; nullptr when that backend has no kernel for the op.
+namespace cpu {
+const GatedDeltaRuleBackend* gated_delta_rule_backend(GatedDeltaRuleKind kind);
+}
+namespace cuda {
+const GatedDeltaRuleBackend* gated_delta_rule_backend(GatedDeltaRuleKind kind);
+}
+
+// Entry points shared by both ops (src/core/gated_delta_rule_dispatch.cpp).
+size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
+                                        bool backward);
+void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
+                              const GatedDeltaRuleForwardOutputs& out);
+void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
+                               const GatedDeltaRuleBackwardInputs& gin,
+                               const GatedDeltaRuleBackwardOutputs& gout);
+
+}  // namespace flashdelta::detail

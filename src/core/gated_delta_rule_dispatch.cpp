@@ -1,0 +1,93 @@
+// Validation and backend choice for chunk_gated_delta_rule and fused_recurrent_gated_delta_rule.
+#include "flashdelta/chunk_gated_delta_rule.h"
+#include "flashdelta/fused_recurrent_gated_delta_rule.h"
+#include "gated_delta_rule_backend.h"
+#include "gated_delta_rule_checks.h"
+
+namespace flashdelta {
+namespace detail {
+namespace {
+
+const char* op_name(GatedDeltaRuleKind kind) {
+  return kind == GatedDeltaRuleKind::kChunk ? "chunk_gated_delta_rule"
+                                            : "fused_recurrent_gated_delta_rule";
+}
+
+const GatedDeltaRuleBackend& backend_for(GatedDeltaRuleKind kind, const Device& device) {
+  const GatedDeltaRuleBackend* backend = device.type == DeviceType::kCPU
+                                             ? cpu::gated_delta_rule_backend(kind)
+                                             : cuda::gated_delta_rule_backend(kind);
+  if (backend == nullptr) {
+    fail(Error::Kind::kNotImplemented, op_name(kind), ": this build of flashdelta has no ",
+         device_name(device), " kernel for this op",
+         device.type == DeviceType::kCUDA && !build_info().cuda
+             ? " (it was built without CUDA: set FLASHDELTA_WITH_CUDA=1 and a CUDA toolkit)"
+             : "");
+  }
+  return *backend;
+}
+
+}  // namespace
+
+size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
+                                        bool backward) {
+  const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
+  const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  return backward ? b.backward_workspace_bytes(shape, in) : b.forward_workspace_bytes(shape, in);
+}
+
+void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
+                              const GatedDeltaRuleForwardOutputs& out) {
+  const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
+  const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  check_forward_outputs(shape, in, out, b.forward_workspace_bytes(shape, in), op_name(kind));
+  b.forward(shape, in, out);
+}
+
+void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
+                               const GatedDeltaRuleBackwardInputs& gin,
+                               const GatedDeltaRuleBackwardOutputs& gout) {
+  const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
+  const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  check_backward_args(shape, in, gin, gout, b.backward_workspace_bytes(shape, in),
+                      op_name(kind));
+  b.backward(shape, in, gin, gout);
+}
+
+}  // namespace detail
+
+using detail::GatedDeltaRuleKind;
+
+size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, false);
+}
+size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, true);
+}
+void chunk_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,
+                                    const GatedDeltaRuleForwardOutputs& out) {
+  detail::gated_delta_rule_forward(GatedDeltaRuleKind::kChunk, in, out);
+}
+void chunk_gated_delta_rule_backward(const GatedDeltaRuleInputs& in,
+                                     const GatedDeltaRuleBackwardInputs& gin,
+                                     const GatedDeltaRuleBackwardOutputs& gout) {
+  detail::gated_delta_rule_backward(GatedDeltaRuleKind::kChunk, in, gin, gout);
+}
+
+size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, false);
+}
+size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, true);
+}
+void fused_recurrent_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,
+                                              const GatedDeltaRuleForwardOutputs& out) {
+  detail::gated_delta_rule_forward(GatedDeltaRuleKind::kFusedRecurrent, in, out);
+}
+void fused_recurrent_gated_delta_rule_backward(const GatedDeltaRuleInputs& in,
+                                               const GatedDeltaRuleBackwardInputs& gin,
+                                               const GatedDeltaRuleBackwardOutputs& gout) {
+  detail::gated_delta_rule_backward(GatedDeltaRuleKind::kFusedRecurrent, in, gin, gout);
+}
+
+}  // namespace flashdelta

@@ -1,0 +1,176 @@
+// What the CPU gated delta rule ops (chunked and token-by-token) share: the problem's geometry
+// (sequences, heads, where each sequence's rows live), strided loads and stores with dtype
+// conversion, the q/k l2-normalisation and the final reduction of dq/dk over value heads.
+//
+// Both ops run one task per (sequence, value head) and compute in Acc (float for
+// f32/f16/bf16 inputs, double for f64). Per-value-head dq/dk go to an Acc workspace
+// [B*T, HV, K] and are summed over the HV/H value heads of each key head afterwards, in a fixed
+// order, then l2norm-backpropagated and cast: deterministic, no atomics.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "convert.h"
+#include "flashdelta/gated_delta_rule.h"
+#include "gemm.h"
+#include "parallel.h"
+
+namespace flashdelta::cpu {
+
+constexpr double kL2NormEps = 1e-6;
+
+// Calls f(Storage*) with the tensor's data pointer typed by its dtype.
+template <typename F>
+void visit_float(const TensorRef& t, F&& f) {
+  switch (t.dtype) {
+    case DType::kFloat32: f(static_cast<float*>(t.data)); break;
+    case DType::kFloat64: f(static_cast<double*>(t.data)); break;
+    case DType::kBFloat16: f(static_cast<bf16*>(t.data)); break;
+    case DType::kFloat16: f(static_cast<f16*>(t.data)); break;
+    default: break;  // validated before reaching the backend
+  }
+}
+
+struct GdnGeometry {
+  GatedDeltaRuleShape s;
+  const TensorRef* cu_seqlens = nullptr;  // nullptr when not varlen
+  int64_t group = 1;                      // value heads per key head, HV / H
+
+  explicit GdnGeometry(const GatedDeltaRuleShape& shape, const GatedDeltaRuleInputs& in)
+      : s(shape), cu_seqlens(in.cu_seqlens.defined() ? &in.cu_seqlens : nullptr),
+        group(shape.num_v_heads / shape.num_heads) {}
+
+  int64_t offset(int64_t i) const {
+    return cu_seqlens->dtype == DType::kInt32 ? static_cast<const int32_t*>(cu_seqlens->data)[i]
+                                              : static_cast<const int64_t*>(cu_seqlens->data)[i];
+  }
+  // Sequence n occupies rows [begin, end) of batch row `batch` (time index within that row).
+  struct Seq { int64_t batch, begin, end; };
+  Seq seq(int64_t n) const {
+    if (cu_seqlens) return {0, offset(n), offset(n + 1)};
+    return {n, 0, s.seq_len};
+  }
+  // Chunk-state slots (one [K, V] state per chunk start): sequence n's chunks use slots
+  // [slot_begin(n), slot_begin(n) + ceil(len / chunk)). floor(cu[n] / C) + n never overlaps.
+  int64_t slot_begin(int64_t n, int64_t chunk) const {
+    if (cu_seqlens) return offset(n) / chunk + n;
+    return n * ((s.seq_len + chunk - 1) / chunk);
+  }
+  int64_t num_slots(int64_t chunk) const {
+    if (cu_seqlens) return s.seq_len / chunk + s.num_seqs;
+    return s.batch * ((s.seq_len + chunk - 1) / chunk);
+  }
+};
+
+// Copies rows [t0, t0 + L) of head h of batch row b of a [B, T, H, D] tensor into dst
+// (L x D, row-major, Acc). Three-index tensors [B, T, H] give one value per row (D = 1).
+template <typename Acc>
+void load_rows(const TensorRef& t, int64_t b, int64_t t0, int64_t L, int64_t h, Acc* dst) {
+  const int64_t D = t.rank == 4 ? t.shape[3] : 1;
+  const int64_t sd = t.rank == 4 ? t.strides[3] : 1;
+  visit_float(t, [&](auto* data) {
+    for (int64_t i = 0; i < L; ++i) {
+      const auto* src = data + b * t.strides[0] + (t0 + i) * t.strides[1] + h * t.strides[2];
+      for (int64_t d = 0; d < D; ++d) dst[i * D + d] = static_cast<Acc>(to_float(src[d * sd]));
+    }
+  });
+}
+
+template <typename Acc>
+void store_rows(const TensorRef& t, int64_t b, int64_t t0, int64_t L, int64_t h, const Acc* src) {
+  const int64_t D = t.rank == 4 ? t.shape[3] : 1;
+  const int64_t sd = t.rank == 4 ? t.strides[3] : 1;
+  visit_float(t, [&](auto* data) {
+    using Storage = std::remove_pointer_t<decltype(data)>;
+    for (int64_t i = 0; i < L; ++i) {
+      auto* dst = data + b * t.strides[0] + (t0 + i) * t.strides[1] + h * t.strides[2];
+      for (int64_t d = 0; d < D; ++d) dst[d * sd] = from_float<Storage>(src[i * D + d]);
+    }
+  });
+}
+
+// A [N, HV, K, V] state tensor's (n, h) matrix to/from a contiguous K x V Acc buffer.
+template <typename Acc>
+void load_state(const TensorRef& t, int64_t n, int64_t h, Acc* dst) {
+  const int64_t K = t.shape[2], V = t.shape[3];
+  visit_float(t, [&](auto* data) {
+    for (int64_t i = 0; i < K; ++i) {
+      const auto* src = data + n * t.strides[0] + h * t.strides[1] + i * t.strides[2];
+      for (int64_t j = 0; j < V; ++j) dst[i * V + j] = static_cast<Acc>(to_float(src[j * t.strides[3]]));
+    }
+  });
+}
+
+template <typename Acc>
+void store_state(const TensorRef& t, int64_t n, int64_t h, const Acc* src) {
+  const int64_t K = t.shape[2], V = t.shape[3];
+  visit_float(t, [&](auto* data) {
+    using Storage = std::remove_pointer_t<decltype(data)>;
+    for (int64_t i = 0; i < K; ++i) {
+      auto* dst = data + n * t.strides[0] + h * t.strides[1] + i * t.strides[2];
+      for (int64_t j = 0; j < V; ++j) dst[j * t.strides[3]] = from_float<Storage>(src[i * V + j]);
+    }
+  });
+}
+
+// In place: each of the L rows of x (L x D) becomes x / sqrt(|x|^2 + eps).
+template <typename Acc>
+void l2norm_rows(Acc* x, int64_t L, int64_t D) {
+  for (int64_t i = 0; i < L; ++i) {
+    Acc ss = 0;
+    for (int64_t d = 0; d < D; ++d) ss += x[i * D + d] * x[i * D + d];
+    const Acc inv = Acc(1) / std::sqrt(ss + Acc(kL2NormEps));
+    for (int64_t d = 0; d < D; ++d) x[i * D + d] *= inv;
+  }
+}
+
+// Sums per-value-head gradients ws [B*T, HV, K] over each key head's HV/H value heads (into
+// the first head's slot of ws, in a fixed order), backpropagates through the l2-normalisation
+// of `input` when asked, and stores into `grad` ([B, T, H, K], input's dtype).
+template <typename Acc>
+void reduce_qk_grad(const GdnGeometry& geo, const TensorRef& input, Acc* ws, bool l2norm,
+                    const TensorRef& grad) {
+  const int64_t B = geo.s.batch, T = geo.s.seq_len, H = geo.s.num_heads;
+  const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, r = geo.group;
+  constexpr int64_t kRowsPerTask = 64;
+  const int64_t blocks = (T + kRowsPerTask - 1) / kRowsPerTask;
+  visit_float(input, [&](auto* in_data) {
+    using Storage = std::remove_pointer_t<decltype(in_data)>;
+    Storage* out_data = static_cast<Storage*>(grad.data);
+    parallel_for(B * H * blocks, [&](int64_t task, int) {
+      const int64_t b = task / (H * blocks), h = (task / blocks) % H, blk = task % blocks;
+      const int64_t t_end = std::min(T, (blk + 1) * kRowsPerTask);
+      for (int64_t t = blk * kRowsPerTask; t < t_end; ++t) {
+        Acc* g = ws + ((b * T + t) * HV + h * r) * K;
+        for (int64_t j = 1; j < r; ++j)
+          for (int64_t d = 0; d < K; ++d) g[d] += g[j * K + d];
+        const Storage* x = in_data + b * input.strides[0] + t * input.strides[1] +
+                           h * input.strides[2];
+        Storage* out = out_data + b * grad.strides[0] + t * grad.strides[1] + h * grad.strides[2];
+        const int64_t xs = input.strides[3], os = grad.strides[3];
+        if (!l2norm) {
+          for (int64_t d = 0; d < K; ++d) out[d * os] = from_float<Storage>(g[d]);
+          continue;
+        }
+        // y = x * inv, inv = (|x|^2 + eps)^-1/2:  dx = inv * (dy - y (y . dy))
+        Acc ss = 0, xdot = 0;
+        for (int64_t d = 0; d < K; ++d) {
+          const Acc xd = static_cast<Acc>(to_float(x[d * xs]));
+          ss += xd * xd;
+          xdot += xd * g[d];
+        }
+        const Acc inv = Acc(1) / std::sqrt(ss + Acc(kL2NormEps));
+        const Acc ydot = xdot * inv;
+        for (int64_t d = 0; d < K; ++d) {
+          const Acc xd = static_cast<Acc>(to_float(x[d * xs]));
+          out[d * os] = from_float<Storage>(inv * (g[d] - xd * inv * ydot));
+        }
+      }
+    });
+  });
+}
+
+}  // namespace flashdelta::cpu
