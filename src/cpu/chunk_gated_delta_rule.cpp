@@ -40,7 +40,7 @@ struct Arena {
 template <typename Acc>
 struct ChunkScratch {
   // forward
-  Acc *q, *k, *v, *gam, *beta, *e, *A, *KKg, *T, *Kb, *Vb, *W, *U, *Vn, *M, *O, *S, *pack;
+  Acc *q, *k, *v, *gam, *beta, *e, *G, *A, *KKg, *T, *Kb, *Vb, *W, *U, *Vn, *M, *O, *S, *pack;
   // backward only
   Acc *dO, *dS, *dSn, *KdS, *dVn, *dM, *dOS, *dQ, *dK, *dW, *dT, *dVb, *dKb, *tmp, *dA, *VndS,
       *dgam, *dr, *de, *Qe, *dbeta, *dv;
@@ -50,7 +50,7 @@ struct ChunkScratch {
     for (Acc** p : {&q, &k, &Kb, &W}) *p = a.take(C * K);
     for (Acc** p : {&v, &Vb, &U, &Vn, &O}) *p = a.take(C * V);
     for (Acc** p : {&gam, &beta, &e}) *p = a.take(C);
-    for (Acc** p : {&A, &KKg, &T, &M}) *p = a.take(C * C);
+    for (Acc** p : {&G, &A, &KKg, &T, &M}) *p = a.take(C * C);
     S = a.take(K * V);
     pack = a.take(P * P);
     if (backward) {
@@ -101,9 +101,12 @@ struct ChunkRunner {
     load_rows(in.beta, b, t0, L, hv, s.beta);
     for (int64_t i = 1; i < L; ++i) s.gam[i] += s.gam[i - 1];
     for (int64_t i = 0; i < L; ++i) s.e[i] = std::exp(s.gam[i]);
+    for (int64_t i = 0; i < L; ++i)  // Gamma, lower triangle (diagonal = 1)
+      for (int64_t j = 0; j <= i; ++j) s.G[i * L + j] = std::exp(s.gam[i] - s.gam[j]);
   }
 
-  Acc gate(int64_t i, int64_t j) const { return std::exp(s.gam[i] - s.gam[j]); }
+  // Gamma_ij = exp(gamma_i - gamma_j), j <= i (computed once per chunk in load()).
+  Acc gate(int64_t i, int64_t j) const { return s.G[i * L + j]; }
 
   // A, KKg = Gamma * K K^T (strictly lower), T = (I + A)^-1, Kb, Vb, W = T Kb, U = T Vb.
   void prepare() {
