@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace flashdelta {
 
@@ -73,6 +74,7 @@ struct BuildInfo {
   bool cuda = false;        // CUDA backend compiled in
   std::string cuda_archs;   // e.g. "90a;80"
   int cpu_threads = 1;      // worker threads the CPU backend uses
+  std::vector<std::string> cuda_ops;  // ops that have CUDA kernels in this build
 };
 BuildInfo build_info();
 

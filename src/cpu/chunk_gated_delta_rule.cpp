@@ -23,6 +23,7 @@ namespace flashdelta::cpu {
 namespace {
 
 constexpr int64_t C = kGdnChunkSize;
+constexpr double kMinLogDecay = -1e4;  // exp(-1e4) == 0 in double
 
 // Hands out consecutive, 64-byte aligned pieces of a worker's scratch. With base == nullptr it
 // only counts, which is how the workspace size is computed: one layout, two uses.
@@ -99,10 +100,19 @@ struct ChunkRunner {
     load_rows(in.v, b, t0, L, hv, s.v);
     load_rows(in.g, b, t0, L, hv, s.gam);
     load_rows(in.beta, b, t0, L, hv, s.beta);
-    for (int64_t i = 1; i < L; ++i) s.gam[i] += s.gam[i - 1];
-    for (int64_t i = 0; i < L; ++i) s.e[i] = std::exp(s.gam[i]);
+    // gamma in double: the gates exp(gamma_i - gamma_j) are differences of partial sums that
+    // can be large after strong decay. g is floored at kMinLogDecay, where exp() is exactly 0
+    // already, so that g = -inf (a hard reset) gives -inf - -inf = NaN nowhere; NaN passes.
+    double gamma[C];
+    double sum = 0;
+    for (int64_t i = 0; i < L; ++i) {
+      const double g = static_cast<double>(s.gam[i]);
+      sum += g < kMinLogDecay ? kMinLogDecay : g;
+      gamma[i] = sum;
+      s.e[i] = static_cast<Acc>(std::exp(sum));
+    }
     for (int64_t i = 0; i < L; ++i)  // Gamma, lower triangle (diagonal = 1)
-      for (int64_t j = 0; j <= i; ++j) s.G[i * L + j] = std::exp(s.gam[i] - s.gam[j]);
+      for (int64_t j = 0; j <= i; ++j) s.G[i * L + j] = static_cast<Acc>(std::exp(gamma[i] - gamma[j]));
   }
 
   // Gamma_ij = exp(gamma_i - gamma_j), j <= i (computed once per chunk in load()).

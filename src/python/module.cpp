@@ -8,7 +8,7 @@
 // RuntimeError with the message unchanged. The GIL is released while a kernel runs.
 //
 // Python API (the Python layer, python/flashdelta/ops, depends on these names and argument orders):
-//   build_info() -> {"cuda": bool, "cuda_archs": str, "cpu_threads": int}
+//   build_info() -> {"cuda": bool, "cuda_archs": str, "cpu_threads": int, "cuda_ops": [str]}
 //   for P in chunk_gated_delta_rule, fused_recurrent_gated_delta_rule:
 //     P_forward_workspace_bytes(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm)
 //     P_backward_workspace_bytes(...the same 9 arguments...) -> int
@@ -23,6 +23,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
 #include <optional>
@@ -289,9 +290,11 @@ NB_MODULE(_C, m) {
         d["cuda"] = info.cuda;
         d["cuda_archs"] = info.cuda_archs;
         d["cpu_threads"] = info.cpu_threads;
+        d["cuda_ops"] = info.cuda_ops;
         return d;
       },
-      "What this build contains: {'cuda': bool, 'cuda_archs': str, 'cpu_threads': int}.");
+      "What this build contains: {'cuda': bool, 'cuda_archs': str, 'cpu_threads': int, "
+      "'cuda_ops': [names of the ops with CUDA kernels]}.");
 
   bind_gated_delta_rule(
       m, {"chunk_gated_delta_rule", flashdelta::chunk_gated_delta_rule_forward_workspace_bytes,

@@ -1,0 +1,26 @@
+"""flashdelta: fast Gated DeltaNet kernels (C++/CUDA) for training hybrid linear-attention models.
+
+    o, final_state = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, ...)
+
+The compiled extension (flashdelta._C) is imported on first use, so `import flashdelta` stays
+cheap and works even where the extension is missing (the ops then raise ImportError when run).
+"""
+
+__version__ = "0.1.0"
+
+from .ops import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+
+
+def build_info() -> dict:
+    """What the compiled extension contains: {'cuda': bool, 'cuda_archs': str, 'cpu_threads': int}."""
+    from .ops._gated_delta_rule import load_extension
+
+    return dict(load_extension().build_info())
+
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+]

@@ -1,0 +1,7 @@
+"""flashdelta's ops: one module per op, each a torch.library custom op with a fake
+implementation, autograd and an FLA-compatible public function."""
+
+from .chunk_gated_delta_rule import chunk_gated_delta_rule
+from .fused_recurrent_gated_delta_rule import fused_recurrent_gated_delta_rule
+
+__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
