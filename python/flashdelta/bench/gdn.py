@@ -66,7 +66,22 @@ def transformers_fallback() -> Callable:
     return inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
 
 
-def implementations(H: int, HV: int, device: str) -> Dict[str, Callable]:
+def _lift_fla_hopper_refusal() -> bool:
+    """FLA 0.6 raises in its gated backward on Hopper with Triton >= 3.4 and < 3.7.1 (it says the
+    results can be wrong there). Lifts that refusal so FLA can be timed; returns whether it was
+    in force. Its errors are still measured and printed, so a wrong result shows."""
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+    except Exception:
+        return False
+    if not getattr(chunk_o, "TRITON_ABOVE_3_7_1", True) and getattr(chunk_o, "IS_NVIDIA_HOPPER", False):
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        return True
+    return False
+
+
+def implementations(H: int, HV: int, device: str, fla_unsafe_bwd: bool = False
+                    ) -> Dict[str, Callable]:
     """name -> forward(q, k, v, g, beta) -> o. transformers first: it is the baseline."""
     import flashdelta
 
@@ -90,7 +105,8 @@ def implementations(H: int, HV: int, device: str) -> Dict[str, Callable]:
             def fla(q, k, v, g, beta):
                 return fla_chunk(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
 
-            impls["fla"] = fla
+            lifted = fla_unsafe_bwd and _lift_fla_hopper_refusal()
+            impls["fla (refusal lifted)" if lifted else "fla"] = fla
         except Exception:  # FLA not installed (or broken): no column for it
             pass
     return impls
@@ -277,6 +293,9 @@ def parse_args(argv):
                    help="timed runs per measurement (default: CPU about 2 s worth, 3 to 20; "
                         "CUDA do_bench's median)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--fla-unsafe-bwd", action="store_true",
+                   help="time FLA's backward even where FLA refuses it (Hopper with Triton 3.4 "
+                        "to 3.7.0: FLA says its results can be wrong there); the row is marked")
     args = p.parse_args(argv)
     try:
         shape = tuple(int(x) for x in args.shape.split(","))
@@ -300,7 +319,7 @@ def main(argv=None) -> int:
     import flashdelta
 
     B, T, H, HV, K, V = args.shape
-    impls = implementations(H, HV, args.device)
+    impls = implementations(H, HV, args.device, args.fla_unsafe_bwd)
     results: List[Result] = []
     for dtype_name in args.dtype:
         inputs = make_inputs(B, T, H, HV, K, V, DTYPES[dtype_name], args.device)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
+#
+#   bash scripts/device_run.sh [bench shapes...]     (default: the three DESIGN.md GDN shapes)
+#
+# Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
+# flashdelta for sm_90a without build isolation (the machine has no network), runs the C++ and
+# Python tests, then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16.
+# Logs and JSON go to $OUT when set (the device tool brings that folder back), else to /tmp.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/flashdelta-device}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
+
+start=$SECONDS
+FLASHDELTA_BUILD_TESTS=ON FLASHDELTA_CUDA_ARCHS="${FLASHDELTA_CUDA_ARCHS:-90a}" \
+  SKBUILD_BUILD_DIR=build/device python3 -m pip install -q --no-build-isolation --no-deps . \
+  > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+echo "build: $((SECONDS - start)) s"
+python3 -c "import flashdelta; print('build_info', flashdelta.build_info())"
+
+ctest --test-dir build/device --no-tests=error -j8 > "$OUT/ctest.log" 2>&1
+echo "ctest: $(tail -n 3 "$OUT/ctest.log" | grep -E 'tests passed|tests failed' || echo 'see ctest.log')"
+python3 -m pytest tests/python -q -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+echo "pytest: $(tail -n 1 "$OUT/pytest.log")"
+
+shapes=("$@")
+[ ${#shapes[@]} -eq 0 ] && shapes=("1,32768,16,32,128,128" "8,4096,16,32,128,128" "1,8192,16,32,128,128")
+for shape in "${shapes[@]}"; do
+  tag=$(echo "$shape" | tr ',' 'x')
+  timeout 300 python3 -m flashdelta.bench gdn --device cuda --dtype bf16 --shape "$shape" \
+    --fla-unsafe-bwd --json "$OUT/gdn_$tag.json" > "$OUT/gdn_$tag.log" 2>&1
+  echo "bench $shape: exit $?"
+done
+echo
+for shape in "${shapes[@]}"; do
+  tag=$(echo "$shape" | tr ',' 'x')
+  sed -n '/^gdn: /,$p' "$OUT/gdn_$tag.log"
+  echo
+done
