@@ -66,13 +66,6 @@ struct ChunkScratch {
 };
 
 template <typename Acc>
-int64_t scratch_elems(int64_t K, int64_t V, bool backward) {
-  Arena<Acc> counter;
-  ChunkScratch<Acc> s;
-  return s.carve(counter, K, V, backward);
-}
-
-template <typename Acc>
 struct ChunkRunner {
   const GdnGeometry& geo;
   const GatedDeltaRuleInputs& in;
@@ -305,139 +298,78 @@ struct ChunkRunner {
 };
 
 template <typename Acc>
-struct Plan {
-  int64_t scratch;  // per worker, elements
-  int64_t workers;
-  int64_t states;   // chunk-start states, elements (backward)
-  int64_t qk_grads; // per-value-head dq or dk, elements (backward)
-  size_t bytes() const {
-    return static_cast<size_t>(scratch * workers + states + 2 * qk_grads) * sizeof(Acc);
+struct ChunkOp {
+  static constexpr int64_t kBlock = C;
+
+  static int64_t scratch_elems(int64_t K, int64_t V, bool backward) {
+    Arena<Acc> counter;
+    ChunkScratch<Acc> s;
+    return s.carve(counter, K, V, backward);
+  }
+
+  static void forward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
+                      const GatedDeltaRuleForwardOutputs& out, const GdnWorkspace<Acc>& ws) {
+    const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, V = geo.s.head_v_dim;
+    parallel_for(geo.s.num_seqs * HV, [&](int64_t task, int worker) {
+      const int64_t n = task / HV, hv = task % HV;
+      Arena<Acc> arena{ws.worker_scratch(worker)};
+      ChunkScratch<Acc> s;
+      s.carve(arena, K, V, false);
+      ChunkRunner<Acc> run(geo, in, s);
+      load_state_or_zero(in.initial_state, n, hv, K, V, s.S);
+      const auto seq = geo.seq(n);
+      for (int64_t t0 = seq.begin; t0 < seq.end; t0 += C) {
+        run.load(seq.batch, t0, std::min(C, seq.end - t0), hv, true);
+        run.prepare();
+        run.new_values(s.S);
+        run.output(s.S);
+        store_rows(out.o, seq.batch, t0, run.L, hv, s.O);
+        run.advance_state(s.S);
+      }
+      if (out.final_state.defined()) store_state(out.final_state, n, hv, s.S);
+    });
+  }
+
+  static void backward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
+                       const GatedDeltaRuleBackwardInputs& gin,
+                       const GatedDeltaRuleBackwardOutputs& gout, const GdnWorkspace<Acc>& ws) {
+    const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, V = geo.s.head_v_dim;
+    parallel_for(geo.s.num_seqs * HV, [&](int64_t task, int worker) {
+      const int64_t n = task / HV, hv = task % HV;
+      Arena<Acc> arena{ws.worker_scratch(worker)};
+      ChunkScratch<Acc> s;
+      s.carve(arena, K, V, true);
+      ChunkRunner<Acc> run(geo, in, s);
+      const auto seq = geo.seq(n);
+      const int64_t num_chunks = (seq.end - seq.begin + C - 1) / C;
+      // Replay the recurrence, keeping every chunk's incoming state.
+      load_state_or_zero(in.initial_state, n, hv, K, V, s.S);
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        std::copy(s.S, s.S + K * V, ws.state(n, c, hv));
+        if (c + 1 == num_chunks) break;  // the last chunk's outgoing state is not needed
+        const int64_t t0 = seq.begin + c * C;
+        run.load(seq.batch, t0, std::min(C, seq.end - t0), hv, false);
+        run.prepare();
+        run.new_values(s.S);
+        run.advance_state(s.S);
+      }
+      load_state_or_zero(gin.d_final_state, n, hv, K, V, s.dS);
+      for (int64_t c = num_chunks - 1; c >= 0; --c) {
+        const int64_t t0 = seq.begin + c * C, L = std::min(C, seq.end - t0);
+        run.load(seq.batch, t0, L, hv, true);
+        load_rows(gin.d_o, seq.batch, t0, L, hv, s.dO);
+        run.backward(ws.state(n, c, hv));
+        store_block_grads(ws, gout, seq.batch, t0, L, hv, s.dQ, s.dK, s.dv, s.dgam, s.dbeta);
+        std::swap(s.dS, s.dSn);
+      }
+      if (gout.d_initial_state.defined()) store_state(gout.d_initial_state, n, hv, s.dS);
+    });
   }
 };
 
-template <typename Acc>
-Plan<Acc> make_plan(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in, bool backward) {
-  GdnGeometry geo(s, in);
-  Plan<Acc> p;
-  p.scratch = scratch_elems<Acc>(s.head_k_dim, s.head_v_dim, backward);
-  p.workers = std::min<int64_t>(num_threads(), std::max<int64_t>(1, s.num_seqs * s.num_v_heads));
-  p.states = backward ? geo.num_slots(C) * s.num_v_heads * s.head_k_dim * s.head_v_dim : 0;
-  p.qk_grads = backward ? s.batch * s.seq_len * s.num_v_heads * s.head_k_dim : 0;
-  return p;
-}
-
-template <typename Acc>
-void forward_impl(const GatedDeltaRuleShape& shape, const GatedDeltaRuleInputs& in,
-                  const GatedDeltaRuleForwardOutputs& out) {
-  const GdnGeometry geo(shape, in);
-  const Plan<Acc> plan = make_plan<Acc>(shape, in, false);
-  Acc* ws = static_cast<Acc*>(out.workspace.data);
-  const int64_t HV = shape.num_v_heads, K = shape.head_k_dim, V = shape.head_v_dim;
-  parallel_for(shape.num_seqs * HV, [&](int64_t task, int worker) {
-    const int64_t n = task / HV, hv = task % HV;
-    Arena<Acc> arena{ws + worker * plan.scratch};
-    ChunkScratch<Acc> s;
-    s.carve(arena, K, V, false);
-    ChunkRunner<Acc> run(geo, in, s);
-    if (in.initial_state.defined()) load_state(in.initial_state, n, hv, s.S);
-    else std::fill(s.S, s.S + K * V, Acc(0));
-    const auto seq = geo.seq(n);
-    for (int64_t t0 = seq.begin; t0 < seq.end; t0 += C) {
-      run.load(seq.batch, t0, std::min(C, seq.end - t0), hv, true);
-      run.prepare();
-      run.new_values(s.S);
-      run.output(s.S);
-      store_rows(out.o, seq.batch, t0, run.L, hv, s.O);
-      run.advance_state(s.S);
-    }
-    if (out.final_state.defined()) store_state(out.final_state, n, hv, s.S);
-  });
-}
-
-template <typename Acc>
-void backward_impl(const GatedDeltaRuleShape& shape, const GatedDeltaRuleInputs& in,
-                   const GatedDeltaRuleBackwardInputs& gin,
-                   const GatedDeltaRuleBackwardOutputs& gout) {
-  const GdnGeometry geo(shape, in);
-  const Plan<Acc> plan = make_plan<Acc>(shape, in, true);
-  Acc* ws = static_cast<Acc*>(gout.workspace.data);
-  Acc* states = ws + plan.scratch * plan.workers;
-  Acc* dq_heads = states + plan.states;
-  Acc* dk_heads = dq_heads + plan.qk_grads;
-  const int64_t T = shape.seq_len, HV = shape.num_v_heads, K = shape.head_k_dim;
-  const int64_t V = shape.head_v_dim;
-  const Acc scale = static_cast<Acc>(shape.scale);
-
-  parallel_for(shape.num_seqs * HV, [&](int64_t task, int worker) {
-    const int64_t n = task / HV, hv = task % HV;
-    Arena<Acc> arena{ws + worker * plan.scratch};
-    ChunkScratch<Acc> s;
-    s.carve(arena, K, V, true);
-    ChunkRunner<Acc> run(geo, in, s);
-    const auto seq = geo.seq(n);
-    const int64_t num_chunks = (seq.end - seq.begin + C - 1) / C;
-    auto slot = [&](int64_t c) {
-      return states + ((geo.slot_begin(n, C) + c) * HV + hv) * K * V;
-    };
-    // Replay the recurrence, keeping every chunk's incoming state.
-    if (in.initial_state.defined()) load_state(in.initial_state, n, hv, s.S);
-    else std::fill(s.S, s.S + K * V, Acc(0));
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      std::copy(s.S, s.S + K * V, slot(c));
-      if (c + 1 == num_chunks) break;  // the last chunk's outgoing state is not needed
-      const int64_t t0 = seq.begin + c * C;
-      run.load(seq.batch, t0, std::min(C, seq.end - t0), hv, false);
-      run.prepare();
-      run.new_values(s.S);
-      run.advance_state(s.S);
-    }
-    if (gin.d_final_state.defined()) load_state(gin.d_final_state, n, hv, s.dS);
-    else std::fill(s.dS, s.dS + K * V, Acc(0));
-    for (int64_t c = num_chunks - 1; c >= 0; --c) {
-      const int64_t t0 = seq.begin + c * C, L = std::min(C, seq.end - t0);
-      run.load(seq.batch, t0, L, hv, true);
-      load_rows(gin.d_o, seq.batch, t0, L, hv, s.dO);
-      run.backward(slot(c));
-      for (int64_t i = 0; i < L; ++i) {
-        const int64_t row = ((seq.batch * T + t0 + i) * HV + hv) * K;
-        for (int64_t d = 0; d < K; ++d) {
-          dq_heads[row + d] = scale * s.dQ[i * K + d];
-          dk_heads[row + d] = s.dK[i * K + d];
-        }
-      }
-      store_rows(gout.dv, seq.batch, t0, L, hv, s.dv);
-      store_rows(gout.dg, seq.batch, t0, L, hv, s.dgam);
-      store_rows(gout.dbeta, seq.batch, t0, L, hv, s.dbeta);
-      std::swap(s.dS, s.dSn);
-    }
-    if (gout.d_initial_state.defined()) store_state(gout.d_initial_state, n, hv, s.dS);
-  });
-  // Rows no sequence covers (none unless varlen leaves gaps, which validation forbids) stay
-  // untouched; every covered row of dq/dk is written exactly once below.
-  reduce_qk_grad(geo, in.q, dq_heads, in.use_qk_l2norm, gout.dq);
-  reduce_qk_grad(geo, in.k, dk_heads, in.use_qk_l2norm, gout.dk);
-}
-
-bool is_f64(const GatedDeltaRuleInputs& in) { return in.q.dtype == DType::kFloat64; }
-
-size_t forward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) {
-  return is_f64(in) ? make_plan<double>(s, in, false).bytes() : make_plan<float>(s, in, false).bytes();
-}
-size_t backward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) {
-  return is_f64(in) ? make_plan<double>(s, in, true).bytes() : make_plan<float>(s, in, true).bytes();
-}
-void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-             const GatedDeltaRuleForwardOutputs& out) {
-  is_f64(in) ? forward_impl<double>(s, in, out) : forward_impl<float>(s, in, out);
-}
-void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-              const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
-  is_f64(in) ? backward_impl<double>(s, in, gin, gout) : backward_impl<float>(s, in, gin, gout);
-}
-
 }  // namespace
 
-const ::flashdelta::detail::GatedDeltaRuleBackend kChunkGatedDeltaRule = {
-    forward_workspace_bytes, backward_workspace_bytes, forward, backward};
+const ::flashdelta::detail::GatedDeltaRuleBackend kChunkGatedDeltaRule =
+    GdnCpuBackend<ChunkOp>::table();
 
 }  // namespace flashdelta::cpu

@@ -19,7 +19,7 @@
 namespace flashdelta::cpu {
 namespace {
 
-constexpr int64_t kBlock = 64;  // tokens per checkpoint and per load
+constexpr int64_t kTokensPerState = 64;  // tokens per checkpoint and per load
 
 template <typename Acc>
 struct Scratch {
@@ -35,12 +35,13 @@ struct Scratch {
       used += round(n);
       return p;
     };
-    q = take(kBlock * K), k = take(kBlock * K), v = take(kBlock * V);
-    g = take(kBlock), beta = take(kBlock), o = take(kBlock * V), u = take(V), S = take(K * V);
+    const int64_t B = kTokensPerState;
+    q = take(B * K), k = take(B * K), v = take(B * V);
+    g = take(B), beta = take(B), o = take(B * V), u = take(V), S = take(K * V);
     if (backward) {
-      d_o = take(kBlock * V), dq = take(kBlock * K), dk = take(kBlock * K), dv = take(kBlock * V);
-      dg = take(kBlock), dbeta = take(kBlock), w = take(V), dS = take(K * V);
-      history = take(kBlock * K * V);
+      d_o = take(B * V), dq = take(B * K), dk = take(B * K), dv = take(B * V);
+      dg = take(B), dbeta = take(B), w = take(V), dS = take(K * V);
+      history = take(B * K * V);
     }
     return used;
   }
@@ -153,130 +154,75 @@ struct Runner {
 };
 
 template <typename Acc>
-struct Plan {
-  int64_t scratch, workers, states, qk_grads;
-  size_t bytes() const {
-    return static_cast<size_t>(scratch * workers + states + 2 * qk_grads) * sizeof(Acc);
+struct FusedRecurrentOp {
+  static constexpr int64_t kBlock = kTokensPerState;
+
+  static int64_t scratch_elems(int64_t K, int64_t V, bool backward) {
+    Scratch<Acc> counter;
+    return counter.carve(nullptr, K, V, backward);
+  }
+
+  static void forward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
+                      const GatedDeltaRuleForwardOutputs& out, const GdnWorkspace<Acc>& ws) {
+    const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, V = geo.s.head_v_dim;
+    parallel_for(geo.s.num_seqs * HV, [&](int64_t task, int worker) {
+      const int64_t n = task / HV, hv = task % HV;
+      Scratch<Acc> s;
+      s.carve(ws.worker_scratch(worker), K, V, false);
+      Runner<Acc> run{geo, in, s, K, V};
+      load_state_or_zero(in.initial_state, n, hv, K, V, s.S);
+      const auto seq = geo.seq(n);
+      for (int64_t t0 = seq.begin; t0 < seq.end; t0 += kBlock) {
+        const int64_t L = std::min(kBlock, seq.end - t0);
+        run.load(seq.batch, t0, L, hv);
+        for (int64_t j = 0; j < L; ++j) run.step(j, s.S, s.o + j * V);
+        store_rows(out.o, seq.batch, t0, L, hv, s.o);
+      }
+      if (out.final_state.defined()) store_state(out.final_state, n, hv, s.S);
+    });
+  }
+
+  static void backward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
+                       const GatedDeltaRuleBackwardInputs& gin,
+                       const GatedDeltaRuleBackwardOutputs& gout, const GdnWorkspace<Acc>& ws) {
+    const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, V = geo.s.head_v_dim;
+    const int64_t KV = K * V;
+    parallel_for(geo.s.num_seqs * HV, [&](int64_t task, int worker) {
+      const int64_t n = task / HV, hv = task % HV;
+      Scratch<Acc> s;
+      s.carve(ws.worker_scratch(worker), K, V, true);
+      Runner<Acc> run{geo, in, s, K, V};
+      const auto seq = geo.seq(n);
+      const int64_t num_blocks = (seq.end - seq.begin + kBlock - 1) / kBlock;
+      load_state_or_zero(in.initial_state, n, hv, K, V, s.S);
+      for (int64_t c = 0; c < num_blocks; ++c) {
+        std::copy(s.S, s.S + KV, ws.state(n, c, hv));
+        if (c + 1 == num_blocks) break;
+        run.load(seq.batch, seq.begin + c * kBlock, kBlock, hv);
+        for (int64_t j = 0; j < kBlock; ++j) run.step(j, s.S, nullptr);
+      }
+      load_state_or_zero(gin.d_final_state, n, hv, K, V, s.dS);
+      for (int64_t c = num_blocks - 1; c >= 0; --c) {
+        const int64_t t0 = seq.begin + c * kBlock, L = std::min(kBlock, seq.end - t0);
+        run.load(seq.batch, t0, L, hv);
+        load_rows(gin.d_o, seq.batch, t0, L, hv, s.d_o);
+        // history[j] = the state before token j of the block
+        std::copy(ws.state(n, c, hv), ws.state(n, c, hv) + KV, s.history);
+        for (int64_t j = 0; j + 1 < L; ++j) {
+          std::copy(s.history + j * KV, s.history + (j + 1) * KV, s.history + (j + 1) * KV);
+          run.step(j, s.history + (j + 1) * KV, nullptr);
+        }
+        for (int64_t j = L - 1; j >= 0; --j) run.step_back(j, s.history + j * KV);
+        store_block_grads(ws, gout, seq.batch, t0, L, hv, s.dq, s.dk, s.dv, s.dg, s.dbeta);
+      }
+      if (gout.d_initial_state.defined()) store_state(gout.d_initial_state, n, hv, s.dS);
+    });
   }
 };
 
-template <typename Acc>
-Plan<Acc> make_plan(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in, bool backward) {
-  GdnGeometry geo(s, in);
-  Scratch<Acc> counter;
-  Plan<Acc> p;
-  p.scratch = counter.carve(nullptr, s.head_k_dim, s.head_v_dim, backward);
-  p.workers = std::min<int64_t>(num_threads(), std::max<int64_t>(1, s.num_seqs * s.num_v_heads));
-  p.states = backward ? geo.num_slots(kBlock) * s.num_v_heads * s.head_k_dim * s.head_v_dim : 0;
-  p.qk_grads = backward ? s.batch * s.seq_len * s.num_v_heads * s.head_k_dim : 0;
-  return p;
-}
-
-template <typename Acc>
-void forward_impl(const GatedDeltaRuleShape& shape, const GatedDeltaRuleInputs& in,
-                  const GatedDeltaRuleForwardOutputs& out) {
-  const GdnGeometry geo(shape, in);
-  const Plan<Acc> plan = make_plan<Acc>(shape, in, false);
-  Acc* ws = static_cast<Acc*>(out.workspace.data);
-  const int64_t HV = shape.num_v_heads, K = shape.head_k_dim, V = shape.head_v_dim;
-  parallel_for(shape.num_seqs * HV, [&](int64_t task, int worker) {
-    const int64_t n = task / HV, hv = task % HV;
-    Scratch<Acc> s;
-    s.carve(ws + worker * plan.scratch, K, V, false);
-    Runner<Acc> run{geo, in, s, K, V};
-    if (in.initial_state.defined()) load_state(in.initial_state, n, hv, s.S);
-    else std::fill(s.S, s.S + K * V, Acc(0));
-    const auto seq = geo.seq(n);
-    for (int64_t t0 = seq.begin; t0 < seq.end; t0 += kBlock) {
-      const int64_t L = std::min(kBlock, seq.end - t0);
-      run.load(seq.batch, t0, L, hv);
-      for (int64_t j = 0; j < L; ++j) run.step(j, s.S, s.o + j * V);
-      store_rows(out.o, seq.batch, t0, L, hv, s.o);
-    }
-    if (out.final_state.defined()) store_state(out.final_state, n, hv, s.S);
-  });
-}
-
-template <typename Acc>
-void backward_impl(const GatedDeltaRuleShape& shape, const GatedDeltaRuleInputs& in,
-                   const GatedDeltaRuleBackwardInputs& gin,
-                   const GatedDeltaRuleBackwardOutputs& gout) {
-  const GdnGeometry geo(shape, in);
-  const Plan<Acc> plan = make_plan<Acc>(shape, in, true);
-  Acc* ws = static_cast<Acc*>(gout.workspace.data);
-  Acc* states = ws + plan.scratch * plan.workers;
-  Acc* dq_heads = states + plan.states;
-  Acc* dk_heads = dq_heads + plan.qk_grads;
-  const int64_t T = shape.seq_len, HV = shape.num_v_heads, K = shape.head_k_dim;
-  const int64_t V = shape.head_v_dim, KV = K * V;
-  const Acc scale = static_cast<Acc>(shape.scale);
-
-  parallel_for(shape.num_seqs * HV, [&](int64_t task, int worker) {
-    const int64_t n = task / HV, hv = task % HV;
-    Scratch<Acc> s;
-    s.carve(ws + worker * plan.scratch, K, V, true);
-    Runner<Acc> run{geo, in, s, K, V};
-    const auto seq = geo.seq(n);
-    const int64_t num_blocks = (seq.end - seq.begin + kBlock - 1) / kBlock;
-    auto slot = [&](int64_t c) { return states + ((geo.slot_begin(n, kBlock) + c) * HV + hv) * KV; };
-    if (in.initial_state.defined()) load_state(in.initial_state, n, hv, s.S);
-    else std::fill(s.S, s.S + KV, Acc(0));
-    for (int64_t c = 0; c < num_blocks; ++c) {
-      std::copy(s.S, s.S + KV, slot(c));
-      if (c + 1 == num_blocks) break;
-      const int64_t t0 = seq.begin + c * kBlock;
-      run.load(seq.batch, t0, kBlock, hv);
-      for (int64_t j = 0; j < kBlock; ++j) run.step(j, s.S, nullptr);
-    }
-    if (gin.d_final_state.defined()) load_state(gin.d_final_state, n, hv, s.dS);
-    else std::fill(s.dS, s.dS + KV, Acc(0));
-    for (int64_t c = num_blocks - 1; c >= 0; --c) {
-      const int64_t t0 = seq.begin + c * kBlock, L = std::min(kBlock, seq.end - t0);
-      run.load(seq.batch, t0, L, hv);
-      load_rows(gin.d_o, seq.batch, t0, L, hv, s.d_o);
-      std::copy(slot(c), slot(c) + KV, s.history);
-      for (int64_t j = 0; j + 1 < L; ++j) {
-        std::copy(s.history + j * KV, s.history + (j + 1) * KV, s.history + (j + 1) * KV);
-        run.step(j, s.history + (j + 1) * KV, nullptr);
-      }
-      for (int64_t j = L - 1; j >= 0; --j) run.step_back(j, s.history + j * KV);
-      for (int64_t i = 0; i < L; ++i) {
-        const int64_t row = ((seq.batch * T + t0 + i) * HV + hv) * K;
-        for (int64_t d = 0; d < K; ++d) {
-          dq_heads[row + d] = scale * s.dq[i * K + d];
-          dk_heads[row + d] = s.dk[i * K + d];
-        }
-      }
-      store_rows(gout.dv, seq.batch, t0, L, hv, s.dv);
-      store_rows(gout.dg, seq.batch, t0, L, hv, s.dg);
-      store_rows(gout.dbeta, seq.batch, t0, L, hv, s.dbeta);
-    }
-    if (gout.d_initial_state.defined()) store_state(gout.d_initial_state, n, hv, s.dS);
-  });
-  reduce_qk_grad(geo, in.q, dq_heads, in.use_qk_l2norm, gout.dq);
-  reduce_qk_grad(geo, in.k, dk_heads, in.use_qk_l2norm, gout.dk);
-}
-
-bool is_f64(const GatedDeltaRuleInputs& in) { return in.q.dtype == DType::kFloat64; }
-
-size_t forward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) {
-  return is_f64(in) ? make_plan<double>(s, in, false).bytes() : make_plan<float>(s, in, false).bytes();
-}
-size_t backward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) {
-  return is_f64(in) ? make_plan<double>(s, in, true).bytes() : make_plan<float>(s, in, true).bytes();
-}
-void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-             const GatedDeltaRuleForwardOutputs& out) {
-  is_f64(in) ? forward_impl<double>(s, in, out) : forward_impl<float>(s, in, out);
-}
-void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-              const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
-  is_f64(in) ? backward_impl<double>(s, in, gin, gout) : backward_impl<float>(s, in, gin, gout);
-}
-
 }  // namespace
 
-const ::flashdelta::detail::GatedDeltaRuleBackend kFusedRecurrentGatedDeltaRule = {
-    forward_workspace_bytes, backward_workspace_bytes, forward, backward};
+const ::flashdelta::detail::GatedDeltaRuleBackend kFusedRecurrentGatedDeltaRule =
+    GdnCpuBackend<FusedRecurrentOp>::table();
 
 }  // namespace flashdelta::cpu

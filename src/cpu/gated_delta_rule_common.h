@@ -8,11 +8,13 @@
 // order, then l2norm-backpropagated and cast: deterministic, no atomics.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "../core/gated_delta_rule_backend.h"
 #include "convert.h"
 #include "flashdelta/gated_delta_rule.h"
 #include "gemm.h"
@@ -116,6 +118,13 @@ void store_state(const TensorRef& t, int64_t n, int64_t h, const Acc* src) {
   });
 }
 
+// The (n, h) matrix of an optional state tensor, or zeros when it is absent.
+template <typename Acc>
+void load_state_or_zero(const TensorRef& t, int64_t n, int64_t h, int64_t K, int64_t V, Acc* dst) {
+  if (t.defined()) load_state(t, n, h, dst);
+  else std::fill(dst, dst + K * V, Acc(0));
+}
+
 // In place: each of the L rows of x (L x D) becomes x / sqrt(|x|^2 + eps).
 template <typename Acc>
 void l2norm_rows(Acc* x, int64_t L, int64_t D) {
@@ -125,6 +134,64 @@ void l2norm_rows(Acc* x, int64_t L, int64_t D) {
     const Acc inv = Acc(1) / std::sqrt(ss + Acc(kL2NormEps));
     for (int64_t d = 0; d < D; ++d) x[i * D + d] *= inv;
   }
+}
+
+// The caller's workspace for one call, in Acc elements: one scratch slice per worker, then for
+// the backward the chunk-start states ([slots, HV, K, V], slot layout of GdnGeometry) and the
+// per-value-head dq and dk ([B*T, HV, K] each). With data == nullptr it only sizes.
+template <typename Acc>
+struct GdnWorkspace {
+  const GdnGeometry& geo;
+  int64_t block;     // tokens per stored state
+  int64_t scratch;   // per worker
+  int64_t workers;
+  int64_t states;
+  int64_t qk_grads;
+  Acc* base;
+
+  GdnWorkspace(const GdnGeometry& g, int64_t scratch_per_worker, int64_t tokens_per_state,
+               bool backward, void* data = nullptr)
+      : geo(g), block(tokens_per_state), scratch(scratch_per_worker),
+        workers(std::min<int64_t>(num_threads(),
+                                  std::max<int64_t>(1, g.s.num_seqs * g.s.num_v_heads))),
+        states(backward ? g.num_slots(tokens_per_state) * g.s.num_v_heads * g.s.head_k_dim *
+                              g.s.head_v_dim
+                        : 0),
+        qk_grads(backward ? g.s.batch * g.s.seq_len * g.s.num_v_heads * g.s.head_k_dim : 0),
+        base(static_cast<Acc*>(data)) {}
+
+  size_t bytes() const {
+    return static_cast<size_t>(scratch * workers + states + 2 * qk_grads) * sizeof(Acc);
+  }
+  Acc* worker_scratch(int worker) const { return base + worker * scratch; }
+  // The state stored before block c of sequence n, value head hv.
+  Acc* state(int64_t n, int64_t c, int64_t hv) const {
+    const int64_t KV = geo.s.head_k_dim * geo.s.head_v_dim;
+    return base + scratch * workers + ((geo.slot_begin(n, block) + c) * geo.s.num_v_heads + hv) * KV;
+  }
+  Acc* dq_heads() const { return base + scratch * workers + states; }
+  Acc* dk_heads() const { return dq_heads() + qk_grads; }
+};
+
+// Gradients of rows [t0, t0 + L) of value head hv: dq (w.r.t. the scaled, normalised q: times
+// scale) and dk (normalised k) into the workspace's per-value-head rows; dv, dg, dbeta stored.
+template <typename Acc>
+void store_block_grads(const GdnWorkspace<Acc>& ws, const GatedDeltaRuleBackwardOutputs& gout,
+                       int64_t b, int64_t t0, int64_t L, int64_t hv, const Acc* dq,
+                       const Acc* dk, const Acc* dv, const Acc* dg, const Acc* dbeta) {
+  const GatedDeltaRuleShape& s = ws.geo.s;
+  const int64_t K = s.head_k_dim;
+  const Acc scale = static_cast<Acc>(s.scale);
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t row = ((b * s.seq_len + t0 + i) * s.num_v_heads + hv) * K;
+    for (int64_t d = 0; d < K; ++d) {
+      ws.dq_heads()[row + d] = scale * dq[i * K + d];
+      ws.dk_heads()[row + d] = dk[i * K + d];
+    }
+  }
+  store_rows(gout.dv, b, t0, L, hv, dv);
+  store_rows(gout.dg, b, t0, L, hv, dg);
+  store_rows(gout.dbeta, b, t0, L, hv, dbeta);
 }
 
 // Sums per-value-head gradients ws [B*T, HV, K] over each key head's HV/H value heads (into
@@ -172,5 +239,53 @@ void reduce_qk_grad(const GdnGeometry& geo, const TensorRef& input, Acc* ws, boo
     });
   });
 }
+
+// A backend table from an op class template Op<Acc> (Acc = float for f32/f16/bf16 inputs,
+// double for f64) providing: kBlock (tokens per stored state), scratch_elems(K, V, backward),
+// forward(geo, in, out, ws) and backward(geo, in, gin, gout, ws).
+template <template <typename> class Op>
+struct GdnCpuBackend {
+  template <typename Acc>
+  static GdnWorkspace<Acc> workspace(const GdnGeometry& geo, bool backward, void* data) {
+    return GdnWorkspace<Acc>(geo, Op<Acc>::scratch_elems(geo.s.head_k_dim, geo.s.head_v_dim, backward),
+                             Op<Acc>::kBlock, backward, data);
+  }
+  static bool f64(const GatedDeltaRuleInputs& in) { return in.q.dtype == DType::kFloat64; }
+  static size_t bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in, bool backward) {
+    const GdnGeometry geo(s, in);
+    return f64(in) ? workspace<double>(geo, backward, nullptr).bytes()
+                   : workspace<float>(geo, backward, nullptr).bytes();
+  }
+  template <typename Acc>
+  static void run_forward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
+                          const GatedDeltaRuleForwardOutputs& out) {
+    Op<Acc>::forward(geo, in, out, workspace<Acc>(geo, false, out.workspace.data));
+  }
+  template <typename Acc>
+  static void run_backward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
+                           const GatedDeltaRuleBackwardInputs& gin,
+                           const GatedDeltaRuleBackwardOutputs& gout) {
+    const GdnWorkspace<Acc> ws = workspace<Acc>(geo, true, gout.workspace.data);
+    Op<Acc>::backward(geo, in, gin, gout, ws);
+    reduce_qk_grad(geo, in.q, ws.dq_heads(), in.use_qk_l2norm, gout.dq);
+    reduce_qk_grad(geo, in.k, ws.dk_heads(), in.use_qk_l2norm, gout.dk);
+  }
+  static constexpr ::flashdelta::detail::GatedDeltaRuleBackend table() {
+    return {
+        [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) { return bytes(s, in, false); },
+        [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) { return bytes(s, in, true); },
+        [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
+           const GatedDeltaRuleForwardOutputs& out) {
+          const GdnGeometry geo(s, in);
+          f64(in) ? run_forward<double>(geo, in, out) : run_forward<float>(geo, in, out);
+        },
+        [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
+           const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
+          const GdnGeometry geo(s, in);
+          f64(in) ? run_backward<double>(geo, in, gin, gout)
+                  : run_backward<float>(geo, in, gin, gout);
+        }};
+  }
+};
 
 }  // namespace flashdelta::cpu
