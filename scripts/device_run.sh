@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
 #
-#   bash scripts/device_run.sh [bench shapes...]     (default: the three DESIGN.md GDN shapes)
+#   [BENCH="gdn decode"] [SANITIZE=1] bash scripts/device_run.sh [gdn shapes...]
+#       (default shapes: the three DESIGN.md GDN shapes)
 #
 # Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
 # flashdelta for sm_90a without build isolation (the machine has no network), runs the C++ and
-# Python tests, then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16.
+# Python tests (and, with SANITIZE=1, compute-sanitizer memcheck and racecheck over the CUDA
+# tests), then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16 and
+# `python -m flashdelta.bench decode` (BENCH picks which).
 # Logs and JSON go to $OUT when set (the device tool brings that folder back), else to /tmp.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,17 +35,34 @@ echo "ctest: $(tail -n 3 "$OUT/ctest.log" | grep -E 'tests passed|tests failed' 
 python3 -m pytest tests/python -q -rs -p no:cacheprovider > "$OUT/pytest.log" 2>&1
 echo "pytest: $(tail -n 1 "$OUT/pytest.log")"
 
+if [ "${SANITIZE:-0}" = 1 ]; then
+  for tool in memcheck racecheck; do
+    timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest tests/python \
+      -q -p no:cacheprovider -k "cuda_forward" > "$OUT/sanitize_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_$tool.log" | tr '\n' ' '))"
+  done
+fi
+
+BENCH="${BENCH:-gdn decode}"
 shapes=("$@")
 [ ${#shapes[@]} -eq 0 ] && shapes=("1,32768,16,32,128,128" "8,4096,16,32,128,128" "1,8192,16,32,128,128")
-for shape in "${shapes[@]}"; do
-  tag=$(echo "$shape" | tr ',' 'x')
-  timeout 300 python3 -m flashdelta.bench gdn --device cuda --dtype bf16 --shape "$shape" \
-    --fla-unsafe-bwd --json "$OUT/gdn_$tag.json" > "$OUT/gdn_$tag.log" 2>&1
-  echo "bench $shape: exit $?"
-done
+if [[ " $BENCH " == *" gdn "* ]]; then
+  for shape in "${shapes[@]}"; do
+    tag=$(echo "$shape" | tr ',' 'x')
+    timeout 300 python3 -m flashdelta.bench gdn --device cuda --dtype bf16 --shape "$shape" \
+      --fla-unsafe-bwd --json "$OUT/gdn_$tag.json" > "$OUT/gdn_$tag.log" 2>&1
+    echo "bench gdn $shape: exit $?"
+  done
+fi
+if [[ " $BENCH " == *" decode "* ]]; then
+  timeout 200 python3 -m flashdelta.bench decode --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+  echo "bench decode: exit $?"
+fi
 echo
-for shape in "${shapes[@]}"; do
-  tag=$(echo "$shape" | tr ',' 'x')
-  sed -n '/^gdn: /,$p' "$OUT/gdn_$tag.log"
-  echo
-done
+if [[ " $BENCH " == *" gdn "* ]]; then
+  for shape in "${shapes[@]}"; do
+    sed -n '/^gdn: /,$p' "$OUT/gdn_$(echo "$shape" | tr ',' 'x').log"
+    echo
+  done
+fi
+if [[ " $BENCH " == *" decode "* ]]; then sed -n '/^decode: /,$p' "$OUT/decode.log"; fi

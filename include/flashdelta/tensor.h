@@ -74,7 +74,8 @@ struct BuildInfo {
   bool cuda = false;        // CUDA backend compiled in
   std::string cuda_archs;   // e.g. "90a;80"
   int cpu_threads = 1;      // worker threads the CPU backend uses
-  std::vector<std::string> cuda_ops;  // ops that have CUDA kernels in this build
+  // CUDA kernels in this build, as "op.forward" / "op.backward" entries.
+  std::vector<std::string> cuda_ops;
 };
 BuildInfo build_info();
 

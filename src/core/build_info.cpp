@@ -2,6 +2,9 @@
 // (FLASHDELTA_WITH_CUDA, FLASHDELTA_CUDA_ARCHS_STR) and the CPU backend's thread count.
 #include "flashdelta/tensor.h"
 
+#include <string>
+#include <utility>
+
 #include "core/gated_delta_rule_backend.h"
 #include "cpu/parallel.h"
 
@@ -20,10 +23,13 @@ BuildInfo build_info() {
   info.cuda_archs = info.cuda ? FLASHDELTA_CUDA_ARCHS_STR : "";
   info.cpu_threads = cpu::num_threads();
   using detail::GatedDeltaRuleKind;
-  if (detail::cuda::gated_delta_rule_backend(GatedDeltaRuleKind::kChunk))
-    info.cuda_ops.push_back("chunk_gated_delta_rule");
-  if (detail::cuda::gated_delta_rule_backend(GatedDeltaRuleKind::kFusedRecurrent))
-    info.cuda_ops.push_back("fused_recurrent_gated_delta_rule");
+  for (const auto& [kind, name] : {std::pair{GatedDeltaRuleKind::kChunk, "chunk_gated_delta_rule"},
+                                   {GatedDeltaRuleKind::kFusedRecurrent,
+                                    "fused_recurrent_gated_delta_rule"}}) {
+    const detail::GatedDeltaRuleBackend* b = detail::cuda::gated_delta_rule_backend(kind);
+    if (b && b->forward) info.cuda_ops.push_back(std::string(name) + ".forward");
+    if (b && b->backward) info.cuda_ops.push_back(std::string(name) + ".backward");
+  }
   return info;
 }
 

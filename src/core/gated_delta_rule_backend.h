@@ -19,7 +19,8 @@ struct GatedDeltaRuleBackend {
 
 enum class GatedDeltaRuleKind { kChunk, kFusedRecurrent };
 
-// Defined by each backend; nullptr when that backend has no kernel for the op.
+// Defined by each backend; nullptr when that backend has no kernel for the op. Within a table,
+// backward (and backward_workspace_bytes) may be nullptr when only the forward exists.
 namespace cpu {
 const GatedDeltaRuleBackend* gated_delta_rule_backend(GatedDeltaRuleKind kind);
 }

@@ -27,12 +27,22 @@ const GatedDeltaRuleBackend& backend_for(GatedDeltaRuleKind kind, const Device& 
   return *backend;
 }
 
+// A backend may have a forward without a backward (yet): say so precisely.
+void require_direction(const GatedDeltaRuleBackend& b, GatedDeltaRuleKind kind,
+                       const Device& device, bool backward) {
+  if (backward ? b.backward == nullptr : b.forward == nullptr) {
+    fail(Error::Kind::kNotImplemented, op_name(kind), ": this build of flashdelta has no ",
+         device_name(device), backward ? " backward" : " forward", " kernel for this op");
+  }
+}
+
 }  // namespace
 
 size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
                                         bool backward) {
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  require_direction(b, kind, in.q.device, backward);
   return backward ? b.backward_workspace_bytes(shape, in) : b.forward_workspace_bytes(shape, in);
 }
 
@@ -40,6 +50,7 @@ void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInput
                               const GatedDeltaRuleForwardOutputs& out) {
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  require_direction(b, kind, in.q.device, false);
   check_forward_outputs(shape, in, out, b.forward_workspace_bytes(shape, in), op_name(kind));
   b.forward(shape, in, out);
 }
@@ -49,6 +60,7 @@ void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInpu
                                const GatedDeltaRuleBackwardOutputs& gout) {
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  require_direction(b, kind, in.q.device, true);
   check_backward_args(shape, in, gin, gout, b.backward_workspace_bytes(shape, in),
                       op_name(kind));
   b.backward(shape, in, gin, gout);

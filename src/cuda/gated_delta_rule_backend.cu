@@ -2,18 +2,18 @@
 // fused_recurrent_gated_delta_rule): what the dispatcher in src/core/gated_delta_rule_dispatch.cpp
 // calls for tensors on a CUDA device.
 //
-// Skeleton for now: no CUDA kernel exists yet, so every kind answers nullptr and the dispatcher
-// raises NotImplementedError for CUDA tensors. Issue 4 (the CUDA kernels) fills this table with
-// the sm_90a / sm_80 kernels, one file (or folder) per op beside this one.
-#include "core/gated_delta_rule_backend.h"
+// fused_recurrent_gated_delta_rule has its forward (the decode path); its backward and the whole
+// chunked op are issue 4's work: a missing entry makes the dispatcher raise NotImplementedError.
+#include "cuda/gated_delta_rule_cuda.h"
 
 namespace flashdelta::detail::cuda {
 
 const GatedDeltaRuleBackend* gated_delta_rule_backend(GatedDeltaRuleKind kind) {
   switch (kind) {
     case GatedDeltaRuleKind::kChunk:
-    case GatedDeltaRuleKind::kFusedRecurrent:
       return nullptr;
+    case GatedDeltaRuleKind::kFusedRecurrent:
+      return &kFusedRecurrentGatedDeltaRule;
   }
   return nullptr;
 }

@@ -294,7 +294,7 @@ NB_MODULE(_C, m) {
         return d;
       },
       "What this build contains: {'cuda': bool, 'cuda_archs': str, 'cpu_threads': int, "
-      "'cuda_ops': [names of the ops with CUDA kernels]}.");
+      "'cuda_ops': ['op.forward', 'op.backward' entries of the CUDA kernels built]}.");
 
   bind_gated_delta_rule(
       m, {"chunk_gated_delta_rule", flashdelta::chunk_gated_delta_rule_forward_workspace_bytes,

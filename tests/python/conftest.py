@@ -35,13 +35,14 @@ DTYPES = [
 @pytest.fixture(params=DEVICES)
 def device(request):
     """The device to test on. A test module names its op in `OP`; on CUDA the test is skipped
-    while this build has no CUDA kernel for that op (build_info()["cuda_ops"])."""
+    while this build lacks the op's CUDA forward or backward (build_info()["cuda_ops"])."""
     if request.param == "cuda":
         import flashdelta
 
         op = getattr(getattr(request.module, "OP", None), "__name__", None)
-        if op is not None and op not in flashdelta.build_info()["cuda_ops"]:
-            pytest.skip(f"this build has no CUDA kernel for {op}")
+        built = flashdelta.build_info()["cuda_ops"]
+        if op is not None and not {f"{op}.forward", f"{op}.backward"} <= set(built):
+            pytest.skip(f"this build has no CUDA forward and backward for {op}")
     return request.param
 
 

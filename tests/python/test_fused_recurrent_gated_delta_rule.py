@@ -250,3 +250,62 @@ def test_inputs_unmodified(device):
     torch.autograd.backward([o, state], [torch.randn_like(o), torch.randn_like(state)])
     for n, x in before.items():
         assert torch.equal(inputs[n].detach(), x), f"{n} was modified"
+
+
+# ----------------------------------------------------------------------------- CUDA forward
+# The decode kernel exists on CUDA before the backward does (issue 4); these run whenever the
+# build has the forward, comparing it with the CPU op on identical inputs.
+
+
+def _cuda_forward_built() -> bool:
+    import flashdelta
+
+    return torch.cuda.is_available() and (
+        "fused_recurrent_gated_delta_rule.forward" in flashdelta.build_info()["cuda_ops"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_forward_built(), reason="no CUDA forward for this op in this build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=8, T=1, H=2, HV=4, K=128, V=128),                      # decode step
+        dict(B=2, T=70, H=2, HV=4, K=128, V=128),                     # prefill through it
+        dict(B=1, T=70, H=1, HV=2, K=48, V=40, cu_seqlens=[0, 0, 1, 40, 70]),
+        dict(B=2, T=5, H=1, HV=1, K=256, V=64),
+        dict(B=3, T=3, H=2, HV=2, K=16, V=8, initial_state=False, l2norm=False),
+    ],
+    ids=["decode", "prefill", "varlen-odd-dims", "k256", "no-state"],
+)
+def test_cuda_forward_matches_cpu(dtype, case):
+    case = dict(case)
+    l2norm = case.pop("l2norm", True)
+    shape = [case.pop(n) for n in ("B", "T", "H", "HV", "K", "V")]
+    inputs = make_inputs(*shape, dtype, "cpu", l2norm=l2norm, seed=7, **case)
+    o_ref, s_ref = OP(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=l2norm)
+    cuda_inputs = {n: (None if x is None else x.cuda()) for n, x in inputs.items()}
+    o, s = OP(**cuda_inputs, output_final_state=True, use_qk_l2norm_in_kernel=l2norm)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # relative L2; bf16/fp16: output rounding
+    assert_rel_close(o.cpu().double(), o_ref.double(), tol, "o")
+    assert_rel_close(s.cpu().double(), s_ref.double(), 1e-5 if dtype == torch.float32 else 1e-3,
+                     "final_state")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_forward_built(), reason="no CUDA forward for this op in this build")
+def test_cuda_forward_strided_inputs_and_no_final_state():
+    """q/k/v as views into one projection (as the model slices them), no final state asked."""
+    B, T, H, HV, K, V = 4, 3, 2, 4, 64, 32
+    gen = torch.Generator().manual_seed(3)
+    mixed = torch.randn(B, T, 2 * H * K + HV * V, generator=gen)
+    q = mixed[..., : H * K].view(B, T, H, K)
+    k = mixed[..., H * K: 2 * H * K].view(B, T, H, K)
+    v = mixed[..., 2 * H * K:].view(B, T, HV, V)
+    g = -torch.rand(B, T, HV, generator=gen)
+    beta = torch.rand(B, T, HV, generator=gen)
+    o_ref, _ = OP(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    o, state = OP(*(x.cuda() for x in (q, k, v, g, beta)), use_qk_l2norm_in_kernel=True)
+    assert state is None
+    assert_rel_close(o.cpu().double(), o_ref.double(), 1e-5, "o")

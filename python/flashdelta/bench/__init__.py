@@ -1,8 +1,10 @@
 """flashdelta's benchmarks: `python -m flashdelta.bench <name> [options]`.
 
-    gdn   chunk_gated_delta_rule against transformers' torch fallback (and FLA when importable)
+    gdn     chunk_gated_delta_rule against transformers' torch fallback (and FLA when importable)
+    decode  one decode step of fused_recurrent_gated_delta_rule against its memory floor (CUDA)
 """
 
 BENCHMARKS = {
     "gdn": "flashdelta.bench.gdn",
+    "decode": "flashdelta.bench.decode",
 }
