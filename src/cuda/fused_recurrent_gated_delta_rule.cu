@@ -3,13 +3,14 @@
 // Per (sequence n, value head hv), per token, with a = exp(g), q scaled (and l2-normalised):
 //   S <- a S;  u = S^T k;  delta = beta (v - u);  S <- S + k delta^T;  o = S^T q
 // Launch: grid (ceil(V / 32), N * HV), 128 threads (4 warps). A block owns 32 columns of the
-// [K, V] fp32 state, kept in registers for the whole sequence: lane = column, warp w holds rows
-// w, w + 4, w + 8, ... (kRows per thread, a compile-time bound on K / 4). The state is read once
-// (initial_state, or zeros) and written once (final_state), each warp access a row segment of
-// 32 consecutive floats; u and o are column sums over K: per-thread partial sums, then a sum of
-// the 4 warps' partials through shared memory (fixed order: deterministic). q and k go through
-// shared memory once per token. Memory-bound at decode shapes: the floor is one read and one
-// write of the state.
+// [K, V] fp32 state, kept in registers for the whole sequence: a lane holds 4 adjacent columns
+// (16-byte loads and stores; 8 lanes cover the 32 columns, so a warp access covers 4 rows) of
+// K / 16 rows. The state is read once (initial_state, or zeros) and written once (final_state);
+// u and o are column sums over K: per-thread partial sums, shuffles across the lanes of one
+// access, then the 4 warps' partials through shared memory (fixed order: deterministic). q and k
+// go through shared memory once per token. Memory-bound at decode shapes: the floor is one read
+// and one write of the state. States whose rows are not 16-byte aligned take the same kernel
+// with one column per lane.
 // Assumes: K <= 4 * kRows (kRows in {16, 32, 64}: K <= 256), any V, any strides, varlen offsets
 // on the device (no host synchronisation). Backward: not on the GPU yet (issue 4).
 #include <cuda_bf16.h>
@@ -78,19 +79,27 @@ __device__ __forceinline__ float block_sum(float x, float* red) {
   return total;
 }
 
-template <typename T, int kRows>
+// kRows bounds K / 4 (rows per warp); kVec columns per lane: 4 = 16-byte state accesses (8 lanes
+// span a 32-column row segment, a warp covers 4 rows per access), 1 = 4-byte accesses for states
+// whose rows are not 16-byte aligned (32 lanes per row segment).
+template <typename T, int kRows, int kVec>
 __global__ void __launch_bounds__(kThreads)
     fused_recurrent_forward_kernel(const Params p) {
+  constexpr int kLanesPerRow = kColumns / kVec;  // 8 or 32
+  constexpr int kRowsPerAccess = kVec;           // rows a warp touches per access
+  constexpr int kSteps = kRows / kVec;           // state rows per thread
   __shared__ float q_s[4 * kRows], k_s[4 * kRows];
   __shared__ float partial[kWarps][kColumns];
   __shared__ float red[kWarps];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int sub = lane / kLanesPerRow;              // row within one access
+  const int c0 = (lane % kLanesPerRow) * kVec;      // first column within the block's 32
   const int K = p.head_k_dim, V = p.head_v_dim;
-  const int col = blockIdx.x * kColumns + lane;
-  const bool col_ok = col < V;
+  const int col = blockIdx.x * kColumns + c0;       // first global column of this lane
   const int n = blockIdx.y / p.num_v_heads, hv = blockIdx.y % p.num_v_heads;
   const int hk = hv / p.group;
+  auto row_of = [&](int r) { return (r * kWarps + warp) * kRowsPerAccess + sub; };
 
   int64_t batch = n, begin = 0, end = p.seq_len;
   if (p.cu_seqlens) {
@@ -101,13 +110,20 @@ __global__ void __launch_bounds__(kThreads)
                           : static_cast<const int32_t*>(p.cu_seqlens)[n + 1];
   }
 
-  float S[kRows];
+  float S[kSteps][kVec];
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    const int row = warp + kWarps * r;
-    S[r] = (p.initial_state && col_ok && row < K)
-               ? p.initial_state[n * p.h0_s[0] + hv * p.h0_s[1] + row * p.h0_s[2] + col * p.h0_s[3]]
-               : 0.f;
+  for (int r = 0; r < kSteps; ++r) {
+    const int row = row_of(r);
+    const float* src = p.initial_state
+                           ? p.initial_state + n * p.h0_s[0] + hv * p.h0_s[1] + row * p.h0_s[2]
+                           : nullptr;
+    if constexpr (kVec == 4) {
+      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (src && row < K && col < V) x = *reinterpret_cast<const float4*>(src + col);
+      S[r][0] = x.x, S[r][1] = x.y, S[r][2] = x.z, S[r][3] = x.w;
+    } else {
+      S[r][0] = (src && row < K && col < V) ? src[col * p.h0_s[3]] : 0.f;
+    }
   }
 
   const T* q = static_cast<const T*>(p.q) + batch * p.q_s[0] + hk * p.q_s[2];
@@ -116,6 +132,28 @@ __global__ void __launch_bounds__(kThreads)
   T* o = static_cast<T*>(p.o) + batch * p.o_s[0] + hv * p.o_s[2];
   const int64_t g_base = batch * p.g_s[0] + hv * p.g_s[2];
   const int64_t b_base = batch * p.beta_s[0] + hv * p.beta_s[2];
+
+  // Sum over the block's K rows of one value per (thread, column j): lanes of one access first
+  // (shuffles), then the 4 warps (shared memory, fixed order). Returns the column's total.
+  auto column_sum = [&](float (&x)[kVec], float (&total)[kVec]) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      for (int off = kLanesPerRow; off < 32; off <<= 1)
+        x[j] += __shfl_xor_sync(0xffffffffu, x[j], off);
+    }
+    if (sub == 0) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) partial[warp][c0 + j] = x[j];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      total[j] = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) total[j] += partial[w][c0 + j];
+    }
+    __syncthreads();  // partial is reused by the next sum
+  };
 
   for (int64_t t = begin; t < end; ++t) {
     // q, k of this token into shared memory (normalised, q scaled).
@@ -136,59 +174,83 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // q_s / k_s complete
     const float a = __expf(load_gate(p.g, p.g_dtype, g_base + t * p.g_s[1]));
     const float b = load_gate(p.beta, p.beta_dtype, b_base + t * p.beta_s[1]);
-    const float vc = col_ok ? to_f32(v[t * p.v_s[1] + col * p.v_s[3]]) : 0.f;
 
-    float u = 0.f;
+    float u[kVec], u_total[kVec];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      S[r] *= a;
-      u += k_s[warp + kWarps * r] * S[r];
+    for (int j = 0; j < kVec; ++j) u[j] = 0.f;
+#pragma unroll
+    for (int r = 0; r < kSteps; ++r) {
+      const float kr = k_s[row_of(r)];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        S[r][j] *= a;
+        u[j] += kr * S[r][j];
+      }
     }
-    partial[warp][lane] = u;
-    __syncthreads();
-    u = 0.f;
+    column_sum(u, u_total);
+    float kd[kVec], out[kVec], out_total[kVec];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) u += partial[w][lane];
-    const float delta = b * (vc - u * k_mul);
-    const float kd = k_mul * delta;
-    float out = 0.f;
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      S[r] += k_s[warp + kWarps * r] * kd;
-      out += q_s[warp + kWarps * r] * S[r];
+    for (int j = 0; j < kVec; ++j) {
+      const float vj = col + j < V ? to_f32(v[t * p.v_s[1] + (col + j) * p.v_s[3]]) : 0.f;
+      kd[j] = k_mul * b * (vj - u_total[j] * k_mul);  // k_mul * delta
+      out[j] = 0.f;
     }
-    __syncthreads();  // everyone has read partial (u)
-    partial[warp][lane] = out;
-    __syncthreads();
-    if (warp == 0 && col_ok) {
-      out = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) out += partial[w][lane];
-      o[t * p.o_s[1] + col * p.o_s[3]] = from_f32<T>(out * q_mul);
+    for (int r = 0; r < kSteps; ++r) {
+      const float kr = k_s[row_of(r)], qr = q_s[row_of(r)];
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        S[r][j] += kr * kd[j];
+        out[j] += qr * S[r][j];
+      }
     }
-    __syncthreads();  // partial, q_s, k_s reused by the next token
+    column_sum(out, out_total);
+    if (warp == 0 && sub == 0) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        if (col + j < V) o[t * p.o_s[1] + (col + j) * p.o_s[3]] = from_f32<T>(out_total[j] * q_mul);
+    }
   }
 
-  if (p.final_state && col_ok) {
+  if (p.final_state) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int row = warp + kWarps * r;
-      if (row < K)
-        p.final_state[n * p.ht_s[0] + hv * p.ht_s[1] + row * p.ht_s[2] + col * p.ht_s[3]] = S[r];
+    for (int r = 0; r < kSteps; ++r) {
+      const int row = row_of(r);
+      if (row >= K || col >= V) continue;
+      float* dst = p.final_state + n * p.ht_s[0] + hv * p.ht_s[1] + row * p.ht_s[2];
+      if constexpr (kVec == 4) {
+        *reinterpret_cast<float4*>(dst + col) = make_float4(S[r][0], S[r][1], S[r][2], S[r][3]);
+      } else {
+        dst[col * p.ht_s[3]] = S[r][0];
+      }
     }
   }
 }
 
-template <typename T>
-void launch_for_dtype(const Params& p, int64_t num_seqs, cudaStream_t stream) {
-  const dim3 grid((p.head_v_dim + kColumns - 1) / kColumns, num_seqs * p.num_v_heads);
+template <typename T, int kVec>
+void launch_for_vec(const Params& p, const dim3& grid, cudaStream_t stream) {
   if (p.head_k_dim <= 64) {
-    fused_recurrent_forward_kernel<T, 16><<<grid, kThreads, 0, stream>>>(p);
+    fused_recurrent_forward_kernel<T, 16, kVec><<<grid, kThreads, 0, stream>>>(p);
   } else if (p.head_k_dim <= 128) {
-    fused_recurrent_forward_kernel<T, 32><<<grid, kThreads, 0, stream>>>(p);
+    fused_recurrent_forward_kernel<T, 32, kVec><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    fused_recurrent_forward_kernel<T, 64><<<grid, kThreads, 0, stream>>>(p);
+    fused_recurrent_forward_kernel<T, 64, kVec><<<grid, kThreads, 0, stream>>>(p);
   }
+}
+
+// 16-byte state accesses need V % 4 == 0 and every state row 16-byte aligned.
+bool state_rows_aligned(const TensorRef& t) {
+  if (!t.defined()) return true;
+  const auto addr = reinterpret_cast<uintptr_t>(t.data);
+  return t.strides[3] == 1 && addr % 16 == 0 && t.strides[0] % 4 == 0 && t.strides[1] % 4 == 0 &&
+         t.strides[2] % 4 == 0;
+}
+
+template <typename T>
+void launch_for_dtype(const Params& p, bool vec4, int64_t num_seqs, cudaStream_t stream) {
+  const dim3 grid((p.head_v_dim + kColumns - 1) / kColumns, num_seqs * p.num_v_heads);
+  if (vec4) launch_for_vec<T, 4>(p, grid, stream);
+  else launch_for_vec<T, 1>(p, grid, stream);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -228,12 +290,14 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   p.scale = static_cast<float>(s.scale);
   p.l2norm = in.use_qk_l2norm;
 
+  const bool vec4 = s.head_v_dim % 4 == 0 && state_rows_aligned(in.initial_state) &&
+                    state_rows_aligned(out.final_state);
   const DeviceGuard guard(in.q.device.index);
   const auto stream = static_cast<cudaStream_t>(in.stream);
   switch (in.q.dtype) {
-    case DType::kFloat32: launch_for_dtype<float>(p, s.num_seqs, stream); break;
-    case DType::kFloat16: launch_for_dtype<__half>(p, s.num_seqs, stream); break;
-    case DType::kBFloat16: launch_for_dtype<__nv_bfloat16>(p, s.num_seqs, stream); break;
+    case DType::kFloat32: launch_for_dtype<float>(p, vec4, s.num_seqs, stream); break;
+    case DType::kFloat16: launch_for_dtype<__half>(p, vec4, s.num_seqs, stream); break;
+    case DType::kBFloat16: launch_for_dtype<__nv_bfloat16>(p, vec4, s.num_seqs, stream); break;
     default: fail(Error::Kind::kType, op, ": unsupported dtype on CUDA");
   }
 }

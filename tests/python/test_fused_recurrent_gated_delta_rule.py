@@ -309,3 +309,18 @@ def test_cuda_forward_strided_inputs_and_no_final_state():
     o, state = OP(*(x.cuda() for x in (q, k, v, g, beta)), use_qk_l2norm_in_kernel=True)
     assert state is None
     assert_rel_close(o.cpu().double(), o_ref.double(), 1e-5, "o")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_forward_built(), reason="no CUDA forward for this op in this build")
+def test_cuda_forward_unaligned_state():
+    """A state whose rows are not 16-byte aligned (stride 2 in V) takes the 4-byte path."""
+    inputs = make_inputs(2, 4, 1, 2, 32, 16, torch.float32, "cpu", seed=5)
+    wide = torch.randn(2, 2, 32, 32, generator=torch.Generator().manual_seed(1))
+    inputs["initial_state"] = wide[..., ::2]  # [2, 2, 32, 16], last-dim stride 2
+    o_ref, s_ref = OP(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    cuda_inputs = {n: x.cuda() if n != "initial_state" else wide.cuda()[..., ::2]
+                   for n, x in inputs.items()}
+    o, s = OP(**cuda_inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    assert_rel_close(o.cpu().double(), o_ref.double(), 1e-5, "o")
+    assert_rel_close(s.cpu().double(), s_ref.double(), 1e-5, "final_state")
