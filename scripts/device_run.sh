@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
 #
-#   [BENCH="gdn decode"] [SANITIZE=1] [PYTEST_ARGS="-k cuda"] bash scripts/device_run.sh [gdn shapes...]
+#   [BENCH="gdn decode e2e"] [SANITIZE=1] [PYTEST_ARGS="-k cuda"] bash scripts/device_run.sh [gdn shapes...]
 #       (default shapes: the three DESIGN.md GDN shapes)
 #
 # Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
@@ -16,9 +16,13 @@ OUT="${OUT:-/tmp/flashdelta-device}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-16}"
 
+# Carried wheels (FLA) go on the path of the benchmarks only: with FLA importable, transformers'
+# kernel-hub wrapper picks FLA for every call, CPU tensors included (which FLA cannot run), so
+# the tests' unpatched CPU models would fail for reasons that are not ours.
+BENCH_PATH="${PYTHONPATH:-}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    --target /tmp/site .whl/*.whl && BENCH_PATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
@@ -49,13 +53,17 @@ shapes=("$@")
 if [[ " $BENCH " == *" gdn "* ]]; then
   for shape in "${shapes[@]}"; do
     tag=$(echo "$shape" | tr ',' 'x')
-    timeout 300 python3 -m flashdelta.bench gdn --device cuda --dtype bf16 --shape "$shape" \
+    PYTHONPATH="$BENCH_PATH" timeout 300 python3 -m flashdelta.bench gdn --device cuda --dtype bf16 --shape "$shape" \
       --fla-unsafe-bwd --json "$OUT/gdn_$tag.json" > "$OUT/gdn_$tag.log" 2>&1
     echo "bench gdn $shape: exit $?"
   done
 fi
+if [[ " $BENCH " == *" e2e "* ]]; then
+  PYTHONPATH="$BENCH_PATH" timeout 480 python3 bench/e2e.py --fla-unsafe-bwd --no-progress --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+  echo "bench e2e: exit $?"
+fi
 if [[ " $BENCH " == *" decode "* ]]; then
-  timeout 200 python3 -m flashdelta.bench decode --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+  PYTHONPATH="$BENCH_PATH" timeout 200 python3 -m flashdelta.bench decode --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
   echo "bench decode: exit $?"
 fi
 echo
@@ -66,3 +74,4 @@ if [[ " $BENCH " == *" gdn "* ]]; then
   done
 fi
 if [[ " $BENCH " == *" decode "* ]]; then sed -n '/^decode: /,$p' "$OUT/decode.log"; fi
+if [[ " $BENCH " == *" e2e "* ]]; then tail -n 40 "$OUT/e2e.log"; fi

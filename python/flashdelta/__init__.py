@@ -10,9 +10,15 @@ __version__ = "0.1.0"
 
 from .ops import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
+# The subpackage flashdelta.patch holds the patch layer; importing these names here binds
+# `flashdelta.patch` to the function (submodules stay importable: `from flashdelta.patch import
+# gdn`). It imports no transformers code until patch() runs.
+from .patch import PatchReport, patch, unpatch
+
 
 def build_info() -> dict:
-    """What the compiled extension contains: {'cuda': bool, 'cuda_archs': str, 'cpu_threads': int}."""
+    """What the compiled extension contains: {'cuda': bool, 'cuda_archs': str,
+    'cpu_threads': int, 'cuda_ops': ['op.forward', 'op.backward' entries of the CUDA kernels]}."""
     from .ops._gated_delta_rule import load_extension
 
     return dict(load_extension().build_info())
@@ -20,7 +26,10 @@ def build_info() -> dict:
 
 __all__ = [
     "__version__",
+    "PatchReport",
     "build_info",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "patch",
+    "unpatch",
 ]

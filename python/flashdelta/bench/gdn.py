@@ -66,7 +66,7 @@ def transformers_fallback() -> Callable:
     return inspect.unwrap(modeling_qwen3_5.torch_chunk_gated_delta_rule)
 
 
-def _lift_fla_hopper_refusal() -> bool:
+def lift_fla_hopper_refusal() -> bool:
     """FLA 0.6 raises in its gated backward on Hopper with Triton >= 3.4 and < 3.7.1 (it says the
     results can be wrong there). Lifts that refusal so FLA can be timed; returns whether it was
     in force. Its errors are still measured and printed, so a wrong result shows."""
@@ -105,7 +105,7 @@ def implementations(H: int, HV: int, device: str, fla_unsafe_bwd: bool = False
             def fla(q, k, v, g, beta):
                 return fla_chunk(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0]
 
-            lifted = fla_unsafe_bwd and _lift_fla_hopper_refusal()
+            lifted = fla_unsafe_bwd and lift_fla_hopper_refusal()
             impls["fla (refusal lifted)" if lifted else "fla"] = fla
         except Exception:  # FLA not installed (or broken): no column for it
             pass

@@ -1,0 +1,242 @@
+"""End-to-end benchmark (DESIGN.md "Benchmark protocol", end-to-end part), for the GPU machine.
+
+LoRA training steps (r=16, alpha=32 on q/k/v/o_proj, in_proj_qkv, in_proj_z, out_proj; AdamW) of a
+Qwen3.5-35B-A3B-shaped text model with 8 layers (6 linear + 2 full attention), random weights from
+a fixed seed, 1 x 8192 tokens, bf16; median step time after 3 warm-up steps, peak memory
+(torch.cuda.max_memory_allocated), per-step loss and grad norm. In one process, on one model:
+
+- `torch`: transformers' torch fallback for the gated delta rule (what transformers runs without
+  flash-linear-attention; forced here even where FLA is installed);
+- `fla`: transformers with flash-linear-attention, when `import fla` works;
+- `flashdelta`: the same model after flashdelta.patch(model). Until flashdelta's CUDA kernels are
+  in the build, the patch falls back to transformers on CUDA and the report says so.
+
+Every variant starts from the same LoRA weights (reset between runs, fresh optimizer) and sees the
+same batches; differences are measured against the first variant.
+
+    python bench/e2e.py                              # the protocol, on cuda
+    python bench/e2e.py --json bench/e2e.json --plot bench/e2e.png
+    python bench/e2e.py --device cpu --dtype fp32 --preset tiny --layers 4 --seq 1024  # smoke run
+
+Model building, the training loop and the tables come from flashdelta.demo.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import flashdelta
+from flashdelta import demo
+
+VARIANTS = ("torch", "fla", "flashdelta")
+GDN_SYMBOLS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=sorted(demo.PRESETS), default="35b-a3b")
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--seq", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=8, help="steps per variant, warm-up included")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--dtype", choices=sorted(demo.DTYPES), default="bf16")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fla-unsafe-bwd", action="store_true",
+                   help="run FLA's backward where FLA refuses it (Hopper with Triton 3.4 to "
+                        "3.7.0: FLA says its results can be wrong there); the run is labelled")
+    args = p.parse_args(argv)
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variants {bad}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device (use --device cpu for a smoke run)")
+    return args
+
+
+def fla_available() -> Optional[str]:
+    try:
+        import fla  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def transformers_implementation(module, name: str) -> str:
+    """What transformers' kernel-hub wrapper around `name` calls (decided when the modeling
+    module was imported): "torch" for its own fallback, else the implementation's module."""
+    import inspect
+
+    wrapper = getattr(module, name)
+    try:
+        impl = inspect.getclosurevars(wrapper).nonlocals.get("implementation")
+    except TypeError:
+        return "unknown"
+    if impl is None or impl is getattr(wrapper, "__wrapped__", None):
+        return "torch"
+    return getattr(impl, "__module__", type(impl).__name__)
+
+
+class TorchFallback:
+    """Makes the model's modeling module call transformers' torch code for the gated delta rule,
+    bypassing the kernel-hub wrapper (which picks FLA whenever FLA is importable)."""
+
+    def __init__(self, module):
+        self.module = module
+        self.saved: Dict[str, Any] = {}
+
+    def __enter__(self):
+        for name in GDN_SYMBOLS:
+            wrapper = getattr(self.module, name)
+            self.saved[name] = wrapper
+            setattr(self.module, name, getattr(wrapper, "__wrapped__", wrapper))
+        return self
+
+    def __exit__(self, *exc):
+        for name, obj in self.saved.items():
+            setattr(self.module, name, obj)
+        return False
+
+
+def environment(args) -> Dict[str, Any]:
+    info = demo.environment()
+    info["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    info["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+    info["flashdelta"] = flashdelta.__version__
+    try:
+        info["flashdelta_build"] = flashdelta.build_info()
+    except ImportError as e:
+        info["flashdelta_build"] = str(e)
+    for name in ("triton", "fla", "causal_conv1d"):
+        try:
+            mod = __import__(name)
+            info[name] = getattr(mod, "__version__", "installed")
+        except Exception:
+            info[name] = None
+    if args.device == "cuda":
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20).stdout.strip().splitlines()[0]
+        except Exception:
+            info["driver"] = None
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    flashdelta.unpatch()
+    env = environment(args)
+    print("\n".join(f"{k}: {v}" for k, v in env.items()), flush=True)
+
+    dtype = demo.DTYPES[args.dtype]
+    config = demo.build_config(args.preset, args.layers)
+    model = demo.build_model(config, seed=args.seed, device=args.device, dtype=dtype)
+    model = demo.add_lora(model, seed=args.seed)
+    modeling = sys.modules[type(model.get_base_model()).__module__]
+    initial = demo.trainable_state(model)
+    batches = demo.make_batches(config, steps=args.steps, seq=args.seq, seed=args.seed,
+                                device=args.device)
+    n_linear = config.layer_types.count("linear_attention")
+    print(f"\nmodel: {args.preset}, {config.num_hidden_layers} layers ({n_linear} linear + "
+          f"{config.num_hidden_layers - n_linear} full attention), {args.dtype} on {args.device}; "
+          f"1 x {args.seq} tokens, {args.steps} steps ({args.warmup} warm-up)\n", flush=True)
+
+    runs: List[demo.RunResult] = []
+    skipped: Dict[str, str] = {}
+    report = None
+    for variant in args.variants:
+        if variant == "fla":
+            if fla_available() is not None:
+                skipped[variant] = f"flash-linear-attention {fla_available()}"
+                continue
+            impl = transformers_implementation(modeling, GDN_SYMBOLS[0])
+            if impl == "torch":
+                skipped[variant] = "fla imports, but transformers did not pick it up"
+                continue
+            print(f"fla: transformers' {GDN_SYMBOLS[0]} calls {impl}", flush=True)
+            if args.fla_unsafe_bwd:
+                from flashdelta.bench.gdn import lift_fla_hopper_refusal
+
+                if lift_fla_hopper_refusal():
+                    print("fla: its refusal of the gated backward on Hopper with this Triton is "
+                          "lifted (--fla-unsafe-bwd); compare its losses with the torch run",
+                          flush=True)
+        demo.load_trainable(model, initial)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            if variant == "torch":
+                with TorchFallback(modeling):
+                    run = demo.train(model, batches, label=variant, lr=args.lr,
+                                     warmup=args.warmup, progress=not args.no_progress)
+            elif variant == "fla":
+                run = demo.train(model, batches, label=variant, lr=args.lr, warmup=args.warmup,
+                                 progress=not args.no_progress)
+            else:
+                report = flashdelta.patch(model)
+                try:
+                    run = demo.train(model, batches, label=variant, lr=args.lr,
+                                     warmup=args.warmup, progress=not args.no_progress)
+                finally:
+                    flashdelta.unpatch()
+        except torch.cuda.OutOfMemoryError as e:
+            skipped[variant] = f"out of memory: {str(e).splitlines()[0]}"
+            continue
+        except RuntimeError as e:  # e.g. FLA refusing its backward on this Triton
+            skipped[variant] = f"failed: {str(e).splitlines()[0]}"
+            continue
+        runs.append(run)
+
+    print()
+    if runs:
+        print(demo.format_runs(runs))
+    for variant, why in skipped.items():
+        print(f"{variant}: skipped, {why}")
+    if report is not None:
+        print()
+        print(report)
+    if args.json:
+        result = {
+            "environment": env,
+            "args": vars(args),
+            "config": {"preset": args.preset, "num_hidden_layers": config.num_hidden_layers,
+                       "layer_types": config.layer_types},
+            "runs": {r.label: r.summary() for r in runs},
+            "skipped": skipped,
+            "max_rel_diff_vs_first": {
+                r.label: {"loss": demo.max_relative_difference(runs[0].losses, r.losses),
+                          "grad_norm": demo.max_relative_difference(runs[0].grad_norms,
+                                                                    r.grad_norms)}
+                for r in runs[1:]
+            },
+            "patch_report": None if report is None else str(report),
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2, default=str)
+        print(f"wrote {args.json}")
+    if args.plot and runs:
+        demo.plot_runs(runs, args.plot, title=f"e2e: {args.preset}, {config.num_hidden_layers} "
+                       f"layers, 1 x {args.seq}, {args.device} {args.dtype}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
