@@ -209,6 +209,16 @@ def main(argv=None) -> int:
         print(demo.format_runs(runs))
     for variant, why in skipped.items():
         print(f"{variant}: skipped, {why}")
+    fallback_note = None
+    if report is not None and any(f"cannot run on {args.device}" in n
+                                  for n in report.components["gdn"].notes):
+        # Where flashdelta has no kernel for the device, the patched model calls what
+        # transformers would have called: FLA when transformers picked it up, else its torch code.
+        fallback_note = (f"flashdelta: calls without a kernel on {args.device} went to "
+                         f"transformers' wrapper, which calls "
+                         f"{transformers_implementation(modeling, GDN_SYMBOLS[0])}: those parts of "
+                         f"the flashdelta column measure that implementation, not flashdelta")
+        print(fallback_note)
     if report is not None:
         print()
         print(report)
@@ -220,6 +230,7 @@ def main(argv=None) -> int:
                        "layer_types": config.layer_types},
             "runs": {r.label: r.summary() for r in runs},
             "skipped": skipped,
+            "fallback_note": fallback_note,
             "max_rel_diff_vs_first": {
                 r.label: {"loss": demo.max_relative_difference(runs[0].losses, r.losses),
                           "grad_norm": demo.max_relative_difference(runs[0].grad_norms,
