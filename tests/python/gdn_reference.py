@@ -358,3 +358,29 @@ def bad_input_kwargs(case: BadInput) -> dict:
     kw["output_final_state"] = True
     case.change(kw)
     return kw
+
+
+def check_nan_propagates(op, inputs, positions):
+    """A NaN at each (name, index) of `positions` gives NaN in o, in the final state (unless it
+    is in q, which does not feed the state) and in some gradient; the call returns."""
+    for name, index in positions:
+        bad = {n: x.clone().requires_grad_() for n, x in inputs.items()}
+        with torch.no_grad():
+            bad[name][index] = float("nan")
+        o, state = op(**bad, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        assert o.isnan().any(), name
+        assert state.isnan().any() or name == "q", name
+        grads = torch.autograd.grad(o.sum() + state.sum(), list(bad.values()))
+        assert any(gr.isnan().any() for gr in grads), name
+
+
+def check_inputs_unmodified(op, inputs):
+    """Forward and backward leave every input and every incoming gradient as they were."""
+    before = {n: x.detach().clone() for n, x in inputs.items() if x is not None}
+    o, state = op(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    d_o, d_state = torch.randn_like(o), torch.randn_like(state)
+    d_o_before, d_state_before = d_o.clone(), d_state.clone()
+    torch.autograd.backward([o, state], [d_o, d_state])
+    for n, x in before.items():
+        assert torch.equal(inputs[n].detach(), x), f"{n} was modified"
+    assert torch.equal(d_o, d_o_before) and torch.equal(d_state, d_state_before)
