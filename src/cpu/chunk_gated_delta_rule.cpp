@@ -25,19 +25,6 @@ namespace {
 constexpr int64_t C = kGdnChunkSize;
 constexpr double kMinLogDecay = -1e4;  // exp(-1e4) == 0 in double
 
-// Hands out consecutive, 64-byte aligned pieces of a worker's scratch. With base == nullptr it
-// only counts, which is how the workspace size is computed: one layout, two uses.
-template <typename Acc>
-struct Arena {
-  Acc* base = nullptr;
-  int64_t used = 0;
-  Acc* take(int64_t n) {
-    Acc* p = base ? base + used : nullptr;
-    used += (n + 15) / 16 * 16;
-    return p;
-  }
-};
-
 template <typename Acc>
 struct ChunkScratch {
   // forward

@@ -26,15 +26,10 @@ struct Scratch {
   Acc *q, *k, *v, *g, *beta, *o, *u, *S;      // forward
   Acc *d_o, *dq, *dk, *dv, *dg, *dbeta, *w, *dS, *history;  // backward
 
-  static int64_t round(int64_t n) { return (n + 15) / 16 * 16; }
   // Lays the scratch out from `base` (or only counts with base == nullptr).
   int64_t carve(Acc* base, int64_t K, int64_t V, bool backward) {
-    int64_t used = 0;
-    auto take = [&](int64_t n) {
-      Acc* p = base ? base + used : nullptr;
-      used += round(n);
-      return p;
-    };
+    Arena<Acc> arena{base};
+    auto take = [&](int64_t n) { return arena.take(n); };
     const int64_t B = kTokensPerState;
     q = take(B * K), k = take(B * K), v = take(B * V);
     g = take(B), beta = take(B), o = take(B * V), u = take(V), S = take(K * V);
@@ -43,7 +38,7 @@ struct Scratch {
       dg = take(B), dbeta = take(B), w = take(V), dS = take(K * V);
       history = take(B * K * V);
     }
-    return used;
+    return arena.used;
   }
 };
 

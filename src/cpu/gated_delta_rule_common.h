@@ -136,6 +136,19 @@ void l2norm_rows(Acc* x, int64_t L, int64_t D) {
   }
 }
 
+// Hands out consecutive, 64-byte aligned pieces of a worker's scratch. With base == nullptr it
+// only counts, which is how the workspace size is computed: one layout, two uses.
+template <typename Acc>
+struct Arena {
+  Acc* base = nullptr;
+  int64_t used = 0;
+  Acc* take(int64_t n) {
+    Acc* p = base ? base + used : nullptr;
+    used += (n + 15) / 16 * 16;
+    return p;
+  }
+};
+
 // The caller's workspace for one call, in Acc elements: one scratch slice per worker, then for
 // the backward the chunk-start states ([slots, HV, K, V], slot layout of GdnGeometry) and the
 // per-value-head dq and dk ([B*T, HV, K] each). With data == nullptr it only sizes.
