@@ -250,12 +250,24 @@ def test_inputs_unmodified(device):
 def _cuda_forward_built() -> bool:
     import flashdelta
 
-    return torch.cuda.is_available() and (
-        "fused_recurrent_gated_delta_rule.forward" in flashdelta.build_info()["cuda_ops"])
+    return "fused_recurrent_gated_delta_rule.forward" in flashdelta.build_info()["cuda_ops"]
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not _cuda_forward_built(), reason="no CUDA forward for this op in this build")
+needs_cuda_forward = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+    pytest.mark.skipif(not _cuda_forward_built(),
+                       reason="this build has no CUDA forward for fused_recurrent_gated_delta_rule"),
+]
+
+
+def _needs_cuda_forward(fn):
+    for mark in reversed(needs_cuda_forward):
+        fn = mark(fn)
+    return fn
+
+
+@_needs_cuda_forward
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize(
@@ -283,8 +295,7 @@ def test_cuda_forward_matches_cpu(dtype, case):
                      "final_state")
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not _cuda_forward_built(), reason="no CUDA forward for this op in this build")
+@_needs_cuda_forward
 def test_cuda_forward_strided_inputs_and_no_final_state():
     """q/k/v as views into one projection (as the model slices them), no final state asked."""
     B, T, H, HV, K, V = 4, 3, 2, 4, 64, 32
@@ -301,8 +312,7 @@ def test_cuda_forward_strided_inputs_and_no_final_state():
     assert_rel_close(o.cpu().double(), o_ref.double(), 1e-5, "o")
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not _cuda_forward_built(), reason="no CUDA forward for this op in this build")
+@_needs_cuda_forward
 def test_cuda_forward_unaligned_state():
     """A state whose rows are not 16-byte aligned (stride 2 in V) takes the 4-byte path."""
     inputs = make_inputs(2, 4, 1, 2, 32, 16, torch.float32, "cpu", seed=5)
