@@ -147,6 +147,26 @@ def test_greedy_generation_same_tokens(model_type):
     assert torch.equal(before, after)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_greedy_generation_same_tokens():
+    """On CUDA, decoding runs flashdelta's decode kernel where the build has it (no gradient is
+    needed there), while calls without a CUDA kernel (the prefill's chunked op, for now) go to
+    transformers; the generated tokens do not change."""
+    model = tiny_model("qwen3_5_moe").cuda()
+    ids, mask, _ = inputs(batch=2, seq=70, padded=True)
+    ids, mask = ids.cuda(), mask.cuda()
+    kwargs = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    before = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    flashdelta.patch(model)
+    calls = spy_on_replacements()
+    after = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    built = set(flashdelta.build_info()["cuda_ops"])
+    assert (calls["recurrent"] > 0) == ("fused_recurrent_gated_delta_rule.forward" in built), calls
+    assert (calls["chunk"] > 0) == ("chunk_gated_delta_rule.forward" in built), calls
+    assert torch.equal(before, after)
+
+
 def test_packed_sequences_honour_cu_seqlens():
     """transformers' torch fallback ignores cu_seqlens (it computes the packed sequences as one);
     flashdelta honours it. The right answer is transformers' own code run once per sequence."""
