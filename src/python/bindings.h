@@ -1,0 +1,11 @@
+// The binding functions of flashdelta._C, one per op family (each in src/python/<family>.cpp).
+// Adding an op family: write its file, declare its function here, call it from module.cpp.
+#pragma once
+
+#include <nanobind/nanobind.h>
+
+namespace flashdelta::python {
+
+void bind_gated_delta_rule_ops(nanobind::module_& m);
+
+}  // namespace flashdelta::python
