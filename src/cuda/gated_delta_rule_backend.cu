@@ -2,8 +2,9 @@
 // fused_recurrent_gated_delta_rule): what the dispatcher in src/core/gated_delta_rule_dispatch.cpp
 // calls for tensors on a CUDA device.
 //
-// fused_recurrent_gated_delta_rule has its forward (the decode path); its backward and the whole
-// chunked op are issue 4's work: a missing entry makes the dispatcher raise NotImplementedError.
+// fused_recurrent_gated_delta_rule has its forward (the decode path), chunk_gated_delta_rule its
+// forward (src/cuda/chunk_gated_delta_rule/); the backwards are issue 4's work: a missing entry
+// makes the dispatcher raise NotImplementedError.
 #include "cuda/gated_delta_rule_cuda.h"
 
 namespace flashdelta::detail::cuda {
@@ -11,7 +12,7 @@ namespace flashdelta::detail::cuda {
 const GatedDeltaRuleBackend* gated_delta_rule_backend(GatedDeltaRuleKind kind) {
   switch (kind) {
     case GatedDeltaRuleKind::kChunk:
-      return nullptr;
+      return &kChunkGatedDeltaRule;
     case GatedDeltaRuleKind::kFusedRecurrent:
       return &kFusedRecurrentGatedDeltaRule;
   }

@@ -9,6 +9,7 @@
 namespace flashdelta::detail::cuda {
 
 extern const GatedDeltaRuleBackend kFusedRecurrentGatedDeltaRule;
+extern const GatedDeltaRuleBackend kChunkGatedDeltaRule;  // chunk_gated_delta_rule/launch.cu
 
 // Makes `device` current for the scope (kernels launch on the tensors' device), then restores.
 class DeviceGuard {

@@ -1,10 +1,12 @@
 """flashdelta's benchmarks: `python -m flashdelta.bench <name> [options]`.
 
     gdn     chunk_gated_delta_rule against transformers' torch fallback (and FLA when importable)
+    gdn_kernels  where chunk_gated_delta_rule's CUDA time goes, kernel by kernel (torch.profiler)
     decode  one decode step of fused_recurrent_gated_delta_rule against its memory floor (CUDA)
 """
 
 BENCHMARKS = {
     "gdn": "flashdelta.bench.gdn",
+    "gdn_kernels": "flashdelta.bench.gdn_kernels",
     "decode": "flashdelta.bench.decode",
 }

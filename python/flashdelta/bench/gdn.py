@@ -196,25 +196,30 @@ def run_one(name, forward, inputs, device, repeats, baseline) -> Result:
         return o, torch.autograd.grad(o, leaves, d_o, allow_unused=True)
 
     result = Result(dtype="", impl=name)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     try:
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
         o, grads = fwd_bwd()  # also the warm-up
-        if device == "cuda":
-            torch.cuda.synchronize()
-            result.peak_mem_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-        outputs = {"o": o, **{f"d{n}": gr for n, gr in zip(GRAD_NAMES, grads)}}
-        if baseline is not None:
-            result.max_rel_err = {key: max_rel_err(val, baseline[key])
-                                  for key, val in outputs.items()}
-        result.fwd_ms, result.repeats["fwd"] = measure(fwd, device, repeats)
+    except Exception as e:  # e.g. no backward kernel yet: time the forward alone, say why
+        result.error = f"fwd+bwd: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        try:
+            o, grads = fwd(), [None] * len(GRAD_NAMES)
+        except Exception as e2:
+            result.error = f"{type(e2).__name__}: {str(e2).splitlines()[0][:160]}"
+            return result, None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        result.peak_mem_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    outputs = {"o": o, **{f"d{n}": gr for n, gr in zip(GRAD_NAMES, grads)}}
+    if baseline is not None:
+        result.max_rel_err = {key: max_rel_err(val, baseline.get(key))
+                              for key, val in outputs.items()}
+    result.fwd_ms, result.repeats["fwd"] = measure(fwd, device, repeats)
+    if grads[0] is not None or result.error is None:
         result.fwd_bwd_ms, result.repeats["fwd_bwd"] = measure(fwd_bwd, device, repeats)
-        return result, outputs
-    except Exception as e:  # an implementation that cannot run this case: say why, go on
-        result.error = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-        return result, None
+    return result, outputs
 
 
 def describe_device(device: str) -> str:
@@ -337,7 +342,8 @@ def main(argv=None) -> int:
             result.dtype = dtype_name
             if result.fwd_ms and baseline_result.fwd_ms:
                 result.speedup_fwd = baseline_result.fwd_ms / result.fwd_ms
-                result.speedup_fwd_bwd = baseline_result.fwd_bwd_ms / result.fwd_bwd_ms
+                if result.fwd_bwd_ms and baseline_result.fwd_bwd_ms:
+                    result.speedup_fwd_bwd = baseline_result.fwd_bwd_ms / result.fwd_bwd_ms
             results.append(result)
             print(f"[{dtype_name}] {name}: fwd {_fmt(result.fwd_ms, '.1f')} ms, "
                   f"fwd+bwd {_fmt(result.fwd_bwd_ms, '.1f')} ms {result.error or ''}",

@@ -1,0 +1,302 @@
+// What the CUDA kernels of the chunked gated delta rule share: the problem (ChunkParams), where a
+// chunk's rows live (sequences, varlen slots), the workspace layout, strided loads with dtype
+// conversion, and the tile primitives (products of shared-memory tiles on the tensor cores).
+//
+// The algorithm is the CPU kernel's (src/cpu/chunk_gated_delta_rule.cpp, with the derivation);
+// here it is split into kernels by what parallelises (DESIGN.md, bench/NOTES.md):
+//   intra   (slot, value head)            A, T = (I + A)^-1, W, U, K r, gamma -> workspace
+//   state   (sequence, value head, V tile) S per chunk (sequential): Vn = U - W S, S' -> workspace
+//   output  (slot, value head)            O = diag(e) Q S + (Gamma * causal(Q K^T)) Vn
+// Chunks are C = 64 tokens. Head dimensions are padded to 128 in shared memory and in the
+// workspace (K, V <= 128): padding rows/columns are zero and contribute nothing. A chunk shorter
+// than 64 (a sequence's last) is padded with k = v = q = 0, g = 0, beta = 0 rows: its gamma stays
+// flat past the end, so gamma[63] is the last real token's and every formula holds unchanged.
+//
+// Products take bf16 operands (q, k, v, W, U, S, Vn rounded to bf16, as FLA does) and
+// accumulate in fp32 on the tensor cores (WMMA 16x16x16); the triangular inverse is fp32.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "flashdelta/tensor.h"
+
+namespace flashdelta::detail::cuda::chunk {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kC = 64;         // chunk length
+constexpr int kD = 128;        // padded head dimension (K and V)
+constexpr int kLdD = kD + 8;   // bf16 row stride of a [*, 128] tile in shared memory
+constexpr int kLdC = kC + 8;   // bf16 row stride of a [*, 64] tile
+constexpr int kLdDf = kD + 4;  // fp32 row stride of a [*, 128] tile
+constexpr int kLdCf = kC + 4;  // fp32 row stride of a [*, 64] tile
+constexpr float kL2NormEps = 1e-6f;
+constexpr float kMinLogDecay = -1e4f;  // g is floored here (exp underflows to 0 long before)
+
+// Workspace tensors, each [num_slots, HV, rows, 128] (bf16 unless noted), slot-major.
+struct Workspace {
+  bf16* w;       // W = T diag(b e) K                      [64 rows]
+  bf16* u;       // U = T diag(b) V                        [64 rows]
+  bf16* kr;      // diag(exp(gamma_last - gamma)) K        [64 rows]
+  float* gamma;  // within-chunk cumsum of g               [64] per (slot, head)
+  bf16* s;       // the state entering the chunk           [128 rows]
+  bf16* vn;      // Vn = U - W S                           [64 rows]
+};
+
+struct ChunkParams {
+  const void *q, *k, *v, *g, *beta;
+  DType dtype, g_dtype, beta_dtype;
+  int64_t q_s[4], k_s[4], v_s[4], g_s[3], beta_s[3];
+  const void* cu_seqlens;  // nullptr: not varlen
+  bool cu_seqlens_64;
+  int64_t seq_len;         // T
+  int64_t num_slots;
+  int num_seqs, num_heads, num_v_heads, group, head_k_dim, head_v_dim;
+  float scale;
+  bool l2norm;
+  Workspace ws;
+  // forward
+  const float* initial_state;  // [N, HV, K, V] or nullptr (zeros)
+  float* final_state;          // or nullptr (not written)
+  void* o;
+  int64_t h0_s[4], ht_s[4], o_s[4];
+};
+
+// ---------------------------------------------------------------------------------- geometry
+
+struct Seq {
+  int64_t batch, begin, end;
+};
+
+__device__ __forceinline__ int64_t cu_offset(const ChunkParams& p, int64_t i) {
+  return p.cu_seqlens_64 ? static_cast<const int64_t*>(p.cu_seqlens)[i]
+                         : static_cast<const int32_t*>(p.cu_seqlens)[i];
+}
+
+__device__ __forceinline__ Seq sequence(const ChunkParams& p, int64_t n) {
+  if (p.cu_seqlens) return {0, cu_offset(p, n), cu_offset(p, n + 1)};
+  return {n, 0, p.seq_len};
+}
+
+// First slot of sequence n (the CPU backend's layout): floor(cu[n] / C) + n never overlaps.
+__device__ __forceinline__ int64_t slot_begin(const ChunkParams& p, int64_t n) {
+  if (p.cu_seqlens) return cu_offset(p, n) / kC + n;
+  return n * ((p.seq_len + kC - 1) / kC);
+}
+
+struct ChunkRef {
+  int64_t batch, t0;  // first row
+  int len;            // rows in this chunk (1..64); 0: the slot holds no chunk
+  int64_t n, c;       // sequence, chunk index within it
+};
+
+// The chunk stored in `slot`, found by a binary search over the sequences' first slots.
+__device__ inline ChunkRef chunk_of_slot(const ChunkParams& p, int64_t slot) {
+  int64_t n;
+  if (p.cu_seqlens) {
+    int64_t lo = 0, hi = p.num_seqs - 1;  // largest n with slot_begin(n) <= slot
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (slot_begin(p, mid) <= slot) lo = mid;
+      else hi = mid - 1;
+    }
+    n = lo;
+  } else {
+    n = slot / ((p.seq_len + kC - 1) / kC);
+  }
+  const Seq s = sequence(p, n);
+  const int64_t c = slot - slot_begin(p, n);
+  const int64_t t0 = s.begin + c * kC;
+  const int64_t left = s.end - t0;
+  const int len = left <= 0 ? 0 : (left < kC ? static_cast<int>(left) : kC);
+  return {s.batch, t0, len, n, c};
+}
+
+__device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, int hv, int rows) {
+  return (static_cast<size_t>(slot) * p.num_v_heads + hv) * rows * kD;
+}
+
+// ---------------------------------------------------------------------------------- loads
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float load_scalar(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// Loads rows [t0, t0 + len) of head h of a [B, T, H, D] tensor into a bf16 [64, kLdD] tile,
+// zero past len and past D; optionally l2-normalises each row (fp32), multiplies it by `mul`.
+// row_mul (shared memory, may be nullptr) multiplies row r after the normalisation.
+// Warp w owns rows w, w + nwarps, ...; a lane owns 4 of the 128 columns. All of a thread's loads
+// are issued before any is used, so their latencies overlap.
+template <typename T, int kThreads>
+__device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_t t0, int len,
+                          int h, int D, bool l2norm, float mul, const float* row_mul,
+                          bf16* tile) {
+  constexpr int kWarps = kThreads / 32, kRows = kC / kWarps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T* src = base + batch * s[0] + t0 * s[1] + h * s[2];
+  float x[kRows][4];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + i * kWarps;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int d = lane * 4 + j;
+      x[i][j] = (r < len && d < D) ? to_f32(src[r * s[1] + d * s[3]]) : 0.f;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + i * kWarps;
+    float m = mul;
+    if (l2norm) {
+      float sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sq += x[i][j] * x[i][j];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      m *= rsqrtf(sq + kL2NormEps);
+    }
+    if (row_mul) m *= row_mul[r];
+    alignas(8) bf16 hx[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) hx[j] = __float2bfloat16_rn(x[i][j] * m);
+    *reinterpret_cast<uint2*>(tile + r * kLdD + lane * 4) = *reinterpret_cast<const uint2*>(hx);
+  }
+}
+
+// cp.async (sm_80+): 16-byte global -> shared copies that do not hold registers or block the
+// thread; wait_group<N> waits until at most N committed groups are still in flight.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Starts copying a [rows, cols] bf16 block (row stride ld_src elements) into a tile of row stride
+// ld_dst; cols a multiple of 8. Commit and wait are the caller's.
+template <int kThreads>
+__device__ __forceinline__ void copy_in_async(const bf16* src, int ld_src, int rows, int cols,
+                                              bf16* tile, int ld_dst) {
+  const int per_row = cols / 8;
+  for (int i = threadIdx.x; i < rows * per_row; i += kThreads) {
+    const int r = i / per_row, c = (i % per_row) * 8;
+    cp_async16(tile + r * ld_dst + c, src + static_cast<size_t>(r) * ld_src + c);
+  }
+}
+
+// gamma (cumsum of g, floored), beta of one chunk into shared memory; zero past len. Warp 0.
+__device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int hv, float* gamma,
+                                  float* beta) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  const int64_t gb = ch.batch * p.g_s[0] + ch.t0 * p.g_s[1] + hv * p.g_s[2];
+  const int64_t bb = ch.batch * p.beta_s[0] + ch.t0 * p.beta_s[1] + hv * p.beta_s[2];
+  float g[2], b[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int r = lane * 2 + j;
+    g[j] = r < ch.len ? fmaxf(load_scalar(p.g, p.g_dtype, gb + r * p.g_s[1]), kMinLogDecay) : 0.f;
+    // NaN in g must propagate: fmaxf drops it, so put it back.
+    if (r < ch.len) {
+      const float raw = load_scalar(p.g, p.g_dtype, gb + r * p.g_s[1]);
+      if (raw != raw) g[j] = raw;
+    }
+    b[j] = r < ch.len ? load_scalar(p.beta, p.beta_dtype, bb + r * p.beta_s[1]) : 0.f;
+  }
+  // inclusive scan over 64 values: pairs within a lane, then across lanes
+  g[1] += g[0];
+  float run = g[1];
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, run, off);
+    if (lane >= off) run += y;
+  }
+  const float before = run - g[1];
+  gamma[lane * 2] = before + g[0];
+  gamma[lane * 2 + 1] = run;
+  beta[lane * 2] = b[0];
+  beta[lane * 2 + 1] = b[1];
+}
+
+// ---------------------------------------------------------------------------------- tiles
+
+namespace wmma = nvcuda::wmma;
+
+// C (fp32 tile, row stride ldc) = [C +] A B over 16x16 output tiles shared round-robin by the
+// block's warps. A is M x Kd (kAT: stored transposed, i.e. as Kd x M row-major); B is Kd x N
+// (kBT: stored as N x Kd row-major). Operands are bf16 tiles in shared memory; lda/ldb are their
+// stored row strides. No synchronisation inside: callers sync before (operands written) and
+// after (C read).
+template <int M, int N, int Kd, bool kAT, bool kBT, int kThreads>
+__device__ __forceinline__ void mma_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
+                                         int ldb, bool accumulate) {
+  using LayoutA = typename std::conditional<kAT, wmma::col_major, wmma::row_major>::type;
+  using LayoutB = typename std::conditional<kBT, wmma::col_major, wmma::row_major>::type;
+  constexpr int kTilesM = M / 16, kTilesN = N / 16;
+  const int warp = threadIdx.x >> 5;
+  for (int t = warp; t < kTilesM * kTilesN; t += kThreads / 32) {
+    const int i0 = (t / kTilesN) * 16, j0 = (t % kTilesN) * 16;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    if (accumulate) wmma::load_matrix_sync(acc, C + i0 * ldc + j0, ldc, wmma::mem_row_major);
+    else wmma::fill_fragment(acc, 0.f);
+#pragma unroll 4
+    for (int k0 = 0; k0 < Kd; k0 += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LayoutA> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LayoutB> b;
+      wmma::load_matrix_sync(a, kAT ? A + k0 * lda + i0 : A + i0 * lda + k0, lda);
+      wmma::load_matrix_sync(b, kBT ? B + j0 * ldb + k0 : B + k0 * ldb + j0, ldb);
+      wmma::mma_sync(acc, a, b, acc);
+    }
+    wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
+  }
+}
+
+// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf]), written as bf16 [64, kLdC] (and fp32
+// to Tf when given). Thread j < 64 owns column j and substitutes down it:
+// T_ij = -sum_{m < i} A_im T_mj (T_mj = 0 for m < j, T_jj = 1); rows of A are broadcast reads.
+// Four partial sums shorten the dependent chain.
+__device__ inline void invert_unit_lower(const float* A, bf16* T, float* Tf) {
+  if (threadIdx.x >= kC) return;
+  const int j = threadIdx.x;
+  float t[kC];
+#pragma unroll
+  for (int i = 0; i < kC; ++i) {
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int m = 0; m < i; ++m) acc[m & 3] = fmaf(A[i * kLdCf + m], t[m], acc[m & 3]);
+    const float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    t[i] = i < j ? 0.f : (i == j ? 1.f : -sum);
+  }
+#pragma unroll
+  for (int i = 0; i < kC; ++i) {
+    T[i * kLdC + j] = __float2bfloat16_rn(t[i]);
+    if (Tf) Tf[i * kLdCf + j] = t[i];
+  }
+}
+
+}  // namespace flashdelta::detail::cuda::chunk

@@ -1,0 +1,15 @@
+// The kernels of the chunked gated delta rule on CUDA, one launcher per file of this folder.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/chunk_gated_delta_rule/common.cuh"
+#include "cuda/cuda_check.cuh"
+
+namespace flashdelta::detail::cuda::chunk {
+
+void launch_intra(const ChunkParams& p, cudaStream_t stream);   // intra.cu
+void launch_state(const ChunkParams& p, cudaStream_t stream);   // state.cu
+void launch_output(const ChunkParams& p, cudaStream_t stream);  // output.cu
+
+}  // namespace flashdelta::detail::cuda::chunk
