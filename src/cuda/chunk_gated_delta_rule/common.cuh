@@ -3,17 +3,18 @@
 // conversion, and the tile primitives (products of shared-memory tiles on the tensor cores).
 //
 // The algorithm is the CPU kernel's (src/cpu/chunk_gated_delta_rule.cpp, with the derivation);
-// here it is split into kernels by what parallelises (DESIGN.md, bench/NOTES.md):
-//   intra   (slot, value head)            A, T = (I + A)^-1, W, U, K r, gamma -> workspace
-//   state   (sequence, value head, V tile) S per chunk (sequential): Vn = U - W S, S' -> workspace
-//   output  (slot, value head)            O = diag(e) Q S + (Gamma * causal(Q K^T)) Vn
+// here it is split into two kernels by what parallelises (DESIGN.md, bench/NOTES.md):
+//   intra  (slot, value head)             A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
+//   state  (sequence, value head, V tile) chunks in order, S in registers:
+//                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
 // Chunks are C = 64 tokens. Head dimensions are padded to 128 in shared memory and in the
 // workspace (K, V <= 128): padding rows/columns are zero and contribute nothing. A chunk shorter
 // than 64 (a sequence's last) is padded with k = v = q = 0, g = 0, beta = 0 rows: its gamma stays
 // flat past the end, so gamma[63] is the last real token's and every formula holds unchanged.
 //
 // Products take bf16 operands (q, k, v, W, U, S, Vn rounded to bf16, as FLA does) and
-// accumulate in fp32 on the tensor cores (WMMA 16x16x16); the triangular inverse is fp32.
+// accumulate in fp32 on the tensor cores (WMMA 16x16x16 on shared-memory tiles in phase 1,
+// mma.sync on register fragments in phase 2); the triangular inverse is fp32.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -37,14 +38,14 @@ constexpr int kLdCf = kC + 4;  // fp32 row stride of a [*, 64] tile
 constexpr float kL2NormEps = 1e-6f;
 constexpr float kMinLogDecay = -1e4f;  // g is floored here (exp underflows to 0 long before)
 
-// Workspace tensors, each [num_slots, HV, rows, 128] (bf16 unless noted), slot-major.
+// Workspace tensors from phase 1, slot-major: [num_slots, HV, 64, 128] bf16 unless noted.
 struct Workspace {
-  bf16* w;       // W = T diag(b e) K                      [64 rows]
-  bf16* u;       // U = T diag(b) V                        [64 rows]
-  bf16* kr;      // diag(exp(gamma_last - gamma)) K        [64 rows]
-  float* gamma;  // within-chunk cumsum of g               [64] per (slot, head)
-  bf16* s;       // the state entering the chunk           [128 rows]
-  bf16* vn;      // Vn = U - W S                           [64 rows]
+  bf16* w;       // W = T diag(b e) K
+  bf16* u;       // U = T diag(b) V
+  bf16* kr;      // diag(exp(gamma_last - gamma)) K
+  bf16* qe;      // diag(e^gamma) Q (normalised, scaled)
+  bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
+  float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
 };
 
 struct ChunkParams {
@@ -116,8 +117,10 @@ __device__ inline ChunkRef chunk_of_slot(const ChunkParams& p, int64_t slot) {
   return {s.batch, t0, len, n, c};
 }
 
-__device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, int hv, int rows) {
-  return (static_cast<size_t>(slot) * p.num_v_heads + hv) * rows * kD;
+// Offset of (slot, hv)'s block of `elems` elements in a workspace tensor.
+__device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, int hv,
+                                           int elems) {
+  return (static_cast<size_t>(slot) * p.num_v_heads + hv) * elems;
 }
 
 // ---------------------------------------------------------------------------------- loads
@@ -297,6 +300,63 @@ __device__ inline void invert_unit_lower(const float* A, bf16* T, float* Tf) {
     T[i * kLdC + j] = __float2bfloat16_rn(t[i]);
     if (Tf) Tf[i * kLdCf + j] = t[i];
   }
+}
+
+// ---------------------------------------------------------------------------------- mma.sync
+// Register-level m16n8k16 bf16 products (sm_80+) for the state pass, where the state stays in
+// accumulator registers. Fragment layouts (g = lane / 4, t = lane % 4):
+//   A 16x16: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..)
+//   B 16x8:  b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g)
+//   C 16x8:  c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1)
+// The C fragments of two adjacent n8 tiles are, packed to bf16 pairs, the A fragment of one k16
+// block: the product of one mma feeds the next without leaving registers.
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8x8 bf16 matrices from shared memory; lane i gives the address of row i % 8 of matrix
+// i / 8. .trans delivers each matrix transposed.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+// B fragments of n8 tiles n0 and n0 + 8 over k16 block k0, for B(k, n) = X[n][k] with X
+// row-major in shared memory (stride ld): b[0], b[1] for tile n0; b[2], b[3] for tile n0 + 8.
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], const bf16* X, int ld, int n0,
+                                            int k0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+  uint32_t m[4];
+  ldmatrix_x4(m, X + (n0 + (j >> 1) * 8 + r) * ld + k0 + (j & 1) * 8);
+  b[0] = m[0], b[1] = m[1], b[2] = m[2], b[3] = m[3];
+}
+
+// The same for B(k, n) = X[k][n] (X row-major, k the row): transposed loads.
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const bf16* X, int ld, int n0,
+                                            int k0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+  uint32_t m[4];
+  ldmatrix_x4_trans(m, X + (k0 + (j & 1) * 8 + r) * ld + n0 + (j >> 1) * 8);
+  b[0] = m[0], b[1] = m[1], b[2] = m[2], b[3] = m[3];
 }
 
 }  // namespace flashdelta::detail::cuda::chunk

@@ -10,6 +10,5 @@ namespace flashdelta::detail::cuda::chunk {
 
 void launch_intra(const ChunkParams& p, cudaStream_t stream);   // intra.cu
 void launch_state(const ChunkParams& p, cudaStream_t stream);   // state.cu
-void launch_output(const ChunkParams& p, cudaStream_t stream);  // output.cu
 
 }  // namespace flashdelta::detail::cuda::chunk

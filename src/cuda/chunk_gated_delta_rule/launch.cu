@@ -22,15 +22,15 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
 // Byte sizes of the workspace tensors (in Workspace's order).
 struct WorkspaceLayout {
-  size_t w, u, kr, gamma, s, vn;
-  size_t total() const { return w + u + kr + gamma + s + vn; }
+  size_t w, u, kr, qe, m, gamma;
+  size_t total() const { return w + u + kr + qe + m + gamma; }
 };
 
 WorkspaceLayout layout(const GatedDeltaRuleShape& s) {
   const size_t blocks = static_cast<size_t>(num_slots(s)) * s.num_v_heads;
   const size_t chunk_tile = align_up(blocks * kC * kD * sizeof(bf16));
-  return {chunk_tile, chunk_tile, chunk_tile, align_up(blocks * kC * sizeof(float)),
-          align_up(blocks * kD * kD * sizeof(bf16)), chunk_tile};
+  return {chunk_tile, chunk_tile, chunk_tile, chunk_tile,
+          align_up(blocks * kC * kC * sizeof(bf16)), align_up(blocks * kC * sizeof(float))};
 }
 
 void check_supported(const GatedDeltaRuleShape& s) {
@@ -82,9 +82,9 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.ws.w = static_cast<bf16*>(take(l.w));
   p.ws.u = static_cast<bf16*>(take(l.u));
   p.ws.kr = static_cast<bf16*>(take(l.kr));
+  p.ws.qe = static_cast<bf16*>(take(l.qe));
+  p.ws.m = static_cast<bf16*>(take(l.m));
   p.ws.gamma = static_cast<float*>(take(l.gamma));
-  p.ws.s = static_cast<bf16*>(take(l.s));
-  p.ws.vn = static_cast<bf16*>(take(l.vn));
   return p;
 }
 
@@ -107,7 +107,6 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   // Empty sequences have no slots; the state pass still copies initial to final states.
   if (p.num_slots > 0) chunk::launch_intra(p, stream);
   chunk::launch_state(p, stream);
-  if (p.num_slots > 0) chunk::launch_output(p, stream);
 }
 
 }  // namespace

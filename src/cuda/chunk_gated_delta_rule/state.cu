@@ -1,169 +1,212 @@
-// Chunked gated delta rule, CUDA, phase 2 of 3: the state pass, the only sequential part.
+// Chunked gated delta rule, CUDA, phase 2 of 2: the state pass and the output, chunk by chunk.
 //
-// Per (sequence, value head, 32-column tile of V), 128 threads (4 warps), chunks in order:
-//   store S (bf16) as the chunk's incoming state          (phase 3 and the backward read it)
-//   Vn = U - W S                                           64 x 32, tensor cores, K = 128
-//   S  = exp(gamma_last) S + KR^T Vn                       128 x 32, K = 64
-// S lives in fp32 accumulator fragments for the whole sequence (warp w owns rows 32w..32w+31);
-// the product W S takes a bf16 copy of it from shared memory. W, U, KR, gamma come from phase 1.
-// With 32-column tiles a single sequence of 32 value heads runs 128 blocks: enough for the
-// H100's 132 SMs only when N * HV >= 32; segment-parallel passes are the next step for long
-// single sequences (bench/NOTES.md).
+// Per (sequence, value head, 64-column tile of V), 128 threads (4 warps); warp w owns 16 state
+// columns (value dims) v. It keeps S^T (its 16 x 128 slice, fp32) in mma.sync accumulator
+// registers for the whole sequence and per chunk computes, with W, U, KR, Qe, M from phase 1:
+//   P^T  = S^T W^T,   O^T = S^T Qe^T                    16 x 64 each, K = 128
+//   Vn^T = U^T - P^T                                    (then bf16 A fragments, in registers)
+//   O^T += Vn^T M^T                                     K = 64;  o stored (input dtype)
+//   S^T  = e_last S^T + Vn^T KR                         16 x 128, K = 64
+// Working on the transposes is what lets every product take its A operand from the previous
+// product's accumulators (common.cuh, mma.sync section): S and Vn never go through shared memory.
+// B operands come from shared memory by ldmatrix; the next chunk's W, KR, Qe, M, U stream in by
+// cp.async while this one is computed. Two barriers per chunk.
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kVT = 32;          // state columns per block
-constexpr int kLdT = kVT + 8;    // bf16 stride of a [*, 32] tile
-constexpr int kLdTf = kVT + 4;   // fp32 stride
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kVT = 16 * kWarps;  // state columns per block
+constexpr int kLdU = kVT + 8;
 
 struct StateSmem {
-  bf16 w[2][kC * kLdD];    // double-buffered: chunk c + 1 streams in while c is computed
+  bf16 w[2][kC * kLdD];
   bf16 kr[2][kC * kLdD];
-  bf16 u[2][kC * kLdT];
-  union {
-    float sf[kD * kLdTf];  // S (fp32) staging
-    float vf[kC * kLdTf];  // W S
-  };
-  bf16 sb[kD * kLdT];      // S (bf16), the operand of W S
-  bf16 vn[kC * kLdT];      // Vn (bf16), the operand of the update
+  bf16 qe[2][kC * kLdD];
+  bf16 m[2][kC * kLdC];
+  bf16 u[2][kC * kLdU];
 };
 
-using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+// The A fragments of k16 block kk from the C fragments of n8 tiles 2kk and 2kk + 1.
+template <int kTiles>
+__device__ __forceinline__ void to_a(const float (&c)[kTiles][4], int kk, uint32_t (&a)[4]) {
+  a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
 
-__global__ void __launch_bounds__(kThreads, 2) state_kernel(const ChunkParams p) {
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   StateSmem& sm = *reinterpret_cast<StateSmem*>(smem_raw);
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
-  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
   const int K = p.head_k_dim, V = p.head_v_dim;
+  const int vl = warp * 16 + g;             // this thread's rows of S^T, within the tile
+  const int v_lo = col0 + vl, v_hi = v_lo + 8;
   const Seq seq = sequence(p, n);
   const int64_t num_chunks = (seq.end - seq.begin + kC - 1) / kC;
   const int64_t first_slot = slot_begin(p, n);
 
-  // S <- initial state (or zeros), through shared memory into the fragments.
-  for (int i = threadIdx.x; i < kD * kVT; i += kThreads) {
-    const int r = i / kVT, c = i % kVT;
-    float x = 0.f;
-    if (p.initial_state && r < K && col0 + c < V)
-      x = p.initial_state[n * p.h0_s[0] + hv * p.h0_s[1] + r * p.h0_s[2] + (col0 + c) * p.h0_s[3]];
-    sm.sf[r * kLdTf + c] = x;
+  // S^T: n8 tile nt covers k = 8 nt .. 8 nt + 7; sc[nt] = (v_lo, k), (v_lo, k + 1), (v_hi, ..).
+  float sc[16][4];
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int k = nt * 8 + 2 * t4 + j;
+      float lo = 0.f, hi = 0.f;
+      if (p.initial_state && k < K) {
+        const float* h0 = p.initial_state + n * p.h0_s[0] + hv * p.h0_s[1] + k * p.h0_s[2];
+        if (v_lo < V) lo = h0[v_lo * p.h0_s[3]];
+        if (v_hi < V) hi = h0[v_hi * p.h0_s[3]];
+      }
+      sc[nt][j] = lo;
+      sc[nt][2 + j] = hi;
+    }
   }
-  __syncthreads();
-  Acc S[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::load_matrix_sync(S[i][j], sm.sf + (warp * 32 + i * 16) * kLdTf + j * 16, kLdTf,
-                             wmma::mem_row_major);
 
   auto prefetch = [&](int64_t c) {
-    const size_t base = ws_index(p, first_slot + c, hv, kC);
+    const int64_t slot = first_slot + c;
+    const size_t base = ws_index(p, slot, hv, kC * kD);
     const int buf = c & 1;
     copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
     copy_in_async<kThreads>(p.ws.kr + base, kD, kC, kD, sm.kr[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.u + base + col0, kD, kC, kVT, sm.u[buf], kLdT);
+    copy_in_async<kThreads>(p.ws.qe + base, kD, kC, kD, sm.qe[buf], kLdD);
+    copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
+                            kLdC);
+    copy_in_async<kThreads>(p.ws.u + base + col0, kD, kC, kVT, sm.u[buf], kLdU);
     cp_async_commit();
   };
   if (num_chunks > 0) prefetch(0);
-  __syncthreads();  // sf is reused below
 
+  T* o_base = static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2];
   for (int64_t c = 0; c < num_chunks; ++c) {
     const int64_t slot = first_slot + c;
-    const size_t base = ws_index(p, slot, hv, kC);
     const int buf = c & 1;
-    if (c + 1 < num_chunks) prefetch(c + 1);
-    const float e_last = __expf(p.ws.gamma[(static_cast<size_t>(slot) * p.num_v_heads + hv) * kC + kC - 1]);
-
-    // S -> shared (fp32) -> bf16 operand and the workspace copy.
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(sm.sf + (warp * 32 + i * 16) * kLdTf + j * 16, S[i][j], kLdTf,
-                                wmma::mem_row_major);
-    if (c + 1 < num_chunks) cp_async_wait<1>();  // this chunk's group has landed
-    else cp_async_wait<0>();
-    __syncthreads();
-    bf16* s_out = p.ws.s + ws_index(p, slot, hv, kD) + col0;
-    for (int i = threadIdx.x; i < kD * (kVT / 8); i += kThreads) {
-      const int r = i / (kVT / 8), c8 = (i % (kVT / 8)) * 8;
-      alignas(16) bf16 h[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16_rn(sm.sf[r * kLdTf + c8 + j]);
-      *reinterpret_cast<uint4*>(sm.sb + r * kLdT + c8) = *reinterpret_cast<const uint4*>(h);
-      *reinterpret_cast<uint4*>(s_out + r * kD + c8) = *reinterpret_cast<const uint4*>(h);
+    const float e_last = __expf(p.ws.gamma[ws_index(p, slot, hv, kC) + kC - 1]);
+    __syncthreads();  // every warp is done with chunk c - 1, whose buffer is refilled now
+    if (c + 1 < num_chunks) {
+      prefetch(c + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
-    __syncthreads();
+    __syncthreads();  // chunk c's tiles are visible to all warps
 
-    // Vn = U - W S
-    mma_tile<kC, kVT, kD, false, false, kThreads>(sm.vf, kLdTf, sm.w[buf], kLdD, sm.sb, kLdT,
-                                                  false);
-    __syncthreads();
-    bf16* vn_out = p.ws.vn + base + col0;
-    for (int i = threadIdx.x; i < kC * (kVT / 8); i += kThreads) {
-      const int r = i / (kVT / 8), c8 = (i % (kVT / 8)) * 8;
-      const bf16* uh = sm.u[buf] + r * kLdT + c8;
-      alignas(16) bf16 h[8];
+    // P^T = S^T W^T and O^T = S^T Qe^T, from S^T's bf16 A fragments.
+    float pc[8][4] = {}, oc[8][4] = {};
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-        h[j] = __float2bfloat16_rn(__bfloat162float(uh[j]) - sm.vf[r * kLdTf + c8 + j]);
-      *reinterpret_cast<uint4*>(sm.vn + r * kLdT + c8) = *reinterpret_cast<const uint4*>(h);
-      *reinterpret_cast<uint4*>(vn_out + r * kD + c8) = *reinterpret_cast<const uint4*>(h);
-    }
-    __syncthreads();
-
-    // S = e_last S + KR^T Vn
+    for (int kk = 0; kk < 8; ++kk) {
+      uint32_t a[4];
+      to_a(sc, kk, a);
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-#pragma unroll
-        for (int e = 0; e < S[i][j].num_elements; ++e) S[i][j].x[e] *= e_last;
-#pragma unroll
-        for (int k0 = 0; k0 < kC; k0 += 16) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> b;
-          wmma::load_matrix_sync(a, sm.kr[buf] + k0 * kLdD + warp * 32 + i * 16, kLdD);
-          wmma::load_matrix_sync(b, sm.vn + k0 * kLdT + j * 16, kLdT);
-          wmma::mma_sync(S[i][j], a, b, S[i][j]);
-        }
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        load_b_rows(b, sm.w[buf], kLdD, np * 16, kk * 16);
+        mma_bf16(pc[2 * np], a, b[0], b[1]);
+        mma_bf16(pc[2 * np + 1], a, b[2], b[3]);
+        load_b_rows(b, sm.qe[buf], kLdD, np * 16, kk * 16);
+        mma_bf16(oc[2 * np], a, b[0], b[1]);
+        mma_bf16(oc[2 * np + 1], a, b[2], b[3]);
       }
     }
-    __syncthreads();  // buffer buf is refilled by the next iteration's prefetch; sf, vn reused
+    // Vn^T = U^T - P^T (U is [t, v] in shared memory), rounded to bf16 as the next operand.
+    const bf16* u = sm.u[buf];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = nt * 8 + 2 * t4 + j;
+        pc[nt][j] = __bfloat162float(u[t * kLdU + vl]) - pc[nt][j];
+        pc[nt][2 + j] = __bfloat162float(u[t * kLdU + vl + 8]) - pc[nt][2 + j];
+      }
+    }
+    uint32_t va[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) to_a(pc, kk, va[kk]);
+
+    // O^T += Vn^T M^T; then store o rows t of this chunk.
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        load_b_rows(b, sm.m[buf], kLdC, np * 16, kk * 16);
+        mma_bf16(oc[2 * np], va[kk], b[0], b[1]);
+        mma_bf16(oc[2 * np + 1], va[kk], b[2], b[3]);
+      }
+    }
+    const int64_t t0 = seq.begin + c * kC;
+    const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int t = nt * 8 + 2 * t4 + j;
+        if (t >= len) continue;
+        T* row = o_base + (t0 + t) * p.o_s[1];
+        if (v_lo < V) row[v_lo * p.o_s[3]] = from_f32<T>(oc[nt][j]);
+        if (v_hi < V) row[v_hi * p.o_s[3]] = from_f32<T>(oc[nt][2 + j]);
+      }
+    }
+
+    // S^T = e_last S^T + Vn^T KR.
+#pragma unroll
+    for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) sc[nt][e] *= e_last;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int np = 0; np < 8; ++np) {
+        uint32_t b[4];
+        load_b_cols(b, sm.kr[buf], kLdD, np * 16, kk * 16);
+        mma_bf16(sc[2 * np], va[kk], b[0], b[1]);
+        mma_bf16(sc[2 * np + 1], va[kk], b[2], b[3]);
+      }
+    }
   }
 
   if (p.final_state) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int nt = 0; nt < 16; ++nt) {
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(sm.sf + (warp * 32 + i * 16) * kLdTf + j * 16, S[i][j], kLdTf,
-                                wmma::mem_row_major);
-    __syncthreads();
-    for (int i = threadIdx.x; i < kD * kVT; i += kThreads) {
-      const int r = i / kVT, c = i % kVT;
-      if (r < K && col0 + c < V)
-        p.final_state[n * p.ht_s[0] + hv * p.ht_s[1] + r * p.ht_s[2] + (col0 + c) * p.ht_s[3]] =
-            sm.sf[r * kLdTf + c];
+      for (int j = 0; j < 2; ++j) {
+        const int k = nt * 8 + 2 * t4 + j;
+        if (k >= K) continue;
+        float* ht = p.final_state + n * p.ht_s[0] + hv * p.ht_s[1] + k * p.ht_s[2];
+        if (v_lo < V) ht[v_lo * p.ht_s[3]] = sc[nt][j];
+        if (v_hi < V) ht[v_hi * p.ht_s[3]] = sc[nt][2 + j];
+      }
     }
   }
+}
+
+template <typename T>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  const size_t smem = sizeof(StateSmem);
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+      state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
+                  (p.head_v_dim + kVT - 1) / kVT);
+  state_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 void launch_state(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(StateSmem);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-      state_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
-                  (p.head_v_dim + kVT - 1) / kVT);
-  state_kernel<<<grid, kThreads, smem, stream>>>(p);
-  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+  switch (p.dtype) {
+    case DType::kFloat32: launch<float>(p, stream); break;
+    case DType::kFloat16: launch<__half>(p, stream); break;
+    default: launch<bf16>(p, stream); break;
+  }
 }
 
 }  // namespace flashdelta::detail::cuda::chunk
