@@ -279,26 +279,58 @@ __device__ __forceinline__ void mma_tile(float* C, int ldc, const bf16* A, int l
   }
 }
 
-// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf]), written as bf16 [64, kLdC] (and fp32
-// to Tf when given). Thread j < 64 owns column j and substitutes down it:
-// T_ij = -sum_{m < i} A_im T_mj (T_mj = 0 for m < j, T_jj = 1); rows of A are broadcast reads.
-// Four partial sums shorten the dependent chain.
-__device__ inline void invert_unit_lower(const float* A, bf16* T, float* Tf) {
-  if (threadIdx.x >= kC) return;
-  const int j = threadIdx.x;
-  float t[kC];
+// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf]), by 16 x 16 blocks, all threads of the
+// block taking part (it contains __syncthreads: call it from every thread). Tf (fp32 [64, kLdCf])
+// receives T, X (fp32, 768 floats) is scratch; T is also written as bf16 [64, kLdC].
+//   diagonal blocks: D_b = (I + A_bb)^-1 by substitution down each column (64 threads, 16 steps)
+//   below them, by distance d = i - j = 1, 2, 3:  T_ij = -D_i sum_{m=j}^{i-1} A_im T_mj
+// The longest dependent chain is 16 + 3 x (48 + 16) multiply-adds, against 2016 for a plain
+// substitution on one thread per column.
+template <int kThreads>
+__device__ inline void invert_unit_lower(const float* A, float* Tf, float* X, bf16* T) {
+  const int tid = threadIdx.x;
+  for (int i = tid; i < kC * kC; i += kThreads) Tf[(i / kC) * kLdCf + i % kC] = 0.f;
+  __syncthreads();
+  if (tid < kC) {
+    const int b = tid / 16, j = tid % 16, o = b * 16;
+    float t[16];
 #pragma unroll
-  for (int i = 0; i < kC; ++i) {
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int i = 0; i < 16; ++i) {
+      float acc = 0.f;
 #pragma unroll
-    for (int m = 0; m < i; ++m) acc[m & 3] = fmaf(A[i * kLdCf + m], t[m], acc[m & 3]);
-    const float sum = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    t[i] = i < j ? 0.f : (i == j ? 1.f : -sum);
+      for (int m = 0; m < i; ++m) acc = fmaf(A[(o + i) * kLdCf + o + m], t[m], acc);
+      t[i] = i < j ? 0.f : (i == j ? 1.f : -acc);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) Tf[(o + i) * kLdCf + o + j] = t[i];
   }
+  __syncthreads();
 #pragma unroll
-  for (int i = 0; i < kC; ++i) {
-    T[i * kLdC + j] = __float2bfloat16_rn(t[i]);
-    if (Tf) Tf[i * kLdCf + j] = t[i];
+  for (int d = 1; d < 4; ++d) {
+    const int blocks = 4 - d;  // (i, j) = (j + d, j), j = 0 .. blocks - 1
+    for (int e = tid; e < blocks * 256; e += kThreads) {
+      const int j = e / 256, r = (e / 16) % 16, c = e % 16, i = j + d;
+      float acc = 0.f;
+      for (int m = j; m < i; ++m)
+#pragma unroll
+        for (int q = 0; q < 16; ++q)
+          acc = fmaf(A[(i * 16 + r) * kLdCf + m * 16 + q], Tf[(m * 16 + q) * kLdCf + j * 16 + c], acc);
+      X[e] = acc;
+    }
+    __syncthreads();
+    for (int e = tid; e < blocks * 256; e += kThreads) {
+      const int j = e / 256, r = (e / 16) % 16, c = e % 16, i = j + d;
+      float acc = 0.f;
+#pragma unroll
+      for (int q = 0; q < 16; ++q)
+        acc = fmaf(Tf[(i * 16 + r) * kLdCf + i * 16 + q], X[j * 256 + q * 16 + c], acc);
+      Tf[(i * 16 + r) * kLdCf + j * 16 + c] = -acc;
+    }
+    __syncthreads();
+  }
+  for (int i = tid; i < kC * kC; i += kThreads) {
+    const int r = i / kC, c = i % kC;
+    T[r * kLdC + c] = __float2bfloat16_rn(Tf[r * kLdCf + c]);
   }
 }
 

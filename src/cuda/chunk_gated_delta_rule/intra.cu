@@ -69,7 +69,8 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   }
   __syncthreads();
 
-  invert_unit_lower(sm.a, sm.t, nullptr);
+  // T = (I + A)^-1; `out` is free until W, so it holds T in fp32 and the scratch.
+  invert_unit_lower<kThreads>(sm.a, sm.out, sm.out + kC * kLdCf, sm.t);
   __syncthreads();
 
   const size_t base = ws_index(p, slot, hv, kC * kD);
