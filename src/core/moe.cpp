@@ -146,6 +146,9 @@ detail::MoePermuteShape check_permute_args(const MoePermuteArgs& a) {
               ": num_experts must be in [1, 2^20], got ", a.num_experts);
   check_value(s.num_pairs < (int64_t{1} << 31), op, ": T * top_k must be below 2^31, got ",
               s.num_pairs);
+  // The CUDA sort keeps one histogram of E + 1 buckets per block in shared memory.
+  check_value(!on_cuda(a.hidden) || a.num_experts <= 8192, op,
+              ": the cuda kernels support up to 8192 experts, got ", a.num_experts);
   return s;
 }
 
@@ -277,6 +280,8 @@ detail::MoeExpertsShape check_experts_inputs(const MoeExpertsInputs& in, const c
               shape_string(in.gate_up_proj));
   s.intermediate = in.gate_up_proj.shape[1] / 2;
   check_value(s.num_experts >= 1, op, ": gate_up_proj must hold at least one expert");
+  check_value(!on_cuda(in.hidden) || s.num_experts <= 65535, op,
+              ": the cuda kernels support up to 65535 experts, got ", s.num_experts);
   check_shape(in.gate_up_proj, {s.num_experts, 2 * s.intermediate, s.hidden}, op, "gate_up_proj",
               "[E, 2I, H] (H from hidden)");
   check_shape(in.down_proj, {s.num_experts, s.hidden, s.intermediate}, op, "down_proj",

@@ -80,6 +80,11 @@ struct GroupedGemmParams {
   bool vector_ok = false;    // 16-byte aligned bases, expert strides and leading dimensions
 };
 
+// v clamped to [lo, hi] (offsets read on the device are never trusted as addresses).
+__device__ __forceinline__ int64_t clamp_index(int64_t v, int64_t lo, int64_t hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 template <typename T>
 __device__ __forceinline__ float to_f32(T x);
 template <>
@@ -197,8 +202,8 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
         const int e = base + lane;
         int64_t tiles = 0;
         if (e < p.num_experts) {
-          const int64_t begin = min(max<int64_t>(p.offsets[e], 0), p.num_rows);
-          const int64_t end = min(max<int64_t>(p.offsets[e + 1], begin), p.num_rows);
+          const int64_t begin = clamp_index(p.offsets[e], 0, p.num_rows);
+          const int64_t end = clamp_index(p.offsets[e + 1], begin, p.num_rows);
           tiles = (end - begin + kBM - 1) / kBM;
         }
         int64_t inclusive = tiles;
@@ -218,13 +223,13 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
     __syncthreads();
     if (s_expert < 0) return;  // a surplus block: uniform across the block
     expert = s_expert;
-    row_begin = min(max<int64_t>(p.offsets[expert], 0), p.num_rows);
-    row_end = min(max<int64_t>(p.offsets[expert + 1], row_begin), p.num_rows);
+    row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
+    row_end = clamp_index(p.offsets[expert + 1], row_begin, p.num_rows);
     m_tile_start = row_begin + static_cast<int64_t>(s_tile) * kBM;
   } else {
     expert = blockIdx.z;
-    row_begin = min(max<int64_t>(p.offsets[expert], 0), p.num_rows);
-    row_end = min(max<int64_t>(p.offsets[expert + 1], row_begin), p.num_rows);
+    row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
+    row_end = clamp_index(p.offsets[expert + 1], row_begin, p.num_rows);
     m_tile_start = static_cast<int64_t>(blockIdx.x) * kBM;
   }
 
@@ -415,7 +420,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
 template <typename T>
 __global__ void zero_dropped_rows_kernel(T* x, int64_t ld, int64_t cols, const int32_t* offsets,
                                          int num_experts, int64_t num_rows) {
-  const int64_t first = min(max<int64_t>(offsets[num_experts], 0), num_rows);
+  const int64_t first = clamp_index(offsets[num_experts], 0, num_rows);
   for (int64_t r = first + blockIdx.x; r < num_rows; r += gridDim.x) {
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) x[r * ld + c] = from_f32<T>(0.0f);
   }

@@ -52,6 +52,8 @@ def moe_experts_bwd(
     d_out: Tensor, gate_up: Tensor, weight_grads: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     d_hidden, d_gate_up, act = _forward_outputs(hidden, gate_up_proj)
+    if d_out.stride(-1) != 1:  # the kernels read d_out rows with unit stride
+        d_out = d_out.contiguous()
     if weight_grads:
         d_w1 = torch.empty(gate_up_proj.shape, dtype=hidden.dtype, device=hidden.device)
         d_w2 = torch.empty(down_proj.shape, dtype=hidden.dtype, device=hidden.device)
