@@ -35,6 +35,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -50,6 +51,7 @@ constexpr int kPad = 8;  // elements of padding per shared row: 16 bytes
 constexpr int kTileElems = (kBM * (kBK + kPad) > kBK * (kBM + kPad)) ? kBM * (kBK + kPad)
                                                                      : kBK * (kBM + kPad);
 constexpr int kSmemBytes = kStages * 2 * kTileElems * 2;
+constexpr int kMaxDevices = 64;
 
 enum class Grouping { kRows, kReduction };
 enum class Epilogue { kStore, kSwiGLU, kSwiGLUBackward };
@@ -431,8 +433,16 @@ __global__ void zero_dropped_rows_kernel(T* x, int64_t ld, int64_t cols, const i
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   auto* kernel = grouped_gemm_kernel<T, kGrouping, kBKContig, kEpilogue>;
-  FLASHDELTA_CUDA_CHECK(
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+  // Opt in to > 48 KiB of dynamic shared memory once per device (not on every launch: the first
+  // launches usually happen before any CUDA-graph capture).
+  static std::atomic<bool> configured[kMaxDevices] = {};
+  int device = 0;
+  FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
+    FLASHDELTA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    if (device < kMaxDevices) configured[device].store(true, std::memory_order_release);
+  }
   dim3 grid(1, 1, 1);
   if constexpr (kGrouping == Grouping::kRows) {
     grid.x = static_cast<unsigned>((p.num_rows + kBM - 1) / kBM + p.num_experts);
