@@ -109,3 +109,23 @@ def test_parametrized_experts_fall_back():
         moe_patch.flashdelta_experts_forward = original
     assert not calls
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_patched_bf16_on_cuda(model_type):
+    """The CUDA kernels inside a bf16 model: loss and gradients within bf16 accuracy."""
+    if "moe_experts.backward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA moe kernels")
+    model = tiny_model(model_type).cuda().bfloat16()
+    ids = torch.randint(1, 64, (2, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    ref_logits, ref_loss, ref_grads = loss_and_grads(model, ids)
+    report = flashdelta.patch(model, gdn=False, moe=True)
+    assert report.components["moe"].state == "patched"
+    logits, loss, grads = loss_and_grads(model, ids)
+    rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
+    assert rel(logits, ref_logits) < 1e-2
+    assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
+    for name in ref_grads:
+        assert rel(grads[name], ref_grads[name]) < 5e-2, name
