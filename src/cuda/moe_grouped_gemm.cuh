@@ -80,6 +80,13 @@ struct GroupedGemmParams {
   int64_t ld_act = 0;
   int64_t intermediate = 0;  // I
   bool vector_ok = false;    // 16-byte aligned bases, expert strides and leading dimensions
+  bool pair_store_ok = false;  // kStore: c 4-byte aligned, ldc and c_expert_stride even
+};
+
+// Two adjacent outputs written as one 4-byte store.
+template <typename T>
+struct alignas(2 * sizeof(T)) StorePair {
+  T x, y;
 };
 
 // v clamped to [lo, hi] (offsets read on the device are never trusted as addresses).
@@ -391,6 +398,22 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
             p.act[m * p.ld_act + j] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
           }
         }
+      } else if constexpr (kEpilogue == Epilogue::kStore) {
+        // Each thread owns two adjacent columns: one 4-byte store where alignment allows.
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int64_t n = n_tile_start + warp_n * 32 + nt * 8 + 2 * (lane % 4);
+          if (n >= p.n_size) continue;
+          T* dst = c_base + m * p.ldc + n;
+          const T v0 = from_f32<T>(acc[mt][nt][half * 2]);
+          const T v1 = from_f32<T>(acc[mt][nt][half * 2 + 1]);
+          if (p.pair_store_ok && n + 1 < p.n_size) {
+            *reinterpret_cast<StorePair<T>*>(dst) = StorePair<T>{v0, v1};
+          } else {
+            dst[0] = v0;
+            if (n + 1 < p.n_size) dst[1] = v1;
+          }
+        }
       } else {
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
@@ -399,9 +422,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
             const int64_t n = n_tile_start + warp_n * 32 + nt * 8 + 2 * (lane % 4) + c;
             if (n >= p.n_size) continue;
             const float v = acc[mt][nt][half * 2 + c];
-            if constexpr (kEpilogue == Epilogue::kStore) {
-              c_base[m * p.ldc + n] = from_f32<T>(v);
-            } else {  // kSwiGLUBackward: v = d_act[m, n]
+            {  // kSwiGLUBackward: v = d_act[m, n]
               const float g = to_f32<T>(p.gate_up[m * p.ld_gate_up + n]);
               const float u = to_f32<T>(p.gate_up[m * p.ld_gate_up + p.intermediate + n]);
               const float sig = 1.0f / (1.0f + __expf(-g));
@@ -454,7 +475,10 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
                                      ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
                                      : (p.n_size + kBN - 1) / kBN);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p);
+  GroupedGemmParams<T> q = p;
+  q.pair_store_ok = reinterpret_cast<uintptr_t>(p.c) % (2 * sizeof(T)) == 0 && p.ldc % 2 == 0 &&
+                    p.c_expert_stride % 2 == 0;
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(q);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
