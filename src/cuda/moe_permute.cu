@@ -8,7 +8,8 @@
 //   2. scan:    one 1024-thread block turns counts into exclusive prefix sums in bucket-major
 //               order, so counts[b][chunk] becomes the first sorted position of chunk's pairs of
 //               bucket b; expert_offsets[b] = counts[b][0].
-//   3. scatter: one block per chunk; its first warp walks the chunk in order, 32 pairs a step,
+//   3. scatter: one block per chunk (its threads stage the chunk's buckets in shared memory);
+//               its first warp walks the chunk in order, 32 pairs a step,
 //               ranking equal buckets within the step with __match_any_sync: stable, so the
 //               sorted order is (expert, pair index), exactly the CPU's.
 //   4. gather:  one block per sorted row copies hidden[pair / top_k] (16-byte vectors when
@@ -72,7 +73,9 @@ scan_kernel(int32_t* counts, int64_t total, int64_t num_chunks, int num_experts,
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t per_thread = (total + kScanThreads - 1) / kScanThreads;
   const int64_t begin = min(total, tid * per_thread), end = min(total, begin + per_thread);
+  // Each thread walks its own segment: unrolled so that many loads are in flight at once.
   int32_t local = 0;
+#pragma unroll 16
   for (int64_t i = begin; i < end; ++i) local += counts[i];
   // Exclusive scan of the per-thread sums: within warps, then over the warp totals.
   int32_t inclusive = local;
@@ -94,6 +97,7 @@ scan_kernel(int32_t* counts, int64_t total, int64_t num_chunks, int num_experts,
   }
   __syncthreads();
   int32_t running = inclusive - local + (warp > 0 ? warp_totals[warp - 1] : 0);
+#pragma unroll 16
   for (int64_t i = begin; i < end; ++i) {
     const int32_t c = counts[i];
     counts[i] = running;
@@ -109,9 +113,14 @@ __global__ void __launch_bounds__(kChunk)
 scatter_kernel(const PairIndex pairs, int64_t num_pairs, const int32_t* starts,
                int64_t num_chunks, int32_t* sorted_pairs, int32_t* pair_position) {
   extern __shared__ int next[];  // next free sorted position of each bucket for this chunk
+  __shared__ int chunk_buckets[kChunk];
   const int buckets = static_cast<int>(pairs.num_experts) + 1;
   for (int b = threadIdx.x; b < buckets; b += blockDim.x) {
     next[b] = starts[static_cast<int64_t>(b) * num_chunks + blockIdx.x];
+  }
+  {  // every thread fetches one pair's bucket, so the ordered walk below reads shared memory only
+    const int64_t p = static_cast<int64_t>(blockIdx.x) * kChunk + threadIdx.x;
+    chunk_buckets[threadIdx.x] = p < num_pairs ? pairs.bucket(p) : -1;
   }
   __syncthreads();
   if (threadIdx.x >= 32) return;
@@ -119,7 +128,7 @@ scatter_kernel(const PairIndex pairs, int64_t num_pairs, const int32_t* starts,
   for (int step = 0; step < kChunk / 32; ++step) {
     const int64_t p = static_cast<int64_t>(blockIdx.x) * kChunk + step * 32 + lane;
     const bool valid = p < num_pairs;
-    const int b = valid ? pairs.bucket(p) : -1;
+    const int b = chunk_buckets[step * 32 + lane];  // -1 past the end
     const unsigned peers = __match_any_sync(0xffffffffu, b);
     const int rank = __popc(peers & ((1u << lane) - 1u));
     if (valid) {
