@@ -129,3 +129,30 @@ def test_patched_bf16_on_cuda(model_type):
     assert abs(float(loss) - float(ref_loss)) < 1e-2 * abs(float(ref_loss))
     for name in ref_grads:
         assert rel(grads[name], ref_grads[name]) < 5e-2, name
+
+
+def test_peft_lora_on_expert_parameters_falls_back():
+    """PEFT LoRA on mlp.experts.gate_up_proj / down_proj (target_parameters): those experts keep
+    transformers' forward, so the result is PEFT's own."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model("qwen3_5_moe")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                             target_parameters=["mlp.experts.gate_up_proj",
+                                                "mlp.experts.down_proj"])
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_(0, 0.1)
+    ids = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(4))
+    ref = model(input_ids=ids).logits
+    flashdelta.patch(model, gdn=False, moe=True)
+    calls = []
+    original = moe_patch.flashdelta_experts_forward
+    moe_patch.flashdelta_experts_forward = lambda *a: calls.append(1) or original(*a)
+    try:
+        out = model(input_ids=ids).logits
+    finally:
+        moe_patch.flashdelta_experts_forward = original
+    assert not calls
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
