@@ -8,7 +8,14 @@ cheap and works even where the extension is missing (the ops then raise ImportEr
 
 __version__ = "0.1.0"
 
-from .ops import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from .ops import (
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    moe_experts,
+    moe_permute,
+    moe_router,
+    moe_unpermute,
+)
 
 # The subpackage flashdelta.patch holds the patch layer; importing these names here binds
 # `flashdelta.patch` to the function (submodules stay importable: `from flashdelta.patch import
@@ -30,6 +37,10 @@ __all__ = [
     "build_info",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "moe_experts",
+    "moe_permute",
+    "moe_router",
+    "moe_unpermute",
     "patch",
     "unpatch",
 ]

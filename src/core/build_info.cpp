@@ -30,6 +30,13 @@ BuildInfo build_info() {
     if (b && b->forward) info.cuda_ops.push_back(std::string(name) + ".forward");
     if (b && b->backward) info.cuda_ops.push_back(std::string(name) + ".backward");
   }
+#if FLASHDELTA_WITH_CUDA
+  // The mixture-of-experts ops (src/cuda/moe_*.cu) are built whole, both directions.
+  for (const char* name : {"moe_router", "moe_permute", "moe_unpermute", "moe_experts"}) {
+    info.cuda_ops.push_back(std::string(name) + ".forward");
+    info.cuda_ops.push_back(std::string(name) + ".backward");
+  }
+#endif
   return info;
 }
 

@@ -415,7 +415,7 @@ def test_gdn_switch(monkeypatch, value, on):
     assert changed is on
 
 
-@pytest.mark.parametrize("name", ["fused_ops", "moe", "cross_entropy"])
+@pytest.mark.parametrize("name", ["fused_ops", "cross_entropy"])
 @pytest.mark.parametrize("value", ["1", "0"])
 def test_unimplemented_switches(monkeypatch, name, value):
     monkeypatch.setenv(f"FLASHDELTA_{name.upper()}", value)
@@ -472,8 +472,8 @@ def test_strict(monkeypatch):
     before = originals()
     assert flashdelta.patch(strict=True).patched("gdn")  # defaults: fine
     flashdelta.unpatch()
-    with pytest.raises(RuntimeError, match="moe: no implementation in this build"):
-        flashdelta.patch(moe=True, strict=True)
+    with pytest.raises(RuntimeError, match="fused_ops: no implementation in this build"):
+        flashdelta.patch(fused_ops=True, strict=True)
     assert originals() == before  # nothing changed
     monkeypatch.setenv("FLASHDELTA_CROSS_ENTROPY", "1")
     with pytest.raises(RuntimeError, match="cross_entropy"):

@@ -3,5 +3,16 @@ implementation, autograd and an FLA-compatible public function."""
 
 from .chunk_gated_delta_rule import chunk_gated_delta_rule
 from .fused_recurrent_gated_delta_rule import fused_recurrent_gated_delta_rule
+from .moe_experts import moe_experts, moe_grouped_experts
+from .moe_permute import moe_permute, moe_unpermute
+from .moe_router import moe_router
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+__all__ = [
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+    "moe_experts",
+    "moe_grouped_experts",
+    "moe_permute",
+    "moe_router",
+    "moe_unpermute",
+]

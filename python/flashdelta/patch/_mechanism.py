@@ -110,6 +110,7 @@ def registered() -> Tuple[Component, ...]:
     """The registry, in report order. Components that later issues implement are declared here
     with implemented=False; implementing one means filling in its entry."""
     from .gdn import GDN
+    from .moe import MOE
 
     return (
         GDN,
@@ -119,12 +120,7 @@ def registered() -> Tuple[Component, ...]:
             "gated RMSNorm (RMSNormGated / FLA's FusedRMSNormGated), causal conv1d",
             implemented=False,
         ),
-        Component(
-            "moe",
-            "FLASHDELTA_MOE",
-            "mixture-of-experts blocks (router + experts)",
-            implemented=False,
-        ),
+        MOE,
         Component(
             "cross_entropy",
             "FLASHDELTA_CROSS_ENTROPY",

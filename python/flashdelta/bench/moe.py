@@ -1,0 +1,197 @@
+"""Benchmark: the mixture-of-experts ops at Qwen3.5-35B-A3B sizes against transformers.
+
+    python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
+                                   [--intermediate 512] [--json PATH]
+
+bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
+
+- routing: router (F.linear + softmax/top-k/renorm) + permutation + weighted combine, forward and
+  forward+backward: transformers' composition (Qwen3_5MoeTopKRouter, then grouped_mm's sort /
+  gather / histc / cumsum / inverse permutation / sum, with the expert computation replaced by
+  the identity) against flashdelta (F.linear + moe_router + moe_permute + moe_unpermute).
+- experts: Qwen3_5MoeExperts forward+backward with frozen weights (the LoRA case: input
+  gradients only) and trainable weights: transformers' "grouped_mm" implementation against
+  flashdelta.moe_experts (both include their own permutation and combine).
+- grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
+  real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run.
+
+Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median").
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def _bench(fn, rep=100):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def matmul_tflops(n=8192):
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _bench(lambda: a @ b)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def transformers_routing(router, hidden, num_experts):
+    """transformers' router + grouped_mm's permutation and combine (experts = identity)."""
+    _, weights, indices = router(hidden)
+    top_k = indices.shape[-1]
+    flat_ids = indices.reshape(-1)
+    ids_sorted, perm = torch.sort(flat_ids)
+    rows = hidden[perm // top_k]
+    counts = torch.histc(ids_sorted.int(), bins=num_experts, min=0, max=num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    rows = rows * weights.reshape(-1)[perm].unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    out = rows[inv].view(hidden.shape[0], top_k, -1).sum(1)
+    return out, offsets
+
+
+def flashdelta_routing(router, hidden, num_experts):
+    from flashdelta.ops.moe_permute import moe_permute, moe_unpermute
+    from flashdelta.ops.moe_router import moe_router
+
+    logits = F.linear(hidden, router.weight)
+    weights, indices = moe_router(logits, router.top_k, True)
+    permuted, _, position, offsets = moe_permute(hidden, indices, num_experts)
+    return moe_unpermute(permuted, weights, position, hidden.shape[0]), offsets
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flashdelta.bench moe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("the moe benchmark needs a CUDA device")
+    import transformers
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf
+
+    from flashdelta.ops.moe_experts import moe_experts, moe_experts_bwd, moe_experts_fwd
+    from flashdelta.ops.moe_permute import moe_permute
+
+    T, E, k, H, I = args.tokens, args.experts, args.top_k, args.hidden, args.intermediate
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    config = transformers.Qwen3_5MoeTextConfig(hidden_size=H, num_experts=E,
+                                               num_experts_per_tok=k, moe_intermediate_size=I)
+    config._experts_implementation = "grouped_mm"
+    router = hf.Qwen3_5MoeTopKRouter(config).cuda().to(dt)
+    experts = hf.Qwen3_5MoeExperts(config).cuda().to(dt)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.02)
+        experts.gate_up_proj.normal_(0, 0.02)
+        experts.down_proj.normal_(0, 0.02)
+    hidden = torch.randn(T, H, device="cuda", dtype=dt)
+    _, top_w, top_i = router(hidden)
+    top_w, top_i = top_w.detach(), top_i.detach()
+    rows = []
+
+    def record(section, impl, ms, **extra):
+        rows.append(dict(section=section, impl=impl, ms=ms, **extra))
+
+    # ---- routing: router + permutation + combine
+    for name, fn in (("transformers", transformers_routing), ("flashdelta", flashdelta_routing)):
+        x = hidden.detach().clone().requires_grad_()
+        g = torch.randn(T, H, device="cuda", dtype=dt)
+        record("routing fwd", name, _bench(lambda: fn(router, x, E)))
+
+        def fwd_bwd():
+            out, _ = fn(router, x, E)
+            out.backward(g)
+
+        record("routing fwd+bwd", name, _bench(fwd_bwd))
+    ref, _ = transformers_routing(router, hidden, E)
+    out, _ = flashdelta_routing(router, hidden, E)
+    routing_err = float((out.double() - ref.double()).norm() / ref.double().norm())
+
+    # ---- experts (with their permutation and combine)
+    g = torch.randn(T, H, device="cuda", dtype=dt)
+    errors = {}
+    for trainable in (False, True):
+        experts.requires_grad_(trainable)
+        label = "trainable" if trainable else "frozen"
+        impls = {
+            "transformers grouped_mm": lambda x: experts(x, top_i, top_w),
+            "flashdelta": lambda x: moe_experts(x, top_i, top_w, experts.gate_up_proj,
+                                                experts.down_proj),
+        }
+        outs = {}
+        for name, fn in impls.items():
+            x = hidden.detach().clone().requires_grad_()
+
+            def fwd_bwd():
+                fn(x).backward(g)
+
+            record(f"experts fwd+bwd ({label})", name, _bench(fwd_bwd, rep=50))
+            x.grad = None
+            experts.zero_grad(set_to_none=True)
+            y = fn(x)
+            y.backward(g)
+            outs[name] = [y.detach(), x.grad] + (
+                [experts.gate_up_proj.grad, experts.down_proj.grad] if trainable else [])
+        a, b = outs["flashdelta"], outs["transformers grouped_mm"]
+        errors[label] = max(float((p.double() - q.double()).norm() / q.double().norm())
+                            for p, q in zip(a, b))
+    experts.requires_grad_(False)
+
+    # ---- the grouped GEMMs alone
+    permuted, _, _, offsets = moe_permute(hidden, top_i, E)
+    W1, W2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    N = permuted.shape[0]
+    out, gate_up = moe_experts_fwd(permuted, offsets, W1, W2)
+    d_out = torch.randn_like(out)
+    peak = matmul_tflops()
+    gemm = {
+        "forward (2 GEMMs + SwiGLU)": (lambda: moe_experts_fwd(permuted, offsets, W1, W2),
+                                       6 * N * H * I),
+        "backward frozen (2 GEMMs)": (lambda: moe_experts_bwd(permuted, offsets, W1, W2, d_out,
+                                                              gate_up, False), 6 * N * H * I),
+        "backward trainable (4 GEMMs)": (lambda: moe_experts_bwd(permuted, offsets, W1, W2,
+                                                                 d_out, gate_up, True),
+                                         12 * N * H * I),
+    }
+    for name, (fn, flops) in gemm.items():
+        ms = _bench(fn)
+        tflops = flops / (ms * 1e-3) / 1e12
+        record("grouped GEMMs", name, ms, tflops=tflops, fraction_of_matmul=tflops / peak)
+
+    print(f"moe: T={T} E={E} top_k={k} H={H} I={I} bf16; {torch.cuda.get_device_name()}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s; routing rel. L2 vs transformers "
+          f"{routing_err:.1e}; experts max rel. L2 (out and grads) frozen {errors['frozen']:.1e}, "
+          f"trainable {errors['trainable']:.1e}")
+    base = {}
+    print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
+    for r in rows:
+        if r["impl"] == "transformers" or r["impl"].startswith("transformers "):
+            base[r["section"]] = r["ms"]
+        speedup = base.get(r["section"], 0) / r["ms"] if r["section"] in base else float("nan")
+        r["speedup"] = speedup if r["impl"] == "flashdelta" else None
+        tf = f"{r['tflops']:8.0f}" if "tflops" in r else f"{'':>8}"
+        frac = f"{r['fraction_of_matmul']:6.0%}" if "tflops" in r else f"{'':>6}"
+        sp = f"{speedup:8.2f}x" if r["impl"] == "flashdelta" else f"{'':>9}"
+        print(f"{r['section']:<28} {r['impl']:<30} {r['ms']:8.3f} {sp} {tf} {frac}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
+                           routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows), f,
+                      indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

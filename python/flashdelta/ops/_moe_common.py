@@ -1,0 +1,25 @@
+"""What the mixture-of-experts op modules share: the extension, the stream, detaching."""
+
+from typing import Optional
+
+import torch
+
+from ._gated_delta_rule import load_extension
+
+Tensor = torch.Tensor
+
+__all__ = ["load_extension", "stream_of", "detached", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def stream_of(device: torch.device) -> int:
+    """The current CUDA stream of `device` as an integer (0 on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0
+
+
+def detached(t: Optional[Tensor]) -> Optional[Tensor]:
+    """DLPack refuses tensors that require grad: hand _C detached views (no copy)."""
+    return None if t is None else t.detach()

@@ -1,0 +1,139 @@
+"""flashdelta.moe_permute / moe_unpermute: token permutation for mixture-of-experts.
+
+`moe_permute(hidden [T, H], indices [T, top_k], num_experts)` sorts the T * top_k (token, slot)
+pairs by expert with a counting sort (no argsort, no host synchronisation, deterministic) and
+gathers the rows: returns `(permuted [T * top_k, H], sorted_pairs, pair_position,
+expert_offsets [E + 1])` (all int32). Expert ids outside [0, E) are dropped (sorted last, after
+expert_offsets[E]), as transformers' expert-parallel sentinels are.
+
+`moe_unpermute(rows, weights, pair_position, num_tokens)` is the inverse with the routing-weight
+combine: out[t] = sum_j weights[t, j] * rows[pair_position[t * top_k + j]], summed in slot order
+in fp32 (weights None: 1). Both are differentiable (hidden; rows and weights).
+
+Custom ops: `torch.ops.flashdelta.moe_permute`, `moe_unpermute`, `moe_unpermute_bwd`.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._moe_common import detached, load_extension, stream_of
+
+Tensor = torch.Tensor
+
+
+def _permute_outputs(hidden: Tensor, indices: Tensor, num_experts: int):
+    P = indices.shape[0] * indices.shape[1]
+    dev = hidden.device
+    return (
+        torch.empty((P, hidden.shape[1]), dtype=hidden.dtype, device=dev),
+        torch.empty((P,), dtype=torch.int32, device=dev),
+        torch.empty((P,), dtype=torch.int32, device=dev),
+        torch.empty((num_experts + 1,), dtype=torch.int32, device=dev),
+    )
+
+
+@torch.library.custom_op("flashdelta::moe_permute", mutates_args=())
+def moe_permute_fwd(
+    hidden: Tensor, indices: Tensor, num_experts: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    C = load_extension()
+    outputs = _permute_outputs(hidden, indices, num_experts)
+    h, i = detached(hidden), detached(indices)
+    nbytes = C.moe_permute_workspace_bytes(h, i, num_experts)
+    workspace = torch.empty((nbytes,), dtype=torch.uint8, device=hidden.device) if nbytes else None
+    C.moe_permute(h, i, num_experts, *outputs, workspace, stream_of(hidden.device))
+    return outputs
+
+
+@moe_permute_fwd.register_fake
+def _(hidden, indices, num_experts):
+    return _permute_outputs(hidden, indices, num_experts)
+
+
+def _permute_setup(ctx, inputs, output):
+    hidden, indices, _ = inputs
+    _, sorted_pairs, pair_position, expert_offsets = output
+    ctx.save_for_backward(pair_position)
+    ctx.num_tokens = hidden.shape[0]
+    ctx.mark_non_differentiable(sorted_pairs, pair_position, expert_offsets)
+
+
+def _permute_backward(ctx, d_permuted, *_):
+    (pair_position,) = ctx.saved_tensors
+    if d_permuted is None:
+        return None, None, None
+    return moe_unpermute_fwd(d_permuted.contiguous(), None, pair_position, ctx.num_tokens), None, None
+
+
+@torch.library.custom_op("flashdelta::moe_unpermute", mutates_args=())
+def moe_unpermute_fwd(
+    rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
+) -> Tensor:
+    out = torch.empty((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    load_extension().moe_unpermute_forward(
+        detached(rows), detached(weights), detached(pair_position), out, stream_of(rows.device)
+    )
+    return out
+
+
+@moe_unpermute_fwd.register_fake
+def _(rows, weights, pair_position, num_tokens):
+    return rows.new_empty((num_tokens, rows.shape[1]))
+
+
+@torch.library.custom_op("flashdelta::moe_unpermute_bwd", mutates_args=())
+def moe_unpermute_bwd(
+    rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, d_out: Tensor
+) -> Tuple[Tensor, Tensor]:
+    d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    if weights is not None:
+        d_weights = torch.empty(weights.shape, dtype=weights.dtype, device=rows.device)
+    else:
+        d_weights = torch.empty((0,), dtype=rows.dtype, device=rows.device)
+    load_extension().moe_unpermute_backward(
+        detached(rows), detached(weights), detached(pair_position), detached(d_out), d_rows,
+        d_weights if weights is not None else None, stream_of(rows.device),
+    )
+    return d_rows, d_weights
+
+
+@moe_unpermute_bwd.register_fake
+def _(rows, weights, pair_position, d_out):
+    d_weights = (weights.new_empty(weights.shape) if weights is not None
+                 else rows.new_empty((0,)))
+    return rows.new_empty(rows.shape), d_weights
+
+
+def _unpermute_setup(ctx, inputs, output):
+    rows, weights, pair_position, _ = inputs
+    ctx.save_for_backward(rows, weights, pair_position)
+
+
+def _unpermute_backward(ctx, d_out):
+    rows, weights, pair_position = ctx.saved_tensors
+    d_rows, d_weights = moe_unpermute_bwd(rows, weights, pair_position, d_out.contiguous())
+    return d_rows, (d_weights if weights is not None else None), None, None
+
+
+moe_permute_fwd.register_autograd(_permute_backward, setup_context=_permute_setup)
+moe_unpermute_fwd.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+def moe_permute(
+    hidden: Tensor, indices: Tensor, num_experts: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sort (token, slot) pairs by expert and gather rows. See the module docstring."""
+    if hidden.dim() != 2 or indices.dim() != 2:
+        raise ValueError(f"moe_permute: hidden must be [T, H] and indices [T, top_k], got "
+                         f"{list(hidden.shape)} and {list(indices.shape)}")
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    return moe_permute_fwd(hidden, indices, int(num_experts))
+
+
+def moe_unpermute(
+    rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
+) -> Tensor:
+    """Weighted combine of sorted rows back to tokens. See the module docstring."""
+    return moe_unpermute_fwd(rows.contiguous(), weights, pair_position, int(num_tokens))
