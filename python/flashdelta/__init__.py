@@ -8,7 +8,12 @@ cheap and works even where the extension is missing (the ops then raise ImportEr
 
 __version__ = "0.1.0"
 
-from .ops import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from .ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+)
 
 # The subpackage flashdelta.patch holds the patch layer; importing these names here binds
 # `flashdelta.patch` to the function (submodules stay importable: `from flashdelta.patch import
@@ -28,6 +33,8 @@ __all__ = [
     "__version__",
     "PatchReport",
     "build_info",
+    "causal_conv1d",
+    "causal_conv1d_update",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
     "patch",

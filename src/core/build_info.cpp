@@ -30,6 +30,12 @@ BuildInfo build_info() {
     if (b && b->forward) info.cuda_ops.push_back(std::string(name) + ".forward");
     if (b && b->backward) info.cuda_ops.push_back(std::string(name) + ".backward");
   }
+#if FLASHDELTA_WITH_CUDA
+  for (const char* entry : {"causal_conv1d.forward", "causal_conv1d.backward",
+                            "causal_conv1d_update.forward"}) {
+    info.cuda_ops.push_back(entry);
+  }
+#endif
   return info;
 }
 

@@ -20,6 +20,7 @@ from patch_models import (  # noqa: E402
     make_old_module,
     modeling_module,
     per_sequence,
+    per_sequence_conv,
     tiny_conditional_generation_model,
     tiny_model,
 )
@@ -193,8 +194,8 @@ def test_packed_sequences_honour_cu_seqlens():
 
 def test_packed_sequences_in_a_model(monkeypatch):
     """A packed batch (cu_seq_lens_q, restarting position_ids) through a patched model equals the
-    unpatched model whose gated delta rule is transformers' own code run per sequence (the rest of
-    the model, e.g. the causal conv1d, is the same code in both runs)."""
+    unpatched model whose gated delta rule and causal conv1d are transformers' own code run per
+    sequence (the rest of the model is the same code in both runs)."""
     mod = modeling_module("qwen3_5")
     model = tiny_model("qwen3_5")
     ids, mask, labels = inputs(batch=1, seq=90)
@@ -207,6 +208,7 @@ def test_packed_sequences_in_a_model(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(mod, "torch_chunk_gated_delta_rule",
                   per_sequence(mod.torch_chunk_gated_delta_rule))
+        m.setattr(mod, "causal_conv1d_fn", per_sequence_conv(mod.causal_conv1d_fn))
         expected = run_model(model, ids, None, labels, **extra)
     flashdelta.patch(model)
     got = run_model(model, ids, None, labels, **extra)

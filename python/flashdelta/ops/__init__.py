@@ -1,7 +1,13 @@
 """flashdelta's ops: one module per op, each a torch.library custom op with a fake
 implementation, autograd and an FLA-compatible public function."""
 
+from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .chunk_gated_delta_rule import chunk_gated_delta_rule
 from .fused_recurrent_gated_delta_rule import fused_recurrent_gated_delta_rule
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]
+__all__ = [
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
+]
