@@ -153,7 +153,7 @@ void forward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
         const ChannelConv<T> conv{x, starts, in.weight, b, c, s.width, bias_of(in.bias, c)};
         for (int64_t t = 0; t < s.seq_len; ++t) {
           const double p = conv.pre(t);
-          y.at(b, c, t) = from_float<T>(in.silu ? p * sigmoid(p) : p);
+          y.at(b, c, t) = from_float<T>(round_to(in.weight.dtype, in.silu ? p * sigmoid(p) : p));
         }
       }
     }
@@ -233,7 +233,8 @@ void update_typed(const CausalConv1dUpdateShape& s, const CausalConv1dUpdateArgs
                    round_to(a.weight.dtype, column(S - W + 1 + l + k));
           }
           acc = round_to(a.weight.dtype, acc);
-          y.at(b, c, l) = from_float<T>(a.silu ? acc * sigmoid(acc) : acc);
+          y.at(b, c, l) =
+              from_float<T>(round_to(a.weight.dtype, a.silu ? acc * sigmoid(acc) : acc));
         }
         // Shift left by L, in place: column L + i is read before position L + i is written.
         for (int64_t i = 0; i < S; ++i) {

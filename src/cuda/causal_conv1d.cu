@@ -259,7 +259,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 1; j < W; ++j)
           if (j <= r) acc = fmaf(w[W - 1 - j][v], win[j - 1][v], acc);
         acc = round_to(p.param_dtype, acc);
-        out[v] = p.silu ? silu_f(acc) : acc;
+        out[v] = p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc;
       }
 #pragma unroll
       for (int j = W - 2; j > 0; --j)
@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateP
     for (int k = 0; k < W; ++k)
       acc = fmaf(w[k], round_to(p.param_dtype, column(S - W + 1 + l + k)), acc);
     acc = round_to(p.param_dtype, acc);
-    y[l * p.y_s[2]] = from_f32<T>(p.silu ? silu_f(acc) : acc);
+    y[l * p.y_s[2]] = from_f32<T>(p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc);
   }
   for (int64_t j = 0; j < S; ++j)
     store_any(p.state, p.state_dtype, state_base + j * p.state_s[2], column(L + j));
