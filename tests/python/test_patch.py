@@ -518,9 +518,11 @@ def test_cuda_without_kernels_falls_back():
     ctx = _mechanism.Context(build_info={"cuda_ops": []})
     assert "CUDA calls fall back to transformers" in gdn._device_problem(torch.device("cuda"), ctx)
     assert gdn._device_problem(torch.device("cpu"), ctx) is None
-    every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
-             for d in ("forward", "backward")]
+    every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                                    "causal_conv1d") for d in ("forward", "backward")]
     ctx = _mechanism.Context(build_info={"cuda_ops": every})
+    assert "causal_conv1d_update (forward)" in gdn._device_problem(torch.device("cuda"), ctx)
+    ctx = _mechanism.Context(build_info={"cuda_ops": every + ["causal_conv1d_update.forward"]})
     assert gdn._device_problem(torch.device("cuda"), ctx) is None
     # a forward without its backward: named in the report, used only where no gradient is needed
     ctx = _mechanism.Context(build_info={"cuda_ops": ["fused_recurrent_gated_delta_rule.forward"]})
