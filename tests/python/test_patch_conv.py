@@ -159,3 +159,95 @@ def test_unpatch_restores_the_conv_symbols():
     flashdelta.patch()
     flashdelta.unpatch()
     assert [(m.causal_conv1d_fn, m.causal_conv1d_update) for m in mods] == before
+
+
+# ----------------------------------------------------------------------------- older transformers
+
+_OLD_CONV_SOURCE = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+causal_conv1d_fn, causal_conv1d_update = None, None
+
+
+def torch_chunk_gated_delta_rule(query, key, value, g, beta, chunk_size=64, initial_state=None,
+                                 output_final_state=False, use_qk_l2norm_in_kernel=False):
+    raise AssertionError("not called here")
+
+
+def torch_causal_conv1d_update(hidden_states, conv_state, weight, bias=None, activation=None):
+    return _REAL_UPDATE(hidden_states, conv_state, weight, bias, activation)
+
+
+class OldGatedDeltaNetConv(nn.Module):
+    """The conv part of transformers 4.57's Qwen3NextGatedDeltaNet: kernels kept on the
+    instance, nn.Conv1d when the causal-conv1d package is missing."""
+
+    def __init__(self, channels=16, width=4):
+        super().__init__()
+        self.conv1d = nn.Conv1d(channels, channels, width, groups=channels, padding=width - 1,
+                                bias=False)
+        self.causal_conv1d_fn = causal_conv1d_fn
+        self.causal_conv1d_update = causal_conv1d_update or torch_causal_conv1d_update
+
+    def forward(self, x, conv_state=None):
+        weight = self.conv1d.weight.squeeze(1)
+        if conv_state is not None:
+            return self.causal_conv1d_update(x, conv_state, weight, self.conv1d.bias, "silu")
+        if self.causal_conv1d_fn is not None:
+            return self.causal_conv1d_fn(x=x, weight=weight, bias=self.conv1d.bias,
+                                         activation="silu", seq_idx=None)
+        return F.silu(self.conv1d(x)[..., : x.shape[-1]])
+'''
+
+
+@pytest.fixture
+def old_conv_module():
+    import sys
+    import textwrap
+    import types
+
+    from flashdelta.patch._mechanism import original_of
+
+    name = "transformers.models.fake_old_conv.modeling_fake_old_conv"
+    module = types.ModuleType(name)
+    module.__dict__["_REAL_UPDATE"] = inspect_unwrap(
+        original_of(modeling_module("qwen3_5").causal_conv1d_update))
+    exec(compile(textwrap.dedent(_OLD_CONV_SOURCE), f"<{name}>", "exec"), module.__dict__)
+    sys.modules[name] = module
+    yield module
+    sys.modules.pop(name, None)
+
+
+def inspect_unwrap(fn):
+    import inspect
+
+    return inspect.unwrap(fn)
+
+
+def test_old_code_path_instance_attributes(old_conv_module, conv_calls):
+    m = old_conv_module
+    torch.manual_seed(0)
+    layer = m.OldGatedDeltaNetConv()
+    x = torch.randn(2, 16, 9)
+    state = torch.randn(2, 16, 4)
+    with torch.no_grad():
+        expected = layer(x)
+        state_ref = state.clone()
+        expected_step = layer(x[..., :1], state_ref)
+    report = flashdelta.patch(layer)
+    assert isinstance(layer.causal_conv1d_fn, ConvReplacement)  # was None: nn.Conv1d path
+    assert isinstance(layer.causal_conv1d_update, ConvReplacement)
+    assert isinstance(m.causal_conv1d_fn, ConvReplacement)  # later layers pick it up
+    assert isinstance(m.causal_conv1d_update, ConvReplacement)  # None beside its torch function
+    assert any(s.symbol == "<instance>.causal_conv1d_fn" for s in report.sites)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(x[..., :1], state), expected_step, rtol=1e-5, atol=1e-6)
+    assert torch.equal(state, state_ref)
+    assert conv_calls == {"fn": 1, "update": 1}
+    flashdelta.unpatch()
+    assert layer.causal_conv1d_fn is None and m.causal_conv1d_fn is None
+    assert m.causal_conv1d_update is None
+    assert layer.causal_conv1d_update is m.torch_causal_conv1d_update

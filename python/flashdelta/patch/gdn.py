@@ -57,6 +57,7 @@ Semantics of the gated delta rule replacement (`GatedDeltaRuleReplacement`):
 
 import importlib
 import inspect
+import sys
 from types import ModuleType
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
@@ -407,8 +408,9 @@ def _conv_symbol_rule(name: str, kind: str) -> SymbolRule:
 
 def _conv_instance_rule(attr: str, kind: str) -> InstanceAttributeRule:
     def make(instance: Any, value: Any, ctx: Context) -> Optional[Any]:
-        if not hasattr(instance, "conv1d"):
-            return None
+        module = sys.modules.get(type(instance).__module__)
+        if not isinstance(module, ModuleType) or not _holds_gated_delta_rule(module):
+            return None  # a Gated DeltaNet layer's attribute only
         if isinstance(value, ConvReplacement):
             return conv_replacement_for(value.kind, getattr(value, MARKER), value.fallback, ctx)
         if value is None and kind == "fn":
