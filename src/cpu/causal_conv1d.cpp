@@ -219,10 +219,12 @@ void update_typed(const CausalConv1dUpdateShape& s, const CausalConv1dUpdateArgs
     for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
       for (int64_t b = 0; b < s.batch; ++b) {
         const int64_t state_base = b * st.strides[0] + c * st.strides[1];
-        // Column i of concat(conv_state, x).
+        // Column i of concat(conv_state, x) cast to weight's dtype, as transformers
+        // concatenates and casts before both the convolution and the state update.
         auto column = [&](int64_t i) {
-          return i < S ? load_any(st.data, st.dtype, state_base + i * st.strides[2])
-                       : static_cast<double>(to_float(x.at(b, c, i - S)));
+          return round_to(a.weight.dtype,
+                          i < S ? load_any(st.data, st.dtype, state_base + i * st.strides[2])
+                                : static_cast<double>(to_float(x.at(b, c, i - S))));
         };
         const double bias = bias_of(a.bias, c);
         for (int64_t l = 0; l < L; ++l) {
@@ -230,7 +232,7 @@ void update_typed(const CausalConv1dUpdateShape& s, const CausalConv1dUpdateArgs
           for (int64_t k = 0; k < W; ++k) {
             acc += load_any(a.weight.data, a.weight.dtype,
                             c * a.weight.strides[0] + k * a.weight.strides[1]) *
-                   round_to(a.weight.dtype, column(S - W + 1 + l + k));
+                   column(S - W + 1 + l + k);
           }
           acc = round_to(a.weight.dtype, acc);
           y.at(b, c, l) =

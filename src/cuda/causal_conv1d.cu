@@ -28,7 +28,8 @@
 //
 // Update: one thread per (b, c); reads the S state columns and L new inputs, writes L outputs,
 // then shifts the state left by L in place (column L + i is read before position L + i is
-// written, and no other thread touches this (b, c)).
+// written, and no other thread touches this (b, c)). The decode case (L = 1, S = 4, the state in
+// x's dtype with aligned rows: transformers' cache) moves each state row in one access.
 //
 // Assumes: W in [2, 4] (templates; core checks), grid.y = token tiles <= 65535 and B <= 65535
 // (checked), any strides, y / dx not overlapping the inputs.
@@ -446,6 +447,7 @@ struct UpdateParams {
   int64_t x_s[3], y_s[3], state_s[3], weight_s[2], bias_s;
   int64_t batch, channels, new_tokens, state_len;
   bool silu;
+  bool pack4;  // the decode case: L = 1, S = 4, state rows of 4 aligned elements of x's dtype
 };
 
 template <typename T, int W>
@@ -457,21 +459,41 @@ __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateP
   const T* x = static_cast<const T*>(p.x) + b * p.x_s[0] + c * p.x_s[1];
   T* y = static_cast<T*>(p.y) + b * p.y_s[0] + c * p.y_s[1];
   const int64_t state_base = b * p.state_s[0] + c * p.state_s[1];
-  auto column = [&](int64_t j) {  // column j of concat(conv_state, x)
-    return j < S ? load_any(p.state, p.state_dtype, state_base + j * p.state_s[2])
-                 : to_f32(x[(j - S) * p.x_s[2]]);
+  // Column j of concat(conv_state, x) cast to weight's dtype, as transformers concatenates
+  // and casts before both the convolution and the state update.
+  auto column = [&](int64_t j) {
+    return round_to(p.param_dtype,
+                    j < S ? load_any(p.state, p.state_dtype, state_base + j * p.state_s[2])
+                          : to_f32(x[(j - S) * p.x_s[2]]));
   };
-  // The state keeps the inputs unrounded; the convolution sees them cast to weight's dtype.
   float w[W];
 #pragma unroll
   for (int k = 0; k < W; ++k)
     w[k] = load_any(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]);
   const float bias = p.bias ? load_any(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
+  if (p.pack4) {  // one access for the state row in, one out
+    T* row = static_cast<T*>(p.state) + state_base;
+    const Pack<T, 4> old = *reinterpret_cast<const Pack<T, 4>*>(row);
+    float col[5];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) col[j] = round_to(p.param_dtype, to_f32(old.v[j]));
+    col[4] = round_to(p.param_dtype, to_f32(x[0]));
+    float acc = bias;
+#pragma unroll
+    for (int k = 0; k < W; ++k) acc = fmaf(w[k], col[5 - W + k], acc);
+    acc = round_to(p.param_dtype, acc);
+    y[0] = from_f32<T>(p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc);
+    Pack<T, 4> next;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) next.v[j] = from_f32<T>(col[j + 1]);
+    *reinterpret_cast<Pack<T, 4>*>(row) = next;
+    return;
+  }
   for (int64_t l = 0; l < L; ++l) {
     float acc = bias;
 #pragma unroll
     for (int k = 0; k < W; ++k)
-      acc = fmaf(w[k], round_to(p.param_dtype, column(S - W + 1 + l + k)), acc);
+      acc = fmaf(w[k], column(S - W + 1 + l + k), acc);
     acc = round_to(p.param_dtype, acc);
     y[l * p.y_s[2]] = from_f32<T>(p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc);
   }
@@ -668,6 +690,12 @@ void causal_conv1d_update(const CausalConv1dUpdateShape& s, const CausalConv1dUp
   p.new_tokens = s.new_tokens;
   p.state_len = s.state_len;
   p.silu = a.silu;
+  const TensorRef& st = a.conv_state;
+  const int64_t elem = static_cast<int64_t>(dtype_size(st.dtype));
+  p.pack4 = s.new_tokens == 1 && s.state_len == 4 && st.dtype == a.x.dtype &&
+            st.strides[2] == 1 && (s.channels == 1 || st.strides[1] % 4 == 0) &&
+            (s.batch == 1 || st.strides[0] % 4 == 0) &&
+            reinterpret_cast<uintptr_t>(st.data) % (4 * elem) == 0;
   const int64_t n = s.batch * s.channels;
   if (n == 0) return;
   const DeviceGuard guard(a.x.device.index);

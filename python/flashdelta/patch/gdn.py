@@ -304,6 +304,8 @@ class ConvReplacement:
             return None
         if x.device.type not in self.devices or weight.dim() != 2:
             return None
+        if x.device.type == "cuda" and not 2 <= weight.shape[-1] <= 4:
+            return None  # the CUDA kernels take W in 2..4
         if self.kind == "update":
             if _needs_grad((x, call.get("conv_state"), weight, call.get("bias")), {}):
                 return None  # the decode update has no backward
@@ -311,8 +313,6 @@ class ConvReplacement:
         if x.device.type not in self.backward_devices and _needs_grad(
                 (x, weight, call.get("bias")), {}):
             return None
-        if x.device.type == "cuda" and not 2 <= weight.shape[-1] <= 4:
-            return None  # the CUDA kernels take W in 2..4
         packed = call.get("cu_seqlens", call.get("cu_seq_lens_q"))
         # transformers passes the packed-sequence offsets of a padding-free batch (B = 1)
         call["cu_seqlens"] = packed if isinstance(packed, torch.Tensor) and x.shape[0] == 1 \
