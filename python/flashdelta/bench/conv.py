@@ -85,7 +85,7 @@ def bench_conv(B, T, C, W, bandwidth, do_bench):
             xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
             y = fn(xg, wg)
             y.backward(dy)
-            out = (y.detach(), xg.grad, wg.grad)
+            out = (y.detach().clone(), xg.grad.clone(), wg.grad.clone())
             err = None if reference is None else max(_rel_err(a, b) for a, b in zip(out, reference))
             reference = reference or out
 
@@ -117,7 +117,7 @@ def bench_update(B, C, W, bandwidth, do_bench):
         try:
             state = state0.clone()
             y = fn(x, state, w)
-            out = (y, state)
+            out = (y.clone(), state.clone())  # the timed calls below keep shifting `state`
             err = None if reference is None else max(_rel_err(a, b) for a, b in zip(out, reference))
             reference = reference or out
             ms = do_bench(lambda: fn(x, state, w), return_mode="median")
