@@ -130,7 +130,9 @@ CausalConv1dShape check_causal_conv1d_inputs(const CausalConv1dInputs& in) {
 
 size_t causal_conv1d_backward_workspace_bytes(const CausalConv1dInputs& in) {
   const CausalConv1dShape s = check_causal_conv1d_inputs(in);
-  if (in.x.device.type == DeviceType::kCPU) return detail::cpu::causal_conv1d_backward_workspace_bytes(s);
+  if (in.x.device.type == DeviceType::kCPU) {
+    return detail::cpu::causal_conv1d_backward_workspace_bytes(s);
+  }
 #if FLASHDELTA_WITH_CUDA
   return detail::cuda::causal_conv1d_backward_workspace_bytes(s);
 #else

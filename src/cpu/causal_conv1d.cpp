@@ -8,9 +8,9 @@
 //   dweight = sum_t dpre[t] x[t - j] (tap W - 1 - j),  dbias = sum_t dpre[t]
 // Sums are computed in double. Like transformers, which runs the convolution in weight's dtype
 // (x cast to it) and casts the result to x's dtype, the convolution and the gradients entering
-// and leaving it are rounded to weight's dtype (round_param) where transformers holds them in
-// that dtype: bf16 results then equal transformers' bit for bit, or nearly. The backward recomputes pre (W products per
-// use, W uses per token: cheap at W = 4) instead of keeping any buffer.
+// and leaving it are rounded to weight's dtype (round_to) where transformers holds them in that
+// dtype: bf16 results then equal transformers' bit for bit, or nearly. The backward recomputes
+// pre (W products per use, W uses per token: cheap at W = 4) instead of keeping any buffer.
 // Parallel over blocks of channels: a channel's weight gradient is summed by one task, over
 // b then t, so the result does not depend on the thread count (no workspace, deterministic).
 // Any strides, any W >= 1; varlen offsets already validated by src/core.
@@ -258,9 +258,21 @@ void by_dtype(DType dtype, Args&&... args) {
   }
 }
 
-template <typename T> struct Forward { template <typename... A> static void run(A&... a) { forward_typed<T>(a...); } };
-template <typename T> struct Backward { template <typename... A> static void run(A&... a) { backward_typed<T>(a...); } };
-template <typename T> struct Update { template <typename... A> static void run(A&... a) { update_typed<T>(a...); } };
+template <typename T>
+struct Forward {
+  template <typename... A>
+  static void run(A&... a) { forward_typed<T>(a...); }
+};
+template <typename T>
+struct Backward {
+  template <typename... A>
+  static void run(A&... a) { backward_typed<T>(a...); }
+};
+template <typename T>
+struct Update {
+  template <typename... A>
+  static void run(A&... a) { update_typed<T>(a...); }
+};
 
 }  // namespace
 

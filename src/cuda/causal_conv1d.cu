@@ -629,7 +629,8 @@ void causal_conv1d_forward(const CausalConv1dShape& s, const CausalConv1dInputs&
   const int vec = pack_width(in.x.dtype, kForwardPackBytes);
   const bool pack = packable(in.x, vec) && packable(out.y, vec);
   const DeviceGuard guard(in.x.device.index);
-  dispatch<Forward, kForwardPackBytes>(in.x.dtype, s.width, pack, p, s.batch, static_cast<cudaStream_t>(in.stream));
+  dispatch<Forward, kForwardPackBytes>(in.x.dtype, s.width, pack, p, s.batch,
+                                       static_cast<cudaStream_t>(in.stream));
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 

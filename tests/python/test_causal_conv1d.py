@@ -259,7 +259,8 @@ def test_opcheck(device):
     cu = torch.tensor([0, 3, 9], device=device)
     torch.library.opcheck(conv_ops.causal_conv1d_fwd, (x, w, None, cu, False))
     state = torch.randn(1, 16, 4, device=device)
-    torch.library.opcheck(conv_ops.causal_conv1d_update_op, (x[..., :1].detach(), state, w, b, True))
+    torch.library.opcheck(conv_ops.causal_conv1d_update_op,
+                          (x[..., :1].detach(), state, w, b, True))
 
 
 def test_torch_compile_fullgraph(device):
