@@ -9,6 +9,8 @@ cheap and works even where the extension is missing (the ops then raise ImportEr
 __version__ = "0.1.0"
 
 from .ops import (
+    causal_conv1d,
+    causal_conv1d_update,
     chunk_gated_delta_rule,
     fused_recurrent_gated_delta_rule,
     moe_experts,
@@ -35,6 +37,8 @@ __all__ = [
     "__version__",
     "PatchReport",
     "build_info",
+    "causal_conv1d",
+    "causal_conv1d_update",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
     "moe_experts",

@@ -36,6 +36,10 @@ BuildInfo build_info() {
     info.cuda_ops.push_back(std::string(name) + ".forward");
     info.cuda_ops.push_back(std::string(name) + ".backward");
   }
+  for (const char* entry : {"causal_conv1d.forward", "causal_conv1d.backward",
+                            "causal_conv1d_update.forward"}) {
+    info.cuda_ops.push_back(entry);
+  }
 #endif
   return info;
 }

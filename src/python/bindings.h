@@ -8,5 +8,6 @@ namespace flashdelta::python {
 
 void bind_gated_delta_rule_ops(nanobind::module_& m);
 void bind_moe_ops(nanobind::module_& m);
+void bind_causal_conv1d_ops(nanobind::module_& m);
 
 }  // namespace flashdelta::python

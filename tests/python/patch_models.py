@@ -110,6 +110,22 @@ def per_sequence(fn):
     return reference
 
 
+def per_sequence_conv(fn):
+    """transformers' causal conv1d (which ignores the packed-sequence offsets the model passes as
+    cu_seq_lens_q) run once per packed sequence: what a conv that does not leak across
+    sequences computes."""
+
+    def reference(x, weight, bias=None, activation=None, **kwargs):
+        cu = kwargs.get("cu_seq_lens_q")
+        if cu is None:
+            return fn(x, weight, bias, activation=activation)
+        bounds = cu.tolist()
+        return torch.cat([fn(x[..., s:e], weight, bias, activation=activation)
+                          for s, e in zip(bounds[:-1], bounds[1:])], dim=-1)
+
+    return reference
+
+
 # ----------------------------------------------------------------------------- older transformers
 
 _OLD_SOURCE = '''

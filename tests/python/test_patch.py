@@ -20,6 +20,7 @@ from patch_models import (  # noqa: E402
     make_old_module,
     modeling_module,
     per_sequence,
+    per_sequence_conv,
     tiny_conditional_generation_model,
     tiny_model,
 )
@@ -193,8 +194,8 @@ def test_packed_sequences_honour_cu_seqlens():
 
 def test_packed_sequences_in_a_model(monkeypatch):
     """A packed batch (cu_seq_lens_q, restarting position_ids) through a patched model equals the
-    unpatched model whose gated delta rule is transformers' own code run per sequence (the rest of
-    the model, e.g. the causal conv1d, is the same code in both runs)."""
+    unpatched model whose gated delta rule and causal conv1d are transformers' own code run per
+    sequence (the rest of the model is the same code in both runs)."""
     mod = modeling_module("qwen3_5")
     model = tiny_model("qwen3_5")
     ids, mask, labels = inputs(batch=1, seq=90)
@@ -207,6 +208,7 @@ def test_packed_sequences_in_a_model(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(mod, "torch_chunk_gated_delta_rule",
                   per_sequence(mod.torch_chunk_gated_delta_rule))
+        m.setattr(mod, "causal_conv1d_fn", per_sequence_conv(mod.causal_conv1d_fn))
         expected = run_model(model, ids, None, labels, **extra)
     flashdelta.patch(model)
     got = run_model(model, ids, None, labels, **extra)
@@ -516,9 +518,11 @@ def test_cuda_without_kernels_falls_back():
     ctx = _mechanism.Context(build_info={"cuda_ops": []})
     assert "CUDA calls fall back to transformers" in gdn._device_problem(torch.device("cuda"), ctx)
     assert gdn._device_problem(torch.device("cpu"), ctx) is None
-    every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
-             for d in ("forward", "backward")]
+    every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                                    "causal_conv1d") for d in ("forward", "backward")]
     ctx = _mechanism.Context(build_info={"cuda_ops": every})
+    assert "causal_conv1d_update (forward)" in gdn._device_problem(torch.device("cuda"), ctx)
+    ctx = _mechanism.Context(build_info={"cuda_ops": every + ["causal_conv1d_update.forward"]})
     assert gdn._device_problem(torch.device("cuda"), ctx) is None
     # a forward without its backward: named in the report, used only where no gradient is needed
     ctx = _mechanism.Context(build_info={"cuda_ops": ["fused_recurrent_gated_delta_rule.forward"]})
@@ -626,7 +630,10 @@ def test_cuda_model():
     batch = [t.cuda() for t in inputs()]
     before = run_model(model, *batch)
     report = flashdelta.patch(model)
-    complete = len(cuda_ops) == 4  # forward and backward of both ops
+    from flashdelta.patch import gdn
+
+    # every kernel the gdn component calls (both gated delta rule ops, the conv and its update)
+    complete = not gdn._missing_cuda_kernels(_mechanism.Context(build_info={"cuda_ops": cuda_ops}))
     notes = report.components["gdn"].notes
     assert complete or any("cannot run on cuda" in n for n in notes), notes
     calls = spy_on_replacements()

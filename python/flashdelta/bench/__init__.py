@@ -2,6 +2,7 @@
 
     gdn     chunk_gated_delta_rule against transformers' torch fallback (and FLA when importable)
     gdn_kernels  where chunk_gated_delta_rule's CUDA time goes, kernel by kernel (torch.profiler)
+    conv    causal_conv1d (+ SiLU) forward/backward and its decode update against the memory floor
     decode  one decode step of fused_recurrent_gated_delta_rule against its memory floor (CUDA)
     moe     router/permutation/combine and experts against transformers at 35B-A3B sizes (CUDA)
 """
@@ -11,4 +12,5 @@ BENCHMARKS = {
     "gdn_kernels": "flashdelta.bench.gdn_kernels",
     "decode": "flashdelta.bench.decode",
     "moe": "flashdelta.bench.moe",
+    "conv": "flashdelta.bench.conv",
 }

@@ -1,6 +1,7 @@
 """flashdelta's ops: one module per op, each a torch.library custom op with a fake
 implementation, autograd and an FLA-compatible public function."""
 
+from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .chunk_gated_delta_rule import chunk_gated_delta_rule
 from .fused_recurrent_gated_delta_rule import fused_recurrent_gated_delta_rule
 from .moe_experts import moe_experts, moe_grouped_experts
@@ -8,6 +9,8 @@ from .moe_permute import moe_permute, moe_unpermute
 from .moe_router import moe_router
 
 __all__ = [
+    "causal_conv1d",
+    "causal_conv1d_update",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
     "moe_experts",

@@ -22,7 +22,22 @@ Where transformers reaches the gated delta rule (read from its source, not guess
   decide whether to import FLA (and FLA's FusedRMSNormGated, a fused_ops matter), and in 5.x no
   modeling module reads it at all; claiming FLA where it is absent would make such code import it.
 
-Semantics of the replacement (`GatedDeltaRuleReplacement`):
+The short convolution in front of the gated delta rule (`causal_conv1d_fn` for training and
+prefill, `causal_conv1d_update` for decoding) is part of this component too: the same module
+globals in 5.x (transformers' torch functions, wrapped by the same hub decorator, or the
+causal-conv1d package's), and in older code `self.causal_conv1d_fn` / `self.causal_conv1d_update`
+instance attributes (the first None without the causal-conv1d package, the layer then calling
+its nn.Conv1d). They are replaced only in modules that also hold a gated delta rule, so other
+models' `causal_conv1d_fn` (mamba, bamba, ...) stay untouched. `ConvReplacement`:
+
+- maps `hidden_states` to `x`; honours the packed-sequence offsets the model passes
+  (`cu_seq_lens_q`, which transformers' own conv ignores: its packed batches leak across
+  sequence boundaries; flashdelta's do not, like FLA's conv);
+- falls back to what it replaced for anything it does not compute: another activation,
+  causal-conv1d's `seq_idx` / initial / final states, `cache_seqlens` / `conv_state_indices`,
+  a decode update that needs gradients, a device without the kernel.
+
+Semantics of the gated delta rule replacement (`GatedDeltaRuleReplacement`):
 
 - it takes the arguments the way the replaced function does (positional parameters are mapped
   through the replaced function's signature; `query`/`key`/`value` become `q`/`k`/`v`), and, like
@@ -40,7 +55,9 @@ Semantics of the replacement (`GatedDeltaRuleReplacement`):
   model keeps working and the report says so.
 """
 
+import importlib
 import inspect
+import sys
 from types import ModuleType
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
@@ -168,21 +185,37 @@ def replacement_for(kind: str, original: Any, fallback: Any, ctx: Context
 
 def _kernel_devices(kind: str, direction: str, ctx: Context) -> FrozenSet[str]:
     """Device types with flashdelta's `direction` kernel of this kind (the CPU always has both;
-    build_info()["cuda_ops"] lists the CUDA ones as "op.forward" / "op.backward")."""
+    build_info()["cuda_ops"] lists the CUDA ones as "op.forward" / "op.backward").
+
+    The chunked op counts on CUDA only once both directions exist: its CUDA forward alone is
+    slower than FLA's today (bench/NOTES.md), which transformers uses where it is installed, so
+    a patched model keeps transformers' function there until the kernels are complete."""
+    devices = _op_devices(_OP_NAMES[kind], direction, ctx)
+    if kind == "chunk" and direction == "forward":
+        devices &= _op_devices(_OP_NAMES[kind], "backward", ctx) | {"cpu"}
+    return devices
+
+
+def _op_devices(op: str, direction: str, ctx: Context) -> FrozenSet[str]:
     if ctx.build_error is not None:
         return frozenset()
     devices = {"cpu"}
-    if f"{_OP_NAMES[kind]}.{direction}" in ctx.build_info.get("cuda_ops", ()):
+    if f"{op}.{direction}" in ctx.build_info.get("cuda_ops", ()):
         devices.add("cuda")
     return frozenset(devices)
+
+
+# Every kernel this component calls, with the directions it needs.
+_KERNELS = {**{op: ("forward", "backward") for op in _OP_NAMES.values()},
+            "causal_conv1d": ("forward", "backward"), "causal_conv1d_update": ("forward",)}
 
 
 def _missing_cuda_kernels(ctx: Context) -> List[str]:
     """"op (forward, backward)" for each op with a direction missing on CUDA in this build."""
     built = set(ctx.build_info.get("cuda_ops", ()))
     missing = []
-    for op in _OP_NAMES.values():
-        gaps = [d for d in ("forward", "backward") if f"{op}.{d}" not in built]
+    for op, directions in _KERNELS.items():
+        gaps = [d for d in directions if f"{op}.{d}" not in built]
         if gaps:
             missing.append(f"{op} ({', '.join(gaps)})")
     return missing
@@ -200,6 +233,200 @@ def is_gated_delta_rule(obj: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return names in (["query", "key", "value", "g", "beta"], ["q", "k", "v", "g", "beta"])
+
+
+# ----------------------------------------------------------------------------- causal conv1d
+
+_CONV_OPS = {"fn": "causal_conv1d", "update": "causal_conv1d_update"}
+_CONV_ALIASES = {"hidden_states": "x"}
+_CONV_ACTIVATIONS = (None, "silu", "swish")
+# Arguments of the replaced functions that flashdelta computes only at these values; any other
+# value runs the replaced function.
+_CONV_FALLBACK_UNLESS = {
+    "fn": {"seq_idx": None, "initial_states": None, "return_final_states": False,
+           "final_states_out": None},
+    "update": {"cache_seqlens": None, "conv_state_indices": None},
+}
+_CONV_POSITIONAL = {
+    "fn": ("x", "weight", "bias", "activation"),
+    "update": ("x", "conv_state", "weight", "bias", "activation"),
+}
+
+
+class ConvReplacement:
+    """Callable standing in for transformers' / causal-conv1d's causal_conv1d_fn (kind "fn") or
+    causal_conv1d_update (kind "update")."""
+
+    def __init__(self, kind: str, original: Any, fallback: Any):
+        self.kind = kind
+        setattr(self, MARKER, original)
+        self.fallback = fallback
+        self.active = True
+        self.devices: FrozenSet[str] = frozenset({"cpu"})
+        self.backward_devices: FrozenSet[str] = frozenset({"cpu"})
+        name = "causal_conv1d_fn" if kind == "fn" else "causal_conv1d_update"
+        self.label = f"flashdelta.{_CONV_OPS[kind]}"
+        self.__name__ = name
+        self.__qualname__ = name
+        self.__module__ = "flashdelta.patch.gdn"
+        self.__doc__ = (f"flashdelta's {_CONV_OPS[kind]} in place of {describe(original)}; "
+                        f"falls back to {describe(fallback)} where flashdelta does not apply.")
+        self._positional = _conv_positional_names(fallback, kind)
+
+    def __repr__(self) -> str:
+        return f"<{self.label} replacing {describe(getattr(self, MARKER))}>"
+
+    def __call__(self, *args, **kwargs):
+        if self.active:
+            call = self._arguments(args, kwargs)
+            if call is not None:
+                conv = importlib.import_module("flashdelta.ops.causal_conv1d")  # the module
+
+                if self.kind == "fn":
+                    return conv.causal_conv1d(
+                        call["x"], call["weight"], call.get("bias"), call.get("activation"),
+                        cu_seqlens=call.get("cu_seqlens"))
+                return conv.causal_conv1d_update(
+                    call["x"], call["conv_state"], call["weight"], call.get("bias"),
+                    call.get("activation"))
+        return self.fallback(*args, **kwargs)
+
+    def _arguments(self, args: tuple, kwargs: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """The call in flashdelta's names, or None when flashdelta should not run it."""
+        import torch
+
+        if len(args) > len(self._positional):
+            return None
+        call = dict(zip(self._positional, args))
+        for name, value in kwargs.items():
+            call[_CONV_ALIASES.get(name, name)] = value
+        for name, default in _CONV_FALLBACK_UNLESS[self.kind].items():
+            value = call.pop(name, default)
+            if value is not default and not (default is False and value is False):
+                return None
+        x, weight = call.get("x"), call.get("weight")
+        if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor):
+            return None
+        if call.get("activation") not in _CONV_ACTIVATIONS:
+            return None
+        if x.device.type not in self.devices or weight.dim() != 2:
+            return None
+        if x.device.type == "cuda" and not 2 <= weight.shape[-1] <= 4:
+            return None  # the CUDA kernels take W in 2..4
+        if self.kind == "update":
+            if _needs_grad((x, call.get("conv_state"), weight, call.get("bias")), {}):
+                return None  # the decode update has no backward
+            return call
+        if x.device.type not in self.backward_devices and _needs_grad(
+                (x, weight, call.get("bias")), {}):
+            return None
+        packed = call.get("cu_seqlens", call.get("cu_seq_lens_q"))
+        # transformers passes the packed-sequence offsets of a padding-free batch (B = 1)
+        call["cu_seqlens"] = packed if isinstance(packed, torch.Tensor) and x.shape[0] == 1 \
+            else None
+        return call
+
+
+def _conv_positional_names(fn: Any, kind: str) -> Tuple[str, ...]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return _CONV_POSITIONAL[kind]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = tuple(_CONV_ALIASES.get(p.name, p.name) for p in params if p.kind in kinds)
+    return names or _CONV_POSITIONAL[kind]
+
+
+_CONV_CACHE: Dict[Tuple[str, int, int], ConvReplacement] = {}
+
+
+def conv_replacement_for(kind: str, original: Any, fallback: Any, ctx: Context
+                         ) -> ConvReplacement:
+    key = (kind, id(original), id(fallback))
+    rep = _CONV_CACHE.get(key)
+    if rep is None or getattr(rep, MARKER) is not original or rep.fallback is not fallback:
+        rep = _CONV_CACHE[key] = ConvReplacement(kind, original, fallback)
+    rep.devices = _op_devices(_CONV_OPS[kind], "forward", ctx)
+    rep.backward_devices = _op_devices(_CONV_OPS[kind], "backward", ctx)
+    return rep
+
+
+def _first_parameters(obj: Any, count: int) -> List[str]:
+    if obj is None or isinstance(obj, type) or not callable(obj):
+        return []
+    try:
+        return [p for p in inspect.signature(obj).parameters][:count]
+    except (TypeError, ValueError):
+        return []
+
+
+def is_causal_conv1d(obj: Any, kind: str) -> bool:
+    """transformers' torch function or causal-conv1d's, by their parameters."""
+    if isinstance(obj, ConvReplacement):
+        return obj.kind == kind
+    if kind == "fn":
+        return _first_parameters(obj, 2) in (["hidden_states", "weight"], ["x", "weight"])
+    return _first_parameters(obj, 3) in (["hidden_states", "conv_state", "weight"],
+                                         ["x", "conv_state", "weight"])
+
+
+def _holds_gated_delta_rule(module: ModuleType) -> bool:
+    """A Gated DeltaNet modeling module: the conv is only replaced there."""
+    return any(is_gated_delta_rule(vars(module).get(n)) for n in (
+        "torch_chunk_gated_delta_rule", "chunk_gated_delta_rule"))
+
+
+def _conv_fallback(module: ModuleType, kind: str, value: Any) -> Any:
+    """What runs where flashdelta does not: the replaced object, or for old code's None the
+    module's torch function (transformers' own conv for the update; for the convolution the
+    layer itself ran its nn.Conv1d, which flashdelta reproduces with a plain conv1d)."""
+    if value is not None:
+        return value
+    if kind == "update":
+        return original_of(vars(module).get("torch_causal_conv1d_update"))
+    return _torch_causal_conv1d_fn
+
+
+def _torch_causal_conv1d_fn(x, weight, bias=None, activation=None, **kwargs):
+    """transformers' depthwise causal conv, for old modules whose causal_conv1d_fn was None."""
+    import torch.nn.functional as F
+
+    W = weight.shape[-1]
+    out = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=W - 1,
+                   groups=weight.shape[0])[..., : x.shape[-1]]
+    if activation is not None:
+        out = F.silu(out)
+    return out.to(x.dtype)
+
+
+def _conv_symbol_rule(name: str, kind: str) -> SymbolRule:
+    def recognise(module: ModuleType, value: Any) -> bool:
+        if not _holds_gated_delta_rule(module):
+            return False
+        if value is None:  # old code without the causal-conv1d package
+            return kind == "fn" or _conv_fallback(module, kind, None) is not None
+        return is_causal_conv1d(value, kind) and not is_replacement(value)
+
+    def make(module: ModuleType, value: Any, ctx: Context) -> Any:
+        return conv_replacement_for(kind, value, _conv_fallback(module, kind, value), ctx)
+
+    return SymbolRule(name, recognise, make)
+
+
+def _conv_instance_rule(attr: str, kind: str) -> InstanceAttributeRule:
+    def make(instance: Any, value: Any, ctx: Context) -> Optional[Any]:
+        module = sys.modules.get(type(instance).__module__)
+        if not isinstance(module, ModuleType) or not _holds_gated_delta_rule(module):
+            return None  # a Gated DeltaNet layer's attribute only
+        if isinstance(value, ConvReplacement):
+            return conv_replacement_for(value.kind, getattr(value, MARKER), value.fallback, ctx)
+        if value is None and kind == "fn":
+            return conv_replacement_for(kind, None, _torch_causal_conv1d_fn, ctx)
+        if is_causal_conv1d(value, kind):
+            return conv_replacement_for(kind, value, value, ctx)
+        return None
+
+    return InstanceAttributeRule(attr, make)
 
 
 # ----------------------------------------------------------------------------- the entry
@@ -271,7 +498,7 @@ def _notes(ctx: Context) -> List[str]:
 GDN = Component(
     name="gdn",
     env="FLASHDELTA_GDN",
-    summary="Gated DeltaNet's gated delta rule (chunked and recurrent)",
+    summary="Gated DeltaNet's gated delta rule (chunked and recurrent) and causal conv1d",
     target_modules=(
         "transformers.models.qwen3_5.modeling_qwen3_5",
         "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
@@ -282,10 +509,14 @@ GDN = Component(
         _symbol_rule("torch_recurrent_gated_delta_rule", "recurrent", none_allowed=False),
         _symbol_rule("chunk_gated_delta_rule", "chunk", none_allowed=True),
         _symbol_rule("fused_recurrent_gated_delta_rule", "recurrent", none_allowed=True),
+        _conv_symbol_rule("causal_conv1d_fn", "fn"),
+        _conv_symbol_rule("causal_conv1d_update", "update"),
     ),
     instance_attributes=(
         _instance_rule("chunk_gated_delta_rule", "chunk"),
         _instance_rule("recurrent_gated_delta_rule", "recurrent"),
+        _conv_instance_rule("causal_conv1d_fn", "fn"),
+        _conv_instance_rule("causal_conv1d_update", "update"),
     ),
     availability=(AvailabilityRule("is_fast_path_available", _fast_path),),
     device_problem=_device_problem,

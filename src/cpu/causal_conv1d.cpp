@@ -1,0 +1,296 @@
+// Depthwise causal conv1d (+ SiLU) on the CPU: forward, backward and the decode update.
+//
+// Per channel c (sequence b), W taps, `start` the first token of t's sequence:
+//   pre[t] = bias + sum_{j = 0}^{min(W - 1, t - start)} weight[W - 1 - j] * x[t - j]
+//   y[t] = silu(pre[t]) or pre[t]
+// Backward, with dpre[t] = dy[t] * silu'(pre[t]) (dy itself without SiLU):
+//   dx[t]   = sum_j weight[W - 1 - j] * dpre[t + j]   over t + j < T in t's sequence
+//   dweight = sum_t dpre[t] x[t - j] (tap W - 1 - j),  dbias = sum_t dpre[t]
+// Sums are computed in double. Like transformers, which runs the convolution in weight's dtype
+// (x cast to it) and casts the result to x's dtype, the convolution and the gradients entering
+// and leaving it are rounded to weight's dtype (round_to) where transformers holds them in that
+// dtype: bf16 results then equal transformers' bit for bit, or nearly. The backward recomputes
+// pre (W products per use, W uses per token: cheap at W = 4) instead of keeping any buffer.
+// Parallel over blocks of channels: a channel's weight gradient is summed by one task, over
+// b then t, so the result does not depend on the thread count (no workspace, deterministic).
+// Any strides, any W >= 1; varlen offsets already validated by src/core.
+#include <algorithm>
+#include <cmath>
+
+#include "core/causal_conv1d_backend.h"
+#include "cpu/convert.h"
+#include "cpu/parallel.h"
+
+namespace flashdelta::detail::cpu {
+namespace {
+
+using flashdelta::cpu::bf16;
+using flashdelta::cpu::f16;
+using flashdelta::cpu::from_float;
+using flashdelta::cpu::parallel_for;
+using flashdelta::cpu::to_float;
+
+constexpr int64_t kChannelsPerTask = 16;
+
+// Element i (in elements, strides applied by the caller) of a tensor of a runtime float dtype.
+double load_any(const void* p, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kFloat64: return static_cast<const double*>(p)[i];
+    case DType::kFloat16: return to_float(static_cast<const f16*>(p)[i]);
+    case DType::kBFloat16: return to_float(static_cast<const bf16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+void store_any(void* p, DType dtype, int64_t i, double v) {
+  switch (dtype) {
+    case DType::kFloat64: static_cast<double*>(p)[i] = v; break;
+    case DType::kFloat16: static_cast<f16*>(p)[i] = from_float<f16>(v); break;
+    case DType::kBFloat16: static_cast<bf16*>(p)[i] = from_float<bf16>(v); break;
+    default: static_cast<float*>(p)[i] = static_cast<float>(v); break;
+  }
+}
+
+// v rounded to a storage dtype (and back).
+double round_to(DType dtype, double v) {
+  switch (dtype) {
+    case DType::kFloat64: return v;
+    case DType::kFloat16: return to_float(from_float<f16>(v));
+    case DType::kBFloat16: return to_float(from_float<bf16>(v));
+    default: return static_cast<float>(v);
+  }
+}
+
+double sigmoid(double v) { return 1.0 / (1.0 + std::exp(-v)); }
+
+// A [B, C, T] tensor of storage type T, read or written at (b, c, t).
+template <typename T>
+struct Channels {
+  T* data;
+  int64_t sb, sc, st;
+  Channels(const TensorRef& r)
+      : data(static_cast<T*>(r.data)), sb(r.strides[0]), sc(r.strides[1]), st(r.strides[2]) {}
+  T& at(int64_t b, int64_t c, int64_t t) const { return data[b * sb + c * sc + t * st]; }
+};
+
+// The first token of t's sequence: 0, or the last cu_seqlens offset <= t.
+struct SequenceStarts {
+  const void* cu = nullptr;
+  bool is64 = false;
+  int64_t stride = 1, count = 0;  // count = N + 1 offsets
+
+  int64_t offset(int64_t i) const {
+    return is64 ? static_cast<const int64_t*>(cu)[i * stride]
+                : static_cast<const int32_t*>(cu)[i * stride];
+  }
+  int64_t start_of(int64_t t) const {
+    if (cu == nullptr) return 0;
+    int64_t lo = 0, hi = count - 1;  // offset(lo) <= t holds (offset(0) = 0)
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      if (offset(mid) <= t) lo = mid;
+      else hi = mid - 1;
+    }
+    return offset(lo);
+  }
+};
+
+SequenceStarts sequence_starts(const CausalConv1dInputs& in) {
+  SequenceStarts s;
+  if (in.cu_seqlens.defined()) {
+    s.cu = in.cu_seqlens.data;
+    s.is64 = in.cu_seqlens.dtype == DType::kInt64;
+    s.stride = in.cu_seqlens.strides[0];
+    s.count = in.cu_seqlens.shape[0];
+  }
+  return s;
+}
+
+// The convolution of one channel, before the activation.
+template <typename T>
+struct ChannelConv {
+  const Channels<const T>& x;
+  const SequenceStarts& starts;
+  const TensorRef& weight;
+  int64_t b, c, W;
+  double bias;
+
+  double weight_tap(int64_t k) const {
+    return load_any(weight.data, weight.dtype, c * weight.strides[0] + k * weight.strides[1]);
+  }
+  double pre(int64_t t) const {
+    const int64_t reach = std::min(W - 1, t - starts.start_of(t));
+    double acc = bias;
+    for (int64_t j = 0; j <= reach; ++j) acc += weight_tap(W - 1 - j) * input(t - j);
+    return round_to(weight.dtype, acc);
+  }
+  // x[t] as transformers feeds it to the convolution: cast to weight's dtype.
+  double input(int64_t t) const { return round_to(weight.dtype, to_float(x.at(b, c, t))); }
+  // dpre[t] from dy[t], rounded as transformers' autograd holds it (in weight's dtype).
+  double dpre(double dy, int64_t t, bool silu) const {
+    const double g = round_to(weight.dtype, dy);
+    if (!silu) return g;
+    const double p = pre(t), sg = sigmoid(p);
+    return round_to(weight.dtype, g * sg * (1.0 + p * (1.0 - sg)));
+  }
+};
+
+double bias_of(const TensorRef& bias, int64_t c) {
+  return bias.defined() ? load_any(bias.data, bias.dtype, c * bias.strides[0]) : 0.0;
+}
+
+template <typename T>
+void forward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
+                   const CausalConv1dForwardOutputs& out) {
+  const Channels<const T> x(in.x);
+  const Channels<T> y(out.y);
+  const SequenceStarts starts = sequence_starts(in);
+  const int64_t tasks = (s.channels + kChannelsPerTask - 1) / kChannelsPerTask;
+  parallel_for(tasks, [&](int64_t task, int) {
+    const int64_t c_end = std::min(s.channels, (task + 1) * kChannelsPerTask);
+    for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
+      for (int64_t b = 0; b < s.batch; ++b) {
+        const ChannelConv<T> conv{x, starts, in.weight, b, c, s.width, bias_of(in.bias, c)};
+        for (int64_t t = 0; t < s.seq_len; ++t) {
+          const double p = conv.pre(t);
+          y.at(b, c, t) = from_float<T>(round_to(in.weight.dtype, in.silu ? p * sigmoid(p) : p));
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
+                    const CausalConv1dBackwardInputs& gin,
+                    const CausalConv1dBackwardOutputs& gout) {
+  const Channels<const T> x(in.x), dy(gin.dy);
+  const Channels<T> dx(gout.dx);
+  const SequenceStarts starts = sequence_starts(in);
+  const int64_t W = s.width;
+  const int64_t tasks = (s.channels + kChannelsPerTask - 1) / kChannelsPerTask;
+  parallel_for(tasks, [&](int64_t task, int) {
+    const int64_t c_end = std::min(s.channels, (task + 1) * kChannelsPerTask);
+    for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
+      double dbias = 0.0;
+      for (int64_t b = 0; b < s.batch; ++b) {
+        const ChannelConv<T> conv{x, starts, in.weight, b, c, W, bias_of(in.bias, c)};
+        for (int64_t t = 0; t < s.seq_len; ++t) {
+          double acc = 0.0;
+          for (int64_t j = 0; j < W && t + j < s.seq_len; ++j) {
+            if (starts.start_of(t + j) > t) break;  // t + j is in a later sequence
+            acc += conv.weight_tap(W - 1 - j) * conv.dpre(to_float(dy.at(b, c, t + j)), t + j,
+                                                          in.silu);
+          }
+          dx.at(b, c, t) = from_float<T>(round_to(in.weight.dtype, acc));
+        }
+      }
+      // One pass per tap (W is small; this keeps any W without a buffer), sums in double.
+      for (int64_t k = 0; k < W; ++k) {
+        const int64_t j = W - 1 - k;
+        double dw = 0.0;
+        for (int64_t b = 0; b < s.batch; ++b) {
+          const ChannelConv<T> conv{x, starts, in.weight, b, c, W, bias_of(in.bias, c)};
+          for (int64_t t = 0; t < s.seq_len; ++t) {
+            const double d = conv.dpre(to_float(dy.at(b, c, t)), t, in.silu);
+            if (k == W - 1) dbias += d;
+            if (t - j >= starts.start_of(t)) dw += d * conv.input(t - j);
+          }
+        }
+        store_any(gout.dweight.data, gout.dweight.dtype,
+                  c * gout.dweight.strides[0] + k * gout.dweight.strides[1], dw);
+      }
+      if (gout.dbias.defined()) {
+        store_any(gout.dbias.data, gout.dbias.dtype, c * gout.dbias.strides[0], dbias);
+      }
+    }
+  });
+}
+
+template <typename T>
+void update_typed(const CausalConv1dUpdateShape& s, const CausalConv1dUpdateArgs& a) {
+  const Channels<const T> x(a.x);
+  const Channels<T> y(a.y);
+  const TensorRef& st = a.conv_state;
+  const int64_t S = s.state_len, L = s.new_tokens, W = s.width;
+  const int64_t tasks = (s.channels + kChannelsPerTask - 1) / kChannelsPerTask;
+  parallel_for(tasks, [&](int64_t task, int) {
+    const int64_t c_end = std::min(s.channels, (task + 1) * kChannelsPerTask);
+    for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
+      for (int64_t b = 0; b < s.batch; ++b) {
+        const int64_t state_base = b * st.strides[0] + c * st.strides[1];
+        // Column i of concat(conv_state, x) cast to weight's dtype, as transformers
+        // concatenates and casts before both the convolution and the state update.
+        auto column = [&](int64_t i) {
+          return round_to(a.weight.dtype,
+                          i < S ? load_any(st.data, st.dtype, state_base + i * st.strides[2])
+                                : static_cast<double>(to_float(x.at(b, c, i - S))));
+        };
+        const double bias = bias_of(a.bias, c);
+        for (int64_t l = 0; l < L; ++l) {
+          double acc = bias;
+          for (int64_t k = 0; k < W; ++k) {
+            acc += load_any(a.weight.data, a.weight.dtype,
+                            c * a.weight.strides[0] + k * a.weight.strides[1]) *
+                   column(S - W + 1 + l + k);
+          }
+          acc = round_to(a.weight.dtype, acc);
+          y.at(b, c, l) =
+              from_float<T>(round_to(a.weight.dtype, a.silu ? acc * sigmoid(acc) : acc));
+        }
+        // Shift left by L, in place: column L + i is read before position L + i is written.
+        for (int64_t i = 0; i < S; ++i) {
+          store_any(st.data, st.dtype, state_base + i * st.strides[2], column(L + i));
+        }
+      }
+    }
+  });
+}
+
+template <template <typename> class Fn, typename... Args>
+void by_dtype(DType dtype, Args&&... args) {
+  switch (dtype) {
+    case DType::kFloat32: return Fn<float>::run(args...);
+    case DType::kFloat64: return Fn<double>::run(args...);
+    case DType::kFloat16: return Fn<f16>::run(args...);
+    case DType::kBFloat16: return Fn<bf16>::run(args...);
+    default: break;
+  }
+}
+
+template <typename T>
+struct Forward {
+  template <typename... A>
+  static void run(A&... a) { forward_typed<T>(a...); }
+};
+template <typename T>
+struct Backward {
+  template <typename... A>
+  static void run(A&... a) { backward_typed<T>(a...); }
+};
+template <typename T>
+struct Update {
+  template <typename... A>
+  static void run(A&... a) { update_typed<T>(a...); }
+};
+
+}  // namespace
+
+size_t causal_conv1d_backward_workspace_bytes(const CausalConv1dShape&) { return 0; }
+
+void causal_conv1d_forward(const CausalConv1dShape& s, const CausalConv1dInputs& in,
+                           const CausalConv1dForwardOutputs& out) {
+  by_dtype<Forward>(in.x.dtype, s, in, out);
+}
+
+void causal_conv1d_backward(const CausalConv1dShape& s, const CausalConv1dInputs& in,
+                            const CausalConv1dBackwardInputs& gin,
+                            const CausalConv1dBackwardOutputs& gout) {
+  by_dtype<Backward>(in.x.dtype, s, in, gin, gout);
+}
+
+void causal_conv1d_update(const CausalConv1dUpdateShape& s, const CausalConv1dUpdateArgs& a) {
+  by_dtype<Update>(a.x.dtype, s, a);
+}
+
+}  // namespace flashdelta::detail::cpu

@@ -1,0 +1,325 @@
+"""flashdelta.causal_conv1d / causal_conv1d_update against transformers' own functions (the
+qwen3_5 modeling module's torch causal_conv1d_fn / causal_conv1d_update, unwrapped from the hub
+decorator), nn.Conv1d, and a float64 reference; autograd, varlen, strides, bad inputs, opcheck."""
+
+import importlib
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flashdelta
+conv_ops = importlib.import_module("flashdelta.ops.causal_conv1d")  # the module, not the function
+
+OP = flashdelta.causal_conv1d  # conftest: skip CUDA while the build lacks the kernels
+
+ATOL_REL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """transformers' fp32 conv on a GPU goes through cuDNN, which may use TF32 (1e-3): the
+    comparisons at 1e-6 need full fp32 there."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def _hf():
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as m
+
+    return inspect.unwrap(m.causal_conv1d_fn), inspect.unwrap(m.causal_conv1d_update)
+
+
+def _make(B, C, T, W, dtype, device, bias=True, scale=1.0, seed=0, wdtype=None):
+    """x as Gated DeltaNet makes it: a transposed view of a [B, T, C] tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(B, T, C, generator=gen)).to(dtype).to(device).transpose(1, 2)
+    w = (torch.randn(C, W, generator=gen) / W ** 0.5).to(wdtype or dtype).to(device)
+    b = (0.1 * torch.randn(C, generator=gen)).to(wdtype or dtype).to(device) if bias else None
+    return x, w, b
+
+
+def _reference(x, w, b, silu, cu_seqlens=None):
+    """float64, sequence by sequence."""
+    x64, w64 = x.double(), w.double()
+    b64 = None if b is None else b.double()
+    if cu_seqlens is None:
+        pieces = [(0, x.shape[-1])]
+    else:
+        offs = cu_seqlens.tolist()
+        pieces = list(zip(offs[:-1], offs[1:]))
+    outs = []
+    for s, e in pieces:
+        seg = x64[..., s:e]
+        if e == s:
+            outs.append(seg)
+            continue
+        y = F.conv1d(seg, w64.unsqueeze(1), b64, padding=w.shape[1] - 1, groups=w.shape[0])
+        y = y[..., : e - s]
+        outs.append(F.silu(y) if silu else y)
+    return torch.cat(outs, dim=-1)
+
+
+def _flips(device):
+    return 1e-3 if device == "cuda" else 0.0
+
+
+def _close(got, want, dtype, flips=0.0):
+    """fp32: 1e-6 of the largest magnitude. bf16 / fp16: one ulp of each element. `flips` is the
+    fraction of 16-bit elements allowed up to 8 ulps apart: where two fp32 sums in different
+    orders round the convolution to neighbouring bf16 values before the SiLU (as transformers
+    rounds it), a negative input's SiLU moves by more than one ulp of its small output. On the
+    CPU both sides agree exactly enough for flips = 0."""
+    got, want = got.double().cpu(), want.double().cpu()
+    if dtype in (torch.bfloat16, torch.float16):
+        eps = torch.finfo(dtype).eps
+        tol = eps * want.abs() + torch.finfo(dtype).tiny
+        diff = (got - want).abs()
+        assert (diff <= 8 * tol).all(), diff.max()
+        assert (diff > tol).double().mean() <= flips, (diff > tol).sum()
+    else:
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got, want, rtol=0, atol=ATOL_REL[dtype] * float(scale))
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_forward_matches_transformers(device, dtype, silu, W):
+    hf_fn, _ = _hf()
+    x, w, b = _make(2, 48, 37, W, dtype, device, scale=3.0)
+    x_before = x.clone()
+    got = flashdelta.causal_conv1d(x, w, b, activation="silu" if silu else None)
+    assert got.shape == x.shape and got.dtype == x.dtype and got.stride() == x.stride()
+    assert torch.equal(x, x_before)
+    want = hf_fn(x, w, b, activation="silu" if silu else None)
+    _close(got, want, dtype, flips=_flips(device))  # fp32: 1e-6 relative; bf16 / fp16: one ulp
+    if dtype == torch.float32:
+        _close(got, _reference(x, w, b, silu), dtype)
+
+
+def test_forward_matches_nn_conv1d(device):
+    x, w, _ = _make(1, 32, 20, 4, torch.float32, device)
+    conv = torch.nn.Conv1d(32, 32, 4, groups=32, padding=3, bias=True).to(device)
+    with torch.no_grad():
+        conv.weight.copy_(w.unsqueeze(1))
+    want = F.silu(conv(x)[..., :20])
+    got = flashdelta.causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation="silu")
+    _close(got, want.detach(), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "contiguous", "sliced"])
+def test_strided_inputs(device, layout):
+    x, w, b = _make(2, 24, 19, 4, torch.float32, device)
+    if layout == "contiguous":
+        x = x.contiguous()
+    elif layout == "sliced":  # every other channel of a wider tensor, and a strided weight
+        wide = torch.randn(2, 19, 48, device=device)
+        x = wide[:, :, ::2].transpose(1, 2)
+        w = torch.randn(4, 24, device=device).t()
+    got = flashdelta.causal_conv1d(x, w, b, activation="silu")
+    _close(got, _reference(x, w, b, True), torch.float32)
+
+
+def test_mixed_dtypes(device):
+    """bf16 activations with an fp32 weight (autocast / fp32 master weights)."""
+    hf_fn, _ = _hf()
+    x, w, b = _make(1, 16, 12, 4, torch.bfloat16, device, wdtype=torch.float32)
+    got = flashdelta.causal_conv1d(x, w, b, activation="silu")
+    want = hf_fn(x, w, b, activation="silu")
+    assert got.dtype == torch.bfloat16
+    _close(got, want, torch.bfloat16, flips=_flips(device))
+    # and the other way round: fp32 activations, a bf16 weight (x is cast to it, as there)
+    x, w, b = _make(1, 16, 12, 4, torch.float32, device, wdtype=torch.bfloat16)
+    _close(flashdelta.causal_conv1d(x, w, b, activation="silu"),
+           hf_fn(x, w, b, activation="silu"), torch.float32)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_matches_transformers(device, bias):
+    hf_fn, _ = _hf()
+    x, w, b = _make(2, 40, 33, 4, torch.float32, device, bias=bias, scale=2.0)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    dy = torch.randn(2, 33, 40, device=device).transpose(1, 2)
+    y = flashdelta.causal_conv1d(leaves[0], leaves[1], leaves[2] if bias else None,
+                                 activation="silu")
+    y.backward(dy)
+    want = hf_fn(ref[0], ref[1], ref[2] if bias else None, activation="silu")
+    want.backward(dy)
+    for got_t, want_t in zip(leaves, ref):
+        _close(got_t.grad, want_t.grad, torch.float32)
+    assert leaves[0].grad.stride() == leaves[0].stride()  # dx keeps x's layout
+
+
+def test_gradcheck_float64_cpu():
+    x, w, b = _make(1, 6, 9, 3, torch.float64, "cpu")
+    args = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    cu = torch.tensor([0, 4, 9])
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: flashdelta.causal_conv1d(x, w, b, activation="silu", cu_seqlens=cu),
+        args)
+
+
+@pytest.mark.parametrize("offsets", [[0, 5, 5, 12, 30], [0, 1, 2, 3, 30], [0, 30]])
+def test_varlen_does_not_leak(device, offsets):
+    x, w, b = _make(1, 40, 30, 4, torch.float32, device)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+    xg = x.detach().clone().requires_grad_()
+    dy = torch.randn_like(x)
+    y = flashdelta.causal_conv1d(xg, w, b, activation="silu", cu_seqlens=cu)
+    _close(y, _reference(x, w, b, True, cu.cpu()), torch.float32)
+    y.backward(dy)
+    # each sequence's gradient equals that of the sequence computed alone
+    for s, e in zip(offsets[:-1], offsets[1:]):
+        if e == s:
+            continue
+        xs = x[..., s:e].detach().clone().requires_grad_()
+        flashdelta.causal_conv1d(xs, w, b, activation="silu").backward(dy[..., s:e])
+        _close(xg.grad[..., s:e], xs.grad, torch.float32)
+
+
+def test_weight_gradient_is_deterministic(device):
+    x, w, b = _make(3, 64, 300, 4, torch.float32, device)
+    grads = []
+    for _ in range(2):
+        wg = w.detach().clone().requires_grad_()
+        flashdelta.causal_conv1d(x, wg, b, activation="silu").sum().backward()
+        grads.append(wg.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_large_magnitudes(device):
+    hf_fn, _ = _hf()
+    x, w, b = _make(1, 16, 25, 4, torch.float32, device, scale=1e4)
+    _close(flashdelta.causal_conv1d(x, w, b, activation="silu"),
+           hf_fn(x, w, b, activation="silu"), torch.float32)
+
+
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("S", [4, 6])
+def test_update_matches_transformers(device, dtype, L, S):
+    _, hf_update = _hf()
+    x, w, b = _make(3, 24, L, 4, dtype, device)
+    gen = torch.Generator().manual_seed(1)
+    state = torch.randn(3, 24, S, generator=gen).to(dtype).to(device)
+    state_ref = state.clone()
+    x_before = x.clone()
+    got = flashdelta.causal_conv1d_update(x, state, w, b, "silu")
+    want = hf_update(x, state_ref, w, b, "silu")
+    assert torch.equal(state, state_ref)  # the same shift, exactly
+    assert torch.equal(x, x_before)
+    _close(got, want, dtype, flips=_flips(device))
+
+
+def test_update_matches_full_convolution(device):
+    """Decoding token by token from a prefill's state gives the full convolution's outputs."""
+    x, w, b = _make(2, 16, 12, 4, torch.float32, device)
+    full = flashdelta.causal_conv1d(x, w, b, activation="silu")
+    state = x[..., 4:8].contiguous()  # what transformers' cache keeps: the last W inputs
+    for t in range(8, 12):
+        y = flashdelta.causal_conv1d_update(x[..., t], state, w, b, "silu")  # [B, C] form
+        _close(y, full[..., t], torch.float32)
+
+
+def test_bad_inputs():
+    x, w, b = _make(1, 8, 10, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="weight"):
+        flashdelta.causal_conv1d(x, w[:4], b)
+    with pytest.raises(ValueError, match="x must have 3"):
+        flashdelta.causal_conv1d(x[0], w, b)
+    with pytest.raises(TypeError, match="bias"):
+        flashdelta.causal_conv1d(x, w, b.double())
+    with pytest.raises(TypeError, match="x must have dtype"):
+        flashdelta.causal_conv1d(x.to(torch.int32), w, b)
+    with pytest.raises(ValueError, match="activation"):
+        flashdelta.causal_conv1d(x, w, b, activation="relu")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        flashdelta.causal_conv1d(x, w, b, cu_seqlens=torch.tensor([0, 4, 9]))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        flashdelta.causal_conv1d(x.expand(2, 8, 10), w, b, cu_seqlens=torch.tensor([0, 10]))
+    with pytest.raises(ValueError, match="seq_idx"):
+        flashdelta.causal_conv1d(x, w, b, seq_idx=torch.zeros(1, 10, dtype=torch.int32))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        flashdelta.causal_conv1d(x, w, b, banana=1)
+    flashdelta.causal_conv1d(x, w, b, position_ids=None, max_length_q=10)  # ignored keywords
+    state = torch.zeros(1, 8, 2)
+    with pytest.raises(ValueError, match="conv_state"):
+        flashdelta.causal_conv1d_update(x[..., :1], state, w, b)
+    with pytest.raises(ValueError, match="conv_state"):
+        flashdelta.causal_conv1d_update(x[..., :1], torch.zeros(2, 8, 4), w, b)
+
+
+def test_opcheck(device):
+    x, w, b = _make(1, 16, 9, 4, torch.float32, device)
+    x = x.detach().requires_grad_()
+    torch.library.opcheck(conv_ops.causal_conv1d_fwd, (x, w, b, None, True))
+    cu = torch.tensor([0, 3, 9], device=device)
+    torch.library.opcheck(conv_ops.causal_conv1d_fwd, (x, w, None, cu, False))
+    state = torch.randn(1, 16, 4, device=device)
+    torch.library.opcheck(conv_ops.causal_conv1d_update_op,
+                          (x[..., :1].detach(), state, w, b, True))
+
+
+def test_torch_compile_fullgraph(device):
+    x, w, b = _make(1, 16, 9, 4, torch.float32, device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, w, b):
+        return flashdelta.causal_conv1d(x, w, b, activation="silu") * 2
+
+    _close(f(x, w, b), 2 * _reference(x, w, b, True), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_cuda_matches_cpu_on_many_tiles(dtype, varlen):
+    """Many token tiles, channel tiles and sequence boundaries at tile edges: the CUDA kernels
+    against the CPU backend (both round where transformers does)."""
+    if "causal_conv1d.backward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA causal_conv1d")
+    B, C, T = (1, 520, 1100) if varlen else (3, 512, 700)
+    x, w, b = _make(B, C, T, 4, dtype, "cpu", scale=2.0)
+    dy = torch.randn(B, T, C).to(dtype).transpose(1, 2)
+    cu = torch.tensor([0, 1, 127, 128, 129, 255, 256, 600, 1100]) if varlen else None
+    results = {}
+    for device in ("cpu", "cuda"):
+        leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
+        y = flashdelta.causal_conv1d(*leaves, activation="silu",
+                                     cu_seqlens=None if cu is None else cu.to(device))
+        y.backward(dy.to(device))
+        results[device] = [y.detach().cpu()] + [t.grad.cpu() for t in leaves]
+    for i, (got, want) in enumerate(zip(results["cuda"], results["cpu"])):
+        if i < 2:  # y and dx: elementwise, within one ulp (fp32: 1e-6)
+            _close(got, want, dtype, flips=1e-3)
+        else:  # dweight, dbias: long sums in another order
+            tol = (1e-2 if dtype == torch.bfloat16 else 1e-5) * want.double().abs().max()
+            assert (got.double() - want.double()).abs().max() <= tol, i
+
+
+def test_bf16_backward_is_correctly_rounded(device):
+    """bf16 gradients: transformers' autograd graph (the convolution rounded to bf16, SiLU's
+    gradient rounded to bf16, then the transposed convolution) with only the final rounding of
+    dx left: flashdelta's dx equals it (transformers' own CPU bf16 conv backward does not: it is
+    more than one ulp off on a tenth of the elements), dweight to one ulp of its scale."""
+    B, C, T, W = 1, 64, 200, 4
+    x, w, _ = _make(B, C, T, W, torch.bfloat16, device, bias=False, scale=2.0)
+    dy = torch.randn(B, T, C).bfloat16().to(device).transpose(1, 2)
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+    flashdelta.causal_conv1d(xg, wg, None, activation="silu").backward(dy)
+    x64, w64 = x.double().cpu(), w.double().cpu()
+    pre = F.conv1d(x64, w64.unsqueeze(1), None, padding=W - 1, groups=C)[..., :T]
+    pre = pre.bfloat16().double()
+    s = torch.sigmoid(pre)
+    dpre = (dy.double().cpu() * s * (1 + pre * (1 - s))).bfloat16().double()
+    padded = F.pad(dpre, (0, W - 1))
+    dx = sum(w64[:, k].view(1, C, 1) * padded[..., W - 1 - k: W - 1 - k + T] for k in range(W))
+    _close(xg.grad, dx.bfloat16(), torch.bfloat16, flips=_flips(device))
+    dw = torch.stack([(dpre * F.pad(x64, (W - 1 - k, 0))[..., :T]).sum((0, 2))
+                      for k in range(W)], dim=1)
+    err = (wg.grad.double().cpu() - dw).abs().max() / dw.abs().max()
+    assert err <= torch.finfo(torch.bfloat16).eps
