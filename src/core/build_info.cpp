@@ -30,6 +30,10 @@ BuildInfo build_info() {
     if (b && b->forward) info.cuda_ops.push_back(std::string(name) + ".forward");
     if (b && b->backward) info.cuda_ops.push_back(std::string(name) + ".backward");
   }
+  if (info.cuda) {  // fused_linear_cross_entropy: forward and backward in every CUDA build
+    info.cuda_ops.push_back("fused_linear_cross_entropy.forward");
+    info.cuda_ops.push_back("fused_linear_cross_entropy.backward");
+  }
   return info;
 }
 
