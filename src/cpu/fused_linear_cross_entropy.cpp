@@ -198,12 +198,17 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
   num_valid_out[0] = static_cast<float>(num_valid);
 }
 
+// dst = scale * src, except that a zero stays zero whatever the scale: the stored gradients are
+// exactly zero where a token was ignored, and torch's cross-entropy sets those gradients to 0
+// rather than multiplying (so an all-ignored mean, scale 1/0, gives zeros as torch does, not NaN).
 template <typename T>
 void scale_from_f32(const float* src, float scale, T* dst, int64_t count) {
   constexpr int64_t kBlock = int64_t{1} << 16;
   parallel_for((count + kBlock - 1) / kBlock, [&](int64_t task, int) {
     const int64_t end = std::min(count, (task + 1) * kBlock);
-    for (int64_t e = task * kBlock; e < end; ++e) dst[e] = from_float<T>(scale * src[e]);
+    for (int64_t e = task * kBlock; e < end; ++e) {
+      dst[e] = from_float<T>(src[e] == 0.0f ? 0.0f : scale * src[e]);
+    }
   });
 }
 
@@ -213,7 +218,8 @@ void scale_same_dtype(const T* src, float scale, T* dst, int64_t count) {
   parallel_for((count + kBlock - 1) / kBlock, [&](int64_t task, int) {
     const int64_t end = std::min(count, (task + 1) * kBlock);
     for (int64_t e = task * kBlock; e < end; ++e) {
-      dst[e] = from_float<T>(scale * to_float(src[e]));
+      const float x = to_float(src[e]);
+      dst[e] = from_float<T>(x == 0.0f ? 0.0f : scale * x);
     }
   });
 }

@@ -214,7 +214,9 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
-// dst[e] = scale[0] * src[e], rounded to Dst.
+// dst[e] = scale[0] * src[e], rounded to Dst; a zero stays zero whatever the scale (ignored tokens'
+// gradients are exactly zero and torch sets them to 0 rather than multiplying: an all-ignored
+// mean, scale 1/0, gives zero gradients as in transformers, not NaN).
 template <typename Src, typename Dst>
 __global__ void scale_kernel(const Src* __restrict__ src, const float* __restrict__ scale,
                              Dst* __restrict__ dst, int64_t count) {
@@ -222,7 +224,8 @@ __global__ void scale_kernel(const Src* __restrict__ src, const float* __restric
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
        e += stride) {
-    dst[e] = store_float<Dst>(s * load_float(src[e]));
+    const float x = load_float(src[e]);
+    dst[e] = store_float<Dst>(x == 0.0f ? 0.0f : s * x);
   }
 }
 
