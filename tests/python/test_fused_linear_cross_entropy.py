@@ -237,3 +237,53 @@ def test_torch_compile_fullgraph(device):
     ref_loss, ref_dh, _ = reference(hidden, weight, labels, False)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(h.grad, ref_dh, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("train_weight", [False, True], ids=["frozen", "trained"])
+def test_vectorised_rows_and_many_chunks(device, train_weight):
+    """V a multiple of 8 (16-byte row accesses on CUDA) and ten chunks of 32 tokens."""
+    hidden, weight, labels = make_inputs(2, 160, 64, 1024, torch.bfloat16, device, seed=7)
+    ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, train_weight)
+    loss, dh, dw = ours(hidden, weight, labels, train_weight, chunk_rows=32)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
+    assert_close_grad(dh, ref_dh, torch.bfloat16, "d_hidden")
+    if train_weight:
+        assert_close_grad(dw, ref_dw, torch.bfloat16, "d_weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_large_vocab_cuda(device, dtype):
+    """A Qwen-sized vocabulary on the GPU with the automatic chunk size (skipped on the CPU, where
+    it would be slow): loss to relative 1e-4, gradients to bf16 accuracy."""
+    if device != "cuda":
+        pytest.skip("GPU-sized problem")
+    hidden, weight, labels = make_inputs(1, 2048, 512, 248320, dtype, device, seed=11)
+    for train_weight in (False, True):
+        ref_loss, ref_dh, ref_dw = reference(hidden, weight, labels, train_weight)
+        loss, dh, dw = ours(hidden, weight, labels, train_weight)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=0)
+        assert_close_grad(dh, ref_dh, dtype, "d_hidden")
+        if train_weight:
+            assert_close_grad(dw, ref_dw, dtype, "d_weight")
+
+
+def test_cuda_graph_capture(device):
+    """The CUDA op is capturable (no host synchronisation) once cuBLAS is initialised."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs")
+    hidden, weight, labels = make_inputs(1, 64, 32, 1000, torch.bfloat16, device, seed=12)
+    target = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    h2 = hidden.reshape(-1, 32)
+    eager = fused_linear_cross_entropy_fwd(h2, weight, target, -100, 16, True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fused_linear_cross_entropy_fwd(h2, weight, target, -100, 16, True)  # warm-up on stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_linear_cross_entropy_fwd(h2, weight, target, -100, 16, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
