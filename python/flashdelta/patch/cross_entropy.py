@@ -35,6 +35,7 @@ The fused path applies when all of these hold, else the original forward runs as
 """
 
 import contextlib
+import functools
 import inspect
 import threading
 from types import ModuleType
@@ -85,19 +86,26 @@ def _plain_linear_head(head: Any) -> bool:
     )
 
 
-class _HiddenStateCapture:
-    """Stands in for lm_head during one forward: records its input, returns None (no logits)."""
+@functools.lru_cache(maxsize=None)
+def _capture_class() -> type:
+    """nn.Module standing in for lm_head during one forward (an nn.Module, so that code walking
+    the model's modules meanwhile sees one): records its input, returns None (no logits)."""
+    import torch
 
-    def __init__(self, head: Any):
-        self.head = head
-        self.hidden: Any = None
+    class HiddenStateCapture(torch.nn.Module):
+        def __init__(self, head: Any):
+            super().__init__()
+            self.__dict__["head"] = head  # not a submodule: the model owns it
+            self.hidden: Any = None
 
-    def __call__(self, hidden_states: Any) -> None:
-        self.hidden = hidden_states
-        return None
+        def forward(self, hidden_states: Any) -> None:
+            self.hidden = hidden_states
+            return None
+
+    return HiddenStateCapture
 
 
-def _make_loss_function(capture: _HiddenStateCapture, original_loss: Any):
+def _make_loss_function(capture: Any, original_loss: Any):
     def loss_function(logits=None, labels=None, vocab_size=None, num_items_in_batch=None,
                       ignore_index=-100, shift_labels=None, **kwargs):
         import torch
@@ -159,7 +167,7 @@ def _make_class(original: type, ctx: Context) -> type:
         if not fused_applies(self, args, kwargs):
             return original.forward(self, *args, **kwargs)
         head = self._modules["lm_head"]
-        capture = _HiddenStateCapture(head)
+        capture = _capture_class()(head)
         original_loss = self.loss_function
         # lm_head is looked up through nn.Module.__getattr__ (in _modules); loss_function is a
         # property reading self._loss_function first. Both are put back whatever happens.
