@@ -4,16 +4,19 @@
 // count of valid tokens, and the gradients of the sum w.r.t. hidden and weight) without holding
 // the [N, V] logits.
 //
-// Algorithm, per chunk of `chunk_rows` tokens:
-//   1. the chunk's hidden rows are widened to fp32 (workspace, [C, H]);
-//   2. one task per token: z = x W^T with fp32 accumulation, each logit rounded to the inputs'
-//      dtype (what F.linear returns and transformers' loss upcasts); then max, sum of exp and
-//      logsumexp in double, the token's loss, and in place of z the logit gradient
-//      softmax(z) - onehot(t), rounded to the inputs' dtype as autograd rounds it on its way back
-//      into the bf16 linear. Ignored tokens skip all of it (loss 0, gradient row 0);
-//   3. one task per token: d_hidden_sum row = sum_v dz_v W_v (fp32);
-//   4. when the weight is trained, one task per block of vocabulary rows: the fp32 accumulator of
-//      d_weight_sum (the output itself for fp32 weights, else the workspace) += dz^T x.
+// Algorithm: the weight is widened to fp32 once per call (workspace; used in place when it is
+// fp32). Then per chunk of `chunk_rows` tokens, with the register-tiled GEMM of cpu/gemm.h:
+//   1. the chunk's hidden rows are widened to fp32 ([C, H]);
+//   2. logits Z = X W^T, one task per block of kVocabBlock vocabulary entries (each task packs
+//      its block of W^T into its worker's slice of the workspace);
+//   3. one task per token: each logit rounded to the inputs' dtype (what F.linear returns and
+//      transformers' loss upcasts), then max, sum of exp and logsumexp in double, the token's
+//      loss, and in place of Z the logit gradient D = softmax(z) - onehot(t), rounded to the
+//      inputs' dtype as autograd rounds it on its way back into the bf16 linear. Ignored tokens:
+//      loss 0, gradient row 0;
+//   4. d_hidden_sum rows = D W, one task per block of kRowBlock tokens;
+//   5. when the weight is trained, one task per vocabulary block: the fp32 accumulator of
+//      d_weight_sum (the output itself for fp32 weights, else the workspace) += D^T X.
 // Every output element is written by one task in a fixed order, so results do not depend on the
 // thread count or schedule. The loss sum adds the per-token losses in token order (double).
 //
@@ -27,6 +30,7 @@
 #include "core/check.h"
 #include "core/fused_linear_cross_entropy_backend.h"
 #include "cpu/convert.h"
+#include "cpu/gemm.h"
 #include "cpu/parallel.h"
 
 namespace flashdelta::detail::cpu {
@@ -35,10 +39,15 @@ namespace {
 using flashdelta::cpu::bf16;
 using flashdelta::cpu::f16;
 using flashdelta::cpu::from_float;
+using flashdelta::cpu::gemm;
+using flashdelta::cpu::Mat;
+using flashdelta::cpu::num_threads;
 using flashdelta::cpu::parallel_for;
 using flashdelta::cpu::to_float;
 
-constexpr int64_t kVocabRowsPerTask = 64;
+constexpr int64_t kVocabBlock = 256;  // vocabulary entries per task (logits, d_weight)
+constexpr int64_t kRowBlock = 16;     // tokens per task (d_hidden)
+constexpr int64_t kConvertBlock = int64_t{1} << 16;  // elements per task of a conversion
 
 // Rounds an fp32 value to storage type T and back (identity for float).
 template <typename T>
@@ -56,29 +65,48 @@ int64_t target_at(const TensorRef& target, int64_t i) {
                                        : static_cast<const int32_t*>(target.data)[offset];
 }
 
-struct Workspace {
-  float* logits;  // [C, V]
-  float* xf;      // [C, H]
-  float* row_loss;  // [N]
-  float* dw_acc;  // [V, H] when the weight is trained and not fp32, else nullptr
-};
-
-bool needs_dw_accumulator(const FusedLinearCrossEntropyInputs& in) {
-  return in.weight_grad && in.weight.dtype != DType::kFloat32;
+bool widens_weight(const FusedLinearCrossEntropyInputs& in) {
+  return in.weight.dtype != DType::kFloat32;
 }
+
+struct Workspace {
+  float* weight_f32;  // [V, H] when the weight is not fp32, else nullptr
+  float* dw_acc;      // [V, H] when the weight is trained and not fp32, else nullptr
+  float* logits;      // [C, V]
+  float* xf;          // [C, H]
+  float* row_loss;    // [N]
+  float* pack;        // [workers, H, kVocabBlock]: each task's block of W^T
+};
 
 Workspace carve(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossEntropyInputs& in,
                 void* base) {
   float* p = static_cast<float*>(base);
-  Workspace w;
+  const int64_t vh = s.vocab_size * s.hidden_size;
+  Workspace w{};
+  if (widens_weight(in)) {
+    w.weight_f32 = p;
+    p += vh;
+    if (in.weight_grad) {
+      w.dw_acc = p;
+      p += vh;
+    }
+  }
   w.logits = p;
   p += s.chunk_rows * s.vocab_size;
   w.xf = p;
   p += s.chunk_rows * s.hidden_size;
   w.row_loss = p;
   p += s.num_tokens;
-  w.dw_acc = needs_dw_accumulator(in) ? p : nullptr;
+  w.pack = p;
   return w;
+}
+
+int64_t workspace_floats(const FusedLinearCrossEntropyShape& s,
+                         const FusedLinearCrossEntropyInputs& in) {
+  const int64_t vh = s.vocab_size * s.hidden_size;
+  return (widens_weight(in) ? vh * (in.weight_grad ? 2 : 1) : 0) + s.chunk_rows * s.vocab_size +
+         s.chunk_rows * s.hidden_size + s.num_tokens +
+         int64_t{num_threads()} * s.hidden_size * kVocabBlock;
 }
 
 template <typename T>
@@ -86,9 +114,10 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
                   const FusedLinearCrossEntropyForwardOutputs& out) {
   const int64_t n = s.num_tokens, h = s.hidden_size, v = s.vocab_size;
   const T* hidden = static_cast<const T*>(in.hidden.data);
-  const int64_t hidden_ld = in.hidden.stride(0);
-  const T* weight = static_cast<const T*>(in.weight.data);
+  const int64_t hidden_ld = std::max(in.hidden.stride(0), h);  // one row may carry any stride
   float* d_hidden = static_cast<float*>(out.d_hidden_sum.data);
+  float* loss_sum_out = static_cast<float*>(out.loss_sum.data);
+  float* num_valid_out = static_cast<float*>(out.num_valid.data);
 
   int64_t num_valid = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -99,9 +128,6 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
                 ")");
     ++num_valid;
   }
-
-  float* loss_sum_out = static_cast<float*>(out.loss_sum.data);
-  float* num_valid_out = static_cast<float*>(out.num_valid.data);
   if (n == 0) {  // nothing to add up: zero sums and a zero weight gradient
     loss_sum_out[0] = 0.0f;
     num_valid_out[0] = 0.0f;
@@ -111,9 +137,23 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
     return;
   }
   const Workspace ws = carve(s, in, out.workspace.data);
-  float* dw = in.weight_grad ? (ws.dw_acc ? ws.dw_acc : static_cast<float*>(out.d_weight_sum.data))
-                             : nullptr;
-  if (dw) std::memset(dw, 0, sizeof(float) * static_cast<size_t>(v * h));
+
+  // The weight in fp32, [V, H].
+  const float* weight = static_cast<const float*>(in.weight.data);
+  if (ws.weight_f32) {
+    const T* src = static_cast<const T*>(in.weight.data);
+    parallel_for((v * h + kConvertBlock - 1) / kConvertBlock, [&](int64_t task, int) {
+      const int64_t end = std::min(v * h, (task + 1) * kConvertBlock);
+      for (int64_t e = task * kConvertBlock; e < end; ++e) ws.weight_f32[e] = to_float(src[e]);
+    });
+    weight = ws.weight_f32;
+  }
+  float* dw = nullptr;
+  if (in.weight_grad) {
+    dw = ws.dw_acc ? ws.dw_acc : static_cast<float*>(out.d_weight_sum.data);
+    std::memset(dw, 0, sizeof(float) * static_cast<size_t>(v * h));
+  }
+  const int64_t vocab_blocks = (v + kVocabBlock - 1) / kVocabBlock;
 
   for (int64_t c0 = 0; c0 < n; c0 += s.chunk_rows) {
     const int64_t rows = std::min(s.chunk_rows, n - c0);
@@ -122,8 +162,18 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
       float* xf = ws.xf + i * h;
       for (int64_t k = 0; k < h; ++k) xf[k] = to_float(x[k]);
     }
+    const Mat<float> x_chunk(ws.xf, rows, h);
 
-    // 2. logits, loss and logit gradient of each token.
+    // 2. Z[:, block] = X W[block]^T
+    parallel_for(vocab_blocks, [&](int64_t task, int worker) {
+      const int64_t j0 = task * kVocabBlock, vb = std::min(kVocabBlock, v - j0);
+      const Mat<float> z_block(ws.logits + j0, rows, vb, v);
+      const Mat<float> w_block(const_cast<float*>(weight) + j0 * h, vb, h);
+      gemm(z_block, x_chunk, w_block.t(), 1.0f, false,
+           ws.pack + int64_t{worker} * h * kVocabBlock);
+    });
+
+    // 3. loss and logit gradient of each token, in place
     parallel_for(rows, [&](int64_t i, int) {
       const int64_t t = target_at(in.target, c0 + i);
       float* z = ws.logits + i * v;
@@ -132,13 +182,9 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
         std::fill(z, z + v, 0.0f);
         return;
       }
-      const float* xf = ws.xf + i * h;
       float z_max = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < v; ++j) {
-        const T* w = weight + j * h;
-        float acc = 0.0f;
-        for (int64_t k = 0; k < h; ++k) acc += xf[k] * to_float(w[k]);
-        z[j] = round_to<T>(acc);
+        z[j] = round_to<T>(z[j]);
         z_max = std::max(z_max, z[j]);
       }
       double sum_exp = 0.0;
@@ -151,44 +197,29 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
       }
     });
 
-    // 3. d_hidden_sum rows.
-    parallel_for(rows, [&](int64_t i, int) {
-      float* dx = d_hidden + (c0 + i) * h;
-      std::fill(dx, dx + h, 0.0f);
-      if (target_at(in.target, c0 + i) == in.ignore_index) return;
-      const float* dz = ws.logits + i * v;
-      for (int64_t j = 0; j < v; ++j) {
-        const float g = dz[j];
-        if (g == 0.0f) continue;
-        const T* w = weight + j * h;
-        for (int64_t k = 0; k < h; ++k) dx[k] += g * to_float(w[k]);
-      }
+    // 4. d_hidden_sum rows = D W
+    parallel_for((rows + kRowBlock - 1) / kRowBlock, [&](int64_t task, int) {
+      const int64_t i0 = task * kRowBlock, rb = std::min(kRowBlock, rows - i0);
+      gemm(Mat<float>(d_hidden + (c0 + i0) * h, rb, h), Mat<float>(ws.logits + i0 * v, rb, v),
+           Mat<float>(const_cast<float*>(weight), v, h), 1.0f, false, static_cast<float*>(nullptr));
     });
 
-    // 4. d_weight_sum += dz^T x, by blocks of vocabulary rows.
+    // 5. d_weight_sum[block] += D[:, block]^T X
     if (dw) {
-      parallel_for((v + kVocabRowsPerTask - 1) / kVocabRowsPerTask, [&](int64_t task, int) {
-        const int64_t j_end = std::min(v, (task + 1) * kVocabRowsPerTask);
-        for (int64_t j = task * kVocabRowsPerTask; j < j_end; ++j) {
-          float* dwj = dw + j * h;
-          for (int64_t i = 0; i < rows; ++i) {
-            const float g = ws.logits[i * v + j];
-            if (g == 0.0f) continue;
-            const float* xf = ws.xf + i * h;
-            for (int64_t k = 0; k < h; ++k) dwj[k] += g * xf[k];
-          }
-        }
+      parallel_for(vocab_blocks, [&](int64_t task, int) {
+        const int64_t j0 = task * kVocabBlock, vb = std::min(kVocabBlock, v - j0);
+        const Mat<float> d_block(ws.logits + j0, rows, vb, v);
+        gemm(Mat<float>(dw + j0 * h, vb, h), d_block.t(), x_chunk, 1.0f, true,
+             static_cast<float*>(nullptr));
       });
     }
   }
 
   if (ws.dw_acc) {
     T* dst = static_cast<T*>(out.d_weight_sum.data);
-    parallel_for((v + kVocabRowsPerTask - 1) / kVocabRowsPerTask, [&](int64_t task, int) {
-      const int64_t e_end = std::min(v, (task + 1) * kVocabRowsPerTask) * h;
-      for (int64_t e = task * kVocabRowsPerTask * h; e < e_end; ++e) {
-        dst[e] = from_float<T>(ws.dw_acc[e]);
-      }
+    parallel_for((v * h + kConvertBlock - 1) / kConvertBlock, [&](int64_t task, int) {
+      const int64_t end = std::min(v * h, (task + 1) * kConvertBlock);
+      for (int64_t e = task * kConvertBlock; e < end; ++e) dst[e] = from_float<T>(ws.dw_acc[e]);
     });
   }
 
@@ -203,7 +234,7 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
 // rather than multiplying (so an all-ignored mean, scale 1/0, gives zeros as torch does, not NaN).
 template <typename T>
 void scale_from_f32(const float* src, float scale, T* dst, int64_t count) {
-  constexpr int64_t kBlock = int64_t{1} << 16;
+  constexpr int64_t kBlock = kConvertBlock;
   parallel_for((count + kBlock - 1) / kBlock, [&](int64_t task, int) {
     const int64_t end = std::min(count, (task + 1) * kBlock);
     for (int64_t e = task * kBlock; e < end; ++e) {
@@ -214,7 +245,7 @@ void scale_from_f32(const float* src, float scale, T* dst, int64_t count) {
 
 template <typename T>
 void scale_same_dtype(const T* src, float scale, T* dst, int64_t count) {
-  constexpr int64_t kBlock = int64_t{1} << 16;
+  constexpr int64_t kBlock = kConvertBlock;
   parallel_for((count + kBlock - 1) / kBlock, [&](int64_t task, int) {
     const int64_t end = std::min(count, (task + 1) * kBlock);
     for (int64_t e = task * kBlock; e < end; ++e) {
@@ -241,10 +272,7 @@ void with_float_type(DType dtype, Fn&& fn) {
 size_t fused_linear_cross_entropy_workspace_bytes(const FusedLinearCrossEntropyShape& s,
                                                   const FusedLinearCrossEntropyInputs& in) {
   if (s.num_tokens == 0) return 0;
-  const int64_t floats = s.chunk_rows * s.vocab_size + s.chunk_rows * s.hidden_size +
-                         s.num_tokens +
-                         (needs_dw_accumulator(in) ? s.vocab_size * s.hidden_size : 0);
-  return sizeof(float) * static_cast<size_t>(floats);
+  return sizeof(float) * static_cast<size_t>(workspace_floats(s, in));
 }
 
 void fused_linear_cross_entropy_forward(const FusedLinearCrossEntropyShape& s,
