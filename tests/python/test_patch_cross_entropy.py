@@ -231,3 +231,12 @@ def test_switch_off(monkeypatch, fused_calls):
     ids, labels = batch()
     assert model(input_ids=ids, labels=labels).logits is not None
     assert not fused_calls
+
+
+def test_autocast_takes_transformers_path(fused_calls):
+    model = tiny_model("qwen3_5").train()
+    flashdelta.patch(model, gdn=False)
+    ids, labels = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=labels)
+    assert out.logits is not None and not fused_calls

@@ -113,7 +113,8 @@ def _make_loss_function(capture: Any, original_loss: Any):
         from flashdelta.ops.fused_linear_cross_entropy import causal_lm_loss
 
         hidden, weight = capture.hidden, capture.head.weight
-        if (hidden is None or hidden.dtype != weight.dtype or torch.is_autocast_enabled()
+        if (hidden is None or hidden.dtype != weight.dtype
+                or torch.is_autocast_enabled(weight.device.type)
                 or (vocab_size is not None and vocab_size != weight.shape[0])):
             # not what the fused path assumes: compute the logits after all
             logits = capture.head(hidden) if logits is None else logits
@@ -158,6 +159,8 @@ def _make_class(original: type, ctx: Context) -> type:
         if head is None or not _plain_linear_head(head):
             return False
         if head.weight.device.type not in devices:
+            return False
+        if torch.is_autocast_enabled(head.weight.device.type):  # F.linear would recast: unfused
             return False
         if "_loss_function" in model.__dict__:  # a loss the user set: keep it
             return False
