@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
 #
-#   [BENCH="gdn decode e2e"] [SANITIZE=1] [PYTEST_ARGS="-k cuda"] bash scripts/device_run.sh [gdn shapes...]
+#   [BENCH="gdn decode e2e"] [SANITIZE=1] [PYTEST_K="cuda and not moe"] bash scripts/device_run.sh [gdn shapes...]
 #       (default shapes: the three DESIGN.md GDN shapes)
 #
 # Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
@@ -36,7 +36,9 @@ python3 -c "import flashdelta; print('build_info', flashdelta.build_info())"
 
 ctest --test-dir build/device --no-tests=error -j8 > "$OUT/ctest.log" 2>&1
 echo "ctest: $(tail -n 3 "$OUT/ctest.log" | grep -E 'tests passed|tests failed' || echo 'see ctest.log')"
-python3 -m pytest tests/python -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} > "$OUT/pytest.log" 2>&1
+# PYTEST_K: a pytest -k expression (one argument, spaces allowed) selecting the tests to run.
+python3 -m pytest tests/python -q -rs -p no:cacheprovider ${PYTEST_K:+-k "$PYTEST_K"} \
+  > "$OUT/pytest.log" 2>&1
 echo "pytest: $(tail -n 1 "$OUT/pytest.log")"
 
 if [ "${SANITIZE:-0}" = 1 ]; then

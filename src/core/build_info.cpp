@@ -41,6 +41,10 @@ BuildInfo build_info() {
     info.cuda_ops.push_back(entry);
   }
 #endif
+  if (info.cuda) {  // fused_linear_cross_entropy: forward and backward in every CUDA build
+    info.cuda_ops.push_back("fused_linear_cross_entropy.forward");
+    info.cuda_ops.push_back("fused_linear_cross_entropy.backward");
+  }
   return info;
 }
 

@@ -9,5 +9,6 @@ namespace flashdelta::python {
 void bind_gated_delta_rule_ops(nanobind::module_& m);
 void bind_moe_ops(nanobind::module_& m);
 void bind_causal_conv1d_ops(nanobind::module_& m);
+void bind_fused_linear_cross_entropy_ops(nanobind::module_& m);
 
 }  // namespace flashdelta::python

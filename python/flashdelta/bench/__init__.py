@@ -5,6 +5,7 @@
     conv    causal_conv1d (+ SiLU) forward/backward and its decode update against the memory floor
     decode  one decode step of fused_recurrent_gated_delta_rule against its memory floor (CUDA)
     moe     router/permutation/combine and experts against transformers at 35B-A3B sizes (CUDA)
+    cross_entropy  fused_linear_cross_entropy (loss head fwd+bwd) against transformers (CUDA)
 """
 
 BENCHMARKS = {
@@ -13,4 +14,5 @@ BENCHMARKS = {
     "decode": "flashdelta.bench.decode",
     "moe": "flashdelta.bench.moe",
     "conv": "flashdelta.bench.conv",
+    "cross_entropy": "flashdelta.bench.cross_entropy",
 }

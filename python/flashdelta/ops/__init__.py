@@ -3,6 +3,7 @@ implementation, autograd and an FLA-compatible public function."""
 
 from .causal_conv1d import causal_conv1d, causal_conv1d_update
 from .chunk_gated_delta_rule import chunk_gated_delta_rule
+from .fused_linear_cross_entropy import causal_lm_loss, fused_linear_cross_entropy
 from .fused_recurrent_gated_delta_rule import fused_recurrent_gated_delta_rule
 from .moe_experts import moe_experts, moe_grouped_experts
 from .moe_permute import moe_permute, moe_unpermute
@@ -11,7 +12,9 @@ from .moe_router import moe_router
 __all__ = [
     "causal_conv1d",
     "causal_conv1d_update",
+    "causal_lm_loss",
     "chunk_gated_delta_rule",
+    "fused_linear_cross_entropy",
     "fused_recurrent_gated_delta_rule",
     "moe_experts",
     "moe_grouped_experts",

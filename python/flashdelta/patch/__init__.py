@@ -10,10 +10,10 @@ Components (each one keyword and one environment switch, default on):
 
 | keyword         | variable                   | covers                                          |
 | --------------- | -------------------------- | ----------------------------------------------- |
-| `gdn`           | `FLASHDELTA_GDN`           | the gated delta rule (chunked and recurrent)    |
-| `fused_ops`     | `FLASHDELTA_FUSED_OPS`     | gated RMSNorm, causal conv1d (not yet built)    |
+| `gdn`           | `FLASHDELTA_GDN`           | the gated delta rule (chunked, recurrent), causal conv1d |
+| `fused_ops`     | `FLASHDELTA_FUSED_OPS`     | norms, RoPE, SwiGLU, attention gate             |
 | `moe`           | `FLASHDELTA_MOE`           | mixture-of-experts router and experts           |
-| `cross_entropy` | `FLASHDELTA_CROSS_ENTROPY` | fused linear + cross-entropy (not yet built)    |
+| `cross_entropy` | `FLASHDELTA_CROSS_ENTROPY` | fused linear + cross-entropy (no logits w/ labels) |
 
 `FLASHDELTA_PATCH` is the master switch. Values: 1/0, true/false, on/off, yes/no, any case;
 anything else raises ValueError naming the variable. They are read once per patch() call; keyword
