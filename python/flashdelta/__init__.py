@@ -8,7 +8,15 @@ cheap and works even where the extension is missing (the ops then raise ImportEr
 
 __version__ = "0.1.0"
 
-from .ops import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from .ops import (
+    attention_gate,
+    chunk_gated_delta_rule,
+    fused_recurrent_gated_delta_rule,
+    partial_rotary_embedding,
+    rms_norm,
+    rms_norm_gated,
+    swiglu,
+)
 
 # The subpackage flashdelta.patch holds the patch layer; importing these names here binds
 # `flashdelta.patch` to the function (submodules stay importable: `from flashdelta.patch import
@@ -27,9 +35,14 @@ def build_info() -> dict:
 __all__ = [
     "__version__",
     "PatchReport",
+    "attention_gate",
     "build_info",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "partial_rotary_embedding",
     "patch",
+    "rms_norm",
+    "rms_norm_gated",
+    "swiglu",
     "unpatch",
 ]

@@ -7,5 +7,6 @@
 namespace flashdelta::python {
 
 void bind_gated_delta_rule_ops(nanobind::module_& m);
+void bind_fused_ops(nanobind::module_& m);  // rms_norm(_gated), swiglu, attention_gate, rope
 
 }  // namespace flashdelta::python

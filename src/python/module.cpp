@@ -45,4 +45,5 @@ NB_MODULE(_C, m) {
       "'cuda_ops': ['op.forward', 'op.backward' entries of the CUDA kernels built]}.");
 
   flashdelta::python::bind_gated_delta_rule_ops(m);
+  flashdelta::python::bind_fused_ops(m);
 }

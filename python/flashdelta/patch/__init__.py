@@ -11,7 +11,8 @@ Components (each one keyword and one environment switch, default on):
 | keyword         | variable                   | covers                                          |
 | --------------- | -------------------------- | ----------------------------------------------- |
 | `gdn`           | `FLASHDELTA_GDN`           | the gated delta rule (chunked and recurrent)    |
-| `fused_ops`     | `FLASHDELTA_FUSED_OPS`     | gated RMSNorm, causal conv1d (not yet built)    |
+| `fused_ops`     | `FLASHDELTA_FUSED_OPS`     | RMSNorms, gated RMSNorm, SwiGLU, partial RoPE,  |
+|                 |                            | attention output gate                           |
 | `moe`           | `FLASHDELTA_MOE`           | mixture-of-experts blocks (not yet built)       |
 | `cross_entropy` | `FLASHDELTA_CROSS_ENTROPY` | fused linear + cross-entropy (not yet built)    |
 

@@ -109,16 +109,12 @@ class Component:
 def registered() -> Tuple[Component, ...]:
     """The registry, in report order. Components that later issues implement are declared here
     with implemented=False; implementing one means filling in its entry."""
+    from .fused_ops import FUSED_OPS
     from .gdn import GDN
 
     return (
         GDN,
-        Component(
-            "fused_ops",
-            "FLASHDELTA_FUSED_OPS",
-            "gated RMSNorm (RMSNormGated / FLA's FusedRMSNormGated), causal conv1d",
-            implemented=False,
-        ),
+        FUSED_OPS,
         Component(
             "moe",
             "FLASHDELTA_MOE",
