@@ -16,11 +16,13 @@ constexpr std::initializer_list<DType> kFloatTypes = {DType::kFloat32, DType::kF
 
 bool on_cuda(const TensorRef& t) { return t.device.type == DeviceType::kCUDA; }
 
+#if !FLASHDELTA_WITH_CUDA
 [[noreturn]] void no_cuda(const char* op) {
   fail(Error::Kind::kNotImplemented, op,
        ": this build of flashdelta has no cuda kernel for this op (it was built without CUDA: "
        "set FLASHDELTA_WITH_CUDA=1 and a CUDA toolkit)");
 }
+#endif
 
 // t: [rows, dim] with unit stride along dim, on ref's device, a float dtype.
 void check_rows(const TensorRef& t, const RowsShape& s, const TensorRef& ref, const char* op,
