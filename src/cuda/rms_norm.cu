@@ -2,14 +2,15 @@
 //
 // Forward: one warp per row, 4 rows per 128-thread block. A lane reads 16-byte vectors
 // v = lane, lane + 32, ... of the row; pass 1 sums x^2 (fp32, butterfly shuffles: every lane gets
-// the same total), pass 2 re-reads the row (L1/L2-resident: a warp touches D * sizeof(T) bytes)
-// and writes y. rstd[row] is kept for the backward. One HBM read of x (and gate), one write of y.
+// the same total), pass 2 writes y from the same vectors, kept in registers for rows of up to
+// 256 vectors (D <= 2048 in bf16; longer rows are re-read from L1/L2). rstd[row] is kept for the
+// backward. One read of x (and gate), one write of y.
 // Backward: same warp-per-row walk, rows grid-strided over a fixed grid (kMaxBackwardBlocks at
 // most, independent of the device, so the workspace size is a function of the shape only):
 //   pass 1: dn (the gradient reaching n = x r), sum(dn n), the gate gradient, and the weight
 //           gradient accumulated in the warp's own fp32 row of shared memory (a lane always owns
 //           the same columns, so no atomics);
-//   pass 2: dx = r (dn - n mean(dn n)).
+//   pass 2: dx = r (dn - n mean(dn n)), from the row vectors pass 1 kept in registers.
 // At the end the block adds its warps' rows in order into workspace[block, :], and a second
 // kernel adds the blocks in order per column: deterministic, no float atomics.
 // Vector path when D and every row stride are multiples of the vector width and the pointers are
@@ -52,53 +53,89 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Visits the lane's vectors of a row, v = lane + 32 k, as f(k, v). With kCache > 0 the row has at
+// most 32 * kCache vectors and the loop is unrolled, so per-k register arrays stay in registers
+// (the first pass keeps what it loaded, the second reuses it: one read of the row in all). With
+// kCache == 0 (long rows) the second pass reads the row again, from L1 / L2.
+template <int kCache, typename F>
+__device__ __forceinline__ void for_lane_vectors(int lane, int64_t vecs, F&& f) {
+  if constexpr (kCache > 0) {
+#pragma unroll
+    for (int k = 0; k < kCache; ++k) {
+      const int64_t v = lane + 32 * k;
+      if (v < vecs) f(k, v);
+    }
+  } else {
+    for (int64_t v = lane; v < vecs; v += 32) f(0, v);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void unpack(const Pack<T, N>& pack, float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_f32(pack.v[i]);
+}
+
+// One row's vector: the value that leaves the forward.
 template <typename T, int N, bool kGated>
+__device__ __forceinline__ void normalize(const RmsNormParams& p, int64_t v, float r,
+                                          const float (&a)[N], const float (&z)[N],
+                                          float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float w = load_any(p.weight, p.weight_dtype, v * N + i);
+    if constexpr (kGated) {
+      float prod = mul_rn(w, round_to<T>(mul_rn(a[i], r)));
+      if (p.round_product) prod = round_to<T>(prod);
+      out[i] = mul_rn(prod, silu(z[i]));
+    } else {
+      out[i] = mul_rn(mul_rn(a[i], r), 1.0f + w);
+    }
+  }
+}
+
+template <typename T, int N, bool kGated, int kCache>
 __global__ void __launch_bounds__(kForwardWarps * 32)
     rms_norm_forward_kernel(const RmsNormParams p) {
+  constexpr int kSlots = kCache > 0 ? kCache : 1;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kForwardWarps + (threadIdx.x >> 5);
-  if (row >= p.rows) return;
+  if (row >= p.rows) return;  // whole warps: the shuffles below never see an absent lane
   const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
+  const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
   const int64_t vecs = p.dim / N;
+  Pack<T, N> x_cache[kSlots];
   float sum_sq = 0.f;
-  for (int64_t v = lane; v < vecs; v += 32) {
+  for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
+    const Pack<T, N> pack = load_raw<T, N>(x + v * N);
+    if constexpr (kCache > 0) x_cache[k] = pack;
     float a[N];
-    load_pack<T, N>(x + v * N, a);
+    unpack(pack, a);
 #pragma unroll
     for (int i = 0; i < N; ++i) sum_sq += a[i] * a[i];
-  }
+  });
   sum_sq = warp_sum(sum_sq);
   const float r = rsqrtf(sum_sq / static_cast<float>(p.dim) + p.eps);
   if (lane == 0) p.rstd[row] = r;
 
   T* y = static_cast<T*>(p.y) + row * p.y_stride;
-  const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
-  for (int64_t v = lane; v < vecs; v += 32) {
-    float a[N], out[N];
-    load_pack<T, N>(x + v * N, a);
-    if constexpr (kGated) {
-      float z[N];
-      load_pack<T, N>(gate + v * N, z);
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float w = load_any(p.weight, p.weight_dtype, v * N + i);
-        float prod = mul_rn(w, round_to<T>(mul_rn(a[i], r)));
-        if (p.round_product) prod = round_to<T>(prod);
-        out[i] = mul_rn(prod, silu(z[i]));
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float w = load_any(p.weight, p.weight_dtype, v * N + i);
-        out[i] = mul_rn(mul_rn(a[i], r), 1.0f + w);
-      }
-    }
+  for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
+    float a[N], z[N], out[N];
+    unpack(kCache > 0 ? x_cache[k] : load_raw<T, N>(x + v * N), a);
+    if constexpr (kGated) load_pack<T, N>(gate + v * N, z);
+    normalize<T, N, kGated>(p, v, r, a, z, out);
     store_pack<T, N>(y + v * N, out);
-  }
+  });
 }
 
-template <typename T, int N, bool kGated>
+template <typename T, int N, bool kGated, int kCache>
 __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
+  constexpr int kSlots = kCache > 0 ? kCache : 1;
   extern __shared__ float dweight_rows[];  // [warps, dim]
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -116,14 +153,24 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
     const T* dy = static_cast<const T*>(p.dy) + row * p.dy_stride;
     const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
     const float r = p.rstd[row];
+    Pack<T, N> x_cache[kSlots], dy_cache[kSlots], gate_cache[kGated ? kSlots : 1];
+    // Pass 1: sum(dn n), the weight gradient (into this warp's shared row) and the gate gradient.
     float dot = 0.f;
-    for (int64_t v = lane; v < vecs; v += 32) {
+    for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
+      const Pack<T, N> x_pack = load_raw<T, N>(x + v * N);
+      const Pack<T, N> dy_pack = load_raw<T, N>(dy + v * N);
       float a[N], g[N];
-      load_pack<T, N>(x + v * N, a);
-      load_pack<T, N>(dy + v * N, g);
+      unpack(x_pack, a);
+      unpack(dy_pack, g);
+      if constexpr (kCache > 0) {
+        x_cache[k] = x_pack;
+        dy_cache[k] = dy_pack;
+      }
       if constexpr (kGated) {
+        const Pack<T, N> z_pack = load_raw<T, N>(gate + v * N);
+        if constexpr (kCache > 0) gate_cache[k] = z_pack;
         float z[N], dz[N];
-        load_pack<T, N>(gate + v * N, z);
+        unpack(z_pack, z);
 #pragma unroll
         for (int i = 0; i < N; ++i) {
           const float w = load_any(p.weight, p.weight_dtype, v * N + i);
@@ -147,15 +194,17 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
           dot += g[i] * (1.0f + w) * n;
         }
       }
-    }
+    });
     const float mean_dot = warp_sum(dot) / static_cast<float>(p.dim);
+    // Pass 2: dx = r (dn - n mean(dn n)).
     T* dx = static_cast<T*>(p.y) + row * p.y_stride;
-    for (int64_t v = lane; v < vecs; v += 32) {
-      float a[N], g[N], out[N];
-      load_pack<T, N>(x + v * N, a);
-      load_pack<T, N>(dy + v * N, g);
-      float z[N];
-      if constexpr (kGated) load_pack<T, N>(gate + v * N, z);
+    for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
+      float a[N], g[N], z[N], out[N];
+      unpack(kCache > 0 ? x_cache[k] : load_raw<T, N>(x + v * N), a);
+      unpack(kCache > 0 ? dy_cache[k] : load_raw<T, N>(dy + v * N), g);
+      if constexpr (kGated) {
+        unpack(kCache > 0 ? gate_cache[k] : load_raw<T, N>(gate + v * N), z);
+      }
 #pragma unroll
       for (int i = 0; i < N; ++i) {
         const float w = load_any(p.weight, p.weight_dtype, v * N + i);
@@ -169,7 +218,7 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
         out[i] = r * (dn - n * mean_dot);
       }
       store_pack<T, N>(dx + v * N, out);
-    }
+    });
   }
   __syncthreads();
   for (int64_t j = threadIdx.x; j < p.dim; j += blockDim.x) {
@@ -211,13 +260,34 @@ RmsNormParams make_params(const RmsNormInputs& in, const RowsShape& s) {
   return p;
 }
 
+// Register caching of the row (see for_lane_vectors): kCache vectors per lane, for the vector
+// path only. 2 covers the per-head norms (D = 128, 256 in bf16) and 8 the hidden norms (D = 2048
+// in bf16, 1024 in fp32); longer rows are read twice.
+int cache_slots(int64_t dim, bool vector, int vec) {
+  if (!vector) return 0;
+  const int64_t vecs_per_lane = (dim / vec + 31) / 32;
+  return vecs_per_lane <= 2 ? 2 : vecs_per_lane <= 8 ? 8 : 0;
+}
+
+template <typename T, int N, bool kGated>
+void launch_forward_n(const RmsNormParams& p, int cache, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((p.rows + kForwardWarps - 1) / kForwardWarps);
+  constexpr int kThreadsPerBlock = kForwardWarps * 32;
+  switch (cache) {
+    case 2: rms_norm_forward_kernel<T, N, kGated, 2><<<blocks, kThreadsPerBlock, 0, stream>>>(p); break;
+    case 8: rms_norm_forward_kernel<T, N, kGated, 8><<<blocks, kThreadsPerBlock, 0, stream>>>(p); break;
+    default: rms_norm_forward_kernel<T, N, kGated, 0><<<blocks, kThreadsPerBlock, 0, stream>>>(p); break;
+  }
+}
+
 template <typename T, bool kGated>
 void launch_forward(const RmsNormParams& p, bool vector, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((p.rows + kForwardWarps - 1) / kForwardWarps);
   if (vector) {
-    rms_norm_forward_kernel<T, kVec<T>, kGated><<<blocks, kForwardWarps * 32, 0, stream>>>(p);
+    launch_forward_n<T, kVec<T>, kGated>(p, cache_slots(p.dim, true, kVec<T>), stream);
   } else {
-    rms_norm_forward_kernel<T, 1, kGated><<<blocks, kForwardWarps * 32, 0, stream>>>(p);
+    rms_norm_forward_kernel<T, 1, kGated, 0>
+        <<<static_cast<unsigned>((p.rows + kForwardWarps - 1) / kForwardWarps), kForwardWarps * 32,
+           0, stream>>>(p);
   }
 }
 
@@ -225,10 +295,16 @@ template <typename T, bool kGated>
 void launch_backward(const RmsNormParams& p, bool vector, unsigned blocks, int warps,
                      cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(warps) * p.dim * sizeof(float);
-  if (vector) {
-    rms_norm_backward_kernel<T, kVec<T>, kGated><<<blocks, warps * 32, smem, stream>>>(p);
-  } else {
-    rms_norm_backward_kernel<T, 1, kGated><<<blocks, warps * 32, smem, stream>>>(p);
+  const unsigned threads = static_cast<unsigned>(warps * 32);
+  constexpr int N = kVec<T>;
+  if (!vector) {
+    rms_norm_backward_kernel<T, 1, kGated, 0><<<blocks, threads, smem, stream>>>(p);
+    return;
+  }
+  switch (cache_slots(p.dim, true, N)) {
+    case 2: rms_norm_backward_kernel<T, N, kGated, 2><<<blocks, threads, smem, stream>>>(p); break;
+    case 8: rms_norm_backward_kernel<T, N, kGated, 8><<<blocks, threads, smem, stream>>>(p); break;
+    default: rms_norm_backward_kernel<T, N, kGated, 0><<<blocks, threads, smem, stream>>>(p); break;
   }
 }
 
