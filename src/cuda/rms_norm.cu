@@ -75,6 +75,16 @@ __device__ __forceinline__ Pack<T, N> load_raw(const T* p) {
   return *reinterpret_cast<const Pack<T, N>*>(p);
 }
 
+// The vector pass 1 kept (kCache > 0), or a fresh load of it.
+template <int kCache, typename T, int N, int kSlots>
+__device__ __forceinline__ Pack<T, N> reuse(const Pack<T, N> (&cache)[kSlots], int k, const T* p) {
+  if constexpr (kCache > 0) {
+    return cache[k];
+  } else {
+    return load_raw<T, N>(p);
+  }
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void unpack(const Pack<T, N>& pack, float (&out)[N]) {
 #pragma unroll
@@ -126,7 +136,7 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
   T* y = static_cast<T*>(p.y) + row * p.y_stride;
   for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
     float a[N], z[N], out[N];
-    unpack(kCache > 0 ? x_cache[k] : load_raw<T, N>(x + v * N), a);
+    unpack(reuse<kCache>(x_cache, k, x + v * N), a);
     if constexpr (kGated) load_pack<T, N>(gate + v * N, z);
     normalize<T, N, kGated>(p, v, r, a, z, out);
     store_pack<T, N>(y + v * N, out);
@@ -200,10 +210,10 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
     T* dx = static_cast<T*>(p.y) + row * p.y_stride;
     for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
       float a[N], g[N], z[N], out[N];
-      unpack(kCache > 0 ? x_cache[k] : load_raw<T, N>(x + v * N), a);
-      unpack(kCache > 0 ? dy_cache[k] : load_raw<T, N>(dy + v * N), g);
+      unpack(reuse<kCache>(x_cache, k, x + v * N), a);
+      unpack(reuse<kCache>(dy_cache, k, dy + v * N), g);
       if constexpr (kGated) {
-        unpack(kCache > 0 ? gate_cache[k] : load_raw<T, N>(gate + v * N), z);
+        unpack(reuse<kCache>(gate_cache, k, gate + v * N), z);
       }
 #pragma unroll
       for (int i = 0; i < N; ++i) {
