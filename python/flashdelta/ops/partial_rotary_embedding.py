@@ -31,7 +31,8 @@ def _unit_last(x: Tensor) -> Tensor:
 
 
 def _expand(c: Tensor, q: Tensor) -> Tensor:
-    return c.expand(q.shape[0], q.shape[1], c.shape[-1])
+    """cos / sin over q's batch (a stride-0 view when they have batch 1)."""
+    return c.detach().expand(q.shape[0], q.shape[1], c.shape[-1])
 
 
 @torch.library.custom_op("flashdelta::partial_rotary_embedding_fwd", mutates_args=())

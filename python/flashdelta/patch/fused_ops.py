@@ -84,13 +84,13 @@ def _runs(cls: type, *tensors) -> bool:
 # an unusual eps so that the attribute holding eps is found by its value, not its name.
 
 _PROBE_EPS = 0.0123
-_PROBES: Dict[int, Optional[Dict[str, Any]]] = {}
+_PROBES: Dict[Tuple[type, str], Optional[Dict[str, Any]]] = {}  # keyed by the class itself
 
 
 def _probe(cls: Any, kind: str) -> Optional[Dict[str, Any]]:
     """What the replacement needs to know about cls (e.g. {"eps": "variance_epsilon"}), or None
     when cls does not behave like `kind`."""
-    key = (id(cls), kind)
+    key = (cls, kind)
     if key not in _PROBES:
         try:
             _PROBES[key] = _PROBE_FUNCTIONS[kind](cls)
