@@ -40,6 +40,7 @@ def _rand(*shape, scale=1.0):
 
 
 def _leaf(x):
+    """A leaf with x's strides (a view of a wider tensor stays that view)."""
     return x.detach().requires_grad_(True)
 
 
@@ -61,13 +62,14 @@ def cases(T: int):
         5 * T * HIDDEN * e + 8 * T,  # fwd: x, y; bwd: x, dy, dx; rstd written and read
     )
 
+    # q_norm reads the query half of q_proj's output in place: a strided leaf (row stride 512)
     q_norm = hf.Qwen3_5RMSNorm(HEAD_DIM, eps=1e-6).cuda().bfloat16()
-    q_proj_out = _rand(T, Q_HEADS, 2 * HEAD_DIM)
+    query = _leaf(_rand(T, Q_HEADS, 2 * HEAD_DIM)[..., :HEAD_DIM])
     rows = T * Q_HEADS
     out["q_norm"] = (
-        [_leaf(q_proj_out), q_norm.weight],
-        lambda qp, w: flashdelta.rms_norm(qp[..., :HEAD_DIM], w, 1e-6),
-        lambda qp, w: q_norm(qp[..., :HEAD_DIM]),
+        [query, q_norm.weight],
+        lambda q, w: flashdelta.rms_norm(q, w, 1e-6),
+        lambda q, w: q_norm(q),
         5 * rows * HEAD_DIM * e + 8 * rows,
     )
 
@@ -88,12 +90,14 @@ def cases(T: int):
         8 * T * SHARED_WIDTH * e,  # fwd: g, u, out; bwd: g, u, dout, dg, du
     )
 
-    attn = _rand(T, Q_HEADS, HEAD_DIM)
-    q_proj_out = _rand(T, Q_HEADS, 2 * HEAD_DIM, scale=3)
+    # the gate is the second half of q_proj's output: a strided leaf; transformers reshapes it
+    # (a copy) before the sigmoid
+    attn = _leaf(_rand(T, Q_HEADS, HEAD_DIM))
+    gate = _leaf(_rand(T, Q_HEADS, 2 * HEAD_DIM, scale=3)[..., HEAD_DIM:])
     out["attention_gate"] = (
-        [_leaf(attn), _leaf(q_proj_out)],
-        lambda a, qp: flashdelta.attention_gate(a, qp[..., HEAD_DIM:]).reshape(T, -1),
-        lambda a, qp: a.reshape(T, -1) * torch.sigmoid(qp[..., HEAD_DIM:].reshape(T, -1)),
+        [attn, gate],
+        lambda a, g: flashdelta.attention_gate(a, g).reshape(T, -1),
+        lambda a, g: a.reshape(T, -1) * torch.sigmoid(g.reshape(T, -1)),
         8 * T * Q_HEADS * HEAD_DIM * e,
     )
 
