@@ -15,7 +15,9 @@ from fused_ops_helpers import assert_grad_close, assert_matches_transformers, ra
 
 OP = flashdelta.rms_norm
 
-SHAPES = [(2, 5, 64), (3, 4, 2, 256), (7, 48)]  # hidden-like, per-head q_norm, odd width
+# hidden-like, per-head q_norm, odd width (one element per access on CUDA), the hidden size
+# (rows held in registers on CUDA), a long row (re-read; one warp per block in the backward)
+SHAPES = [(2, 5, 64), (3, 4, 2, 256), (7, 48), (3, 2048), (3, 4096)]
 
 
 def _module(cls, D, dtype, device, weight_dtype=None, seed=1):
