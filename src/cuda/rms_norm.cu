@@ -9,13 +9,14 @@
 // most, independent of the device, so the workspace size is a function of the shape only):
 //   pass 1: dn (the gradient reaching n = x r), sum(dn n), the gate gradient, and the weight
 //           gradient accumulated in the warp's own fp32 row of shared memory (a lane always owns
-//           the same columns, so no atomics);
+//           the same columns, so no atomics; laid out so that a warp's access has no bank
+//           conflicts, see dweight_slot);
 //   pass 2: dx = r (dn - n mean(dn n)), from the row vectors pass 1 kept in registers.
 // At the end the block adds its warps' rows in order into workspace[block, :], and a second
 // kernel adds the blocks in order per column: deterministic, no float atomics.
 // Vector path when D and every row stride are multiples of the vector width and the pointers are
 // 16-byte aligned; otherwise the same kernels with one element per access.
-// Assumes: backward D <= 12288 (shared memory for the per-warp weight-gradient rows).
+// Assumes: backward D <= 12040 (shared memory for the per-warp weight-gradient rows).
 #include "core/check.h"
 #include "core/fused_ops_backend.h"
 #include "cuda/cuda_check.cuh"
@@ -143,20 +144,29 @@ __global__ void __launch_bounds__(kForwardWarps * 32)
   });
 }
 
+// The backward's per-warp weight-gradient row in shared memory. Element i of vector v (column
+// v N + i, owned by lane v % 32) lives at ((v / 32) N + i) 32 + v % 32: the 32 lanes of one
+// access touch 32 consecutive words, so the read-modify-writes are free of bank conflicts. The
+// row is padded to whole groups of 32 vectors.
+__host__ __device__ __forceinline__ int64_t dweight_slot(int64_t v, int i, int n) {
+  return ((v >> 5) * n + i) * 32 + (v & 31);
+}
+__host__ __device__ __forceinline__ int64_t dweight_row_floats(int64_t dim, int n) {
+  return (dim / n + 31) / 32 * 32 * n;
+}
+
 template <typename T, int N, bool kGated, int kCache>
 __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
   constexpr int kSlots = kCache > 0 ? kCache : 1;
-  extern __shared__ float dweight_rows[];  // [warps, dim]
+  extern __shared__ float dweight_rows[];  // [warps, row_floats]: see dweight_slot
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int warps = blockDim.x >> 5;
-  float* dw = dweight_rows + static_cast<int64_t>(warp) * p.dim;
   const int64_t vecs = p.dim / N;
-  // Zero with the ownership pattern used below: each lane clears the columns it will add to.
-  for (int64_t v = lane; v < vecs; v += 32) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) dw[v * N + i] = 0.f;
-  }
+  const int64_t row_floats = dweight_row_floats(p.dim, N);
+  float* dw = dweight_rows + static_cast<int64_t>(warp) * row_floats;
+  // Slot s belongs to lane s % 32 (dweight_slot): each lane clears the slots it will add to.
+  for (int64_t s = lane; s < row_floats; s += 32) dw[s] = 0.f;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp; row < p.rows;
        row += static_cast<int64_t>(gridDim.x) * warps) {
     const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
@@ -191,7 +201,7 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
           const float sig = sigmoid(z[i]);
           const float dp = g[i] * (z[i] * sig);
           dz[i] = g[i] * prod * (sig * (1.0f + z[i] * (1.0f - sig)));
-          dw[v * N + i] += dp * n_rounded;
+          dw[dweight_slot(v, i, N)] += dp * n_rounded;
           dot += (dp * w) * n;
         }
         store_pack<T, N>(static_cast<T*>(p.dgate) + row * p.dgate_stride + v * N, dz);
@@ -200,7 +210,7 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
         for (int i = 0; i < N; ++i) {
           const float w = load_any(p.weight, p.weight_dtype, v * N + i);
           const float n = mul_rn(a[i], r);
-          dw[v * N + i] += g[i] * n;
+          dw[dweight_slot(v, i, N)] += g[i] * n;
           dot += g[i] * (1.0f + w) * n;
         }
       }
@@ -232,8 +242,9 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
   }
   __syncthreads();
   for (int64_t j = threadIdx.x; j < p.dim; j += blockDim.x) {
+    const int64_t slot = dweight_slot(j / N, static_cast<int>(j % N), N);
     float total = 0.f;
-    for (int w = 0; w < warps; ++w) total += dweight_rows[static_cast<int64_t>(w) * p.dim + j];
+    for (int w = 0; w < warps; ++w) total += dweight_rows[w * row_floats + slot];
     p.partials[static_cast<int64_t>(blockIdx.x) * p.dim + j] = total;
   }
 }
@@ -248,7 +259,11 @@ __global__ void reduce_partials_kernel(const float* __restrict__ partials, int64
   store_any(dweight, dtype, j, total);
 }
 
-int backward_warps(int64_t dim) { return dim * 4 * sizeof(float) <= kMaxStaticSmem ? 4 : 1; }
+// The padded shared-memory row is at most dim + 31 * 8 floats, whatever the vector width.
+constexpr int64_t kRowPadding = 31 * 8;
+int backward_warps(int64_t dim) {
+  return (dim + kRowPadding) * 4 * sizeof(float) <= kMaxStaticSmem ? 4 : 1;
+}
 
 int64_t backward_blocks(const RowsShape& s) {
   const int warps = backward_warps(s.dim);
@@ -304,9 +319,10 @@ void launch_forward(const RmsNormParams& p, bool vector, cudaStream_t stream) {
 template <typename T, bool kGated>
 void launch_backward(const RmsNormParams& p, bool vector, unsigned blocks, int warps,
                      cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(warps) * p.dim * sizeof(float);
   const unsigned threads = static_cast<unsigned>(warps * 32);
   constexpr int N = kVec<T>;
+  const size_t smem =
+      static_cast<size_t>(warps * dweight_row_floats(p.dim, vector ? N : 1)) * sizeof(float);
   if (!vector) {
     rms_norm_backward_kernel<T, 1, kGated, 0><<<blocks, threads, smem, stream>>>(p);
     return;
@@ -346,8 +362,10 @@ size_t rms_norm_backward_workspace_bytes(const RowsShape& s) {
 }
 
 void rms_norm_backward(const RmsNormInputs& in, const RmsNormBackwardArgs& a, const RowsShape& s) {
-  check_value(backward_warps(s.dim) > 1 || s.dim * sizeof(float) <= kMaxStaticSmem,
-              "rms_norm_backward: the CUDA kernel handles D <= ", kMaxStaticSmem / sizeof(float),
+  check_value(backward_warps(s.dim) > 1 ||
+                  (s.dim + kRowPadding) * sizeof(float) <= kMaxStaticSmem,
+              "rms_norm_backward: the CUDA kernel handles D <= ",
+              static_cast<int64_t>(kMaxStaticSmem / sizeof(float)) - kRowPadding,
               ", got D = ", s.dim);
   DeviceGuard guard(in.x.device.index);
   RmsNormParams p = make_params(in, s);
