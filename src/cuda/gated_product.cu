@@ -37,14 +37,16 @@ __device__ __forceinline__ float activation(float z) {
   return kAct == GateActivation::kSilu ? silu(z) : sigmoid(z);
 }
 
-template <typename T, int N, GateActivation kAct, bool kBackward>
+// Index: uint32_t when the vector count allows (a 32-bit division per vector is far cheaper than
+// a 64-bit one, which would cost more than the memory access), else int64_t. Offsets are 64-bit.
+template <typename T, int N, GateActivation kAct, bool kBackward, typename Index>
 __global__ void __launch_bounds__(kThreads) gated_product_kernel(const GatedProductParams p) {
-  const int64_t vecs_per_row = p.dim / N;
-  const int64_t total = p.rows * vecs_per_row;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+  const Index vecs_per_row = static_cast<Index>(p.dim / N);
+  const Index total = static_cast<Index>(p.rows) * vecs_per_row;
+  for (Index i = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<Index>(gridDim.x) * kThreads) {
     const int64_t row = i / vecs_per_row;
-    const int64_t col = (i - row * vecs_per_row) * N;
+    const int64_t col = static_cast<int64_t>(i - static_cast<Index>(row) * vecs_per_row) * N;
     float v[N], z[N], out[N];
     load_pack<T, N>(static_cast<const T*>(p.value) + row * p.value_stride + col, v);
     load_pack<T, N>(static_cast<const T*>(p.gate) + row * p.gate_stride + col, z);
@@ -82,10 +84,16 @@ void launch(const GatedProductParams& p, bool vector, int device, cudaStream_t s
   const int64_t max_blocks = static_cast<int64_t>(device_info(device).sm_count) * 16;
   const unsigned blocks =
       static_cast<unsigned>(std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks));
-  if (vector) {
-    gated_product_kernel<T, kVec<T>, kAct, kBackward><<<blocks, kThreads, 0, stream>>>(p);
+  // 32-bit indices while the last grid stride cannot wrap around
+  const bool narrow = work <= (int64_t{1} << 31);
+  if (vector && narrow) {
+    gated_product_kernel<T, kVec<T>, kAct, kBackward, uint32_t><<<blocks, kThreads, 0, stream>>>(p);
+  } else if (vector) {
+    gated_product_kernel<T, kVec<T>, kAct, kBackward, int64_t><<<blocks, kThreads, 0, stream>>>(p);
+  } else if (narrow) {
+    gated_product_kernel<T, 1, kAct, kBackward, uint32_t><<<blocks, kThreads, 0, stream>>>(p);
   } else {
-    gated_product_kernel<T, 1, kAct, kBackward><<<blocks, kThreads, 0, stream>>>(p);
+    gated_product_kernel<T, 1, kAct, kBackward, int64_t><<<blocks, kThreads, 0, stream>>>(p);
   }
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }

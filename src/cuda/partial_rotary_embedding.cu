@@ -40,32 +40,36 @@ struct RotaryParams {
   bool transpose;
 };
 
-template <typename T, int N>
+// Index: uint32_t when the work count allows (three 64-bit divisions per vector would cost more
+// than its memory traffic), else int64_t. Offsets are 64-bit either way.
+template <typename T, int N, typename Index>
 __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p) {
   const int64_t half = p.rotary_dim / 2;
-  const int64_t rot_items = half / N;
-  const int64_t items = rot_items + (p.head_dim - p.rotary_dim) / N;
-  const int64_t heads = p.num_q_heads + p.num_k_heads;
-  const int64_t total = p.rows * items;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / items;
-    const int64_t item = i - row * items;
-    const int64_t head = row % heads;
-    const int64_t token = row / heads;
-    const int64_t b = token / p.seq_len, t = token - b * p.seq_len;
-    const bool is_q = head < p.num_q_heads;
-    const int64_t h = is_q ? head : head - p.num_q_heads;
+  const Index rot_items = static_cast<Index>(half / N);
+  const Index items = rot_items + static_cast<Index>((p.head_dim - p.rotary_dim) / N);
+  const Index heads = static_cast<Index>(p.num_q_heads + p.num_k_heads);
+  const Index seq_len = static_cast<Index>(p.seq_len);
+  const Index total = static_cast<Index>(p.rows) * items;
+  for (Index i = static_cast<Index>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<Index>(gridDim.x) * kThreads) {
+    const Index row = i / items;
+    const Index item = i - row * items;
+    const Index head = row % heads;
+    const Index token = row / heads;
+    const int64_t b = token / seq_len, t = token - static_cast<Index>(b) * seq_len;
+    const bool is_q = head < static_cast<Index>(p.num_q_heads);
+    const int64_t h = is_q ? static_cast<int64_t>(head)
+                           : static_cast<int64_t>(head) - p.num_q_heads;
     const Strides4& xs = is_q ? p.q_s : p.k_s;
     const Strides4& ys = is_q ? p.q_out_s : p.k_out_s;
     const T* x = static_cast<const T*>(is_q ? p.q : p.k) + b * xs.b + t * xs.t + h * xs.h;
     T* y = static_cast<T*>(is_q ? p.q_out : p.k_out) + b * ys.b + t * ys.t + h * ys.h;
     if (item >= rot_items) {  // pass-through channels
-      const int64_t c = p.rotary_dim + (item - rot_items) * N;
+      const int64_t c = p.rotary_dim + static_cast<int64_t>(item - rot_items) * N;
       *reinterpret_cast<Pack<T, N>*>(y + c) = *reinterpret_cast<const Pack<T, N>*>(x + c);
       continue;
     }
-    const int64_t c = item * N;
+    const int64_t c = static_cast<int64_t>(item) * N;
     const T* cos = static_cast<const T*>(p.cos) + b * p.cos_b + t * p.cos_t;
     const T* sin = static_cast<const T*>(p.sin) + b * p.sin_b + t * p.sin_t;
     float lo[N], hi[N], c_lo[N], c_hi[N], s_lo[N], s_hi[N], y_lo[N], y_hi[N];
@@ -131,10 +135,16 @@ void partial_rotary_embedding(const PartialRotaryEmbeddingArgs& in, const Tensor
     const int64_t max_blocks = static_cast<int64_t>(device_info(device).sm_count) * 16;
     const unsigned blocks = static_cast<unsigned>(
         std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, max_blocks)));
-    if (vector) {
-      rotary_kernel<T, kVec<T>><<<blocks, kThreads, 0, stream>>>(p);
+    // 32-bit indices while the last grid stride cannot wrap around
+    const bool narrow = work <= (int64_t{1} << 31);
+    if (vector && narrow) {
+      rotary_kernel<T, kVec<T>, uint32_t><<<blocks, kThreads, 0, stream>>>(p);
+    } else if (vector) {
+      rotary_kernel<T, kVec<T>, int64_t><<<blocks, kThreads, 0, stream>>>(p);
+    } else if (narrow) {
+      rotary_kernel<T, 1, uint32_t><<<blocks, kThreads, 0, stream>>>(p);
     } else {
-      rotary_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
+      rotary_kernel<T, 1, int64_t><<<blocks, kThreads, 0, stream>>>(p);
     }
   });
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
