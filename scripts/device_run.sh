@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
 #
-#   [BENCH="gdn decode e2e"] [SANITIZE=1] [PYTEST_ARGS="-k cuda"] bash scripts/device_run.sh [gdn shapes...]
+#   [BENCH="gdn decode fused_ops e2e"] [SANITIZE=1] [PYTEST_ARGS="-k cuda"] bash scripts/device_run.sh [gdn shapes...]
 #       (default shapes: the three DESIGN.md GDN shapes)
 #
 # Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
 # flashdelta for sm_90a without build isolation (the machine has no network), runs the C++ and
 # Python tests (and, with SANITIZE=1, compute-sanitizer memcheck and racecheck over the CUDA
 # tests), then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16 and
-# `python -m flashdelta.bench decode` (BENCH picks which).
+# `python -m flashdelta.bench decode` and `python -m flashdelta.bench fused_ops` (BENCH picks which).
 # Logs and JSON go to $OUT when set (the device tool brings that folder back), else to /tmp.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -47,7 +47,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   done
 fi
 
-BENCH="${BENCH:-gdn decode}"
+BENCH="${BENCH:-gdn decode fused_ops}"
 shapes=("$@")
 [ ${#shapes[@]} -eq 0 ] && shapes=("1,32768,16,32,128,128" "8,4096,16,32,128,128" "1,8192,16,32,128,128")
 if [[ " $BENCH " == *" gdn "* ]]; then
@@ -66,6 +66,10 @@ if [[ " $BENCH " == *" decode "* ]]; then
   PYTHONPATH="$BENCH_PATH" timeout 200 python3 -m flashdelta.bench decode --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
   echo "bench decode: exit $?"
 fi
+if [[ " $BENCH " == *" fused_ops "* ]]; then
+  PYTHONPATH="$BENCH_PATH" timeout 300 python3 -m flashdelta.bench fused_ops --json "$OUT/fused_ops.json" > "$OUT/fused_ops.log" 2>&1
+  echo "bench fused_ops: exit $?"
+fi
 echo
 if [[ " $BENCH " == *" gdn "* ]]; then
   for shape in "${shapes[@]}"; do
@@ -74,4 +78,5 @@ if [[ " $BENCH " == *" gdn "* ]]; then
   done
 fi
 if [[ " $BENCH " == *" decode "* ]]; then sed -n '/^decode: /,$p' "$OUT/decode.log"; fi
+if [[ " $BENCH " == *" fused_ops "* ]]; then sed -n '/^fused_ops: /,$p' "$OUT/fused_ops.log"; fi
 if [[ " $BENCH " == *" e2e "* ]]; then tail -n 40 "$OUT/e2e.log"; fi
