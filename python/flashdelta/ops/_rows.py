@@ -11,7 +11,10 @@ from typing import Any
 
 import torch
 
-from ._gated_delta_rule import _stream, load_extension  # noqa: F401  (re-exported)
+from ._gated_delta_rule import _stream, load_extension
+
+__all__ = ["FLOAT_DTYPES", "_stream", "as_rows", "load_extension", "require_float",
+           "require_same", "require_tensor", "shape_of"]
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,7 +58,3 @@ def as_rows(x: Tensor) -> Tensor:
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     return rows
-
-
-def detached(x):
-    return None if x is None else x.detach()
