@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
 #
-#   [BENCH="gdn decode e2e"] [SANITIZE=1] [PYTEST_K="cuda and not moe"] bash scripts/device_run.sh [gdn shapes...]
+#   [BENCH="gdn decode fused_ops conv moe cross_entropy e2e"] [SANITIZE=1] [PYTEST_K="cuda and not moe"] bash scripts/device_run.sh [gdn shapes...]
 #       (default shapes: the three DESIGN.md GDN shapes)
 #
 # Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
 # flashdelta for sm_90a without build isolation (the machine has no network), runs the C++ and
 # Python tests (and, with SANITIZE=1, compute-sanitizer memcheck and racecheck over the CUDA
 # tests), then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16 and
-# `python -m flashdelta.bench decode` (BENCH picks which).
+# `python -m flashdelta.bench NAME` for every other NAME in BENCH (default: gdn decode fused_ops conv
+# moe cross_entropy; add e2e for bench/e2e.py).
 # Logs and JSON go to $OUT when set (the device tool brings that folder back), else to /tmp.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -49,7 +50,7 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   done
 fi
 
-BENCH="${BENCH:-gdn decode}"
+BENCH="${BENCH:-gdn decode fused_ops conv moe cross_entropy}"
 shapes=("$@")
 [ ${#shapes[@]} -eq 0 ] && shapes=("1,32768,16,32,128,128" "8,4096,16,32,128,128" "1,8192,16,32,128,128")
 if [[ " $BENCH " == *" gdn "* ]]; then
@@ -64,10 +65,16 @@ if [[ " $BENCH " == *" e2e "* ]]; then
   PYTHONPATH="$BENCH_PATH" timeout 480 python3 bench/e2e.py --fla-unsafe-bwd --no-progress --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
   echo "bench e2e: exit $?"
 fi
-if [[ " $BENCH " == *" decode "* ]]; then
-  PYTHONPATH="$BENCH_PATH" timeout 200 python3 -m flashdelta.bench decode --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-  echo "bench decode: exit $?"
-fi
+# Every other benchmark named in BENCH: `python -m flashdelta.bench NAME`, its table last.
+others=()
+for name in $BENCH; do
+  case "$name" in gdn|e2e) ;; *) others+=("$name") ;; esac
+done
+for name in "${others[@]}"; do
+  PYTHONPATH="$BENCH_PATH" timeout 300 python3 -m flashdelta.bench "$name" --json "$OUT/$name.json" \
+    > "$OUT/$name.log" 2>&1
+  echo "bench $name: exit $?"
+done
 echo
 if [[ " $BENCH " == *" gdn "* ]]; then
   for shape in "${shapes[@]}"; do
@@ -75,5 +82,8 @@ if [[ " $BENCH " == *" gdn "* ]]; then
     echo
   done
 fi
-if [[ " $BENCH " == *" decode "* ]]; then sed -n '/^decode: /,$p' "$OUT/decode.log"; fi
+for name in "${others[@]}"; do
+  sed -n "/^$name: /,\$p" "$OUT/$name.log"
+  echo
+done
 if [[ " $BENCH " == *" e2e "* ]]; then tail -n 40 "$OUT/e2e.log"; fi

@@ -9,6 +9,7 @@ cheap and works even where the extension is missing (the ops then raise ImportEr
 __version__ = "0.1.0"
 
 from .ops import (
+    attention_gate,
     causal_conv1d,
     causal_conv1d_update,
     chunk_gated_delta_rule,
@@ -17,6 +18,10 @@ from .ops import (
     moe_permute,
     moe_router,
     moe_unpermute,
+    partial_rotary_embedding,
+    rms_norm,
+    rms_norm_gated,
+    swiglu,
 )
 
 # The subpackage flashdelta.patch holds the patch layer; importing these names here binds
@@ -36,6 +41,7 @@ def build_info() -> dict:
 __all__ = [
     "__version__",
     "PatchReport",
+    "attention_gate",
     "build_info",
     "causal_conv1d",
     "causal_conv1d_update",
@@ -45,6 +51,10 @@ __all__ = [
     "moe_permute",
     "moe_router",
     "moe_unpermute",
+    "partial_rotary_embedding",
     "patch",
+    "rms_norm",
+    "rms_norm_gated",
+    "swiglu",
     "unpatch",
 ]

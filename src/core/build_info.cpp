@@ -45,6 +45,15 @@ BuildInfo build_info() {
     info.cuda_ops.push_back("fused_linear_cross_entropy.forward");
     info.cuda_ops.push_back("fused_linear_cross_entropy.backward");
   }
+  // The fused layer ops (src/cuda/rms_norm.cu, gated_product.cu, partial_rotary_embedding.cu):
+  // both directions whenever the CUDA backend is built.
+  if (info.cuda) {
+    for (const char* op : {"rms_norm", "rms_norm_gated", "swiglu", "attention_gate",
+                           "partial_rotary_embedding"}) {
+      info.cuda_ops.push_back(std::string(op) + ".forward");
+      info.cuda_ops.push_back(std::string(op) + ".backward");
+    }
+  }
   return info;
 }
 

@@ -48,4 +48,5 @@ NB_MODULE(_C, m) {
   flashdelta::python::bind_moe_ops(m);
   flashdelta::python::bind_causal_conv1d_ops(m);
   flashdelta::python::bind_fused_linear_cross_entropy_ops(m);
+  flashdelta::python::bind_fused_ops(m);
 }

@@ -421,18 +421,6 @@ def test_gdn_switch(monkeypatch, value, on):
     assert changed is on
 
 
-@pytest.mark.parametrize("name", ["fused_ops"])
-@pytest.mark.parametrize("value", ["1", "0"])
-def test_unimplemented_switches(monkeypatch, name, value):
-    monkeypatch.setenv(f"FLASHDELTA_{name.upper()}", value)
-    report = flashdelta.patch()
-    status = report.components[name]
-    assert status.enabled is (value == "1")
-    assert status.state == ("no implementation in this build" if value == "1" else "off")
-    assert report.patched("gdn")
-    assert "no implementation in this build" in str(report) or value == "0"
-
-
 def test_master_switch_and_keywords(monkeypatch):
     before = originals()
     monkeypatch.setenv("FLASHDELTA_PATCH", "0")

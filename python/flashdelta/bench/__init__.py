@@ -6,6 +6,8 @@
     decode  one decode step of fused_recurrent_gated_delta_rule against its memory floor (CUDA)
     moe     router/permutation/combine and experts against transformers at 35B-A3B sizes (CUDA)
     cross_entropy  fused_linear_cross_entropy (loss head fwd+bwd) against transformers (CUDA)
+    fused_ops  rms_norm(_gated), swiglu, attention_gate, partial RoPE: fwd+bwd against their
+               memory floor and the transformers compositions (CUDA)
 """
 
 BENCHMARKS = {
@@ -15,4 +17,5 @@ BENCHMARKS = {
     "moe": "flashdelta.bench.moe",
     "conv": "flashdelta.bench.conv",
     "cross_entropy": "flashdelta.bench.cross_entropy",
+    "fused_ops": "flashdelta.bench.fused_ops",
 }
