@@ -288,7 +288,8 @@ def test_cuda_matches_cpu_on_many_tiles(dtype, varlen):
     cu = torch.tensor([0, 1, 127, 128, 129, 255, 256, 600, 1100]) if varlen else None
     results = {}
     for device in ("cpu", "cuda"):
-        leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
+        # fresh leaves on each device (x keeps its transposed layout: clone preserves strides)
+        leaves = [t.detach().to(device).clone().requires_grad_() for t in (x, w, b)]
         y = flashdelta.causal_conv1d(*leaves, activation="silu",
                                      cu_seqlens=None if cu is None else cu.to(device))
         y.backward(dy.to(device))

@@ -466,12 +466,25 @@ def test_strict(monkeypatch):
     before = originals()
     assert flashdelta.patch(strict=True).patched("gdn")  # defaults: fine
     flashdelta.unpatch()
-    with pytest.raises(RuntimeError, match="fused_ops: no implementation in this build"):
-        flashdelta.patch(fused_ops=True, strict=True)
-    assert originals() == before  # nothing changed
-    monkeypatch.setenv("FLASHDELTA_FUSED_OPS", "1")
-    with pytest.raises(RuntimeError, match="fused_ops"):
+    # a component declared before its kernels exist (every shipped one has them now)
+    registered = _mechanism.registered
+    future = _mechanism.Component("future", "FLASHDELTA_FUTURE", "declared before its kernels",
+                                  implemented=False)
+    monkeypatch.setattr(_mechanism, "registered", lambda: registered() + (future,))
+    report = flashdelta.patch()
+    assert report.components["future"].state == "no implementation in this build"
+    assert "no implementation in this build" in str(report)
+    flashdelta.unpatch()
+    flashdelta.patch(strict=True)  # on by default only: not a request strict mode refuses
+    flashdelta.unpatch()
+    monkeypatch.setenv("FLASHDELTA_FUTURE", "1")  # asked for explicitly: refused
+    with pytest.raises(RuntimeError, match="future: no implementation in this build"):
         flashdelta.patch(strict=True)
+    assert originals() == before  # nothing changed
+    monkeypatch.setenv("FLASHDELTA_FUTURE", "0")
+    assert flashdelta.patch(strict=True).components["future"].state == "off"
+    flashdelta.unpatch()
+    monkeypatch.setattr(_mechanism, "registered", registered)
     with pytest.raises(RuntimeError, match="gdn: nothing found"):
         # a model of another kind, with no transformers modeling module loaded that has GDN
         _mechanism_without_targets(lambda: flashdelta.patch(torch.nn.Linear(2, 2), strict=True,
@@ -548,7 +561,8 @@ def test_report_table_and_logging(caplog):
         report = flashdelta.patch(model)
     text = str(report)
     assert "torch_chunk_gated_delta_rule" in text and "flashdelta.chunk_gated_delta_rule" in text
-    assert "no implementation in this build" in text
+    for name in ("fused_ops", "moe", "cross_entropy"):
+        assert name in text
     assert "no cuda kernel for" in text or len(flashdelta.build_info()["cuda_ops"]) == 4
     assert text in caplog.text
     site = report.sites_of("gdn")[0]

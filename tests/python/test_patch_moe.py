@@ -39,7 +39,7 @@ def test_patched_equals_unpatched(model_type):
     ids = torch.randint(1, 64, (2, 24), generator=torch.Generator().manual_seed(3))
     ref_logits, ref_loss, ref_grads = loss_and_grads(model, ids)
 
-    report = flashdelta.patch(model, gdn=False, moe=True)
+    report = flashdelta.patch(model, gdn=False, moe=True, cross_entropy=False)
     assert report.components["moe"].state == "patched", str(report)
     module = modeling_module(model_type)
     experts_cls, router_cls = (getattr(module, n) for n in CLASSES[model_type])
@@ -62,7 +62,7 @@ def test_patched_equals_unpatched(model_type):
 
 
 def test_model_built_after_patch_and_registry():
-    flashdelta.patch(gdn=False, moe=True)
+    flashdelta.patch(gdn=False, moe=True, cross_entropy=False)
     model = tiny_model("qwen3_5_moe")
     experts = [m for m in model.modules() if hasattr(m, "gate_up_proj")]
     assert experts and all(hasattr(type(m), "__flashdelta_original__") for m in experts)
@@ -74,7 +74,7 @@ def test_model_built_after_patch_and_registry():
 
 def test_registry_implementation_matches_eager():
     """experts_implementation="flashdelta" through transformers' own dispatch."""
-    flashdelta.patch(gdn=False, moe=True)
+    flashdelta.patch(gdn=False, moe=True, cross_entropy=False)
     flashdelta.unpatch()  # the registry entry stays usable on its own
     model = tiny_model("qwen3_5_moe")
     ids = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -99,7 +99,7 @@ def test_parametrized_experts_fall_back():
             parametrize.register_parametrization(m, "gate_up_proj", Scale())
     ids = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(2))
     ref = model(input_ids=ids).logits
-    flashdelta.patch(model, gdn=False, moe=True)
+    flashdelta.patch(model, gdn=False, moe=True, cross_entropy=False)
     calls = []
     original = moe_patch.flashdelta_experts_forward
     moe_patch.flashdelta_experts_forward = lambda *a: calls.append(1) or original(*a)
@@ -121,7 +121,7 @@ def test_patched_bf16_on_cuda(model_type):
     model = tiny_model(model_type).cuda().bfloat16()
     ids = torch.randint(1, 64, (2, 64), generator=torch.Generator().manual_seed(3)).cuda()
     ref_logits, ref_loss, ref_grads = loss_and_grads(model, ids)
-    report = flashdelta.patch(model, gdn=False, moe=True)
+    report = flashdelta.patch(model, gdn=False, moe=True, cross_entropy=False)
     assert report.components["moe"].state == "patched"
     logits, loss, grads = loss_and_grads(model, ids)
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
@@ -146,7 +146,7 @@ def test_peft_lora_on_expert_parameters_falls_back():
                 p.normal_(0, 0.1)
     ids = torch.randint(1, 64, (1, 16), generator=torch.Generator().manual_seed(4))
     ref = model(input_ids=ids).logits
-    flashdelta.patch(model, gdn=False, moe=True)
+    flashdelta.patch(model, gdn=False, moe=True, cross_entropy=False)
     calls = []
     original = moe_patch.flashdelta_experts_forward
     moe_patch.flashdelta_experts_forward = lambda *a: calls.append(1) or original(*a)
