@@ -8,8 +8,10 @@ a fixed seed, 1 x 8192 tokens, bf16; median step time after 3 warm-up steps, pea
 - `torch`: transformers' torch fallback for the gated delta rule (what transformers runs without
   flash-linear-attention; forced here even where FLA is installed);
 - `fla`: transformers with flash-linear-attention, when `import fla` works;
-- `flashdelta`: the same model after flashdelta.patch(model). Until flashdelta's CUDA kernels are
-  in the build, the patch falls back to transformers on CUDA and the report says so.
+- `flashdelta`: the same model after flashdelta.patch(model). Where flashdelta has no CUDA kernel
+  (today the chunked gated delta rule), the patch falls back to transformers and the report says so;
+- `flashdelta:A+B`: flashdelta.patch(model) with only components A and B on (gdn, fused_ops, moe,
+  cross_entropy), to see what each one changes: e.g. `--variants fla,flashdelta:gdn,flashdelta`.
 
 Every variant starts from the same LoRA weights (reset between runs, fresh optimizer) and sees the
 same batches; differences are measured against the first variant.
@@ -39,6 +41,19 @@ VARIANTS = ("torch", "fla", "flashdelta")
 GDN_SYMBOLS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
 
 
+COMPONENTS = ("gdn", "fused_ops", "moe", "cross_entropy")
+
+
+def _components_of(variant: str) -> Optional[Dict[str, bool]]:
+    """flashdelta:A+B -> {component: on} for patch(), or None when `variant` is not of that form."""
+    if not variant.startswith("flashdelta:"):
+        return None
+    chosen = variant.split(":", 1)[1].split("+")
+    if not chosen or any(c not in COMPONENTS for c in chosen):
+        return None
+    return {c: c in chosen for c in COMPONENTS}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(demo.PRESETS), default="35b-a3b")
@@ -51,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help=f"comma-separated subset of {','.join(VARIANTS)}")
+                   help=f"comma-separated subset of {','.join(VARIANTS)}, or flashdelta:A+B "
+                        f"(only components A and B patched)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
     p.add_argument("--no-progress", action="store_true")
@@ -60,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "3.7.0: FLA says its results can be wrong there); the run is labelled")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in VARIANTS and not _components_of(v)]
     if bad:
         p.error(f"unknown variants {bad}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -190,7 +206,7 @@ def main(argv=None) -> int:
                 run = demo.train(model, batches, label=variant, lr=args.lr, warmup=args.warmup,
                                  progress=not args.no_progress)
             else:
-                report = flashdelta.patch(model)
+                report = flashdelta.patch(model, **(_components_of(variant) or {}))
                 try:
                     run = demo.train(model, batches, label=variant, lr=args.lr,
                                      warmup=args.warmup, progress=not args.no_progress)
