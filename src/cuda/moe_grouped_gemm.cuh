@@ -22,8 +22,10 @@
 // element-wise (any H, I); out-of-range rows/columns are zero-filled and never stored.
 //
 // Scheduling without host synchronisation: kRows launches ceil(N / 128) + E tiles along x (an
-// upper bound of sum_e ceil(rows_e / 128)); each block finds its (expert, tile) by a warp scan over
-// the offsets read on the device, and surplus blocks exit. kReduction launches one z-slice per
+// upper bound of sum_e ceil(rows_e / 128)); each block finds its (expert, tile) by a block scan
+// over the offsets read on the device (all experts' offsets loaded at once: one memory round
+// trip for E <= 256; the first version walked them a warp at a time, ~8 dependent L2 round trips
+// at E = 256 before any tile load), and surplus blocks exit. kReduction launches one z-slice per
 // expert (an expert without rows writes zeros). Every output element is computed by exactly one
 // block in a fixed order: deterministic. Offsets are clamped to [0, N], so malformed offsets can
 // never make a block read or write out of bounds.
@@ -181,6 +183,9 @@ __device__ __forceinline__ void load_tile(uint16_t* smem, RowPtr row_ptr, int64_
   }
 }
 
+// ptxas fits every instantiation in <= 128 registers without spills (two blocks per SM), as
+// long as no minimum block count is forced: __launch_bounds__(kThreads, 2) makes the SwiGLU
+// instantiation spill.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads)
 grouped_gemm_kernel(const GroupedGemmParams<T> p) {
@@ -200,36 +205,49 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
   int64_t row_begin = 0, row_end = 0;
   const int64_t n_tile = blockIdx.y;
   if constexpr (kGrouping == Grouping::kRows) {
+    // Tile tile_id of the concatenation of every expert's ceil(rows_e / kBM) tiles. All threads
+    // take one expert each (kThreads experts a round, one round for E <= 256): their offsets
+    // are read in parallel, so finding the tile costs one memory round trip, not one per warp
+    // of experts, and a block scan (warp scans + warp totals in shared memory) places them.
+    __shared__ int s_warp_tiles[kThreads / 32];  // tile counts fit in int: N < 2^31
     __shared__ int s_expert;
     __shared__ int s_tile;
     if (threadIdx.x == 0) s_expert = -1;
     __syncthreads();
-    if (warp == 0) {
-      const int64_t tile_id = blockIdx.x;
-      int64_t carry = 0;
-      for (int base = 0; base < p.num_experts && carry <= tile_id; base += 32) {
-        const int e = base + lane;
-        int64_t tiles = 0;
-        if (e < p.num_experts) {
-          const int64_t begin = clamp_index(p.offsets[e], 0, p.num_rows);
-          const int64_t end = clamp_index(p.offsets[e + 1], begin, p.num_rows);
-          tiles = (end - begin + kBM - 1) / kBM;
-        }
-        int64_t inclusive = tiles;
-#pragma unroll
-        for (int d = 1; d < 32; d *= 2) {
-          const int64_t up = __shfl_up_sync(0xffffffffu, inclusive, d);
-          if (lane >= d) inclusive += up;
-        }
-        const int64_t start = carry + inclusive - tiles;
-        if (tiles > 0 && tile_id >= start && tile_id < start + tiles) {
-          s_expert = e;
-          s_tile = static_cast<int>(tile_id - start);
-        }
-        carry += __shfl_sync(0xffffffffu, inclusive, 31);
+    const int tile_id = static_cast<int>(blockIdx.x);
+    int carry = 0;  // tiles of the experts of earlier rounds (uniform across the block)
+    for (int base = 0; base < p.num_experts; base += kThreads) {
+      const int e = base + static_cast<int>(threadIdx.x);
+      int tiles = 0;
+      if (e < p.num_experts) {
+        const int64_t begin = clamp_index(p.offsets[e], 0, p.num_rows);
+        const int64_t end = clamp_index(p.offsets[e + 1], begin, p.num_rows);
+        tiles = static_cast<int>((end - begin + kBM - 1) / kBM);
       }
+      int inclusive = tiles;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int up = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += up;
+      }
+      if (lane == 31) s_warp_tiles[warp] = inclusive;
+      __syncthreads();
+      int before_warp = 0, round_total = 0;
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) {
+        const int t = s_warp_tiles[w];
+        before_warp += w < warp ? t : 0;
+        round_total += t;
+      }
+      const int start = carry + before_warp + inclusive - tiles;
+      if (tiles > 0 && tile_id >= start && tile_id < start + tiles) {  // exactly one thread
+        s_expert = e;
+        s_tile = tile_id - start;
+      }
+      carry += round_total;
+      __syncthreads();  // s_expert / s_tile visible; s_warp_tiles free for the next round
+      if (s_expert >= 0 || carry > tile_id) break;  // uniform: shared and uniform values
     }
-    __syncthreads();
     if (s_expert < 0) return;  // a surplus block: uniform across the block
     expert = s_expert;
     row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);

@@ -242,3 +242,14 @@ def test_bench_comparison_ignores_timing_runs(device):
         assert all(err < tol for err in errors.values()), errors
     assert calls == [1, 1, 3, 3]  # grad_to_none: x, plus both weights when trainable
     assert not any(p.requires_grad for p in experts.parameters())
+
+
+def test_more_experts_than_threads_per_block(device):
+    """E = 300 > 256: the CUDA GEMMs find each block's (expert, tile) in two rounds of their
+    block scan over the offsets (256 experts a round); some experts receive no token."""
+    dtype = kernel_dtype(device)
+    T, E, H, I, k = 200, 300, 16, 8, 2
+    idx, w = random_routing(T, E, k, seed=12)
+    experts = experts_module(E, H, I, dtype=dtype).to(device)
+    hidden = torch.randn(T, H, device=device, dtype=dtype)
+    check(run_both(experts, hidden, idx.to(device), w.to(device, dtype)), dtype)
