@@ -246,7 +246,10 @@ def test_bench_comparison_ignores_timing_runs(device):
 
 def test_more_experts_than_threads_per_block(device):
     """E = 300 > 256: the CUDA GEMMs find each block's (expert, tile) in two rounds of their
-    block scan over the offsets (256 experts a round); some experts receive no token."""
+    block scan over the offsets (256 experts a round); some experts receive no token. The CPU
+    has no such scheduling, and transformers' eager loop over 300 experts is slow there."""
+    if device == "cpu":
+        pytest.skip("a CUDA scheduling case")
     dtype = kernel_dtype(device)
     T, E, H, I, k = 200, 300, 16, 8, 2
     idx, w = random_routing(T, E, k, seed=12)
