@@ -1,7 +1,7 @@
 """Benchmark: the mixture-of-experts ops at Qwen3.5-35B-A3B sizes against transformers.
 
     python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
-                                   [--intermediate 512] [--json PATH]
+                                   [--intermediate 512] [--json PATH] [--profile]
 
 bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
 
@@ -85,6 +85,31 @@ def compare_experts(experts, hidden, top_k_index, top_k_weights, d_out, trainabl
     return times, errors
 
 
+def kernel_profile(step, repeats=10):
+    """[(kernel, us per step, calls per step)] of `step` under torch.profiler (device time),
+    largest first: where a section's time goes, and whether the device is busy for the whole
+    measured time (a sum far below the CUDA-event time means the host is the bottleneck)."""
+    from collections import defaultdict
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.key] += us
+            counts[ev.key] += ev.count
+    return sorted(((k, us / repeats, counts[k] / repeats) for k, us in totals.items()),
+                  key=lambda r: -r[1])
+
+
 def matmul_tflops(n=8192):
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -127,13 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each section's kernels (torch.profiler device time)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the moe benchmark needs a CUDA device")
     import transformers
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf
 
-    from flashdelta.ops.moe_experts import moe_experts, moe_experts_bwd, moe_experts_fwd
+    from flashdelta.ops.moe_experts import moe_experts_bwd, moe_experts_fwd
     from flashdelta.ops.moe_permute import moe_permute
 
     T, E, k, H, I = args.tokens, args.experts, args.top_k, args.hidden, args.intermediate
@@ -166,7 +193,19 @@ def main(argv=None) -> int:
             out, _ = fn(router, x, E)
             out.backward(g)
 
-        record("routing fwd+bwd", name, _bench(fwd_bwd))
+        record("routing fwd+bwd", name, _bench(fwd_bwd, grad_to_none=[x, router.weight]))
+    profiles = {}
+    if args.profile:
+        for name, fn in (("transformers", transformers_routing),
+                         ("flashdelta", flashdelta_routing)):
+            x = hidden.detach().clone().requires_grad_()
+            g = torch.randn(T, H, device="cuda", dtype=dt)
+
+            def routing_step(fn=fn, x=x, g=g):
+                out, _ = fn(router, x, E)
+                torch.autograd.grad(out, [x, router.weight], g)
+
+            profiles[f"routing fwd+bwd: {name}"] = kernel_profile(routing_step)
     ref, _ = transformers_routing(router, hidden, E)
     out, _ = flashdelta_routing(router, hidden, E)
     routing_err = float((out.double() - ref.double()).norm() / ref.double().norm())
@@ -181,6 +220,20 @@ def main(argv=None) -> int:
             timer=lambda fn, grads: _bench(fn, rep=50, grad_to_none=grads))
         for name, ms in times.items():
             record(f"experts fwd+bwd ({label})", name, ms)
+
+    if args.profile:
+        for trainable in (False, True):
+            experts.requires_grad_(trainable)
+            params = [experts.gate_up_proj, experts.down_proj] if trainable else []
+            for name, fn in experts_implementations(experts, top_i, top_w).items():
+                x = hidden.detach().clone().requires_grad_()
+
+                def experts_step(fn=fn, x=x, params=params):
+                    torch.autograd.grad(fn(x), [x, *params], g)
+
+                label = "trainable" if trainable else "frozen"
+                profiles[f"experts fwd+bwd ({label}): {name}"] = kernel_profile(experts_step)
+        experts.requires_grad_(False)
 
     # ---- the grouped GEMMs alone
     permuted, _, _, offsets = moe_permute(hidden, top_i, E)
@@ -210,6 +263,10 @@ def main(argv=None) -> int:
     for label, errs in errors.items():
         print(f"experts rel. L2 vs transformers ({label}): "
               + ", ".join(f"{name} {err:.1e}" for name, err in errs.items()))
+    for title, kernels in profiles.items():
+        print(f"-- {title}: device time {sum(r[1] for r in kernels):.1f} us per step")
+        for kernel, us, calls in kernels[:12]:
+            print(f"   {kernel[:80]:<80} {us:9.1f} us {calls:5.1f}x")
     base = {}
     print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
     for r in rows:
@@ -224,8 +281,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
-                           routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows), f,
-                      indent=2)
+                           routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows,
+                           profiles={t: [dict(kernel=n, us=u, calls=c) for n, u, c in ks]
+                                     for t, ks in profiles.items()}), f, indent=2)
     return 0
 
 
