@@ -21,8 +21,9 @@
 // ldmatrix.trans. Loads are 16-byte cp.async where the problem is aligned (vector_ok), else
 // element-wise (any H, I); out-of-range rows/columns are zero-filled and never stored.
 //
-// Scheduling without host synchronisation: kRows launches ceil(N / 128) + E tiles along x (an
-// upper bound of sum_e ceil(rows_e / 128)); each block finds its (expert, tile) by a block scan
+// Scheduling without host synchronisation: kRows launches ceil(N / 128) + E row tiles (an upper
+// bound of sum_e ceil(rows_e / 128)) along y and the column tiles along x (fastest: L2 reuse of
+// A and of each expert's weights); each block finds its (expert, tile) by a block scan
 // over the offsets read on the device (all experts' offsets loaded at once: one memory round
 // trip for E <= 256; the first version walked them a warp at a time, ~8 dependent L2 round trips
 // at E = 256 before any tile load), and surplus blocks exit. kReduction launches one z-slice per
@@ -39,9 +40,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "cuda/cuda_check.cuh"
+#include "flashdelta/tensor.h"
 
 namespace flashdelta::detail::cuda::moe {
 
@@ -203,7 +206,8 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
   int expert = 0;
   int64_t m_tile_start = 0;  // kRows: first row of the tile; kReduction: first m
   int64_t row_begin = 0, row_end = 0;
-  const int64_t n_tile = blockIdx.y;
+  // kRows: x = column tile (fastest: see the launch), y = row tile; kReduction: x = m, y = n.
+  const int64_t n_tile = kGrouping == Grouping::kRows ? blockIdx.x : blockIdx.y;
   if constexpr (kGrouping == Grouping::kRows) {
     // Tile tile_id of the concatenation of every expert's ceil(rows_e / kBM) tiles. All threads
     // take one expert each (kThreads experts a round, one round for E <= 256): their offsets
@@ -214,7 +218,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
     __shared__ int s_tile;
     if (threadIdx.x == 0) s_expert = -1;
     __syncthreads();
-    const int tile_id = static_cast<int>(blockIdx.x);
+    const int tile_id = static_cast<int>(blockIdx.y);
     int carry = 0;  // tiles of the experts of earlier rounds (uniform across the block)
     for (int base = 0; base < p.num_experts; base += kThreads) {
       const int e = base + static_cast<int>(threadIdx.x);
@@ -482,18 +486,31 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
     if (device < kMaxDevices) configured[device].store(true, std::memory_order_release);
   }
+  const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
+                              ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
+                              : (p.n_size + kBN - 1) / kBN;
+  GroupedGemmParams<T> q = p;
   dim3 grid(1, 1, 1);
   if constexpr (kGrouping == Grouping::kRows) {
-    grid.x = static_cast<unsigned>((p.num_rows + kBM - 1) / kBM + p.num_experts);
+    // Column tiles along x, the fastest-dispatched dimension: the n_tiles blocks of a row tile
+    // run together and share its A rows in L2, and an expert's row tiles follow one another,
+    // sharing its weight slab. (With row tiles fastest, every column tile re-read all of A from
+    // DRAM: 8x the 256 MB of A in the first GEMM at 35B-A3B sizes, 16x in the d_hidden GEMM.)
+    const int64_t row_tiles = (p.num_rows + kBM - 1) / kBM + p.num_experts;
+    if (row_tiles > 65535) {  // gridDim.y's limit: about 8 M rows (1 M tokens at top-8)
+      throw Error(Error::Kind::kValue,
+                  "moe_experts: " + std::to_string(p.num_rows) + " rows and " +
+                      std::to_string(p.num_experts) + " experts exceed one grouped GEMM launch " +
+                      "(at most 65535 tiles of 128 rows, plus one per expert): split the batch");
+    }
+    grid.x = static_cast<unsigned>(n_tiles);
+    grid.y = static_cast<unsigned>(row_tiles);
   } else {
     grid.x = static_cast<unsigned>((p.m_size + kBM - 1) / kBM);
+    grid.y = static_cast<unsigned>(n_tiles);
     grid.z = static_cast<unsigned>(p.num_experts);
   }
-  grid.y = static_cast<unsigned>(kEpilogue == Epilogue::kSwiGLU
-                                     ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
-                                     : (p.n_size + kBN - 1) / kBN);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  GroupedGemmParams<T> q = p;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_tiles == 0) return;
   q.pair_store_ok = reinterpret_cast<uintptr_t>(p.c) % (2 * sizeof(T)) == 0 && p.ldc % 2 == 0 &&
                     p.c_expert_stride % 2 == 0;
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(q);
