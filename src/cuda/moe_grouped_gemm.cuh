@@ -15,7 +15,7 @@
 // writes d_gate_up and optionally act).
 //
 // Tiling: 128 x 128 x 32 block tile, 8 warps as 2 (m) x 4 (n), 64 x 32 per warp (4 x 4 mma
-// tiles, 64 fp32 accumulators per thread), 3-stage cp.async pipeline. Shared tiles keep the
+// tiles, 64 fp32 accumulators per thread), 4-stage cp.async pipeline. Shared tiles keep the
 // global layout's contiguous dimension contiguous (+8 elements of padding: conflict-free
 // ldmatrix); K-contiguous tiles feed mma through ldmatrix, M/N-contiguous ones through
 // ldmatrix.trans. Loads are 16-byte cp.async where the problem is aligned (vector_ok), else
@@ -50,7 +50,10 @@ namespace flashdelta::detail::cuda::moe {
 
 constexpr int kBM = 128, kBN = 128, kBK = 32;
 constexpr int kThreads = 256;
-constexpr int kStages = 3;
+// Three k-tiles in flight while one is consumed. With 3 stages a tile had two k-steps (~0.25 us
+// each at the mma.sync rate) to arrive, less than a loaded L2 / DRAM round trip. 4 x 20 KiB:
+// two blocks per SM on sm_90 (and on sm_80's 164 KiB), and under sm_86/89's 99 KiB per block.
+constexpr int kStages = 4;
 constexpr int kPad = 8;  // elements of padding per shared row: 16 bytes
 // Elements of one operand's tile in one stage: K-contiguous [128][32 + 8] or [32][128 + 8].
 constexpr int kTileElems = (kBM * (kBK + kPad) > kBK * (kBM + kPad)) ? kBM * (kBK + kPad)
@@ -341,7 +344,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-  // ---- 3-stage pipeline: one group committed per stage, even when empty, so that
+  // ---- kStages-deep pipeline: one group committed per stage, even when empty, so that
   // wait_group<kStages - 2> always means "the tile about to be used has landed".
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -484,6 +487,9 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
     FLASHDELTA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    // Two blocks per SM need the largest shared-memory carve-out (the loads bypass L1 anyway).
+    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     if (device < kMaxDevices) configured[device].store(true, std::memory_order_release);
   }
   const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
