@@ -15,15 +15,18 @@
 // writes d_gate_up and optionally act).
 //
 // Tiling: 128 x 128 x 32 block tile, 8 warps as 2 (m) x 4 (n), 64 x 32 per warp (4 x 4 mma
-// tiles, 64 fp32 accumulators per thread), 3-stage cp.async pipeline. Shared tiles keep the
+// tiles, 64 fp32 accumulators per thread), 4-stage cp.async pipeline. Shared tiles keep the
 // global layout's contiguous dimension contiguous (+8 elements of padding: conflict-free
 // ldmatrix); K-contiguous tiles feed mma through ldmatrix, M/N-contiguous ones through
 // ldmatrix.trans. Loads are 16-byte cp.async where the problem is aligned (vector_ok), else
 // element-wise (any H, I); out-of-range rows/columns are zero-filled and never stored.
 //
-// Scheduling without host synchronisation: kRows launches ceil(N / 128) + E tiles along x (an
-// upper bound of sum_e ceil(rows_e / 128)); each block finds its (expert, tile) by a warp scan over
-// the offsets read on the device, and surplus blocks exit. kReduction launches one z-slice per
+// Scheduling without host synchronisation: kRows launches ceil(N / 128) + E row tiles (an upper
+// bound of sum_e ceil(rows_e / 128)) along y and the column tiles along x (fastest: L2 reuse of
+// A and of each expert's weights); each block finds its (expert, tile) by a block scan
+// over the offsets read on the device (all experts' offsets loaded at once: one memory round
+// trip for E <= 256; the first version walked them a warp at a time, ~8 dependent L2 round trips
+// at E = 256 before any tile load), and surplus blocks exit. kReduction launches one z-slice per
 // expert (an expert without rows writes zeros). Every output element is computed by exactly one
 // block in a fixed order: deterministic. Offsets are clamped to [0, N], so malformed offsets can
 // never make a block read or write out of bounds.
@@ -37,15 +40,20 @@
 
 #include <atomic>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 
 #include "cuda/cuda_check.cuh"
+#include "flashdelta/tensor.h"
 
 namespace flashdelta::detail::cuda::moe {
 
 constexpr int kBM = 128, kBN = 128, kBK = 32;
 constexpr int kThreads = 256;
-constexpr int kStages = 3;
+// Three k-tiles in flight while one is consumed. With 3 stages a tile had two k-steps (~0.25 us
+// each at the mma.sync rate) to arrive, less than a loaded L2 / DRAM round trip. 4 x 20 KiB:
+// two blocks per SM on sm_90 (and on sm_80's 164 KiB), and under sm_86/89's 99 KiB per block.
+constexpr int kStages = 4;
 constexpr int kPad = 8;  // elements of padding per shared row: 16 bytes
 // Elements of one operand's tile in one stage: K-contiguous [128][32 + 8] or [32][128 + 8].
 constexpr int kTileElems = (kBM * (kBK + kPad) > kBK * (kBM + kPad)) ? kBM * (kBK + kPad)
@@ -181,6 +189,9 @@ __device__ __forceinline__ void load_tile(uint16_t* smem, RowPtr row_ptr, int64_
   }
 }
 
+// ptxas fits every instantiation in <= 128 registers without spills (two blocks per SM), as
+// long as no minimum block count is forced: __launch_bounds__(kThreads, 2) makes the SwiGLU
+// instantiation spill.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads)
 grouped_gemm_kernel(const GroupedGemmParams<T> p) {
@@ -198,38 +209,52 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
   int expert = 0;
   int64_t m_tile_start = 0;  // kRows: first row of the tile; kReduction: first m
   int64_t row_begin = 0, row_end = 0;
-  const int64_t n_tile = blockIdx.y;
+  // kRows: x = column tile (fastest: see the launch), y = row tile; kReduction: x = m, y = n.
+  const int64_t n_tile = kGrouping == Grouping::kRows ? blockIdx.x : blockIdx.y;
   if constexpr (kGrouping == Grouping::kRows) {
+    // Tile tile_id of the concatenation of every expert's ceil(rows_e / kBM) tiles. All threads
+    // take one expert each (kThreads experts a round, one round for E <= 256): their offsets
+    // are read in parallel, so finding the tile costs one memory round trip, not one per warp
+    // of experts, and a block scan (warp scans + warp totals in shared memory) places them.
+    __shared__ int s_warp_tiles[kThreads / 32];  // tile counts fit in int: N < 2^31
     __shared__ int s_expert;
     __shared__ int s_tile;
     if (threadIdx.x == 0) s_expert = -1;
     __syncthreads();
-    if (warp == 0) {
-      const int64_t tile_id = blockIdx.x;
-      int64_t carry = 0;
-      for (int base = 0; base < p.num_experts && carry <= tile_id; base += 32) {
-        const int e = base + lane;
-        int64_t tiles = 0;
-        if (e < p.num_experts) {
-          const int64_t begin = clamp_index(p.offsets[e], 0, p.num_rows);
-          const int64_t end = clamp_index(p.offsets[e + 1], begin, p.num_rows);
-          tiles = (end - begin + kBM - 1) / kBM;
-        }
-        int64_t inclusive = tiles;
-#pragma unroll
-        for (int d = 1; d < 32; d *= 2) {
-          const int64_t up = __shfl_up_sync(0xffffffffu, inclusive, d);
-          if (lane >= d) inclusive += up;
-        }
-        const int64_t start = carry + inclusive - tiles;
-        if (tiles > 0 && tile_id >= start && tile_id < start + tiles) {
-          s_expert = e;
-          s_tile = static_cast<int>(tile_id - start);
-        }
-        carry += __shfl_sync(0xffffffffu, inclusive, 31);
+    const int tile_id = static_cast<int>(blockIdx.y);
+    int carry = 0;  // tiles of the experts of earlier rounds (uniform across the block)
+    for (int base = 0; base < p.num_experts; base += kThreads) {
+      const int e = base + static_cast<int>(threadIdx.x);
+      int tiles = 0;
+      if (e < p.num_experts) {
+        const int64_t begin = clamp_index(p.offsets[e], 0, p.num_rows);
+        const int64_t end = clamp_index(p.offsets[e + 1], begin, p.num_rows);
+        tiles = static_cast<int>((end - begin + kBM - 1) / kBM);
       }
+      int inclusive = tiles;
+#pragma unroll
+      for (int d = 1; d < 32; d *= 2) {
+        const int up = __shfl_up_sync(0xffffffffu, inclusive, d);
+        if (lane >= d) inclusive += up;
+      }
+      if (lane == 31) s_warp_tiles[warp] = inclusive;
+      __syncthreads();
+      int before_warp = 0, round_total = 0;
+#pragma unroll
+      for (int w = 0; w < kThreads / 32; ++w) {
+        const int t = s_warp_tiles[w];
+        before_warp += w < warp ? t : 0;
+        round_total += t;
+      }
+      const int start = carry + before_warp + inclusive - tiles;
+      if (tiles > 0 && tile_id >= start && tile_id < start + tiles) {  // exactly one thread
+        s_expert = e;
+        s_tile = tile_id - start;
+      }
+      carry += round_total;
+      __syncthreads();  // s_expert / s_tile visible; s_warp_tiles free for the next round
+      if (s_expert >= 0 || carry > tile_id) break;  // uniform: shared and uniform values
     }
-    __syncthreads();
     if (s_expert < 0) return;  // a surplus block: uniform across the block
     expert = s_expert;
     row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
@@ -319,7 +344,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
 
-  // ---- 3-stage pipeline: one group committed per stage, even when empty, so that
+  // ---- kStages-deep pipeline: one group committed per stage, even when empty, so that
   // wait_group<kStages - 2> always means "the tile about to be used has landed".
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -462,20 +487,36 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
     FLASHDELTA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    // Two blocks per SM need the largest shared-memory carve-out (the loads bypass L1 anyway).
+    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
     if (device < kMaxDevices) configured[device].store(true, std::memory_order_release);
   }
+  const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
+                              ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
+                              : (p.n_size + kBN - 1) / kBN;
+  GroupedGemmParams<T> q = p;
   dim3 grid(1, 1, 1);
   if constexpr (kGrouping == Grouping::kRows) {
-    grid.x = static_cast<unsigned>((p.num_rows + kBM - 1) / kBM + p.num_experts);
+    // Column tiles along x, the fastest-dispatched dimension: the n_tiles blocks of a row tile
+    // run together and share its A rows in L2, and an expert's row tiles follow one another,
+    // sharing its weight slab. (With row tiles fastest, every column tile re-read all of A from
+    // DRAM: 8x the 256 MB of A in the first GEMM at 35B-A3B sizes, 16x in the d_hidden GEMM.)
+    const int64_t row_tiles = (p.num_rows + kBM - 1) / kBM + p.num_experts;
+    if (row_tiles > 65535) {  // gridDim.y's limit: about 8 M rows (1 M tokens at top-8)
+      throw Error(Error::Kind::kValue,
+                  "moe_experts: " + std::to_string(p.num_rows) + " rows and " +
+                      std::to_string(p.num_experts) + " experts exceed one grouped GEMM launch " +
+                      "(at most 65535 tiles of 128 rows, plus one per expert): split the batch");
+    }
+    grid.x = static_cast<unsigned>(n_tiles);
+    grid.y = static_cast<unsigned>(row_tiles);
   } else {
     grid.x = static_cast<unsigned>((p.m_size + kBM - 1) / kBM);
+    grid.y = static_cast<unsigned>(n_tiles);
     grid.z = static_cast<unsigned>(p.num_experts);
   }
-  grid.y = static_cast<unsigned>(kEpilogue == Epilogue::kSwiGLU
-                                     ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
-                                     : (p.n_size + kBN - 1) / kBN);
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  GroupedGemmParams<T> q = p;
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_tiles == 0) return;
   q.pair_store_ok = reinterpret_cast<uintptr_t>(p.c) % (2 * sizeof(T)) == 0 && p.ldc % 2 == 0 &&
                     p.c_expert_stride % 2 == 0;
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(q);

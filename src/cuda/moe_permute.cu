@@ -18,7 +18,8 @@
 //
 // moe_unpermute: one block per token, fp32 accumulation over its top_k rows in slot order.
 // Backward: one block per token writes d_rows = w * d_out for each slot and reduces
-// <d_out, rows> to d_weights through a fixed-order block reduction. Deterministic throughout.
+// <d_out, rows> to d_weights through a fixed-order block reduction (one barrier per 32 slots,
+// not two per slot). Deterministic throughout.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -231,52 +232,67 @@ unpermute_kernel(const T* rows, const void* weights, DType weights_dtype, int64_
   }
 }
 
+// One block per token. The top_k slots are independent until their <d_out, row> dot products
+// are reduced: each warp reduces its share of a slot with a butterfly and parks it in shared
+// memory, and one barrier per kSlotGroup slots (one for top_k <= 32) lets thread j sum slot j's
+// warp partials in warp order. The sums are the same, in the same order, as a barrier per slot
+// would give (bitwise), but the slots' loads no longer wait for each other's reductions.
+constexpr int kSlotGroup = 32;
+
 template <typename T>
 __global__ void __launch_bounds__(kRowThreads)
 unpermute_backward_kernel(const T* rows, const void* weights, DType weights_dtype,
                           int64_t w_stride_t, int64_t w_stride_k, const int32_t* position,
                           int64_t top_k, int64_t H, const T* d_out, int64_t d_out_stride,
                           bool vector_ok, T* d_rows, void* d_weights) {
-  __shared__ float partials[kRowThreads / 32];
+  constexpr int kWarps = kRowThreads / 32;
+  __shared__ float partials[kSlotGroup][kWarps];
   const int64_t t = blockIdx.x;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
   const T* dy = d_out + t * d_out_stride;
-  for (int64_t j = 0; j < top_k; ++j) {
-    const float w = weights ? moe::load_float(weights, weights_dtype, t * w_stride_t + j * w_stride_k)
-                            : 1.0f;
-    const int64_t q = position[t * top_k + j];
-    float dot = 0.0f;
-    if (vector_ok) {
-      constexpr int kV = Vec<T>::kSize;
-      for (int64_t v = threadIdx.x; v < H / kV; v += blockDim.x) {
-        float d[kV], scaled[kV];
-        Vec<T>::load(dy + v * kV, d);
+  for (int64_t j0 = 0; j0 < top_k; j0 += kSlotGroup) {
+    const int64_t j1 = j0 + kSlotGroup < top_k ? j0 + kSlotGroup : top_k;
+    for (int64_t j = j0; j < j1; ++j) {
+      const float w = weights ? moe::load_float(weights, weights_dtype, t * w_stride_t + j * w_stride_k)
+                              : 1.0f;
+      const int64_t q = position[t * top_k + j];
+      float dot = 0.0f;
+      if (vector_ok) {
+        constexpr int kV = Vec<T>::kSize;
+        for (int64_t v = threadIdx.x; v < H / kV; v += blockDim.x) {
+          float d[kV], scaled[kV];
+          Vec<T>::load(dy + v * kV, d);
 #pragma unroll
-        for (int i = 0; i < kV; ++i) scaled[i] = w * d[i];
-        Vec<T>::store(d_rows + q * H + v * kV, scaled);
-        if (d_weights) {
-          float x[kV];
-          Vec<T>::load(rows + q * H + v * kV, x);
+          for (int i = 0; i < kV; ++i) scaled[i] = w * d[i];
+          Vec<T>::store(d_rows + q * H + v * kV, scaled);
+          if (d_weights) {
+            float x[kV];
+            Vec<T>::load(rows + q * H + v * kV, x);
 #pragma unroll
-          for (int i = 0; i < kV; ++i) dot += d[i] * x[i];
+            for (int i = 0; i < kV; ++i) dot += d[i] * x[i];
+          }
+        }
+      } else {
+        for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+          const float d = to_float<T>(dy[h]);
+          d_rows[q * H + h] = from_float<T>(w * d);
+          if (d_weights) dot += d * to_float<T>(rows[q * H + h]);
         }
       }
-    } else {
-      for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-        const float d = to_float<T>(dy[h]);
-        d_rows[q * H + h] = from_float<T>(w * d);
-        if (d_weights) dot += d * to_float<T>(rows[q * H + h]);
+      if (d_weights) {  // uniform branch: every lane of every warp takes it
+        dot = warp_sum(dot);
+        if (threadIdx.x % 32 == 0) partials[j - j0][warp] = dot;
       }
     }
-    if (d_weights) {  // fixed-order block reduction (uniform branch)
-      dot = warp_sum(dot);
-      if (threadIdx.x % 32 == 0) partials[threadIdx.x / 32] = dot;
-      __syncthreads();
-      if (threadIdx.x == 0) {
+    if (d_weights) {
+      __syncthreads();  // this group's partials are in shared memory
+      if (threadIdx.x < j1 - j0) {
         float total = 0.0f;
-        for (int i = 0; i < kRowThreads / 32; ++i) total += partials[i];
-        moe::store_float(d_weights, weights_dtype, t * top_k + j, total);
+#pragma unroll
+        for (int i = 0; i < kWarps; ++i) total += partials[threadIdx.x][i];
+        moe::store_float(d_weights, weights_dtype, t * top_k + j0 + threadIdx.x, total);
       }
-      __syncthreads();
+      __syncthreads();  // partials free for the next group
     }
   }
 }

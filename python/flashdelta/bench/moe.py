@@ -1,7 +1,7 @@
 """Benchmark: the mixture-of-experts ops at Qwen3.5-35B-A3B sizes against transformers.
 
     python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
-                                   [--intermediate 512] [--json PATH]
+                                   [--intermediate 512] [--json PATH] [--profile]
 
 bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
 
@@ -26,10 +26,88 @@ import torch
 import torch.nn.functional as F
 
 
-def _bench(fn, rep=100):
+def _bench(fn, rep=100, grad_to_none=None):
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    return do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def experts_implementations(experts, top_k_index, top_k_weights):
+    """name -> hidden -> output: transformers' module (its configured implementation) and
+    flashdelta.moe_experts on the module's own parameters."""
+    from flashdelta.ops.moe_experts import moe_experts
+
+    return {
+        "transformers grouped_mm": lambda x: experts(x, top_k_index, top_k_weights),
+        "flashdelta": lambda x: moe_experts(x, top_k_index, top_k_weights, experts.gate_up_proj,
+                                            experts.down_proj),
+    }
+
+
+def outputs_and_grads(fn, experts, hidden, d_out, trainable):
+    """[out, d_hidden] (+ [d_gate_up_proj, d_down_proj] when trainable) of one implementation.
+
+    Gradients come from torch.autograd.grad: nothing is read from or accumulated into `.grad`.
+    (The first version of this benchmark compared `.grad` after timing loops that had
+    accumulated into the reference's gradient tensors in place: a 0.92 "error" that was 12
+    accumulated timing runs, not the kernels.)"""
+    x = hidden.detach().clone().requires_grad_()
+    out = fn(x)
+    params = [experts.gate_up_proj, experts.down_proj] if trainable else []
+    return [out.detach(), *torch.autograd.grad(out, [x, *params], d_out)]
+
+
+EXPERTS_TENSORS = ("out", "d_hidden", "d_gate_up_proj", "d_down_proj")
+
+
+def compare_experts(experts, hidden, top_k_index, top_k_weights, d_out, trainable, timer):
+    """Times forward+backward of both implementations with `timer(fn, grad_to_none)` and returns
+    ({name: ms}, {tensor: relative L2 of flashdelta against transformers}). The timed runs use
+    `.backward` like a training step; the comparison is computed after them, independently."""
+    experts.requires_grad_(trainable)
+    impls = experts_implementations(experts, top_k_index, top_k_weights)
+    times = {}
+    for name, fn in impls.items():
+        x = hidden.detach().clone().requires_grad_()
+
+        def fwd_bwd(fn=fn, x=x):
+            fn(x).backward(d_out)
+
+        params = [experts.gate_up_proj, experts.down_proj] if trainable else []
+        times[name] = timer(fwd_bwd, [x, *params])
+    experts.zero_grad(set_to_none=True)
+    results = {name: outputs_and_grads(fn, experts, hidden, d_out, trainable)
+               for name, fn in impls.items()}
+    experts.requires_grad_(False)
+    ref, out = results["transformers grouped_mm"], results["flashdelta"]
+    errors = {name: float((a.double() - b.double()).norm() / b.double().norm())
+              for name, a, b in zip(EXPERTS_TENSORS, out, ref)}
+    return times, errors
+
+
+def kernel_profile(step, repeats=10):
+    """[(kernel, us per step, calls per step)] of `step` under torch.profiler (device time),
+    largest first: where a section's time goes, and whether the device is busy for the whole
+    measured time (a sum far below the CUDA-event time means the host is the bottleneck)."""
+    from collections import defaultdict
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.key] += us
+            counts[ev.key] += ev.count
+    return sorted(((k, us / repeats, counts[k] / repeats) for k, us in totals.items()),
+                  key=lambda r: -r[1])
 
 
 def matmul_tflops(n=8192):
@@ -74,13 +152,15 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--profile", action="store_true",
+                   help="also print each section's kernels (torch.profiler device time)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the moe benchmark needs a CUDA device")
     import transformers
     from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf
 
-    from flashdelta.ops.moe_experts import moe_experts, moe_experts_bwd, moe_experts_fwd
+    from flashdelta.ops.moe_experts import moe_experts_bwd, moe_experts_fwd
     from flashdelta.ops.moe_permute import moe_permute
 
     T, E, k, H, I = args.tokens, args.experts, args.top_k, args.hidden, args.intermediate
@@ -113,7 +193,19 @@ def main(argv=None) -> int:
             out, _ = fn(router, x, E)
             out.backward(g)
 
-        record("routing fwd+bwd", name, _bench(fwd_bwd))
+        record("routing fwd+bwd", name, _bench(fwd_bwd, grad_to_none=[x, router.weight]))
+    profiles = {}
+    if args.profile:
+        for name, fn in (("transformers", transformers_routing),
+                         ("flashdelta", flashdelta_routing)):
+            x = hidden.detach().clone().requires_grad_()
+            g = torch.randn(T, H, device="cuda", dtype=dt)
+
+            def routing_step(fn=fn, x=x, g=g):
+                out, _ = fn(router, x, E)
+                torch.autograd.grad(out, [x, router.weight], g)
+
+            profiles[f"routing fwd+bwd: {name}"] = kernel_profile(routing_step)
     ref, _ = transformers_routing(router, hidden, E)
     out, _ = flashdelta_routing(router, hidden, E)
     routing_err = float((out.double() - ref.double()).norm() / ref.double().norm())
@@ -122,31 +214,26 @@ def main(argv=None) -> int:
     g = torch.randn(T, H, device="cuda", dtype=dt)
     errors = {}
     for trainable in (False, True):
-        experts.requires_grad_(trainable)
         label = "trainable" if trainable else "frozen"
-        impls = {
-            "transformers grouped_mm": lambda x: experts(x, top_i, top_w),
-            "flashdelta": lambda x: moe_experts(x, top_i, top_w, experts.gate_up_proj,
-                                                experts.down_proj),
-        }
-        outs = {}
-        for name, fn in impls.items():
-            x = hidden.detach().clone().requires_grad_()
+        times, errors[label] = compare_experts(
+            experts, hidden, top_i, top_w, g, trainable,
+            timer=lambda fn, grads: _bench(fn, rep=50, grad_to_none=grads))
+        for name, ms in times.items():
+            record(f"experts fwd+bwd ({label})", name, ms)
 
-            def fwd_bwd():
-                fn(x).backward(g)
+    if args.profile:
+        for trainable in (False, True):
+            experts.requires_grad_(trainable)
+            params = [experts.gate_up_proj, experts.down_proj] if trainable else []
+            for name, fn in experts_implementations(experts, top_i, top_w).items():
+                x = hidden.detach().clone().requires_grad_()
 
-            record(f"experts fwd+bwd ({label})", name, _bench(fwd_bwd, rep=50))
-            x.grad = None
-            experts.zero_grad(set_to_none=True)
-            y = fn(x)
-            y.backward(g)
-            outs[name] = [y.detach(), x.grad] + (
-                [experts.gate_up_proj.grad, experts.down_proj.grad] if trainable else [])
-        a, b = outs["flashdelta"], outs["transformers grouped_mm"]
-        errors[label] = max(float((p.double() - q.double()).norm() / q.double().norm())
-                            for p, q in zip(a, b))
-    experts.requires_grad_(False)
+                def experts_step(fn=fn, x=x, params=params):
+                    torch.autograd.grad(fn(x), [x, *params], g)
+
+                label = "trainable" if trainable else "frozen"
+                profiles[f"experts fwd+bwd ({label}): {name}"] = kernel_profile(experts_step)
+        experts.requires_grad_(False)
 
     # ---- the grouped GEMMs alone
     permuted, _, _, offsets = moe_permute(hidden, top_i, E)
@@ -172,8 +259,14 @@ def main(argv=None) -> int:
     print(f"moe: T={T} E={E} top_k={k} H={H} I={I} bf16; {torch.cuda.get_device_name()}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"bf16 matmul 8192^3: {peak:.0f} TFLOP/s; routing rel. L2 vs transformers "
-          f"{routing_err:.1e}; experts max rel. L2 (out and grads) frozen {errors['frozen']:.1e}, "
-          f"trainable {errors['trainable']:.1e}")
+          f"{routing_err:.1e}")
+    for label, errs in errors.items():
+        print(f"experts rel. L2 vs transformers ({label}): "
+              + ", ".join(f"{name} {err:.1e}" for name, err in errs.items()))
+    for title, kernels in profiles.items():
+        print(f"-- {title}: device time {sum(r[1] for r in kernels):.1f} us per step")
+        for kernel, us, calls in kernels[:12]:
+            print(f"   {kernel[:80]:<80} {us:9.1f} us {calls:5.1f}x")
     base = {}
     print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
     for r in rows:
@@ -188,8 +281,9 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
-                           routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows), f,
-                      indent=2)
+                           routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows,
+                           profiles={t: [dict(kernel=n, us=u, calls=c) for n, u, c in ks]
+                                     for t, ks in profiles.items()}), f, indent=2)
     return 0
 
 
