@@ -152,16 +152,16 @@ MOE_PARAMETERS = EXPERT_WEIGHTS + ("mlp.gate.weight",)
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-@pytest.mark.parametrize("experts", ["frozen", "trainable", "trainable-on-kernels"])
+@pytest.mark.parametrize("experts", ["frozen", "trainable", "trainable-opted-out"])
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_patched_bf16_on_cuda(model_type, experts, experts_calls, monkeypatch):
     """The CUDA kernels inside a bf16 model: loss and gradients within bf16 accuracy. Frozen
-    experts (the LoRA case) run the kernels; trainable ones keep transformers' forward unless
-    FLASHDELTA_MOE_TRAINABLE_EXPERTS=1 (then the weight-gradient kernels run)."""
+    experts (the LoRA case) and trainable ones run the kernels; FLASHDELTA_MOE_TRAINABLE_EXPERTS=0
+    sends trainable ones to transformers' forward."""
     if "moe_experts.backward" not in flashdelta.build_info()["cuda_ops"]:
         pytest.skip("this build has no CUDA moe kernels")
-    if experts == "trainable-on-kernels":
-        monkeypatch.setenv(moe_patch.TRAINABLE_EXPERTS_ENV, "1")
+    if experts == "trainable-opted-out":
+        monkeypatch.setenv(moe_patch.TRAINABLE_EXPERTS_ENV, "0")
     model = tiny_model(model_type).cuda().bfloat16()
     for name, p in model.named_parameters():
         p.requires_grad_(experts != "frozen" or not name.endswith(EXPERT_WEIGHTS))
@@ -170,7 +170,7 @@ def test_patched_bf16_on_cuda(model_type, experts, experts_calls, monkeypatch):
     report = flashdelta.patch(model, gdn=False, moe=True, cross_entropy=False)
     assert report.components["moe"].state == "patched"
     logits, loss, grads = loss_and_grads(model, ids)
-    assert (len(experts_calls) > 0) == (experts != "trainable")
+    assert (len(experts_calls) > 0) == (experts != "trainable-opted-out")
 
     rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())  # noqa: E731
     assert rel(logits, ref_logits) < 1e-2
