@@ -1,38 +1,60 @@
 // Depthwise causal conv1d (+ SiLU) on the GPU: forward, backward and the decode update.
 //
 // What it computes (include/flashdelta/causal_conv1d.h), per channel c of sequence b, W taps:
-//   pre[t] = bias + sum_{j = 0}^{min(W - 1, t - start(t))} weight[W - 1 - j] * x[t - j]
+//   pre[t] = bias + sum_{j = 0}^{W - 1} weight[W - 1 - j] * x[t - j]   (x[t - j] = 0 before the
+//            start of t's sequence)
 //   y[t] = silu(pre[t]) or pre[t]
 //   dpre[t] = dy[t] * silu'(pre[t]),   dx[t] = sum_j weight[W - 1 - j] dpre[t + j] (same sequence)
-//   dweight[W - 1 - j] = sum_t dpre[t] x[t - j],   dbias = sum_t dpre[t]
+//   dweight[W - 1 - j] = sum_t x[t] dpre[t + j],   dbias = sum_t dpre[t]
 //
-// Memory-bound (W = 4 multiply-adds per element): every kernel reads each input once and writes
-// each output once, in fp32 registers in between.
+// Why it is shaped this way (the counting behind it): with W = 4 there are 4 multiply-adds per
+// element, so the op is memory-bound only if the rest stays small too. At the H100's 3 TB/s copy
+// bandwidth a bf16 forward moves 4 bytes per element (read x, write y): 0.75 G elements/us, while
+// 132 SMs issue ~30 G thread-instructions/us: a budget of ~40 instructions per element, of which
+// SiLU (accurate expf and an IEEE division, kept so bf16 results equal transformers' bit for bit)
+// takes ~17. The backward moves 6 bytes per element (read x and dy, write dx): ~60 instructions.
+// So the kernels are templated on everything that changes the per-element code (x's dtype, the
+// rounding dtype, W, the channel pack, SiLU) and carry no runtime dtype switch, mask or spill in
+// the token loop; sequence boundaries are a per-thread bit mask tested once per token (a
+// warp-uniform branch), not a per-tap select.
 //
-// Launch shape (forward and backward): a block is 32 x 4 threads and owns a tile of
-// 32 * VEC channels by 4 runs of kRunTokens tokens; grid (channel tiles, token tiles, B).
-// Thread (x, y) owns VEC adjacent channels (one 16-byte load per token in the forward, 8-byte in
-// the backward, when the channel stride is 1 and the strides and address are aligned: the layout
-// of transformers' transposed [B, T, C] view; VEC = 1 otherwise, any strides) and walks its run
-// of tokens in order, keeping the previous W - 1 inputs in registers, so x is read once plus a
-// W - 1 token halo per run. Loads are issued kUnroll tokens at a time ahead of the arithmetic to
-// keep enough bytes in flight.
-// Sequence boundaries: the block first writes reach[t] = min(W - 1, t - start(t)) for its tokens
-// to shared memory (start by a binary search of cu_seqlens, read on the device: no host sync).
+// Launch shape (forward and backward): a block is 32 x 4 threads and owns a tile of 32 * VEC
+// channels by 4 runs of R tokens (R = 32 forward, 56 backward); grid (channel tiles, token tiles,
+// B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and tensor in the
+// forward (4 bf16 channels), 4-byte ones in the backward, when the channel stride is 1 and the
+// strides and address are aligned (the layout of transformers' transposed [B, T, C] view);
+// VEC = 1 and any strides otherwise. A warp reads 32 * VEC contiguous channels of a token per
+// access (256 / 128 bytes: whole sectors). Why not 16-byte packs: the per-channel state a thread
+// keeps (W weights, the bias, W - 1 inputs; in the backward also W + 1 gradient sums and W - 1
+// dpre values) grows with VEC, and at 16 bytes the kernels spilled under 3 blocks per SM; bytes
+// in flight per SM do not depend on VEC (more threads with fewer channels each).
+// The thread walks its run with a ring of the next 8 tokens' raw packs (kept as 32-bit words):
+// token t is consumed and its slot refilled with token t + 8 at once, so 8 loads per tensor stay
+// in flight per thread: at 4 blocks per SM (110-122 registers, no spills) 512 threads x 8 x 8 B
+// = 32 KB per SM in the forward, 512 x 8 x 2 x 4 B = 32 KB in the backward, above the ~24 KB
+// that 3 TB/s at ~1 us latency needs. It keeps the previous W - 1 inputs in registers: x is read
+// once plus a W - 1 token halo per run (an L2 hit: the neighbouring run).
 //
-// Backward: the thread recomputes pre and dpre for its run plus a W - 1 token look-ahead (dx[t]
-// needs dpre up to t + W - 1) and emits dx W - 1 steps behind. The weight and bias gradients are
-// summed per thread, then over the block's 4 runs in shared memory (fixed order), and written as
-// one fp32 partial per (b, token tile, tap, channel) into the workspace; a second kernel sums the
-// partials over (b, tile) in a fixed order: deterministic, no atomics.
+// Backward, one pass over x and dy: the thread recomputes pre and dpre for its run plus a W - 1
+// token look-ahead and emits dx[t - (W - 1)] and the weight-gradient terms x[t - (W - 1)] *
+// dpre[t - (W - 1) + j] once dpre[t] is known. The weight and bias gradients are summed per
+// thread, over the block's 4 runs in shared memory (fixed order), and written as one fp32
+// partial per (b, token tile, tap, channel): [B * tiles, W + 1, C], 20 bytes per channel per
+// 224 tokens against the kernel's 6 per channel per token (1.5%). A second kernel sums the
+// partials over (b, tile) in a fixed order, 8 loads ahead: deterministic, no atomics.
 //
-// Update: one thread per (b, c); reads the S state columns and L new inputs, writes L outputs,
-// then shifts the state left by L in place (column L + i is read before position L + i is
-// written, and no other thread touches this (b, c)). The decode case (L = 1, S = 4, the state in
-// x's dtype with aligned rows: transformers' cache) moves each state row in one access.
+// Update (decode): one thread per 16 bytes of conv_state in the decode case (L = 1, S = 4, state
+// [B, C, 4] contiguous in x's dtype: two bf16 rows, one fp32 row), which reads its rows and the
+// new inputs, writes the outputs and the shifted rows, one access each way. Any other shape or
+// layout: one thread per (b, c), which shifts its row in place (column L + i is read before
+// position i is written, and no other thread touches the row).
+//
+// Rounding: transformers runs the convolution in weight's dtype (x cast to it) and casts the
+// result to x's dtype; the kernels round where it holds a value in weight's dtype, so bf16
+// results equal its own.
 //
 // Assumes: W in [2, 4] (templates; core checks), grid.y = token tiles <= 65535 and B <= 65535
-// (checked), any strides, y / dx not overlapping the inputs.
+// (checked), y / dx not overlapping the inputs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -50,21 +72,26 @@ namespace {
 constexpr int kChannelThreads = 32;  // blockDim.x
 constexpr int kRuns = 4;             // blockDim.y: runs of tokens per block
 constexpr int kThreads = kChannelThreads * kRuns;
+constexpr int kBatch = 8;            // tokens loaded per batch (one batch ahead of the math)
 constexpr int kForwardRunTokens = 32;
-constexpr int kBackwardRunTokens = 64;  // longer runs: the W - 1 look-ahead is re-read per run
-constexpr int kUnroll = 8;              // tokens loaded ahead of the arithmetic
-// Bytes per channel pack: 16 in the forward; 8 in the backward, which holds x, dy, dpre, the
-// weight and its gradient per channel (16-byte packs there spill registers).
-constexpr int kForwardPackBytes = 16;
-constexpr int kBackwardPackBytes = 8;
+// Longer runs in the backward: fewer weight-gradient partials and less halo per token. A run,
+// its W - 1 halo and W - 1 look-ahead tokens must fit the 64-bit sequence-start mask.
+constexpr int kBackwardRunTokens = 56;
+constexpr int kForwardPackBytes = 8;
+constexpr int kBackwardPackBytes = 4;
 constexpr int kMaxGridYZ = 65535;
+static_assert(kBackwardRunTokens + 2 * (kCausalConv1dCudaMaxWidth - 1) <= 64, "start mask");
+
+// Where transformers holds a value in weight's dtype: no rounding (fp32 weight), to bf16, to
+// fp16, or by the runtime dtype (the generic kernels, any dtype mix).
+enum RoundTo : int { kRoundNone = 0, kRoundBF16 = 1, kRoundF16 = 2, kRoundRuntime = 3 };
 
 struct ConvParams {
   const void* x;
   const void* dy;  // backward only
   void* out;       // y (forward) or dx (backward)
   const void* weight;
-  const void* bias;  // nullptr: no bias
+  const void* bias;   // nullptr: no bias
   DType param_dtype;  // weight's and bias's
   int64_t x_s[3], dy_s[3], out_s[3];
   int64_t weight_s[2], bias_s;
@@ -75,7 +102,6 @@ struct ConvParams {
   int64_t num_tiles;  // token tiles per sequence row (grid.y)
   float* partials;    // backward: [B * num_tiles, W + 1, C]
   bool silu;
-  bool round_x;       // x is wider than weight: cast it to weight's dtype first
 };
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
@@ -93,7 +119,7 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
 
-// Weight, bias and conv_state come in any float dtype.
+// Weight, bias and conv_state come in any float dtype (read outside the token loops).
 __device__ __forceinline__ float load_any(const void* p, DType dtype, int64_t i) {
   switch (dtype) {
     case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
@@ -110,9 +136,7 @@ __device__ __forceinline__ void store_any(void* p, DType dtype, int64_t i, float
   }
 }
 
-// v rounded to `dtype` and back. transformers runs the convolution in weight's dtype (x cast to
-// it) and casts the result to x's dtype; rounding where it holds a value in weight's dtype makes
-// bf16 results equal to its own, bit for bit or nearly (an fp32 weight: no rounding at all).
+// v rounded to `dtype` and back (identity for fp32).
 __device__ __forceinline__ float round_to(DType dtype, float v) {
   switch (dtype) {
     case DType::kFloat16: return __half2float(__float2half_rn(v));
@@ -121,74 +145,173 @@ __device__ __forceinline__ float round_to(DType dtype, float v) {
   }
 }
 
-// VEC adjacent channels of one token, loaded or stored as one access.
+template <int kRound>
+__device__ __forceinline__ float round_param(DType runtime_dtype, float v) {
+  if constexpr (kRound == kRoundBF16) return __bfloat162float(__float2bfloat16_rn(v));
+  else if constexpr (kRound == kRoundF16) return __half2float(__float2half_rn(v));
+  else if constexpr (kRound == kRoundRuntime) return round_to(runtime_dtype, v);
+  else return v;
+}
+
+// Whether rounding to the weight's dtype is what storing in T does anyway (or nothing at all):
+// then values read from T need no rounding and values stored to T need only the store's.
+template <typename T, int kRound>
+constexpr bool kRoundIsFree =
+    kRound == kRoundNone || (kRound == kRoundBF16 && std::is_same_v<T, __nv_bfloat16>) ||
+    (kRound == kRoundF16 && std::is_same_v<T, __half>);
+
+// VEC adjacent channels of one token, loaded or stored as one access (the decode update's state
+// rows).
 template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Pack {
   T v[VEC];
 };
 
+// VEC adjacent channels of one token as the conv kernels load and store them: 32-bit words
+// (VEC * sizeof(T) >= 4 bytes), or one 16-bit element in the low half of a word (VEC = 1).
+// Words, not T[VEC]: unpacking a bf16 is then one shift or mask, not a 16-bit extract (PRMT),
+// and the ring of tokens in flight holds no half-registers.
 template <typename T, int VEC>
-__device__ __forceinline__ void load_pack(const T* __restrict__ base, float (&out)[VEC]) {
-  if constexpr (VEC == 1) {
-    out[0] = to_f32(base[0]);
+struct Raw {
+  static constexpr int kBytes = VEC * static_cast<int>(sizeof(T));
+  static constexpr int kWords = kBytes >= 4 ? kBytes / 4 : 1;
+  uint32_t w[kWords];
+};
+
+// The pack of channels c0 .. c0 + VEC - 1 at `base` (VEC > 1: channel stride 1 and aligned to
+// the pack; VEC = 1: one element, any strides).
+template <typename T, int VEC>
+__device__ __forceinline__ Raw<T, VEC> load_raw(const T* __restrict__ base) {
+  Raw<T, VEC> r;
+  if constexpr (Raw<T, VEC>::kBytes == 16) {
+    const uint4 q = *reinterpret_cast<const uint4*>(base);
+    r.w[0] = q.x, r.w[1] = q.y, r.w[2] = q.z, r.w[3] = q.w;
+  } else if constexpr (Raw<T, VEC>::kBytes == 8) {
+    const uint2 q = *reinterpret_cast<const uint2*>(base);
+    r.w[0] = q.x, r.w[1] = q.y;
+  } else if constexpr (Raw<T, VEC>::kBytes == 4) {
+    r.w[0] = *reinterpret_cast<const uint32_t*>(base);
   } else {
-    const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(base);  // channel stride 1
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) out[v] = to_f32(pk.v[v]);
+    static_assert(Raw<T, VEC>::kBytes == 2, "packs of 2, 4, 8 or 16 bytes");
+    r.w[0] = *reinterpret_cast<const uint16_t*>(base);
+  }
+  return r;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_raw(T* __restrict__ base, const Raw<T, VEC>& r) {
+  if constexpr (Raw<T, VEC>::kBytes == 16) {
+    *reinterpret_cast<uint4*>(base) = make_uint4(r.w[0], r.w[1], r.w[2], r.w[3]);
+  } else if constexpr (Raw<T, VEC>::kBytes == 8) {
+    *reinterpret_cast<uint2*>(base) = make_uint2(r.w[0], r.w[1]);
+  } else if constexpr (Raw<T, VEC>::kBytes == 4) {
+    *reinterpret_cast<uint32_t*>(base) = r.w[0];
+  } else {
+    *reinterpret_cast<uint16_t*>(base) = static_cast<uint16_t>(r.w[0]);
   }
 }
 
+template <typename T, int VEC>
+__device__ __forceinline__ Raw<T, VEC> zero_raw() {  // +0 in every dtype
+  Raw<T, VEC> r;
+#pragma unroll
+  for (int k = 0; k < Raw<T, VEC>::kWords; ++k) r.w[k] = 0u;
+  return r;
+}
+
+// Element v of a pack, in fp32 (exact).
+template <typename T, int VEC>
+__device__ __forceinline__ float raw_element(const Raw<T, VEC>& r, int v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return __uint_as_float(r.w[v]);
+  } else {
+    const uint32_t word = r.w[v / 2];
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // bf16 is the top half of an fp32
+      return __uint_as_float(v % 2 ? word & 0xffff0000u : word << 16);
+    } else {
+      return __half2float(__ushort_as_half(static_cast<unsigned short>(v % 2 ? word >> 16 : word)));
+    }
+  }
+}
+
+// Raw values as the convolution takes them: fp32, rounded to weight's dtype where narrower.
+template <typename T, int kRound, int VEC>
+__device__ __forceinline__ void unpack(const Raw<T, VEC>& r, DType param_dtype,
+                                       float (&out)[VEC]) {
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) {
+    out[v] = raw_element<T, VEC>(r, v);
+    if constexpr (!kRoundIsFree<T, kRound>) out[v] = round_param<kRound>(param_dtype, out[v]);
+  }
+}
+
+// Stores VEC fp32 values (rounded to T to nearest even; 16-bit types convert pairs at once).
 template <typename T, int VEC>
 __device__ __forceinline__ void store_pack(T* __restrict__ base, const float (&in)[VEC]) {
-  if constexpr (VEC == 1) {
-    base[0] = from_f32<T>(in[0]);
+  Raw<T, VEC> r;
+  if constexpr (std::is_same_v<T, float>) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) r.w[v] = __float_as_uint(in[v]);
+  } else if constexpr (VEC == 1) {
+    const T h = from_f32<T>(in[0]);
+    unsigned short bits;
+    memcpy(&bits, &h, sizeof(bits));
+    r.w[0] = bits;
   } else {
-    Pack<T, VEC> pk;
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) pk.v[v] = from_f32<T>(in[v]);
-    *reinterpret_cast<Pack<T, VEC>*>(base) = pk;
+    for (int v = 0; v < VEC; v += 2) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        const __nv_bfloat162 two = __floats2bfloat162_rn(in[v], in[v + 1]);
+        memcpy(&r.w[v / 2], &two, sizeof(uint32_t));
+      } else {
+        const __half2 two = __floats2half2_rn(in[v], in[v + 1]);
+        memcpy(&r.w[v / 2], &two, sizeof(uint32_t));
+      }
+    }
   }
+  store_raw<T, VEC>(base, r);
 }
 
-// x values as the convolution takes them (cast to weight's dtype when that is narrower).
-template <typename T, int VEC>
-__device__ __forceinline__ void load_input(const ConvParams& p, const T* __restrict__ base,
-                                           float (&out)[VEC]) {
-  load_pack<T, VEC>(base, out);
-  if (p.round_x) {
-#pragma unroll
-    for (int v = 0; v < VEC; ++v) out[v] = round_to(p.param_dtype, out[v]);
-  }
-}
-
-// The first token of t's sequence: the last cu_seqlens offset <= t (offset 0 is 0).
-__device__ __forceinline__ int64_t sequence_start(const ConvParams& p, int64_t t) {
+// Bit i set: token base + i (0 <= i < count <= 64) is the first token of a packed sequence
+// (some cu_seqlens offset > 0 equals it). 0 without cu_seqlens. The offsets are read on the
+// device (no host sync): a binary search for the first offset > base, then a walk.
+__device__ __forceinline__ uint64_t sequence_starts(const ConvParams& p, int64_t base,
+                                                    int count) {
+  if (p.cu_seqlens == nullptr) return 0;
   auto offset = [&](int64_t i) -> int64_t {
     return p.cu_seqlens_64
                ? static_cast<const int64_t*>(p.cu_seqlens)[i * p.cu_seqlens_stride]
                : static_cast<const int32_t*>(p.cu_seqlens)[i * p.cu_seqlens_stride];
   };
-  int64_t lo = 0, hi = p.num_offsets - 1;
+  int64_t lo = 1, hi = p.num_offsets;  // the first i in [1, N + 1) with offset(i) > base
   while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) >> 1;
-    if (offset(mid) <= t) lo = mid;
-    else hi = mid - 1;
+    const int64_t mid = (lo + hi) >> 1;
+    if (offset(mid) > base) hi = mid;
+    else lo = mid + 1;
   }
-  return offset(lo);
+  uint64_t starts = 0;
+  for (int64_t i = lo; i < p.num_offsets; ++i) {
+    const int64_t o = offset(i);
+    if (o >= base + count) break;
+    starts |= uint64_t{1} << (o - base);
+  }
+  return starts;
 }
 
-// reach[i] = how many earlier inputs token tile0 + i may see (<= W - 1), for `count` tokens.
+// How many earlier inputs token t may see (<= W - 1), where bit e of `starts` is token t: the
+// distance back to the latest sequence start among tokens t - (W - 2) .. t, else W - 1.
+// The token loops pass the mask shifted to the batch (32 bits) and a compile-time e.
 template <int W>
-__device__ __forceinline__ void fill_reach(const ConvParams& p, int64_t tile0, int count,
-                                           int* reach) {
-  const int tid = threadIdx.y * kChannelThreads + threadIdx.x;
-  for (int i = tid; i < count; i += kThreads) {
-    const int64_t t = tile0 + i;
-    const int64_t start = p.cu_seqlens ? sequence_start(p, t) : 0;
-    const int64_t r = t - start;
-    reach[i] = static_cast<int>(r < W - 1 ? (r < 0 ? 0 : r) : W - 1);
-  }
-  __syncthreads();
+__device__ __forceinline__ int reach_back(uint32_t starts, int e) {
+  const uint32_t behind = (starts >> (e - (W - 2))) & ((1u << (W - 1)) - 1);
+  return behind == 0 ? W - 1 : (W - 2) - (31 - __clz(behind));
+}
+
+// How many later tokens share token te's sequence (<= W - 1), bit e of `starts` being te.
+template <int W>
+__device__ __forceinline__ int reach_ahead(uint32_t starts, int e) {
+  const uint32_t ahead = (starts >> (e + 1)) & ((1u << (W - 1)) - 1);
+  return ahead == 0 ? W - 1 : __ffs(ahead) - 1;
 }
 
 template <int W, int VEC>
@@ -204,194 +327,252 @@ __device__ __forceinline__ void load_params(const ConvParams& p, int64_t c0, flo
   }
 }
 
-// expf, not __expf: fp32 results are held to 1e-6 of transformers' (the cost hides under memory).
+// expf and an IEEE division, not __expf / __fdividef: fp32 results are held to 1e-6 of
+// transformers', and bf16 ones to its rounding (torch's SiLU computes x / (1 + exp(-x))).
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + expf(-v)); }
 
-// d silu(v) / dv = s (1 + v (1 - s)), s = sigmoid(v)
+// d silu(v) / dv = s (1 + v (1 - s)), s = sigmoid(v), as torch's silu_backward
 __device__ __forceinline__ float silu_grad(float v) {
   const float s = 1.f / (1.f + expf(-v));
   return s * (1.f + v * (1.f - s));
 }
 
-template <typename T, int W, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    causal_conv1d_forward_kernel(const ConvParams p) {
-  constexpr int kTileTokens = kRuns * kForwardRunTokens;
-  __shared__ int reach[kTileTokens];
-  const int64_t b = blockIdx.z;
-  const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  fill_reach<W>(p, tile0, kTileTokens, reach);
-
-  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kChannelThreads + threadIdx.x) * VEC;
-  const int64_t t0 = tile0 + threadIdx.y * kForwardRunTokens;
-  const int64_t t1 = min(t0 + kForwardRunTokens, p.seq_len);
-  if (c0 >= p.channels || t0 >= t1) return;  // no barrier below
-
-  float w[W][VEC], bias[VEC];
-  load_params<W, VEC>(p, c0, w, bias);
-  const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
-  T* __restrict__ y = static_cast<T*>(p.out) + b * p.out_s[0] + c0 * p.out_s[1];
-
-  // win[j - 1] = x[t - j], j = 1 .. W - 1 (zeros before t = 0; masked by reach otherwise).
-  float win[W - 1][VEC];
+// pre = bias + w[W-1] x[t] + sum_{j = 1}^{reach} w[W-1-j] x[t-j] (this order: the results
+// the kernels gave before the rewrite, bit for bit). win[j - 1] = x[t - j].
+template <int W, int VEC>
+__device__ __forceinline__ void convolve(const float (&w)[W][VEC], const float (&bias)[VEC],
+                                         const float (&xt)[VEC], const float (&win)[W - 1][VEC],
+                                         int reach, float (&pre)[VEC]) {
+  if (reach == W - 1) {  // all but the first W - 1 tokens of a sequence: no mask
 #pragma unroll
-  for (int j = 1; j < W; ++j) {
-    if (t0 - j >= 0) load_input<T, VEC>(p, x + (t0 - j) * p.x_s[2], win[j - 1]);
-    else
+    for (int v = 0; v < VEC; ++v) {
+      float acc = fmaf(w[W - 1][v], xt[v], bias[v]);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) win[j - 1][v] = 0.f;
-  }
-
-  for (int64_t tb = t0; tb < t1; tb += kUnroll) {
-    float xs[kUnroll][VEC];
+      for (int j = 1; j < W; ++j) acc = fmaf(w[W - 1 - j][v], win[j - 1][v], acc);
+      pre[v] = acc;
+    }
+  } else {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (tb + u < t1) load_input<T, VEC>(p, x + (tb + u) * p.x_s[2], xs[u]);
+    for (int v = 0; v < VEC; ++v) {
+      float acc = fmaf(w[W - 1][v], xt[v], bias[v]);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t t = tb + u;
-      if (t >= t1) break;
-      const int r = reach[t - tile0];
-      float out[VEC];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        float acc = fmaf(w[W - 1][v], xs[u][v], bias[v]);
-#pragma unroll
-        for (int j = 1; j < W; ++j)
-          if (j <= r) acc = fmaf(w[W - 1 - j][v], win[j - 1][v], acc);
-        acc = round_to(p.param_dtype, acc);
-        out[v] = p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc;
-      }
-#pragma unroll
-      for (int j = W - 2; j > 0; --j)
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) win[j][v] = win[j - 1][v];
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) win[0][v] = xs[u][v];
-      store_pack<T, VEC>(y + t * p.out_s[2], out);
+      for (int j = 1; j < W; ++j)
+        if (j <= reach) acc = fmaf(w[W - 1 - j][v], win[j - 1][v], acc);
+      pre[v] = acc;
     }
   }
 }
 
-template <typename T, int W, int VEC>
-__global__ void __launch_bounds__(kThreads, 3)
-    causal_conv1d_backward_kernel(const ConvParams p) {
-  constexpr int kTileTokens = kRuns * kBackwardRunTokens;
-  constexpr int kTileChannels = kChannelThreads * VEC;
-  __shared__ int reach[kTileTokens + W - 1];
-  __shared__ float block_sums[kRuns][W + 1][kTileChannels];
+template <int W, int VEC>
+__device__ __forceinline__ void shift_in(float (&win)[W - 1][VEC], const float (&xt)[VEC]) {
+#pragma unroll
+  for (int j = W - 2; j > 0; --j)
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) win[j][v] = win[j - 1][v];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) win[0][v] = xt[v];
+}
+
+// ----------------------------------------------------------------------------- forward
+
+template <typename T, int kRound, int W, int VEC, bool kSilu>
+__device__ __forceinline__ void forward_run(const ConvParams& p) {
+  constexpr int R = kForwardRunTokens;
+  using RawT = Raw<T, VEC>;
   const int64_t b = blockIdx.z;
-  const int64_t tile0 = static_cast<int64_t>(blockIdx.y) * kTileTokens;
-  fill_reach<W>(p, tile0, kTileTokens + W - 1, reach);
-
   const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kChannelThreads + threadIdx.x) * VEC;
-  const int64_t t0 = tile0 + threadIdx.y * kBackwardRunTokens;
-  const int64_t t1 = min(t0 + kBackwardRunTokens, p.seq_len);
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.y) * kRuns + threadIdx.y) * R;
+  const int64_t t1 = min(t0 + R, p.seq_len);
+  if (c0 >= p.channels || t0 >= t1) return;  // no barrier in this kernel
 
+  // Bit e: token t0 - (W - 1) + e starts a sequence (e < R + W - 1).
+  const uint64_t starts = sequence_starts(p, t0 - (W - 1), R + W - 1);
+  float w[W][VEC], bias[VEC];
+  load_params<W, VEC>(p, c0, w, bias);
+  const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
+  T* __restrict__ y = static_cast<T*>(p.out) + b * p.out_s[0] + c0 * p.out_s[1];
+  const int64_t xt_s = p.x_s[2], yt_s = p.out_s[2];
+
+  float win[W - 1][VEC];  // win[j - 1] = x[t - j]; zeros before t = 0, masked by reach after
+#pragma unroll
+  for (int j = 1; j < W; ++j) {
+    const RawT r = t0 - j >= 0 ? load_raw<T, VEC>(x + (t0 - j) * xt_s) : zero_raw<T, VEC>();
+    unpack<T, kRound, VEC>(r, p.param_dtype, win[j - 1]);
+  }
+
+  // A ring of the next kBatch tokens' raw packs: token t is consumed from buf[t % kBatch] and
+  // the slot refilled with token t + kBatch at once, so kBatch loads stay in flight per thread.
+  // Token indices are relative to t0 (int) and the pointers advance by one token per step.
+  const int n = static_cast<int>(t1 - t0);
+  RawT buf[kBatch];
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u)
+    if (u < n) buf[u] = load_raw<T, VEC>(x + (t0 + u) * xt_s);
+  const T* __restrict__ x_ahead = x + (t0 + kBatch) * xt_s;  // token i + kBatch
+  T* __restrict__ y_at = y + t0 * yt_s;                      // token i
+
+#pragma unroll 1
+  for (int i0 = 0; i0 < n; i0 += kBatch) {
+    const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);  // bit u + W - 1: token i
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u;
+      if (i >= n) break;
+      const RawT cur = buf[u];
+      if (i + kBatch < n) buf[u] = load_raw<T, VEC>(x_ahead);
+      x_ahead += xt_s;
+      float xt[VEC], out[VEC];
+      unpack<T, kRound, VEC>(cur, p.param_dtype, xt);
+      convolve<W, VEC>(w, bias, xt, win, reach_back<W>(batch_starts, u + W - 1), out);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        if constexpr (kSilu) {
+          // transformers: the convolution's result in weight's dtype, SiLU in fp32, rounded
+          out[v] = silu_f(round_param<kRound>(p.param_dtype, out[v]));
+        }
+        if constexpr (!kRoundIsFree<T, kRound>) {
+          out[v] = round_param<kRound>(p.param_dtype, out[v]);
+        }
+      }
+      shift_in<W, VEC>(win, xt);
+      store_pack<T, VEC>(y_at, out);
+      y_at += yt_s;
+    }
+  }
+}
+
+template <typename T, int kRound, int W, int VEC>
+__global__ void __launch_bounds__(kThreads, 4) causal_conv1d_forward_kernel(const ConvParams p) {
+  if (p.silu) forward_run<T, kRound, W, VEC, true>(p);
+  else forward_run<T, kRound, W, VEC, false>(p);
+}
+
+// ----------------------------------------------------------------------------- backward
+
+template <typename T, int kRound, int W, int VEC, bool kSilu>
+__device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W + 1][VEC]) {
+  constexpr int R = kBackwardRunTokens;
+  using RawT = Raw<T, VEC>;
+  const int64_t b = blockIdx.z;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * kChannelThreads + threadIdx.x) * VEC;
+  const int64_t t0 = (static_cast<int64_t>(blockIdx.y) * kRuns + threadIdx.y) * R;
+  const int64_t t1 = min(t0 + R, p.seq_len);
+  if (c0 >= p.channels || t0 >= t1) return;
+
+  // Bit e: token t0 - (W - 1) + e starts a sequence (the run, its halo and its look-ahead).
+  const uint64_t starts = sequence_starts(p, t0 - (W - 1), R + 2 * (W - 1));
+  float w[W][VEC], bias[VEC];
+  load_params<W, VEC>(p, c0, w, bias);
+  const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
+  const T* __restrict__ dy = static_cast<const T*>(p.dy) + b * p.dy_s[0] + c0 * p.dy_s[1];
+  T* __restrict__ dx = static_cast<T*>(p.out) + b * p.out_s[0] + c0 * p.out_s[1];
+  const int64_t xt_s = p.x_s[2], dyt_s = p.dy_s[2], dxt_s = p.out_s[2];
+
+  float xwin[W - 1][VEC];   // xwin[j - 1] = x[t - j] (unmasked: the weight gradient reads it)
+  float dpwin[W - 1][VEC];  // dpwin[i - 1] = dpre[t - i]
+#pragma unroll
+  for (int j = 1; j < W; ++j) {
+    const RawT r = t0 - j >= 0 ? load_raw<T, VEC>(x + (t0 - j) * xt_s) : zero_raw<T, VEC>();
+    unpack<T, kRound, VEC>(r, p.param_dtype, xwin[j - 1]);
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) dpwin[j - 1][v] = 0.f;  // dpre before t0: never emitted
+  }
+
+  // Tokens t0 .. t0 + n_stop - 1: dx[t1 - 1] needs dpre up to t1 - 1 + W - 1. Past T, x = dy = 0
+  // (then dpre = 0: the zero look-ahead the end of the last sequence needs). Token indices are
+  // relative to t0 (int); the pointers advance by one token per step.
+  const int n_stop = static_cast<int>(t1 - t0) + W - 1;
+  const int n_load = static_cast<int>(min(t1 + W - 1, p.seq_len) - t0);
+  RawT buf_x[kBatch], buf_dy[kBatch];  // rings of the next kBatch tokens, as in the forward
+#pragma unroll
+  for (int u = 0; u < kBatch; ++u) {
+    const bool in = u < n_load;
+    buf_x[u] = in ? load_raw<T, VEC>(x + (t0 + u) * xt_s) : zero_raw<T, VEC>();
+    buf_dy[u] = in ? load_raw<T, VEC>(dy + (t0 + u) * dyt_s) : zero_raw<T, VEC>();
+  }
+  const T* __restrict__ x_ahead = x + (t0 + kBatch) * xt_s;     // token i + kBatch
+  const T* __restrict__ dy_ahead = dy + (t0 + kBatch) * dyt_s;  // token i + kBatch
+  T* __restrict__ dx_at = dx + t0 * dxt_s;                      // token i - (W - 1), once >= 0
+
+#pragma unroll 1
+  for (int i0 = 0; i0 < n_stop; i0 += kBatch) {
+    const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);  // bit u + W - 1: token i
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u;
+      if (i >= n_stop) break;
+      const RawT cur_x = buf_x[u], cur_dy = buf_dy[u];
+      const bool in = i + kBatch < n_load;
+      buf_x[u] = in ? load_raw<T, VEC>(x_ahead) : zero_raw<T, VEC>();
+      buf_dy[u] = in ? load_raw<T, VEC>(dy_ahead) : zero_raw<T, VEC>();
+      x_ahead += xt_s;
+      dy_ahead += dyt_s;
+      const int e = u + W - 1;  // token i's bit in `batch_starts`
+      float xt[VEC], dp[VEC];
+      unpack<T, kRound, VEC>(cur_x, p.param_dtype, xt);
+      unpack<T, kRound, VEC>(cur_dy, p.param_dtype, dp);  // dy in weight's dtype
+      if constexpr (kSilu) {
+        float pre[VEC];
+        convolve<W, VEC>(w, bias, xt, xwin, reach_back<W>(batch_starts, e), pre);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          const float sg = silu_grad(round_param<kRound>(p.param_dtype, pre[v]));
+          dp[v] = round_param<kRound>(p.param_dtype, dp[v] * sg);
+        }
+      }
+      // Emit token te = i - (W - 1): taps j = 0 .. ahead see dpre[te + j] of te's sequence.
+      if (i >= W - 1) {  // te = i - (W - 1)
+        const int ahead = reach_ahead<W>(batch_starts, e - (W - 1));
+        // dpre[te + j]: j = W - 1 is dp, j < W - 1 is dpwin[W - 2 - j]; zero past te's sequence
+        float d[W][VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) d[W - 1][v] = dp[v];
+#pragma unroll
+        for (int j = 0; j < W - 1; ++j)
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) d[j][v] = dpwin[W - 2 - j][v];
+        if (ahead < W - 1) {  // a sequence starts within te's look-ahead (varlen only)
+#pragma unroll
+          for (int j = 1; j < W; ++j)
+            if (j > ahead)
+#pragma unroll
+              for (int v = 0; v < VEC; ++v) d[j][v] = 0.f;
+        }
+        float out[VEC];
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) {
+          // dx[te] = sum_j weight[W - 1 - j] dpre[te + j], j from W - 1 down (the old order)
+          float acc = w[0][v] * d[W - 1][v];
+#pragma unroll
+          for (int j = W - 2; j >= 0; --j) acc = fmaf(w[W - 1 - j][v], d[j][v], acc);
+          out[v] = acc;
+          if constexpr (!kRoundIsFree<T, kRound>) out[v] = round_param<kRound>(p.param_dtype, acc);
+          // dweight[W - 1 - j] += x[te] dpre[te + j]; x[te] = xwin[W - 2]
+          const float xe = xwin[W - 2][v];
+          dw[W][v] += d[0][v];
+#pragma unroll
+          for (int j = 0; j < W; ++j) dw[W - 1 - j][v] = fmaf(xe, d[j][v], dw[W - 1 - j][v]);
+        }
+        store_pack<T, VEC>(dx_at, out);
+        dx_at += dxt_s;
+      }
+      shift_in<W, VEC>(xwin, xt);
+      shift_in<W, VEC>(dpwin, dp);
+    }
+  }
+}
+
+template <typename T, int kRound, int W, int VEC>
+__global__ void __launch_bounds__(kThreads, 4) causal_conv1d_backward_kernel(const ConvParams p) {
+  constexpr int kTileChannels = kChannelThreads * VEC;
+  __shared__ float block_sums[kRuns][W + 1][kTileChannels];
   float dw[W + 1][VEC];  // taps 0 .. W - 1, then the bias
 #pragma unroll
   for (int k = 0; k <= W; ++k)
 #pragma unroll
     for (int v = 0; v < VEC; ++v) dw[k][v] = 0.f;
-
-  if (c0 < p.channels && t0 < t1) {
-    float w[W][VEC], bias[VEC];
-    load_params<W, VEC>(p, c0, w, bias);
-    const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
-    const T* __restrict__ dy = static_cast<const T*>(p.dy) + b * p.dy_s[0] + c0 * p.dy_s[1];
-    T* __restrict__ dx = static_cast<T*>(p.out) + b * p.out_s[0] + c0 * p.out_s[1];
-
-    float xwin[W - 1][VEC];   // xwin[j - 1] = x[t - j]
-    float dpwin[W - 1][VEC];  // dpwin[i - 1] = dpre[t - i]
-    int rwin[W - 1];          // rwin[i - 1] = reach[t - i]
-#pragma unroll
-    for (int j = 1; j < W; ++j) {
-      rwin[j - 1] = 0;
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) dpwin[j - 1][v] = 0.f;  // before t0: never used
-      if (t0 - j >= 0) load_input<T, VEC>(p, x + (t0 - j) * p.x_s[2], xwin[j - 1]);
-      else
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) xwin[j - 1][v] = 0.f;
-    }
-
-    const int64_t t_stop = t1 + W - 1;          // dx of t1 - 1 is emitted at t1 - 1 + W - 1
-    const int64_t t_load = min(t_stop, p.seq_len);  // tokens past T have dpre = 0
-    for (int64_t tb = t0; tb < t_stop; tb += kUnroll) {
-      float xs[kUnroll][VEC], gs[kUnroll][VEC];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (tb + u < t_load) {
-          load_input<T, VEC>(p, x + (tb + u) * p.x_s[2], xs[u]);
-          load_pack<T, VEC>(dy + (tb + u) * p.dy_s[2], gs[u]);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t t = tb + u;
-        if (t >= t_stop) break;
-        float dp[VEC];
-        int r = W - 1;
-        if (t < t_load) {
-          r = reach[t - tile0];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            float d = round_to(p.param_dtype, gs[u][v]);
-            if (p.silu) {
-              float acc = fmaf(w[W - 1][v], xs[u][v], bias[v]);
-#pragma unroll
-              for (int j = 1; j < W; ++j)
-                if (j <= r) acc = fmaf(w[W - 1 - j][v], xwin[j - 1][v], acc);
-              d = round_to(p.param_dtype, d * silu_grad(round_to(p.param_dtype, acc)));
-            }
-            dp[v] = d;
-          }
-          if (t < t1) {  // the weight gradient counts each token of the run once
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) {
-              dw[W][v] += dp[v];
-              dw[W - 1][v] = fmaf(dp[v], xs[u][v], dw[W - 1][v]);
-#pragma unroll
-              for (int j = 1; j < W; ++j)
-                if (j <= r) dw[W - 1 - j][v] = fmaf(dp[v], xwin[j - 1][v], dw[W - 1 - j][v]);
-            }
-          }
-#pragma unroll
-          for (int j = W - 2; j > 0; --j)
-#pragma unroll
-            for (int v = 0; v < VEC; ++v) xwin[j][v] = xwin[j - 1][v];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) xwin[0][v] = xs[u][v];
-        } else {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) dp[v] = 0.f;
-        }
-        // dx[t - (W - 1)] = sum_i weight[i] dpre[t - i], where token t - i may see W - 1 - i back.
-        const int64_t te = t - (W - 1);
-        if (te >= t0) {
-          float out[VEC];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            float acc = r >= W - 1 ? w[0][v] * dp[v] : 0.f;
-#pragma unroll
-            for (int i = 1; i < W; ++i)
-              if (rwin[i - 1] >= W - 1 - i) acc = fmaf(w[i][v], dpwin[i - 1][v], acc);
-            out[v] = round_to(p.param_dtype, acc);
-          }
-          store_pack<T, VEC>(dx + te * p.out_s[2], out);
-        }
-#pragma unroll
-        for (int i = W - 2; i > 0; --i) {
-          rwin[i] = rwin[i - 1];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) dpwin[i][v] = dpwin[i - 1][v];
-        }
-        rwin[0] = r;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) dpwin[0][v] = dp[v];
-      }
-    }
-  }
+  if (p.silu) backward_run<T, kRound, W, VEC, true>(p, dw);
+  else backward_run<T, kRound, W, VEC, false>(p, dw);
 
   // Weight and bias gradients: the block's 4 runs in a fixed order, one partial per tile.
 #pragma unroll
@@ -399,6 +580,7 @@ __global__ void __launch_bounds__(kThreads, 3)
 #pragma unroll
     for (int v = 0; v < VEC; ++v) block_sums[threadIdx.y][k][threadIdx.x * VEC + v] = dw[k][v];
   __syncthreads();
+  const int64_t b = blockIdx.z;
   const int64_t tile_c0 = static_cast<int64_t>(blockIdx.x) * kTileChannels;
   float* partial = p.partials + (b * p.num_tiles + blockIdx.y) * (W + 1) * p.channels;
   for (int i = threadIdx.y * kChannelThreads + threadIdx.x; i < (W + 1) * kTileChannels;
@@ -412,7 +594,7 @@ __global__ void __launch_bounds__(kThreads, 3)
   }
 }
 
-// dweight[c, k] (k < W) and dbias[c] (k = W): the partials of all (b, tile) in order.
+// dweight[c, k] (k < W) and dbias[c] (k = W): the partials of all (b, tile), summed in order.
 struct ReduceParams {
   const float* partials;  // [P, W + 1, C]
   int64_t num_partials, channels;
@@ -424,18 +606,30 @@ struct ReduceParams {
 };
 
 __global__ void __launch_bounds__(256) causal_conv1d_reduce_kernel(const ReduceParams p) {
+  constexpr int kAhead = 8;  // independent loads in flight per thread; the sum stays in order
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t per_partial = (p.width + 1) * p.channels;
   if (i >= per_partial) return;
   const int64_t k = i / p.channels, c = i % p.channels;
+  const float* src = p.partials + i;
   float s = 0.f;
-  for (int64_t q = 0; q < p.num_partials; ++q) s += p.partials[q * per_partial + i];
+  int64_t q = 0;
+  for (; q + kAhead <= p.num_partials; q += kAhead) {
+    float v[kAhead];
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) v[a] = src[(q + a) * per_partial];
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) s += v[a];
+  }
+  for (; q < p.num_partials; ++q) s += src[q * per_partial];
   if (k < p.width) {
     store_any(p.dweight, p.param_dtype, c * p.dweight_s[0] + k * p.dweight_s[1], s);
   } else if (p.dbias) {
     store_any(p.dbias, p.param_dtype, c * p.dbias_s, s);
   }
 }
+
+// ----------------------------------------------------------------------------- decode update
 
 struct UpdateParams {
   const void* x;
@@ -447,9 +641,53 @@ struct UpdateParams {
   int64_t x_s[3], y_s[3], state_s[3], weight_s[2], bias_s;
   int64_t batch, channels, new_tokens, state_len;
   bool silu;
-  bool pack4;  // the decode case: L = 1, S = 4, state rows of 4 aligned elements of x's dtype
 };
 
+// y = act(bias + sum_k w[k] col[5 - W + k]) over the 5 columns (4 state + 1 new) of one
+// channel, rounded as transformers rounds (the convolution in weight's dtype).
+template <int W>
+__device__ __forceinline__ float decode_output(const UpdateParams& p, int64_t c,
+                                               const float (&col)[5]) {
+  float acc = p.bias ? load_any(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
+#pragma unroll
+  for (int k = 0; k < W; ++k)
+    acc = fmaf(load_any(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]),
+               col[5 - W + k], acc);
+  acc = round_to(p.param_dtype, acc);
+  return p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc;
+}
+
+// The decode case: L = 1, S = 4, conv_state [B, C, 4] in x's dtype with rows of adjacent
+// channels adjacent (row stride 4) and 16-byte aligned. A thread owns kRows channels, i.e.
+// 16 bytes of state: one load and one store of it.
+template <typename T, int W>
+__global__ void __launch_bounds__(256) causal_conv1d_update_rows_kernel(const UpdateParams p) {
+  constexpr int kRows = 16 / (4 * static_cast<int>(sizeof(T)));  // 2 (16-bit), 1 (fp32)
+  const int64_t groups = p.channels / kRows;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= p.batch * groups) return;
+  const int64_t b = i / groups, c0 = (i % groups) * kRows;  // adjacent threads: adjacent rows
+  T* rows = static_cast<T*>(p.state) + b * p.state_s[0] + c0 * 4;
+  const Pack<T, 4 * kRows> old = *reinterpret_cast<const Pack<T, 4 * kRows>*>(rows);
+  const T* x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
+  T* y = static_cast<T*>(p.y) + b * p.y_s[0] + c0 * p.y_s[1];
+  Pack<T, 4 * kRows> next;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    // Columns of concat(conv_state, x) in weight's dtype, as transformers concatenates and
+    // casts before both the convolution and the state update.
+    float col[5];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) col[j] = round_to(p.param_dtype, to_f32(old.v[4 * r + j]));
+    col[4] = round_to(p.param_dtype, to_f32(x[r * p.x_s[1]]));
+    y[r * p.y_s[1]] = from_f32<T>(decode_output<W>(p, c0 + r, col));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) next.v[4 * r + j] = from_f32<T>(col[j + 1]);
+  }
+  *reinterpret_cast<Pack<T, 4 * kRows>*>(rows) = next;
+}
+
+// Any L, S >= W - 1, any strides and state dtype: one thread per (b, c).
 template <typename T, int W>
 __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateParams p) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -459,9 +697,7 @@ __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateP
   const T* x = static_cast<const T*>(p.x) + b * p.x_s[0] + c * p.x_s[1];
   T* y = static_cast<T*>(p.y) + b * p.y_s[0] + c * p.y_s[1];
   const int64_t state_base = b * p.state_s[0] + c * p.state_s[1];
-  // Column j of concat(conv_state, x) cast to weight's dtype, as transformers concatenates
-  // and casts before both the convolution and the state update.
-  auto column = [&](int64_t j) {
+  auto column = [&](int64_t j) {  // column j of concat(conv_state, x), in weight's dtype
     return round_to(p.param_dtype,
                     j < S ? load_any(p.state, p.state_dtype, state_base + j * p.state_s[2])
                           : to_f32(x[(j - S) * p.x_s[2]]));
@@ -471,29 +707,10 @@ __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateP
   for (int k = 0; k < W; ++k)
     w[k] = load_any(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]);
   const float bias = p.bias ? load_any(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
-  if (p.pack4) {  // one access for the state row in, one out
-    T* row = static_cast<T*>(p.state) + state_base;
-    const Pack<T, 4> old = *reinterpret_cast<const Pack<T, 4>*>(row);
-    float col[5];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) col[j] = round_to(p.param_dtype, to_f32(old.v[j]));
-    col[4] = round_to(p.param_dtype, to_f32(x[0]));
-    float acc = bias;
-#pragma unroll
-    for (int k = 0; k < W; ++k) acc = fmaf(w[k], col[5 - W + k], acc);
-    acc = round_to(p.param_dtype, acc);
-    y[0] = from_f32<T>(p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc);
-    Pack<T, 4> next;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) next.v[j] = from_f32<T>(col[j + 1]);
-    *reinterpret_cast<Pack<T, 4>*>(row) = next;
-    return;
-  }
   for (int64_t l = 0; l < L; ++l) {
     float acc = bias;
 #pragma unroll
-    for (int k = 0; k < W; ++k)
-      acc = fmaf(w[k], column(S - W + 1 + l + k), acc);
+    for (int k = 0; k < W; ++k) acc = fmaf(w[k], column(S - W + 1 + l + k), acc);
     acc = round_to(p.param_dtype, acc);
     y[l * p.y_s[2]] = from_f32<T>(p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc);
   }
@@ -533,7 +750,6 @@ void fill_common(ConvParams& p, const CausalConv1dShape& s, const CausalConv1dIn
   p.channels = s.channels;
   p.seq_len = s.seq_len;
   p.silu = in.silu;
-  p.round_x = in.weight.dtype != DType::kFloat32 && in.x.dtype != in.weight.dtype;
 }
 
 int64_t num_tiles(int64_t seq_len, int run_tokens) {
@@ -549,61 +765,64 @@ void check_grid(const CausalConv1dShape& s, int64_t tiles, const char* op) {
               ", got B = ", s.batch);
 }
 
-template <typename T, int W, int VEC>
-void launch_forward(const ConvParams& p, int64_t batch, cudaStream_t stream) {
-  const dim3 grid((p.channels + kChannelThreads * VEC - 1) / (kChannelThreads * VEC),
-                  p.num_tiles, batch);
-  causal_conv1d_forward_kernel<T, W, VEC><<<grid, dim3(kChannelThreads, kRuns), 0, stream>>>(p);
-}
+template <int V>
+using Int = std::integral_constant<int, V>;
+struct F32 { using type = float; static constexpr int kRound = kRoundNone; };
+struct F16 { using type = __half; static constexpr int kRound = kRoundF16; };
+struct BF16 { using type = __nv_bfloat16; static constexpr int kRound = kRoundBF16; };
 
-template <typename T, int W, int VEC>
-void launch_backward(const ConvParams& p, int64_t batch, cudaStream_t stream) {
-  const dim3 grid((p.channels + kChannelThreads * VEC - 1) / (kChannelThreads * VEC),
-                  p.num_tiles, batch);
-  causal_conv1d_backward_kernel<T, W, VEC><<<grid, dim3(kChannelThreads, kRuns), 0, stream>>>(p);
-}
+struct ForwardKernel {
+  template <typename T, int kRound, int W, int VEC>
+  static void launch(const ConvParams& p, dim3 grid, cudaStream_t stream) {
+    causal_conv1d_forward_kernel<T, kRound, W, VEC>
+        <<<grid, dim3(kChannelThreads, kRuns), 0, stream>>>(p);
+  }
+};
+struct BackwardKernel {
+  template <typename T, int kRound, int W, int VEC>
+  static void launch(const ConvParams& p, dim3 grid, cudaStream_t stream) {
+    causal_conv1d_backward_kernel<T, kRound, W, VEC>
+        <<<grid, dim3(kChannelThreads, kRuns), 0, stream>>>(p);
+  }
+};
 
-// Calls Launch<T, W, VEC>(args...) for the runtime dtype, width and pack choice.
-template <template <typename, int, int> class Launch, int kPackBytes, typename... Args>
-void dispatch(DType dtype, int64_t width, bool pack, Args&&... args) {
-  auto by_width = [&](auto type_tag, auto vec_tag) {
+// Launches Kernel<T, kRound, W, VEC>. The fast instantiations: the model's case (W = 4, packs of
+// channels, weight in x's dtype or fp32). Everything else (W < 4, other strides, dtype mixes):
+// VEC = 1 with the rounding dtype read at run time. 14 kernels per direction.
+template <class Kernel, int kPackBytes>
+void dispatch(const ConvParams& p, DType x_dtype, int64_t width, bool packed, int64_t batch,
+              cudaStream_t stream) {
+  auto go = [&](auto type_tag, auto round_tag, auto width_tag, auto vec_tag) {
     using T = typename decltype(type_tag)::type;
     constexpr int VEC = decltype(vec_tag)::value;
+    const dim3 grid(static_cast<unsigned>((p.channels + kChannelThreads * VEC - 1) /
+                                          (kChannelThreads * VEC)),
+                    static_cast<unsigned>(p.num_tiles), static_cast<unsigned>(batch));
+    Kernel::template launch<T, decltype(round_tag)::value, decltype(width_tag)::value, VEC>(
+        p, grid, stream);
+  };
+  auto by_type = [&](auto type_tag) {
+    using Tag = decltype(type_tag);
+    constexpr int kVec = kPackBytes / static_cast<int>(sizeof(typename Tag::type));
+    const bool weight_f32 = p.param_dtype == DType::kFloat32;
+    if (packed && width == 4 && (weight_f32 || p.param_dtype == x_dtype)) {
+      if (weight_f32) go(type_tag, Int<kRoundNone>{}, Int<4>{}, Int<kVec>{});
+      else go(type_tag, Int<Tag::kRound>{}, Int<4>{}, Int<kVec>{});
+      return;
+    }
     switch (width) {
-      case 2: Launch<T, 2, VEC>::run(args...); break;
-      case 3: Launch<T, 3, VEC>::run(args...); break;
-      default: Launch<T, 4, VEC>::run(args...); break;
+      case 2: go(type_tag, Int<kRoundRuntime>{}, Int<2>{}, Int<1>{}); break;
+      case 3: go(type_tag, Int<kRoundRuntime>{}, Int<3>{}, Int<1>{}); break;
+      default: go(type_tag, Int<kRoundRuntime>{}, Int<4>{}, Int<1>{}); break;
     }
   };
-  auto by_pack = [&](auto type_tag) {
-    using T = typename decltype(type_tag)::type;
-    constexpr int kVec = kPackBytes / sizeof(T);
-    if (pack) by_width(type_tag, std::integral_constant<int, kVec>{});
-    else by_width(type_tag, std::integral_constant<int, 1>{});
-  };
-  struct F32 { using type = float; };
-  struct F16 { using type = __half; };
-  struct BF16 { using type = __nv_bfloat16; };
-  switch (dtype) {
-    case DType::kFloat32: by_pack(F32{}); break;
-    case DType::kFloat16: by_pack(F16{}); break;
-    case DType::kBFloat16: by_pack(BF16{}); break;
+  switch (x_dtype) {
+    case DType::kFloat32: by_type(F32{}); break;
+    case DType::kFloat16: by_type(F16{}); break;
+    case DType::kBFloat16: by_type(BF16{}); break;
     default: fail(Error::Kind::kType, "causal_conv1d: unsupported dtype on CUDA");
   }
 }
-
-template <typename T, int W, int VEC>
-struct Forward {
-  static void run(const ConvParams& p, int64_t batch, cudaStream_t stream) {
-    launch_forward<T, W, VEC>(p, batch, stream);
-  }
-};
-template <typename T, int W, int VEC>
-struct Backward {
-  static void run(const ConvParams& p, int64_t batch, cudaStream_t stream) {
-    launch_backward<T, W, VEC>(p, batch, stream);
-  }
-};
 
 int pack_width(DType dtype, int pack_bytes) {
   return pack_bytes / static_cast<int>(dtype_size(dtype));
@@ -627,10 +846,10 @@ void causal_conv1d_forward(const CausalConv1dShape& s, const CausalConv1dInputs&
   check_grid(s, p.num_tiles, op);
   if (s.batch == 0 || s.channels == 0 || s.seq_len == 0) return;
   const int vec = pack_width(in.x.dtype, kForwardPackBytes);
-  const bool pack = packable(in.x, vec) && packable(out.y, vec);
+  const bool packed = packable(in.x, vec) && packable(out.y, vec);
   const DeviceGuard guard(in.x.device.index);
-  dispatch<Forward, kForwardPackBytes>(in.x.dtype, s.width, pack, p, s.batch,
-                                       static_cast<cudaStream_t>(in.stream));
+  dispatch<ForwardKernel, kForwardPackBytes>(p, in.x.dtype, s.width, packed, s.batch,
+                                             static_cast<cudaStream_t>(in.stream));
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -652,9 +871,8 @@ void causal_conv1d_backward(const CausalConv1dShape& s, const CausalConv1dInputs
   const auto stream = static_cast<cudaStream_t>(in.stream);
   if (s.batch > 0 && s.seq_len > 0) {
     const int vec = pack_width(in.x.dtype, kBackwardPackBytes);
-    const bool pack =
-        packable(in.x, vec) && packable(gin.dy, vec) && packable(gout.dx, vec);
-    dispatch<Backward, kBackwardPackBytes>(in.x.dtype, s.width, pack, p, s.batch, stream);
+    const bool packed = packable(in.x, vec) && packable(gin.dy, vec) && packable(gout.dx, vec);
+    dispatch<BackwardKernel, kBackwardPackBytes>(p, in.x.dtype, s.width, packed, s.batch, stream);
     FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   }
   ReduceParams r{};
@@ -668,7 +886,7 @@ void causal_conv1d_backward(const CausalConv1dShape& s, const CausalConv1dInputs
   copy_strides(gout.dweight, r.dweight_s);
   r.dbias_s = gout.dbias.defined() ? gout.dbias.strides[0] : 0;
   const int64_t n = (s.width + 1) * s.channels;
-  causal_conv1d_reduce_kernel<<<(n + 255) / 256, 256, 0, stream>>>(r);
+  causal_conv1d_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(r);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -691,32 +909,36 @@ void causal_conv1d_update(const CausalConv1dUpdateShape& s, const CausalConv1dUp
   p.new_tokens = s.new_tokens;
   p.state_len = s.state_len;
   p.silu = a.silu;
+  if (s.batch * s.channels == 0) return;
+  // The decode case: rows of 4 of x's dtype, row-adjacent channels, 16-byte groups of rows.
   const TensorRef& st = a.conv_state;
-  const int64_t elem = static_cast<int64_t>(dtype_size(st.dtype));
-  p.pack4 = s.new_tokens == 1 && s.state_len == 4 && st.dtype == a.x.dtype &&
-            st.strides[2] == 1 && (s.channels == 1 || st.strides[1] % 4 == 0) &&
-            (s.batch == 1 || st.strides[0] % 4 == 0) &&
-            reinterpret_cast<uintptr_t>(st.data) % (4 * elem) == 0;
-  const int64_t n = s.batch * s.channels;
-  if (n == 0) return;
+  const int64_t rows = 16 / (4 * static_cast<int64_t>(dtype_size(a.x.dtype)));
+  const bool decode_rows =
+      s.new_tokens == 1 && s.state_len == 4 && st.dtype == a.x.dtype && st.strides[2] == 1 &&
+      (s.channels == 1 || st.strides[1] == 4) && s.channels % rows == 0 &&
+      (s.batch == 1 || st.strides[0] % (4 * rows) == 0) &&
+      reinterpret_cast<uintptr_t>(st.data) % 16 == 0;
+  const int64_t threads = decode_rows ? s.batch * (s.channels / rows) : s.batch * s.channels;
+  const unsigned blocks = static_cast<unsigned>((threads + 255) / 256);
   const DeviceGuard guard(a.x.device.index);
   const auto stream = static_cast<cudaStream_t>(a.stream);
-  const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
-  auto launch = [&](auto type_tag) {
+  auto launch = [&](auto type_tag, auto width_tag) {
     using T = typename decltype(type_tag)::type;
+    constexpr int W = decltype(width_tag)::value;
+    if (decode_rows) causal_conv1d_update_rows_kernel<T, W><<<blocks, 256, 0, stream>>>(p);
+    else causal_conv1d_update_kernel<T, W><<<blocks, 256, 0, stream>>>(p);
+  };
+  auto by_width = [&](auto type_tag) {
     switch (s.width) {
-      case 2: causal_conv1d_update_kernel<T, 2><<<blocks, 256, 0, stream>>>(p); break;
-      case 3: causal_conv1d_update_kernel<T, 3><<<blocks, 256, 0, stream>>>(p); break;
-      default: causal_conv1d_update_kernel<T, 4><<<blocks, 256, 0, stream>>>(p); break;
+      case 2: launch(type_tag, Int<2>{}); break;
+      case 3: launch(type_tag, Int<3>{}); break;
+      default: launch(type_tag, Int<4>{}); break;
     }
   };
-  struct F32 { using type = float; };
-  struct F16 { using type = __half; };
-  struct BF16 { using type = __nv_bfloat16; };
   switch (a.x.dtype) {
-    case DType::kFloat32: launch(F32{}); break;
-    case DType::kFloat16: launch(F16{}); break;
-    case DType::kBFloat16: launch(BF16{}); break;
+    case DType::kFloat32: by_width(F32{}); break;
+    case DType::kFloat16: by_width(F16{}); break;
+    case DType::kBFloat16: by_width(BF16{}); break;
     default: fail(Error::Kind::kType, "causal_conv1d_update: unsupported dtype on CUDA");
   }
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());

@@ -324,3 +324,70 @@ def test_bf16_backward_is_correctly_rounded(device):
                       for k in range(W)], dim=1)
     err = (wg.grad.double().cpu() - dw).abs().max() / dw.abs().max()
     assert err <= torch.finfo(torch.bfloat16).eps
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype,wdtype,W", [
+    (torch.bfloat16, torch.bfloat16, 4),  # the model's case: the fast kernels, bf16 rounding
+    (torch.float16, torch.float16, 4),
+    (torch.bfloat16, torch.float32, 4),   # fast kernels, no rounding (autocast's fp32 weight)
+    (torch.float32, torch.float32, 4),
+    (torch.bfloat16, torch.float16, 4),   # generic kernels: the rounding dtype read at run time
+    (torch.float32, torch.bfloat16, 4),
+    (torch.bfloat16, torch.bfloat16, 3),  # generic kernels: W < 4
+    (torch.float32, torch.float32, 2),
+], ids=["bf16", "fp16", "bf16-w32", "fp32", "bf16-w16", "fp32-wbf16", "bf16-W3", "fp32-W2"])
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "linear"])
+def test_cuda_kernel_variants_match_cpu(dtype, wdtype, W, silu):
+    """Every CUDA kernel variant against the CPU backend, with packed sequences whose starts sit
+    on and beside the forward's 32-token and the backward's 56-token run edges and 8-token batch
+    edges, sequences shorter than W, and a channel count that leaves a partial channel tile."""
+    if "causal_conv1d.backward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA causal_conv1d")
+    C, T = 264, 500
+    x, w, b = _make(1, C, T, W, dtype, "cpu", scale=2.0, wdtype=wdtype)
+    dy = torch.randn(1, T, C).to(dtype).transpose(1, 2)
+    cu = torch.tensor([0, 1, 3, 8, 31, 32, 33, 55, 56, 58, 112, 113, 200, 224, 225, 226, 448,
+                       449, 450, 500])
+    for offsets in (None, cu):
+        results = {}
+        for device in ("cpu", "cuda"):
+            leaves = [t.to(device).requires_grad_() for t in (x, w, b)]
+            y = flashdelta.causal_conv1d(*leaves, activation="silu" if silu else None,
+                                         cu_seqlens=None if offsets is None else offsets.to(device))
+            y.backward(dy.to(device))
+            results[device] = [y.detach().cpu()] + [t.grad.cpu() for t in leaves]
+        # values held in a 16-bit weight's dtype round there: compare at the coarser ulp
+        rounding = wdtype if wdtype != torch.float32 and dtype == torch.float32 else dtype
+        for i, (got, want) in enumerate(zip(results["cuda"], results["cpu"])):
+            if i < 2:  # y and dx: elementwise
+                _close(got, want, rounding, flips=1e-3)
+            else:  # dweight, dbias: long sums in another order
+                tol = (1e-2 if wdtype != torch.float32 else 1e-5) * want.double().abs().max()
+                assert (got.double() - want.double()).abs().max() <= tol, (i, offsets)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("layout", ["contiguous", "padded"])
+def test_cuda_update_matches_cpu(dtype, layout):
+    """The decode update's 16-byte row kernel (contiguous [B, C, 4] state) and its generic one
+    (padded rows) against the CPU backend, state and output exactly."""
+    if "causal_conv1d_update.forward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA causal_conv1d_update")
+    B, C, W = 5, 130, 4
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(B, 1, C, generator=gen).to(dtype).transpose(1, 2)
+    w = (torch.randn(C, W, generator=gen) / 2).to(dtype)
+    b = (0.1 * torch.randn(C, generator=gen)).to(dtype)
+    full = torch.randn(B, C, 6 if layout == "padded" else 4, generator=gen).to(dtype)
+    results = {}
+    for device in ("cpu", "cuda"):
+        state = full.to(device).clone()[..., :4]
+        y = flashdelta.causal_conv1d_update(x.to(device), state, w.to(device), b.to(device),
+                                            "silu")
+        results[device] = (y.cpu(), state.cpu())
+    assert torch.equal(results["cuda"][1], results["cpu"][1])
+    _close(results["cuda"][0], results["cpu"][0], dtype, flips=1e-3)

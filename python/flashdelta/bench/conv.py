@@ -12,7 +12,8 @@ Floors: the bytes an op must move over the bandwidth of a device-to-device copy 
 run (bytes read + written over its time). Forward: read x, write y (2 * B*T*C elements);
 forward + backward: that plus read x and dy, write dx (5 * B*T*C elements; the weight and its
 gradient are negligible). Decode: read and write the [B, C, S=W] state, read x, write y.
-Times: CUDA-event medians after warm-up (triton.testing.do_bench). Compared in the same run:
+Times: CUDA-event medians after warm-up (triton.testing.do_bench); before the table, the device
+time of each flashdelta kernel (torch.profiler) at the first shape. Compared in the same run:
 transformers' torch causal_conv1d_fn (F.conv1d, grouped, + SiLU: the layer's nn.Conv1d path) and
 torch causal_conv1d_update, and the causal-conv1d package when importable.
 """
@@ -105,6 +106,39 @@ def bench_conv(B, T, C, W, bandwidth, do_bench):
                 floor_fwd_bwd_ms=floor_fb, rows=rows)
 
 
+def kernel_times(B, T, C, W, repeats=20):
+    """flashdelta's forward + backward under torch.profiler: device microseconds per call of each
+    kernel (the forward, the backward, the weight-gradient reduction), to see which one is off
+    its floor."""
+    from collections import defaultdict
+
+    import flashdelta
+
+    x = torch.randn(B, T, C, device="cuda").bfloat16().transpose(1, 2).requires_grad_()
+    dy = torch.randn(B, T, C, device="cuda").bfloat16().transpose(1, 2)
+    w = (torch.randn(C, W, device="cuda") / W ** 0.5).bfloat16().requires_grad_()
+
+    def step():
+        y = flashdelta.causal_conv1d(x, w, None, activation="silu")
+        torch.autograd.grad(y, (x, w), dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    totals = defaultdict(float)
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            totals[ev.key] += us / repeats
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def bench_update(B, C, W, bandwidth, do_bench):
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(B, 1, C, device="cuda", generator=gen).bfloat16().transpose(1, 2)
@@ -145,7 +179,15 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     results = [bench_conv(B, T, C, W, bandwidth, do_bench) for B, T in shapes]
     decode = bench_update(args.decode_batch, C, W, bandwidth, do_bench)
+    B0, T0 = shapes[0]
+    try:
+        kernels = kernel_times(B0, T0, C, W)
+    except Exception as e:  # the profiler is a diagnosis, not the result
+        kernels = {"error": f"{type(e).__name__}: {e}"}
 
+    print(f"flashdelta fwd+bwd kernels at {B0}x{T0} (torch.profiler, device us per call):")
+    for name, us in kernels.items():
+        print(f"  {name[:90]:90s} {us if isinstance(us, str) else f'{us:9.1f}'}")
     print(f"conv: causal_conv1d + SiLU, C={C}, W={W}, bf16, x a transposed [B, T, C] view; "
           f"{torch.cuda.get_device_name()}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
@@ -181,7 +223,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth,
-                           conv=results, decode=decode), f, indent=2)
+                           conv=results, decode=decode, kernels_us=kernels), f, indent=2)
     return 0
 
 
