@@ -188,6 +188,9 @@ def test_eager_path_equals_custom_op(device, gated):
     inputs = [x, w] + ([z] if gated else [])
     out, grads = _grads(public, inputs, dy)
     want_out, want_grads = _grads(via_op, inputs, dy)
+    # the public function's graph node is the autograd.Function's, not the custom op's
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    assert type(public(*leaves).grad_fn).__name__ == "_EagerBackward"
     assert torch.equal(out, want_out)
     for got, want in zip(grads, want_grads):
         assert torch.equal(got, want)
