@@ -1,5 +1,7 @@
 // swiglu and attention_gate on the GPU (include/flashdelta/gated_product.h for the math and the
-// rounding, which follows transformers' compositions step by step).
+// rounding, which follows transformers' compositions step by step, as torch's CUDA kernels
+// round them: the attention gate's d_gate rounds each step of torch's CUDA sigmoid_backward to
+// the half type, where torch's CPU kernel for bf16 does not; see the kernel).
 //
 // One elementwise pass: a thread handles 16-byte vectors (8 bf16 / fp16, 4 fp32) of [R, D],
 // grid-strided over the R * D / N vectors; rows may have any stride (the attention gate is read
@@ -65,8 +67,12 @@ __global__ void __launch_bounds__(kThreads) gated_product_kernel(const GatedProd
           a = round_to<T>(silu(z[k]));
           dz[k] = __fmul_rn(__fmul_rn(d_a, sig), 1.0f + z[k] * (1.0f - sig));
         } else {
+          // torch's CUDA sigmoid_backward evaluates `d_a * (1 - a) * a` in the storage type:
+          // for bf16 / fp16 each of the three operations rounds (c10's half-type operators
+          // compute in fp32 and return the half type); round_to<float> is the identity.
           a = round_to<T>(sigmoid(z[k]));
-          dz[k] = __fmul_rn(__fmul_rn(d_a, 1.0f - a), a);
+          const float one_minus_a = round_to<T>(1.0f - a);
+          dz[k] = __fmul_rn(round_to<T>(__fmul_rn(d_a, one_minus_a)), a);
         }
         out[k] = mul_rn(dy[k], a);
       }

@@ -5,18 +5,22 @@
 // the same total), pass 2 writes y from the same vectors, kept in registers for rows of up to
 // 256 vectors (D <= 2048 in bf16; longer rows are re-read from L1/L2). rstd[row] is kept for the
 // backward. One read of x (and gate), one write of y.
-// Backward: same warp-per-row walk, rows grid-strided over a fixed grid (kMaxBackwardBlocks at
-// most, independent of the device, so the workspace size is a function of the shape only):
+// Backward: same warp-per-row walk, rows grid-strided over a grid that depends on the shape only
+// (256 to 2048 blocks, fewer for long rows; independent of the device, so the workspace size is
+// a function of the shape; see backward_blocks):
 //   pass 1: dn (the gradient reaching n = x r), sum(dn n), the gate gradient, and the weight
 //           gradient accumulated in the warp's own fp32 row of shared memory (a lane always owns
 //           the same columns, so no atomics; laid out so that a warp's access has no bank
 //           conflicts, see dweight_slot);
 //   pass 2: dx = r (dn - n mean(dn n)), from the row vectors pass 1 kept in registers.
 // At the end the block adds its warps' rows in order into workspace[block, :], and a second
-// kernel adds the blocks in order per column: deterministic, no float atomics.
+// kernel adds the blocks per column in a fixed order (32 columns x 32 row groups a block):
+// deterministic, no float atomics.
 // Vector path when D and every row stride are multiples of the vector width and the pointers are
 // 16-byte aligned; otherwise the same kernels with one element per access.
 // Assumes: backward D <= 12040 (shared memory for the per-warp weight-gradient rows).
+#include <algorithm>
+
 #include "core/check.h"
 #include "core/fused_ops_backend.h"
 #include "cuda/cuda_check.cuh"
@@ -29,7 +33,8 @@ namespace {
 using namespace fused;
 
 constexpr int kForwardWarps = 4;
-constexpr int64_t kMaxBackwardBlocks = 1024;
+constexpr int64_t kMinBackwardBlocks = 256, kMaxBackwardBlocks = 2048;
+constexpr int64_t kBackwardPartialFloats = int64_t{1} << 20;  // partials budget, see backward_blocks
 constexpr size_t kMaxStaticSmem = 48 * 1024;
 
 struct RmsNormParams {
@@ -249,14 +254,34 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
   }
 }
 
-// dweight[j] = sum over blocks, in block order, of partials[block, j].
-__global__ void reduce_partials_kernel(const float* __restrict__ partials, int64_t blocks,
-                                       int64_t dim, void* dweight, DType dtype) {
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= dim) return;
+// dweight[j] = sum over the backward's blocks b of partials[b, j], in an order fixed by the shape
+// (deterministic). A block of kReduceGroups warps owns 32 columns: lane c of warp g sums rows
+// g, g + kReduceGroups, ... of column c (each warp load is 128 contiguous bytes of one row, and
+// a thread has blocks / kReduceGroups loads to make, unrolled to keep several in flight), then
+// warp 0 adds the kReduceGroups sums of its column in warp order. One thread per column walking
+// all 1024 rows (the first version) took tens of microseconds on its own.
+constexpr int kReduceGroups = 32;
+
+__global__ void __launch_bounds__(kReduceGroups * 32)
+    reduce_partials_kernel(const float* __restrict__ partials, int64_t blocks, int64_t dim,
+                           void* dweight, DType dtype) {
+  __shared__ float group_sums[kReduceGroups][33];  // +1: column reads of warp 0 hit 32 banks
+  const int lane = threadIdx.x & 31;
+  const int group = threadIdx.x >> 5;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + lane;
   float total = 0.f;
-  for (int64_t b = 0; b < blocks; ++b) total += partials[b * dim + j];
-  store_any(dweight, dtype, j, total);
+  if (j < dim) {
+#pragma unroll 8
+    for (int64_t b = group; b < blocks; b += kReduceGroups) total += partials[b * dim + j];
+  }
+  group_sums[group][lane] = total;
+  __syncthreads();
+  if (group == 0 && j < dim) {
+    float sum = 0.f;
+#pragma unroll
+    for (int g = 0; g < kReduceGroups; ++g) sum += group_sums[g][lane];
+    store_any(dweight, dtype, j, sum);
+  }
 }
 
 // The padded shared-memory row is at most dim + 31 * 8 floats, whatever the vector width.
@@ -265,9 +290,16 @@ int backward_warps(int64_t dim) {
   return (dim + kRowPadding) * 4 * sizeof(float) <= kMaxStaticSmem ? 4 : 1;
 }
 
+// The backward grid: a function of the shape only (it sizes the workspace). Each block writes a
+// D-float partial row, so long rows get fewer blocks (at D = 2048, 512 blocks: 4 MB of partials
+// against 168 MB of x, dy, dx traffic, and 16 warps an SM with 8 vectors each in flight) and
+// short rows more (at D = 128, 2048 blocks: 62 warps an SM to cover memory latency, with 1 MB
+// of partials).
 int64_t backward_blocks(const RowsShape& s) {
   const int warps = backward_warps(s.dim);
-  return std::min<int64_t>((s.rows + warps - 1) / warps, kMaxBackwardBlocks);
+  const int64_t max_blocks =
+      std::clamp<int64_t>(kBackwardPartialFloats / s.dim, kMinBackwardBlocks, kMaxBackwardBlocks);
+  return std::min<int64_t>((s.rows + warps - 1) / warps, max_blocks);
 }
 
 RmsNormParams make_params(const RmsNormInputs& in, const RowsShape& s) {
@@ -393,9 +425,9 @@ void rms_norm_backward(const RmsNormInputs& in, const RmsNormBackwardArgs& a, co
     });
     FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   }
-  const unsigned reduce_blocks = static_cast<unsigned>((s.dim + 255) / 256);
-  reduce_partials_kernel<<<reduce_blocks, 256, 0, stream>>>(p.partials, blocks, s.dim,
-                                                            a.dweight.data, a.dweight.dtype);
+  const unsigned reduce_blocks = static_cast<unsigned>((s.dim + 31) / 32);
+  reduce_partials_kernel<<<reduce_blocks, kReduceGroups * 32, 0, stream>>>(
+      p.partials, blocks, s.dim, a.dweight.data, a.dweight.dtype);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 

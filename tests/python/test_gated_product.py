@@ -45,8 +45,9 @@ def test_matches_transformers(device, dtype, shape, op, ref):
     got = _run(op, a, b, dy)
     want = _run(ref, a, b, dy)
     for g, w, name in zip(got, want, ("out", "d_first", "d_second")):
-        # torch's CPU sigmoid_backward for fp16 rounds each step to fp16 (on CUDA, and for bf16,
-        # it computes in fp32 as flashdelta does): up to 2 fp16 ulps apart there
+        # torch's sigmoid_backward rounds each of its three steps to the half type on CUDA (the
+        # CUDA kernel does the same), and on the CPU for fp16 only (the CPU kernel computes in
+        # fp32): up to 2 fp16 ulps apart there
         ulps = 2 if (dtype == torch.float16 and name != "out" and device == "cpu") else 1
         assert_matches_transformers(g, w, f"{op.__name__} {name}", max_ulps=ulps)
 
@@ -89,3 +90,16 @@ def test_opcheck(device, name):
     a = random((3, 16), torch.float32, device).requires_grad_(True)
     b = random((3, 16), torch.float32, device, seed=1).requires_grad_(True)
     torch.library.opcheck(getattr(torch.ops.flashdelta, f"{name}_fwd").default, (a, b))
+
+
+@pytest.mark.parametrize("name", ["swiglu", "attention_gate"])
+def test_eager_path_equals_custom_op(device, name):
+    """Eager calls take an autograd.Function over the custom op's implementation: same results."""
+    a = random((4, 3, 40), torch.bfloat16, device, scale=3.0)
+    b = random((4, 3, 40), torch.bfloat16, device, seed=1)
+    dy = random((4, 3, 40), torch.bfloat16, device, seed=2)
+    custom_op = getattr(torch.ops.flashdelta, f"{name}_fwd")
+    got = _run(getattr(flashdelta, name), a, b, dy)
+    want = _run(custom_op, a, b, dy)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -108,11 +108,13 @@ def test_strided_views_deterministic_and_untouched(device):
     assert torch.equal(base, before[0]) and torch.equal(w, before[1]), "inputs modified"
 
 
-def test_large_rows_weight_gradient_deterministic(device):
-    """More rows than the backward has blocks / chunks: partial sums over several passes."""
-    x = random((3000, 32), torch.float32, device)
-    w = random((32,), torch.float32, device, seed=1)
-    dy = random((3000, 32), torch.float32, device, seed=2)
+@pytest.mark.parametrize("rows,D", [(3000, 32), (9000, 160)])
+def test_large_rows_weight_gradient_deterministic(device, rows, D):
+    """More rows than the backward has blocks / chunks: partial sums over several passes (on CUDA,
+    9000 x 160: rows grid-strided over 2048 blocks, and a partial column block in the reduce)."""
+    x = random((rows, D), torch.float32, device)
+    w = random((D,), torch.float32, device, seed=1)
+    dy = random((rows, D), torch.float32, device, seed=2)
     grads = [_grads(lambda x, w: flashdelta.rms_norm(x, w), [x, w], dy)[1][1] for _ in range(2)]
     assert torch.equal(grads[0], grads[1])
     ref = (dy.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -167,3 +169,28 @@ def test_compile_fullgraph():
     x.grad = w.grad = None
     flashdelta.rms_norm(x, w).sum().backward()
     assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["rms_norm", "rms_norm_gated"])
+def test_eager_path_equals_custom_op(device, gated):
+    """Eager calls take an autograd.Function over the custom op's implementation: same results."""
+    x = random((5, 3, 64), torch.bfloat16, device)
+    z = random((5, 3, 64), torch.bfloat16, device, seed=1) if gated else None
+    w = random((64,), torch.bfloat16, device, seed=2)
+    dy = random((5, 3, 64), torch.bfloat16, device, seed=3)
+
+    def via_op(x, w, *z):
+        return torch.ops.flashdelta.rms_norm_fwd(x, z[0] if z else None, w, 1e-6)[0]
+
+    def public(x, w, *z):
+        return flashdelta.rms_norm_gated(x, z[0], w) if z else flashdelta.rms_norm(x, w)
+
+    inputs = [x, w] + ([z] if gated else [])
+    out, grads = _grads(public, inputs, dy)
+    want_out, want_grads = _grads(via_op, inputs, dy)
+    # the public function's graph node is the autograd.Function's, not the custom op's
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    assert type(public(*leaves).grad_fn).__name__ == "_EagerBackward"
+    assert torch.equal(out, want_out)
+    for got, want in zip(grads, want_grads):
+        assert torch.equal(got, want)

@@ -16,11 +16,19 @@ shared-expert width 512; bf16 activations and weights. Per op:
 | attention_gate | attention_gate, strided gate        | attn * sigmoid(gate.reshape(...))      |
 | rope           | partial_rotary_embedding, q and k   | apply_rotary_pos_emb                   |
 
-Time: CUDA-event median (triton.testing.do_bench) of forward + backward (the backward from a fixed
-upstream gradient), after warm-up, gradients reset to None between runs. Floor: the bytes the
-forward and the backward must move (each input read once, each output written once, in each
-direction) over the bandwidth of a large device-to-device copy measured in this run.
-The last lines printed are the table.
+Two times per implementation, both the median of CUDA-event timings after warm-up, forward +
+backward (the backward from a fixed upstream gradient, gradients reset to None first):
+
+- device: the GPU time of the kernels alone. The step is captured once in a CUDA graph and the
+  graph replayed, each replay after a 256 MB write that flushes the L2 cache (the graph launch is
+  queued while that write runs, so no host time is inside the events). This is the time the
+  bars are about: in a training step the host runs ahead of the GPU and launch costs hide.
+- eager: the step called from Python each time (triton.testing.do_bench, which also flushes L2):
+  host dispatch included, so for small ops it measures the host rather than the GPU.
+
+Floor: the bytes the forward and the backward must move (each input read once, each output
+written once, in each direction) over the bandwidth of a large device-to-device copy measured
+in this run. The last lines printed are the table.
 """
 
 import argparse
@@ -131,11 +139,42 @@ def _upstream(fn, inputs):
     return [torch.randn_like(o) for o in outs]
 
 
+def device_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
+    """Median GPU time of step() replayed from a CUDA graph, each replay after an L2 flush."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        for _ in range(3):
+            for x in leaves:
+                x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    for x in leaves:  # the captured backward allocates the gradients (no accumulation kernel)
+        x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    del graph
+    for x in leaves:
+        x.grad = None
+    return times[len(times) // 2]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flashdelta.bench fused_ops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--repeat-ms", type=int, default=200, help="do_bench rep (ms)")
+    p.add_argument("--repeat-ms", type=int, default=200, help="do_bench rep (ms), eager times")
+    p.add_argument("--replays", type=int, default=100, help="graph replays, device times")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -144,37 +183,45 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     bandwidth = copy_bandwidth()
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     for name, (inputs, fd, hf, floor_bytes) in cases(args.tokens).items():
         grads = _upstream(hf, inputs)
         leaves = [x for x in inputs if x.requires_grad]
+        detached = [x.detach() for x in inputs]
         timings = {}
         for impl, fn in (("flashdelta", fd), ("transformers", hf)):
             try:
                 _step(fn, inputs, grads)
                 torch.cuda.synchronize()
-                timings[impl] = do_bench(lambda: _step(fn, inputs, grads), grad_to_none=leaves,
-                                         rep=args.repeat_ms, return_mode="median")
-                timings[impl + "_fwd"] = do_bench(
-                    lambda: fn(*[x.detach() for x in inputs]), rep=args.repeat_ms,
+                timings[impl] = device_time_ms(lambda: _step(fn, inputs, grads), leaves,
+                                               args.replays, flush)
+                timings[impl + "_fwd"] = device_time_ms(lambda: fn(*detached), [],
+                                                        args.replays, flush)
+                timings[impl + "_eager"] = do_bench(
+                    lambda: _step(fn, inputs, grads), grad_to_none=leaves, rep=args.repeat_ms,
                     return_mode="median")
             except Exception as e:  # report, keep going
-                timings[impl] = None
+                timings.setdefault(impl, None)
                 print(f"{name} / {impl}: {type(e).__name__}: {e}")
+            torch.cuda.empty_cache()
         floor_ms = floor_bytes / bandwidth * 1e3
         fd_ms, hf_ms = timings.get("flashdelta"), timings.get("transformers")
         rows.append(dict(
             op=name, bytes=floor_bytes, floor_ms=floor_ms, flashdelta_ms=fd_ms,
-            flashdelta_fwd_ms=timings.get("flashdelta_fwd"), transformers_ms=hf_ms,
+            flashdelta_fwd_ms=timings.get("flashdelta_fwd"),
+            flashdelta_eager_ms=timings.get("flashdelta_eager"), transformers_ms=hf_ms,
             transformers_fwd_ms=timings.get("transformers_fwd"),
+            transformers_eager_ms=timings.get("transformers_eager"),
             ratio_to_floor=(fd_ms / floor_ms) if fd_ms else None,
             speedup=(hf_ms / fd_ms) if fd_ms and hf_ms else None))
 
     print(f"fused_ops: {args.tokens} tokens, Qwen3.5-35B-A3B sizes, bf16; "
           f"{torch.cuda.get_device_name()}; torch {torch.__version__}")
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); times: fwd+bwd median (us)")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); fwd+bwd medians (us): "
+          f"device = CUDA-graph replay, eager = called from Python (host included)")
     print(f"{'op':>15}  {'MB':>7}  {'floor':>7}  {'flashdelta':>10}  {'x floor':>7}  "
-          f"{'transformers':>12}  {'speed-up':>8}")
+          f"{'transformers':>12}  {'speed-up':>8}  {'fd eager':>8}  {'tf eager':>8}")
 
     def us(v):
         return f"{v * 1e3:.1f}" if v else "n/a"
@@ -184,7 +231,8 @@ def main(argv=None) -> int:
         speed = f"{r['speedup']:.2f}" if r["speedup"] else "n/a"
         print(f"{r['op']:>15}  {r['bytes'] / 1e6:7.1f}  {us(r['floor_ms']):>7}  "
               f"{us(r['flashdelta_ms']):>10}  {ratio:>7}  {us(r['transformers_ms']):>12}  "
-              f"{speed:>8}")
+              f"{speed:>8}  {us(r['flashdelta_eager_ms']):>8}  "
+              f"{us(r['transformers_eager_ms']):>8}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), tokens=args.tokens,

@@ -1,20 +1,49 @@
 """What the fused layer ops (rms_norm, rms_norm_gated, swiglu, attention_gate,
-partial_rotary_embedding) share in Python: argument checks and the [R, D] row view.
+partial_rotary_embedding) share in Python: argument checks, the [R, D] row view, the current
+stream, and the choice between the custom op and the eager fast path.
 
 The kernels take [R, D] tensors with unit stride along D and any row stride, so a per-head slice
 of a projection output (q_proj's query or gate half) reaches them without a copy: `as_rows`
 flattens the leading dimensions with `reshape`, which is a view whenever the strides allow it
 and a copy only when they do not.
+
+Eager fast path: each op is a torch.library custom op (what torch.compile traces, what opcheck
+tests), but a custom op's eager call is slow on the host: the dispatcher calls into Python at
+its Autograd and backend keys, an autograd.Function is generated around the op, and every
+output is checked for aliasing. The first H100 benchmark measured 600-950 us per forward +
+backward whatever the op's size (bytes floors of 22-180 us): the host, not the kernels. So
+outside torch.compile the public functions call the same implementation through a plain
+torch.autograd.Function (see `eager`), whose host cost is that of a couple of torch ops.
 """
 
 from typing import Any
 
 import torch
 
-from ._gated_delta_rule import _stream, load_extension
+from ._gated_delta_rule import load_extension
 
-__all__ = ["FLOAT_DTYPES", "_stream", "as_rows", "load_extension", "require_float",
+__all__ = ["FLOAT_DTYPES", "_stream", "as_rows", "eager", "load_extension", "require_float",
            "require_same", "require_tensor", "shape_of"]
+
+# torch's raw current-stream query: an int, without building a torch.cuda.Stream object per call
+# (the public spelling where it is absent).
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream(device: torch.device) -> int:
+    """The cudaStream_t of the current stream on device, as an int (0 on the CPU)."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if _current_raw_stream is not None:
+        return _current_raw_stream(index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def eager() -> bool:
+    """True when the public functions should take the autograd.Function path (not tracing)."""
+    return not torch.compiler.is_compiling()
+
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -7,7 +7,8 @@ a transposed [B, H, T, head_dim] view is taken as it is), cos / sin [B or 1, T, 
 model's rotary module gives them. The outputs have q's / k's shapes; with heads_first=True their
 memory is laid out [B, H, T, head_dim] (what attention kernels read), else contiguous.
 
-Custom ops: `torch.ops.flashdelta.partial_rotary_embedding_fwd` / `_bwd`.
+Custom ops: `torch.ops.flashdelta.partial_rotary_embedding_fwd` / `_bwd` (what torch.compile
+sees; eager calls take the cheaper autograd.Function path over the same implementation, _rows.py).
 """
 
 from typing import Tuple
@@ -35,14 +36,30 @@ def _expand(c: Tensor, q: Tensor) -> Tensor:
     return c.detach().expand(q.shape[0], q.shape[1], c.shape[-1])
 
 
-@torch.library.custom_op("flashdelta::partial_rotary_embedding_fwd", mutates_args=())
-def partial_rotary_embedding_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
-                                 heads_first: bool) -> Tuple[Tensor, Tensor]:
+def _forward_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, heads_first: bool
+                  ) -> Tuple[Tensor, Tensor]:
     q_out, k_out = _empty_like_layout(q, heads_first), _empty_like_layout(k, heads_first)
     _rows.load_extension().partial_rotary_embedding_forward(
         _unit_last(q.detach()), _unit_last(k.detach()), _unit_last(_expand(cos, q)),
         _unit_last(_expand(sin, q)), q_out, k_out, _rows._stream(q.device))
     return q_out, k_out
+
+
+def _backward_impl(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor
+                   ) -> Tuple[Tensor, Tensor]:
+    dq, dk = torch.empty_like(dq_out, memory_format=torch.contiguous_format), torch.empty_like(
+        dk_out, memory_format=torch.contiguous_format)
+    _rows.load_extension().partial_rotary_embedding_backward(
+        _unit_last(dq_out.detach()), _unit_last(dk_out.detach()),
+        _unit_last(_expand(cos, dq_out)), _unit_last(_expand(sin, dq_out)), dq, dk,
+        _rows._stream(dq_out.device))
+    return dq, dk
+
+
+@torch.library.custom_op("flashdelta::partial_rotary_embedding_fwd", mutates_args=())
+def partial_rotary_embedding_fwd(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                                 heads_first: bool) -> Tuple[Tensor, Tensor]:
+    return _forward_impl(q, k, cos, sin, heads_first)
 
 
 @partial_rotary_embedding_fwd.register_fake
@@ -53,13 +70,7 @@ def _(q, k, cos, sin, heads_first):
 @torch.library.custom_op("flashdelta::partial_rotary_embedding_bwd", mutates_args=())
 def partial_rotary_embedding_bwd(dq_out: Tensor, dk_out: Tensor, cos: Tensor, sin: Tensor
                                  ) -> Tuple[Tensor, Tensor]:
-    dq, dk = torch.empty_like(dq_out, memory_format=torch.contiguous_format), torch.empty_like(
-        dk_out, memory_format=torch.contiguous_format)
-    _rows.load_extension().partial_rotary_embedding_backward(
-        _unit_last(dq_out.detach()), _unit_last(dk_out.detach()),
-        _unit_last(_expand(cos, dq_out)), _unit_last(_expand(sin, dq_out)), dq, dk,
-        _rows._stream(dq_out.device))
-    return dq, dk
+    return _backward_impl(dq_out, dk_out, cos, sin)
 
 
 @partial_rotary_embedding_bwd.register_fake
@@ -80,6 +91,22 @@ def _backward(ctx, dq_out, dk_out):
 
 
 partial_rotary_embedding_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The eager path (see _rows.eager): the same kernels without the dispatcher's cost."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, heads_first):
+        ctx.save_for_backward(cos, sin)
+        return _forward_impl(q, k, cos, sin, heads_first)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq_out, dk_out):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _backward_impl(dq_out, dk_out, cos, sin)
+        return dq, dk, None, None, None
 
 
 def partial_rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
@@ -116,4 +143,6 @@ def partial_rotary_embedding(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     if rd % 2 or rd > D:
         raise ValueError(f"{fn}: rotary_dim = cos.shape[-1] = {rd} must be even and at most "
                          f"head_dim = {D}")
+    if _rows.eager():
+        return _Eager.apply(q, k, cos, sin, bool(heads_first))
     return partial_rotary_embedding_fwd(q, k, cos, sin, bool(heads_first))

@@ -9,6 +9,7 @@ Qwen3-Next (include/flashdelta/rms_norm.h), with the dtype casts of transformers
 Custom ops (with fake implementations and autograd): `torch.ops.flashdelta.rms_norm_fwd` /
 `rms_norm_bwd` (one pair for both: `gate` is None for rms_norm). The forward keeps only the
 per-row rstd (4 bytes a row) for the backward; the weight gradient is reduced deterministically.
+Eager calls take the cheaper autograd.Function path over the same implementation (_rows.py).
 """
 
 from typing import Optional, Tuple
@@ -38,15 +39,51 @@ def _empty_backward(x: Tensor, gate: Optional[Tensor], weight: Tensor):
             torch.empty(weight.shape, dtype=weight.dtype, device=weight.device))
 
 
-@torch.library.custom_op("flashdelta::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float
-                 ) -> Tuple[Tensor, Tensor]:
+def _forward_impl(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float
+                  ) -> Tuple[Tensor, Tensor]:
     y, rstd = _empty_forward(x)
     x2 = _rows.as_rows(x.detach())
     g2 = None if gate is None else _rows.as_rows(gate.detach())
     _entry(gate, "forward")(x2, g2, weight.detach(), eps, y.view(x2.shape), rstd,
                             _rows._stream(x.device))
     return y, rstd
+
+
+# Workspace bytes by (device, rows, dim): the backends size it from these alone. Cached so that a
+# backward makes one call into the extension, not two (the backward call validates everything).
+_workspace_bytes = {}
+_WORKSPACE_CACHE_ENTRIES = 4096  # varlen batches bring many row counts: keep the table small
+
+
+def _workspace(x2: Tensor, g2: Optional[Tensor], w: Tensor, eps: float) -> Tensor:
+    key = (x2.device, x2.shape[0], x2.shape[1])
+    nbytes = _workspace_bytes.get(key)
+    if nbytes is None:
+        nbytes = int(_entry(g2, "backward_workspace_bytes")(x2, g2, w, eps))
+        if len(_workspace_bytes) >= _WORKSPACE_CACHE_ENTRIES:
+            _workspace_bytes.clear()
+        _workspace_bytes[key] = nbytes
+    return torch.empty(nbytes, dtype=torch.uint8, device=x2.device)
+
+
+def _backward_impl(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float, rstd: Tensor,
+                   dy: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    dx, dgate, dweight = _empty_backward(x, gate, weight)
+    x2 = _rows.as_rows(x.detach())
+    g2 = None if gate is None else _rows.as_rows(gate.detach())
+    w = weight.detach()
+    _entry(gate, "backward")(
+        x2, g2, w, eps, rstd.detach(), _rows.as_rows(dy.detach()), dx.view(x2.shape),
+        None if gate is None else dgate.view(x2.shape), dweight, _workspace(x2, g2, w, eps),
+        _rows._stream(x.device),
+    )
+    return dx, dgate, dweight
+
+
+@torch.library.custom_op("flashdelta::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float
+                 ) -> Tuple[Tensor, Tensor]:
+    return _forward_impl(x, gate, weight, eps)
 
 
 @rms_norm_fwd.register_fake
@@ -57,18 +94,7 @@ def _(x, gate, weight, eps):
 @torch.library.custom_op("flashdelta::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float, rstd: Tensor,
                  dy: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    dx, dgate, dweight = _empty_backward(x, gate, weight)
-    x2 = _rows.as_rows(x.detach())
-    g2 = None if gate is None else _rows.as_rows(gate.detach())
-    w = weight.detach()
-    workspace = torch.empty(int(_entry(gate, "backward_workspace_bytes")(x2, g2, w, eps)),
-                            dtype=torch.uint8, device=x.device)
-    _entry(gate, "backward")(
-        x2, g2, w, eps, rstd.detach(), _rows.as_rows(dy.detach()), dx.view(x2.shape),
-        None if gate is None else dgate.view(x2.shape), dweight, workspace,
-        _rows._stream(x.device),
-    )
-    return dx, dgate, dweight
+    return _backward_impl(x, gate, weight, eps, rstd, dy)
 
 
 @rms_norm_bwd.register_fake
@@ -89,6 +115,31 @@ def _backward(ctx, dy, _drstd):
 
 
 rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The eager path (see _rows.eager): the same kernels without the dispatcher's cost. Returns
+    y only; rstd stays in the context."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps):
+        y, rstd = _forward_impl(x, gate, weight, eps)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, gate, weight, rstd = ctx.saved_tensors
+        dx, dgate, dweight = _backward_impl(x, gate, weight, ctx.eps, rstd, dy)
+        return dx, (dgate if gate is not None else None), dweight, None
+
+
+def _apply(x: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float) -> Tensor:
+    if _rows.eager():
+        return _Eager.apply(x, gate, weight, eps)
+    return rms_norm_fwd(x, gate, weight, eps)[0]
 
 
 def _check(fn: str, x, gate, weight, eps) -> None:
@@ -116,11 +167,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     (1 + weight)), computed in fp32 (transformers' Qwen3_5RMSNorm). Any leading shape and
     strides; gradients for x and weight."""
     _check("rms_norm", x, None, weight, eps)
-    return rms_norm_fwd(x, None, weight.contiguous(), float(eps))[0]
+    return _apply(x, None, weight.contiguous(), float(eps))
 
 
 def rms_norm_gated(x: Tensor, gate: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """transformers' RMSNormGated (Gated DeltaNet output norm): n = cast_x(x * rsqrt(mean(x^2) +
     eps)); y = cast_x((weight * n) * silu(gate)) with silu in fp32. gate: x's shape and dtype."""
     _check("rms_norm_gated", x, gate, weight, eps)
-    return rms_norm_fwd(x, gate, weight.contiguous(), float(eps))[0]
+    return _apply(x, gate, weight.contiguous(), float(eps))
