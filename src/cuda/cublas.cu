@@ -107,9 +107,9 @@ cudaDataType cublas_data_type(DType dtype) {
 
 namespace {
 
-// cublasCreate with this thread's stream-capture mode relaxed: it allocates device memory, which
-// a capture in global mode (torch.cuda.graph's default) would otherwise turn into an error and an
-// invalidated capture. Relaxed mode only lifts that prohibition for this thread; the allocation is
+// cublasCreate with this thread's stream-capture mode relaxed: it may allocate device memory,
+// which a capture in global mode (torch.cuda.graph's default) would otherwise turn into an error
+// and an invalidated capture. Relaxed mode only lifts that prohibition for this thread; the allocation is
 // not a stream operation and is not recorded in any graph.
 cublasHandle_t create_handle(const CublasApi& api) {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;

@@ -11,7 +11,7 @@
 // never race on it.
 //
 // CUDA graphs: an op may be captured without any eager call before it.
-//   - The handle may be created while the caller's stream is capturing: cublasCreate allocates
+//   - The handle may be created while the caller's stream is capturing: cublasCreate may allocate
 //     device memory, which global capture mode forbids, so it runs with this thread's capture mode
 //     switched to relaxed (cudaThreadExchangeStreamCaptureMode) and then restored.
 //   - cuBLAS's own workspace is never used: cublasSetStream resets the handle to the default

@@ -323,12 +323,12 @@ def test_cuda_graph_capture(device):
 
 
 def test_fp16_small_probabilities(device):
-    """fp16 with softmax probabilities far below fp16's normal range (V = 16384, logits of std 2)
+    """fp16 with softmax probabilities below fp16's normal range (V = 4096, logits of std 2)
     and a mean over 1024 tokens: d_hidden stays within 1e-3 of float64 (2e-4 measured).
-    transformers' fp16 path is 6e-3 off here, as it stores (softmax - onehot) / N in fp16,
+    transformers' fp16 path is 2.4e-3 off here, as it stores (softmax - onehot) / N in fp16,
     flushing most probabilities to zero: the reason the large-vocabulary test compares fp16 with
     float64 rather than with transformers' gradients."""
-    hidden, weight, labels = make_inputs(1, 1025, 32, 16384, torch.float16, device, seed=5,
+    hidden, weight, labels = make_inputs(1, 1025, 16, 4096, torch.float16, device, seed=5,
                                          ignore_frac=0)
     want_dh, want_dw = float64_gradients(hidden, weight, labels)
     _, dh, dw = ours(hidden, weight, labels, True)
@@ -405,14 +405,22 @@ def test_torch_compile_fullgraph_trained_weight(device):
 
 
 def test_opcheck_backward(device):
-    """The backward op declares its in-place scaling of d_weight_sum (mutates_args)."""
-    from flashdelta.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_bwd
+    """Both backward ops pass opcheck; the in-place one declares (mutates_args) and does its
+    scaling of d_weight_sum."""
+    from flashdelta.ops.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy_bwd,
+        fused_linear_cross_entropy_bwd_,
+    )
 
     scale = torch.tensor([0.5], device=device)
     d_hidden_sum = torch.randn(4, 8, device=device)
-    for d_weight_sum in (torch.randn(5, 8, device=device), torch.empty(0, device=device)):
-        torch.library.opcheck(fused_linear_cross_entropy_bwd,
-                              (scale, d_hidden_sum, d_weight_sum, torch.bfloat16))
+    for op in (fused_linear_cross_entropy_bwd, fused_linear_cross_entropy_bwd_):
+        for d_weight_sum in (torch.randn(5, 8, device=device), torch.empty(0, device=device)):
+            torch.library.opcheck(op, (scale, d_hidden_sum, d_weight_sum, torch.bfloat16))
+    d_weight_sum = torch.randn(5, 8, device=device)
+    want = 0.5 * d_weight_sum
+    d_hidden = fused_linear_cross_entropy_bwd_(scale, d_hidden_sum, d_weight_sum, torch.float32)
+    assert torch.equal(d_weight_sum, want) and torch.equal(d_hidden, 0.5 * d_hidden_sum)
 
 
 def test_trained_weight_memory_cuda(device):
