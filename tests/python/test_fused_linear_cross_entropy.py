@@ -445,11 +445,10 @@ def test_trained_weight_memory_cuda(device):
     peak = torch.cuda.max_memory_allocated() - base
     gradients = h.grad.nbytes + w.grad.nbytes
     d_hidden_sum = x2.numel() * 4
-    slack = 1 << 20  # labels' shift, scalars
+    slack = 1 << 20  # labels' shift, scalars; a second [V, H] buffer would be 32 MiB
     assert peak <= gradients + workspace + d_hidden_sum + slack, (
         f"peak {peak} > gradients {gradients} + workspace {workspace} + d_hidden_sum "
         f"{d_hidden_sum}")
-    assert peak < gradients + w.grad.nbytes  # not two weight-sized buffers
 
 
 def test_cuda_graph_capture_as_first_call(device):
