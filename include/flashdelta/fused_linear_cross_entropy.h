@@ -45,7 +45,9 @@ struct FusedLinearCrossEntropyBackwardArgs {
   TensorRef d_hidden_sum;  // [N, H] fp32, contiguous (from the forward)
   TensorRef d_weight_sum;  // [V, H], contiguous (from the forward); absent: no d_weight
   TensorRef d_hidden;      // out [N, H] in hidden's dtype, contiguous
-  TensorRef d_weight;      // out [V, H] in d_weight_sum's dtype, contiguous; iff d_weight_sum
+  TensorRef d_weight;      // out [V, H] in d_weight_sum's dtype, contiguous; iff d_weight_sum.
+                           // May be d_weight_sum itself: scaled in place, the weight gradient
+                           // then needs no second [V, H] buffer (what the Python op does)
   void* stream = nullptr;
 };
 
@@ -56,7 +58,8 @@ size_t fused_linear_cross_entropy_workspace_bytes(const FusedLinearCrossEntropyI
 void fused_linear_cross_entropy_forward(const FusedLinearCrossEntropyInputs& in,
                                         const FusedLinearCrossEntropyForwardOutputs& out);
 
-// d_hidden = grad_scale * d_hidden_sum, d_weight = grad_scale * d_weight_sum (inputs unchanged).
+// d_hidden = grad_scale * d_hidden_sum, d_weight = grad_scale * d_weight_sum. d_hidden_sum is
+// unchanged; d_weight_sum too unless d_weight is d_weight_sum (in place).
 void fused_linear_cross_entropy_backward(const FusedLinearCrossEntropyBackwardArgs& args);
 
 }  // namespace flashdelta

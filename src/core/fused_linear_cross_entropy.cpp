@@ -2,6 +2,7 @@
 #include "flashdelta/fused_linear_cross_entropy.h"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "core/check.h"
 #include "core/fused_linear_cross_entropy_backend.h"
@@ -170,6 +171,14 @@ void fused_linear_cross_entropy_backward(const FusedLinearCrossEntropyBackwardAr
                             "d_weight_sum", "[V, H]");
     check_contiguous_output(a.d_weight, {v, h}, a.d_weight_sum.dtype, dev, op, "d_weight",
                             "[V, H]");
+    // d_weight is d_weight_sum itself (scaled in place) or a separate buffer: a partial overlap
+    // would let the scale read elements it has already written.
+    const auto* sum_begin = static_cast<const uint8_t*>(a.d_weight_sum.data);
+    const auto* out_begin = static_cast<const uint8_t*>(a.d_weight.data);
+    const size_t bytes = dtype_size(a.d_weight.dtype) * static_cast<size_t>(v * h);
+    check_value(out_begin == sum_begin || out_begin + bytes <= sum_begin ||
+                    sum_begin + bytes <= out_begin,
+                op, ": d_weight must be d_weight_sum itself (in place) or not overlap it");
   } else {
     check_value(!a.d_weight.defined(), op, ": d_weight was given without d_weight_sum");
   }

@@ -24,6 +24,7 @@ using GemmExFn = cublasStatus_t (*)(cublasHandle_t, cublasOperation_t, cublasOpe
 struct CublasApi {
   decltype(&cublasCreate_v2) create = nullptr;
   decltype(&cublasSetStream_v2) set_stream = nullptr;
+  decltype(&cublasSetWorkspace_v2) set_workspace = nullptr;
   GemmExFn gemm_ex = nullptr;
   decltype(&cublasGetStatusString) status_string = nullptr;
   std::string error;  // why loading failed (empty when loaded)
@@ -54,6 +55,7 @@ CublasApi load_cublas() {
   };
   resolve(api.create, "cublasCreate_v2");
   resolve(api.set_stream, "cublasSetStream_v2");
+  resolve(api.set_workspace, "cublasSetWorkspace_v2");
   resolve(api.gemm_ex, "cublasGemmEx");
   resolve(api.status_string, "cublasGetStatusString");
   return api;
@@ -103,16 +105,37 @@ cudaDataType cublas_data_type(DType dtype) {
   }
 }
 
-CublasSession::CublasSession(int device, cudaStream_t stream) {
+namespace {
+
+// cublasCreate with this thread's stream-capture mode relaxed: it may allocate device memory,
+// which a capture in global mode (torch.cuda.graph's default) would otherwise turn into an error
+// and an invalidated capture. Relaxed mode only lifts that prohibition for this thread; the allocation is
+// not a stream operation and is not recorded in any graph.
+cublasHandle_t create_handle(const CublasApi& api) {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  FLASHDELTA_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));
+  cublasHandle_t handle = nullptr;
+  const cublasStatus_t status = api.create(&handle);
+  FLASHDELTA_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode));  // restores the caller's
+  check_status(status, "cublasCreate");
+  return handle;
+}
+
+}  // namespace
+
+CublasSession::CublasSession(int device, cudaStream_t stream, void* workspace) {
   const CublasApi& api = cublas_api();
   if (device < 0 || device >= kMaxDevices) {
     fail(Error::Kind::kValue, "cuBLAS: device index ", device, " out of range");
   }
+  if (workspace == nullptr) fail(Error::Kind::kValue, "cuBLAS: no workspace given");
   HandleSlot& slot = handle_slots()[device];
   lock_ = std::unique_lock<std::mutex>(slot.mutex);
-  if (slot.handle == nullptr) check_status(api.create(&slot.handle), "cublasCreate");
+  if (slot.handle == nullptr) slot.handle = create_handle(api);
   handle_ = slot.handle;
+  // In this order: cublasSetStream resets the workspace to cuBLAS's default pool.
   check_status(api.set_stream(handle_, stream), "cublasSetStream");
+  check_status(api.set_workspace(handle_, workspace, kCublasWorkspaceBytes), "cublasSetWorkspace");
 }
 
 CublasSession::~CublasSession() = default;

@@ -6,10 +6,18 @@
 // few entry points below and keeps them for the life of the process. When the library is absent,
 // the op raises RuntimeError naming it.
 //
-// One cuBLAS handle per device, created at first use on that device (cuBLAS allocates its
-// default workspace then, once; creating it inside CUDA graph capture fails, so capture a graph
-// after a first eager call). The handle is shared: a CublasSession holds its lock, points it at
-// the caller's stream and issues GEMMs, so concurrent host threads never race on it.
+// One cuBLAS handle per device, created at first use on that device, and shared: a CublasSession
+// holds its lock, points it at the caller's stream and issues GEMMs, so concurrent host threads
+// never race on it.
+//
+// CUDA graphs: an op may be captured without any eager call before it.
+//   - The handle may be created while the caller's stream is capturing: cublasCreate may allocate
+//     device memory, which global capture mode forbids, so it runs with this thread's capture mode
+//     switched to relaxed (cudaThreadExchangeStreamCaptureMode) and then restored.
+//   - cuBLAS's own workspace is never used: cublasSetStream resets the handle to the default
+//     workspace pool, which grows by a new allocation per capture, so every session binds a
+//     caller-provided workspace (part of the op's workspace, from torch's allocator) after binding
+//     the stream. Its size is kCublasWorkspaceBytes.
 #pragma once
 
 #include <cublas_v2.h>  // types and enums only: nothing here links against libcublas
@@ -31,10 +39,16 @@ struct BlasMatrix {
   int64_t ld;
 };
 
+// Bytes of the workspace a CublasSession binds: cuBLAS's recommendation for Hopper (32 MiB; 4 MiB
+// suffices before it). 256-byte alignment is enough.
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
+
 class CublasSession {
  public:
-  // Locks the device's handle and binds it to `stream` (the device must be current).
-  CublasSession(int device, cudaStream_t stream);
+  // Locks the device's handle and binds it to `stream` and to `workspace` (kCublasWorkspaceBytes
+  // of device memory, 256-byte aligned, used only by this session's GEMMs on `stream`). The
+  // device must be current.
+  CublasSession(int device, cudaStream_t stream, void* workspace);
   ~CublasSession();
   CublasSession(const CublasSession&) = delete;
   CublasSession& operator=(const CublasSession&) = delete;

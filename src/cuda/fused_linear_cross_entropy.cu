@@ -19,6 +19,16 @@
 //   4. dW (+)= D^T X_c         cuBLAS, when the weight is trained: beta = 0 on the first chunk,
 //                              1 after, accumulated in the weight's dtype (one rounding per chunk:
 //                              8 at N = 8192; an fp32 accumulator would cost 2 GiB at this size).
+//                              The backward scales this buffer in place and autograd takes it as
+//                              the weight's gradient: one [V, H] buffer in all, which any
+//                              implementation needs, and the op's memory beyond its gradients is
+//                              the workspace (the logits chunk, 32 MiB for cuBLAS) and the fp32
+//                              d_hidden_sum: 0.6 GiB at N = 8192, V = 248,320 in bf16.
+// Precision of fp16: D is stored unscaled (the 1/N of a mean is applied in fp32 by the backward).
+// Probabilities below fp16's normal range (6.1e-5; at V = 248,320 most are) are subnormal with
+// an absolute error under 3e-8 each, which leaves d_hidden within 2e-4 of float64 at the test's
+// sizes. transformers' fp16 path rounds (softmax - onehot) / N to fp16 instead, flushing most of
+// the softmax mass to zero at N ~ 2000 (3% error): the tests compare with float64 there.
 // Finally sum_losses_kernel adds the per-token losses and counts the valid targets in one block,
 // in a fixed order (deterministic). GEMM FLOPs: 2NVH (logits) + 2NVH (dX) [+ 2NVH (dW)], the same
 // as transformers' linear forward + backward; what goes is the fp32 logits, their fp32 gradient
@@ -26,7 +36,9 @@
 //
 // Launch shapes: softmax_gradient_kernel <<<rows of the chunk, 512>>>, 16-byte vector accesses
 // when V is a multiple of the vector width (rows start 16-byte aligned then; the workspace is
-// 256-byte aligned); sum_losses_kernel <<<1, 1024>>>; scale_kernel grid-stride.
+// 256-byte aligned, checked: cuBLAS's part needs it); sum_losses_kernel <<<1, 1024>>>;
+// scale_kernel grid-stride. cuBLAS runs on the caller's stream with the workspace's cuBLAS part
+// bound (capturable without an eager call first: cuda/cublas.cuh).
 //
 // Assumes validated inputs (src/core): hidden with unit stride along H, weight contiguous. A
 // target outside [0, V) that is not ignore_index makes that token's loss (hence the sum) NaN and
@@ -54,6 +66,21 @@ constexpr size_t kWorkspaceAlign = 256;
 
 size_t align_up(size_t bytes) {
   return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+}
+
+// The forward's workspace: one chunk's logits (then logit gradients) in the inputs' dtype, the
+// per-token losses (fp32), and cuBLAS's workspace (bound to the handle for this call only, so
+// that graph capture never makes cuBLAS allocate; see cuda/cublas.cuh). Byte offsets, 256-aligned.
+struct WorkspaceLayout {
+  size_t logits = 0, row_loss = 0, cublas = 0, total = 0;
+};
+
+WorkspaceLayout workspace_layout(const FusedLinearCrossEntropyShape& s, DType dtype) {
+  WorkspaceLayout l;
+  l.row_loss = l.logits + align_up(dtype_size(dtype) * size_t(s.chunk_rows * s.vocab_size));
+  l.cublas = l.row_loss + align_up(sizeof(float) * size_t(s.num_tokens));
+  l.total = l.cublas + align_up(kCublasWorkspaceBytes);
+  return l;
 }
 
 template <typename T>
@@ -216,10 +243,12 @@ __global__ void __launch_bounds__(kSumThreads)
 
 // dst[e] = scale[0] * src[e], rounded to Dst; a zero stays zero whatever the scale (ignored tokens'
 // gradients are exactly zero and torch sets them to 0 rather than multiplying: an all-ignored
-// mean, scale 1/0, gives zero gradients as in transformers, not NaN).
+// mean, scale 1/0, gives zero gradients as in transformers, not NaN). dst may be src (the weight
+// gradient is scaled in place): each element is read and then written by one thread, so src and
+// dst are deliberately not __restrict__.
 template <typename Src, typename Dst>
-__global__ void scale_kernel(const Src* __restrict__ src, const float* __restrict__ scale,
-                             Dst* __restrict__ dst, int64_t count) {
+__global__ void scale_kernel(const Src* src, const float* __restrict__ scale, Dst* dst,
+                             int64_t count) {
   const float s = scale[0];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
@@ -283,10 +312,14 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
     return;
   }
 
+  const WorkspaceLayout layout = workspace_layout(s, in.hidden.dtype);
   uint8_t* ws = static_cast<uint8_t*>(out.workspace.data);
-  T* logits = reinterpret_cast<T*>(ws);
-  float* row_loss =
-      reinterpret_cast<float*>(ws + align_up(sizeof(T) * size_t(s.chunk_rows * v)));
+  if (reinterpret_cast<uintptr_t>(ws) % kWorkspaceAlign != 0) {  // cuBLAS's workspace needs it
+    fail(Error::Kind::kValue, "fused_linear_cross_entropy: workspace must be ", kWorkspaceAlign,
+         "-byte aligned on CUDA");
+  }
+  T* logits = reinterpret_cast<T*>(ws + layout.logits);
+  float* row_loss = reinterpret_cast<float*>(ws + layout.row_loss);
 
   const cudaDataType type = cublas_data_type(in.hidden.dtype);
   const T* hidden = static_cast<const T*>(in.hidden.data);
@@ -295,7 +328,7 @@ void forward_impl(const FusedLinearCrossEntropyShape& s, const FusedLinearCrossE
   const BlasMatrix weight{in.weight.data, type, h};  // col-major [H, V]
   float* d_hidden = static_cast<float*>(out.d_hidden_sum.data);
 
-  CublasSession blas(device, stream);
+  CublasSession blas(device, stream, ws + layout.cublas);
   for (int64_t c0 = 0; c0 < n; c0 += s.chunk_rows) {
     const int64_t rows = std::min(s.chunk_rows, n - c0);
     const BlasMatrix x_chunk{hidden + c0 * hidden_ld, type, hidden_ld};  // col-major [H, rows]
@@ -337,8 +370,7 @@ void launch_scale(const void* src, const void* scale, void* dst, int64_t count,
 size_t fused_linear_cross_entropy_workspace_bytes(const FusedLinearCrossEntropyShape& s,
                                                   const FusedLinearCrossEntropyInputs& in) {
   if (s.num_tokens == 0) return 0;
-  return align_up(dtype_size(in.hidden.dtype) * size_t(s.chunk_rows * s.vocab_size)) +
-         align_up(sizeof(float) * size_t(s.num_tokens));
+  return workspace_layout(s, in.hidden.dtype).total;
 }
 
 void fused_linear_cross_entropy_forward(const FusedLinearCrossEntropyShape& s,

@@ -206,4 +206,36 @@ TEST(FusedLinearCrossEntropy, BadInputsNameTheArgument) {
                Error::Kind::kValue, "workspace must hold at least");
 }
 
+TEST(FusedLinearCrossEntropy, BackwardScalesInPlaceOrIntoASeparateBuffer) {
+  const int64_t n = 3, h = 4, v = 5;
+  std::vector<float> dh_sum(n * h), dw_sum(v * h);
+  for (size_t e = 0; e < dh_sum.size(); ++e) dh_sum[e] = 0.25f * float(e) - 1.0f;
+  for (size_t e = 0; e < dw_sum.size(); ++e) dw_sum[e] = 0.5f * float(e) - 3.0f;
+  float scale = -2.0f;
+  std::vector<float> dh(n * h, 7.0f), dw_separate(v * h, 7.0f), in_place = dw_sum;
+  flashdelta::FusedLinearCrossEntropyBackwardArgs a;
+  a.grad_scale = make_tensor_ref(&scale, DType::kFloat32, {1});
+  a.d_hidden_sum = make_tensor_ref(dh_sum.data(), DType::kFloat32, {n, h});
+  a.d_hidden = make_tensor_ref(dh.data(), DType::kFloat32, {n, h});
+  a.d_weight_sum = make_tensor_ref(dw_sum.data(), DType::kFloat32, {v, h});
+  a.d_weight = make_tensor_ref(dw_separate.data(), DType::kFloat32, {v, h});
+  const std::vector<float> dw_sum_before = dw_sum;
+  flashdelta::fused_linear_cross_entropy_backward(a);  // separate buffer: the sum is unchanged
+  EXPECT_EQ(dw_sum, dw_sum_before);
+  for (size_t e = 0; e < dh.size(); ++e) EXPECT_EQ(dh[e], -2.0f * dh_sum[e]);
+  for (size_t e = 0; e < dw_separate.size(); ++e) EXPECT_EQ(dw_separate[e], -2.0f * dw_sum[e]);
+
+  a.d_weight_sum = make_tensor_ref(in_place.data(), DType::kFloat32, {v, h});
+  a.d_weight = a.d_weight_sum;  // in place
+  flashdelta::fused_linear_cross_entropy_backward(a);
+  EXPECT_EQ(in_place, dw_separate);
+
+  // a partial overlap would read elements already scaled
+  std::vector<float> big(v * h + 1, 1.0f);
+  a.d_weight_sum = make_tensor_ref(big.data(), DType::kFloat32, {v, h});
+  a.d_weight = make_tensor_ref(big.data() + 1, DType::kFloat32, {v, h});
+  expect_error([&] { flashdelta::fused_linear_cross_entropy_backward(a); }, Error::Kind::kValue,
+               "d_weight must be d_weight_sum itself (in place) or not overlap it");
+}
+
 }  // namespace

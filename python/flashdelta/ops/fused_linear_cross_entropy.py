@@ -17,7 +17,12 @@ Custom ops (flashdelta._C underneath, see include/flashdelta/fused_linear_cross_
   when weight_grad, else a 0-element stand-in);
 - `flashdelta::fused_linear_cross_entropy_bwd(grad_scale, d_hidden_sum, d_weight_sum,
   hidden_dtype) -> (d_hidden, d_weight)`: the stored gradients times the incoming gradient of
-  loss_sum (a 1-element fp32 tensor, read on the device: no host synchronisation).
+  loss_sum (a 1-element fp32 tensor, read on the device: no host synchronisation);
+- `flashdelta::fused_linear_cross_entropy_bwd_(...the same...) -> d_hidden`: the same with
+  d_weight_sum scaled in place (it mutates its argument). Eager autograd uses this one and returns
+  d_weight_sum as the weight's gradient, so a trained weight costs one [V, H] buffer, not two; a
+  second backward through the same loss (retain_graph=True) with a trained weight then raises
+  RuntimeError. Traced backwards (torch.compile) use the out-of-place op.
 
 The division of the sum by the count (or by num_items_in_batch) is an ordinary torch division
 after the op, so autograd hands the op the right scale.
@@ -72,24 +77,47 @@ def _(hidden, weight, target, ignore_index, chunk_rows, weight_grad):
     return _empty_forward_outputs(hidden, weight, weight_grad)
 
 
+def _run_backward(grad_scale, d_hidden_sum, d_weight_sum, d_hidden, d_weight):
+    has_weight = d_weight_sum.dim() == 2
+    load_extension().fused_linear_cross_entropy_backward(
+        grad_scale.detach().to(torch.float32).reshape(1).contiguous(), d_hidden_sum.detach(),
+        d_weight_sum.detach() if has_weight else None, d_hidden,
+        d_weight.detach() if has_weight else None, _stream(d_hidden_sum.device),
+    )
+
+
+def _empty_d_hidden(d_hidden_sum: Tensor, hidden_dtype: torch.dtype):
+    return torch.empty(d_hidden_sum.shape, dtype=hidden_dtype, device=d_hidden_sum.device)
+
+
+@torch.library.custom_op(
+    "flashdelta::fused_linear_cross_entropy_bwd_", mutates_args=("d_weight_sum",)
+)
+def fused_linear_cross_entropy_bwd_(
+    grad_scale: Tensor, d_hidden_sum: Tensor, d_weight_sum: Tensor, hidden_dtype: torch.dtype
+) -> Tensor:
+    d_hidden = _empty_d_hidden(d_hidden_sum, hidden_dtype)
+    _run_backward(grad_scale, d_hidden_sum, d_weight_sum, d_hidden, d_weight_sum)  # in place
+    return d_hidden
+
+
+@fused_linear_cross_entropy_bwd_.register_fake
+def _(grad_scale, d_hidden_sum, d_weight_sum, hidden_dtype):
+    return _empty_d_hidden(d_hidden_sum, hidden_dtype)
+
+
 @torch.library.custom_op("flashdelta::fused_linear_cross_entropy_bwd", mutates_args=())
 def fused_linear_cross_entropy_bwd(
     grad_scale: Tensor, d_hidden_sum: Tensor, d_weight_sum: Tensor, hidden_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
     d_hidden, d_weight = _empty_gradients(d_hidden_sum, d_weight_sum, hidden_dtype)
-    has_weight = d_weight_sum.numel() > 0 or d_weight_sum.dim() == 2
-    load_extension().fused_linear_cross_entropy_backward(
-        grad_scale.detach().to(torch.float32).reshape(1).contiguous(), d_hidden_sum.detach(),
-        d_weight_sum.detach() if has_weight else None, d_hidden,
-        d_weight if has_weight else None, _stream(d_hidden_sum.device),
-    )
+    _run_backward(grad_scale, d_hidden_sum, d_weight_sum, d_hidden, d_weight)
     return d_hidden, d_weight
 
 
 def _empty_gradients(d_hidden_sum: Tensor, d_weight_sum: Tensor, hidden_dtype: torch.dtype):
-    d_hidden = torch.empty(d_hidden_sum.shape, dtype=hidden_dtype, device=d_hidden_sum.device)
     d_weight = torch.empty_like(d_weight_sum, memory_format=torch.contiguous_format)
-    return d_hidden, d_weight
+    return _empty_d_hidden(d_hidden_sum, hidden_dtype), d_weight
 
 
 @fused_linear_cross_entropy_bwd.register_fake
@@ -103,16 +131,46 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(d_hidden_sum, d_weight_sum)
     ctx.hidden_dtype = hidden.dtype
     ctx.weight_grad = weight_grad
+    ctx.weight_grad_taken = False
+
+
+def _is_eager(t: Tensor) -> bool:
+    """A plain tensor outside any tracing (torch.compile / export run the backward on fake or
+    functional tensor subclasses)."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 def _backward(ctx, grad_loss_sum, grad_num_valid, grad_d_hidden_sum, grad_d_weight_sum):
+    if ctx.weight_grad_taken:  # (before unpacking: torch would report the in-place change)
+        raise RuntimeError(
+            "fused_linear_cross_entropy: a second backward through the same loss with a trained "
+            "weight is not supported (its weight gradient was scaled in place by the first); "
+            "compute the loss again instead of retain_graph=True"
+        )
     d_hidden_sum, d_weight_sum = ctx.saved_tensors
     if grad_loss_sum is None:
         grad_loss_sum = torch.zeros((1,), dtype=torch.float32, device=d_hidden_sum.device)
-    d_hidden, d_weight = fused_linear_cross_entropy_bwd(
+    if not ctx.weight_grad:
+        d_hidden, _ = fused_linear_cross_entropy_bwd(
+            grad_loss_sum, d_hidden_sum, d_weight_sum, ctx.hidden_dtype
+        )
+        return d_hidden, None, None, None, None, None
+    if not _is_eager(d_weight_sum):
+        # Traced graphs may not return a saved tensor mutated in the backward (AOTAutograd's
+        # partitioner rejects it): a fresh weight gradient there.
+        d_hidden, d_weight = fused_linear_cross_entropy_bwd(
+            grad_loss_sum, d_hidden_sum, d_weight_sum, ctx.hidden_dtype
+        )
+        return d_hidden, d_weight, None, None, None, None
+    # Eager: the weight's gradient is the forward's d_weight_sum buffer scaled in place and handed
+    # to autograd as is (which takes it as weight.grad without a copy): a trained weight costs one
+    # [V, H] buffer, not two. Hence a second backward through the same graph (retain_graph=True)
+    # cannot scale it again (checked above).
+    ctx.weight_grad_taken = True
+    d_hidden = fused_linear_cross_entropy_bwd_(
         grad_loss_sum, d_hidden_sum, d_weight_sum, ctx.hidden_dtype
     )
-    return d_hidden, (d_weight if ctx.weight_grad else None), None, None, None, None
+    return d_hidden, d_weight_sum, None, None, None, None
 
 
 fused_linear_cross_entropy_fwd.register_autograd(_backward, setup_context=_setup_context)
