@@ -62,7 +62,9 @@ if [[ " $BENCH " == *" gdn "* ]]; then
   done
 fi
 if [[ " $BENCH " == *" e2e "* ]]; then
-  PYTHONPATH="$BENCH_PATH" timeout 480 python3 bench/e2e.py --fla-unsafe-bwd --no-progress --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
+  # E2E_VARIANTS: bench/e2e.py --variants (e.g. "fla,flashdelta:gdn,flashdelta")
+  PYTHONPATH="$BENCH_PATH" timeout 480 python3 bench/e2e.py --fla-unsafe-bwd --no-progress \
+    ${E2E_VARIANTS:+--variants "$E2E_VARIANTS"} --json "$OUT/e2e.json" > "$OUT/e2e.log" 2>&1
   echo "bench e2e: exit $?"
 fi
 # Every other benchmark named in BENCH: `python -m flashdelta.bench NAME`, its table last.
