@@ -61,6 +61,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/convert.cuh"
 #include "core/causal_conv1d_backend.h"
 #include "core/check.h"
 #include "cuda/cuda_check.cuh"
@@ -104,29 +105,7 @@ struct ConvParams {
   bool silu;
 };
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// Weight, bias and conv_state come in any float dtype (read outside the token loops).
-__device__ __forceinline__ float load_any(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 __device__ __forceinline__ void store_any(void* p, DType dtype, int64_t i, float v) {
   switch (dtype) {
@@ -322,8 +301,8 @@ __device__ __forceinline__ void load_params(const ConvParams& p, int64_t c0, flo
     const int64_t c = c0 + v;
 #pragma unroll
     for (int k = 0; k < W; ++k)
-      w[k][v] = load_any(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]);
-    bias[v] = p.bias ? load_any(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
+      w[k][v] = load_float(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]);
+    bias[v] = p.bias ? load_float(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
   }
 }
 
@@ -648,10 +627,10 @@ struct UpdateParams {
 template <int W>
 __device__ __forceinline__ float decode_output(const UpdateParams& p, int64_t c,
                                                const float (&col)[5]) {
-  float acc = p.bias ? load_any(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
+  float acc = p.bias ? load_float(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
 #pragma unroll
   for (int k = 0; k < W; ++k)
-    acc = fmaf(load_any(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]),
+    acc = fmaf(load_float(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]),
                col[5 - W + k], acc);
   acc = round_to(p.param_dtype, acc);
   return p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc;
@@ -699,14 +678,14 @@ __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateP
   const int64_t state_base = b * p.state_s[0] + c * p.state_s[1];
   auto column = [&](int64_t j) {  // column j of concat(conv_state, x), in weight's dtype
     return round_to(p.param_dtype,
-                    j < S ? load_any(p.state, p.state_dtype, state_base + j * p.state_s[2])
+                    j < S ? load_float(p.state, p.state_dtype, state_base + j * p.state_s[2])
                           : to_f32(x[(j - S) * p.x_s[2]]));
   };
   float w[W];
 #pragma unroll
   for (int k = 0; k < W; ++k)
-    w[k] = load_any(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]);
-  const float bias = p.bias ? load_any(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
+    w[k] = load_float(p.weight, p.param_dtype, c * p.weight_s[0] + k * p.weight_s[1]);
+  const float bias = p.bias ? load_float(p.bias, p.param_dtype, c * p.bias_s) : 0.f;
   for (int64_t l = 0; l < L; ++l) {
     float acc = bias;
 #pragma unroll

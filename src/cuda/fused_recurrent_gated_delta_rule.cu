@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/convert.cuh"
 #include "core/check.h"
 #include "cuda/cuda_check.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
@@ -43,29 +44,7 @@ struct Params {
   bool l2norm;
 };
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// g and beta come in any float dtype (transformers keeps g in fp32 beside bf16 q/k/v).
-__device__ __forceinline__ float load_gate(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 // Sum over the block of one value per thread (all threads get it). `red` holds kWarps floats.
 __device__ __forceinline__ float block_sum(float x, float* red) {
@@ -172,8 +151,8 @@ __global__ void __launch_bounds__(kThreads)
       k_mul = rsqrtf(block_sum(ksq, red) + kL2NormEps);
     }
     __syncthreads();  // q_s / k_s complete
-    const float a = __expf(load_gate(p.g, p.g_dtype, g_base + t * p.g_s[1]));
-    const float b = load_gate(p.beta, p.beta_dtype, b_base + t * p.beta_s[1]);
+    const float a = __expf(load_float(p.g, p.g_dtype, g_base + t * p.g_s[1]));
+    const float b = load_float(p.beta, p.beta_dtype, b_base + t * p.beta_s[1]);
 
     float u[kVec], u_total[kVec];
 #pragma unroll

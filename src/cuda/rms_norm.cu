@@ -104,7 +104,7 @@ __device__ __forceinline__ void normalize(const RmsNormParams& p, int64_t v, flo
                                           float (&out)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const float w = load_any(p.weight, p.weight_dtype, v * N + i);
+    const float w = load_float(p.weight, p.weight_dtype, v * N + i);
     if constexpr (kGated) {
       float prod = mul_rn(w, round_to<T>(mul_rn(a[i], r)));
       if (p.round_product) prod = round_to<T>(prod);
@@ -198,7 +198,7 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
         unpack(z_pack, z);
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-          const float w = load_any(p.weight, p.weight_dtype, v * N + i);
+          const float w = load_float(p.weight, p.weight_dtype, v * N + i);
           const float n = mul_rn(a[i], r);
           const float n_rounded = round_to<T>(n);
           float prod = mul_rn(w, n_rounded);
@@ -213,7 +213,7 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
       } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-          const float w = load_any(p.weight, p.weight_dtype, v * N + i);
+          const float w = load_float(p.weight, p.weight_dtype, v * N + i);
           const float n = mul_rn(a[i], r);
           dw[dweight_slot(v, i, N)] += g[i] * n;
           dot += g[i] * (1.0f + w) * n;
@@ -232,7 +232,7 @@ __global__ void rms_norm_backward_kernel(const RmsNormParams p) {
       }
 #pragma unroll
       for (int i = 0; i < N; ++i) {
-        const float w = load_any(p.weight, p.weight_dtype, v * N + i);
+        const float w = load_float(p.weight, p.weight_dtype, v * N + i);
         const float n = mul_rn(a[i], r);
         float dn;
         if constexpr (kGated) {

@@ -23,6 +23,7 @@
 
 #include <cstdint>
 
+#include "cuda/convert.cuh"
 #include "flashdelta/tensor.h"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -125,26 +126,7 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 
 // ---------------------------------------------------------------------------------- loads
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
 
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float load_scalar(const void* p, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kFloat16: return __half2float(static_cast<const __half*>(p)[i]);
-    case DType::kBFloat16: return __bfloat162float(static_cast<const bf16*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
 
 // Loads rows [t0, t0 + len) of head h of a [B, T, H, D] tensor into a bf16 [64, kLdD] tile,
 // zero past len and past D; optionally l2-normalises each row (fp32), multiplies it by `mul`.
@@ -223,13 +205,13 @@ __device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int 
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int r = lane * 2 + j;
-    g[j] = r < ch.len ? fmaxf(load_scalar(p.g, p.g_dtype, gb + r * p.g_s[1]), kMinLogDecay) : 0.f;
+    g[j] = r < ch.len ? fmaxf(load_float(p.g, p.g_dtype, gb + r * p.g_s[1]), kMinLogDecay) : 0.f;
     // NaN in g must propagate: fmaxf drops it, so put it back.
     if (r < ch.len) {
-      const float raw = load_scalar(p.g, p.g_dtype, gb + r * p.g_s[1]);
+      const float raw = load_float(p.g, p.g_dtype, gb + r * p.g_s[1]);
       if (raw != raw) g[j] = raw;
     }
-    b[j] = r < ch.len ? load_scalar(p.beta, p.beta_dtype, bb + r * p.beta_s[1]) : 0.f;
+    b[j] = r < ch.len ? load_float(p.beta, p.beta_dtype, bb + r * p.beta_s[1]) : 0.f;
   }
   // inclusive scan over 64 values: pairs within a lane, then across lanes
   g[1] += g[0];
