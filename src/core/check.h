@@ -38,6 +38,13 @@ void check_shape(const TensorRef& t, std::initializer_list<int64_t> expected, co
 void check_workspace(const TensorRef& t, size_t bytes, const Device& device, const char* op);
 
 std::string shape_of(std::initializer_list<int64_t> dims);
+
+// The NotImplementedError of a CUDA tensor given to a build without the CUDA backend.
+[[noreturn]] inline void fail_without_cuda(const char* op) {
+  fail(Error::Kind::kNotImplemented, op,
+       ": this build of flashdelta has no cuda kernel for this op (it was built without CUDA: "
+       "set FLASHDELTA_WITH_CUDA=1 and a CUDA toolkit)");
+}
 const char* device_name(const Device& d);
 
 }  // namespace flashdelta::detail

@@ -31,12 +31,6 @@ bool is_float(DType d) {
   return d == DType::kFloat32 || d == DType::kFloat16 || d == DType::kBFloat16;
 }
 
-[[noreturn]] void no_cuda(const char* op) {
-  fail(Error::Kind::kNotImplemented, op,
-       ": this build of flashdelta has no cuda kernel for this op (it was built without CUDA: "
-       "set FLASHDELTA_WITH_CUDA=1 and a CUDA toolkit)");
-}
-
 int64_t auto_chunk_rows(const TensorRef& hidden, int64_t n, int64_t v) {
   const bool on_cpu = hidden.device.type == DeviceType::kCPU;
   const int64_t logit_bytes = on_cpu ? 4 : static_cast<int64_t>(dtype_size(hidden.dtype));
@@ -107,7 +101,7 @@ size_t backend_workspace_bytes(const FusedLinearCrossEntropyShape& s,
 #if FLASHDELTA_WITH_CUDA
   return cuda::fused_linear_cross_entropy_workspace_bytes(s, in);
 #else
-  no_cuda(kOp);
+  detail::fail_without_cuda(kOp);
 #endif
 }
 
@@ -147,7 +141,7 @@ void fused_linear_cross_entropy_forward(const FusedLinearCrossEntropyInputs& in,
 #if FLASHDELTA_WITH_CUDA
   cuda::fused_linear_cross_entropy_forward(s, in, out);
 #else
-  no_cuda(kOp);
+  detail::fail_without_cuda(kOp);
 #endif
 }
 
@@ -189,7 +183,7 @@ void fused_linear_cross_entropy_backward(const FusedLinearCrossEntropyBackwardAr
 #if FLASHDELTA_WITH_CUDA
   cuda::fused_linear_cross_entropy_backward(a);
 #else
-  no_cuda(op);
+  detail::fail_without_cuda(op);
 #endif
 }
 

@@ -16,14 +16,6 @@ constexpr std::initializer_list<DType> kFloatTypes = {DType::kFloat32, DType::kF
 
 bool on_cuda(const TensorRef& t) { return t.device.type == DeviceType::kCUDA; }
 
-#if !FLASHDELTA_WITH_CUDA
-[[noreturn]] void no_cuda(const char* op) {
-  fail(Error::Kind::kNotImplemented, op,
-       ": this build of flashdelta has no cuda kernel for this op (it was built without CUDA: "
-       "set FLASHDELTA_WITH_CUDA=1 and a CUDA toolkit)");
-}
-#endif
-
 // t: [rows, dim] with unit stride along dim, on ref's device, a float dtype.
 void check_rows(const TensorRef& t, const RowsShape& s, const TensorRef& ref, const char* op,
                 const char* name, const char* ref_name) {
@@ -66,7 +58,7 @@ size_t rms_norm_workspace(const RmsNormInputs& in, bool gated, const char* op) {
 #if FLASHDELTA_WITH_CUDA
     return cuda::rms_norm_backward_workspace_bytes(s);
 #else
-    no_cuda(op);
+    detail::fail_without_cuda(op);
 #endif
   }
   return cpu::rms_norm_backward_workspace_bytes(s);
@@ -85,7 +77,7 @@ void rms_norm_fwd(const RmsNormInputs& in, const RmsNormForwardOutputs& out, boo
 #if FLASHDELTA_WITH_CUDA
     return cuda::rms_norm_forward(in, out, s);
 #else
-    no_cuda(op);
+    detail::fail_without_cuda(op);
 #endif
   }
   cpu::rms_norm_forward(in, out, s);
@@ -115,7 +107,7 @@ void rms_norm_bwd(const RmsNormInputs& in, const RmsNormBackwardArgs& a, bool ga
     check_workspace(a.workspace, cuda::rms_norm_backward_workspace_bytes(s), in.x.device, op);
     return cuda::rms_norm_backward(in, a, s);
 #else
-    no_cuda(op);
+    detail::fail_without_cuda(op);
 #endif
   }
   check_workspace(a.workspace, cpu::rms_norm_backward_workspace_bytes(s), in.x.device, op);
@@ -145,7 +137,7 @@ void gated_product_fwd(GateActivation act, const GatedProductArgs& in, const Ten
 #if FLASHDELTA_WITH_CUDA
     return cuda::gated_product_forward(act, in, out, s);
 #else
-    no_cuda(n.op);
+    detail::fail_without_cuda(n.op);
 #endif
   }
   cpu::gated_product_forward(act, in, out, s);
@@ -163,7 +155,7 @@ void gated_product_bwd(GateActivation act, const GatedProductArgs& in,
 #if FLASHDELTA_WITH_CUDA
     return cuda::gated_product_backward(act, in, g, s);
 #else
-    no_cuda(n.op);
+    detail::fail_without_cuda(n.op);
 #endif
   }
   cpu::gated_product_backward(act, in, g, s);
@@ -220,7 +212,7 @@ void rotary(const PartialRotaryEmbeddingArgs& in, const TensorRef& q_out, const 
 #if FLASHDELTA_WITH_CUDA
     return cuda::partial_rotary_embedding(in, q_out, k_out, s, backward);
 #else
-    no_cuda(op);
+    detail::fail_without_cuda(op);
 #endif
   }
   cpu::partial_rotary_embedding(in, q_out, k_out, s, backward);

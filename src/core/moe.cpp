@@ -28,12 +28,6 @@ constexpr std::initializer_list<DType> kFloatDtypes = {DType::kFloat32, DType::k
 
 bool on_cuda(const TensorRef& t) { return t.device.type == DeviceType::kCUDA; }
 
-[[noreturn]] void no_cuda(const char* op) {
-  fail(Error::Kind::kNotImplemented, op,
-       ": this build of flashdelta has no cuda kernel for this op (it was built without CUDA: "
-       "set FLASHDELTA_WITH_CUDA=1 and a CUDA toolkit)");
-}
-
 // Calls the CUDA backend where it is built; the CPU one otherwise picks `cpu_call`.
 #if FLASHDELTA_WITH_CUDA
 #define FLASHDELTA_MOE_DISPATCH(op, tensor, fn, ...)             \
@@ -47,7 +41,7 @@ bool on_cuda(const TensorRef& t) { return t.device.type == DeviceType::kCUDA; }
 #else
 #define FLASHDELTA_MOE_DISPATCH(op, tensor, fn, ...)             \
   do {                                                           \
-    if (on_cuda(tensor)) no_cuda(op);                            \
+    if (on_cuda(tensor)) detail::fail_without_cuda(op);          \
     detail::cpu::fn(__VA_ARGS__);                                \
   } while (0)
 #endif
@@ -167,7 +161,7 @@ size_t moe_permute_workspace_bytes(const MoePermuteArgs& args) {
 #if FLASHDELTA_WITH_CUDA
   if (on_cuda(args.hidden)) return detail::cuda::moe_permute_workspace_bytes(s);
 #endif
-  if (on_cuda(args.hidden)) no_cuda("moe_permute");
+  if (on_cuda(args.hidden)) detail::fail_without_cuda("moe_permute");
   return detail::cpu::moe_permute_workspace_bytes(s);
 }
 
