@@ -424,9 +424,10 @@ def test_opcheck_backward(device):
 
 
 def test_trained_weight_memory_cuda(device):
-    """Trained weight at a GPU-sized vocabulary: memory above the inputs during a step is the
-    gradients (one [V, H] weight gradient: the forward's buffer, scaled in place) plus at most
-    the op's workspace and its fp32 d_hidden_sum, i.e. no second weight-sized buffer."""
+    """Trained weight at a GPU-sized vocabulary, memory above the inputs. Forward: the weight
+    gradient (the forward's buffer, later scaled in place and handed to autograd) plus at most the
+    op's workspace and its fp32 d_hidden_sum. Backward: nothing weight-sized on top of what the
+    forward left (autograd's zero-filled gradients of the unused outputs were such a buffer)."""
     if device != "cuda":
         pytest.skip("CUDA memory statistics")
     from flashdelta.ops._gated_delta_rule import load_extension
@@ -437,18 +438,26 @@ def test_trained_weight_memory_cuda(device):
     x2 = h.detach().reshape(-1, 256)
     workspace = load_extension().fused_linear_cross_entropy_workspace_bytes(
         x2, w.detach(), labels.reshape(-1), -100, 0, True)
+    slack = 1 << 20  # labels' shift, scalars; a weight-sized buffer is 32 MiB
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    causal_lm_loss(h, w, labels).backward()
+    loss = causal_lm_loss(h, w, labels)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    gradients = h.grad.nbytes + w.grad.nbytes
+    forward_peak = torch.cuda.max_memory_allocated() - base
+    after_forward = torch.cuda.memory_allocated() - base
     d_hidden_sum = x2.numel() * 4
-    slack = 1 << 20  # labels' shift, scalars; a second [V, H] buffer would be 32 MiB
-    assert peak <= gradients + workspace + d_hidden_sum + slack, (
-        f"peak {peak} > gradients {gradients} + workspace {workspace} + d_hidden_sum "
-        f"{d_hidden_sum}")
+    assert forward_peak <= w.nbytes + workspace + d_hidden_sum + slack, (
+        f"forward peak {forward_peak} > d_weight {w.nbytes} + workspace {workspace} + "
+        f"d_hidden_sum {d_hidden_sum}")
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    backward_peak = torch.cuda.max_memory_allocated() - base
+    assert backward_peak <= after_forward + h.grad.nbytes + slack, (
+        f"backward peak {backward_peak} > after the forward {after_forward} + d_hidden "
+        f"{h.grad.nbytes}")
+    assert w.grad is not None and torch.isfinite(w.grad.float()).all()
 
 
 def test_cuda_graph_capture_as_first_call(device):
