@@ -1,29 +1,45 @@
 // rms_norm and rms_norm_gated on the GPU (include/flashdelta/rms_norm.h for the math).
 //
-// Forward: one warp per row, 4 rows per 128-thread block. A lane reads 16-byte vectors
-// v = lane, lane + 32, ... of the row; pass 1 sums x^2 (fp32, butterfly shuffles: every lane gets
-// the same total), pass 2 writes y from the same vectors, kept in registers for rows of up to
-// 256 vectors (D <= 2048 in bf16; longer rows are re-read from L1/L2). rstd[row] is kept for the
-// backward. One read of x (and gate), one write of y.
-// Backward: same warp-per-row walk, rows grid-strided over a grid that depends on the shape only
-// (256 to 2048 blocks, fewer for long rows; independent of the device, so the workspace size is
-// a function of the shape; see backward_blocks):
-//   pass 1: dn (the gradient reaching n = x r), sum(dn n), the gate gradient, and the weight
-//           gradient accumulated in the warp's own fp32 row of shared memory (a lane always owns
-//           the same columns, so no atomics; laid out so that a warp's access has no bank
-//           conflicts, see dweight_slot);
-//   pass 2: dx = r (dn - n mean(dn n)), from the row vectors pass 1 kept in registers.
-// At the end the block adds its warps' rows in order into workspace[block, :], and a second
-// kernel adds the blocks per column in a fixed order (32 columns x 32 row groups a block):
-// deterministic, no float atomics.
-// Vector path when D and every row stride are multiples of the vector width and the pointers are
-// 16-byte aligned; otherwise the same kernels with one element per access.
-// Assumes: backward D <= 12040 (shared memory for the per-warp weight-gradient rows).
+// Both directions are memory-bound: the forward reads x (and the gate) and writes y, the
+// backward reads x, dy (and the gate) and writes dx (and dgate); everything else is a few
+// flops per element. Except the gated backward: two sigmoids with torch's accurate expf and an
+// IEEE division per element made it issue-bound (~85 instructions an element, 96 us of issue at
+// 8192 x 32 heads x 128 on an H100 against 107 us of traffic); the backward needs no bit
+// equality with torch, so it computes the sigmoid once with the fast exponential and reciprocal.
+//
+// Layout: a row of D elements is D / N vectors (16-byte packs, N = 8 in bf16; N = 1 when D, a
+// stride or a pointer is not aligned), read by a group of `width` threads (a power of two up to
+// the 256-thread block); thread t of the group owns vectors t, t + width, ... A block holds
+// 256 / width rows at once: 1 of the hidden norm (D = 2048 bf16), 8 and 16 of the per-head norms
+// (D = 256, 128). Row sums (sum x^2, sum(dn n)): butterfly shuffles within the group, then, for
+// groups wider than a warp, the warps' sums added in order through shared memory; every thread
+// of the row gets bitwise the same total.
+//
+// Streaming path (16-byte vectors, D / N <= 256: every Qwen3.5 norm in bf16): one vector per
+// thread, persistent blocks (as many as fit on the device) walking rows. The rows stream through a
+// per-thread ring of cp.async copies in shared memory, kStages rows ahead: a thread copies and
+// later reads only its own slots, so the ring needs no barrier, and the bytes in flight (3 to 5
+// rows a thread) cost no registers. The first version loaded rows into registers, one row in
+// flight per warp; with more rows per thread in registers the occupancy fell instead
+// (rms_norm backward at D = 2048 went from 84 us to 51 us with one row prefetched, and back to
+// 88 us with four vectors a thread). The thread's weights and weight-gradient sums stay in
+// registers.
+// General path (anything else): rows re-read by the second pass (from L1 / L2), the weight read
+// per use, the backward's weight-gradient sums in shared memory per row group.
+//
+// Backward, per row: pass 1 computes dn (the gradient reaching n = x r), sum(dn n), the gate
+// gradient and the weight-gradient terms; pass 2 writes dx = r (dn - n mean(dn n)). At the end a
+// block adds its row groups' weight gradients in order into workspace[block, :], and a second
+// kernel adds the blocks per column in a fixed order: deterministic for a given device (the
+// persistent grid is sized from the device's multiprocessor count), no float atomics.
+// Assumes: backward D <= 12288 (shared memory of the general path).
 #include <algorithm>
 
 #include "core/check.h"
 #include "core/fused_ops_backend.h"
+#include "cuda/cp_async.cuh"
 #include "cuda/cuda_check.cuh"
+#include "cuda/device_info.cuh"
 #include "cuda/fused_ops_common.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
 
@@ -32,10 +48,10 @@ namespace {
 
 using namespace fused;
 
-constexpr int kForwardWarps = 4;
-constexpr int64_t kMinBackwardBlocks = 256, kMaxBackwardBlocks = 2048;
-constexpr int64_t kBackwardPartialFloats = int64_t{1} << 20;  // partials budget, see backward_blocks
-constexpr size_t kMaxStaticSmem = 48 * 1024;
+constexpr int kBlockThreads = 256;
+constexpr int kBlockWarps = kBlockThreads / 32;
+constexpr int64_t kMaxBackwardBlocks = 2048;  // bounds the workspace: [blocks, D] fp32 partials
+constexpr int64_t kMaxGeneralDim = 12288;     // 48 KiB of fp32 weight-gradient sums a block
 
 struct RmsNormParams {
   const void* x;
@@ -48,47 +64,41 @@ struct RmsNormParams {
   float* partials;     // backward: [gridDim.x, dim]
   int64_t x_stride, gate_stride, y_stride, dy_stride, dgate_stride;
   int64_t rows, dim;
+  int width;           // threads per row: a power of two <= kBlockThreads
   DType weight_dtype;
   bool round_product;  // weight has x's dtype: weight * n is rounded to it (torch promotion)
   float eps;
 };
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Threads per row for a row of `vecs` vectors: the next power of two, at most a block.
+int row_width(int64_t vecs) {
+  int width = 1;
+  while (width < vecs && width < kBlockThreads) width <<= 1;
+  return width;
+}
+
+// The sum of v over the `width` threads of each row group, in every thread of the group. Called
+// by every thread of the block, with `parity` alternating between calls: groups wider than a
+// warp add their warps' sums through shared memory, double-buffered so that one barrier a call
+// suffices (a buffer is written again two calls later, after the next call's barrier, which every
+// thread reaches only once done reading it).
+struct WarpSums {
+  float sums[2][kBlockWarps];
+};
+__device__ __forceinline__ float group_sum(float v, int width, WarpSums& shared, int parity) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-// Visits the lane's vectors of a row, v = lane + 32 k, as f(k, v). With kCache > 0 the row has at
-// most 32 * kCache vectors and the loop is unrolled, so per-k register arrays stay in registers
-// (the first pass keeps what it loaded, the second reuses it: one read of the row in all). With
-// kCache == 0 (long rows) the second pass reads the row again, from L1 / L2.
-template <int kCache, typename F>
-__device__ __forceinline__ void for_lane_vectors(int lane, int64_t vecs, F&& f) {
-  if constexpr (kCache > 0) {
-#pragma unroll
-    for (int k = 0; k < kCache; ++k) {
-      const int64_t v = lane + 32 * k;
-      if (v < vecs) f(k, v);
-    }
-  } else {
-    for (int64_t v = lane; v < vecs; v += 32) f(0, v);
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < width) v += __shfl_xor_sync(0xffffffffu, v, off);
   }
-}
-
-template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_raw(const T* p) {
-  return *reinterpret_cast<const Pack<T, N>*>(p);
-}
-
-// The vector pass 1 kept (kCache > 0), or a fresh load of it.
-template <int kCache, typename T, int N, int kSlots>
-__device__ __forceinline__ Pack<T, N> reuse(const Pack<T, N> (&cache)[kSlots], int k, const T* p) {
-  if constexpr (kCache > 0) {
-    return cache[k];
-  } else {
-    return load_raw<T, N>(p);
-  }
+  if (width <= 32) return v;
+  const int warp = threadIdx.x >> 5;
+  float* sums = shared.sums[parity];
+  if ((threadIdx.x & 31) == 0) sums[warp] = v;
+  __syncthreads();
+  const int warps = width >> 5, first = warp & ~(warps - 1);
+  float total = 0.f;
+  for (int w = 0; w < warps; ++w) total += sums[first + w];
+  return total;
 }
 
 template <typename T, int N>
@@ -97,160 +107,350 @@ __device__ __forceinline__ void unpack(const Pack<T, N>& pack, float (&out)[N]) 
   for (int i = 0; i < N; ++i) out[i] = to_f32(pack.v[i]);
 }
 
-// One row's vector: the value that leaves the forward.
+// One vector of y (torch's rounding steps: bf16 / fp16 outputs equal transformers').
 template <typename T, int N, bool kGated>
-__device__ __forceinline__ void normalize(const RmsNormParams& p, int64_t v, float r,
+__device__ __forceinline__ void normalize(const RmsNormParams& p, const float (&w)[N], float r,
                                           const float (&a)[N], const float (&z)[N],
                                           float (&out)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) {
-    const float w = load_float(p.weight, p.weight_dtype, v * N + i);
     if constexpr (kGated) {
-      float prod = mul_rn(w, round_to<T>(mul_rn(a[i], r)));
+      float prod = mul_rn(w[i], round_to<T>(mul_rn(a[i], r)));
       if (p.round_product) prod = round_to<T>(prod);
       out[i] = mul_rn(prod, silu(z[i]));
     } else {
-      out[i] = mul_rn(mul_rn(a[i], r), 1.0f + w);
+      out[i] = mul_rn(mul_rn(a[i], r), 1.0f + w[i]);
     }
   }
 }
 
-template <typename T, int N, bool kGated, int kCache>
-__global__ void __launch_bounds__(kForwardWarps * 32)
-    rms_norm_forward_kernel(const RmsNormParams p) {
-  constexpr int kSlots = kCache > 0 ? kCache : 1;
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kForwardWarps + (threadIdx.x >> 5);
-  if (row >= p.rows) return;  // whole warps: the shuffles below never see an absent lane
-  const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
-  const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
-  const int64_t vecs = p.dim / N;
-  Pack<T, N> x_cache[kSlots];
-  float sum_sq = 0.f;
-  for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
-    const Pack<T, N> pack = load_raw<T, N>(x + v * N);
-    if constexpr (kCache > 0) x_cache[k] = pack;
-    float a[N];
-    unpack(pack, a);
+// The backward's sigmoid: fast exponential and correctly rounded reciprocal (no bit equality
+// with torch is needed for gradients; 1 + e^-z = inf gives 0).
+__device__ __forceinline__ float fast_sigmoid(float z) { return __frcp_rn(1.0f + __expf(-z)); }
+
+// One vector of the backward, pass 1: accumulates the weight-gradient terms into dw, returns
+// the vector's part of sum(dn n) and writes the gate gradient into dz.
+template <typename T, int N, bool kGated>
+__device__ __forceinline__ float backward_terms(const RmsNormParams& p, const float (&w)[N],
+                                                float r, const float (&a)[N], const float (&g)[N],
+                                                const float (&sig)[N], const float (&z)[N],
+                                                float (&dw)[N], float (&dz)[N]) {
+  float dot = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float n = mul_rn(a[i], r);
+    if constexpr (kGated) {
+      const float n_rounded = round_to<T>(n);
+      float prod = mul_rn(w[i], n_rounded);
+      if (p.round_product) prod = round_to<T>(prod);
+      const float dp = g[i] * (z[i] * sig[i]);
+      dz[i] = g[i] * prod * (sig[i] * (1.0f + z[i] * (1.0f - sig[i])));
+      dw[i] += dp * n_rounded;
+      dot += (dp * w[i]) * n;
+    } else {
+      dw[i] += g[i] * n;
+      dot += g[i] * (1.0f + w[i]) * n;
+    }
+  }
+  return dot;
+}
+
+// One vector of dx (pass 2).
+template <int N, bool kGated>
+__device__ __forceinline__ void input_gradient(const float (&w)[N], float r, float mean_dot,
+                                               const float (&a)[N], const float (&g)[N],
+                                               const float (&sig)[N], const float (&z)[N],
+                                               float (&dx)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float dn = kGated ? g[i] * (z[i] * sig[i]) * w[i] : g[i] * (1.0f + w[i]);
+    dx[i] = r * (dn - mul_rn(a[i], r) * mean_dot);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void load_weights(const RmsNormParams& p, int64_t v, float (&w)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) w[i] = load_float(p.weight, p.weight_dtype, v * N + i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streaming path: one vector per thread, rows through a per-thread cp.async ring.
+
+// The ring in dynamic shared memory: per stage, one slot per thread of x, dy (backward), the
+// gate (gated) and rstd (backward).
+template <typename T, int N, bool kGated, bool kBackward, int kStages>
+struct Ring {
+  using V = Pack<T, N>;
+  static constexpr int kTensors = 1 + (kBackward ? 1 : 0) + (kGated ? 1 : 0);
+  static constexpr size_t kBytes =
+      size_t{kStages} * kBlockThreads * (kTensors * sizeof(V) + (kBackward ? sizeof(float) : 0));
+  V* x;
+  V* dy;
+  V* z;
+  float* rstd;
+
+  __device__ __forceinline__ explicit Ring(unsigned char* smem) {
+    V* base = reinterpret_cast<V*>(smem);
+    x = base;
+    dy = x + kStages * kBlockThreads;
+    z = dy + (kBackward ? kStages * kBlockThreads : 0);
+    rstd = reinterpret_cast<float*>(z + (kGated ? kStages * kBlockThreads : 0));
+  }
+
+  // Copies row `row`'s vector t of every tensor into this thread's slot of stage `stage` (nothing
+  // for rows past the end or threads without a vector), then commits one group either way.
+  __device__ __forceinline__ void fetch(const RmsNormParams& p, int64_t row, int stage, int64_t t,
+                                        bool has_vec) {
+    const int slot = stage * kBlockThreads + threadIdx.x;
+    if (has_vec && row < p.rows) {
+      cp_async_16(x + slot, static_cast<const T*>(p.x) + row * p.x_stride + t * N);
+      if constexpr (kBackward) {
+        cp_async_16(dy + slot, static_cast<const T*>(p.dy) + row * p.dy_stride + t * N);
+        cp_async_4(rstd + slot, p.rstd + row);
+      }
+      if constexpr (kGated) {
+        cp_async_16(z + slot, static_cast<const T*>(p.gate) + row * p.gate_stride + t * N);
+      }
+    }
+    cp_async_commit();
+  }
+};
+
+// Stages in flight: enough that a thread has 3 to 5 rows' copies pending (the next rows are
+// issued while the current one is computed), within 48 KiB of shared memory a block.
+template <bool kGated, bool kBackward>
+constexpr int kStages = kBackward ? (kGated ? 3 : 4) : (kGated ? 4 : 6);
+
+template <typename T, int N, bool kGated>
+__global__ void __launch_bounds__(kBlockThreads)
+    rms_norm_forward_stream_kernel(const RmsNormParams p) {
+  constexpr int S = kStages<kGated, false>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ WarpSums warp_sums;
+  int parity = 0;
+  Ring<T, N, kGated, false, S> ring(smem);
+  const int width = p.width, t = threadIdx.x & (width - 1), group = threadIdx.x / width;
+  const int64_t groups = kBlockThreads / width, step = static_cast<int64_t>(gridDim.x) * groups;
+  const bool has_vec = t < p.dim / N;  // width is vecs rounded up to a power of two
+  float w[N] = {};
+  if (has_vec) load_weights<N>(p, t, w);
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * groups + group;
+  for (int s = 0; s < S; ++s) ring.fetch(p, first_row + s * step, s, t, has_vec);
+  // Block-uniform loop (group_sum may synchronise): rows past the end take part with zeros.
+  int stage = 0;
+  for (int64_t row = first_row; row - group < p.rows; row += step) {
+    cp_async_wait<S - 1>();  // this row's copies (the oldest group) have landed
+    const int slot = stage * kBlockThreads + threadIdx.x;
+    const bool valid = has_vec && row < p.rows;
+    float a[N] = {}, z[N] = {};
+    if (valid) {
+      unpack(ring.x[slot], a);
+      if constexpr (kGated) unpack(ring.z[slot], z);
+    }
+    float sum_sq = 0.f;
 #pragma unroll
     for (int i = 0; i < N; ++i) sum_sq += a[i] * a[i];
-  });
-  sum_sq = warp_sum(sum_sq);
-  const float r = rsqrtf(sum_sq / static_cast<float>(p.dim) + p.eps);
-  if (lane == 0) p.rstd[row] = r;
-
-  T* y = static_cast<T*>(p.y) + row * p.y_stride;
-  for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
-    float a[N], z[N], out[N];
-    unpack(reuse<kCache>(x_cache, k, x + v * N), a);
-    if constexpr (kGated) load_pack<T, N>(gate + v * N, z);
-    normalize<T, N, kGated>(p, v, r, a, z, out);
-    store_pack<T, N>(y + v * N, out);
-  });
+    sum_sq = group_sum(sum_sq, width, warp_sums, parity);
+    parity ^= 1;
+    if (valid) {
+      const float r = rsqrtf(sum_sq / static_cast<float>(p.dim) + p.eps);
+      if (t == 0) p.rstd[row] = r;
+      float out[N];
+      normalize<T, N, kGated>(p, w, r, a, z, out);
+      store_pack<T, N>(static_cast<T*>(p.y) + row * p.y_stride + t * N, out);
+    }
+    // Refill the slot just read (its values are consumed above) with the row S steps ahead.
+    ring.fetch(p, row + S * step, stage, t, has_vec);
+    stage = stage + 1 == S ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
 }
 
-// The backward's per-warp weight-gradient row in shared memory. Element i of vector v (column
-// v N + i, owned by lane v % 32) lives at ((v / 32) N + i) 32 + v % 32: the 32 lanes of one
-// access touch 32 consecutive words, so the read-modify-writes are free of bank conflicts. The
-// row is padded to whole groups of 32 vectors.
-__host__ __device__ __forceinline__ int64_t dweight_slot(int64_t v, int i, int n) {
-  return ((v >> 5) * n + i) * 32 + (v & 31);
-}
-__host__ __device__ __forceinline__ int64_t dweight_row_floats(int64_t dim, int n) {
-  return (dim / n + 31) / 32 * 32 * n;
-}
-
-template <typename T, int N, bool kGated, int kCache>
-__global__ void rms_norm_backward_kernel(const RmsNormParams p) {
-  constexpr int kSlots = kCache > 0 ? kCache : 1;
-  extern __shared__ float dweight_rows[];  // [warps, row_floats]: see dweight_slot
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int warps = blockDim.x >> 5;
-  const int64_t vecs = p.dim / N;
-  const int64_t row_floats = dweight_row_floats(p.dim, N);
-  float* dw = dweight_rows + static_cast<int64_t>(warp) * row_floats;
-  // Slot s belongs to lane s % 32 (dweight_slot): each lane clears the slots it will add to.
-  for (int64_t s = lane; s < row_floats; s += 32) dw[s] = 0.f;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + warp; row < p.rows;
-       row += static_cast<int64_t>(gridDim.x) * warps) {
-    const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
-    const T* dy = static_cast<const T*>(p.dy) + row * p.dy_stride;
-    const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
-    const float r = p.rstd[row];
-    Pack<T, N> x_cache[kSlots], dy_cache[kSlots], gate_cache[kGated ? kSlots : 1];
-    // Pass 1: sum(dn n), the weight gradient (into this warp's shared row) and the gate gradient.
-    float dot = 0.f;
-    for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
-      const Pack<T, N> x_pack = load_raw<T, N>(x + v * N);
-      const Pack<T, N> dy_pack = load_raw<T, N>(dy + v * N);
-      float a[N], g[N];
-      unpack(x_pack, a);
-      unpack(dy_pack, g);
-      if constexpr (kCache > 0) {
-        x_cache[k] = x_pack;
-        dy_cache[k] = dy_pack;
-      }
+template <typename T, int N, bool kGated>
+__global__ void __launch_bounds__(kBlockThreads)
+    rms_norm_backward_stream_kernel(const RmsNormParams p) {
+  constexpr int S = kStages<kGated, true>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ WarpSums warp_sums;
+  int parity = 0;
+  Ring<T, N, kGated, true, S> ring(smem);
+  const int width = p.width, t = threadIdx.x & (width - 1), group = threadIdx.x / width;
+  const int64_t groups = kBlockThreads / width, step = static_cast<int64_t>(gridDim.x) * groups;
+  const bool has_vec = t < p.dim / N;
+  float w[N] = {}, dw[N] = {};
+  if (has_vec) load_weights<N>(p, t, w);
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * groups + group;
+  for (int s = 0; s < S; ++s) ring.fetch(p, first_row + s * step, s, t, has_vec);
+  int stage = 0;
+  for (int64_t row = first_row; row - group < p.rows; row += step) {
+    cp_async_wait<S - 1>();
+    const int slot = stage * kBlockThreads + threadIdx.x;
+    const bool valid = has_vec && row < p.rows;
+    float a[N] = {}, g[N] = {}, z[N] = {}, sig[N] = {}, dz[N];
+    float r = 0.f;
+    if (valid) {
+      unpack(ring.x[slot], a);
+      unpack(ring.dy[slot], g);
+      r = ring.rstd[slot];
       if constexpr (kGated) {
-        const Pack<T, N> z_pack = load_raw<T, N>(gate + v * N);
-        if constexpr (kCache > 0) gate_cache[k] = z_pack;
-        float z[N], dz[N];
-        unpack(z_pack, z);
+        unpack(ring.z[slot], z);
 #pragma unroll
-        for (int i = 0; i < N; ++i) {
-          const float w = load_float(p.weight, p.weight_dtype, v * N + i);
-          const float n = mul_rn(a[i], r);
-          const float n_rounded = round_to<T>(n);
-          float prod = mul_rn(w, n_rounded);
-          if (p.round_product) prod = round_to<T>(prod);
-          const float sig = sigmoid(z[i]);
-          const float dp = g[i] * (z[i] * sig);
-          dz[i] = g[i] * prod * (sig * (1.0f + z[i] * (1.0f - sig)));
-          dw[dweight_slot(v, i, N)] += dp * n_rounded;
-          dot += (dp * w) * n;
-        }
-        store_pack<T, N>(static_cast<T*>(p.dgate) + row * p.dgate_stride + v * N, dz);
-      } else {
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-          const float w = load_float(p.weight, p.weight_dtype, v * N + i);
-          const float n = mul_rn(a[i], r);
-          dw[dweight_slot(v, i, N)] += g[i] * n;
-          dot += g[i] * (1.0f + w) * n;
-        }
+        for (int i = 0; i < N; ++i) sig[i] = fast_sigmoid(z[i]);
       }
-    });
-    const float mean_dot = warp_sum(dot) / static_cast<float>(p.dim);
-    // Pass 2: dx = r (dn - n mean(dn n)).
-    T* dx = static_cast<T*>(p.y) + row * p.y_stride;
-    for_lane_vectors<kCache>(lane, vecs, [&](int k, int64_t v) {
-      float a[N], g[N], z[N], out[N];
-      unpack(reuse<kCache>(x_cache, k, x + v * N), a);
-      unpack(reuse<kCache>(dy_cache, k, dy + v * N), g);
+    }
+    const float dot = backward_terms<T, N, kGated>(p, w, r, a, g, sig, z, dw, dz);
+    const float mean_dot = group_sum(dot, width, warp_sums, parity) / static_cast<float>(p.dim);
+    parity ^= 1;
+    if (valid) {
       if constexpr (kGated) {
-        unpack(reuse<kCache>(gate_cache, k, gate + v * N), z);
+        store_pack<T, N>(static_cast<T*>(p.dgate) + row * p.dgate_stride + t * N, dz);
       }
+      float dx[N];
+      input_gradient<N, kGated>(w, r, mean_dot, a, g, sig, z, dx);
+      store_pack<T, N>(static_cast<T*>(p.y) + row * p.y_stride + t * N, dx);
+    }
+    ring.fetch(p, row + S * step, stage, t, has_vec);
+    stage = stage + 1 == S ? 0 : stage + 1;
+  }
+  cp_async_wait<0>();
+
+  // The block's weight gradient: its row groups' sums added in group order (rows past the end
+  // added zeros), through the ring's shared memory (groups * D <= 256 N floats: width >= D / N).
+  float* partial = p.partials + static_cast<int64_t>(blockIdx.x) * p.dim;
+  if (groups == 1) {
+    if (has_vec) {
 #pragma unroll
-      for (int i = 0; i < N; ++i) {
-        const float w = load_float(p.weight, p.weight_dtype, v * N + i);
-        const float n = mul_rn(a[i], r);
-        float dn;
-        if constexpr (kGated) {
-          dn = g[i] * (z[i] * sigmoid(z[i])) * w;
-        } else {
-          dn = g[i] * (1.0f + w);
-        }
-        out[i] = r * (dn - n * mean_dot);
-      }
-      store_pack<T, N>(dx + v * N, out);
-    });
+      for (int i = 0; i < N; ++i) partial[t * N + i] = dw[i];
+    }
+    return;
+  }
+  float* sums = reinterpret_cast<float*>(smem);
+  __syncthreads();  // every thread is past its last read of the ring
+  if (has_vec) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) sums[group * p.dim + t * N + i] = dw[i];
   }
   __syncthreads();
-  for (int64_t j = threadIdx.x; j < p.dim; j += blockDim.x) {
-    const int64_t slot = dweight_slot(j / N, static_cast<int>(j % N), N);
+  for (int64_t j = threadIdx.x; j < p.dim; j += kBlockThreads) {
     float total = 0.f;
-    for (int w = 0; w < warps; ++w) total += dweight_rows[w * row_floats + slot];
-    p.partials[static_cast<int64_t>(blockIdx.x) * p.dim + j] = total;
+    for (int gi = 0; gi < groups; ++gi) total += sums[gi * p.dim + j];
+    partial[j] = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// General path: any D, 16-byte vectors or single elements; rows re-read by the second pass.
+
+template <typename T, int N>
+__device__ __forceinline__ void load_vector(const T* row, int64_t v, float (&out)[N]) {
+  unpack(*reinterpret_cast<const Pack<T, N>*>(row + v * N), out);
+}
+
+template <typename T, int N, bool kGated>
+__global__ void __launch_bounds__(kBlockThreads)
+    rms_norm_forward_kernel(const RmsNormParams p) {
+  __shared__ WarpSums warp_sums;
+  int parity = 0;
+  const int width = p.width, t = threadIdx.x & (width - 1);
+  const int64_t groups = kBlockThreads / width, vecs = p.dim / N;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = first + threadIdx.x / width;
+    const bool valid = row < p.rows;
+    const T* x = static_cast<const T*>(p.x) + (valid ? row : 0) * p.x_stride;
+    float sum_sq = 0.f;
+    for (int64_t v = t; valid && v < vecs; v += width) {
+      float a[N];
+      load_vector<T, N>(x, v, a);
+#pragma unroll
+      for (int i = 0; i < N; ++i) sum_sq += a[i] * a[i];
+    }
+    sum_sq = group_sum(sum_sq, width, warp_sums, parity);
+    parity ^= 1;
+    if (!valid) continue;
+    const float r = rsqrtf(sum_sq / static_cast<float>(p.dim) + p.eps);
+    if (t == 0) p.rstd[row] = r;
+    const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
+    T* y = static_cast<T*>(p.y) + row * p.y_stride;
+    for (int64_t v = t; v < vecs; v += width) {
+      float a[N], z[N] = {}, w[N], out[N];
+      load_vector<T, N>(x, v, a);
+      if constexpr (kGated) load_vector<T, N>(gate, v, z);
+      load_weights<N>(p, v, w);
+      normalize<T, N, kGated>(p, w, r, a, z, out);
+      store_pack<T, N>(y + v * N, out);
+    }
+  }
+}
+
+// Dynamic shared memory: [groups, D] fp32 weight-gradient sums, element i of vector v of row
+// group g at g D + i vecs + v (a thread owns its vectors' slots; the threads of one access touch
+// consecutive words).
+template <typename T, int N, bool kGated>
+__global__ void __launch_bounds__(kBlockThreads)
+    rms_norm_backward_kernel(const RmsNormParams p) {
+  extern __shared__ float dw_sums[];
+  __shared__ WarpSums warp_sums;
+  int parity = 0;
+  const int width = p.width, t = threadIdx.x & (width - 1), group = threadIdx.x / width;
+  const int64_t groups = kBlockThreads / width, vecs = p.dim / N;
+  float* dw_row = dw_sums + group * p.dim;
+  for (int64_t v = t; v < vecs; v += width) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dw_row[i * vecs + v] = 0.f;
+  }
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * groups; first < p.rows;
+       first += static_cast<int64_t>(gridDim.x) * groups) {
+    const int64_t row = first + group;
+    const bool valid = row < p.rows;
+    const int64_t r0 = valid ? row : 0;
+    const T* x = static_cast<const T*>(p.x) + r0 * p.x_stride;
+    const T* dy = static_cast<const T*>(p.dy) + r0 * p.dy_stride;
+    const T* gate = kGated ? static_cast<const T*>(p.gate) + r0 * p.gate_stride : nullptr;
+    const float r = valid ? p.rstd[row] : 0.f;
+    auto load = [&](int64_t v, float (&a)[N], float (&g)[N], float (&z)[N], float (&sig)[N],
+                    float (&w)[N]) {
+      load_vector<T, N>(x, v, a);
+      load_vector<T, N>(dy, v, g);
+      if constexpr (kGated) {
+        load_vector<T, N>(gate, v, z);
+#pragma unroll
+        for (int i = 0; i < N; ++i) sig[i] = fast_sigmoid(z[i]);
+      }
+      load_weights<N>(p, v, w);
+    };
+    float dot = 0.f;
+    for (int64_t v = t; valid && v < vecs; v += width) {
+      float a[N], g[N], z[N] = {}, sig[N] = {}, w[N], dz[N], dw[N];
+      load(v, a, g, z, sig, w);
+#pragma unroll
+      for (int i = 0; i < N; ++i) dw[i] = dw_row[i * vecs + v];
+      dot += backward_terms<T, N, kGated>(p, w, r, a, g, sig, z, dw, dz);
+#pragma unroll
+      for (int i = 0; i < N; ++i) dw_row[i * vecs + v] = dw[i];
+      if constexpr (kGated) {
+        store_pack<T, N>(static_cast<T*>(p.dgate) + row * p.dgate_stride + v * N, dz);
+      }
+    }
+    const float mean_dot = group_sum(dot, width, warp_sums, parity) / static_cast<float>(p.dim);
+    parity ^= 1;
+    if (!valid) continue;
+    T* dx_row = static_cast<T*>(p.y) + row * p.y_stride;
+    for (int64_t v = t; v < vecs; v += width) {
+      float a[N], g[N], z[N] = {}, sig[N] = {}, w[N], dx[N];
+      load(v, a, g, z, sig, w);
+      input_gradient<N, kGated>(w, r, mean_dot, a, g, sig, z, dx);
+      store_pack<T, N>(dx_row + v * N, dx);
+    }
+  }
+  __syncthreads();
+  float* partial = p.partials + static_cast<int64_t>(blockIdx.x) * p.dim;
+  for (int64_t j = threadIdx.x; j < p.dim; j += kBlockThreads) {
+    const int64_t slot = (j % N) * vecs + j / N;
+    float total = 0.f;
+    for (int gi = 0; gi < groups; ++gi) total += dw_sums[gi * p.dim + slot];
+    partial[j] = total;
   }
 }
 
@@ -284,23 +484,8 @@ __global__ void __launch_bounds__(kReduceGroups * 32)
   }
 }
 
-// The padded shared-memory row is at most dim + 31 * 8 floats, whatever the vector width.
-constexpr int64_t kRowPadding = 31 * 8;
-int backward_warps(int64_t dim) {
-  return (dim + kRowPadding) * 4 * sizeof(float) <= kMaxStaticSmem ? 4 : 1;
-}
-
-// The backward grid: a function of the shape only (it sizes the workspace). Each block writes a
-// D-float partial row, so long rows get fewer blocks (at D = 2048, 512 blocks: 4 MB of partials
-// against 168 MB of x, dy, dx traffic, and 16 warps an SM with 8 vectors each in flight) and
-// short rows more (at D = 128, 2048 blocks: 62 warps an SM to cover memory latency, with 1 MB
-// of partials).
-int64_t backward_blocks(const RowsShape& s) {
-  const int warps = backward_warps(s.dim);
-  const int64_t max_blocks =
-      std::clamp<int64_t>(kBackwardPartialFloats / s.dim, kMinBackwardBlocks, kMaxBackwardBlocks);
-  return std::min<int64_t>((s.rows + warps - 1) / warps, max_blocks);
-}
+// ---------------------------------------------------------------------------------------------
+// Host side.
 
 RmsNormParams make_params(const RmsNormInputs& in, const RowsShape& s) {
   RmsNormParams p{};
@@ -317,52 +502,71 @@ RmsNormParams make_params(const RmsNormInputs& in, const RowsShape& s) {
   return p;
 }
 
-// Register caching of the row (see for_lane_vectors): kCache vectors per lane, for the vector
-// path only. 2 covers the per-head norms (D = 128, 256 in bf16) and 8 the hidden norms (D = 2048
-// in bf16, 1024 in fp32); longer rows are read twice.
-int cache_slots(int64_t dim, bool vector, int vec) {
-  if (!vector) return 0;
-  const int64_t vecs_per_lane = (dim / vec + 31) / 32;
-  return vecs_per_lane <= 2 ? 2 : vecs_per_lane <= 8 ? 8 : 0;
+// Blocks of `kernel` that fit on the device at once (the persistent grid), at least one an SM.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, size_t smem, int device) {
+  int per_sm = 0;
+  FLASHDELTA_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, smem));
+  return static_cast<int64_t>(std::max(per_sm, 1)) * device_info(device).sm_count;
 }
 
-template <typename T, int N, bool kGated>
-void launch_forward_n(const RmsNormParams& p, int cache, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((p.rows + kForwardWarps - 1) / kForwardWarps);
-  constexpr int kThreadsPerBlock = kForwardWarps * 32;
-  switch (cache) {
-    case 2: rms_norm_forward_kernel<T, N, kGated, 2><<<blocks, kThreadsPerBlock, 0, stream>>>(p); break;
-    case 8: rms_norm_forward_kernel<T, N, kGated, 8><<<blocks, kThreadsPerBlock, 0, stream>>>(p); break;
-    default: rms_norm_forward_kernel<T, N, kGated, 0><<<blocks, kThreadsPerBlock, 0, stream>>>(p); break;
+// The launch: which path, the row-group width and the grid (rows / groups, capped at `cap`
+// blocks). The streaming path needs 16-byte vectors and at most one vector per thread.
+struct Launch {
+  bool stream;
+  int width;
+  unsigned blocks;
+  size_t smem;
+};
+
+template <typename T, bool kGated, bool kBackward>
+Launch plan(const RowsShape& s, bool vector, int device) {
+  constexpr int n = kVec<T>;
+  const int64_t vecs = vector ? s.dim / n : s.dim;
+  Launch l{};
+  l.stream = vector && vecs <= kBlockThreads;
+  l.width = row_width(vecs);
+  const int64_t groups = kBlockThreads / l.width;
+  const int64_t needed = (s.rows + groups - 1) / groups;
+  int64_t cap = int64_t{1} << 30;
+  if (l.stream) {
+    l.smem = Ring<T, n, kGated, kBackward, kStages<kGated, kBackward>>::kBytes;
+    cap = kBackward ? resident_blocks(rms_norm_backward_stream_kernel<T, n, kGated>, l.smem, device)
+                    : resident_blocks(rms_norm_forward_stream_kernel<T, n, kGated>, l.smem, device);
+  } else if (kBackward) {
+    l.smem = static_cast<size_t>(groups * s.dim) * sizeof(float);
+    cap = vector ? resident_blocks(rms_norm_backward_kernel<T, n, kGated>, l.smem, device)
+                 : resident_blocks(rms_norm_backward_kernel<T, 1, kGated>, l.smem, device);
   }
+  if (kBackward) cap = std::min(cap, kMaxBackwardBlocks);
+  l.blocks = static_cast<unsigned>(std::min(needed, cap));
+  return l;
 }
 
 template <typename T, bool kGated>
-void launch_forward(const RmsNormParams& p, bool vector, cudaStream_t stream) {
-  if (vector) {
-    launch_forward_n<T, kVec<T>, kGated>(p, cache_slots(p.dim, true, kVec<T>), stream);
+void launch_forward(RmsNormParams p, const Launch& l, bool vector, cudaStream_t stream) {
+  constexpr int n = kVec<T>;
+  p.width = l.width;
+  if (l.stream) {
+    rms_norm_forward_stream_kernel<T, n, kGated><<<l.blocks, kBlockThreads, l.smem, stream>>>(p);
+  } else if (vector) {
+    rms_norm_forward_kernel<T, n, kGated><<<l.blocks, kBlockThreads, 0, stream>>>(p);
   } else {
-    rms_norm_forward_kernel<T, 1, kGated, 0>
-        <<<static_cast<unsigned>((p.rows + kForwardWarps - 1) / kForwardWarps), kForwardWarps * 32,
-           0, stream>>>(p);
+    rms_norm_forward_kernel<T, 1, kGated><<<l.blocks, kBlockThreads, 0, stream>>>(p);
   }
 }
 
 template <typename T, bool kGated>
-void launch_backward(const RmsNormParams& p, bool vector, unsigned blocks, int warps,
-                     cudaStream_t stream) {
-  const unsigned threads = static_cast<unsigned>(warps * 32);
-  constexpr int N = kVec<T>;
-  const size_t smem =
-      static_cast<size_t>(warps * dweight_row_floats(p.dim, vector ? N : 1)) * sizeof(float);
-  if (!vector) {
-    rms_norm_backward_kernel<T, 1, kGated, 0><<<blocks, threads, smem, stream>>>(p);
-    return;
-  }
-  switch (cache_slots(p.dim, true, N)) {
-    case 2: rms_norm_backward_kernel<T, N, kGated, 2><<<blocks, threads, smem, stream>>>(p); break;
-    case 8: rms_norm_backward_kernel<T, N, kGated, 8><<<blocks, threads, smem, stream>>>(p); break;
-    default: rms_norm_backward_kernel<T, N, kGated, 0><<<blocks, threads, smem, stream>>>(p); break;
+void launch_backward(RmsNormParams p, const Launch& l, bool vector, cudaStream_t stream) {
+  constexpr int n = kVec<T>;
+  p.width = l.width;
+  if (l.stream) {
+    rms_norm_backward_stream_kernel<T, n, kGated><<<l.blocks, kBlockThreads, l.smem, stream>>>(p);
+  } else if (vector) {
+    rms_norm_backward_kernel<T, n, kGated><<<l.blocks, kBlockThreads, l.smem, stream>>>(p);
+  } else {
+    rms_norm_backward_kernel<T, 1, kGated><<<l.blocks, kBlockThreads, l.smem, stream>>>(p);
   }
 }
 
@@ -380,25 +584,24 @@ void rms_norm_forward(const RmsNormInputs& in, const RmsNormForwardOutputs& out,
   const auto stream = static_cast<cudaStream_t>(in.stream);
   dispatch_float(in.x.dtype, [&](auto t) {
     using T = decltype(t);
-    const int n = kVec<T>;
+    constexpr int n = kVec<T>;
     const bool vector = s.dim % n == 0 && vector_aligned(in.x, n) && vector_aligned(out.y, n) &&
                         (!gated || vector_aligned(in.gate, n));
-    if (gated) launch_forward<T, true>(p, vector, stream);
-    else launch_forward<T, false>(p, vector, stream);
+    if (gated) launch_forward<T, true>(p, plan<T, true, false>(s, vector, in.x.device.index), vector, stream);
+    else launch_forward<T, false>(p, plan<T, false, false>(s, vector, in.x.device.index), vector, stream);
   });
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
+// An upper bound of the grids plan() chooses (at most one block per row, kMaxBackwardBlocks):
+// the workspace size may depend on the shape only.
 size_t rms_norm_backward_workspace_bytes(const RowsShape& s) {
-  return static_cast<size_t>(backward_blocks(s) * s.dim) * sizeof(float);
+  return static_cast<size_t>(std::min(s.rows, kMaxBackwardBlocks) * s.dim) * sizeof(float);
 }
 
 void rms_norm_backward(const RmsNormInputs& in, const RmsNormBackwardArgs& a, const RowsShape& s) {
-  check_value(backward_warps(s.dim) > 1 ||
-                  (s.dim + kRowPadding) * sizeof(float) <= kMaxStaticSmem,
-              "rms_norm_backward: the CUDA kernel handles D <= ",
-              static_cast<int64_t>(kMaxStaticSmem / sizeof(float)) - kRowPadding,
-              ", got D = ", s.dim);
+  check_value(s.dim <= kMaxGeneralDim, "rms_norm_backward: the CUDA kernel handles D <= ",
+              kMaxGeneralDim, ", got D = ", s.dim);
   DeviceGuard guard(in.x.device.index);
   RmsNormParams p = make_params(in, s);
   p.y = a.dx.data;
@@ -411,17 +614,19 @@ void rms_norm_backward(const RmsNormInputs& in, const RmsNormBackwardArgs& a, co
   p.partials = static_cast<float*>(a.workspace.data);
   const bool gated = in.gate.defined();
   const auto stream = static_cast<cudaStream_t>(in.stream);
-  const int64_t blocks = backward_blocks(s);
-  const int warps = backward_warps(s.dim);
-  if (blocks > 0) {
+  unsigned blocks = 0;
+  if (s.rows > 0) {
     dispatch_float(in.x.dtype, [&](auto t) {
       using T = decltype(t);
-      const int n = kVec<T>;
+      constexpr int n = kVec<T>;
       const bool vector = s.dim % n == 0 && vector_aligned(in.x, n) && vector_aligned(a.dy, n) &&
                           vector_aligned(a.dx, n) &&
                           (!gated || (vector_aligned(in.gate, n) && vector_aligned(a.dgate, n)));
-      if (gated) launch_backward<T, true>(p, vector, static_cast<unsigned>(blocks), warps, stream);
-      else launch_backward<T, false>(p, vector, static_cast<unsigned>(blocks), warps, stream);
+      const int dev = in.x.device.index;
+      const Launch l = gated ? plan<T, true, true>(s, vector, dev) : plan<T, false, true>(s, vector, dev);
+      blocks = l.blocks;
+      if (gated) launch_backward<T, true>(p, l, vector, stream);
+      else launch_backward<T, false>(p, l, vector, stream);
     });
     FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   }

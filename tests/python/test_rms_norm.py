@@ -4,6 +4,7 @@ modules in float64, strided inputs, determinism, untouched inputs, bad inputs, o
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm, Qwen3_5RMSNormGated
 from transformers.models.qwen3_next.modeling_qwen3_next import (
     Qwen3NextRMSNorm,
@@ -108,18 +109,33 @@ def test_strided_views_deterministic_and_untouched(device):
     assert torch.equal(base, before[0]) and torch.equal(w, before[1]), "inputs modified"
 
 
-@pytest.mark.parametrize("rows,D", [(3000, 32), (9000, 160)])
-def test_large_rows_weight_gradient_deterministic(device, rows, D):
-    """More rows than the backward has blocks / chunks: partial sums over several passes (on CUDA,
-    9000 x 160: rows grid-strided over 2048 blocks, and a partial column block in the reduce)."""
+@pytest.mark.parametrize("gated", [False, True], ids=["rms_norm", "rms_norm_gated"])
+@pytest.mark.parametrize("rows,D", [(3000, 32), (9000, 160), (3000, 2048), (700, 10000)])
+def test_large_rows_against_float64(device, rows, D, gated):
+    """More rows than the backward has blocks / chunks: partial sums over several passes. On CUDA
+    (fp32): 3000 x 32 and 9000 x 160 run the streaming path (rows through the cp.async ring, 32
+    and 4 rows a block, several passes of the persistent grid; 160 leaves threads of a group
+    without a vector and ends in a partial column block of the reduce); 3000 x 2048 and
+    700 x 10000 the general path (rows re-read, a row group of 256 threads summed through shared
+    memory). dx, dgate and dweight against float64, and the weight gradient deterministic."""
     x = random((rows, D), torch.float32, device)
     w = random((D,), torch.float32, device, seed=1)
     dy = random((rows, D), torch.float32, device, seed=2)
-    grads = [_grads(lambda x, w: flashdelta.rms_norm(x, w), [x, w], dy)[1][1] for _ in range(2)]
-    assert torch.equal(grads[0], grads[1])
-    ref = (dy.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6)
-           ).sum(0)
-    assert_grad_close(grads[0], ref, torch.float32, "dweight")
+    z = random((rows, D), torch.float32, device, seed=3) if gated else None
+    inputs = [x, w] + ([z] if gated else [])
+    fn = ((lambda x, w, z: flashdelta.rms_norm_gated(x, z, w)) if gated
+          else (lambda x, w: flashdelta.rms_norm(x, w)))
+    runs = [_grads(fn, inputs, dy) for _ in range(2)]
+    assert torch.equal(runs[0][1][1], runs[1][1][1]), "weight gradient not deterministic"
+
+    def reference(x, w, z=None):
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return n * w * F.silu(z) if gated else n * (1 + w)
+
+    ref_out, ref_grads = _grads(reference, [t.double() for t in inputs], dy.double())
+    assert_matches_transformers(runs[0][0], ref_out.float(), "y")
+    for got, want, name in zip(runs[0][1], ref_grads, ["dx", "dweight", "dgate"]):
+        assert_grad_close(got, want, torch.float32, name)
 
 
 def test_bad_inputs():

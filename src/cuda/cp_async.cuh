@@ -1,0 +1,29 @@
+// cp.async (sm_80+): global -> shared copies that hold no registers while in flight. A thread
+// commits its copies in groups and waits until at most N of its groups are pending; the copies of
+// the completed groups are then visible to the thread itself (other threads need a barrier).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace flashdelta::detail::cuda {
+
+// 16 bytes, both addresses 16-byte aligned; cached in L2 only.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+
+// 4 bytes, both addresses 4-byte aligned.
+__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+}  // namespace flashdelta::detail::cuda
