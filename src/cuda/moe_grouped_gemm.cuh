@@ -269,6 +269,51 @@ __device__ __forceinline__ void store_swiglu_backward(const GroupedGemmParams<T>
   if (p.act != nullptr) p.act[m * p.ld_act + n] = from_f32<T>(silu * u);
 }
 
+// store_swiglu for the columns j and j + 1 at once (4-byte accesses: the caller has checked
+// that gate_up, act, their leading dimensions and I keep column pairs 4-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_swiglu_pair(const GroupedGemmParams<T>& p, int64_t m,
+                                                  int64_t j, float gate0, float up0, float gate1,
+                                                  float up1) {
+  const float g0 = round_f32<T>(gate0), g1 = round_f32<T>(gate1);
+  const float u0 = round_f32<T>(up0), u1 = round_f32<T>(up1);
+  T* row = p.gate_up + m * p.ld_gate_up;
+  *reinterpret_cast<StorePair<T>*>(row + j) = StorePair<T>{from_f32<T>(g0), from_f32<T>(g1)};
+  *reinterpret_cast<StorePair<T>*>(row + p.intermediate + j) =
+      StorePair<T>{from_f32<T>(u0), from_f32<T>(u1)};
+  *reinterpret_cast<StorePair<T>*>(p.act + m * p.ld_act + j) =
+      StorePair<T>{from_f32<T>(g0 / (1.0f + __expf(-g0)) * u0),
+                   from_f32<T>(g1 / (1.0f + __expf(-g1)) * u1)};
+}
+
+// store_swiglu_backward for the columns n and n + 1 at once (same alignment contract).
+template <typename T>
+__device__ __forceinline__ void store_swiglu_backward_pair(const GroupedGemmParams<T>& p,
+                                                           int64_t m, int64_t n, float v0,
+                                                           float v1) {
+  const T* row = p.gate_up + m * p.ld_gate_up;
+  const StorePair<T> gp = *reinterpret_cast<const StorePair<T>*>(row + n);
+  const StorePair<T> up = *reinterpret_cast<const StorePair<T>*>(row + p.intermediate + n);
+  const float g[2] = {to_f32<T>(gp.x), to_f32<T>(gp.y)};
+  const float u[2] = {to_f32<T>(up.x), to_f32<T>(up.y)};
+  const float v[2] = {v0, v1};
+  T d_g[2], d_u[2], act[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const float sig = 1.0f / (1.0f + __expf(-g[c]));
+    const float silu = g[c] * sig;
+    d_g[c] = from_f32<T>(v[c] * u[c] * sig * (1.0f + g[c] * (1.0f - sig)));
+    d_u[c] = from_f32<T>(v[c] * silu);
+    act[c] = from_f32<T>(silu * u[c]);
+  }
+  T* d_row = p.d_gate_up + m * p.ld_gate_up;
+  *reinterpret_cast<StorePair<T>*>(d_row + n) = StorePair<T>{d_g[0], d_g[1]};
+  *reinterpret_cast<StorePair<T>*>(d_row + p.intermediate + n) = StorePair<T>{d_u[0], d_u[1]};
+  if (p.act != nullptr) {
+    *reinterpret_cast<StorePair<T>*>(p.act + m * p.ld_act + n) = StorePair<T>{act[0], act[1]};
+  }
+}
+
 // ptxas fits every instantiation in <= 128 registers without spills (two blocks per SM), as
 // long as no minimum block count is forced: __launch_bounds__(kThreads, 2) makes the SwiGLU
 // instantiation spill.

@@ -157,28 +157,30 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
 
 #define FLASHDELTA_WGMMA_M64N128K16(TYPES)                                                     \
   "{\n"                                                                                        \
+  ".reg .pred accumulate;\n"                                                                   \
+  "setp.ne.b32 accumulate, %68, 0;\n"                                                          \
   "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES                                         \
   " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18,"     \
   " %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36," \
   " %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54," \
   " %55, %56, %57, %58, %59, %60, %61, %62, %63},"                                             \
-  " %64, %65, 1, 1, 1, %66, %67;\n"                                                            \
+  " %64, %65, accumulate, 1, 1, %66, %67;\n"                                                   \
   "}\n"
 
 // D[64 x 128] += A[64 x 16] B[16 x 128], both from shared memory (descriptors); kTransA /
-// kTransB: the operand is MN-major. Scale-d is the immediate 1 (accumulate): the accumulators
-// start at zero in registers.
+// kTransB: the operand is MN-major. The scale-d predicate is always true (D += A B): the
+// accumulators start at zero in registers.
 template <typename T, bool kTransA, bool kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
                                                  uint64_t desc_b) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(FLASHDELTA_WGMMA_M64N128K16("bf16.bf16")
                  : FLASHDELTA_WGMMA_D_OPERANDS
-                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0));
+                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(1));
   } else {
     asm volatile(FLASHDELTA_WGMMA_M64N128K16("f16.f16")
                  : FLASHDELTA_WGMMA_D_OPERANDS
-                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0));
+                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(1));
   }
 }
 
@@ -354,12 +356,15 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4) + c;
-          if (col < p.intermediate) {
-            store_swiglu(p, m, col, acc[4 * j + 2 * i + c], acc[4 * (j + 8) + 2 * i + c]);
-          }
+        const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
+        if (col >= p.intermediate) continue;
+        const float* g = &acc[4 * j + 2 * i];
+        const float* u = &acc[4 * (j + 8) + 2 * i];
+        if (p.pair_store_ok && col + 1 < p.intermediate) {
+          store_swiglu_pair(p, m, col, g[0], u[0], g[1], u[1]);
+        } else {
+          store_swiglu(p, m, col, g[0], u[0]);
+          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g[1], u[1]);
         }
       }
     } else if constexpr (kEpilogue == Epilogue::kStore) {
@@ -380,10 +385,13 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     } else {  // kSwiGLUBackward: acc = d_act
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4) + c;
-          if (n < p.n_size) store_swiglu_backward(p, m, n, acc[4 * j + 2 * i + c]);
+        const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
+        if (n >= p.n_size) continue;
+        if (p.pair_store_ok && n + 1 < p.n_size) {
+          store_swiglu_backward_pair(p, m, n, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+        } else {
+          store_swiglu_backward(p, m, n, acc[4 * j + 2 * i]);
+          if (n + 1 < p.n_size) store_swiglu_backward(p, m, n + 1, acc[4 * j + 2 * i + 1]);
         }
       }
     }
@@ -480,8 +488,16 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
   CUtensorMap map_a, map_b;
   if (!make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
   GroupedGemmParams<T> q = p;
-  q.pair_store_ok = reinterpret_cast<uintptr_t>(p.c) % (2 * sizeof(T)) == 0 && p.ldc % 2 == 0 &&
-                    p.c_expert_stride % 2 == 0;
+  const auto pair_aligned = [](const void* ptr) {
+    return reinterpret_cast<uintptr_t>(ptr) % (2 * sizeof(T)) == 0;
+  };
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    q.pair_store_ok = pair_aligned(p.c) && p.ldc % 2 == 0 && p.c_expert_stride % 2 == 0;
+  } else {  // gate_up / d_gate_up / act accessed two columns at a time (also at column I + j)
+    q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
+                      (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
+                      (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
+  }
   kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_a, map_b, q);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   return true;
