@@ -45,8 +45,8 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   if (path != GemmPath::kSm80) {
     if (device_info().is_sm90) {
       if (sm90::try_launch_grouped_gemm_sm90<T, kGrouping, kBKContig, kEpilogue>(p, stream)) return;
-      if (path == GemmPath::kSm90 && !sm90::sm90_kernel_ready(
-                                         sm90::grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>)) {
+      if (path == GemmPath::kSm90 &&
+          !sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) {
         throw Error(Error::Kind::kNotImplemented,
                     "FLASHDELTA_MOE_GEMM=sm90: this build has no sm_90a code for the grouped GEMM "
                     "(build with FLASHDELTA_CUDA_ARCHS containing 90a)");

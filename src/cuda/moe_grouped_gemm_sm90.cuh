@@ -434,10 +434,12 @@ bool make_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_a, CUtenso
 }
 
 // Whether this instantiation's sm_90a code is what the current device runs (and not a trap
-// compiled from another architecture's PTX): checked once per device. Also opts in to the
+// compiled from another architecture's PTX): checked once per device and instantiation (the
+// state is per template instance: the kernels share one function type). Also opts in to the
 // shared memory and the carve-out for two blocks per SM.
-template <typename Kernel>
-bool sm90_kernel_ready(Kernel* kernel) {
+template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+bool sm90_kernel_ready() {
+  auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
   static std::atomic<int> state[kMaxDevices] = {};  // 0 unknown, 1 ready, 2 unavailable
   int device = 0;
   FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
@@ -447,7 +449,8 @@ bool sm90_kernel_ready(Kernel* kernel) {
   }
   cudaFuncAttributes attr{};
   FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const bool ready = attr.ptxVersion == 90 && attr.binaryVersion == 90;
+  // sm_90a SASS from compute_90a PTX; a JIT of the sm_80 PTX would report ptxVersion 80.
+  const bool ready = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
   if (ready) {
     FLASHDELTA_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
@@ -465,7 +468,7 @@ template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   if (!p.vector_ok) return false;
   auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
-  if (!sm90_kernel_ready(kernel)) return false;
+  if (!sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) return false;
   const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
                               ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
                               : (p.n_size + kBN - 1) / kBN;
