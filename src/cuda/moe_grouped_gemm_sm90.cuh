@@ -358,13 +358,13 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
       for (int j = 0; j < 8; ++j) {
         const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
         if (col >= p.intermediate) continue;
-        const float* g = &acc[4 * j + 2 * i];
-        const float* u = &acc[4 * (j + 8) + 2 * i];
+        const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
+        const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
         if (p.pair_store_ok && col + 1 < p.intermediate) {
-          store_swiglu_pair(p, m, col, g[0], u[0], g[1], u[1]);
+          store_swiglu_pair(p, m, col, g0, u0, g1, u1);
         } else {
-          store_swiglu(p, m, col, g[0], u[0]);
-          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g[1], u[1]);
+          store_swiglu(p, m, col, g0, u0);
+          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
         }
       }
     } else if constexpr (kEpilogue == Epilogue::kStore) {
