@@ -82,10 +82,14 @@ __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 
-// Blocks until the phase of parity `parity` of the barrier has completed.
+// Blocks until the phase of parity `parity` of the barrier has completed. A phase that never
+// completes (a TMA transaction count that cannot be met: a bug) traps after 2^26 polls
+// (seconds at least; a legitimate wait is microseconds) instead of hanging the device.
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   uint32_t done = 0;
+  uint32_t polls = 0;
   do {
+    if (++polls == (1u << 26)) __trap();
     asm volatile(
         "{\n"
         ".reg .pred p;\n"
