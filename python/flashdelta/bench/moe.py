@@ -22,6 +22,7 @@ Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -290,8 +291,6 @@ def main(argv=None) -> int:
                                          12 * N * H * I),
     }
     # Both CUDA paths where the device has the Hopper one: "auto" is what users get.
-    import os
-
     paths = ["auto", "sm80"] if torch.cuda.get_device_capability() == (9, 0) else ["auto"]
     saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
     # Each GEMM alone (--profile): its FLOPs at N rows, in launch order per custom op.
