@@ -24,7 +24,8 @@
 // d_gate_up W1): A K-major, B N-major (the weights as stored); weight gradients (d_out_e^T act_e,
 // d_gate_up_e^T x_e): A M-major, B N-major, k = the expert's rows.
 //
-// Bounds. TMA zero-fills what lies outside the tensor (k past K, rows past N, columns past n).
+// Bounds. TMA zero-fills what lies outside the tensor (k past K, rows past N, columns past n);
+// a B box wholly past n is not loaded at all (only unstored columns would read it).
 // kRows: the A rows of a tile past the expert's end are other experts' rows; they only feed
 // output rows that are never stored. The SwiGLU tile loads 64 gate rows j0.. and the 64 matching
 // up rows I + j0.. of gate_up_proj (the interleave of the sm_80 kernel, as two boxes). kReduction:
@@ -252,7 +253,11 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
   if (warp == kProducerWarp) {
     if (lane == 0) {
-      const uint32_t stage_bytes = static_cast<uint32_t>((active_groups + 2) * kBoxBytes);
+      // The second B box is skipped when it lies wholly past n (a last column tile of <= 64):
+      // its accumulator columns are never stored, so stale shared memory there is harmless.
+      const int b_boxes =
+          kEpilogue == Epilogue::kSwiGLU || n_tile_start + kBox < p.n_size ? 2 : 1;
+      const uint32_t stage_bytes = static_cast<uint32_t>((active_groups + b_boxes) * kBoxBytes);
       for (int kt = 0; kt < num_k_tiles; ++kt) {
         const int s = kt % kStages;
         if (kt >= kStages) mbarrier_wait(smem_u32(&empty_bar[s]), ((kt / kStages) - 1) & 1);
@@ -272,7 +277,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
             tma_load_2d(dst, &tmap_a, bar, k0, static_cast<int32_t>(m_tile_start + g * kBox));
           }
         }
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < b_boxes; ++h) {
           const uint32_t dst = sb + static_cast<uint32_t>(h * kBoxBytes);
           if constexpr (kReduction) {  // B = [rows][n]
             tma_load_2d(dst, &tmap_b, bar, static_cast<int32_t>(n_tile_start + h * kBox),
