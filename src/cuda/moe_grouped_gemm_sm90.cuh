@@ -216,6 +216,11 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
 
+  if (threadIdx.x == kProducerWarp * 32) {  // fetch the descriptors while the block schedules
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+  }
+
   // ---- which expert and which tile (the sm_80 kernel's scheduling)
   int expert = 0;
   int64_t m_tile_start = 0, row_begin = 0, row_end = 0;
