@@ -89,6 +89,7 @@ struct GroupedGemmParams {
   int64_t intermediate = 0;  // I
   bool vector_ok = false;    // 16-byte aligned bases, expert strides and leading dimensions
   bool pair_store_ok = false;  // kStore: c 4-byte aligned, ldc and c_expert_stride even
+  bool vector_store_ok = false;  // sm90 kStore: c 16-byte aligned, ldc, c_expert_stride % 8 == 0
 };
 
 // Two adjacent outputs written as one 4-byte store.

@@ -360,52 +360,88 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
   // ---- epilogue. Thread holds acc[4 j + 2 i + c] for
   //   row  64 group + 16 (warp % 4) + lane / 4 + 8 i,  column  8 j + 2 (lane % 4) + c
-  T* c_base = p.c;
-  if constexpr (kReduction) c_base += static_cast<int64_t>(expert) * p.c_expert_stride;
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    T* c_base = p.c;
+    if constexpr (kReduction) c_base += static_cast<int64_t>(expert) * p.c_expert_stride;
+    // Through shared memory, so that each row leaves as 16-byte stores of 16 consecutive
+    // threads (256 contiguous bytes) rather than 4-byte pieces of 8 rows. The warpgroup's
+    // 64 x 128 tile goes to its own A boxes of stages 0 and 1 (columns 0-63, 64-127): only this
+    // warpgroup's MMAs read them, and they are complete; every TMA load has landed. Rows of 128
+    // bytes with the 16-byte chunks XOR-swizzled by row % 8: conflict-free writes and reads.
+    uint8_t* const tile = ring_ptr + group * kBoxBytes;  // + kStageBytes: columns 64-127
+    static_assert(kStages >= 2, "the epilogue stages its tile in two stages' A boxes");
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
-    if (m >= m_limit) continue;
-    if constexpr (kEpilogue == Epilogue::kSwiGLU) {
-      // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
-        if (col >= p.intermediate) continue;
-        const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
-        const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
-        if (p.pair_store_ok && col + 1 < p.intermediate) {
-          store_swiglu_pair(p, m, col, g0, u0, g1, u1);
-        } else {
-          store_swiglu(p, m, col, g0, u0);
-          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
-        }
-      }
-    } else if constexpr (kEpilogue == Epilogue::kStore) {
+    for (int i = 0; i < 2; ++i) {
+      const int row = (warp % 4) * 16 + lane / 4 + i * 8;
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
-        if (n >= p.n_size) continue;
-        T* dst = c_base + m * p.ldc + n;
-        const T v0 = from_f32<T>(acc[4 * j + 2 * i]);
-        const T v1 = from_f32<T>(acc[4 * j + 2 * i + 1]);
-        if (p.pair_store_ok && n + 1 < p.n_size) {
-          *reinterpret_cast<StorePair<T>*>(dst) = StorePair<T>{v0, v1};
-        } else {
-          dst[0] = v0;
-          if (n + 1 < p.n_size) dst[1] = v1;
+        uint8_t* const dst = tile + (j / 8) * kStageBytes + row * 128 +
+                             (((j % 8) ^ (row % 8)) * 16) + (lane % 4) * 4;
+        *reinterpret_cast<StorePair<T>*>(dst) =
+            StorePair<T>{from_f32<T>(acc[4 * j + 2 * i]), from_f32<T>(acc[4 * j + 2 * i + 1])};
+      }
+    }
+    // This warpgroup only (named barriers 2 and 3; immediate ids keep ptxas from reserving all).
+    if (group == 0) {
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    } else {
+      asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
+    const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {  // 64 rows x 16 chunks of 8 columns, 8 per thread
+      const int q = thread_in_group + 128 * it;
+      const int row = q / 16, chunk = q % 16;
+      const uint4 v = *reinterpret_cast<const uint4*>(
+          tile + (chunk / 8) * kStageBytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
+      const int64_t m = m_tile_start + group * 64 + row;
+      const int64_t n = n_tile_start + chunk * 8;
+      if (m >= m_limit || n >= p.n_size) continue;
+      T* dst = c_base + m * p.ldc + n;
+      if (p.vector_store_ok && n + 8 <= p.n_size) {
+        *reinterpret_cast<uint4*>(dst) = v;
+      } else {  // element by element: the 16 bytes as four pairs
+        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          StorePair<T> pair;
+          memcpy(&pair, &words[w], sizeof(pair));
+          if (n + 2 * w < p.n_size) dst[2 * w] = pair.x;
+          if (n + 2 * w + 1 < p.n_size) dst[2 * w + 1] = pair.y;
         }
       }
-    } else {  // kSwiGLUBackward: acc = d_act
+    }
+  } else {  // SwiGLU forward / backward: straight from the registers
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
-        if (n >= p.n_size) continue;
-        if (p.pair_store_ok && n + 1 < p.n_size) {
-          store_swiglu_backward_pair(p, m, n, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
-        } else {
-          store_swiglu_backward(p, m, n, acc[4 * j + 2 * i]);
-          if (n + 1 < p.n_size) store_swiglu_backward(p, m, n + 1, acc[4 * j + 2 * i + 1]);
+    for (int i = 0; i < 2; ++i) {
+      const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
+      if (m >= m_limit) continue;
+      if constexpr (kEpilogue == Epilogue::kSwiGLU) {
+        // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
+          if (col >= p.intermediate) continue;
+          const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
+          const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
+          if (p.pair_store_ok && col + 1 < p.intermediate) {
+            store_swiglu_pair(p, m, col, g0, u0, g1, u1);
+          } else {
+            store_swiglu(p, m, col, g0, u0);
+            if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
+          }
+        }
+      } else if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {  // acc = d_act
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
+          if (n >= p.n_size) continue;
+          if (p.pair_store_ok && n + 1 < p.n_size) {
+            store_swiglu_backward_pair(p, m, n, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+          } else {
+            store_swiglu_backward(p, m, n, acc[4 * j + 2 * i]);
+            if (n + 1 < p.n_size) store_swiglu_backward(p, m, n + 1, acc[4 * j + 2 * i + 1]);
+          }
         }
       }
     }
@@ -509,7 +545,8 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
     return reinterpret_cast<uintptr_t>(ptr) % (2 * sizeof(T)) == 0;
   };
   if constexpr (kEpilogue == Epilogue::kStore) {
-    q.pair_store_ok = pair_aligned(p.c) && p.ldc % 2 == 0 && p.c_expert_stride % 2 == 0;
+    q.vector_store_ok = reinterpret_cast<uintptr_t>(p.c) % 16 == 0 && p.ldc % 8 == 0 &&
+                        p.c_expert_stride % 8 == 0;
   } else {  // gate_up / d_gate_up / act accessed two columns at a time (also at column I + j)
     q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
                       (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
