@@ -34,10 +34,15 @@
 // (generic-proxy writes, fence.proxy.async, named barrier). A warpgroup whose 64 rows all lie
 // past the tile's end (an expert's last, short tile) neither loads nor multiplies.
 //
+// Epilogues. Plain stores go through shared memory (the warpgroup's own A boxes of stages 0
+// and 1, free once its MMAs are done) so that rows leave as 16-byte stores; the SwiGLU
+// epilogues (forward: gate_up + act; backward: reads gate_up) work from the registers, two
+// adjacent columns per access, exactly as the sm_80 kernel rounds.
+//
 // Scheduling, determinism, no host synchronisation: as the sm_80 kernel (same grid, same block
 // scan over the device offsets, one block per output tile, no atomics). Two blocks per SM
-// (2 x 97 KiB of shared memory, <= 112 registers a thread) so that one block's epilogue overlaps
-// the other's main loop.
+// (2 x 97 KiB of shared memory, ~90 registers a thread) so that one block's epilogue overlaps
+// the other's main loop. A barrier wait that never completes traps instead of hanging.
 //
 // Assumes: sm_90a (the body compiles to a trap elsewhere; the host dispatches here only after
 // checking the device and the loaded binary); bf16 or fp16; operands TMA-compatible (16-byte
