@@ -1,10 +1,22 @@
-// Shared by moe_experts.cu and moe_experts_backward.cu: the grouped GEMM and the alignment test
-// that decides whether its loads may be 16-byte vectors.
+// Shared by moe_experts.cu and moe_experts_backward.cu: the alignment test that decides whether
+// the grouped GEMM's loads may be 16-byte vectors (or TMA boxes), and the launcher that picks
+// the GEMM path at run time:
+//   sm90  wgmma + TMA (moe_grouped_gemm_sm90.cuh): Hopper devices, when this build has sm_90a
+//         code and the operands are TMA-compatible;
+//   sm80  mma.sync + cp.async (moe_grouped_gemm.cuh): every other case, and any shape.
+// FLASHDELTA_MOE_GEMM=sm80 forces the portable path; =sm90 demands the Hopper path where it
+// applies (an error on a device or build without it; unaligned operands still take sm80);
+// unset or "auto" picks per launch as above.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
+#include "cuda/device_info.cuh"
 #include "cuda/moe_grouped_gemm.cuh"
+#include "cuda/moe_grouped_gemm_sm90.cuh"
 
 namespace flashdelta::detail::cuda::moe {
 
@@ -12,6 +24,39 @@ namespace flashdelta::detail::cuda::moe {
 // leading dimension (and the per-expert stride) keep every row 16-byte aligned.
 inline bool vector_friendly(const void* base, int64_t ld, int64_t expert_stride = 0) {
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ld % 8 == 0 && expert_stride % 8 == 0;
+}
+
+enum class GemmPath { kAuto, kSm80, kSm90 };
+
+// FLASHDELTA_MOE_GEMM, read at every launch (a getenv: cheap, and tests may switch it).
+inline GemmPath requested_gemm_path() {
+  const char* v = std::getenv("FLASHDELTA_MOE_GEMM");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return GemmPath::kAuto;
+  if (std::strcmp(v, "sm80") == 0) return GemmPath::kSm80;
+  if (std::strcmp(v, "sm90") == 0) return GemmPath::kSm90;
+  throw Error(Error::Kind::kValue, std::string("FLASHDELTA_MOE_GEMM must be auto, sm80 or sm90, got '") +
+                                       v + "'");
+}
+
+// One grouped GEMM on `stream`, on the fastest path that applies (see the note above).
+template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
+  const GemmPath path = requested_gemm_path();
+  if (path != GemmPath::kSm80) {
+    if (device_info().is_sm90) {
+      if (sm90::try_launch_grouped_gemm_sm90<T, kGrouping, kBKContig, kEpilogue>(p, stream)) return;
+      if (path == GemmPath::kSm90 &&
+          !sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) {
+        throw Error(Error::Kind::kNotImplemented,
+                    "FLASHDELTA_MOE_GEMM=sm90: this build has no sm_90a code for the grouped GEMM "
+                    "(build with FLASHDELTA_CUDA_ARCHS containing 90a)");
+      }
+    } else if (path == GemmPath::kSm90) {
+      throw Error(Error::Kind::kNotImplemented,
+                  "FLASHDELTA_MOE_GEMM=sm90 needs a compute capability 9.0 device (H100/H200)");
+    }
+  }
+  launch_grouped_gemm_sm80<T, kGrouping, kBKContig, kEpilogue>(p, stream);
 }
 
 }  // namespace flashdelta::detail::cuda::moe

@@ -89,6 +89,7 @@ struct GroupedGemmParams {
   int64_t intermediate = 0;  // I
   bool vector_ok = false;    // 16-byte aligned bases, expert strides and leading dimensions
   bool pair_store_ok = false;  // kStore: c 4-byte aligned, ldc and c_expert_stride even
+  bool vector_store_ok = false;  // sm90 kStore: c 16-byte aligned, ldc, c_expert_stride % 8 == 0
 };
 
 // Two adjacent outputs written as one 4-byte store.
@@ -189,6 +190,131 @@ __device__ __forceinline__ void load_tile(uint16_t* smem, RowPtr row_ptr, int64_
   }
 }
 
+// Row tile `tile_id` of the concatenation of every expert's ceil(rows_e / kTileRows) tiles, as
+// (expert, tile within the expert); expert -1 for a surplus block. All threads take one expert
+// each (kBlockThreads experts a round, one round for E <= 256): their offsets are read in
+// parallel, so finding the tile costs one memory round trip, not one per warp of experts, and a
+// block scan (warp scans + warp totals in shared memory) places them. Every thread of the block
+// must call it (it synchronises the block); the result is uniform across the block.
+template <int kBlockThreads, int kTileRows>
+__device__ __forceinline__ int2 find_row_tile(const int32_t* offsets, int num_experts,
+                                              int64_t num_rows, int tile_id) {
+  static_assert(kBlockThreads % 32 == 0, "whole warps");
+  __shared__ int s_warp_tiles[kBlockThreads / 32];  // tile counts fit in int: N < 2^31
+  __shared__ int s_expert;
+  __shared__ int s_tile;
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  if (threadIdx.x == 0) s_expert = -1;
+  __syncthreads();
+  int carry = 0;  // tiles of the experts of earlier rounds (uniform across the block)
+  for (int base = 0; base < num_experts; base += kBlockThreads) {
+    const int e = base + static_cast<int>(threadIdx.x);
+    int tiles = 0;
+    if (e < num_experts) {
+      const int64_t begin = clamp_index(offsets[e], 0, num_rows);
+      const int64_t end = clamp_index(offsets[e + 1], begin, num_rows);
+      tiles = static_cast<int>((end - begin + kTileRows - 1) / kTileRows);
+    }
+    int inclusive = tiles;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int up = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += up;
+    }
+    if (lane == 31) s_warp_tiles[warp] = inclusive;
+    __syncthreads();
+    int before_warp = 0, round_total = 0;
+#pragma unroll
+    for (int w = 0; w < kBlockThreads / 32; ++w) {
+      const int t = s_warp_tiles[w];
+      before_warp += w < warp ? t : 0;
+      round_total += t;
+    }
+    const int start = carry + before_warp + inclusive - tiles;
+    if (tiles > 0 && tile_id >= start && tile_id < start + tiles) {  // exactly one thread
+      s_expert = e;
+      s_tile = tile_id - start;
+    }
+    carry += round_total;
+    __syncthreads();  // s_expert / s_tile visible; s_warp_tiles free for the next round
+    if (s_expert >= 0 || carry > tile_id) break;  // uniform: shared and uniform values
+  }
+  return make_int2(s_expert, s_expert >= 0 ? s_tile : 0);
+}
+
+// The SwiGLU forward epilogue for one output (m, j): stores gate_up[m, j], gate_up[m, I + j]
+// (the GEMM results rounded to the storage dtype) and act[m, j] = silu(g) * u computed from the
+// rounded values, as the unfused reference would.
+template <typename T>
+__device__ __forceinline__ void store_swiglu(const GroupedGemmParams<T>& p, int64_t m, int64_t j,
+                                             float gate, float up) {
+  const float g = round_f32<T>(gate);
+  const float u = round_f32<T>(up);
+  p.gate_up[m * p.ld_gate_up + j] = from_f32<T>(g);
+  p.gate_up[m * p.ld_gate_up + p.intermediate + j] = from_f32<T>(u);
+  p.act[m * p.ld_act + j] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
+}
+
+// The SwiGLU backward epilogue for one d_act[m, n] = v: reads gate_up, writes d_gate_up and
+// (when weight gradients are wanted) act = silu(g) * u, recomputed rather than stored forward.
+template <typename T>
+__device__ __forceinline__ void store_swiglu_backward(const GroupedGemmParams<T>& p, int64_t m,
+                                                      int64_t n, float v) {
+  const float g = to_f32<T>(p.gate_up[m * p.ld_gate_up + n]);
+  const float u = to_f32<T>(p.gate_up[m * p.ld_gate_up + p.intermediate + n]);
+  const float sig = 1.0f / (1.0f + __expf(-g));
+  const float silu = g * sig;
+  p.d_gate_up[m * p.ld_gate_up + n] = from_f32<T>(v * u * sig * (1.0f + g * (1.0f - sig)));
+  p.d_gate_up[m * p.ld_gate_up + p.intermediate + n] = from_f32<T>(v * silu);
+  if (p.act != nullptr) p.act[m * p.ld_act + n] = from_f32<T>(silu * u);
+}
+
+// store_swiglu for the columns j and j + 1 at once (4-byte accesses: the caller has checked
+// that gate_up, act, their leading dimensions and I keep column pairs 4-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_swiglu_pair(const GroupedGemmParams<T>& p, int64_t m,
+                                                  int64_t j, float gate0, float up0, float gate1,
+                                                  float up1) {
+  const float g0 = round_f32<T>(gate0), g1 = round_f32<T>(gate1);
+  const float u0 = round_f32<T>(up0), u1 = round_f32<T>(up1);
+  T* row = p.gate_up + m * p.ld_gate_up;
+  *reinterpret_cast<StorePair<T>*>(row + j) = StorePair<T>{from_f32<T>(g0), from_f32<T>(g1)};
+  *reinterpret_cast<StorePair<T>*>(row + p.intermediate + j) =
+      StorePair<T>{from_f32<T>(u0), from_f32<T>(u1)};
+  *reinterpret_cast<StorePair<T>*>(p.act + m * p.ld_act + j) =
+      StorePair<T>{from_f32<T>(g0 / (1.0f + __expf(-g0)) * u0),
+                   from_f32<T>(g1 / (1.0f + __expf(-g1)) * u1)};
+}
+
+// store_swiglu_backward for the columns n and n + 1 at once (same alignment contract).
+template <typename T>
+__device__ __forceinline__ void store_swiglu_backward_pair(const GroupedGemmParams<T>& p,
+                                                           int64_t m, int64_t n, float v0,
+                                                           float v1) {
+  const T* row = p.gate_up + m * p.ld_gate_up;
+  const StorePair<T> gp = *reinterpret_cast<const StorePair<T>*>(row + n);
+  const StorePair<T> up = *reinterpret_cast<const StorePair<T>*>(row + p.intermediate + n);
+  const float g[2] = {to_f32<T>(gp.x), to_f32<T>(gp.y)};
+  const float u[2] = {to_f32<T>(up.x), to_f32<T>(up.y)};
+  const float v[2] = {v0, v1};
+  T d_g[2], d_u[2], act[2];
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const float sig = 1.0f / (1.0f + __expf(-g[c]));
+    const float silu = g[c] * sig;
+    d_g[c] = from_f32<T>(v[c] * u[c] * sig * (1.0f + g[c] * (1.0f - sig)));
+    d_u[c] = from_f32<T>(v[c] * silu);
+    act[c] = from_f32<T>(silu * u[c]);
+  }
+  T* d_row = p.d_gate_up + m * p.ld_gate_up;
+  *reinterpret_cast<StorePair<T>*>(d_row + n) = StorePair<T>{d_g[0], d_g[1]};
+  *reinterpret_cast<StorePair<T>*>(d_row + p.intermediate + n) = StorePair<T>{d_u[0], d_u[1]};
+  if (p.act != nullptr) {
+    *reinterpret_cast<StorePair<T>*>(p.act + m * p.ld_act + n) = StorePair<T>{act[0], act[1]};
+  }
+}
+
 // ptxas fits every instantiation in <= 128 registers without spills (two blocks per SM), as
 // long as no minimum block count is forced: __launch_bounds__(kThreads, 2) makes the SwiGLU
 // instantiation spill.
@@ -212,54 +338,13 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
   // kRows: x = column tile (fastest: see the launch), y = row tile; kReduction: x = m, y = n.
   const int64_t n_tile = kGrouping == Grouping::kRows ? blockIdx.x : blockIdx.y;
   if constexpr (kGrouping == Grouping::kRows) {
-    // Tile tile_id of the concatenation of every expert's ceil(rows_e / kBM) tiles. All threads
-    // take one expert each (kThreads experts a round, one round for E <= 256): their offsets
-    // are read in parallel, so finding the tile costs one memory round trip, not one per warp
-    // of experts, and a block scan (warp scans + warp totals in shared memory) places them.
-    __shared__ int s_warp_tiles[kThreads / 32];  // tile counts fit in int: N < 2^31
-    __shared__ int s_expert;
-    __shared__ int s_tile;
-    if (threadIdx.x == 0) s_expert = -1;
-    __syncthreads();
-    const int tile_id = static_cast<int>(blockIdx.y);
-    int carry = 0;  // tiles of the experts of earlier rounds (uniform across the block)
-    for (int base = 0; base < p.num_experts; base += kThreads) {
-      const int e = base + static_cast<int>(threadIdx.x);
-      int tiles = 0;
-      if (e < p.num_experts) {
-        const int64_t begin = clamp_index(p.offsets[e], 0, p.num_rows);
-        const int64_t end = clamp_index(p.offsets[e + 1], begin, p.num_rows);
-        tiles = static_cast<int>((end - begin + kBM - 1) / kBM);
-      }
-      int inclusive = tiles;
-#pragma unroll
-      for (int d = 1; d < 32; d *= 2) {
-        const int up = __shfl_up_sync(0xffffffffu, inclusive, d);
-        if (lane >= d) inclusive += up;
-      }
-      if (lane == 31) s_warp_tiles[warp] = inclusive;
-      __syncthreads();
-      int before_warp = 0, round_total = 0;
-#pragma unroll
-      for (int w = 0; w < kThreads / 32; ++w) {
-        const int t = s_warp_tiles[w];
-        before_warp += w < warp ? t : 0;
-        round_total += t;
-      }
-      const int start = carry + before_warp + inclusive - tiles;
-      if (tiles > 0 && tile_id >= start && tile_id < start + tiles) {  // exactly one thread
-        s_expert = e;
-        s_tile = tile_id - start;
-      }
-      carry += round_total;
-      __syncthreads();  // s_expert / s_tile visible; s_warp_tiles free for the next round
-      if (s_expert >= 0 || carry > tile_id) break;  // uniform: shared and uniform values
-    }
-    if (s_expert < 0) return;  // a surplus block: uniform across the block
-    expert = s_expert;
+    const int2 found = find_row_tile<kThreads, kBM>(p.offsets, p.num_experts, p.num_rows,
+                                                    static_cast<int>(blockIdx.y));
+    if (found.x < 0) return;  // a surplus block: uniform across the block
+    expert = found.x;
     row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
     row_end = clamp_index(p.offsets[expert + 1], row_begin, p.num_rows);
-    m_tile_start = row_begin + static_cast<int64_t>(s_tile) * kBM;
+    m_tile_start = row_begin + static_cast<int64_t>(found.y) * kBM;
   } else {
     expert = blockIdx.z;
     row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
@@ -416,11 +501,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
           for (int c = 0; c < 2; ++c) {
             const int64_t j = n_tile_start + warp_n * 16 + nt * 8 + 2 * (lane % 4) + c;
             if (j >= p.intermediate) continue;
-            const float g = round_f32<T>(acc[mt][nt][half * 2 + c]);
-            const float u = round_f32<T>(acc[mt][nt + 2][half * 2 + c]);
-            p.gate_up[m * p.ld_gate_up + j] = from_f32<T>(g);
-            p.gate_up[m * p.ld_gate_up + p.intermediate + j] = from_f32<T>(u);
-            p.act[m * p.ld_act + j] = from_f32<T>(g / (1.0f + __expf(-g)) * u);
+            store_swiglu(p, m, j, acc[mt][nt][half * 2 + c], acc[mt][nt + 2][half * 2 + c]);
           }
         }
       } else if constexpr (kEpilogue == Epilogue::kStore) {
@@ -446,16 +527,7 @@ grouped_gemm_kernel(const GroupedGemmParams<T> p) {
           for (int c = 0; c < 2; ++c) {
             const int64_t n = n_tile_start + warp_n * 32 + nt * 8 + 2 * (lane % 4) + c;
             if (n >= p.n_size) continue;
-            const float v = acc[mt][nt][half * 2 + c];
-            {  // kSwiGLUBackward: v = d_act[m, n]
-              const float g = to_f32<T>(p.gate_up[m * p.ld_gate_up + n]);
-              const float u = to_f32<T>(p.gate_up[m * p.ld_gate_up + p.intermediate + n]);
-              const float sig = 1.0f / (1.0f + __expf(-g));
-              const float silu = g * sig;
-              p.d_gate_up[m * p.ld_gate_up + n] = from_f32<T>(v * u * sig * (1.0f + g * (1.0f - sig)));
-              p.d_gate_up[m * p.ld_gate_up + p.intermediate + n] = from_f32<T>(v * silu);
-              if (p.act != nullptr) p.act[m * p.ld_act + n] = from_f32<T>(silu * u);
-            }
+            store_swiglu_backward(p, m, n, acc[mt][nt][half * 2 + c]);  // v = d_act[m, n]
           }
         }
       }
@@ -477,7 +549,7 @@ __global__ void zero_dropped_rows_kernel(T* x, int64_t ld, int64_t cols, const i
 // Launches one grouped GEMM on `stream` (kSmemBytes of dynamic shared memory). The grid is sized
 // from host-side extents only (rows, E, m/n sizes): no offsets are read on the host.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
-void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
+void launch_grouped_gemm_sm80(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   auto* kernel = grouped_gemm_kernel<T, kGrouping, kBKContig, kEpilogue>;
   // Opt in to > 48 KiB of dynamic shared memory once per device (not on every launch: the first
   // launches usually happen before any CUDA-graph capture).

@@ -256,3 +256,133 @@ def test_more_experts_than_threads_per_block(device):
     experts = experts_module(E, H, I, dtype=dtype).to(device)
     hidden = torch.randn(T, H, device=device, dtype=dtype)
     check(run_both(experts, hidden, idx.to(device), w.to(device, dtype)), dtype)
+
+
+# ---- the two CUDA GEMM paths (FLASHDELTA_MOE_GEMM): sm80 = mma.sync + cp.async, any device;
+# sm90 = wgmma + TMA, Hopper only. By default (auto) the tests above run sm90 on an H100/H200.
+
+def _is_sm90():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+GEMM_PATHS = [
+    pytest.param("sm80", id="sm80"),
+    pytest.param("sm90", id="sm90",
+                 marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
+]
+
+
+def tile_edge_routing():
+    """Top-1 routing with per-expert row counts at the edges of the 128-row tiles: 300 rows (two
+    full tiles and one of 44: the second consumer warpgroup idle), none, 129 (a last tile of one
+    row), 64 (exactly one warpgroup), 65 (the second warpgroup with one row), 7. Tokens are
+    shuffled so that every expert's rows come from all over the batch."""
+    counts = [300, 0, 129, 64, 65, 7]
+    gen = torch.Generator().manual_seed(21)
+    idx = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    idx = idx[torch.randperm(idx.numel(), generator=gen)].unsqueeze(1)
+    w = torch.rand(idx.shape, generator=gen) + 0.1
+    return idx, w, len(counts)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("path", GEMM_PATHS)
+def test_gemm_path_against_float64(monkeypatch, path, dtype):
+    """Each GEMM path, forced, against transformers' eager experts in float64: outputs, input and
+    weight gradients, at tile edges of every GEMM. H = 200: K of the first GEMM is three 64-wide
+    k-steps and a partial one, and the down GEMM's N ends in a partial 128-column tile; I = 72:
+    the SwiGLU GEMM's second tile has 8 valid gate columns (its gate box overlaps the up rows),
+    the weight-gradient reductions run over 300 / 129 / 65 / 64 / 7 rows (partial last k-steps,
+    whose rows past the expert must be zeroed), and expert 1's weight gradients must be 0."""
+    import flashdelta
+
+    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
+            flashdelta.build_info()["cuda_ops"]):
+        pytest.skip("this build has no CUDA moe_experts")
+    monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
+    idx, w, E = tile_edge_routing()
+    H, I = 200, 72
+    experts = experts_module(E, H, I, dtype=dtype, seed=5).to("cuda")
+    experts.requires_grad_(True)
+    gen = torch.Generator().manual_seed(22)
+    hidden = torch.randn(idx.shape[0], H, generator=gen).to("cuda", dtype)
+    d_out = torch.randn(idx.shape[0], H, generator=gen).to("cuda", dtype)
+    x = hidden.clone().requires_grad_()
+    out = moe_experts(x, idx.cuda(), w.to("cuda", dtype), experts.gate_up_proj,
+                      experts.down_proj)
+    got = [out.detach(), *torch.autograd.grad(out, [x, experts.gate_up_proj, experts.down_proj],
+                                              d_out)]
+    want = reference_f64(experts, hidden, idx, w.to(dtype), d_out)
+    for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"), got, want):
+        assert a.shape == b.shape, name
+        assert rel_l2(a.cpu(), b) < 1e-2, (path, name)
+    assert torch.count_nonzero(got[2][1]) == 0 and torch.count_nonzero(got[3][1]) == 0
+
+    # bitwise deterministic on this path
+    x2 = hidden.clone().requires_grad_()
+    out2 = moe_experts(x2, idx.cuda(), w.to("cuda", dtype), experts.gate_up_proj,
+                       experts.down_proj)
+    again = [out2.detach(), *torch.autograd.grad(
+        out2, [x2, experts.gate_up_proj, experts.down_proj], d_out)]
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
+def test_gemm_paths_agree_on_the_forward_tensors(monkeypatch):
+    """The forward's gate_up (the GEMM results rounded to bf16) of the two paths: same fp32
+    products summed in a different order, so equal to a few bf16 ulps, not bitwise."""
+    from flashdelta.ops.moe_experts import moe_experts_fwd
+
+    idx, _, E = tile_edge_routing()
+    H, I = 200, 72
+    experts = experts_module(E, H, I, dtype=torch.bfloat16, seed=6).to("cuda")
+    hidden = torch.randn(idx.shape[0], H, generator=torch.Generator().manual_seed(3))
+    permuted, _, _, offsets = moe_permute(hidden.to("cuda", torch.bfloat16), idx.cuda(), E)
+    W1, W2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    results = {}
+    for path in ("sm80", "sm90"):
+        monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
+        results[path] = moe_experts_fwd(permuted, offsets, W1, W2)
+    for a, b in zip(results["sm80"], results["sm90"]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_gemm_path_setting_errors(monkeypatch):
+    """A misspelt FLASHDELTA_MOE_GEMM is an error naming it; sm90 on a device without it is
+    NotImplementedError, never a silent fallback or a wrong answer."""
+    import flashdelta
+
+    if "moe_experts.forward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA moe_experts")
+    from flashdelta.ops.moe_experts import moe_experts_fwd
+
+    experts = experts_module(3, 16, 8, dtype=torch.bfloat16).to("cuda")
+    hidden = torch.randn(5, 16, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([0, 2, 4, 5], dtype=torch.int32, device="cuda")
+    args = (hidden, offsets, experts.gate_up_proj.detach(), experts.down_proj.detach())
+    monkeypatch.setenv("FLASHDELTA_MOE_GEMM", "hopper")
+    with pytest.raises(ValueError, match="FLASHDELTA_MOE_GEMM"):
+        moe_experts_fwd(*args)
+    if not _is_sm90():
+        monkeypatch.setenv("FLASHDELTA_MOE_GEMM", "sm90")
+        with pytest.raises(NotImplementedError, match="FLASHDELTA_MOE_GEMM"):
+            moe_experts_fwd(*args)
+
+
+def test_bench_assigns_gemm_times_by_launch_order():
+    """bench moe --profile names each grouped-GEMM kernel by its position in a step."""
+    from flashdelta.bench.moe import assign_gemm_times
+
+    names = ["first", "second"]
+    kernels = [("grouped_gemm_sm90_kernel<A>", 0.0, 10.0), ("grouped_gemm_kernel<B>", 20.0, 4.0),
+               ("grouped_gemm_sm90_kernel<A>", 100.0, 12.0), ("grouped_gemm_kernel<B>", 120.0, 6.0),
+               ("grouped_gemm_sm90_kernel<A>", 200.0, 11.0), ("grouped_gemm_kernel<B>", 220.0, 5.0)]
+    got = assign_gemm_times(list(reversed(kernels)), names, repeats=3)
+    assert got == [("first", 11.0, "grouped_gemm_sm90_kernel<A>"),
+                   ("second", 5.0, "grouped_gemm_kernel<B>")]
+    assert assign_gemm_times(kernels[:5], names, repeats=3) is None

@@ -13,13 +13,16 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   gradients only) and trainable weights: transformers' "grouped_mm" implementation against
   flashdelta.moe_experts (both include their own permutation and combine).
 - grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
-  real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run.
+  real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
+  on the default GEMM path (wgmma on sm_90) and, on sm_90, also on the portable sm80 path
+  (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device time and TFLOP/s.
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median").
 """
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -110,6 +113,41 @@ def kernel_profile(step, repeats=10):
                   key=lambda r: -r[1])
 
 
+def assign_gemm_times(kernels, gemm_names, repeats):
+    """[(gemm, median us, kernel)] from the grouped-GEMM kernels of `repeats` profiled steps,
+    `kernels` = [(kernel name, start us, duration us)] in any order: each step launches the
+    GEMMs `gemm_names` in that order, so the i-th kernel of a step (by start time) is
+    gemm_names[i]. None when the count does not match (another kernel path or a changed op)."""
+    import statistics
+
+    kernels = sorted(kernels, key=lambda k: k[1])
+    per_step = len(gemm_names)
+    if len(kernels) != per_step * repeats:
+        return None
+    return [(gemm, statistics.median(k[2] for k in kernels[i::per_step]), kernels[i][0])
+            for i, gemm in enumerate(gemm_names)]
+
+
+def gemm_profile(step, gemm_names, repeats=10):
+    """Per-GEMM device time of `step` (whose grouped-GEMM kernels run in the order gemm_names)
+    under torch.profiler: [(gemm, median us, kernel name)] or None."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(ev.name, ev.time_range.start, ev.time_range.elapsed_us())
+               for ev in prof.events()
+               if ev.device_type == torch.autograd.DeviceType.CUDA and "grouped_gemm" in ev.name]
+    return assign_gemm_times(kernels, gemm_names, repeats)
+
+
+def gemm_path_name(kernel):
+    return "sm90 wgmma" if "sm90" in kernel else "sm80 mma.sync"
+
+
 def matmul_tflops(n=8192):
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -153,7 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--profile", action="store_true",
-                   help="also print each section's kernels (torch.profiler device time)")
+                   help="also print each section's kernels and each grouped GEMM's time and "
+                        "TFLOP/s (torch.profiler device time)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the moe benchmark needs a CUDA device")
@@ -251,10 +290,45 @@ def main(argv=None) -> int:
                                                                  d_out, gate_up, True),
                                          12 * N * H * I),
     }
-    for name, (fn, flops) in gemm.items():
-        ms = _bench(fn)
-        tflops = flops / (ms * 1e-3) / 1e12
-        record("grouped GEMMs", name, ms, tflops=tflops, fraction_of_matmul=tflops / peak)
+    # Both CUDA paths where the device has the Hopper one: "auto" is what users get.
+    paths = ["auto", "sm80"] if torch.cuda.get_device_capability() == (9, 0) else ["auto"]
+    saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
+    # Each GEMM alone (--profile): its FLOPs at N rows, in launch order per custom op.
+    nhi = N * H * I
+    per_gemm = {
+        "forward (2 GEMMs + SwiGLU)": [("x W1^T + SwiGLU", 4 * nhi), ("act W2^T", 2 * nhi)],
+        "backward frozen (2 GEMMs)": [("d_out W2 + SwiGLU bwd", 2 * nhi),
+                                      ("d_gate_up W1", 4 * nhi)],
+        "backward trainable (4 GEMMs)": [("d_out W2 + SwiGLU bwd", 2 * nhi),
+                                         ("d_gate_up W1", 4 * nhi),
+                                         ("dW2 = d_out^T act", 2 * nhi),
+                                         ("dW1 = d_gate_up^T x", 4 * nhi)],
+    }
+    gemm_rows = []
+    try:
+        for path in paths:
+            os.environ["FLASHDELTA_MOE_GEMM"] = path
+            for name, (fn, flops) in gemm.items():
+                ms = _bench(fn)
+                tflops = flops / (ms * 1e-3) / 1e12
+                impl = name if path == "auto" else f"{name} [{path}]"
+                record("grouped GEMMs", impl, ms, tflops=tflops, fraction_of_matmul=tflops / peak,
+                       gemm_path=path)
+                if args.profile:
+                    names = [g for g, _ in per_gemm[name]]
+                    timed = gemm_profile(fn, names)
+                    if timed is None:
+                        print(f"(per-GEMM profile of {name} [{path}]: unexpected kernel count)")
+                        continue
+                    for (gname, us, kernel), (_, gflops) in zip(timed, per_gemm[name]):
+                        tf = gflops / (us * 1e-6) / 1e12
+                        gemm_rows.append(dict(path=path, gemm=gname, kernel=gemm_path_name(kernel),
+                                              us=us, tflops=tf, fraction_of_matmul=tf / peak))
+    finally:
+        if saved_path is None:
+            os.environ.pop("FLASHDELTA_MOE_GEMM", None)
+        else:
+            os.environ["FLASHDELTA_MOE_GEMM"] = saved_path
 
     print(f"moe: T={T} E={E} top_k={k} H={H} I={I} bf16; {torch.cuda.get_device_name()}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
@@ -267,6 +341,16 @@ def main(argv=None) -> int:
         print(f"-- {title}: device time {sum(r[1] for r in kernels):.1f} us per step")
         for kernel, us, calls in kernels[:12]:
             print(f"   {kernel[:80]:<80} {us:9.1f} us {calls:5.1f}x")
+    if gemm_rows:
+        print(f"-- each grouped GEMM (N={N} rows; TFLOP/s against the {peak:.0f} of the matmul)")
+        seen = set()
+        for r in gemm_rows:
+            key = (r["path"], r["gemm"])
+            if key in seen:  # the frozen backward's GEMMs repeat in the trainable one
+                continue
+            seen.add(key)
+            print(f"   {r['path']:<5} {r['gemm']:<24} {r['kernel']:<14} {r['us']:9.1f} us "
+                  f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}")
     base = {}
     print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
     for r in rows:
@@ -282,6 +366,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
                            routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows,
+                           gemms=gemm_rows,
                            profiles={t: [dict(kernel=n, us=u, calls=c) for n, u, c in ks]
                                      for t, ks in profiles.items()}), f, indent=2)
     return 0

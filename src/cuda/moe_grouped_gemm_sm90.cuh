@@ -1,0 +1,565 @@
+// Hopper (sm_90a) grouped GEMM for the mixture-of-experts experts: the same problems, groupings
+// and epilogues as moe_grouped_gemm.cuh (read its note first), on warpgroup MMA fed by TMA.
+//
+// Algorithm. One block computes one 128 x 128 output tile, K in steps of 64, through a 3-stage
+// shared-memory ring:
+//   - warp 8 is the producer: one lane issues the TMA loads of each stage (four 64 x 64 boxes:
+//     two of A, one per consumer warpgroup, two of B) and arms the stage's "full" mbarrier with
+//     their byte count;
+//   - warps 0-3 and 4-7 are two consumer warpgroups; warpgroup w owns output rows
+//     [64 w, 64 w + 64) and issues wgmma.mma_async m64n128k16 (fp32 accumulators, 64 per
+//     thread) straight from shared memory, keeping one k-step of MMAs in flight, and releases a
+//     stage (its "empty" mbarrier) once the MMAs that read it have completed.
+// Every box has 128-byte rows (64 two-byte elements), is 1024-byte aligned and is written by TMA
+// with the 128-byte swizzle, which is the canonical layout wgmma reads through a matrix
+// descriptor (start address, LBO, SBO, swizzle mode):
+//   K-major operand (rows of 64 k):   8-row core groups 1024 B apart (SBO); the k16 step j
+//                                      starts 32 j bytes into the row (the hardware applies the
+//                                      swizzle to the final address); 128 rows of B = two boxes
+//                                      back to back = one descriptor.
+//   MN-major operand (rows of 64 m/n, one row per k; "transposed" for wgmma): 8-k core groups
+//                                      1024 B apart (SBO), the next 64 columns one box (8 KiB)
+//                                      further (LBO); the k16 step j starts at 2048 j bytes.
+// Operands by GEMM: forward (x W1^T, act W2^T): A and B K-major; input gradients (d_out W2,
+// d_gate_up W1): A K-major, B N-major (the weights as stored); weight gradients (d_out_e^T act_e,
+// d_gate_up_e^T x_e): A M-major, B N-major, k = the expert's rows.
+//
+// Bounds. TMA zero-fills what lies outside the tensor (k past K, rows past N, columns past n);
+// a B box wholly past n is not loaded at all (only unstored columns would read it).
+// kRows: the A rows of a tile past the expert's end are other experts' rows; they only feed
+// output rows that are never stored. The SwiGLU tile loads 64 gate rows j0.. and the 64 matching
+// up rows I + j0.. of gate_up_proj (the interleave of the sm_80 kernel, as two boxes). kReduction:
+// k runs over the expert's rows, so the rows of the last k-step past the expert's end (another
+// expert's data) are zeroed in shared memory by the consumers before the MMAs read them
+// (generic-proxy writes, fence.proxy.async, named barrier). A warpgroup whose 64 rows all lie
+// past the tile's end (an expert's last, short tile) neither loads nor multiplies.
+//
+// Epilogues. Plain stores go through shared memory (the warpgroup's own A boxes of stages 0
+// and 1, free once its MMAs are done) so that rows leave as 16-byte stores; the SwiGLU
+// epilogues (forward: gate_up + act; backward: reads gate_up) work from the registers, two
+// adjacent columns per access, exactly as the sm_80 kernel rounds.
+//
+// Scheduling, determinism, no host synchronisation: as the sm_80 kernel (same grid, same block
+// scan over the device offsets, one block per output tile, no atomics). Two blocks per SM
+// (2 x 97 KiB of shared memory, ~90 registers a thread) so that one block's epilogue overlaps
+// the other's main loop. A barrier wait that never completes traps instead of hanging.
+//
+// Assumes: sm_90a (the body compiles to a trap elsewhere; the host dispatches here only after
+// checking the device and the loaded binary); bf16 or fp16; operands TMA-compatible (16-byte
+// aligned bases, leading dimensions and expert strides: vector_ok).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (type only)
+
+#include <atomic>
+#include <cstdint>
+
+#include "cuda/moe_grouped_gemm.cuh"
+#include "cuda/tensor_map.cuh"
+
+namespace flashdelta::detail::cuda::moe::sm90 {
+
+constexpr int kBM = 128, kBN = 128, kBK = 64;
+constexpr int kBox = 64;                        // every TMA box: 64 x 64 elements
+constexpr int kBoxBytes = kBox * kBox * 2;      // 8 KiB: 64 rows of 128 bytes
+constexpr int kStages = 3;
+constexpr int kStageBytes = 4 * kBoxBytes;      // A box per warpgroup, two B boxes
+constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + slack to align the ring to 1 KiB
+constexpr int kConsumerWarps = 8;
+constexpr int kThreads = (kConsumerWarps + 1) * 32;  // + the producer warp
+constexpr int kProducerWarp = kConsumerWarps;
+
+// ---- PTX wrappers (sm_90a only)
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Blocks until the phase of parity `parity` of the barrier has completed. A phase that never
+// completes (a TMA transaction count that cannot be met: a bug) traps after 2^26 polls
+// (seconds at least; a legitimate wait is microseconds) instead of hanging the device.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  uint32_t polls = 0;
+  do {
+    if (++polls == (1u << 26)) __trap();
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int32_t c0, int32_t c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int32_t c0, int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// A shared-memory matrix descriptor for the 128-byte swizzle (layout type 1 in bits 62-63),
+// base offset 0 (every box is 1024-byte aligned). Byte offsets are encoded >> 4.
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_bytes,
+                                                    uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving accumulator reads/writes across the asynchronous MMAs.
+__device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+#define FLASHDELTA_WGMMA_D_OPERANDS                                                             \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),   \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),             \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),             \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),             \
+      "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),             \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),             \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),             \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),             \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),             \
+      "+f"(d[62]), "+f"(d[63])
+
+#define FLASHDELTA_WGMMA_M64N128K16(TYPES)                                                     \
+  "{\n"                                                                                        \
+  ".reg .pred accumulate;\n"                                                                   \
+  "setp.ne.b32 accumulate, %68, 0;\n"                                                          \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPES                                         \
+  " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18,"     \
+  " %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36," \
+  " %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54," \
+  " %55, %56, %57, %58, %59, %60, %61, %62, %63},"                                             \
+  " %64, %65, accumulate, 1, 1, %66, %67;\n"                                                   \
+  "}\n"
+
+// D[64 x 128] += A[64 x 16] B[16 x 128], both from shared memory (descriptors); kTransA /
+// kTransB: the operand is MN-major. The scale-d predicate is always true (D += A B): the
+// accumulators start at zero in registers.
+template <typename T, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
+                                                 uint64_t desc_b) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(FLASHDELTA_WGMMA_M64N128K16("bf16.bf16")
+                 : FLASHDELTA_WGMMA_D_OPERANDS
+                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(1));
+  } else {
+    asm volatile(FLASHDELTA_WGMMA_M64N128K16("f16.f16")
+                 : FLASHDELTA_WGMMA_D_OPERANDS
+                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(1));
+  }
+}
+
+#undef FLASHDELTA_WGMMA_M64N128K16
+#undef FLASHDELTA_WGMMA_D_OPERANDS
+
+// ---- the kernel
+
+template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+__global__ void __launch_bounds__(kThreads, 2)
+grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
+                         const __grid_constant__ CUtensorMap tmap_b, const GroupedGemmParams<T> p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kReduction = kGrouping == Grouping::kReduction;
+  constexpr bool kATrans = kReduction;    // A M-major (weight gradients)
+  constexpr bool kBTrans = !kBKContig;    // B N-major (weights as stored, or row matrices)
+  static_assert(!kReduction || !kBKContig, "weight-gradient GEMMs read both operands along m / n");
+  static_assert(kEpilogue != Epilogue::kSwiGLU || kBKContig, "the SwiGLU GEMM reads W1 K-major");
+
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[kStages];
+  __shared__ __align__(8) uint64_t empty_bar[kStages];
+  // The ring starts at the first 1024-byte boundary of the dynamic allocation (the swizzle
+  // pattern is a function of the address bits 4-9).
+  const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  uint8_t* const ring_ptr = smem_raw + (ring - smem_u32(smem_raw));
+
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+
+  if (threadIdx.x == kProducerWarp * 32) {  // fetch the descriptors while the block schedules
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+  }
+
+  // ---- which expert and which tile (the sm_80 kernel's scheduling)
+  int expert = 0;
+  int64_t m_tile_start = 0, row_begin = 0, row_end = 0;
+  const int64_t n_tile = kReduction ? blockIdx.y : blockIdx.x;
+  if constexpr (!kReduction) {
+    const int2 found = find_row_tile<kThreads, kBM>(p.offsets, p.num_experts, p.num_rows,
+                                                    static_cast<int>(blockIdx.y));
+    if (found.x < 0) return;  // a surplus block: uniform across the block
+    expert = found.x;
+    row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
+    row_end = clamp_index(p.offsets[expert + 1], row_begin, p.num_rows);
+    m_tile_start = row_begin + static_cast<int64_t>(found.y) * kBM;
+  } else {
+    expert = blockIdx.z;
+    row_begin = clamp_index(p.offsets[expert], 0, p.num_rows);
+    row_end = clamp_index(p.offsets[expert + 1], row_begin, p.num_rows);
+    m_tile_start = static_cast<int64_t>(blockIdx.x) * kBM;
+  }
+  const int64_t m_limit = kReduction ? p.m_size : row_end;
+  // Warpgroup 1 works only when the tile has rows past its first 64.
+  const int active_groups = m_tile_start + kBM / 2 < m_limit ? 2 : 1;
+  const int64_t k_extent = kReduction ? row_end - row_begin : p.k_size;
+  const int num_k_tiles = static_cast<int>((k_extent + kBK - 1) / kBK);
+  const int64_t n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kBN / 2) : n_tile * kBN;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(smem_u32(&full_bar[s]), 1);  // the producer's arrive (+ the TMA bytes)
+      mbarrier_init(smem_u32(&empty_bar[s]), 4 * active_groups);  // one arrive per consumer warp
+    }
+    // Make the initialised barriers visible to the async proxy (TMA) and the other threads.
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();  // the last block-wide barrier: producer and consumers part ways below
+
+  if (warp == kProducerWarp) {
+    if (lane == 0) {
+      // The second B box is skipped when it lies wholly past n (a last column tile of <= 64):
+      // its accumulator columns are never stored, so stale shared memory there is harmless.
+      const int b_boxes =
+          kEpilogue == Epilogue::kSwiGLU || n_tile_start + kBox < p.n_size ? 2 : 1;
+      const uint32_t stage_bytes = static_cast<uint32_t>((active_groups + b_boxes) * kBoxBytes);
+      for (int kt = 0; kt < num_k_tiles; ++kt) {
+        const int s = kt % kStages;
+        if (kt >= kStages) mbarrier_wait(smem_u32(&empty_bar[s]), ((kt / kStages) - 1) & 1);
+        const uint32_t bar = smem_u32(&full_bar[s]);
+        mbarrier_arrive_expect_tx(bar, stage_bytes);
+        const uint32_t sa = ring + static_cast<uint32_t>(s * kStageBytes);
+        const uint32_t sb = sa + 2 * kBoxBytes;
+        const int32_t k0 = kt * kBK;
+        const auto e = static_cast<int32_t>(expert);
+        // Coordinates are innermost first; they fit in int32 (N < 2^31 rows, extents < 2^31).
+        for (int g = 0; g < active_groups; ++g) {
+          const uint32_t dst = sa + static_cast<uint32_t>(g * kBoxBytes);
+          if constexpr (kReduction) {  // A = [rows][m]: box (64 m) x (64 rows of the expert)
+            tma_load_2d(dst, &tmap_a, bar, static_cast<int32_t>(m_tile_start + g * kBox),
+                        static_cast<int32_t>(row_begin + k0));
+          } else {  // A = [rows][k]
+            tma_load_2d(dst, &tmap_a, bar, k0, static_cast<int32_t>(m_tile_start + g * kBox));
+          }
+        }
+        for (int h = 0; h < b_boxes; ++h) {
+          const uint32_t dst = sb + static_cast<uint32_t>(h * kBoxBytes);
+          if constexpr (kReduction) {  // B = [rows][n]
+            tma_load_2d(dst, &tmap_b, bar, static_cast<int32_t>(n_tile_start + h * kBox),
+                        static_cast<int32_t>(row_begin + k0));
+          } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // gate rows, then up rows
+            const int64_t row = n_tile_start + (h == 0 ? 0 : p.intermediate);
+            tma_load_3d(dst, &tmap_b, bar, k0, static_cast<int32_t>(row), e);
+          } else if constexpr (kBKContig) {  // B = [E][n][k]
+            tma_load_3d(dst, &tmap_b, bar, k0, static_cast<int32_t>(n_tile_start + h * kBox), e);
+          } else {  // B = [E][k][n]
+            tma_load_3d(dst, &tmap_b, bar, static_cast<int32_t>(n_tile_start + h * kBox), k0, e);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  const int group = warp / 4;  // consumer warpgroup: output rows [64 group, 64 group + 64)
+  if (group >= active_groups) return;
+  const int consumer_threads = 128 * active_groups;
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+
+  for (int kt = 0; kt < num_k_tiles; ++kt) {
+    const int s = kt % kStages;
+    mbarrier_wait(smem_u32(&full_bar[s]), (kt / kStages) & 1);
+    const uint32_t sa = ring + static_cast<uint32_t>(s * kStageBytes);
+    const uint32_t sb = sa + 2 * kBoxBytes;
+    if constexpr (kReduction) {
+      const int64_t valid = k_extent - static_cast<int64_t>(kt) * kBK;  // rows of this k-step
+      if (valid < kBK) {
+        // Zero the rows [valid, 64) of every loaded box: the next expert's rows (rows past N
+        // are already zero). A row is one k, 128 bytes: the swizzle permutes 16-byte chunks
+        // within a row, so a whole row is zeroed whatever the pattern.
+        const int first = static_cast<int>(valid);
+        const int chunks_per_box = (kBox - first) * 8;  // 16-byte chunks
+        const int boxes = active_groups + 2;
+        uint8_t* const stage_ptr = ring_ptr + s * kStageBytes;
+        for (int c = static_cast<int>(threadIdx.x); c < boxes * chunks_per_box; c += consumer_threads) {
+          const int box = c / chunks_per_box;
+          const int slot = box < active_groups ? box : 2 + (box - active_groups);
+          const int within = c % chunks_per_box;
+          *reinterpret_cast<uint4*>(stage_ptr + slot * kBoxBytes + first * 128 + within * 16) =
+              make_uint4(0u, 0u, 0u, 0u);
+        }
+        // Generic-proxy writes, then wgmma (async proxy) reads: fence, then meet the other
+        // consumers (named barrier 1; barrier 0 is __syncthreads).
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        asm volatile("bar.sync 1, %0;\n" ::"r"(consumer_threads) : "memory");
+      }
+    }
+    fence_accumulators(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const uint32_t a_box = sa + static_cast<uint32_t>(group * kBoxBytes);
+      const uint64_t desc_a = kATrans ? smem_descriptor(a_box + kk * 2048, kBoxBytes, 1024)
+                                      : smem_descriptor(a_box + kk * 32, 16, 1024);
+      const uint64_t desc_b = kBTrans ? smem_descriptor(sb + kk * 2048, kBoxBytes, 1024)
+                                      : smem_descriptor(sb + kk * 32, 16, 1024);
+      wgmma_m64n128k16<T, kATrans, kBTrans>(acc, desc_a, desc_b);
+    }
+    wgmma_commit();
+    fence_accumulators(acc);
+    // Keep this k-step's MMAs in flight; the previous step's have completed: release its stage.
+    wgmma_wait<1>();
+    fence_accumulators(acc);
+    if (kt > 0 && lane == 0) mbarrier_arrive(smem_u32(&empty_bar[(kt - 1) % kStages]));
+  }
+  wgmma_wait<0>();
+  fence_accumulators(acc);
+
+  // ---- epilogue. Thread holds acc[4 j + 2 i + c] for
+  //   row  64 group + 16 (warp % 4) + lane / 4 + 8 i,  column  8 j + 2 (lane % 4) + c
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    T* c_base = p.c;
+    if constexpr (kReduction) c_base += static_cast<int64_t>(expert) * p.c_expert_stride;
+    // Through shared memory, so that each row leaves as 16-byte stores of 16 consecutive
+    // threads (256 contiguous bytes) rather than 4-byte pieces of 8 rows. The warpgroup's
+    // 64 x 128 tile goes to its own A boxes of stages 0 and 1 (columns 0-63, 64-127): only this
+    // warpgroup's MMAs read them, and they are complete; every TMA load has landed. Rows of 128
+    // bytes with the 16-byte chunks XOR-swizzled by row % 8: conflict-free writes and reads.
+    uint8_t* const tile = ring_ptr + group * kBoxBytes;  // + kStageBytes: columns 64-127
+    static_assert(kStages >= 2, "the epilogue stages its tile in two stages' A boxes");
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = (warp % 4) * 16 + lane / 4 + i * 8;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        uint8_t* const dst = tile + (j / 8) * kStageBytes + row * 128 +
+                             (((j % 8) ^ (row % 8)) * 16) + (lane % 4) * 4;
+        *reinterpret_cast<StorePair<T>*>(dst) =
+            StorePair<T>{from_f32<T>(acc[4 * j + 2 * i]), from_f32<T>(acc[4 * j + 2 * i + 1])};
+      }
+    }
+    // This warpgroup only (named barriers 2 and 3; immediate ids keep ptxas from reserving all).
+    if (group == 0) {
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    } else {
+      asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
+    const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
+#pragma unroll
+    for (int it = 0; it < 8; ++it) {  // 64 rows x 16 chunks of 8 columns, 8 per thread
+      const int q = thread_in_group + 128 * it;
+      const int row = q / 16, chunk = q % 16;
+      const uint4 v = *reinterpret_cast<const uint4*>(
+          tile + (chunk / 8) * kStageBytes + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
+      const int64_t m = m_tile_start + group * 64 + row;
+      const int64_t n = n_tile_start + chunk * 8;
+      if (m >= m_limit || n >= p.n_size) continue;
+      T* dst = c_base + m * p.ldc + n;
+      if (p.vector_store_ok && n + 8 <= p.n_size) {
+        *reinterpret_cast<uint4*>(dst) = v;
+      } else {  // element by element: the 16 bytes as four pairs
+        const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          StorePair<T> pair;
+          memcpy(&pair, &words[w], sizeof(pair));
+          if (n + 2 * w < p.n_size) dst[2 * w] = pair.x;
+          if (n + 2 * w + 1 < p.n_size) dst[2 * w + 1] = pair.y;
+        }
+      }
+    }
+  } else {  // SwiGLU forward / backward: straight from the registers
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
+      if (m >= m_limit) continue;
+      if constexpr (kEpilogue == Epilogue::kSwiGLU) {
+        // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
+          if (col >= p.intermediate) continue;
+          const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
+          const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
+          if (p.pair_store_ok && col + 1 < p.intermediate) {
+            store_swiglu_pair(p, m, col, g0, u0, g1, u1);
+          } else {
+            store_swiglu(p, m, col, g0, u0);
+            if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
+          }
+        }
+      } else if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {  // acc = d_act
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
+          if (n >= p.n_size) continue;
+          if (p.pair_store_ok && n + 1 < p.n_size) {
+            store_swiglu_backward_pair(p, m, n, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+          } else {
+            store_swiglu_backward(p, m, n, acc[4 * j + 2 * i]);
+            if (n + 1 < p.n_size) store_swiglu_backward(p, m, n + 1, acc[4 * j + 2 * i + 1]);
+          }
+        }
+      }
+    }
+  }
+#else
+  __trap();  // never launched: the host checks for the sm_90a binary first
+#endif
+}
+
+// ---- host side
+
+// The tensor maps of one GEMM (see the kernel's producer for the coordinates). False when a
+// map cannot be encoded: the caller takes the sm_80 path.
+template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+bool make_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_a, CUtensorMap* map_b) {
+  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
+  const uint32_t box[3] = {kBox, kBox, 1};
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  if constexpr (kGrouping == Grouping::kReduction) {
+    const uint64_t a_dims[2] = {u(p.m_size), u(p.num_rows)};
+    const uint64_t a_strides[1] = {u(p.lda) * 2};
+    const uint64_t b_dims[2] = {u(p.n_size), u(p.num_rows)};
+    const uint64_t b_strides[1] = {u(p.ldb) * 2};
+    return encode_tensor_map_2byte(map_a, dtype, p.a, 2, a_dims, a_strides, box) &&
+           encode_tensor_map_2byte(map_b, dtype, p.b, 2, b_dims, b_strides, box);
+  } else {
+    const uint64_t a_dims[2] = {u(p.k_size), u(p.num_rows)};
+    const uint64_t a_strides[1] = {u(p.lda) * 2};
+    if (!encode_tensor_map_2byte(map_a, dtype, p.a, 2, a_dims, a_strides, box)) return false;
+    const uint64_t b_strides[2] = {u(p.ldb) * 2, u(p.b_expert_stride) * 2};
+    if constexpr (kBKContig) {  // [E][n rows][k]; the SwiGLU GEMM's rows are gate and up
+      const int64_t rows = kEpilogue == Epilogue::kSwiGLU ? 2 * p.intermediate : p.n_size;
+      const uint64_t b_dims[3] = {u(p.k_size), u(rows), u(p.num_experts)};
+      return encode_tensor_map_2byte(map_b, dtype, p.b, 3, b_dims, b_strides, box);
+    } else {  // [E][k][n]
+      const uint64_t b_dims[3] = {u(p.n_size), u(p.k_size), u(p.num_experts)};
+      return encode_tensor_map_2byte(map_b, dtype, p.b, 3, b_dims, b_strides, box);
+    }
+  }
+}
+
+// Whether this instantiation's sm_90a code is what the current device runs (and not a trap
+// compiled from another architecture's PTX): checked once per device and instantiation (the
+// state is per template instance: the kernels share one function type). Also opts in to the
+// shared memory and the carve-out for two blocks per SM.
+template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+bool sm90_kernel_ready() {
+  auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
+  static std::atomic<int> state[kMaxDevices] = {};  // 0 unknown, 1 ready, 2 unavailable
+  int device = 0;
+  FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
+  if (device < kMaxDevices) {
+    const int known = state[device].load(std::memory_order_acquire);
+    if (known != 0) return known == 1;
+  }
+  cudaFuncAttributes attr{};
+  FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // sm_90a SASS from compute_90a PTX; a JIT of the sm_80 PTX would report ptxVersion 80.
+  const bool ready = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
+  if (ready) {
+    FLASHDELTA_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+  }
+  if (device < kMaxDevices) state[device].store(ready ? 1 : 2, std::memory_order_release);
+  return ready;
+}
+
+// Launches one grouped GEMM on the Hopper path; false (nothing launched) when it does not
+// apply: operands not TMA-compatible, or this build has no sm_90a code for the device. The
+// caller has checked that the device is sm_90.
+template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t stream) {
+  if (!p.vector_ok) return false;
+  auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
+  if (!sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) return false;
+  const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
+                              ? (p.intermediate + kBN / 2 - 1) / (kBN / 2)
+                              : (p.n_size + kBN - 1) / kBN;
+  dim3 grid(1, 1, 1);
+  if constexpr (kGrouping == Grouping::kRows) {
+    const int64_t row_tiles = (p.num_rows + kBM - 1) / kBM + p.num_experts;
+    if (row_tiles > 65535) return false;  // the sm_80 launcher reports the limit
+    grid.x = static_cast<unsigned>(n_tiles);
+    grid.y = static_cast<unsigned>(row_tiles);
+  } else {
+    grid.x = static_cast<unsigned>((p.m_size + kBM - 1) / kBM);
+    grid.y = static_cast<unsigned>(n_tiles);
+    grid.z = static_cast<unsigned>(p.num_experts);
+  }
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || n_tiles == 0 || p.num_rows == 0) {
+    // Nothing to compute here, but the kReduction GEMM must still write zeros (experts without
+    // rows): leave that to the sm_80 launcher, which handles every empty case.
+    return false;
+  }
+  CUtensorMap map_a, map_b;
+  if (!make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
+  GroupedGemmParams<T> q = p;
+  const auto pair_aligned = [](const void* ptr) {
+    return reinterpret_cast<uintptr_t>(ptr) % (2 * sizeof(T)) == 0;
+  };
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    q.vector_store_ok = reinterpret_cast<uintptr_t>(p.c) % 16 == 0 && p.ldc % 8 == 0 &&
+                        p.c_expert_stride % 8 == 0;
+  } else {  // gate_up / d_gate_up / act accessed two columns at a time (also at column I + j)
+    q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
+                      (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
+                      (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
+  }
+  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_a, map_b, q);
+  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+  return true;
+}
+
+}  // namespace flashdelta::detail::cuda::moe::sm90
