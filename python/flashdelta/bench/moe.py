@@ -17,7 +17,9 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   on the default GEMM path (wgmma on sm_90) and, on sm_90, also on the portable sm80 path
   (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device time and TFLOP/s.
 
-Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median").
+Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
+called from Python (host dispatch included); "routing fwd+bwd, device" is the same step's GPU
+time alone, replayed from a CUDA graph after an L2 flush (bench/fused_ops.py's device time).
 """
 
 import argparse
@@ -27,6 +29,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from .fused_ops import device_time_ms
 
 
 def _bench(fn, rep=100, grad_to_none=None):
@@ -223,6 +227,7 @@ def main(argv=None) -> int:
         rows.append(dict(section=section, impl=impl, ms=ms, **extra))
 
     # ---- routing: router + permutation + combine
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for name, fn in (("transformers", transformers_routing), ("flashdelta", flashdelta_routing)):
         x = hidden.detach().clone().requires_grad_()
         g = torch.randn(T, H, device="cuda", dtype=dt)
@@ -233,6 +238,13 @@ def main(argv=None) -> int:
             out.backward(g)
 
         record("routing fwd+bwd", name, _bench(fwd_bwd, grad_to_none=[x, router.weight]))
+        # The kernels alone: the step replayed from a CUDA graph after an L2 flush (the host's
+        # dispatch, which the eager times above include, runs ahead of the GPU in training).
+        try:
+            record("routing fwd+bwd, device", name,
+                   device_time_ms(fwd_bwd, [x, router.weight], 50, flush))
+        except Exception as e:  # e.g. a composition that cannot be captured: report, go on
+            print(f"routing fwd+bwd device time ({name}): {type(e).__name__}: {e}")
     profiles = {}
     if args.profile:
         for name, fn in (("transformers", transformers_routing),

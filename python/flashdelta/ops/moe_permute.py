@@ -10,13 +10,16 @@ expert_offsets[E]), as transformers' expert-parallel sentinels are.
 combine: out[t] = sum_j weights[t, j] * rows[pair_position[t * top_k + j]], summed in slot order
 in fp32 (weights None: 1). Both are differentiable (hidden; rows and weights).
 
-Custom ops: `torch.ops.flashdelta.moe_permute`, `moe_unpermute`, `moe_unpermute_bwd`.
+Custom ops: `torch.ops.flashdelta.moe_permute`, `moe_unpermute`, `moe_unpermute_bwd` (what
+torch.compile traces); eager calls run the same implementations through plain
+autograd.Functions (_eager.py).
 """
 
 from typing import Optional, Tuple
 
 import torch
 
+from . import _eager
 from ._moe_common import detached, load_extension, stream_of
 
 Tensor = torch.Tensor
@@ -33,8 +36,7 @@ def _permute_outputs(hidden: Tensor, indices: Tensor, num_experts: int):
     )
 
 
-@torch.library.custom_op("flashdelta::moe_permute", mutates_args=())
-def moe_permute_fwd(
+def _permute_forward(
     hidden: Tensor, indices: Tensor, num_experts: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     C = load_extension()
@@ -44,6 +46,10 @@ def moe_permute_fwd(
     workspace = torch.empty((nbytes,), dtype=torch.uint8, device=hidden.device) if nbytes else None
     C.moe_permute(h, i, num_experts, *outputs, workspace, stream_of(hidden.device))
     return outputs
+
+
+moe_permute_fwd = torch.library.custom_op("flashdelta::moe_permute", mutates_args=())(
+    _permute_forward)
 
 
 @moe_permute_fwd.register_fake
@@ -59,15 +65,17 @@ def _permute_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(sorted_pairs, pair_position, expert_offsets)
 
 
-def _permute_backward(ctx, d_permuted, *_):
-    (pair_position,) = ctx.saved_tensors
-    if d_permuted is None:
-        return None, None, None
-    return moe_unpermute_fwd(d_permuted.contiguous(), None, pair_position, ctx.num_tokens), None, None
+def _permute_backward_with(unpermute):
+    def backward(ctx, d_permuted, *_):
+        (pair_position,) = ctx.saved_tensors
+        if d_permuted is None:
+            return None, None, None
+        return unpermute(d_permuted.contiguous(), None, pair_position, ctx.num_tokens), None, None
+
+    return backward
 
 
-@torch.library.custom_op("flashdelta::moe_unpermute", mutates_args=())
-def moe_unpermute_fwd(
+def _unpermute_forward(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
 ) -> Tensor:
     out = torch.empty((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
@@ -77,13 +85,16 @@ def moe_unpermute_fwd(
     return out
 
 
+moe_unpermute_fwd = torch.library.custom_op("flashdelta::moe_unpermute", mutates_args=())(
+    _unpermute_forward)
+
+
 @moe_unpermute_fwd.register_fake
 def _(rows, weights, pair_position, num_tokens):
     return rows.new_empty((num_tokens, rows.shape[1]))
 
 
-@torch.library.custom_op("flashdelta::moe_unpermute_bwd", mutates_args=())
-def moe_unpermute_bwd(
+def _unpermute_backward_impl(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, d_out: Tensor
 ) -> Tuple[Tensor, Tensor]:
     d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
@@ -98,6 +109,10 @@ def moe_unpermute_bwd(
     return d_rows, d_weights
 
 
+moe_unpermute_bwd = torch.library.custom_op("flashdelta::moe_unpermute_bwd", mutates_args=())(
+    _unpermute_backward_impl)
+
+
 @moe_unpermute_bwd.register_fake
 def _(rows, weights, pair_position, d_out):
     d_weights = (weights.new_empty(weights.shape) if weights is not None
@@ -110,14 +125,23 @@ def _unpermute_setup(ctx, inputs, output):
     ctx.save_for_backward(rows, weights, pair_position)
 
 
-def _unpermute_backward(ctx, d_out):
-    rows, weights, pair_position = ctx.saved_tensors
-    d_rows, d_weights = moe_unpermute_bwd(rows, weights, pair_position, d_out.contiguous())
-    return d_rows, (d_weights if weights is not None else None), None, None
+def _unpermute_backward_with(unpermute_bwd):
+    def backward(ctx, d_out):
+        rows, weights, pair_position = ctx.saved_tensors
+        d_rows, d_weights = unpermute_bwd(rows, weights, pair_position, d_out.contiguous())
+        return d_rows, (d_weights if weights is not None else None), None, None
+
+    return backward
 
 
-moe_permute_fwd.register_autograd(_permute_backward, setup_context=_permute_setup)
-moe_unpermute_fwd.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+moe_permute_fwd.register_autograd(_permute_backward_with(moe_unpermute_fwd),
+                                  setup_context=_permute_setup)
+moe_unpermute_fwd.register_autograd(_unpermute_backward_with(moe_unpermute_bwd),
+                                    setup_context=_unpermute_setup)
+_EagerPermute = _eager.twin("_EagerPermute", _permute_forward, _permute_setup,
+                            _permute_backward_with(_unpermute_forward))
+_EagerUnpermute = _eager.twin("_EagerUnpermute", _unpermute_forward, _unpermute_setup,
+                              _unpermute_backward_with(_unpermute_backward_impl))
 
 
 def moe_permute(
@@ -129,6 +153,8 @@ def moe_permute(
                          f"{list(hidden.shape)} and {list(indices.shape)}")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
+    if _eager.eager():
+        return _EagerPermute.apply(hidden, indices, int(num_experts))
     return moe_permute_fwd(hidden, indices, int(num_experts))
 
 
@@ -136,4 +162,6 @@ def moe_unpermute(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
 ) -> Tensor:
     """Weighted combine of sorted rows back to tokens. See the module docstring."""
+    if _eager.eager():
+        return _EagerUnpermute.apply(rows.contiguous(), weights, pair_position, int(num_tokens))
     return moe_unpermute_fwd(rows.contiguous(), weights, pair_position, int(num_tokens))

@@ -7,20 +7,22 @@ fp32 softmax over experts, top-k (largest first), renormalised to sum to 1 when 
 indices int64. Exact ties between probabilities go to the lower expert id (torch.topk leaves
 their order unspecified). Differentiable with respect to the logits.
 
-Custom ops: `torch.ops.flashdelta.moe_router` and `torch.ops.flashdelta.moe_router_bwd`.
+Custom ops: `torch.ops.flashdelta.moe_router` and `torch.ops.flashdelta.moe_router_bwd` (what
+torch.compile traces); eager calls run the same implementation through a plain autograd.Function
+(_eager.py).
 """
 
 from typing import Tuple
 
 import torch
 
+from . import _eager
 from ._moe_common import FLOAT_DTYPES, detached, load_extension, stream_of
 
 Tensor = torch.Tensor
 
 
-@torch.library.custom_op("flashdelta::moe_router", mutates_args=())
-def moe_router_fwd(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor, Tensor]:
+def _router_forward(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor, Tensor]:
     T = logits.shape[0]
     weights = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
     indices = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
@@ -28,6 +30,10 @@ def moe_router_fwd(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor,
         detached(logits), top_k, normalize, weights, indices, stream_of(logits.device)
     )
     return weights, indices
+
+
+moe_router_fwd = torch.library.custom_op("flashdelta::moe_router", mutates_args=())(
+    _router_forward)
 
 
 @moe_router_fwd.register_fake
@@ -39,8 +45,7 @@ def _(logits, top_k, normalize):
     )
 
 
-@torch.library.custom_op("flashdelta::moe_router_bwd", mutates_args=())
-def moe_router_bwd(
+def _router_backward(
     logits: Tensor, indices: Tensor, d_weights: Tensor, top_k: int, normalize: bool
 ) -> Tensor:
     d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -49,6 +54,10 @@ def moe_router_bwd(
         stream_of(logits.device),
     )
     return d_logits
+
+
+moe_router_bwd = torch.library.custom_op("flashdelta::moe_router_bwd", mutates_args=())(
+    _router_backward)
 
 
 @moe_router_bwd.register_fake
@@ -65,14 +74,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(indices)
 
 
-def _backward(ctx, d_weights, _d_indices):
-    logits, indices = ctx.saved_tensors
-    if d_weights is None:
-        return None, None, None
-    return moe_router_bwd(logits, indices, d_weights, ctx.top_k, ctx.normalize), None, None
+def _backward_with(router_bwd):
+    def backward(ctx, d_weights, _d_indices):
+        logits, indices = ctx.saved_tensors
+        if d_weights is None:
+            return None, None, None
+        return router_bwd(logits, indices, d_weights, ctx.top_k, ctx.normalize), None, None
+
+    return backward
 
 
-moe_router_fwd.register_autograd(_backward, setup_context=_setup_context)
+moe_router_fwd.register_autograd(_backward_with(moe_router_bwd), setup_context=_setup_context)
+_EagerRouter = _eager.twin("_EagerRouter", _router_forward, _setup_context,
+                           _backward_with(_router_backward))
 
 
 def moe_router(router_logits: Tensor, top_k: int, normalize: bool = True) -> Tuple[Tensor, Tensor]:
@@ -94,4 +108,6 @@ def moe_router(router_logits: Tensor, top_k: int, normalize: bool = True) -> Tup
     if not 1 <= top_k <= router_logits.shape[1]:
         raise ValueError(f"moe_router: top_k must be in [1, E = {router_logits.shape[1]}], "
                          f"got {top_k}")
+    if _eager.eager():
+        return _EagerRouter.apply(router_logits, top_k, bool(normalize))
     return moe_router_fwd(router_logits, top_k, bool(normalize))
