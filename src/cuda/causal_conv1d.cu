@@ -10,30 +10,43 @@
 // Why it is shaped this way (the counting behind it): with W = 4 there are 4 multiply-adds per
 // element, so the op is memory-bound only if the rest stays small too. At the H100's 3 TB/s copy
 // bandwidth a bf16 forward moves 4 bytes per element (read x, write y): 0.75 G elements/us, while
-// 132 SMs issue ~30 G thread-instructions/us: a budget of ~40 instructions per element, of which
-// SiLU (accurate expf and an IEEE division, kept so bf16 results equal transformers' bit for bit)
-// takes ~17. The backward moves 6 bytes per element (read x and dy, write dx): ~60 instructions.
-// So the kernels are templated on everything that changes the per-element code (x's dtype, the
-// rounding dtype, W, the channel pack, SiLU) and carry no runtime dtype switch, mask or spill in
-// the token loop; sequence boundaries are a per-thread bit mask tested once per token (a
-// warp-uniform branch), not a per-tap select.
+// 132 SMs issue ~30 G thread-instructions/us: a budget of ~40 instructions per element at full
+// issue, ~25 at a realistic 60%. The backward moves 6 bytes per element (read x and dy, write
+// dx): ~37 at 60%. Counted in the SASS (cuobjdump -sass, sm_90a), the first version spent 47
+// (forward) and 87 (backward) per element and ran at 1.6 and 1.3 TB/s: SiLU with torch's
+// accurate expf and an IEEE division (~22 with its slow-path check), the per-token sequence mask
+// (~10 per token) even without cu_seqlens, and 4-byte packs in the backward (2 channels to carry
+// each token's overhead). Now:
+// - the token loops are templated on varlen: without cu_seqlens there is no mask at all;
+// - the forward's bf16 SiLU is silu_bf16_rounding: 2^x and 1/x from the special-function unit,
+//   and torch's exact formula only where the result is within reach of a bf16 rounding boundary
+//   (~0.2% of the elements), so bf16 outputs stay equal to transformers' bit for bit (~24
+//   instructions per element, slow paths excluded);
+// - the backward's sigmoid divides by MUFU.RCP plus one Newton step (within an ulp of the IEEE
+//   division; dpre is held to one ulp of the float64 value, not to torch's bits: torch's
+//   silu_backward multiplies dy * s first, the kernels dy * (s * (1 + v (1 - s))));
+// - the backward moves 8-byte packs of 4 channels like the forward.
+// The kernels are templated on everything else that changes the per-element code (x's dtype,
+// the rounding dtype, W, the channel pack, SiLU) and carry no runtime dtype switch in the token
+// loop; with cu_seqlens the sequence boundaries are a per-thread bit mask tested once per token
+// (a warp-uniform branch), not a per-tap select.
 //
 // Launch shape (forward and backward): a block is 32 x 4 threads and owns a tile of 32 * VEC
 // channels by 4 runs of R tokens (R = 32 forward, 56 backward); grid (channel tiles, token tiles,
-// B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and tensor in the
-// forward (4 bf16 channels), 4-byte ones in the backward, when the channel stride is 1 and the
-// strides and address are aligned (the layout of transformers' transposed [B, T, C] view);
-// VEC = 1 and any strides otherwise. A warp reads 32 * VEC contiguous channels of a token per
-// access (256 / 128 bytes: whole sectors). Why not 16-byte packs: the per-channel state a thread
-// keeps (W weights, the bias, W - 1 inputs; in the backward also W + 1 gradient sums and W - 1
-// dpre values) grows with VEC, and at 16 bytes the kernels spilled under 3 blocks per SM; bytes
-// in flight per SM do not depend on VEC (more threads with fewer channels each).
-// The thread walks its run with a ring of the next 8 tokens' raw packs (kept as 32-bit words):
-// token t is consumed and its slot refilled with token t + 8 at once, so 8 loads per tensor stay
-// in flight per thread: at 4 blocks per SM (110-122 registers, no spills) 512 threads x 8 x 8 B
-// = 32 KB per SM in the forward, 512 x 8 x 2 x 4 B = 32 KB in the backward, above the ~24 KB
-// that 3 TB/s at ~1 us latency needs. It keeps the previous W - 1 inputs in registers: x is read
-// once plus a W - 1 token halo per run (an L2 hit: the neighbouring run).
+// B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and tensor (4 bf16
+// channels), when the channel stride is 1 and the strides and address are aligned (the layout
+// of transformers' transposed [B, T, C] view); VEC = 1 and any strides otherwise. A warp reads
+// 32 * VEC contiguous channels of a token per access (256 bytes: whole sectors). Why not
+// 16-byte packs: the per-channel state a thread keeps (W weights, the bias, W - 1 inputs; in the
+// backward also W + 1 gradient sums and W - 1 dpre values) grows with VEC; bytes in flight per
+// SM do not depend on VEC (more threads with fewer channels each).
+// The thread walks its run with a ring of the next tokens' raw packs (kept as 32-bit words):
+// token t is consumed and its slot refilled with token t + ring size at once. Forward: a ring of
+// 8 at 4 blocks per SM (128 registers, no spills): 512 threads x 8 x 8 B = 32 KB in flight per
+// SM. Backward: rings of 6 for x and dy at 3 blocks per SM (168 registers): 384 x 6 x 2 x 8 B =
+// 36 KB, above the ~24 KB that 3 TB/s at ~1 us latency needs. It keeps the previous W - 1
+// inputs in registers: x is read once plus a W - 1 token halo per run (an L2 hit: the
+// neighbouring run).
 //
 // Backward, one pass over x and dy: the thread recomputes pre and dpre for its run plus a W - 1
 // token look-ahead and emits dx[t - (W - 1)] and the weight-gradient terms x[t - (W - 1)] *
@@ -73,13 +86,14 @@ namespace {
 constexpr int kChannelThreads = 32;  // blockDim.x
 constexpr int kRuns = 4;             // blockDim.y: runs of tokens per block
 constexpr int kThreads = kChannelThreads * kRuns;
-constexpr int kBatch = 8;            // tokens loaded per batch (one batch ahead of the math)
+constexpr int kBatch = 8;            // forward: tokens loaded per batch (one batch ahead)
+constexpr int kBackwardBatch = 6;    // backward: 6 tokens of x and dy ahead, 8-byte packs
 constexpr int kForwardRunTokens = 32;
 // Longer runs in the backward: fewer weight-gradient partials and less halo per token. A run,
 // its W - 1 halo and W - 1 look-ahead tokens must fit the 64-bit sequence-start mask.
 constexpr int kBackwardRunTokens = 56;
 constexpr int kForwardPackBytes = 8;
-constexpr int kBackwardPackBytes = 4;
+constexpr int kBackwardPackBytes = 8;
 constexpr int kMaxGridYZ = 65535;
 static_assert(kBackwardRunTokens + 2 * (kCausalConv1dCudaMaxWidth - 1) <= 64, "start mask");
 
@@ -310,9 +324,40 @@ __device__ __forceinline__ void load_params(const ConvParams& p, int64_t c0, flo
 // transformers', and bf16 ones to its rounding (torch's SiLU computes x / (1 + exp(-x))).
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + expf(-v)); }
 
+// silu_f(v) as far as its rounding to bf16 can tell, at half the instructions: 2^(-v log2 e) and
+// the reciprocal from the special-function unit (MUFU.EX2, MUFU.RCP), then the exact silu_f only
+// where that could round differently. For |v| < 32 the fast value is within 48 fp32 ulps of
+// silu_f's (the product v log2 e, |v log2 e| < 64, is off by < 0.7 ulp = 2^-18.5: 2^-19 of
+// relative error in the exponential, i.e. <= 32 ulps of the result; ex2.approx <= 4 ulps,
+// rcp.approx <= 2, the sum and the product 1 each; silu_f's own expf, sum and division <= 6).
+// bf16 rounding to nearest even turns on the low 16 bits of the fp32 value, its boundaries at
+// 0x8000: a value more than 64 ulps from one rounds to the same bf16 as silu_f's. The exact
+// path runs on ~0.2% of the elements (and for |v| >= 32).
+__device__ __forceinline__ float silu_bf16_rounding(float v) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v * -1.44269504088896341f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  const float fast = v * r;
+  const bool near_boundary = ((__float_as_uint(fast) + 64u) & 0xff80u) == 0x8000u;
+  if (near_boundary || !(fabsf(v) < 32.f)) return silu_f(v);
+  return fast;
+}
+
+// sigmoid(v) = 1 / (1 + expf(-v)): torch's expf, the reciprocal by MUFU.RCP and one Newton step
+// (within one ulp of the IEEE division, at a third of its instructions). rcp.approx flushes
+// reciprocals of d >= 2^126 to zero: those (v < -87) take the division.
+__device__ __forceinline__ float sigmoid_f(float v) {
+  const float d = 1.f + expf(-v);
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  r = fmaf(r, fmaf(-d, r, 1.f), r);
+  if (!(d < 0x1p126f)) r = 1.f / d;
+  return r;
+}
+
 // d silu(v) / dv = s (1 + v (1 - s)), s = sigmoid(v), as torch's silu_backward
 __device__ __forceinline__ float silu_grad(float v) {
-  const float s = 1.f / (1.f + expf(-v));
+  const float s = sigmoid_f(v);
   return s * (1.f + v * (1.f - s));
 }
 
@@ -354,7 +399,7 @@ __device__ __forceinline__ void shift_in(float (&win)[W - 1][VEC], const float (
 
 // ----------------------------------------------------------------------------- forward
 
-template <typename T, int kRound, int W, int VEC, bool kSilu>
+template <typename T, int kRound, int W, int VEC, bool kSilu, bool kVarlen>
 __device__ __forceinline__ void forward_run(const ConvParams& p) {
   constexpr int R = kForwardRunTokens;
   using RawT = Raw<T, VEC>;
@@ -364,8 +409,9 @@ __device__ __forceinline__ void forward_run(const ConvParams& p) {
   const int64_t t1 = min(t0 + R, p.seq_len);
   if (c0 >= p.channels || t0 >= t1) return;  // no barrier in this kernel
 
-  // Bit e: token t0 - (W - 1) + e starts a sequence (e < R + W - 1).
-  const uint64_t starts = sequence_starts(p, t0 - (W - 1), R + W - 1);
+  // Bit e: token t0 - (W - 1) + e starts a sequence (e < R + W - 1). Without cu_seqlens there
+  // are none, and the token loop carries no mask at all.
+  const uint64_t starts = kVarlen ? sequence_starts(p, t0 - (W - 1), R + W - 1) : 0;
   float w[W][VEC], bias[VEC];
   load_params<W, VEC>(p, c0, w, bias);
   const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
@@ -402,12 +448,19 @@ __device__ __forceinline__ void forward_run(const ConvParams& p) {
       x_ahead += xt_s;
       float xt[VEC], out[VEC];
       unpack<T, kRound, VEC>(cur, p.param_dtype, xt);
-      convolve<W, VEC>(w, bias, xt, win, reach_back<W>(batch_starts, u + W - 1), out);
+      const int reach = kVarlen ? reach_back<W>(batch_starts, u + W - 1) : W - 1;
+      convolve<W, VEC>(w, bias, xt, win, reach, out);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) {
         if constexpr (kSilu) {
           // transformers: the convolution's result in weight's dtype, SiLU in fp32, rounded
-          out[v] = silu_f(round_param<kRound>(p.param_dtype, out[v]));
+          const float pre = round_param<kRound>(p.param_dtype, out[v]);
+          if constexpr (std::is_same_v<T, __nv_bfloat16> &&
+                        (kRound == kRoundBF16 || kRound == kRoundNone)) {
+            out[v] = silu_bf16_rounding(pre);  // only its bf16 rounding is stored
+          } else {
+            out[v] = silu_f(pre);
+          }
         }
         if constexpr (!kRoundIsFree<T, kRound>) {
           out[v] = round_param<kRound>(p.param_dtype, out[v]);
@@ -422,13 +475,19 @@ __device__ __forceinline__ void forward_run(const ConvParams& p) {
 
 template <typename T, int kRound, int W, int VEC>
 __global__ void __launch_bounds__(kThreads, 4) causal_conv1d_forward_kernel(const ConvParams p) {
-  if (p.silu) forward_run<T, kRound, W, VEC, true>(p);
-  else forward_run<T, kRound, W, VEC, false>(p);
+  // Four bodies: the SiLU and the sequence masks are compile-time in the token loop.
+  if (p.cu_seqlens != nullptr) {
+    if (p.silu) forward_run<T, kRound, W, VEC, true, true>(p);
+    else forward_run<T, kRound, W, VEC, false, true>(p);
+  } else {
+    if (p.silu) forward_run<T, kRound, W, VEC, true, false>(p);
+    else forward_run<T, kRound, W, VEC, false, false>(p);
+  }
 }
 
 // ----------------------------------------------------------------------------- backward
 
-template <typename T, int kRound, int W, int VEC, bool kSilu>
+template <typename T, int kRound, int W, int VEC, bool kSilu, bool kVarlen>
 __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W + 1][VEC]) {
   constexpr int R = kBackwardRunTokens;
   using RawT = Raw<T, VEC>;
@@ -439,7 +498,7 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
   if (c0 >= p.channels || t0 >= t1) return;
 
   // Bit e: token t0 - (W - 1) + e starts a sequence (the run, its halo and its look-ahead).
-  const uint64_t starts = sequence_starts(p, t0 - (W - 1), R + 2 * (W - 1));
+  const uint64_t starts = kVarlen ? sequence_starts(p, t0 - (W - 1), R + 2 * (W - 1)) : 0;
   float w[W][VEC], bias[VEC];
   load_params<W, VEC>(p, c0, w, bias);
   const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
@@ -462,26 +521,26 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
   // relative to t0 (int); the pointers advance by one token per step.
   const int n_stop = static_cast<int>(t1 - t0) + W - 1;
   const int n_load = static_cast<int>(min(t1 + W - 1, p.seq_len) - t0);
-  RawT buf_x[kBatch], buf_dy[kBatch];  // rings of the next kBatch tokens, as in the forward
+  RawT buf_x[kBackwardBatch], buf_dy[kBackwardBatch];  // rings of the next tokens, as forward
 #pragma unroll
-  for (int u = 0; u < kBatch; ++u) {
+  for (int u = 0; u < kBackwardBatch; ++u) {
     const bool in = u < n_load;
     buf_x[u] = in ? load_raw<T, VEC>(x + (t0 + u) * xt_s) : zero_raw<T, VEC>();
     buf_dy[u] = in ? load_raw<T, VEC>(dy + (t0 + u) * dyt_s) : zero_raw<T, VEC>();
   }
-  const T* __restrict__ x_ahead = x + (t0 + kBatch) * xt_s;     // token i + kBatch
-  const T* __restrict__ dy_ahead = dy + (t0 + kBatch) * dyt_s;  // token i + kBatch
+  const T* __restrict__ x_ahead = x + (t0 + kBackwardBatch) * xt_s;     // token i + batch
+  const T* __restrict__ dy_ahead = dy + (t0 + kBackwardBatch) * dyt_s;  // token i + batch
   T* __restrict__ dx_at = dx + t0 * dxt_s;                      // token i - (W - 1), once >= 0
 
 #pragma unroll 1
-  for (int i0 = 0; i0 < n_stop; i0 += kBatch) {
+  for (int i0 = 0; i0 < n_stop; i0 += kBackwardBatch) {
     const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);  // bit u + W - 1: token i
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
+    for (int u = 0; u < kBackwardBatch; ++u) {
       const int i = i0 + u;
       if (i >= n_stop) break;
       const RawT cur_x = buf_x[u], cur_dy = buf_dy[u];
-      const bool in = i + kBatch < n_load;
+      const bool in = i + kBackwardBatch < n_load;
       buf_x[u] = in ? load_raw<T, VEC>(x_ahead) : zero_raw<T, VEC>();
       buf_dy[u] = in ? load_raw<T, VEC>(dy_ahead) : zero_raw<T, VEC>();
       x_ahead += xt_s;
@@ -492,7 +551,8 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
       unpack<T, kRound, VEC>(cur_dy, p.param_dtype, dp);  // dy in weight's dtype
       if constexpr (kSilu) {
         float pre[VEC];
-        convolve<W, VEC>(w, bias, xt, xwin, reach_back<W>(batch_starts, e), pre);
+        convolve<W, VEC>(w, bias, xt, xwin, kVarlen ? reach_back<W>(batch_starts, e) : W - 1,
+                         pre);
 #pragma unroll
         for (int v = 0; v < VEC; ++v) {
           const float sg = silu_grad(round_param<kRound>(p.param_dtype, pre[v]));
@@ -501,7 +561,7 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
       }
       // Emit token te = i - (W - 1): taps j = 0 .. ahead see dpre[te + j] of te's sequence.
       if (i >= W - 1) {  // te = i - (W - 1)
-        const int ahead = reach_ahead<W>(batch_starts, e - (W - 1));
+        const int ahead = kVarlen ? reach_ahead<W>(batch_starts, e - (W - 1)) : W - 1;
         // dpre[te + j]: j = W - 1 is dp, j < W - 1 is dpwin[W - 2 - j]; zero past te's sequence
         float d[W][VEC];
 #pragma unroll
@@ -542,7 +602,7 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
 }
 
 template <typename T, int kRound, int W, int VEC>
-__global__ void __launch_bounds__(kThreads, 4) causal_conv1d_backward_kernel(const ConvParams p) {
+__global__ void __launch_bounds__(kThreads, 3) causal_conv1d_backward_kernel(const ConvParams p) {
   constexpr int kTileChannels = kChannelThreads * VEC;
   __shared__ float block_sums[kRuns][W + 1][kTileChannels];
   float dw[W + 1][VEC];  // taps 0 .. W - 1, then the bias
@@ -550,8 +610,13 @@ __global__ void __launch_bounds__(kThreads, 4) causal_conv1d_backward_kernel(con
   for (int k = 0; k <= W; ++k)
 #pragma unroll
     for (int v = 0; v < VEC; ++v) dw[k][v] = 0.f;
-  if (p.silu) backward_run<T, kRound, W, VEC, true>(p, dw);
-  else backward_run<T, kRound, W, VEC, false>(p, dw);
+  if (p.cu_seqlens != nullptr) {
+    if (p.silu) backward_run<T, kRound, W, VEC, true, true>(p, dw);
+    else backward_run<T, kRound, W, VEC, false, true>(p, dw);
+  } else {
+    if (p.silu) backward_run<T, kRound, W, VEC, true, false>(p, dw);
+    else backward_run<T, kRound, W, VEC, false, false>(p, dw);
+  }
 
   // Weight and bias gradients: the block's 4 runs in a fixed order, one partial per tile.
 #pragma unroll
