@@ -446,3 +446,28 @@ def test_cuda_update_matches_cpu(dtype, layout):
         results[device] = (y.cpu(), state.cpu())
     assert torch.equal(results["cuda"][1], results["cpu"][1])
     _close(results["cuda"][0], results["cpu"][0], dtype, flips=_flips("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float32], ids=["w-bf16", "w-fp32"])
+def test_cuda_silu_of_every_bf16_equals_torch(wdtype):
+    """The forward's bf16 SiLU (special-function-unit exp and reciprocal, torch's formula only
+    near a bf16 rounding boundary) against torch's own CUDA SiLU on every finite bf16 value as
+    the pre-activation (weight [0, 0, 0, 1], no bias: pre = x exactly): bit for bit."""
+    if "causal_conv1d.forward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA causal_conv1d")
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    values = values[torch.isfinite(values)]
+    C = 256
+    T = values.numel() // C
+    x = values[: T * C].view(1, T, C).cuda().transpose(1, 2)  # the model's layout: packed path
+    w = torch.zeros(C, 4, dtype=wdtype, device="cuda")
+    w[:, 3] = 1
+    got = flashdelta.causal_conv1d(x, w, None, activation="silu")
+    want = F.silu(x.to(wdtype)).to(torch.bfloat16)  # transformers: conv in weight's dtype, SiLU
+    # (x = -0 sums to +0 in any convolution, transformers' included: zeros compare by value)
+    mismatch = (got.view(torch.int16) != want.view(torch.int16)) & (x != 0)
+    assert not mismatch.any(), (x[mismatch][:8], got[mismatch][:8], want[mismatch][:8])
+    assert (got[x == 0] == 0).all()
