@@ -23,10 +23,10 @@
 // - the forward's bf16 SiLU is silu_bf16_rounding: 2^x and 1/x from the special-function unit,
 //   and torch's exact formula only where the result is within reach of a bf16 rounding boundary
 //   (~0.2% of the elements), so bf16 outputs stay equal to transformers' bit for bit;
-// - the backward's sigmoid for 16-bit gradients is MUFU.EX2 and MUFU.RCP (one |v| < 64 test per
+// - the backward's sigmoid for bf16 gradients is MUFU.EX2 and MUFU.RCP (one |v| < 64 test per
 //   token): dpre is held to one ulp of the float64 value with rare flips, as before (it never
-//   was torch's bits: torch's silu_backward multiplies dy * s first); fp32 keeps torch's expf
-//   with a Newton-refined MUFU.RCP (within an ulp of the IEEE division);
+//   was torch's bits: torch's silu_backward multiplies dy * s first); fp16 and fp32 keep
+//   torch's expf with a Newton-refined MUFU.RCP (within an ulp of the IEEE division);
 // - the backward moves 8-byte packs of 4 channels like the forward;
 // - the inputs of the last W - 1 tokens live in a register history written once per token and
 //   shifted once per batch; whole batches run without exit tests, the run's partial batch after;
@@ -368,9 +368,10 @@ __device__ __forceinline__ float sigmoid_f(float v) {
 
 // sigmoid(v) to ~2^-18 relative error for |v| < 64 (the rounding of v log2 e, < 0.7 ulp of a
 // number < 93, is 2^-19 of relative error in the exponential; ex2.approx and rcp.approx add a
-// few ulps), from MUFU.EX2 and MUFU.RCP alone: for gradients that are rounded to 16 bits, where
-// it moves a result across a rounding boundary for ~2^-18 / 2^-8 of the elements (~0.1%;
-// the tests hold dx to one ulp of a dpre flip). The caller keeps |v| >= 64 for sigmoid_f.
+// few ulps; ~2^-21 for |v| < 8), from MUFU.EX2 and MUFU.RCP alone: for gradients rounded to
+// bf16, where it moves a result across a rounding boundary for ~2 * 2^-21 / 2^-8 of the
+// elements (~0.03%; the tests hold dx to one ulp of a dpre flip). The caller keeps |v| >= 64
+// for sigmoid_f.
 __device__ __forceinline__ float sigmoid_mufu(float v) {
   float e, r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v * -1.44269504088896341f));
@@ -383,8 +384,8 @@ __device__ __forceinline__ float silu_grad_of(float v, float s) {
   return s * (1.f + v * (1.f - s));
 }
 
-// silu'(v[k]) for the VEC channels of a token: for 16-bit gradients (kFast) by sigmoid_mufu,
-// unless some |v| >= 64 (or is inf): then, as for fp32 gradients, by sigmoid_f. One test per
+// silu'(v[k]) for the VEC channels of a token: for bf16 gradients (kFast) by sigmoid_mufu,
+// unless some |v| >= 64 (or is inf): then, as for the others, by sigmoid_f. One test per
 // token, not per element (NaN takes either path to a NaN).
 template <bool kFast, int VEC>
 __device__ __forceinline__ void silu_grads(const float (&v)[VEC], float (&g)[VEC]) {
@@ -610,9 +611,12 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
       convolve<W, VEC>(w, bias, hx, W - 1 + u, reach, pre);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) pre[v] = round_param<kRound>(p.param_dtype, pre[v]);
-      // fp32 dx: torch's expf; 16-bit dx: the MUFU sigmoid (error < 2^-7 of a 16-bit ulp)
+      // bf16 dpre (or unrounded dpre and bf16 dx): the MUFU sigmoid, its error ~2^-13 of a bf16
+      // ulp for |v| < 8; fp16 (an ulp 8x finer) and fp32: torch's expf
+      constexpr bool kFastSigmoid = std::is_same_v<T, __nv_bfloat16> &&
+                                    (kRound == kRoundBF16 || kRound == kRoundNone);
       float sg[VEC];
-      silu_grads<!std::is_same_v<T, float>, VEC>(pre, sg);
+      silu_grads<kFastSigmoid, VEC>(pre, sg);
 #pragma unroll
       for (int v = 0; v < VEC; ++v) dp[v] = round_param<kRound>(p.param_dtype, dp[v] * sg[v]);
     }
