@@ -17,8 +17,9 @@ Times, medians of CUDA-event timings after warm-up, two per implementation:
   that flushes L2 (fused_ops.device_time_ms): the GPU time of the kernels alone, what the floor
   bars are about (in training the host runs ahead and launch costs hide).
 - eager: the step called from Python each time (triton.testing.do_bench, which also flushes L2):
-  host dispatch included. At 1 x 8192 the eager forward + backward of flashdelta read 774 us
-  against 490 us of kernels: the GPU waits for the custom ops' Python and autograd dispatch.
+  host dispatch included. At 1 x 8192 the eager forward + backward of flashdelta once read
+  774 us against 490 us of kernels (torch.profiler): presumably the GPU waiting on the custom
+  ops' Python and autograd dispatch, which the device column leaves out.
 Before the table, the device time of each flashdelta kernel (torch.profiler) at the first shape.
 Compared in the same run: transformers' torch causal_conv1d_fn (F.conv1d, grouped, + SiLU: the
 layer's nn.Conv1d path) and torch causal_conv1d_update, and the causal-conv1d package when
