@@ -23,8 +23,8 @@
 // consecutive in a block), so they come from L1 / L2. Moved per direction: q, k in and out
 // (the floor). The 16-bit products are paired multiplies (HMUL2.BF16_V2 / HMUL2), the sums fp32
 // then rounded: ~190 warp instructions per 512-byte row (SASS, sm_90a, bf16), ~60% of the issue
-// rate at 3 TB/s; the row's two 32-bit index divisions are ~25 of them (the next thing to cut,
-// with host-computed multiplicative inverses, if the kernel turns out issue-bound).
+// rate at 3 TB/s, before the row's two index divisions became multiplies by host-computed
+// inverses (~20 instructions fewer).
 //
 // The generic kernel (any head_dim, rotary_dim, strides): one work item per thread, grid-
 // strided: a 16-byte vector of the rotated half-pair (channels [i, i + N) with [i + h, i + h +
@@ -62,7 +62,29 @@ struct RotaryParams {
   int64_t rows;  // B * T * (H + HK)
   bool transpose;
   int row_vectors_log2;  // the row kernel: log2(head_dim / N)
+  // The row kernel with 32-bit indices (rows < 2^31): row / (H + HK) and token / T as a
+  // multiply-high, an add and a shift (Granlund and Montgomery's division by an invariant).
+  uint32_t heads_magic, seq_len_magic;
+  int heads_shift, seq_len_shift;
 };
+
+// q = floor(n / d) = (umulhi(n, magic) + n) >> shift for n < 2^31, with shift = ceil(log2 d) and
+// magic = floor(2^32 (2^shift - d) / d) + 1 (< 2^32 for d < 2^31).
+void division_magic(int64_t d, uint32_t& magic, int& shift) {
+  shift = 0;
+  while ((int64_t{1} << shift) < d) ++shift;
+  magic = static_cast<uint32_t>(
+      ((static_cast<unsigned __int128>(1) << 32) * ((int64_t{1} << shift) - d)) / d + 1);
+}
+
+template <typename Index>
+__device__ __forceinline__ Index divide(Index n, Index d, uint32_t magic, int shift) {
+  if constexpr (std::is_same_v<Index, uint32_t>) {
+    return (__umulhi(n, magic) + n) >> shift;  // n < 2^31: the sum does not wrap
+  } else {
+    return n / d;
+  }
+}
 
 // Index: uint32_t when the work count allows (three 64-bit divisions per vector would cost more
 // than its memory traffic), else int64_t. Offsets are 64-bit either way.
@@ -203,9 +225,9 @@ struct RowAddress {
 template <typename T, typename Index>
 __device__ __forceinline__ RowAddress<T> row_address(const RotaryParams& p, Index row, Index heads,
                                                      Index seq_len) {
-  const Index token = row / heads;
+  const Index token = divide<Index>(row, heads, p.heads_magic, p.heads_shift);
   const Index head = row - token * heads;
-  const Index b = token / seq_len;
+  const Index b = divide<Index>(token, seq_len, p.seq_len_magic, p.seq_len_shift);
   const Index t = token - b * seq_len;
   const bool is_q = head < static_cast<Index>(p.num_q_heads);
   const int64_t h = is_q ? static_cast<int64_t>(head)
@@ -348,6 +370,8 @@ void partial_rotary_embedding(const PartialRotaryEmbeddingArgs& in, const Tensor
       int log2 = 0;
       while ((int64_t{1} << log2) < row_vectors) ++log2;
       p.row_vectors_log2 = log2;
+      division_magic(s.num_q_heads + s.num_k_heads, p.heads_magic, p.heads_shift);
+      division_magic(s.seq_len, p.seq_len_magic, p.seq_len_shift);
       const int64_t rows_per_block = (kThreads / row_vectors) * kRowsPerThread;
       const int64_t blocks = (p.rows + rows_per_block - 1) / rows_per_block;
       check_value(blocks <= int64_t{0x7fffffff}, "partial_rotary_embedding: ", p.rows,
