@@ -393,15 +393,16 @@ def test_bf16_backward_is_correctly_rounded(device):
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "linear"])
 def test_cuda_kernel_variants_match_cpu(dtype, wdtype, W, silu):
     """Every CUDA kernel variant against the CPU backend, with packed sequences whose starts sit
-    on and beside the forward's 32-token and the backward's 56-token run edges and 8-token batch
-    edges, sequences shorter than W, and a channel count that leaves a partial channel tile."""
+    on and beside the forward's 32-token and the backward's 56-token run edges and their 8- and
+    6-token batch edges, sequences shorter than W, and a channel count that leaves a partial
+    channel tile."""
     if "causal_conv1d.backward" not in flashdelta.build_info()["cuda_ops"]:
         pytest.skip("this build has no CUDA causal_conv1d")
     C, T = 264, 500
     x, w, b = _make(1, C, T, W, dtype, "cpu", scale=2.0, wdtype=wdtype)
     dy = torch.randn(1, T, C).to(dtype).transpose(1, 2)
-    cu = torch.tensor([0, 1, 3, 8, 31, 32, 33, 55, 56, 58, 112, 113, 200, 224, 225, 226, 448,
-                       449, 450, 500])
+    cu = torch.tensor([0, 1, 3, 6, 8, 12, 31, 32, 33, 55, 56, 58, 62, 112, 113, 118, 200, 224,
+                       225, 226, 448, 449, 450, 500])
     for offsets in (None, cu):
         results = {}
         for device in ("cpu", "cuda"):
