@@ -10,30 +10,47 @@
 // Why it is shaped this way (the counting behind it): with W = 4 there are 4 multiply-adds per
 // element, so the op is memory-bound only if the rest stays small too. At the H100's 3 TB/s copy
 // bandwidth a bf16 forward moves 4 bytes per element (read x, write y): 0.75 G elements/us, while
-// 132 SMs issue ~30 G thread-instructions/us: a budget of ~40 instructions per element, of which
-// SiLU (accurate expf and an IEEE division, kept so bf16 results equal transformers' bit for bit)
-// takes ~17. The backward moves 6 bytes per element (read x and dy, write dx): ~60 instructions.
-// So the kernels are templated on everything that changes the per-element code (x's dtype, the
-// rounding dtype, W, the channel pack, SiLU) and carry no runtime dtype switch, mask or spill in
-// the token loop; sequence boundaries are a per-thread bit mask tested once per token (a
-// warp-uniform branch), not a per-tap select.
+// 132 SMs issue ~30 G thread-instructions/us: a budget of ~40 instructions per element at full
+// issue, ~25 at a realistic 60%. The backward moves 6 bytes per element (read x and dy, write
+// dx): ~37 at 60%. Counted in the SASS (cuobjdump -sass, sm_90a, bf16, W = 4), the first version
+// spent 47 (forward) and 87 (backward) per element and ran at 1.6 and 1.3 TB/s: SiLU with
+// torch's accurate expf and an IEEE division (~22 with its slow-path check), the per-token
+// sequence mask even without cu_seqlens, 4-byte packs in the backward (2 channels to carry each
+// token's overhead), and ~10 register copies per element: the W - 1 token window shifted every
+// token and a conditional exit after every token (the compiler moved the ring and the pointers
+// around both). Now (fast path, per element): ~22 forward, ~35 backward:
+// - the token loops are templated on varlen: without cu_seqlens there is no mask at all;
+// - the forward's bf16 SiLU is silu_bf16_rounding: 2^x and 1/x from the special-function unit,
+//   and torch's exact formula only where the result is within reach of a bf16 rounding boundary
+//   (~0.2% of the elements), so bf16 outputs stay equal to transformers' bit for bit;
+// - the backward's sigmoid for bf16 gradients is MUFU.EX2 and MUFU.RCP (one |v| < 64 test per
+//   token): dpre is held to one ulp of the float64 value with rare flips, as before (it never
+//   was torch's bits: torch's silu_backward multiplies dy * s first); fp16 and fp32 keep
+//   torch's expf with a Newton-refined MUFU.RCP (within an ulp of the IEEE division);
+// - the backward moves 8-byte packs of 4 channels like the forward;
+// - the inputs of the last W - 1 tokens live in a register history written once per token and
+//   shifted once per batch; whole batches run without exit tests, the run's partial batch after;
+//   ring refills are unconditional (past the run they repeat its last token: an L1 hit).
+// The kernels are templated on everything else that changes the per-element code (x's dtype,
+// the rounding dtype, W, the channel pack, SiLU) and carry no runtime dtype switch in the token
+// loop; with cu_seqlens the sequence boundaries are a per-thread bit mask tested once per token
+// (a warp-uniform branch), not a per-tap select.
 //
 // Launch shape (forward and backward): a block is 32 x 4 threads and owns a tile of 32 * VEC
 // channels by 4 runs of R tokens (R = 32 forward, 56 backward); grid (channel tiles, token tiles,
-// B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and tensor in the
-// forward (4 bf16 channels), 4-byte ones in the backward, when the channel stride is 1 and the
-// strides and address are aligned (the layout of transformers' transposed [B, T, C] view);
-// VEC = 1 and any strides otherwise. A warp reads 32 * VEC contiguous channels of a token per
-// access (256 / 128 bytes: whole sectors). Why not 16-byte packs: the per-channel state a thread
-// keeps (W weights, the bias, W - 1 inputs; in the backward also W + 1 gradient sums and W - 1
-// dpre values) grows with VEC, and at 16 bytes the kernels spilled under 3 blocks per SM; bytes
-// in flight per SM do not depend on VEC (more threads with fewer channels each).
-// The thread walks its run with a ring of the next 8 tokens' raw packs (kept as 32-bit words):
-// token t is consumed and its slot refilled with token t + 8 at once, so 8 loads per tensor stay
-// in flight per thread: at 4 blocks per SM (110-122 registers, no spills) 512 threads x 8 x 8 B
-// = 32 KB per SM in the forward, 512 x 8 x 2 x 4 B = 32 KB in the backward, above the ~24 KB
-// that 3 TB/s at ~1 us latency needs. It keeps the previous W - 1 inputs in registers: x is read
-// once plus a W - 1 token halo per run (an L2 hit: the neighbouring run).
+// B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and tensor (4 bf16
+// channels), when the channel stride is 1 and the strides and address are aligned (the layout
+// of transformers' transposed [B, T, C] view); VEC = 1 and any strides otherwise. A warp reads
+// 32 * VEC contiguous channels of a token per access (256 bytes: whole sectors). Why not
+// 16-byte packs: the per-channel state a thread keeps (W weights, the bias, W - 1 inputs; in the
+// backward also W + 1 gradient sums and W - 1 dpre values) grows with VEC; bytes in flight per
+// SM do not depend on VEC (more threads with fewer channels each).
+// The thread walks its run with a ring of the next tokens' raw packs (kept as 32-bit words):
+// token t is consumed and its slot refilled with token t + ring size at once. Forward: a ring of
+// 8 at >= 4 blocks per SM (96 registers: 5 fit): 512 threads x 8 x 8 B = 32 KB in flight per
+// SM. Backward: rings of 6 for x and dy at 3 blocks per SM (158 registers, no spills): 384 x 6
+// x 2 x 8 B = 36 KB, above the ~24 KB that 3 TB/s at ~1 us latency needs. x is read once plus a
+// W - 1 token halo per run (an L2 hit: the neighbouring run).
 //
 // Backward, one pass over x and dy: the thread recomputes pre and dpre for its run plus a W - 1
 // token look-ahead and emits dx[t - (W - 1)] and the weight-gradient terms x[t - (W - 1)] *
@@ -73,13 +90,14 @@ namespace {
 constexpr int kChannelThreads = 32;  // blockDim.x
 constexpr int kRuns = 4;             // blockDim.y: runs of tokens per block
 constexpr int kThreads = kChannelThreads * kRuns;
-constexpr int kBatch = 8;            // tokens loaded per batch (one batch ahead of the math)
+constexpr int kBatch = 8;            // forward: tokens loaded per batch (one batch ahead)
+constexpr int kBackwardBatch = 6;    // backward: 6 tokens of x and dy ahead, 8-byte packs
 constexpr int kForwardRunTokens = 32;
 // Longer runs in the backward: fewer weight-gradient partials and less halo per token. A run,
 // its W - 1 halo and W - 1 look-ahead tokens must fit the 64-bit sequence-start mask.
 constexpr int kBackwardRunTokens = 56;
 constexpr int kForwardPackBytes = 8;
-constexpr int kBackwardPackBytes = 4;
+constexpr int kBackwardPackBytes = 8;
 constexpr int kMaxGridYZ = 65535;
 static_assert(kBackwardRunTokens + 2 * (kCausalConv1dCudaMaxWidth - 1) <= 64, "start mask");
 
@@ -293,6 +311,13 @@ __device__ __forceinline__ int reach_ahead(uint32_t starts, int e) {
   return ahead == 0 ? W - 1 : __ffs(ahead) - 1;
 }
 
+// Token offsets within a run: 32-bit for the packed kernels (the host admits them only when
+// every token stride is under kMaxPackedTokenStride: a run's offsets then stay under 2^31), so a
+// ring address is one min, one multiply and one wide add; 64-bit for VEC = 1 (any strides).
+constexpr int64_t kMaxPackedTokenStride = int64_t{1} << 24;
+template <int VEC>
+using TokenOffset = std::conditional_t<(VEC > 1), int, int64_t>;
+
 template <int W, int VEC>
 __device__ __forceinline__ void load_params(const ConvParams& p, int64_t c0, float (&w)[W][VEC],
                                             float (&bias)[VEC]) {
@@ -310,51 +335,114 @@ __device__ __forceinline__ void load_params(const ConvParams& p, int64_t c0, flo
 // transformers', and bf16 ones to its rounding (torch's SiLU computes x / (1 + exp(-x))).
 __device__ __forceinline__ float silu_f(float v) { return v / (1.f + expf(-v)); }
 
+// silu_f(v) as far as its rounding to bf16 can tell, at half the instructions: 2^(-v log2 e) and
+// the reciprocal from the special-function unit (MUFU.EX2, MUFU.RCP), then the exact silu_f only
+// where that could round differently. For |v| < 32 the fast value is within 48 fp32 ulps of
+// silu_f's (the product v log2 e, |v log2 e| < 64, is off by < 0.7 ulp = 2^-18.5: 2^-19 of
+// relative error in the exponential, i.e. <= 32 ulps of the result; ex2.approx <= 4 ulps,
+// rcp.approx <= 2, the sum and the product 1 each; silu_f's own expf, sum and division <= 6).
+// bf16 rounding to nearest even turns on the low 16 bits of the fp32 value, its boundaries at
+// 0x8000: a value more than 64 ulps from one rounds to the same bf16 as silu_f's. The exact
+// path runs on ~0.2% of the elements (and for |v| >= 32).
+__device__ __forceinline__ float silu_bf16_rounding(float v) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v * -1.44269504088896341f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  const float fast = v * r;
+  const bool near_boundary = ((__float_as_uint(fast) + 64u) & 0xff80u) == 0x8000u;
+  if (near_boundary || !(fabsf(v) < 32.f)) return silu_f(v);
+  return fast;
+}
+
+// sigmoid(v) = 1 / (1 + expf(-v)): torch's expf, the reciprocal by MUFU.RCP and one Newton step
+// (within one ulp of the IEEE division, at a third of its instructions). rcp.approx flushes
+// reciprocals of d >= 2^126 to zero: those (v < -87) take the division.
+__device__ __forceinline__ float sigmoid_f(float v) {
+  const float d = 1.f + expf(-v);
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  r = fmaf(r, fmaf(-d, r, 1.f), r);
+  if (!(d < 0x1p126f)) r = 1.f / d;
+  return r;
+}
+
+// sigmoid(v) to ~2^-18 relative error for |v| < 64 (the rounding of v log2 e, < 0.7 ulp of a
+// number < 93, is 2^-19 of relative error in the exponential; ex2.approx and rcp.approx add a
+// few ulps; ~2^-21 for |v| < 8), from MUFU.EX2 and MUFU.RCP alone: for gradients rounded to
+// bf16, where it moves a result across a rounding boundary for ~2 * 2^-21 / 2^-8 of the
+// elements (~0.03%; the tests hold dx to one ulp of a dpre flip). The caller keeps |v| >= 64
+// for sigmoid_f.
+__device__ __forceinline__ float sigmoid_mufu(float v) {
+  float e, r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v * -1.44269504088896341f));
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
+  return r;
+}
+
 // d silu(v) / dv = s (1 + v (1 - s)), s = sigmoid(v), as torch's silu_backward
-__device__ __forceinline__ float silu_grad(float v) {
-  const float s = 1.f / (1.f + expf(-v));
+__device__ __forceinline__ float silu_grad_of(float v, float s) {
   return s * (1.f + v * (1.f - s));
 }
 
+// silu'(v[k]) for the VEC channels of a token: for bf16 gradients (kFast) by sigmoid_mufu,
+// unless some |v| >= 64 (or is inf): then, as for the others, by sigmoid_f. One test per
+// token, not per element (NaN takes either path to a NaN).
+template <bool kFast, int VEC>
+__device__ __forceinline__ void silu_grads(const float (&v)[VEC], float (&g)[VEC]) {
+  if constexpr (kFast) {
+    float largest = 0.f;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) largest = fmaxf(largest, fabsf(v[k]));
+    if (largest < 64.f) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) g[k] = silu_grad_of(v[k], sigmoid_mufu(v[k]));
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) g[k] = silu_grad_of(v[k], sigmoid_f(v[k]));
+}
+
 // pre = bias + w[W-1] x[t] + sum_{j = 1}^{reach} w[W-1-j] x[t-j] (this order: the results
-// the kernels gave before the rewrite, bit for bit). win[j - 1] = x[t - j].
-template <int W, int VEC>
+// the kernels gave before the rewrite, bit for bit), x[t - j] = hist[at - j]. `at` is a
+// compile-time index once the token loops are unrolled: the history is a register array that
+// is written once per token and shifted once per batch, not once per token.
+template <int W, int VEC, int H>
 __device__ __forceinline__ void convolve(const float (&w)[W][VEC], const float (&bias)[VEC],
-                                         const float (&xt)[VEC], const float (&win)[W - 1][VEC],
-                                         int reach, float (&pre)[VEC]) {
+                                         const float (&hist)[H][VEC], int at, int reach,
+                                         float (&pre)[VEC]) {
   if (reach == W - 1) {  // all but the first W - 1 tokens of a sequence: no mask
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
-      float acc = fmaf(w[W - 1][v], xt[v], bias[v]);
+      float acc = fmaf(w[W - 1][v], hist[at][v], bias[v]);
 #pragma unroll
-      for (int j = 1; j < W; ++j) acc = fmaf(w[W - 1 - j][v], win[j - 1][v], acc);
+      for (int j = 1; j < W; ++j) acc = fmaf(w[W - 1 - j][v], hist[at - j][v], acc);
       pre[v] = acc;
     }
   } else {
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
-      float acc = fmaf(w[W - 1][v], xt[v], bias[v]);
+      float acc = fmaf(w[W - 1][v], hist[at][v], bias[v]);
 #pragma unroll
       for (int j = 1; j < W; ++j)
-        if (j <= reach) acc = fmaf(w[W - 1 - j][v], win[j - 1][v], acc);
+        if (j <= reach) acc = fmaf(w[W - 1 - j][v], hist[at - j][v], acc);
       pre[v] = acc;
     }
   }
 }
 
-template <int W, int VEC>
-__device__ __forceinline__ void shift_in(float (&win)[W - 1][VEC], const float (&xt)[VEC]) {
+// After a full batch of B tokens: the last W - 1 become the history of the next batch.
+template <int W, int VEC, int H>
+__device__ __forceinline__ void carry_history(float (&hist)[H][VEC]) {
 #pragma unroll
-  for (int j = W - 2; j > 0; --j)
+  for (int k = 0; k < W - 1; ++k)
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) win[j][v] = win[j - 1][v];
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) win[0][v] = xt[v];
+    for (int v = 0; v < VEC; ++v) hist[k][v] = hist[H - (W - 1) + k][v];
 }
 
 // ----------------------------------------------------------------------------- forward
 
-template <typename T, int kRound, int W, int VEC, bool kSilu>
+template <typename T, int kRound, int W, int VEC, bool kSilu, bool kVarlen>
 __device__ __forceinline__ void forward_run(const ConvParams& p) {
   constexpr int R = kForwardRunTokens;
   using RawT = Raw<T, VEC>;
@@ -364,71 +452,99 @@ __device__ __forceinline__ void forward_run(const ConvParams& p) {
   const int64_t t1 = min(t0 + R, p.seq_len);
   if (c0 >= p.channels || t0 >= t1) return;  // no barrier in this kernel
 
-  // Bit e: token t0 - (W - 1) + e starts a sequence (e < R + W - 1).
-  const uint64_t starts = sequence_starts(p, t0 - (W - 1), R + W - 1);
+  // Bit e: token t0 - (W - 1) + e starts a sequence (e < R + W - 1). Without cu_seqlens there
+  // are none, and the token loop carries no mask at all.
+  const uint64_t starts = kVarlen ? sequence_starts(p, t0 - (W - 1), R + W - 1) : 0;
   float w[W][VEC], bias[VEC];
   load_params<W, VEC>(p, c0, w, bias);
   const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
   T* __restrict__ y = static_cast<T*>(p.out) + b * p.out_s[0] + c0 * p.out_s[1];
   const int64_t xt_s = p.x_s[2], yt_s = p.out_s[2];
+  const TokenOffset<VEC> x_step = static_cast<TokenOffset<VEC>>(xt_s);
 
-  float win[W - 1][VEC];  // win[j - 1] = x[t - j]; zeros before t = 0, masked by reach after
+  // hist[W - 1 + u] = x[token i0 + u] of the current batch, hist[W - 1 - j] = x[token i0 - j]:
+  // zeros before t = 0, masked by reach after a sequence start.
+  float hist[kBatch + W - 1][VEC];
 #pragma unroll
   for (int j = 1; j < W; ++j) {
     const RawT r = t0 - j >= 0 ? load_raw<T, VEC>(x + (t0 - j) * xt_s) : zero_raw<T, VEC>();
-    unpack<T, kRound, VEC>(r, p.param_dtype, win[j - 1]);
+    unpack<T, kRound, VEC>(r, p.param_dtype, hist[W - 1 - j]);
   }
 
   // A ring of the next kBatch tokens' raw packs: token t is consumed from buf[t % kBatch] and
   // the slot refilled with token t + kBatch at once, so kBatch loads stay in flight per thread.
-  // Token indices are relative to t0 (int) and the pointers advance by one token per step.
+  // Token indices are relative to t0 (int). Past the run the loads repeat its last token (an
+  // L1 hit, never used): unconditional loads into the ring's own registers, where a predicated
+  // one made the compiler copy the whole ring around it.
   const int n = static_cast<int>(t1 - t0);
+  const T* __restrict__ x_run = x + t0 * xt_s;
   RawT buf[kBatch];
 #pragma unroll
-  for (int u = 0; u < kBatch; ++u)
-    if (u < n) buf[u] = load_raw<T, VEC>(x + (t0 + u) * xt_s);
-  const T* __restrict__ x_ahead = x + (t0 + kBatch) * xt_s;  // token i + kBatch
-  T* __restrict__ y_at = y + t0 * yt_s;                      // token i
+  for (int u = 0; u < kBatch; ++u) buf[u] = load_raw<T, VEC>(x_run + min(u, n - 1) * x_step);
+  T* __restrict__ y_at = y + t0 * yt_s;  // token i
 
-#pragma unroll 1
-  for (int i0 = 0; i0 < n; i0 += kBatch) {
-    const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);  // bit u + W - 1: token i
+  // Token i = i0 + u of the batch (u a compile-time constant once unrolled).
+  auto token = [&](const int u, const int i, const uint32_t batch_starts) {
+    // unpacked before the slot is refilled: the load can land in the slot's own registers
+    unpack<T, kRound, VEC>(buf[u], p.param_dtype, hist[W - 1 + u]);
+    buf[u] = load_raw<T, VEC>(x_run + min(i + kBatch, n - 1) * x_step);
+    float out[VEC];
+    const int reach = kVarlen ? reach_back<W>(batch_starts, u + W - 1) : W - 1;
+    convolve<W, VEC>(w, bias, hist, W - 1 + u, reach, out);
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = i0 + u;
-      if (i >= n) break;
-      const RawT cur = buf[u];
-      if (i + kBatch < n) buf[u] = load_raw<T, VEC>(x_ahead);
-      x_ahead += xt_s;
-      float xt[VEC], out[VEC];
-      unpack<T, kRound, VEC>(cur, p.param_dtype, xt);
-      convolve<W, VEC>(w, bias, xt, win, reach_back<W>(batch_starts, u + W - 1), out);
-#pragma unroll
-      for (int v = 0; v < VEC; ++v) {
-        if constexpr (kSilu) {
-          // transformers: the convolution's result in weight's dtype, SiLU in fp32, rounded
-          out[v] = silu_f(round_param<kRound>(p.param_dtype, out[v]));
-        }
-        if constexpr (!kRoundIsFree<T, kRound>) {
-          out[v] = round_param<kRound>(p.param_dtype, out[v]);
+    for (int v = 0; v < VEC; ++v) {
+      if constexpr (kSilu) {
+        // transformers: the convolution's result in weight's dtype, SiLU in fp32, rounded
+        const float pre = round_param<kRound>(p.param_dtype, out[v]);
+        if constexpr (std::is_same_v<T, __nv_bfloat16> &&
+                      (kRound == kRoundBF16 || kRound == kRoundNone)) {
+          out[v] = silu_bf16_rounding(pre);  // only its bf16 rounding is stored
+        } else {
+          out[v] = silu_f(pre);
         }
       }
-      shift_in<W, VEC>(win, xt);
-      store_pack<T, VEC>(y_at, out);
-      y_at += yt_s;
+      if constexpr (!kRoundIsFree<T, kRound>) {
+        out[v] = round_param<kRound>(p.param_dtype, out[v]);
+      }
+    }
+    store_pack<T, VEC>(y_at, out);
+    y_at += yt_s;
+  };
+  // Whole batches without a per-token exit test (a conditional exit after every token made the
+  // compiler copy the ring and the pointers around it), then the run's partial batch, if any.
+  int i0 = 0;
+#pragma unroll 1
+  for (; i0 + kBatch <= n; i0 += kBatch) {
+    const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);  // bit u + W - 1: token i
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) token(u, i0 + u, batch_starts);
+    carry_history<W, VEC>(hist);
+  }
+  if (i0 < n) {
+    const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      if (i0 + u >= n) break;
+      token(u, i0 + u, batch_starts);
     }
   }
 }
 
 template <typename T, int kRound, int W, int VEC>
 __global__ void __launch_bounds__(kThreads, 4) causal_conv1d_forward_kernel(const ConvParams p) {
-  if (p.silu) forward_run<T, kRound, W, VEC, true>(p);
-  else forward_run<T, kRound, W, VEC, false>(p);
+  // Four bodies: the SiLU and the sequence masks are compile-time in the token loop.
+  if (p.cu_seqlens != nullptr) {
+    if (p.silu) forward_run<T, kRound, W, VEC, true, true>(p);
+    else forward_run<T, kRound, W, VEC, false, true>(p);
+  } else {
+    if (p.silu) forward_run<T, kRound, W, VEC, true, false>(p);
+    else forward_run<T, kRound, W, VEC, false, false>(p);
+  }
 }
 
 // ----------------------------------------------------------------------------- backward
 
-template <typename T, int kRound, int W, int VEC, bool kSilu>
+template <typename T, int kRound, int W, int VEC, bool kSilu, bool kVarlen>
 __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W + 1][VEC]) {
   constexpr int R = kBackwardRunTokens;
   using RawT = Raw<T, VEC>;
@@ -439,22 +555,26 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
   if (c0 >= p.channels || t0 >= t1) return;
 
   // Bit e: token t0 - (W - 1) + e starts a sequence (the run, its halo and its look-ahead).
-  const uint64_t starts = sequence_starts(p, t0 - (W - 1), R + 2 * (W - 1));
+  const uint64_t starts = kVarlen ? sequence_starts(p, t0 - (W - 1), R + 2 * (W - 1)) : 0;
   float w[W][VEC], bias[VEC];
   load_params<W, VEC>(p, c0, w, bias);
   const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_s[0] + c0 * p.x_s[1];
   const T* __restrict__ dy = static_cast<const T*>(p.dy) + b * p.dy_s[0] + c0 * p.dy_s[1];
   T* __restrict__ dx = static_cast<T*>(p.out) + b * p.out_s[0] + c0 * p.out_s[1];
   const int64_t xt_s = p.x_s[2], dyt_s = p.dy_s[2], dxt_s = p.out_s[2];
+  const TokenOffset<VEC> x_step = static_cast<TokenOffset<VEC>>(xt_s);
+  const TokenOffset<VEC> dy_step = static_cast<TokenOffset<VEC>>(dyt_s);
 
-  float xwin[W - 1][VEC];   // xwin[j - 1] = x[t - j] (unmasked: the weight gradient reads it)
-  float dpwin[W - 1][VEC];  // dpwin[i - 1] = dpre[t - i]
+  // Histories as in the forward: hx[W - 1 + u] = x[token i0 + u], hx[W - 1 - j] = x[token
+  // i0 - j] (unmasked: the weight gradient reads it), hdp the same for dpre.
+  constexpr int H = kBackwardBatch + W - 1;
+  float hx[H][VEC], hdp[H][VEC];
 #pragma unroll
   for (int j = 1; j < W; ++j) {
     const RawT r = t0 - j >= 0 ? load_raw<T, VEC>(x + (t0 - j) * xt_s) : zero_raw<T, VEC>();
-    unpack<T, kRound, VEC>(r, p.param_dtype, xwin[j - 1]);
+    unpack<T, kRound, VEC>(r, p.param_dtype, hx[W - 1 - j]);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) dpwin[j - 1][v] = 0.f;  // dpre before t0: never emitted
+    for (int v = 0; v < VEC; ++v) hdp[W - 1 - j][v] = 0.f;  // dpre before t0: never emitted
   }
 
   // Tokens t0 .. t0 + n_stop - 1: dx[t1 - 1] needs dpre up to t1 - 1 + W - 1. Past T, x = dy = 0
@@ -462,87 +582,101 @@ __device__ __forceinline__ void backward_run(const ConvParams& p, float (&dw)[W 
   // relative to t0 (int); the pointers advance by one token per step.
   const int n_stop = static_cast<int>(t1 - t0) + W - 1;
   const int n_load = static_cast<int>(min(t1 + W - 1, p.seq_len) - t0);
-  RawT buf_x[kBatch], buf_dy[kBatch];  // rings of the next kBatch tokens, as in the forward
+  // Rings of the next tokens, as in the forward (loads past the last real token repeat it;
+  // the consumer substitutes the zeros).
+  const T* __restrict__ x_run = x + t0 * xt_s;
+  const T* __restrict__ dy_run = dy + t0 * dyt_s;
+  RawT buf_x[kBackwardBatch], buf_dy[kBackwardBatch];
 #pragma unroll
-  for (int u = 0; u < kBatch; ++u) {
-    const bool in = u < n_load;
-    buf_x[u] = in ? load_raw<T, VEC>(x + (t0 + u) * xt_s) : zero_raw<T, VEC>();
-    buf_dy[u] = in ? load_raw<T, VEC>(dy + (t0 + u) * dyt_s) : zero_raw<T, VEC>();
+  for (int u = 0; u < kBackwardBatch; ++u) {
+    buf_x[u] = load_raw<T, VEC>(x_run + min(u, n_load - 1) * x_step);
+    buf_dy[u] = load_raw<T, VEC>(dy_run + min(u, n_load - 1) * dy_step);
   }
-  const T* __restrict__ x_ahead = x + (t0 + kBatch) * xt_s;     // token i + kBatch
-  const T* __restrict__ dy_ahead = dy + (t0 + kBatch) * dyt_s;  // token i + kBatch
-  T* __restrict__ dx_at = dx + t0 * dxt_s;                      // token i - (W - 1), once >= 0
+  T* __restrict__ dx_at = dx + t0 * dxt_s;  // token i - (W - 1), once >= 0
 
+  // Token i = i0 + u of the batch (u a compile-time constant once unrolled).
+  auto token = [&](const int u, const int i, const uint32_t batch_starts) {
+    RawT cur_x = buf_x[u], cur_dy = buf_dy[u];
+    if (i >= n_load) cur_x = cur_dy = zero_raw<T, VEC>();  // past T (warp-uniform)
+    const int e = u + W - 1;  // token i's bit in `batch_starts`
+    float (&dp)[VEC] = hdp[W - 1 + u];
+    unpack<T, kRound, VEC>(cur_x, p.param_dtype, hx[W - 1 + u]);
+    unpack<T, kRound, VEC>(cur_dy, p.param_dtype, dp);  // dy in weight's dtype
+    const int ahead_token = min(i + kBackwardBatch, n_load - 1);  // refill after the unpack
+    buf_x[u] = load_raw<T, VEC>(x_run + ahead_token * x_step);
+    buf_dy[u] = load_raw<T, VEC>(dy_run + ahead_token * dy_step);
+    if constexpr (kSilu) {
+      float pre[VEC];
+      const int reach = kVarlen ? reach_back<W>(batch_starts, e) : W - 1;
+      convolve<W, VEC>(w, bias, hx, W - 1 + u, reach, pre);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) pre[v] = round_param<kRound>(p.param_dtype, pre[v]);
+      // bf16 dpre (or unrounded dpre and bf16 dx): the MUFU sigmoid, its error ~2^-13 of a bf16
+      // ulp for |v| < 8; fp16 (an ulp 8x finer) and fp32: torch's expf
+      constexpr bool kFastSigmoid = std::is_same_v<T, __nv_bfloat16> &&
+                                    (kRound == kRoundBF16 || kRound == kRoundNone);
+      float sg[VEC];
+      silu_grads<kFastSigmoid, VEC>(pre, sg);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) dp[v] = round_param<kRound>(p.param_dtype, dp[v] * sg[v]);
+    }
+    // Emit token te = i - (W - 1): taps j = 0 .. ahead see dpre[te + j] of te's sequence.
+    if (i >= W - 1) {  // te = i - (W - 1)
+      const int ahead = kVarlen ? reach_ahead<W>(batch_starts, e - (W - 1)) : W - 1;
+      // dpre[te + j] = hdp[u + j]; zero past te's sequence
+      float d[W][VEC];
+#pragma unroll
+      for (int j = 0; j < W; ++j)
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) d[j][v] = hdp[u + j][v];
+      if (ahead < W - 1) {  // a sequence starts within te's look-ahead (varlen only)
+#pragma unroll
+        for (int j = 1; j < W; ++j)
+          if (j > ahead)
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) d[j][v] = 0.f;
+      }
+      float out[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) {
+        // dx[te] = sum_j weight[W - 1 - j] dpre[te + j], j from W - 1 down (the old order)
+        float acc = w[0][v] * d[W - 1][v];
+#pragma unroll
+        for (int j = W - 2; j >= 0; --j) acc = fmaf(w[W - 1 - j][v], d[j][v], acc);
+        out[v] = acc;
+        if constexpr (!kRoundIsFree<T, kRound>) out[v] = round_param<kRound>(p.param_dtype, acc);
+        // dweight[W - 1 - j] += x[te] dpre[te + j]; x[te] = hx[u]
+        const float xe = hx[u][v];
+        dw[W][v] += d[0][v];
+#pragma unroll
+        for (int j = 0; j < W; ++j) dw[W - 1 - j][v] = fmaf(xe, d[j][v], dw[W - 1 - j][v]);
+      }
+      store_pack<T, VEC>(dx_at, out);
+      dx_at += dxt_s;
+    }
+  };
+  // Whole batches without a per-token exit test, then the partial one (as in the forward).
+  int i0 = 0;
 #pragma unroll 1
-  for (int i0 = 0; i0 < n_stop; i0 += kBatch) {
+  for (; i0 + kBackwardBatch <= n_stop; i0 += kBackwardBatch) {
     const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);  // bit u + W - 1: token i
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = i0 + u;
-      if (i >= n_stop) break;
-      const RawT cur_x = buf_x[u], cur_dy = buf_dy[u];
-      const bool in = i + kBatch < n_load;
-      buf_x[u] = in ? load_raw<T, VEC>(x_ahead) : zero_raw<T, VEC>();
-      buf_dy[u] = in ? load_raw<T, VEC>(dy_ahead) : zero_raw<T, VEC>();
-      x_ahead += xt_s;
-      dy_ahead += dyt_s;
-      const int e = u + W - 1;  // token i's bit in `batch_starts`
-      float xt[VEC], dp[VEC];
-      unpack<T, kRound, VEC>(cur_x, p.param_dtype, xt);
-      unpack<T, kRound, VEC>(cur_dy, p.param_dtype, dp);  // dy in weight's dtype
-      if constexpr (kSilu) {
-        float pre[VEC];
-        convolve<W, VEC>(w, bias, xt, xwin, reach_back<W>(batch_starts, e), pre);
+    for (int u = 0; u < kBackwardBatch; ++u) token(u, i0 + u, batch_starts);
+    carry_history<W, VEC>(hx);
+    carry_history<W, VEC>(hdp);
+  }
+  if (i0 < n_stop) {
+    const uint32_t batch_starts = static_cast<uint32_t>(starts >> i0);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          const float sg = silu_grad(round_param<kRound>(p.param_dtype, pre[v]));
-          dp[v] = round_param<kRound>(p.param_dtype, dp[v] * sg);
-        }
-      }
-      // Emit token te = i - (W - 1): taps j = 0 .. ahead see dpre[te + j] of te's sequence.
-      if (i >= W - 1) {  // te = i - (W - 1)
-        const int ahead = reach_ahead<W>(batch_starts, e - (W - 1));
-        // dpre[te + j]: j = W - 1 is dp, j < W - 1 is dpwin[W - 2 - j]; zero past te's sequence
-        float d[W][VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) d[W - 1][v] = dp[v];
-#pragma unroll
-        for (int j = 0; j < W - 1; ++j)
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) d[j][v] = dpwin[W - 2 - j][v];
-        if (ahead < W - 1) {  // a sequence starts within te's look-ahead (varlen only)
-#pragma unroll
-          for (int j = 1; j < W; ++j)
-            if (j > ahead)
-#pragma unroll
-              for (int v = 0; v < VEC; ++v) d[j][v] = 0.f;
-        }
-        float out[VEC];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) {
-          // dx[te] = sum_j weight[W - 1 - j] dpre[te + j], j from W - 1 down (the old order)
-          float acc = w[0][v] * d[W - 1][v];
-#pragma unroll
-          for (int j = W - 2; j >= 0; --j) acc = fmaf(w[W - 1 - j][v], d[j][v], acc);
-          out[v] = acc;
-          if constexpr (!kRoundIsFree<T, kRound>) out[v] = round_param<kRound>(p.param_dtype, acc);
-          // dweight[W - 1 - j] += x[te] dpre[te + j]; x[te] = xwin[W - 2]
-          const float xe = xwin[W - 2][v];
-          dw[W][v] += d[0][v];
-#pragma unroll
-          for (int j = 0; j < W; ++j) dw[W - 1 - j][v] = fmaf(xe, d[j][v], dw[W - 1 - j][v]);
-        }
-        store_pack<T, VEC>(dx_at, out);
-        dx_at += dxt_s;
-      }
-      shift_in<W, VEC>(xwin, xt);
-      shift_in<W, VEC>(dpwin, dp);
+    for (int u = 0; u < kBackwardBatch; ++u) {
+      if (i0 + u >= n_stop) break;
+      token(u, i0 + u, batch_starts);
     }
   }
 }
 
 template <typename T, int kRound, int W, int VEC>
-__global__ void __launch_bounds__(kThreads, 4) causal_conv1d_backward_kernel(const ConvParams p) {
+__global__ void __launch_bounds__(kThreads, 3) causal_conv1d_backward_kernel(const ConvParams p) {
   constexpr int kTileChannels = kChannelThreads * VEC;
   __shared__ float block_sums[kRuns][W + 1][kTileChannels];
   float dw[W + 1][VEC];  // taps 0 .. W - 1, then the bias
@@ -550,8 +684,13 @@ __global__ void __launch_bounds__(kThreads, 4) causal_conv1d_backward_kernel(con
   for (int k = 0; k <= W; ++k)
 #pragma unroll
     for (int v = 0; v < VEC; ++v) dw[k][v] = 0.f;
-  if (p.silu) backward_run<T, kRound, W, VEC, true>(p, dw);
-  else backward_run<T, kRound, W, VEC, false>(p, dw);
+  if (p.cu_seqlens != nullptr) {
+    if (p.silu) backward_run<T, kRound, W, VEC, true, true>(p, dw);
+    else backward_run<T, kRound, W, VEC, false, true>(p, dw);
+  } else {
+    if (p.silu) backward_run<T, kRound, W, VEC, true, false>(p, dw);
+    else backward_run<T, kRound, W, VEC, false, false>(p, dw);
+  }
 
   // Weight and bias gradients: the block's 4 runs in a fixed order, one partial per tile.
 #pragma unroll
@@ -704,11 +843,13 @@ void copy_strides(const TensorRef& t, int64_t* dst) {
 }
 
 // Packs of `vec` channels need channel stride 1, the other strides multiples of vec elements (a
-// dimension of size 1 has no stride that matters), C % vec == 0 and an address aligned to the pack.
+// dimension of size 1 has no stride that matters), C % vec == 0, an address aligned to the pack,
+// and a token stride the 32-bit run offsets take.
 bool packable(const TensorRef& t, int vec) {
   const auto addr = reinterpret_cast<uintptr_t>(t.data);
   if (addr % (vec * dtype_size(t.dtype)) != 0 || t.shape[1] % vec != 0) return false;
   if (t.shape[1] > 1 && t.strides[1] != 1) return false;
+  if (t.strides[2] >= kMaxPackedTokenStride || t.strides[2] <= -kMaxPackedTokenStride) return false;
   for (int d : {0, 2})
     if (t.shape[d] > 1 && t.strides[d] % vec != 0) return false;
   return true;

@@ -135,3 +135,45 @@ def test_eager_path_equals_custom_op(device, heads_first):
         results.append([*outs, *(x.grad for x in leaves)])
     for got, want in zip(*results):
         assert torch.equal(got, want) and got.stride() == want.stride()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("head_dim,rotary_dim,offset", [
+    (256, 64, 0),  # row kernel, the model's rows: one warp per row (fp32: two, rotated in one)
+    (64, 16, 0),   # row kernel, several rows per warp
+    (80, 16, 0),   # generic kernel: 10 vectors per row is no power of two
+    (256, 64, 1),  # generic kernel, scalar: q starts off a 16-byte boundary
+], ids=["rows-256", "rows-64", "generic-80", "generic-unaligned"])
+@pytest.mark.parametrize("heads_first", [False, True], ids=["bthd", "bhtd"])
+def test_cuda_kernels_match_cpu(dtype, head_dim, rotary_dim, offset, heads_first):
+    """Each CUDA kernel path (forward and backward) against the CPU backend, with a row count that
+    leaves the last block partly empty: 16-bit results bit for bit (the products of 16-bit
+    values are exact in fp32, every sum is rounded as on the CPU), fp32 to 1e-6."""
+    if "partial_rotary_embedding.backward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA partial_rotary_embedding")
+    B, T, H, HK = 2, 37, 3, 2
+    wide = random((B, T, H, head_dim + offset), dtype, "cpu", scale=3.0)
+    q = wide[..., offset:]
+    k = random((B, T, HK, head_dim), dtype, "cpu", seed=1)
+    angle = torch.randn(1, T, rotary_dim // 2, generator=torch.Generator().manual_seed(2)) * 50
+    cos = torch.cat([angle.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([angle.sin()] * 2, -1).to(dtype)
+    dq = random((B, T, H, head_dim), dtype, "cpu", seed=3)
+    dk = random((B, T, HK, head_dim), dtype, "cpu", seed=4)
+    results = {}
+    for device in ("cpu", "cuda"):
+        # q stays a view at `offset` elements into its row on the device (misaligned for offset 1)
+        leaves = [wide.to(device)[..., offset:].detach().requires_grad_(True),
+                  k.to(device).detach().requires_grad_(True)]
+        qo, ko = flashdelta.partial_rotary_embedding(*leaves, cos.to(device), sin.to(device),
+                                                     heads_first=heads_first)
+        torch.autograd.backward((qo, ko), (dq.to(device), dk.to(device)))
+        results[device] = [t.detach().cpu() for t in (qo, ko, leaves[0].grad, leaves[1].grad)]
+    for got, want, name in zip(results["cuda"], results["cpu"], ("q_out", "k_out", "dq", "dk")):
+        if dtype == torch.float32:
+            assert_matches_transformers(got, want, name)
+        else:
+            assert torch.equal(got, want), name

@@ -2,7 +2,7 @@
 and transformers' composition, plus the decode update.
 
     python -m flashdelta.bench conv [--channels 8192] [--width 4] [--shapes 1x8192,8x4096]
-                                    [--decode-batch 256] [--json PATH]
+                                    [--decode-batch 256] [--replays 100] [--json PATH]
 
 Qwen3.5-35B-A3B sizes: C = 2 * 16 * 128 + 32 * 128 = 8192 conv channels, W = 4, no bias, bf16.
 x is what the model passes: the transposed view of in_proj_qkv's [B, T, C] output, and dy has
@@ -12,10 +12,18 @@ Floors: the bytes an op must move over the bandwidth of a device-to-device copy 
 run (bytes read + written over its time). Forward: read x, write y (2 * B*T*C elements);
 forward + backward: that plus read x and dy, write dx (5 * B*T*C elements; the weight and its
 gradient are negligible). Decode: read and write the [B, C, S=W] state, read x, write y.
-Times: CUDA-event medians after warm-up (triton.testing.do_bench); before the table, the device
-time of each flashdelta kernel (torch.profiler) at the first shape. Compared in the same run:
-transformers' torch causal_conv1d_fn (F.conv1d, grouped, + SiLU: the layer's nn.Conv1d path) and
-torch causal_conv1d_update, and the causal-conv1d package when importable.
+Times, medians of CUDA-event timings after warm-up, two per implementation:
+- device: the step captured once in a CUDA graph and replayed, each replay after a 256 MB write
+  that flushes L2 (fused_ops.device_time_ms): the GPU time of the kernels alone, what the floor
+  bars are about (in training the host runs ahead and launch costs hide).
+- eager: the step called from Python each time (triton.testing.do_bench, which also flushes L2):
+  host dispatch included. At 1 x 8192 the eager forward + backward of flashdelta once read
+  774 us against 490 us of kernels (torch.profiler): presumably the GPU waiting on the custom
+  ops' Python and autograd dispatch, which the device column leaves out.
+Before the table, the device time of each flashdelta kernel (torch.profiler) at the first shape.
+Compared in the same run: transformers' torch causal_conv1d_fn (F.conv1d, grouped, + SiLU: the
+layer's nn.Conv1d path) and torch causal_conv1d_update, and the causal-conv1d package when
+importable.
 """
 
 import argparse
@@ -26,6 +34,7 @@ import sys
 import torch
 
 from .decode import copy_bandwidth
+from .fused_ops import device_time_ms
 
 
 def _transformers_functions():
@@ -72,7 +81,7 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-def bench_conv(B, T, C, W, bandwidth, do_bench):
+def bench_conv(B, T, C, W, bandwidth, do_bench, replays, flush):
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(B, T, C, device="cuda", generator=gen).bfloat16().transpose(1, 2)
     dy = torch.randn(B, T, C, device="cuda", generator=gen).bfloat16().transpose(1, 2)
@@ -94,12 +103,18 @@ def bench_conv(B, T, C, W, bandwidth, do_bench):
                 xg.grad = wg.grad = None
                 fn(xg, wg).backward(dy)
 
-            with torch.no_grad():
-                fwd = do_bench(lambda: fn(x, w), return_mode="median")
-            fb = do_bench(fwd_bwd, return_mode="median")
+            def fwd_only():
+                with torch.no_grad():
+                    fn(x, w)
+
+            fwd = device_time_ms(fwd_only, [], replays, flush)
+            fb = device_time_ms(lambda: fn(xg, wg).backward(dy), [xg, wg], replays, flush)
+            fwd_eager = do_bench(fwd_only, return_mode="median")
+            fb_eager = do_bench(fwd_bwd, return_mode="median")
             rows.append(dict(impl=name, B=B, T=T, fwd_ms=fwd, fwd_bwd_ms=fb,
                              fwd_over_floor=fwd / floor_fwd, fwd_bwd_over_floor=fb / floor_fb,
-                             rel_err=err))
+                             fwd_eager_ms=fwd_eager, fwd_bwd_eager_ms=fb_eager, rel_err=err))
+            torch.cuda.empty_cache()
         except Exception as e:
             rows.append(dict(impl=name, B=B, T=T, error=f"{type(e).__name__}: {e}"))
     return dict(B=B, T=T, C=C, W=W, bytes_fwd=2 * n, bytes_fwd_bwd=5 * n, floor_fwd_ms=floor_fwd,
@@ -168,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=4)
     p.add_argument("--shapes", default="1x8192,8x4096", help="BxT,BxT,...")
     p.add_argument("--decode-batch", type=int, default=256)
+    p.add_argument("--replays", type=int, default=100, help="graph replays, device times")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -177,7 +193,8 @@ def main(argv=None) -> int:
     C, W = args.channels, args.width
     bandwidth = copy_bandwidth()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    results = [bench_conv(B, T, C, W, bandwidth, do_bench) for B, T in shapes]
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    results = [bench_conv(B, T, C, W, bandwidth, do_bench, args.replays, flush) for B, T in shapes]
     decode = bench_update(args.decode_batch, C, W, bandwidth, do_bench)
     B0, T0 = shapes[0]
     try:
@@ -190,13 +207,14 @@ def main(argv=None) -> int:
         print(f"  {name[:90]:90s} {us if isinstance(us, str) else f'{us:9.1f}'}")
     print(f"conv: causal_conv1d + SiLU, C={C}, W={W}, bf16, x a transposed [B, T, C] view; "
           f"{torch.cuda.get_device_name()}")
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); medians (us): device = "
+          f"CUDA-graph replay, eager = called from Python (host included)")
     by_impl = {}
     for res in results:
         for r in res["rows"]:
             by_impl.setdefault((res["B"], res["T"]), {})[r["impl"]] = r
     print(f"{'B x T':>9}  {'impl':>14}  {'fwd us':>8}  {'/floor':>6}  {'fwd+bwd us':>10}  "
-          f"{'/floor':>6}  {'speed-up':>8}  {'err':>7}")
+          f"{'/floor':>6}  {'speed-up':>8}  {'err':>7}  {'eager fwd':>9}  {'eager f+b':>9}")
     for res in results:
         key = (res["B"], res["T"])
         base = by_impl[key].get("transformers", {}).get("fwd_bwd_ms")
@@ -211,7 +229,8 @@ def main(argv=None) -> int:
             err = "-" if r["rel_err"] is None else f"{r['rel_err']:.0e}"
             print(f"{shape:>9}  {r['impl']:>14}  {r['fwd_ms'] * 1e3:8.1f}  "
                   f"{r['fwd_over_floor']:6.2f}  {r['fwd_bwd_ms'] * 1e3:10.1f}  "
-                  f"{r['fwd_bwd_over_floor']:6.2f}  {speed:>8}  {err:>7}")
+                  f"{r['fwd_bwd_over_floor']:6.2f}  {speed:>8}  {err:>7}  "
+                  f"{r['fwd_eager_ms'] * 1e3:9.1f}  {r['fwd_bwd_eager_ms'] * 1e3:9.1f}")
     print(f"decode update: B={decode['B']}, state [B, C, {W}] bf16; floor "
           f"{decode['floor_ms'] * 1e3:.1f} us")
     for r in decode["rows"]:
