@@ -47,6 +47,26 @@ struct Workspace {
   bf16* qe;      // diag(e^gamma) Q (normalised, scaled)
   bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
+  bf16* t;       // T = (I + A)^-1, backward only (else null) [num_slots, HV, 64, 64]
+};
+
+// What the backward adds (launch.cu, above backward(), has the whole picture). Chunk states are
+// stored transposed, S^T [v][k], because the state kernels hold S^T in registers: a thread's two
+// adjacent values are one 4-byte store.
+struct BackwardParams {
+  bf16* states;   // S^T entering each chunk                  [num_slots, HV, 128, 128]
+  bf16* dstates;  // dS^T, the gradient of the state leaving each chunk (same layout)
+  float* dq_heads;  // per value head: dL/d(normalised q), dL/d(normalised k)  [B * T, HV, K]
+  float* dk_heads;
+  const void* d_o;  // any float dtype
+  DType d_o_dtype;
+  int64_t d_o_s[4];
+  const float* d_final_state;  // [N, HV, K, V] or nullptr (zero)
+  float* d_initial_state;      // or nullptr (not wanted)
+  int64_t dht_s[4], dh0_s[4];
+  void *dq, *dk, *dv, *dg, *dbeta;
+  DType dg_dtype, dbeta_dtype;
+  int64_t dq_s[4], dk_s[4], dv_s[4], dg_s[3], dbeta_s[3];
 };
 
 struct ChunkParams {
@@ -64,8 +84,9 @@ struct ChunkParams {
   // forward
   const float* initial_state;  // [N, HV, K, V] or nullptr (zeros)
   float* final_state;          // or nullptr (not written)
-  void* o;
+  void* o;                     // or nullptr: the backward's replay writes no output
   int64_t h0_s[4], ht_s[4], o_s[4];
+  BackwardParams bwd;          // zero in the forward
 };
 
 // ---------------------------------------------------------------------------------- geometry
@@ -125,6 +146,15 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 }
 
 // ---------------------------------------------------------------------------------- loads
+
+// Element i of a tensor of float dtype `dtype` set to x (rounded to nearest even).
+__device__ __forceinline__ void store_float(void* p, DType dtype, int64_t i, float x) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(x); break;
+    case DType::kBFloat16: static_cast<bf16*>(p)[i] = __float2bfloat16_rn(x); break;
+    default: static_cast<float*>(p)[i] = x; break;
+  }
+}
 
 
 
@@ -371,6 +401,14 @@ __device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const bf16* X, int
   uint32_t m[4];
   ldmatrix_x4_trans(m, X + (k0 + (j & 1) * 8 + r) * ld + n0 + (j >> 1) * 8);
   b[0] = m[0], b[1] = m[1], b[2] = m[2], b[3] = m[3];
+}
+
+// The A fragment of the 16x16 block (m0, k0) of A(m, k) = X[k][m] (X row-major, stride ld: A is
+// stored transposed): transposed loads of the four 8x8 blocks in the order a0..a3 wants them.
+__device__ __forceinline__ void load_a_cols(uint32_t (&a)[4], const bf16* X, int ld, int m0,
+                                            int k0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+  ldmatrix_x4_trans(a, X + (k0 + (j >> 1) * 8 + r) * ld + m0 + (j & 1) * 8);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk

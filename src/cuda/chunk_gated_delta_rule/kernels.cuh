@@ -10,5 +10,9 @@ namespace flashdelta::detail::cuda::chunk {
 
 void launch_intra(const ChunkParams& p, cudaStream_t stream);   // intra.cu
 void launch_state(const ChunkParams& p, cudaStream_t stream);   // state.cu
+// backward (launch.cu has the picture); launch_intra and launch_state replay the forward first
+void launch_dstate(const ChunkParams& p, cudaStream_t stream);  // dstate.cu
+void launch_grads(const ChunkParams& p, cudaStream_t stream);   // grads.cu
+void launch_reduce(const ChunkParams& p, cudaStream_t stream);  // reduce.cu
 
 }  // namespace flashdelta::detail::cuda::chunk

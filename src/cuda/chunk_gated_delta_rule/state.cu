@@ -11,6 +11,8 @@
 // product's accumulators (common.cuh, mma.sync section): S and Vn never go through shared memory.
 // B operands come from shared memory by ldmatrix; the next chunk's W, KR, Qe, M, U stream in by
 // cp.async while this one is computed. Two barriers per chunk.
+// For the backward (p.bwd.states set, p.o null) the same pass only replays the recurrence and
+// stores S^T entering each chunk, bf16 [slot, hv, v, k] (rows v < 128 of this block's tile).
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -85,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
   };
   if (num_chunks > 0) prefetch(0);
 
-  T* o_base = static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2];
+  T* o_base = p.o ? static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2] : nullptr;
   for (int64_t c = 0; c < num_chunks; ++c) {
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
@@ -98,6 +100,17 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
       cp_async_wait<0>();
     }
     __syncthreads();  // chunk c's tiles are visible to all warps
+
+    // The backward's replay keeps S^T entering every chunk: rows v, columns k (bf16 pairs).
+    if (p.bwd.states) {
+      bf16* st = p.bwd.states + ws_index(p, slot, hv, kD * kD);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int k = nt * 8 + 2 * t4;
+        *reinterpret_cast<uint32_t*>(st + v_lo * kD + k) = pack_bf16(sc[nt][0], sc[nt][1]);
+        *reinterpret_cast<uint32_t*>(st + v_hi * kD + k) = pack_bf16(sc[nt][2], sc[nt][3]);
+      }
+    }
 
     // P^T = S^T W^T and O^T = S^T Qe^T, from S^T's bf16 A fragments.
     float pc[8][4] = {}, oc[8][4] = {};
@@ -145,7 +158,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
     const int64_t t0 = seq.begin + c * kC;
     const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < 8 && p.o; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int t = nt * 8 + 2 * t4 + j;
