@@ -7,6 +7,9 @@
 //   intra  (slot, value head)             A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
 //   state  (sequence, value head, V tile) chunks in order, S in registers:
 //                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
+// The backward (launch.cu) replays both, keeping each chunk's incoming state, then walks the
+// chunks in reverse for dS (dstate.cu), computes each chunk's gradients (grads.cu) and reduces
+// dq, dk over the value heads of each key head (reduce.cu).
 // Chunks are C = 64 tokens. Head dimensions are padded to 128 in shared memory and in the
 // workspace (K, V <= 128): padding rows/columns are zero and contribute nothing. A chunk shorter
 // than 64 (a sequence's last) is padded with k = v = q = 0, g = 0, beta = 0 rows: its gamma stays

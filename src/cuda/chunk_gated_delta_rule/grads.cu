@@ -47,6 +47,7 @@ struct GradSmem {
   float red[kThreads];
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
+static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
 
 // Sum over a warp, the same butterfly order on every lane (deterministic).
 __device__ __forceinline__ float warp_sum(float x) {
