@@ -22,7 +22,9 @@
 //
 // Shared memory: 222 KB (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
 // version). Work per chunk and head: 12 products, ~8.4 M multiply-adds, for ~100 KB read.
+#include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
+#include "cuda/device_info.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
 namespace {
@@ -376,6 +378,14 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+void check_grads_device() {
+  const int optin = device_info().max_smem_per_block_optin;
+  if (static_cast<size_t>(optin) < sizeof(GradSmem))
+    fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ",
+         sizeof(GradSmem), " bytes of shared memory per block (Hopper); this device offers ",
+         optin);
+}
 
 void launch_grads(const ChunkParams& p, cudaStream_t stream) {
   switch (p.dtype) {

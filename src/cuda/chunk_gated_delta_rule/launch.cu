@@ -178,6 +178,7 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
   const DeviceGuard guard(in.q.device.index);
   const auto stream = static_cast<cudaStream_t>(in.stream);
+  chunk::check_grads_device();  // before any launch
   if (p.num_slots > 0) chunk::launch_intra(p, stream);
   chunk::launch_state(p, stream);
   chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences
