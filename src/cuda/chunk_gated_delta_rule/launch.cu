@@ -38,8 +38,11 @@ WorkspaceLayout layout(const GatedDeltaRuleShape& s, bool backward) {
   if (backward) {
     l.t = l.m;
     l.states = l.dstates = align_up(blocks * kD * kD * sizeof(bf16));
-    l.dq_heads = l.dk_heads = align_up(static_cast<size_t>(s.batch) * s.seq_len * s.num_v_heads *
-                                       s.head_k_dim * sizeof(float));
+    // dq per value head reuses KR and Qe's space (below): only dstate reads those, and it has
+    // finished when grads writes dq. B * T <= 64 * slots and K <= 128 make it fit.
+    l.dq_heads = 0;
+    l.dk_heads = align_up(static_cast<size_t>(s.batch) * s.seq_len * s.num_v_heads *
+                          s.head_k_dim * sizeof(float));
   }
   return l;
 }
@@ -105,8 +108,9 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
     p.ws.t = static_cast<bf16*>(take(l.t));
     p.bwd.states = static_cast<bf16*>(take(l.states));
     p.bwd.dstates = static_cast<bf16*>(take(l.dstates));
-    p.bwd.dq_heads = static_cast<float*>(take(l.dq_heads));
     p.bwd.dk_heads = static_cast<float*>(take(l.dk_heads));
+    p.bwd.dq_heads = reinterpret_cast<float*>(p.ws.kr);  // KR, then Qe: l.dk_heads <= l.kr + l.qe
+    check_value(l.dk_heads <= l.kr + l.qe, "chunk_gated_delta_rule: workspace layout");
   }
   return p;
 }
@@ -146,7 +150,9 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 // state ~2 M and 96 KB read + 32 KB of state written, dstate ~3 M and 100 KB read + 32 KB
 // written, grads ~8.4 M and ~100 KB read, reduce ~HV/H + 1 rows of K. grads is the largest
 // and the first to measure; the states (2 x 32 KB per chunk and head in bf16) and the fp32
-// per-value-head dq/dk dominate the workspace.
+// per-value-head dq/dk dominate the workspace (dq reuses KR and Qe's space once dstate is done).
+// About 3 GB at 1 x 32768 with HV = 32: storing the states for every other chunk, or dq/dk
+// per key head (one block per key head looping over its value heads), are the next savings.
 void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
               const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
   check_supported(s);
