@@ -9,8 +9,8 @@
 //   M  = Gamma * causal(Q K^T)                                 (the output's intra-chunk part)
 //   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q
 // writes W, U, KR, Qe, M (bf16) and gamma (fp32) to the workspace (and T when the backward
-// asks). Shared memory: 110 KB, two
-// blocks per SM. Work per chunk and head: 4 products of 0.5 M multiply-adds and the inverse.
+// asks). Shared memory: 110 KB, two blocks per SM. Work per chunk and head: 4 products of 0.5 M
+// multiply-adds and the inverse.
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -75,7 +75,8 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   __syncthreads();
   if (p.ws.t) {  // the backward reuses T (bf16, as the products take it)
     bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
-    for (int i = threadIdx.x; i < kC * kC; i += kThreads) t_out[i] = sm.t[(i / kC) * kLdC + i % kC];
+    for (int i = threadIdx.x; i < kC * kC; i += kThreads)
+      t_out[i] = sm.t[(i / kC) * kLdC + i % kC];
   }
 
   const size_t base = ws_index(p, slot, hv, kC * kD);
