@@ -3,8 +3,8 @@
 // calls for tensors on a CUDA device.
 //
 // fused_recurrent_gated_delta_rule has its forward (the decode path), chunk_gated_delta_rule its
-// forward (src/cuda/chunk_gated_delta_rule/); the backwards are issue 4's work: a missing entry
-// makes the dispatcher raise NotImplementedError.
+// forward and backward (src/cuda/chunk_gated_delta_rule/); the token-by-token backward is still
+// missing: a missing entry makes the dispatcher raise NotImplementedError.
 #include "cuda/gated_delta_rule_cuda.h"
 
 namespace flashdelta::detail::cuda {

@@ -1,6 +1,7 @@
 // Chunked gated delta rule on CUDA: the host side. Fills ChunkParams from the validated inputs,
-// carves the workspace and launches the phases (common.cuh) on the caller's stream. Nothing here
-// reads device memory: varlen offsets stay on the device, so the op is graph-capturable.
+// carves the workspace and launches the phases (common.cuh; the backward's are listed above
+// backward() below) on the caller's stream. Nothing here reads device memory: varlen offsets stay
+// on the device, so the op is graph-capturable.
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
@@ -147,8 +148,9 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 //                                               dv, dg, dbeta, and dq, dk per value head (fp32)
 //   reduce  (row, key head)                     dq, dk summed over the group, l2norm backward
 // Where the time should go (1 x 32768, HV = 32, per chunk and head): intra ~2 M multiply-adds,
-// state ~2 M and 96 KB read + 32 KB of state written, dstate ~3 M and 100 KB read + 32 KB
-// written, grads ~8.4 M and ~100 KB read, reduce ~HV/H + 1 rows of K. grads is the largest
+// state (replay, per 64-column tile) ~1 M and 40 KB read + 16 KB of state written, dstate (per
+// tile) ~1.6 M and 48 KB read + 16 KB written, grads ~8.4 M and ~100 KB read, reduce ~HV/H + 1
+// rows of K. grads is the largest
 // and the first to measure; the states (2 x 32 KB per chunk and head in bf16) and the fp32
 // per-value-head dq/dk dominate the workspace (dq reuses KR and Qe's space once dstate is done).
 // About 3 GB at 1 x 32768 with HV = 32: storing the states for every other chunk, or dq/dk
