@@ -539,6 +539,11 @@ def test_chunk_on_cuda_is_opt_in(monkeypatch):
     monkeypatch.setenv(gdn.CHUNK_ENV, "fla")
     with pytest.raises(ValueError, match=gdn.CHUNK_ENV):
         gdn._kernel_devices("chunk", "forward", ctx)
+    # the report says how to opt in
+    monkeypatch.delenv(gdn.CHUNK_ENV)
+    assert any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+    monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
+    assert not any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
 
 
 def test_cuda_without_kernels_falls_back():
@@ -587,7 +592,10 @@ def test_report_table_and_logging(caplog):
     assert "torch_chunk_gated_delta_rule" in text and "flashdelta.chunk_gated_delta_rule" in text
     for name in ("fused_ops", "moe", "cross_entropy"):
         assert name in text
-    assert "no cuda kernel for" in text or len(flashdelta.build_info()["cuda_ops"]) == 4
+    from flashdelta.patch import gdn
+
+    ctx = _mechanism.Context(build_info=flashdelta.build_info())
+    assert "no cuda kernel for" in text or not gdn._missing_cuda_kernels(ctx)
     assert text in caplog.text
     site = report.sites_of("gdn")[0]
     assert site.where.startswith("transformers.models.") and site.original.startswith(

@@ -508,11 +508,17 @@ def _device_problem(device: Any, ctx: Context) -> Optional[str]:
 def _notes(ctx: Context) -> List[str]:
     if ctx.build_error is not None:
         return ["flashdelta._C cannot be imported: every call falls back to transformers"]
+    notes = []
     missing = _missing_cuda_kernels(ctx)
     if missing:
-        return [f"no cuda kernel for {'; '.join(missing)} in this build: those CUDA calls fall "
-                f"back to transformers"]
-    return []
+        notes.append(f"no cuda kernel for {'; '.join(missing)} in this build: those CUDA calls "
+                     f"fall back to transformers")
+    chunk_built = all("cuda" in _op_devices(_OP_NAMES["chunk"], d, ctx)
+                      for d in ("forward", "backward"))
+    if chunk_built and not _chunk_on_cuda_requested():
+        notes.append(f"chunk_gated_delta_rule on cuda keeps transformers' function (FLA where "
+                     f"installed); {CHUNK_ENV}=flashdelta uses flashdelta's kernels")
+    return notes
 
 
 GDN = Component(

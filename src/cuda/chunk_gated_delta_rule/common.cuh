@@ -150,14 +150,6 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 
 // ---------------------------------------------------------------------------------- loads
 
-// Element i of a tensor of float dtype `dtype` set to x (rounded to nearest even).
-__device__ __forceinline__ void store_float(void* p, DType dtype, int64_t i, float x) {
-  switch (dtype) {
-    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(x); break;
-    case DType::kBFloat16: static_cast<bf16*>(p)[i] = __float2bfloat16_rn(x); break;
-    default: static_cast<float*>(p)[i] = x; break;
-  }
-}
 
 
 
