@@ -36,4 +36,14 @@ __device__ __forceinline__ float load_float(const void* p, DType dtype, int64_t 
   }
 }
 
+// Element i of a tensor of float dtype `dtype` (fp32, fp16 or bf16) set to x (round to nearest
+// even): gradients of such tensors.
+__device__ __forceinline__ void store_float(void* p, DType dtype, int64_t i, float x) {
+  switch (dtype) {
+    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(x); break;
+    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x); break;
+    default: static_cast<float*>(p)[i] = x; break;
+  }
+}
+
 }  // namespace flashdelta::detail::cuda

@@ -12,7 +12,7 @@
 // and one write of the state. States whose rows are not 16-byte aligned take the same kernel
 // with one column per lane.
 // Assumes: K <= 4 * kRows (kRows in {16, 32, 64}: K <= 256), any V, any strides, varlen offsets
-// on the device (no host synchronisation). Backward: not on the GPU yet (issue 4).
+// on the device (no host synchronisation). Backward: fused_recurrent_gated_delta_rule_backward.cu.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -284,6 +284,6 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 }  // namespace
 
 const GatedDeltaRuleBackend kFusedRecurrentGatedDeltaRule = {
-    no_workspace, no_workspace, forward, /*backward=*/nullptr};
+    no_workspace, fused_recurrent_backward_workspace_bytes, forward, fused_recurrent_backward};
 
 }  // namespace flashdelta::detail::cuda

@@ -2,9 +2,9 @@
 // fused_recurrent_gated_delta_rule): what the dispatcher in src/core/gated_delta_rule_dispatch.cpp
 // calls for tensors on a CUDA device.
 //
-// fused_recurrent_gated_delta_rule has its forward (the decode path), chunk_gated_delta_rule its
-// forward (src/cuda/chunk_gated_delta_rule/); the backwards are issue 4's work: a missing entry
-// makes the dispatcher raise NotImplementedError.
+// Both ops have both directions: fused_recurrent_gated_delta_rule.cu (the decode path) and its
+// _backward.cu, and src/cuda/chunk_gated_delta_rule/. A missing entry would make the dispatcher
+// raise NotImplementedError.
 #include "cuda/gated_delta_rule_cuda.h"
 
 namespace flashdelta::detail::cuda {

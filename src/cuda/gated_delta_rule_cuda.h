@@ -11,6 +11,13 @@ namespace flashdelta::detail::cuda {
 extern const GatedDeltaRuleBackend kFusedRecurrentGatedDeltaRule;
 extern const GatedDeltaRuleBackend kChunkGatedDeltaRule;  // chunk_gated_delta_rule/launch.cu
 
+// fused_recurrent_gated_delta_rule_backward.cu (the table is in fused_recurrent_gated_delta_rule.cu)
+size_t fused_recurrent_backward_workspace_bytes(const GatedDeltaRuleShape& s,
+                                                const GatedDeltaRuleInputs& in);
+void fused_recurrent_backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
+                              const GatedDeltaRuleBackwardInputs& gin,
+                              const GatedDeltaRuleBackwardOutputs& gout);
+
 // Makes `device` current for the scope (kernels launch on the tensors' device), then restores.
 class DeviceGuard {
  public:

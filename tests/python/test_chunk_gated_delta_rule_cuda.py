@@ -1,14 +1,16 @@
 """chunk_gated_delta_rule's CUDA kernels against the float64 per-token recurrence: the accuracy
 bars of issue 4 (relative L2 error), hard gates, varlen with many short sequences, strided
-inputs, determinism and CUDA-graph capture. The shared suite (test_chunk_gated_delta_rule.py)
-runs on CUDA too once the build has both directions; these checks need only the forward."""
+inputs, determinism and CUDA-graph capture, for the forward and (where the build has it) the
+backward. The shared suite (test_chunk_gated_delta_rule.py) runs on CUDA too once the build has
+both directions."""
 
 import pytest
 import torch
 
 import flashdelta
 from flashdelta import chunk_gated_delta_rule as OP
-from gdn_reference import make_inputs, reference_gated_delta_rule
+from gdn_reference import (cotangents, gradients, leaves, loss_of, make_inputs,
+                           reference_gated_delta_rule, run_with_grads)
 
 
 def _built(direction: str) -> bool:
@@ -149,3 +151,204 @@ def test_forward_long_sequence_few_heads():
               use_qk_l2norm_in_kernel=True)
     assert rel_l2(o, o_ref) <= 1e-2
     assert rel_l2(s, s_ref) <= 1e-2
+
+
+# ----------------------------------------------------------------------------- backward
+
+needs_backward = pytest.mark.skipif(
+    not _built("backward"), reason="this build has no CUDA backward for chunk_gated_delta_rule")
+
+
+def with_grads(inputs, device, dtype=None):
+    """Fresh leaves on `device` (float tensors in float64 when dtype is float64)."""
+    out = {}
+    for name, x in inputs.items():
+        if x is None or not x.is_floating_point():
+            out[name] = None if x is None else x.to(device)
+            continue
+        y = x.detach().to(device)
+        if dtype is not None:
+            y = y.to(dtype)
+        out[name] = y.requires_grad_(True)
+    return out
+
+
+def backward_vs_reference(inputs, l2norm=True):
+    """o, the final state and every gradient on CUDA, and the same from the float64 per-token
+    recurrence on the CPU, with the same cotangents."""
+    o, s, grads = run_with_grads(OP, with_grads(inputs, "cuda"),
+                                 use_qk_l2norm_in_kernel=l2norm)
+    o_ref, s_ref, grads_ref = run_with_grads(reference_gated_delta_rule,
+                                             with_grads(inputs, "cpu", torch.float64),
+                                             use_qk_l2norm_in_kernel=l2norm)
+    return (o, s, grads), (o_ref, s_ref, grads_ref)
+
+
+def assert_grads_within(grads, grads_ref, tol):
+    assert grads.keys() == grads_ref.keys()
+    errors = {n: rel_l2(grads[n], grads_ref[n]) for n in grads}
+    assert all(e <= tol for e in errors.values()), errors
+
+
+@needs_backward
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16,
+                                   pytest.param(torch.float32, marks=FP32_SHORT)],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=2, T=200, H=2, HV=4, K=128, V=128),
+        dict(B=1, T=64, H=1, HV=1, K=128, V=128, initial_state=False),
+        dict(B=3, T=1, H=2, HV=2, K=128, V=128),
+        dict(B=1, T=300, H=1, HV=2, K=48, V=40, cu_seqlens=[0, 0, 1, 64, 65, 200, 300]),
+        dict(B=2, T=130, H=2, HV=4, K=128, V=128, gate="mild", l2norm=False),
+        dict(B=1, T=190, H=2, HV=8, K=64, V=128, gate="mild"),
+    ],
+    ids=["qwen", "one-chunk", "t1", "varlen-odd-dims", "mild-nol2", "group4-mild"],
+)
+def test_backward_matches_float64(dtype, case):
+    case = dict(case)
+    l2norm = case.pop("l2norm", True)
+    inputs = make_inputs(**case, dtype=dtype, device="cpu", l2norm=l2norm, seed=12)
+    (o, s, grads), (o_ref, s_ref, grads_ref) = backward_vs_reference(inputs, l2norm)
+    tol = REL_L2[dtype]
+    assert rel_l2(o, o_ref) <= tol and rel_l2(s, s_ref) <= tol
+    assert_grads_within(grads, grads_ref, tol)
+
+
+@needs_backward
+def test_backward_strong_decay_and_beta_extremes():
+    """g down to -30 per token, beta near 0 and near 1, with initial and final states."""
+    B, T, H, HV, K, V = 1, 256, 2, 4, 128, 128
+    inputs = make_inputs(B, T, H, HV, K, V, torch.bfloat16, "cpu", seed=3)
+    gen = torch.Generator().manual_seed(4)
+    inputs["g"] = -30 * torch.rand(B, T, HV, generator=gen)
+    inputs["beta"] = torch.where(torch.rand(B, T, HV, generator=gen) < 0.5,
+                                 torch.full((B, T, HV), 1e-4), torch.full((B, T, HV), 1 - 1e-4))
+    (_, _, grads), (_, _, grads_ref) = backward_vs_reference(inputs)
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
+def test_backward_many_short_sequences():
+    """Thousands of varlen sequences of 1..40 tokens, against the CPU op (itself checked against
+    float64 by the shared suite)."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(1, 41, (3000,), generator=gen)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    inputs = make_inputs(1, int(cu[-1]), 1, 2, 64, 64, torch.bfloat16, "cpu", seed=6,
+                         cu_seqlens=cu.tolist())
+    _, _, grads = run_with_grads(OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+    _, _, grads_ref = run_with_grads(OP, with_grads(inputs, "cpu"), use_qk_l2norm_in_kernel=True)
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
+def test_backward_long_sequence_few_heads():
+    """T = 262144 with one head, against the CPU op."""
+    inputs = make_inputs(1, 262144, 1, 1, 128, 128, torch.bfloat16, "cpu", seed=9)
+    _, _, grads = run_with_grads(OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+    _, _, grads_ref = run_with_grads(OP, with_grads(inputs, "cpu"), use_qk_l2norm_in_kernel=True)
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
+def test_backward_only_final_state_and_no_initial_state():
+    """The loss reads only the final state (d_o = 0), and no initial state is given."""
+    inputs = make_inputs(2, 150, 2, 4, 128, 128, torch.bfloat16, "cpu", seed=13,
+                         initial_state=False, gate="mild")
+    cuda, ref = with_grads(inputs, "cuda"), with_grads(inputs, "cpu", torch.float64)
+    _, s = OP(**cuda, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    _, s_ref = reference_gated_delta_rule(**ref, output_final_state=True,
+                                          use_qk_l2norm_in_kernel=True)
+    names = leaves(cuda)
+    grads = gradients(s.square().sum(), cuda, names)
+    grads_ref = gradients(s_ref.square().sum(), ref, names)
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
+def test_backward_strided_inputs_and_cotangent():
+    """q/k/v as views into one projection and a non-contiguous d_o give the contiguous result."""
+    B, T, H, HV, K, V = 2, 100, 2, 4, 128, 128
+    gen = torch.Generator().manual_seed(3)
+    mixed = torch.randn(B, T, 2 * H * K + HV * V, generator=gen).bfloat16().cuda()
+    g = (-torch.rand(B, T, HV, generator=gen)).cuda()
+    beta = torch.rand(B, T, HV, generator=gen).cuda()
+    d_o = torch.randn(B, HV, T, V, generator=gen).bfloat16().cuda().transpose(1, 2)
+
+    def grads_of(contiguous):
+        m = mixed.clone().requires_grad_(True)
+        q = m[..., : H * K].view(B, T, H, K)
+        k = m[..., H * K: 2 * H * K].view(B, T, H, K)
+        v = m[..., 2 * H * K:].view(B, T, HV, V)
+        gg, bb = g.clone().requires_grad_(True), beta.clone().requires_grad_(True)
+        args = [q, k, v, gg, bb]
+        if contiguous:
+            args = [x.contiguous() for x in args]
+        o, _ = OP(*args, use_qk_l2norm_in_kernel=True)
+        o.backward(d_o.contiguous() if contiguous else d_o)
+        return m.grad, gg.grad, bb.grad
+
+    for a, b in zip(grads_of(False), grads_of(True)):
+        assert torch.equal(a, b)
+
+
+@needs_backward
+def test_backward_deterministic_and_graph_capturable():
+    """Three runs give bitwise the same gradients; forward + backward captured in a CUDA graph
+    and replayed gives the eager ones (no host synchronisation inside)."""
+    inputs = make_inputs(1, 700, 2, 4, 128, 128, torch.bfloat16, "cpu", seed=8,
+                         cu_seqlens=[0, 5, 300, 301, 700])
+    leaves_ = with_grads(inputs, "cuda")
+    names = leaves(leaves_)
+    d_o, d_s = cotangents(*OP(**leaves_, output_final_state=True, use_qk_l2norm_in_kernel=True))
+    d_o, d_s = d_o.cuda(), d_s.cuda()
+
+    def step():
+        o, s = OP(**leaves_, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        return torch.autograd.grad([o, s], [leaves_[n] for n in names],
+                                   [d_o.to(o.dtype), d_s.to(s.dtype)])
+
+    runs = [step() for _ in range(3)]
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, runs[0]):
+        assert torch.equal(a, b)
+
+
+@needs_backward
+def test_backward_inputs_unmodified():
+    inputs = with_grads(make_inputs(1, 130, 2, 4, 128, 128, torch.bfloat16, "cpu", seed=2,
+                                    cu_seqlens=[0, 60, 130]), "cuda")
+    before = {n: x.detach().clone() for n, x in inputs.items() if x is not None}
+    o, s = OP(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    d_o, d_s = torch.randn_like(o), torch.randn_like(s)
+    d_o0, d_s0 = d_o.clone(), d_s.clone()
+    torch.autograd.backward([o, s], [d_o, d_s])
+    for n, x in before.items():
+        assert torch.equal(inputs[n].detach(), x), n
+    assert torch.equal(d_o, d_o0) and torch.equal(d_s, d_s0)
+
+
+@needs_backward
+def test_backward_opcheck():
+    """torch.library.opcheck of the backward custom op on CUDA tensors (schema, fake impl)."""
+    inputs = make_inputs(1, 70, 2, 4, 128, 128, torch.bfloat16, "cuda", seed=7,
+                         cu_seqlens=[0, 5, 70])
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state")]
+    d_o = torch.randn_like(inputs["v"])
+    d_state = torch.randn_like(inputs["initial_state"])
+    torch.library.opcheck(torch.ops.flashdelta.chunk_gated_delta_rule_bwd,
+                          (*args, inputs["cu_seqlens"], 0.5, True, d_o, d_state))

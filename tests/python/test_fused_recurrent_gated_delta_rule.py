@@ -21,6 +21,7 @@ from gdn_reference import (
     leaves,
     make_inputs,
     run_with_grads,
+    tolerances,
 )
 
 OP = fused_recurrent_gated_delta_rule
@@ -49,12 +50,13 @@ def test_equals_chunk(device, dtype, T, cu_seqlens):
     o_c, state_c, grads_c = run_with_grads(chunk_gated_delta_rule, inputs,
                                            use_qk_l2norm_in_kernel=True)
     tol = {torch.float32: 1e-5}.get(dtype, FWD_TOL[dtype])
+    bwd_tol = {torch.float32: 1e-4}.get(dtype, BWD_TOL[dtype])
+    if device != "cpu":  # the chunked CUDA kernels take bf16 operands
+        tol, bwd_tol = tolerances(dtype, device)
     assert_rel_close(o, o_c, tol, "o")
     assert_rel_close(state, state_c, tol, "final_state")
     for name in grads:
-        assert_rel_close(grads[name], grads_c[name], {torch.float32: 1e-4}.get(dtype,
-                                                                               BWD_TOL[dtype]),
-                         f"d{name}")
+        assert_rel_close(grads[name], grads_c[name], bwd_tol, f"d{name}")
 
 
 @pytest.mark.parametrize("T", [1, 5, 65])
@@ -324,3 +326,61 @@ def test_cuda_forward_unaligned_state():
     o, s = OP(**cuda_inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
     assert_rel_close(o.cpu().double(), o_ref.double(), 1e-5, "o")
     assert_rel_close(s.cpu().double(), s_ref.double(), 1e-5, "final_state")
+
+
+# ----------------------------------------------------------------------------- CUDA backward
+# fp32 on the GPU like the CPU op: gradients agree with it to fp32 rounding (bf16 / fp16 inputs:
+# the same inputs, so only the stored gradients' rounding differs).
+
+
+def _cuda_backward_built() -> bool:
+    import flashdelta
+
+    return "fused_recurrent_gated_delta_rule.backward" in flashdelta.build_info()["cuda_ops"]
+
+
+def _needs_cuda_backward(fn):
+    fn = pytest.mark.skipif(not _cuda_backward_built(),
+                            reason="this build has no CUDA backward for "
+                                   "fused_recurrent_gated_delta_rule")(fn)
+    return _needs_cuda_forward(fn)
+
+
+def _grads_on(inputs, device, l2norm=True):
+    leaves_ = {n: (None if x is None else
+                   x.detach().to(device).requires_grad_(x.is_floating_point()))
+               for n, x in inputs.items()}
+    return run_with_grads(OP, leaves_, use_qk_l2norm_in_kernel=l2norm)[2]
+
+
+@_needs_cuda_backward
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=2, T=40, H=2, HV=4, K=128, V=128),
+        dict(B=1, T=70, H=1, HV=2, K=48, V=40, cu_seqlens=[0, 0, 1, 17, 70]),
+        dict(B=3, T=3, H=2, HV=2, K=16, V=8, initial_state=False, l2norm=False),
+    ],
+    ids=["grouped", "varlen-odd-dims", "no-state"],
+)
+def test_cuda_backward_matches_cpu(dtype, case):
+    case = dict(case)
+    l2norm = case.pop("l2norm", True)
+    shape = [case.pop(n) for n in ("B", "T", "H", "HV", "K", "V")]
+    inputs = make_inputs(*shape, dtype, "cpu", l2norm=l2norm, seed=8, **case)
+    grads_ref = _grads_on(inputs, "cpu", l2norm)
+    grads = _grads_on(inputs, "cuda", l2norm)
+    assert grads.keys() == grads_ref.keys()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # max relative; bf16: the stored gradients
+    for name in grads:
+        assert_rel_close(grads[name].cpu().double(), grads_ref[name].double(), tol, f"d{name}")
+
+
+@_needs_cuda_backward
+def test_cuda_backward_deterministic():
+    inputs = make_inputs(2, 20, 2, 4, 64, 64, torch.bfloat16, "cpu", seed=9)
+    runs = [_grads_on(inputs, "cuda") for _ in range(3)]
+    for run in runs[1:]:
+        for name in run:
+            assert torch.equal(run[name], runs[0][name]), name

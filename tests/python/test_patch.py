@@ -519,6 +519,33 @@ def test_strict_device_without_kernels():
     assert any("cannot run on meta" in n for n in report.components["gdn"].notes)
 
 
+def test_chunk_on_cuda_is_opt_in(monkeypatch):
+    """With both CUDA directions built, the chunked op runs on CUDA only when
+    FLASHDELTA_GDN_CHUNK=flashdelta (FLA / transformers stay the default for training there)."""
+    from flashdelta.patch import gdn
+
+    every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
+             for d in ("forward", "backward")]
+    ctx = _mechanism.Context(build_info={"cuda_ops": every})
+    monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
+    assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
+    assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu"}
+    assert gdn._kernel_devices("recurrent", "forward", ctx) == {"cpu", "cuda"}
+    monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
+    assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu", "cuda"}
+    assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu", "cuda"}
+    monkeypatch.setenv(gdn.CHUNK_ENV, "fallback")
+    assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
+    monkeypatch.setenv(gdn.CHUNK_ENV, "fla")
+    with pytest.raises(ValueError, match=gdn.CHUNK_ENV):
+        gdn._kernel_devices("chunk", "forward", ctx)
+    # the report says how to opt in
+    monkeypatch.delenv(gdn.CHUNK_ENV)
+    assert any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+    monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
+    assert not any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+
+
 def test_cuda_without_kernels_falls_back():
     from flashdelta.patch import gdn
 
@@ -565,7 +592,10 @@ def test_report_table_and_logging(caplog):
     assert "torch_chunk_gated_delta_rule" in text and "flashdelta.chunk_gated_delta_rule" in text
     for name in ("fused_ops", "moe", "cross_entropy"):
         assert name in text
-    assert "no cuda kernel for" in text or len(flashdelta.build_info()["cuda_ops"]) == 4
+    from flashdelta.patch import gdn
+
+    ctx = _mechanism.Context(build_info=flashdelta.build_info())
+    assert "no cuda kernel for" in text or not gdn._missing_cuda_kernels(ctx)
     assert text in caplog.text
     site = report.sites_of("gdn")[0]
     assert site.where.startswith("transformers.models.") and site.original.startswith(
@@ -646,8 +676,9 @@ def test_cuda_model():
     assert complete or any("cannot run on cuda" in n for n in notes), notes
     calls = spy_on_replacements()
     after = run_model(model, *batch)
-    assert (calls["chunk"] > 0) == ({"chunk_gated_delta_rule.forward",
-                                     "chunk_gated_delta_rule.backward"} <= cuda_ops)
+    # the chunked op runs on CUDA with both directions built and FLASHDELTA_GDN_CHUNK=flashdelta
+    ctx = _mechanism.Context(build_info=flashdelta.build_info())
+    assert (calls["chunk"] > 0) == ("cuda" in gdn._kernel_devices("chunk", "forward", ctx))
     assert_same(before, after, "cuda")
     if not complete:
         with pytest.raises(RuntimeError, match="cannot run on cuda"):

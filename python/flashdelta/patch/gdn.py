@@ -57,6 +57,7 @@ Semantics of the gated delta rule replacement (`GatedDeltaRuleReplacement`):
 
 import importlib
 import inspect
+import os
 import sys
 from types import ModuleType
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
@@ -183,16 +184,35 @@ def replacement_for(kind: str, original: Any, fallback: Any, ctx: Context
     return rep
 
 
+# Opt-in for flashdelta's chunked kernels on CUDA (see _kernel_devices).
+CHUNK_ENV = "FLASHDELTA_GDN_CHUNK"
+
+
+def _chunk_on_cuda_requested() -> bool:
+    """FLASHDELTA_GDN_CHUNK=flashdelta: use flashdelta's chunked CUDA kernels; unset or
+    "fallback": keep the replaced function there. Anything else raises ValueError."""
+    raw = os.environ.get(CHUNK_ENV, "").strip().lower()
+    if raw in ("", "fallback"):
+        return False
+    if raw == "flashdelta":
+        return True
+    raise ValueError(f"{CHUNK_ENV}={raw!r}: use 'flashdelta' (flashdelta's chunked CUDA kernels) "
+                     f"or 'fallback' (the function transformers chose, the default)")
+
+
 def _kernel_devices(kind: str, direction: str, ctx: Context) -> FrozenSet[str]:
     """Device types with flashdelta's `direction` kernel of this kind (the CPU always has both;
     build_info()["cuda_ops"] lists the CUDA ones as "op.forward" / "op.backward").
 
-    The chunked op counts on CUDA only once both directions exist: its CUDA forward alone is
-    slower than FLA's today (bench/NOTES.md), which transformers uses where it is installed, so
-    a patched model keeps transformers' function there until the kernels are complete."""
+    The chunked op counts on CUDA only once both directions exist, and only on request
+    (FLASHDELTA_GDN_CHUNK=flashdelta): its CUDA kernels are still slower than FLA's
+    (bench/NOTES.md), which transformers uses where it is installed, so by default a patched
+    model keeps transformers' function there."""
     devices = _op_devices(_OP_NAMES[kind], direction, ctx)
     if kind == "chunk" and direction == "forward":
         devices &= _op_devices(_OP_NAMES[kind], "backward", ctx) | {"cpu"}
+    if kind == "chunk" and not _chunk_on_cuda_requested():
+        devices -= {"cuda"}
     return devices
 
 
@@ -488,11 +508,17 @@ def _device_problem(device: Any, ctx: Context) -> Optional[str]:
 def _notes(ctx: Context) -> List[str]:
     if ctx.build_error is not None:
         return ["flashdelta._C cannot be imported: every call falls back to transformers"]
+    notes = []
     missing = _missing_cuda_kernels(ctx)
     if missing:
-        return [f"no cuda kernel for {'; '.join(missing)} in this build: those CUDA calls fall "
-                f"back to transformers"]
-    return []
+        notes.append(f"no cuda kernel for {'; '.join(missing)} in this build: those CUDA calls "
+                     f"fall back to transformers")
+    chunk_built = all("cuda" in _op_devices(_OP_NAMES["chunk"], d, ctx)
+                      for d in ("forward", "backward"))
+    if chunk_built and not _chunk_on_cuda_requested():
+        notes.append(f"chunk_gated_delta_rule on cuda keeps transformers' function (FLA where "
+                     f"installed); {CHUNK_ENV}=flashdelta uses flashdelta's kernels")
+    return notes
 
 
 GDN = Component(

@@ -7,6 +7,9 @@
 //   intra  (slot, value head)             A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
 //   state  (sequence, value head, V tile) chunks in order, S in registers:
 //                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
+// The backward (launch.cu) replays both, keeping each chunk's incoming state, then walks the
+// chunks in reverse for dS (dstate.cu), computes each chunk's gradients (grads.cu) and reduces
+// dq, dk over the value heads of each key head (reduce.cu).
 // Chunks are C = 64 tokens. Head dimensions are padded to 128 in shared memory and in the
 // workspace (K, V <= 128): padding rows/columns are zero and contribute nothing. A chunk shorter
 // than 64 (a sequence's last) is padded with k = v = q = 0, g = 0, beta = 0 rows: its gamma stays
@@ -47,6 +50,26 @@ struct Workspace {
   bf16* qe;      // diag(e^gamma) Q (normalised, scaled)
   bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
+  bf16* t;       // T = (I + A)^-1, backward only (else null) [num_slots, HV, 64, 64]
+};
+
+// What the backward adds (launch.cu, above backward(), has the whole picture). Chunk states are
+// stored transposed, S^T [v][k], because the state kernels hold S^T in registers: a thread's two
+// adjacent values are one 4-byte store.
+struct BackwardParams {
+  bf16* states;   // S^T entering each chunk                  [num_slots, HV, 128, 128]
+  bf16* dstates;  // dS^T, the gradient of the state leaving each chunk (same layout)
+  float* dq_heads;  // per value head: dL/d(normalised q), dL/d(normalised k)  [B * T, HV, K]
+  float* dk_heads;
+  const void* d_o;  // any float dtype
+  DType d_o_dtype;
+  int64_t d_o_s[4];
+  const float* d_final_state;  // [N, HV, K, V] or nullptr (zero)
+  float* d_initial_state;      // or nullptr (not wanted)
+  int64_t dht_s[4], dh0_s[4];
+  void *dq, *dk, *dv, *dg, *dbeta;
+  DType dg_dtype, dbeta_dtype;
+  int64_t dq_s[4], dk_s[4], dv_s[4], dg_s[3], dbeta_s[3];
 };
 
 struct ChunkParams {
@@ -64,8 +87,9 @@ struct ChunkParams {
   // forward
   const float* initial_state;  // [N, HV, K, V] or nullptr (zeros)
   float* final_state;          // or nullptr (not written)
-  void* o;
+  void* o;                     // or nullptr: the backward's replay writes no output
   int64_t h0_s[4], ht_s[4], o_s[4];
+  BackwardParams bwd;          // zero in the forward
 };
 
 // ---------------------------------------------------------------------------------- geometry
@@ -125,6 +149,7 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 }
 
 // ---------------------------------------------------------------------------------- loads
+
 
 
 
@@ -371,6 +396,14 @@ __device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const bf16* X, int
   uint32_t m[4];
   ldmatrix_x4_trans(m, X + (k0 + (j & 1) * 8 + r) * ld + n0 + (j >> 1) * 8);
   b[0] = m[0], b[1] = m[1], b[2] = m[2], b[3] = m[3];
+}
+
+// The A fragment of the 16x16 block (m0, k0) of A(m, k) = X[k][m] (X row-major, stride ld: A is
+// stored transposed): transposed loads of the four 8x8 blocks in the order a0..a3 wants them.
+__device__ __forceinline__ void load_a_cols(uint32_t (&a)[4], const bf16* X, int ld, int m0,
+                                            int k0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+  ldmatrix_x4_trans(a, X + (k0 + (j >> 1) * 8 + r) * ld + m0 + (j & 1) * 8);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk

@@ -8,8 +8,9 @@
 //   W  = T diag(b e^gamma) K,  U = T diag(b) V                 tensor cores, fp32 accumulators
 //   M  = Gamma * causal(Q K^T)                                 (the output's intra-chunk part)
 //   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q
-// writes W, U, KR, Qe, M (bf16) and gamma (fp32) to the workspace. Shared memory: 110 KB, two
-// blocks per SM. Work per chunk and head: 4 products of 0.5 M multiply-adds and the inverse.
+// writes W, U, KR, Qe, M (bf16) and gamma (fp32) to the workspace (and T when the backward
+// asks). Shared memory: 110 KB, two blocks per SM. Work per chunk and head: 4 products of 0.5 M
+// multiply-adds and the inverse.
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -72,6 +73,11 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   // T = (I + A)^-1; `out` is free until W, so it holds T in fp32 and the scratch.
   invert_unit_lower<kThreads>(sm.a, sm.out, sm.out + kC * kLdCf, sm.t);
   __syncthreads();
+  if (p.ws.t) {  // the backward reuses T (bf16, as the products take it)
+    bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
+    for (int i = threadIdx.x; i < kC * kC; i += kThreads)
+      t_out[i] = sm.t[(i / kC) * kLdC + i % kC];
+  }
 
   const size_t base = ws_index(p, slot, hv, kC * kD);
   // W = T diag(b e) K, and M = Q K^T beside it (A is no longer needed).

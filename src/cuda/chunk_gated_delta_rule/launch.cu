@@ -1,6 +1,7 @@
 // Chunked gated delta rule on CUDA: the host side. Fills ChunkParams from the validated inputs,
-// carves the workspace and launches the phases (common.cuh) on the caller's stream. Nothing here
-// reads device memory: varlen offsets stay on the device, so the op is graph-capturable.
+// carves the workspace and launches the phases (common.cuh; the backward's are listed above
+// backward() below) on the caller's stream. Nothing here reads device memory: varlen offsets stay
+// on the device, so the op is graph-capturable.
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
@@ -20,17 +21,31 @@ int64_t num_slots(const GatedDeltaRuleShape& s) {
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
-// Byte sizes of the workspace tensors (in Workspace's order).
+// Byte sizes of the workspace tensors (in Workspace's order; then the backward's own, zero in
+// the forward).
 struct WorkspaceLayout {
   size_t w, u, kr, qe, m, gamma;
-  size_t total() const { return w + u + kr + qe + m + gamma; }
+  size_t t = 0, states = 0, dstates = 0, dq_heads = 0, dk_heads = 0;
+  size_t total() const {
+    return w + u + kr + qe + m + gamma + t + states + dstates + dq_heads + dk_heads;
+  }
 };
 
-WorkspaceLayout layout(const GatedDeltaRuleShape& s) {
+WorkspaceLayout layout(const GatedDeltaRuleShape& s, bool backward) {
   const size_t blocks = static_cast<size_t>(num_slots(s)) * s.num_v_heads;
   const size_t chunk_tile = align_up(blocks * kC * kD * sizeof(bf16));
-  return {chunk_tile, chunk_tile, chunk_tile, chunk_tile,
-          align_up(blocks * kC * kC * sizeof(bf16)), align_up(blocks * kC * sizeof(float))};
+  WorkspaceLayout l{chunk_tile, chunk_tile, chunk_tile, chunk_tile,
+                    align_up(blocks * kC * kC * sizeof(bf16)), align_up(blocks * kC * sizeof(float))};
+  if (backward) {
+    l.t = l.m;
+    l.states = l.dstates = align_up(blocks * kD * kD * sizeof(bf16));
+    // dq per value head reuses KR and Qe's space (below): only dstate reads those, and it has
+    // finished when grads writes dq. B * T <= 64 * slots and K <= 128 make it fit.
+    l.dq_heads = 0;
+    l.dk_heads = align_up(static_cast<size_t>(s.batch) * s.seq_len * s.num_v_heads *
+                          s.head_k_dim * sizeof(float));
+  }
+  return l;
 }
 
 void check_supported(const GatedDeltaRuleShape& s) {
@@ -44,7 +59,12 @@ void check_supported(const GatedDeltaRuleShape& s) {
 
 size_t forward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
   check_supported(s);
-  return layout(s).total();
+  return layout(s, false).total();
+}
+
+size_t backward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
+  check_supported(s);
+  return layout(s, true).total();
 }
 
 void copy_strides(const TensorRef& t, int64_t* dst) {
@@ -52,7 +72,7 @@ void copy_strides(const TensorRef& t, int64_t* dst) {
 }
 
 ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-                        void* workspace) {
+                        void* workspace, bool backward) {
   ChunkParams p{};
   p.q = in.q.data, p.k = in.k.data, p.v = in.v.data, p.g = in.g.data, p.beta = in.beta.data;
   p.dtype = in.q.dtype, p.g_dtype = in.g.dtype, p.beta_dtype = in.beta.dtype;
@@ -71,7 +91,7 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.scale = static_cast<float>(s.scale);
   p.l2norm = in.use_qk_l2norm;
 
-  const WorkspaceLayout l = layout(s);
+  const WorkspaceLayout l = layout(s, backward);
   auto* base = static_cast<unsigned char*>(workspace);
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -85,6 +105,14 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.ws.qe = static_cast<bf16*>(take(l.qe));
   p.ws.m = static_cast<bf16*>(take(l.m));
   p.ws.gamma = static_cast<float*>(take(l.gamma));
+  if (backward) {
+    p.ws.t = static_cast<bf16*>(take(l.t));
+    p.bwd.states = static_cast<bf16*>(take(l.states));
+    p.bwd.dstates = static_cast<bf16*>(take(l.dstates));
+    p.bwd.dk_heads = static_cast<float*>(take(l.dk_heads));
+    p.bwd.dq_heads = reinterpret_cast<float*>(p.ws.kr);  // KR, then Qe: l.dk_heads <= l.kr + l.qe
+    check_value(l.dk_heads <= l.kr + l.qe, "chunk_gated_delta_rule: workspace layout");
+  }
   return p;
 }
 
@@ -93,7 +121,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   check_supported(s);
   check_value(s.num_seqs <= 0x7fffffff, "chunk_gated_delta_rule: too many sequences");
   if (s.num_seqs == 0) return;
-  ChunkParams p = make_params(s, in, out.workspace.data);
+  ChunkParams p = make_params(s, in, out.workspace.data, false);
   p.initial_state = in.initial_state.defined() ? static_cast<const float*>(in.initial_state.data)
                                                : nullptr;
   p.final_state = out.final_state.defined() ? static_cast<float*>(out.final_state.data) : nullptr;
@@ -109,9 +137,66 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   chunk::launch_state(p, stream);
 }
 
+// The backward, five launches on the caller's stream (the CPU kernel's derivation, split by what
+// parallelises):
+//   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
+//   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
+//                                               chunk (bf16), writes no output
+//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers; stores dS'^T
+//                                               leaving each chunk, writes d_initial_state
+//   grads   (slot, value head)                  every gradient of one chunk given S and dS';
+//                                               dv, dg, dbeta, and dq, dk per value head (fp32)
+//   reduce  (row, key head)                     dq, dk summed over the group, l2norm backward
+// Where the time should go (1 x 32768, HV = 32, per chunk and head): intra ~2 M multiply-adds,
+// state (replay, per 64-column tile) ~1 M and 40 KB read + 16 KB of state written, dstate (per
+// tile) ~1.6 M and 48 KB read + 16 KB written, grads ~8.4 M and ~100 KB read, reduce ~HV/H + 1
+// rows of K. grads is the largest
+// and the first to measure; the states (2 x 32 KB per chunk and head in bf16) and the fp32
+// per-value-head dq/dk dominate the workspace (dq reuses KR and Qe's space once dstate is done).
+// About 3 GB at 1 x 32768 with HV = 32: storing the states for every other chunk, or dq/dk
+// per key head (one block per key head looping over its value heads), are the next savings.
+void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
+              const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
+  check_supported(s);
+  check_value(s.num_seqs <= 0x7fffffff, "chunk_gated_delta_rule: too many sequences");
+  if (s.num_seqs == 0) return;
+  ChunkParams p = make_params(s, in, gout.workspace.data, true);
+  p.initial_state = in.initial_state.defined() ? static_cast<const float*>(in.initial_state.data)
+                                               : nullptr;
+  if (in.initial_state.defined()) copy_strides(in.initial_state, p.h0_s);
+  p.final_state = nullptr;
+  p.o = nullptr;
+  chunk::BackwardParams& b = p.bwd;
+  b.d_o = gin.d_o.data;
+  b.d_o_dtype = gin.d_o.dtype;
+  copy_strides(gin.d_o, b.d_o_s);
+  if (gin.d_final_state.defined()) {
+    b.d_final_state = static_cast<const float*>(gin.d_final_state.data);
+    copy_strides(gin.d_final_state, b.dht_s);
+  }
+  if (gout.d_initial_state.defined()) {
+    b.d_initial_state = static_cast<float*>(gout.d_initial_state.data);
+    copy_strides(gout.d_initial_state, b.dh0_s);
+  }
+  b.dq = gout.dq.data, b.dk = gout.dk.data, b.dv = gout.dv.data;
+  b.dg = gout.dg.data, b.dbeta = gout.dbeta.data;
+  b.dg_dtype = gout.dg.dtype, b.dbeta_dtype = gout.dbeta.dtype;
+  copy_strides(gout.dq, b.dq_s), copy_strides(gout.dk, b.dk_s), copy_strides(gout.dv, b.dv_s);
+  copy_strides(gout.dg, b.dg_s), copy_strides(gout.dbeta, b.dbeta_s);
+
+  const DeviceGuard guard(in.q.device.index);
+  const auto stream = static_cast<cudaStream_t>(in.stream);
+  chunk::check_grads_device();  // before any launch
+  if (p.num_slots > 0) chunk::launch_intra(p, stream);
+  chunk::launch_state(p, stream);
+  chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences
+  if (p.num_slots > 0) chunk::launch_grads(p, stream);
+  chunk::launch_reduce(p, stream);
+}
+
 }  // namespace
 
-const GatedDeltaRuleBackend kChunkGatedDeltaRule = {forward_workspace_bytes, nullptr, forward,
-                                                     /*backward=*/nullptr};
+const GatedDeltaRuleBackend kChunkGatedDeltaRule = {forward_workspace_bytes,
+                                                     backward_workspace_bytes, forward, backward};
 
 }  // namespace flashdelta::detail::cuda

@@ -11,6 +11,9 @@
 // product's accumulators (common.cuh, mma.sync section): S and Vn never go through shared memory.
 // B operands come from shared memory by ldmatrix; the next chunk's W, KR, Qe, M, U stream in by
 // cp.async while this one is computed. Two barriers per chunk.
+// The backward's replay (kReplay: p.bwd.states set, p.o null) is the same pass without O (no Qe,
+// no M, two products of five): it stores S^T entering each chunk, bf16 [slot, hv, v, k], rows v
+// of this block's tile.
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -38,7 +41,7 @@ __device__ __forceinline__ void to_a(const float (&c)[kTiles][4], int kk, uint32
   a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-template <typename T>
+template <typename T, bool kReplay>
 __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   StateSmem& sm = *reinterpret_cast<StateSmem*>(smem_raw);
@@ -77,15 +80,17 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
     const int buf = c & 1;
     copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
     copy_in_async<kThreads>(p.ws.kr + base, kD, kC, kD, sm.kr[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.qe + base, kD, kC, kD, sm.qe[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
-                            kLdC);
+    if constexpr (!kReplay) {
+      copy_in_async<kThreads>(p.ws.qe + base, kD, kC, kD, sm.qe[buf], kLdD);
+      copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
+                              kLdC);
+    }
     copy_in_async<kThreads>(p.ws.u + base + col0, kD, kC, kVT, sm.u[buf], kLdU);
     cp_async_commit();
   };
   if (num_chunks > 0) prefetch(0);
 
-  T* o_base = static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2];
+  T* o_base = kReplay ? nullptr : static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2];
   for (int64_t c = 0; c < num_chunks; ++c) {
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
@@ -99,6 +104,17 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
     }
     __syncthreads();  // chunk c's tiles are visible to all warps
 
+    // The backward's replay keeps S^T entering every chunk: rows v, columns k (bf16 pairs).
+    if constexpr (kReplay) {
+      bf16* st = p.bwd.states + ws_index(p, slot, hv, kD * kD);
+#pragma unroll
+      for (int nt = 0; nt < 16; ++nt) {
+        const int k = nt * 8 + 2 * t4;
+        *reinterpret_cast<uint32_t*>(st + v_lo * kD + k) = pack_bf16(sc[nt][0], sc[nt][1]);
+        *reinterpret_cast<uint32_t*>(st + v_hi * kD + k) = pack_bf16(sc[nt][2], sc[nt][3]);
+      }
+    }
+
     // P^T = S^T W^T and O^T = S^T Qe^T, from S^T's bf16 A fragments.
     float pc[8][4] = {}, oc[8][4] = {};
 #pragma unroll
@@ -111,9 +127,11 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
         load_b_rows(b, sm.w[buf], kLdD, np * 16, kk * 16);
         mma_bf16(pc[2 * np], a, b[0], b[1]);
         mma_bf16(pc[2 * np + 1], a, b[2], b[3]);
-        load_b_rows(b, sm.qe[buf], kLdD, np * 16, kk * 16);
-        mma_bf16(oc[2 * np], a, b[0], b[1]);
-        mma_bf16(oc[2 * np + 1], a, b[2], b[3]);
+        if constexpr (!kReplay) {
+          load_b_rows(b, sm.qe[buf], kLdD, np * 16, kk * 16);
+          mma_bf16(oc[2 * np], a, b[0], b[1]);
+          mma_bf16(oc[2 * np + 1], a, b[2], b[3]);
+        }
       }
     }
     // Vn^T = U^T - P^T (U is [t, v] in shared memory), rounded to bf16 as the next operand.
@@ -133,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
 
     // O^T += Vn^T M^T; then store o rows t of this chunk.
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < 4 && !kReplay; ++kk) {
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t b[4];
@@ -145,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
     const int64_t t0 = seq.begin + c * kC;
     const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < 8 && !kReplay; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int t = nt * 8 + 2 * t4 + j;
@@ -188,24 +206,29 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
   }
 }
 
-template <typename T>
+template <typename T, bool kReplay>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(StateSmem);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-      state_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(state_kernel<T, kReplay>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + kVT - 1) / kVT);
-  state_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  state_kernel<T, kReplay><<<grid, kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 void launch_state(const ChunkParams& p, cudaStream_t stream) {
+  if (p.bwd.states) {  // the replay reads only the workspace: one instance for every dtype
+    launch<bf16, true>(p, stream);
+    return;
+  }
   switch (p.dtype) {
-    case DType::kFloat32: launch<float>(p, stream); break;
-    case DType::kFloat16: launch<__half>(p, stream); break;
-    default: launch<bf16>(p, stream); break;
+    case DType::kFloat32: launch<float, false>(p, stream); break;
+    case DType::kFloat16: launch<__half, false>(p, stream); break;
+    default: launch<bf16, false>(p, stream); break;
   }
 }
 
