@@ -107,8 +107,11 @@ def bench_conv(B, T, C, W, bandwidth, do_bench, replays, flush):
                 with torch.no_grad():
                     fn(x, w)
 
+            del y  # the reference step's autograd graph (its AccumulateGrad nodes were made on
+            # the default stream; kept alive, they break the capture below)
+            xc, wc = x.detach().requires_grad_(), w.detach().requires_grad_()  # fresh leaves
             fwd = device_time_ms(fwd_only, [], replays, flush)
-            fb = device_time_ms(lambda: fn(xg, wg).backward(dy), [xg, wg], replays, flush)
+            fb = device_time_ms(lambda: fn(xc, wc).backward(dy), [xc, wc], replays, flush)
             fwd_eager = do_bench(fwd_only, return_mode="median")
             fb_eager = do_bench(fwd_bwd, return_mode="median")
             rows.append(dict(impl=name, B=B, T=T, fwd_ms=fwd, fwd_bwd_ms=fb,
