@@ -16,13 +16,17 @@ shared-expert width 512; bf16 activations and weights. Per op:
 | attention_gate | attention_gate, strided gate        | attn * sigmoid(gate.reshape(...))      |
 | rope           | partial_rotary_embedding, q and k   | apply_rotary_pos_emb                   |
 
-Two times per implementation, both the median of CUDA-event timings after warm-up, forward +
-backward (the backward from a fixed upstream gradient, gradients reset to None first):
+Times per implementation, forward + backward (the backward from a fixed upstream gradient,
+gradients reset to None first):
 
-- device: the GPU time of the kernels alone. The step is captured once in a CUDA graph and the
-  graph replayed, each replay after a 256 MB write that flushes the L2 cache (the graph launch is
-  queued while that write runs, so no host time is inside the events). This is the time the
-  bars are about: in a training step the host runs ahead of the GPU and launch costs hide.
+- device: the median GPU time of the step, captured once in a CUDA graph and replayed, each
+  replay after a 256 MB write that flushes the L2 cache (the graph launch is queued while that
+  write runs, so no host time is inside the events; the graph's own launch and the gaps between
+  its kernels, a few microseconds, are). In a training step the host runs ahead of the GPU and
+  launch costs hide.
+- kernels (flashdelta): the sum of the step's kernel times under torch.profiler, each step after
+  the same L2 flush (left out of the sum): the op without the graph launch and the gaps between
+  kernels, which are a fixed few microseconds that weigh on the smallest ops.
 - eager: the step called from Python each time (triton.testing.do_bench, which also flushes L2):
   host dispatch included, so for small ops it measures the host rather than the GPU.
 
@@ -169,6 +173,41 @@ def device_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
     return times[len(times) // 2]
 
 
+def kernel_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
+    """Mean GPU time of step()'s own kernels (torch.profiler device time; each step after an L2
+    flush whose kernels are left out): the op's time without the graph's launch and the gaps
+    between kernels that device_time_ms includes."""
+    from collections import defaultdict
+
+    def kernels(fn, n):
+        for _ in range(2):
+            fn()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+        totals = defaultdict(float)
+        for ev in prof.key_averages():
+            us = getattr(ev, "self_device_time_total", None)
+            if us is None:
+                us = getattr(ev, "self_cuda_time_total", 0.0)
+            if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+                totals[ev.key] += us
+        return totals
+
+    flush_names = set(kernels(lambda: flush.zero_(), 1))
+
+    def flushed_step():
+        for x in leaves:
+            x.grad = None
+        flush.zero_()
+        step()
+
+    totals = kernels(flushed_step, repeats)
+    return sum(us for k, us in totals.items() if k not in flush_names) / repeats / 1e3
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m flashdelta.bench fused_ops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +237,9 @@ def main(argv=None) -> int:
                                                args.replays, flush)
                 timings[impl + "_fwd"] = device_time_ms(lambda: fn(*detached), [],
                                                         args.replays, flush)
+                if impl == "flashdelta":
+                    timings[impl + "_kernels"] = kernel_time_ms(
+                        lambda: _step(fn, inputs, grads), leaves, 20, flush)
                 timings[impl + "_eager"] = do_bench(
                     lambda: _step(fn, inputs, grads), grad_to_none=leaves, rep=args.repeat_ms,
                     return_mode="median")
@@ -210,6 +252,7 @@ def main(argv=None) -> int:
         rows.append(dict(
             op=name, bytes=floor_bytes, floor_ms=floor_ms, flashdelta_ms=fd_ms,
             flashdelta_fwd_ms=timings.get("flashdelta_fwd"),
+            flashdelta_kernels_ms=timings.get("flashdelta_kernels"),
             flashdelta_eager_ms=timings.get("flashdelta_eager"), transformers_ms=hf_ms,
             transformers_fwd_ms=timings.get("transformers_fwd"),
             transformers_eager_ms=timings.get("transformers_eager"),
@@ -221,7 +264,8 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); fwd+bwd medians (us): "
           f"device = CUDA-graph replay, eager = called from Python (host included)")
     print(f"{'op':>15}  {'MB':>7}  {'floor':>7}  {'flashdelta':>10}  {'x floor':>7}  "
-          f"{'transformers':>12}  {'speed-up':>8}  {'fd eager':>8}  {'tf eager':>8}")
+          f"{'kernels':>7}  {'x floor':>7}  {'transformers':>12}  {'speed-up':>8}  "
+          f"{'fd eager':>8}  {'tf eager':>8}")
 
     def us(v):
         return f"{v * 1e3:.1f}" if v else "n/a"
@@ -229,8 +273,11 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = f"{r['ratio_to_floor']:.2f}" if r["ratio_to_floor"] else "n/a"
         speed = f"{r['speedup']:.2f}" if r["speedup"] else "n/a"
+        kern = r["flashdelta_kernels_ms"]
+        kern_ratio = f"{kern / r['floor_ms']:.2f}" if kern else "n/a"
         print(f"{r['op']:>15}  {r['bytes'] / 1e6:7.1f}  {us(r['floor_ms']):>7}  "
-              f"{us(r['flashdelta_ms']):>10}  {ratio:>7}  {us(r['transformers_ms']):>12}  "
+              f"{us(r['flashdelta_ms']):>10}  {ratio:>7}  {us(kern):>7}  {kern_ratio:>7}  "
+              f"{us(r['transformers_ms']):>12}  "
               f"{speed:>8}  {us(r['flashdelta_eager_ms']):>8}  "
               f"{us(r['transformers_eager_ms']):>8}")
     if args.json:
