@@ -157,7 +157,7 @@ def kernel_times(B, T, C, W, repeats=20):
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def bench_update(B, C, W, bandwidth, do_bench):
+def bench_update(B, C, W, bandwidth, do_bench, replays, flush):
     gen = torch.Generator(device="cuda").manual_seed(1)
     x = torch.randn(B, 1, C, device="cuda", generator=gen).bfloat16().transpose(1, 2)
     state0 = torch.randn(B, C, W, device="cuda", generator=gen).bfloat16()
@@ -172,8 +172,10 @@ def bench_update(B, C, W, bandwidth, do_bench):
             out = (y.clone(), state.clone())  # the timed calls below keep shifting `state`
             err = None if reference is None else max(_rel_err(a, b) for a, b in zip(out, reference))
             reference = reference or out
-            ms = do_bench(lambda: fn(x, state, w), return_mode="median")
-            rows.append(dict(impl=name, ms=ms, over_floor=ms / floor, rel_err=err))
+            ms = device_time_ms(lambda: fn(x, state, w), [], replays, flush)
+            eager = do_bench(lambda: fn(x, state, w), return_mode="median")
+            rows.append(dict(impl=name, ms=ms, over_floor=ms / floor, rel_err=err,
+                             eager_ms=eager))
         except Exception as e:
             rows.append(dict(impl=name, error=f"{type(e).__name__}: {e}"))
     return dict(B=B, C=C, W=W, bytes=moved, floor_ms=floor, rows=rows)
@@ -198,7 +200,7 @@ def main(argv=None) -> int:
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     results = [bench_conv(B, T, C, W, bandwidth, do_bench, args.replays, flush) for B, T in shapes]
-    decode = bench_update(args.decode_batch, C, W, bandwidth, do_bench)
+    decode = bench_update(args.decode_batch, C, W, bandwidth, do_bench, args.replays, flush)
     B0, T0 = shapes[0]
     try:
         kernels = kernel_times(B0, T0, C, W)
@@ -235,13 +237,14 @@ def main(argv=None) -> int:
                   f"{r['fwd_bwd_over_floor']:6.2f}  {speed:>8}  {err:>7}  "
                   f"{r['fwd_eager_ms'] * 1e3:9.1f}  {r['fwd_bwd_eager_ms'] * 1e3:9.1f}")
     print(f"decode update: B={decode['B']}, state [B, C, {W}] bf16; floor "
-          f"{decode['floor_ms'] * 1e3:.1f} us")
+          f"{decode['floor_ms'] * 1e3:.1f} us; device time (graph), then eager")
     for r in decode["rows"]:
         if "error" in r:
             print(f"{'':>9}  {r['impl']:>14}  n/a ({r['error'][:80]})")
             continue
         err = "-" if r["rel_err"] is None else f"{r['rel_err']:.0e}"
-        print(f"{'':>9}  {r['impl']:>14}  {r['ms'] * 1e3:8.1f}  {r['over_floor']:6.2f}  {err:>7}")
+        print(f"{'':>9}  {r['impl']:>14}  {r['ms'] * 1e3:8.1f}  {r['over_floor']:6.2f}  {err:>7}  "
+              f"eager {r['eager_ms'] * 1e3:.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), bandwidth=bandwidth,
