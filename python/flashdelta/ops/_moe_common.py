@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 
 from ._gated_delta_rule import load_extension
+from ._rows import _stream
 
 Tensor = torch.Tensor
 
@@ -14,10 +15,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def stream_of(device: torch.device) -> int:
-    """The current CUDA stream of `device` as an integer (0 on the CPU)."""
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return 0
+    """The current CUDA stream of `device` as an integer (0 on the CPU), without building a
+    torch.cuda.Stream object per call (_rows._stream)."""
+    return _stream(device)
 
 
 def detached(t: Optional[Tensor]) -> Optional[Tensor]:
