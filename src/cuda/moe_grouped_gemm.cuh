@@ -287,14 +287,13 @@ __device__ __forceinline__ void store_swiglu_pair(const GroupedGemmParams<T>& p,
                    from_f32<T>(g1 / (1.0f + __expf(-g1)) * u1)};
 }
 
-// store_swiglu_backward for the columns n and n + 1 at once (same alignment contract).
+// store_swiglu_backward for the columns n and n + 1 at once, given gate_up[m, n : n + 2] (gp)
+// and gate_up[m, I + n : I + n + 2] (up), already loaded (same alignment contract).
 template <typename T>
-__device__ __forceinline__ void store_swiglu_backward_pair(const GroupedGemmParams<T>& p,
-                                                           int64_t m, int64_t n, float v0,
-                                                           float v1) {
-  const T* row = p.gate_up + m * p.ld_gate_up;
-  const StorePair<T> gp = *reinterpret_cast<const StorePair<T>*>(row + n);
-  const StorePair<T> up = *reinterpret_cast<const StorePair<T>*>(row + p.intermediate + n);
+__device__ __forceinline__ void store_swiglu_backward_pair_loaded(const GroupedGemmParams<T>& p,
+                                                                  int64_t m, int64_t n, float v0,
+                                                                  float v1, StorePair<T> gp,
+                                                                  StorePair<T> up) {
   const float g[2] = {to_f32<T>(gp.x), to_f32<T>(gp.y)};
   const float u[2] = {to_f32<T>(up.x), to_f32<T>(up.y)};
   const float v[2] = {v0, v1};
