@@ -13,21 +13,22 @@
 //     a tile overwrites its accumulators (scale-d = 0) instead of adding to zeroed registers:
 //     with the zeroing, ptxas serialised every MMA of the plain-store instantiations (C7515).
 //
-// 2-CTA clusters (the default where the pairing dimension has an even tile count). At 128 x 128
+// Clusters (2 blocks by default, where the grouping dimension's tile count is even). At 128 x 128
 // tiles a block reads 32 KiB per 64-deep k-step from L2 for 2 MFLOP of MMAs; summed over the
 // GPU that is ~5-7 TB/s of L2-to-SM traffic at the measured 33-54% of the MMA rate (by count,
 // each GEMM's tiles x k-steps x 32 KiB over its time), about what H100's L2 delivers, while
-// DRAM ran at ~2 TB/s: the GEMMs look bound by L2 bandwidth, not by DRAM or the tensor cores. Blocks
-// 2c and 2c + 1 along x form a cluster and share one operand: kRows pairs the column tiles n
-// and n + 1 of the same rows (same A boxes), kReduction pairs the m-tiles m and m + 1 of the same
-// expert and columns (same B boxes). CTA i loads box i of the shared operand once, multicast
-// into both blocks' shared memory (each block's full barrier counts the bytes that land in it,
-// whoever issued them), so a pair reads 48 KiB instead of 64 per k-step. A producer overwrites
-// its peer's stage too, so every consumer warp releases a stage on both blocks' empty barriers
-// (the count is 4 x (own + peer active warpgroups)); the barriers are initialised before a
-// cluster barrier, and every thread meets the cluster again before exiting (a block must not
-// exit while its peer may still arrive on its barriers). FLASHDELTA_MOE_GEMM=sm90-1cta turns
-// the clusters off; the results are bitwise the same (same MMAs in the same order).
+// DRAM ran at ~2 TB/s: the GEMMs look bound by L2 bandwidth, not by DRAM or the tensor cores.
+// C consecutive blocks along x (C = 2, or 4 with FLASHDELTA_MOE_GEMM=sm90-4cta) form a cluster
+// and share one operand: kRows groups column tiles of the same rows (same A boxes), kReduction
+// m-tiles of the same expert and columns (same B boxes). CTA i < 2 loads box i of the shared
+// operand once, multicast into every block's shared memory (each block's full barrier counts
+// the bytes that land in it, whoever issued them): per k-step a pair reads 48 KiB instead of
+// 64, a quad 80 instead of 128. A producer overwrites its peers' stages too, so every consumer
+// warp releases a stage on every block's empty barrier (the count is 4 x the cluster's active
+// warpgroups); the barriers are initialised before a cluster barrier, and every thread meets
+// the cluster again before exiting (a block must not exit while a peer may still arrive on its
+// barriers). FLASHDELTA_MOE_GEMM=sm90-1cta turns the clusters off; the results are bitwise the
+// same (same MMAs in the same order).
 // Every box has 128-byte rows (64 two-byte elements), is 1024-byte aligned and is written by TMA
 // with the 128-byte swizzle, which is the canonical layout wgmma reads through a matrix
 // descriptor (start address, LBO, SBO, swizzle mode):
@@ -148,7 +149,7 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
-// ---- 2-CTA clusters (TMA multicast of the operand both blocks of a cluster read)
+// ---- clusters (TMA multicast of the operand every block of a cluster reads)
 
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t rank;
@@ -272,7 +273,7 @@ template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads, 2)
 grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
                          const __grid_constant__ CUtensorMap tmap_b, const GroupedGemmParams<T> p,
-                         const int multicast) {
+                         const int cluster_size) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kReduction = kGrouping == Grouping::kReduction;
   constexpr bool kATrans = kReduction;    // A M-major (weight gradients)
@@ -317,19 +318,23 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int64_t m_limit = kReduction ? p.m_size : row_end;
   // Warpgroup 1 works only when the tile has rows past its first 64.
   const int active_groups = m_tile_start + kBM / 2 < m_limit ? 2 : 1;
-  // multicast (a 2 x 1 x 1 cluster, see the note): this block is CTA `rank`, its peer has the
-  // neighbouring blockIdx.x (kRows: the next column tile of the same rows; kReduction: the next
-  // m-tile of the same expert and columns). The peer's consumers release our stages too.
+  // A cluster of cluster_size (1, 2 or 4) blocks along x (see the note): this block is CTA
+  // `rank`; its peers have the neighbouring blockIdx.x (kRows: the other column tiles of the same
+  // rows; kReduction: the other m-tiles of the same expert and columns). The peers' consumers
+  // release our stages too: peer_groups counts their active warpgroups.
+  const bool multicast = cluster_size > 1;
   const uint32_t rank = multicast ? cluster_ctarank() : 0u;
   int peer_groups = 0;
-  if (multicast) {
+  for (int r = 0; r < cluster_size; ++r) {
+    if (r == static_cast<int>(rank)) continue;
     if constexpr (kReduction) {
-      const int64_t peer_m_start = static_cast<int64_t>(blockIdx.x ^ 1u) * kBM;
-      peer_groups = peer_m_start + kBM / 2 < m_limit ? 2 : 1;
+      const int64_t peer_m_start = static_cast<int64_t>(blockIdx.x - rank + r) * kBM;
+      peer_groups += peer_m_start + kBM / 2 < m_limit ? 2 : 1;
     } else {
-      peer_groups = active_groups;  // the same rows
+      peer_groups += active_groups;  // the same rows
     }
   }
+  const auto cluster_mask = static_cast<uint16_t>((1u << cluster_size) - 1u);
   const int64_t k_extent = kReduction ? row_end - row_begin : p.k_size;
   const int num_k_tiles = static_cast<int>((k_extent + kBK - 1) / kBK);
   const int64_t n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kBN / 2) : n_tile * kBN;
@@ -337,7 +342,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(smem_u32(&full_bar[s]), 1);  // the producer's arrive (+ the TMA bytes)
-      // One arrive per consumer warp of this block and of the peer.
+      // One arrive per consumer warp of this block and of its peers.
       mbarrier_init(smem_u32(&empty_bar[s]), 4 * (active_groups + peer_groups));
     }
     // Make the initialised barriers visible to the async proxy (TMA), the other threads and
@@ -345,7 +350,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   // The last block-wide barrier: producer and consumers part ways below. In a cluster, also
-  // the point after which the peer may multicast into this block and arrive on its barriers.
+  // the point after which the peers may multicast into this block and arrive on its barriers.
   if (multicast) {
     cluster_arrive();
     cluster_wait();
@@ -370,17 +375,17 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         const int32_t k0 = kt * kBK;
         const auto e = static_cast<int32_t>(expert);
         // Coordinates are innermost first; they fit in int32 (N < 2^31 rows, extents < 2^31).
-        // In a cluster, the shared operand's box i is loaded by CTA i for both (kRows: the A
+        // In a cluster, the shared operand's box i is loaded by CTA i for all (kRows: the A
         // boxes; kReduction: the B boxes); the byte count armed above is the same either way.
         for (int g = 0; g < active_groups; ++g) {
           const uint32_t dst = sa + static_cast<uint32_t>(g * kBoxBytes);
           if constexpr (kReduction) {  // A = [rows][m]: box (64 m) x (64 rows of the expert)
             tma_load_2d(dst, &tmap_a, bar, static_cast<int32_t>(m_tile_start + g * kBox),
                         static_cast<int32_t>(row_begin + k0));
-          } else if (multicast) {  // A = [rows][k], shared with the peer
+          } else if (multicast) {  // A = [rows][k], shared with the peers
             if (g == static_cast<int>(rank)) {
               tma_load_2d_multicast(dst, &tmap_a, bar, k0,
-                                    static_cast<int32_t>(m_tile_start + g * kBox), 0x3);
+                                    static_cast<int32_t>(m_tile_start + g * kBox), cluster_mask);
             }
           } else {  // A = [rows][k]
             tma_load_2d(dst, &tmap_a, bar, k0, static_cast<int32_t>(m_tile_start + g * kBox));
@@ -388,13 +393,13 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
         for (int h = 0; h < b_boxes; ++h) {
           const uint32_t dst = sb + static_cast<uint32_t>(h * kBoxBytes);
-          if constexpr (kReduction) {  // B = [rows][n], shared with the peer in a cluster
+          if constexpr (kReduction) {  // B = [rows][n], shared with the peers in a cluster
             const auto n0 = static_cast<int32_t>(n_tile_start + h * kBox);
             const auto r0 = static_cast<int32_t>(row_begin + k0);
             if (!multicast) {
               tma_load_2d(dst, &tmap_b, bar, n0, r0);
             } else if (h == static_cast<int>(rank)) {
-              tma_load_2d_multicast(dst, &tmap_b, bar, n0, r0, 0x3);
+              tma_load_2d_multicast(dst, &tmap_b, bar, n0, r0, cluster_mask);
             }
           } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // gate rows, then up rows
             const int64_t row = n_tile_start + (h == 0 ? 0 : p.intermediate);
@@ -477,7 +482,9 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     if (kt > 0 && lane == 0) {
       const uint32_t empty = smem_u32(&empty_bar[(kt - 1) % kStages]);
       mbarrier_arrive(empty);
-      if (multicast) mbarrier_arrive_cluster(empty, rank ^ 1u);
+      for (int r = 0; r < cluster_size; ++r) {
+        if (r != static_cast<int>(rank)) mbarrier_arrive_cluster(empty, static_cast<uint32_t>(r));
+      }
     }
   }
   if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
@@ -506,7 +513,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
   }
-  // This warpgroup's last remote operation is behind it: the peer may leave once the rest of
+  // This warpgroup's last remote operation is behind it: the peers may leave once the rest of
   // the cluster is done too (the wait is at the end, after the epilogue).
   if (multicast) cluster_arrive();
 
@@ -688,12 +695,13 @@ bool sm90_kernel_ready() {
 
 // Launches one grouped GEMM on the Hopper path; false (nothing launched) when it does not
 // apply: operands not TMA-compatible, or this build has no sm_90a code for the device. The
-// caller has checked that the device is sm_90. `allow_multicast`: pair the blocks in 2-CTA
-// clusters that multicast their shared operand, where the pairing dimension (kRows: column
-// tiles; kReduction: m-tiles) has an even number of tiles.
+// caller has checked that the device is sm_90. `max_cluster`: group the blocks in clusters of
+// up to this many (1, 2 or 4) that multicast their shared operand; a cluster size must divide
+// the tile count of the grouping dimension (kRows: column tiles; kReduction: m-tiles), else the
+// next smaller one is used.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t stream,
-                                  bool allow_multicast) {
+                                  int max_cluster) {
   if (!p.vector_ok) return false;
   auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
   if (!sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) return false;
@@ -730,7 +738,8 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
                       (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
                       (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
   }
-  const bool multicast = allow_multicast && grid.x % 2 == 0;
+  int cluster_size = max_cluster >= 4 ? 4 : (max_cluster >= 2 ? 2 : 1);
+  while (grid.x % cluster_size != 0) cluster_size /= 2;
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = dim3(kThreads, 1, 1);
@@ -738,12 +747,12 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
   config.stream = stream;
   cudaLaunchAttribute cluster[1];
   cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim.x = 2;  // blocks 2c and 2c + 1 along x: see the kernel
+  cluster[0].val.clusterDim.x = static_cast<unsigned>(cluster_size);  // consecutive blockIdx.x
   cluster[0].val.clusterDim.y = 1;
   cluster[0].val.clusterDim.z = 1;
   config.attrs = cluster;
-  config.numAttrs = multicast ? 1 : 0;
-  FLASHDELTA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, q, multicast ? 1 : 0));
+  config.numAttrs = cluster_size > 1 ? 1 : 0;
+  FLASHDELTA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, q, cluster_size));
   return true;
 }
 
