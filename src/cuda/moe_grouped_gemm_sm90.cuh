@@ -56,10 +56,13 @@
 // Epilogues. Plain stores go through shared memory (the warpgroup's own A boxes of stages 0
 // and 1, free once its MMAs are done) so that rows leave as 16-byte stores; the SwiGLU
 // epilogues (forward: gate_up + act; backward: reads gate_up) work from the registers, two
-// adjacent columns per access, exactly as the sm_80 kernel rounds. The backward one reads
-// gate_up: its lines are prefetched into L2 while the last MMAs run, and the reads go in
-// batches ahead of the stores (one round trip per batch, not one per column pair: 32 dependent
-// DRAM round trips per thread, by count comparable to the whole main loop at K = 2048).
+// adjacent columns per access, exactly as the sm_80 kernel rounds. The backward one (reads
+// gate_up, writes d_gate_up and act) goes through shared memory too: d_act in fp32 (the whole
+// ring is free once both warpgroups are done), then 8 consecutive columns per thread and step,
+// 16-byte accesses, two steps' loads in flight; gate_up's lines are prefetched into L2 while
+// the last MMAs run. (The first version read gate_up from the registers' layout, 4 bytes at
+// a time, one dependent round trip per column pair: 32 per thread, by count comparable to the
+// whole main loop at K = 2048.)
 //
 // Scheduling, determinism, no host synchronisation: as the sm_80 kernel (same grid, same block
 // scan over the device offsets, one block per output tile, no atomics; both blocks of a cluster
@@ -570,58 +573,109 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
     }
-  } else {  // SwiGLU forward / backward: straight from the registers
+  } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // straight from the registers
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
       if (m >= m_limit) continue;
-      if constexpr (kEpilogue == Epilogue::kSwiGLU) {
-        // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
+      // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
-          if (col >= p.intermediate) continue;
-          const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
-          const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
-          if (p.pair_store_ok && col + 1 < p.intermediate) {
-            store_swiglu_pair(p, m, col, g0, u0, g1, u1);
-          } else {
-            store_swiglu(p, m, col, g0, u0);
-            if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
-          }
+      for (int j = 0; j < 8; ++j) {
+        const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
+        if (col >= p.intermediate) continue;
+        const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
+        const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
+        if (p.pair_store_ok && col + 1 < p.intermediate) {
+          store_swiglu_pair(p, m, col, g0, u0, g1, u1);
+        } else {
+          store_swiglu(p, m, col, g0, u0);
+          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
         }
-      } else if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {  // acc = d_act
-        // The epilogue reads gate_up: load a batch of column pairs before any math or store
-        // so that their latencies overlap (loads after the stores of d_gate_up could not be
-        // hoisted: the compiler must assume they alias), one dependent round trip (to L2: see
-        // the prefetch after the main loop) per batch instead of one per column pair. Larger
-        // batches spill: two blocks of 9 warps put 5 warps on an SM sub-partition, 96
-        // registers each.
-        constexpr int kBatch = 2;
+      }
+    }
+  } else {  // kSwiGLUBackward, acc = d_act: through shared memory
+    // Once both warpgroups' MMAs are done the ring is free (every load has landed): warpgroup g
+    // stages its d_act[64 rows][128 columns] in fp32 in stage g (32 KiB), rows of 512 bytes
+    // with the 16-byte chunks XOR-swizzled by row % 8 (conflict-free enough both ways). Then
+    // each thread takes 8 consecutive columns of a row at a time: 16-byte loads of gate and up
+    // (kInFlight items' loads issued before any store: the compiler cannot hoist loads over
+    // stores that may alias them; 4 in flight spill at the 96-register bound) and 16-byte
+    // stores of d_gate, d_up and act, where the operands allow (vector_store_ok).
+    asm volatile("bar.sync 1, %0;\n" ::"r"(consumer_threads) : "memory");
+    uint8_t* const staging = ring_ptr + group * kStageBytes;
+    const auto staged = [&](int row, int col) {  // the fp32 d_act at (row, col) of the tile
+      return staging + row * 512 + (((col / 4) ^ (row % 8)) * 16) + (col % 4) * 4;
+    };
 #pragma unroll
-        for (int jb = 0; jb < 16; jb += kBatch) {
-          StorePair<T> gate[kBatch], up[kBatch];
+    for (int i = 0; i < 2; ++i) {
+      const int row = (warp % 4) * 16 + lane / 4 + i * 8;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        *reinterpret_cast<float2*>(staged(row, 8 * j + 2 * (lane % 4))) =
+            make_float2(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+      }
+    }
+    // This warpgroup only (named barriers 2 and 3, as the plain stores).
+    if (group == 0) {
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    } else {
+      asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
+    const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
+    constexpr int kItems = 64 * 16 / 128;  // items (8 columns of a row) per thread
+    constexpr int kInFlight = 2;
+#pragma unroll 1
+    for (int first = 0; first < kItems; first += kInFlight) {
+      uint4 gate[kInFlight], up[kInFlight];
+#pragma unroll
+      for (int b = 0; b < kInFlight; ++b) {
+        const int q = thread_in_group + 128 * (first + b);  // row q / 16, columns 8 (q % 16)..
+        const int64_t m = m_tile_start + group * 64 + q / 16;
+        const int64_t n = n_tile_start + 8 * (q % 16);
+        if (p.vector_store_ok && m < m_limit && n + 8 <= p.n_size) {
           const T* gate_up_row = p.gate_up + m * p.ld_gate_up;
+          gate[b] = *reinterpret_cast<const uint4*>(gate_up_row + n);
+          up[b] = *reinterpret_cast<const uint4*>(gate_up_row + p.intermediate + n);
+        }
+      }
 #pragma unroll
-          for (int jj = 0; jj < kBatch; ++jj) {
-            const int64_t n = n_tile_start + 8 * (jb + jj) + 2 * (lane % 4);
-            if (p.pair_store_ok && n + 1 < p.n_size) {
-              gate[jj] = *reinterpret_cast<const StorePair<T>*>(gate_up_row + n);
-              up[jj] = *reinterpret_cast<const StorePair<T>*>(gate_up_row + p.intermediate + n);
-            }
+      for (int b = 0; b < kInFlight; ++b) {
+        const int q = thread_in_group + 128 * (first + b);
+        const int row = q / 16, col = 8 * (q % 16);
+        const int64_t m = m_tile_start + group * 64 + row;
+        const int64_t n = n_tile_start + col;
+        if (m >= m_limit || n >= p.n_size) continue;
+        const float4 lo = *reinterpret_cast<const float4*>(staged(row, col));
+        const float4 hi = *reinterpret_cast<const float4*>(staged(row, col + 4));
+        const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        if (p.vector_store_ok && n + 8 <= p.n_size) {
+          // Word by word (two elements each), so that everything stays in registers.
+          const uint32_t g_words[4] = {gate[b].x, gate[b].y, gate[b].z, gate[b].w};
+          const uint32_t u_words[4] = {up[b].x, up[b].y, up[b].z, up[b].w};
+          uint32_t d_g[4], d_u[4], act_words[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            StorePair<T> g, u, dg, du, a;
+            memcpy(&g, &g_words[w], sizeof(g));
+            memcpy(&u, &u_words[w], sizeof(u));
+            swiglu_backward_values<T>(v[2 * w], g.x, u.x, dg.x, du.x, a.x);
+            swiglu_backward_values<T>(v[2 * w + 1], g.y, u.y, dg.y, du.y, a.y);
+            memcpy(&d_g[w], &dg, sizeof(dg));
+            memcpy(&d_u[w], &du, sizeof(du));
+            memcpy(&act_words[w], &a, sizeof(a));
           }
+          T* d_row = p.d_gate_up + m * p.ld_gate_up;
+          *reinterpret_cast<uint4*>(d_row + n) = make_uint4(d_g[0], d_g[1], d_g[2], d_g[3]);
+          *reinterpret_cast<uint4*>(d_row + p.intermediate + n) =
+              make_uint4(d_u[0], d_u[1], d_u[2], d_u[3]);
+          if (p.act != nullptr) {
+            *reinterpret_cast<uint4*>(p.act + m * p.ld_act + n) =
+                make_uint4(act_words[0], act_words[1], act_words[2], act_words[3]);
+          }
+        } else {  // element by element (unaligned operands or the last columns)
 #pragma unroll
-          for (int jj = 0; jj < kBatch; ++jj) {
-            const int j = jb + jj;
-            const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
-            if (n >= p.n_size) continue;
-            if (p.pair_store_ok && n + 1 < p.n_size) {
-              store_swiglu_backward_pair_loaded(p, m, n, acc[4 * j + 2 * i],
-                                                acc[4 * j + 2 * i + 1], gate[jj], up[jj]);
-            } else {
-              store_swiglu_backward(p, m, n, acc[4 * j + 2 * i]);
-              if (n + 1 < p.n_size) store_swiglu_backward(p, m, n + 1, acc[4 * j + 2 * i + 1]);
-            }
+          for (int e = 0; e < 8; ++e) {
+            if (n + e < p.n_size) store_swiglu_backward(p, m, n + e, v[e]);
           }
         }
       }
@@ -737,6 +791,12 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
     q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
                       (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
                       (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
+    // The SwiGLU backward's 8-column (16-byte) accesses.
+    const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    q.vector_store_ok = kEpilogue == Epilogue::kSwiGLUBackward && aligned16(p.gate_up) &&
+                        p.ld_gate_up % 8 == 0 && p.intermediate % 8 == 0 &&
+                        p.d_gate_up != nullptr && aligned16(p.d_gate_up) &&
+                        (p.act == nullptr || (aligned16(p.act) && p.ld_act % 8 == 0));
   }
   int cluster_size = max_cluster >= 4 ? 4 : (max_cluster >= 2 ? 2 : 1);
   while (grid.x % cluster_size != 0) cluster_size /= 2;
