@@ -89,7 +89,9 @@ struct GroupedGemmParams {
   int64_t intermediate = 0;  // I
   bool vector_ok = false;    // 16-byte aligned bases, expert strides and leading dimensions
   bool pair_store_ok = false;  // kStore: c 4-byte aligned, ldc and c_expert_stride even
-  bool vector_store_ok = false;  // sm90 kStore: c 16-byte aligned, ldc, c_expert_stride % 8 == 0
+  // sm90 kStore: c 16-byte aligned, ldc and c_expert_stride % 8 == 0; sm90 kSwiGLUBackward:
+  // the same for gate_up, d_gate_up and act (ld_gate_up, ld_act, I % 8 == 0).
+  bool vector_store_ok = false;
 };
 
 // Two adjacent outputs written as one 4-byte store.
@@ -287,32 +289,17 @@ __device__ __forceinline__ void store_swiglu_pair(const GroupedGemmParams<T>& p,
                    from_f32<T>(g1 / (1.0f + __expf(-g1)) * u1)};
 }
 
-// store_swiglu_backward for the columns n and n + 1 at once (same alignment contract).
+// The SwiGLU backward of one element (the arithmetic of store_swiglu_backward) for the sm90
+// epilogue: from v = d_act[m, n] and the stored g = gate_up[m, n], u = gate_up[m, I + n].
 template <typename T>
-__device__ __forceinline__ void store_swiglu_backward_pair(const GroupedGemmParams<T>& p,
-                                                           int64_t m, int64_t n, float v0,
-                                                           float v1) {
-  const T* row = p.gate_up + m * p.ld_gate_up;
-  const StorePair<T> gp = *reinterpret_cast<const StorePair<T>*>(row + n);
-  const StorePair<T> up = *reinterpret_cast<const StorePair<T>*>(row + p.intermediate + n);
-  const float g[2] = {to_f32<T>(gp.x), to_f32<T>(gp.y)};
-  const float u[2] = {to_f32<T>(up.x), to_f32<T>(up.y)};
-  const float v[2] = {v0, v1};
-  T d_g[2], d_u[2], act[2];
-#pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    const float sig = 1.0f / (1.0f + __expf(-g[c]));
-    const float silu = g[c] * sig;
-    d_g[c] = from_f32<T>(v[c] * u[c] * sig * (1.0f + g[c] * (1.0f - sig)));
-    d_u[c] = from_f32<T>(v[c] * silu);
-    act[c] = from_f32<T>(silu * u[c]);
-  }
-  T* d_row = p.d_gate_up + m * p.ld_gate_up;
-  *reinterpret_cast<StorePair<T>*>(d_row + n) = StorePair<T>{d_g[0], d_g[1]};
-  *reinterpret_cast<StorePair<T>*>(d_row + p.intermediate + n) = StorePair<T>{d_u[0], d_u[1]};
-  if (p.act != nullptr) {
-    *reinterpret_cast<StorePair<T>*>(p.act + m * p.ld_act + n) = StorePair<T>{act[0], act[1]};
-  }
+__device__ __forceinline__ void swiglu_backward_values(float v, T g_stored, T u_stored, T& d_g,
+                                                       T& d_u, T& act) {
+  const float g = to_f32<T>(g_stored), u = to_f32<T>(u_stored);
+  const float sig = 1.0f / (1.0f + __expf(-g));
+  const float silu = g * sig;
+  d_g = from_f32<T>(v * u * sig * (1.0f + g * (1.0f - sig)));
+  d_u = from_f32<T>(v * silu);
+  act = from_f32<T>(silu * u);
 }
 
 // ptxas fits every instantiation in <= 128 registers without spills (two blocks per SM), as

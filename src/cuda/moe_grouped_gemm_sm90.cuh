@@ -9,7 +9,26 @@
 //   - warps 0-3 and 4-7 are two consumer warpgroups; warpgroup w owns output rows
 //     [64 w, 64 w + 64) and issues wgmma.mma_async m64n128k16 (fp32 accumulators, 64 per
 //     thread) straight from shared memory, keeping one k-step of MMAs in flight, and releases a
-//     stage (its "empty" mbarrier) once the MMAs that read it have completed.
+//     stage (its "empty" mbarrier) once the MMAs that read it have completed. The first MMA of
+//     a tile overwrites its accumulators (scale-d = 0) instead of adding to zeroed registers:
+//     with the zeroing, ptxas serialised every MMA of the plain-store instantiations (C7515).
+//
+// Clusters (2 blocks by default, where the grouping dimension's tile count is even). At 128 x 128
+// tiles a block reads 32 KiB per 64-deep k-step from L2 for 2 MFLOP of MMAs; summed over the
+// GPU that is ~5-7 TB/s of L2-to-SM traffic at the measured 33-54% of the MMA rate (by count,
+// each GEMM's tiles x k-steps x 32 KiB over its time), about what H100's L2 delivers, while
+// DRAM ran at ~2 TB/s: the GEMMs look bound by L2 bandwidth, not by DRAM or the tensor cores.
+// C consecutive blocks along x (C = 2, or 4 with FLASHDELTA_MOE_GEMM=sm90-4cta) form a cluster
+// and share one operand: kRows groups column tiles of the same rows (same A boxes), kReduction
+// m-tiles of the same expert and columns (same B boxes). CTA i < 2 loads box i of the shared
+// operand once, multicast into every block's shared memory (each block's full barrier counts
+// the bytes that land in it, whoever issued them): per k-step a pair reads 48 KiB instead of
+// 64, a quad 80 instead of 128. A producer overwrites its peers' stages too, so every consumer
+// warp releases a stage on every block's empty barrier (the count is 4 x the cluster's active
+// warpgroups); the barriers are initialised before a cluster barrier, and every thread meets
+// the cluster again before exiting (a block must not exit while a peer may still arrive on its
+// barriers). FLASHDELTA_MOE_GEMM=sm90-1cta turns the clusters off; the results are bitwise the
+// same (same MMAs in the same order).
 // Every box has 128-byte rows (64 two-byte elements), is 1024-byte aligned and is written by TMA
 // with the 128-byte swizzle, which is the canonical layout wgmma reads through a matrix
 // descriptor (start address, LBO, SBO, swizzle mode):
@@ -37,12 +56,19 @@
 // Epilogues. Plain stores go through shared memory (the warpgroup's own A boxes of stages 0
 // and 1, free once its MMAs are done) so that rows leave as 16-byte stores; the SwiGLU
 // epilogues (forward: gate_up + act; backward: reads gate_up) work from the registers, two
-// adjacent columns per access, exactly as the sm_80 kernel rounds.
+// adjacent columns per access, exactly as the sm_80 kernel rounds. The backward one (reads
+// gate_up, writes d_gate_up and act) goes through shared memory too: d_act in fp32 (the whole
+// ring is free once both warpgroups are done), then 8 consecutive columns per thread and step,
+// 16-byte accesses, two steps' loads in flight; gate_up's lines are prefetched into L2 while
+// the last MMAs run. (The first version read gate_up from the registers' layout, 4 bytes at
+// a time, one dependent round trip per column pair: 32 per thread, by count comparable to the
+// whole main loop at K = 2048.)
 //
 // Scheduling, determinism, no host synchronisation: as the sm_80 kernel (same grid, same block
-// scan over the device offsets, one block per output tile, no atomics). Two blocks per SM
-// (2 x 97 KiB of shared memory, ~90 registers a thread) so that one block's epilogue overlaps
-// the other's main loop. A barrier wait that never completes traps instead of hanging.
+// scan over the device offsets, one block per output tile, no atomics; both blocks of a cluster
+// have the same blockIdx.y / z, so they find the same expert and rows, or exit together). Two
+// blocks per SM (2 x 97 KiB of shared memory, <= 96 registers a thread: 18 warps put 5 on an
+// SM sub-partition) so that one block's epilogue overlaps the other's main loop. A barrier wait that never completes traps instead of hanging.
 //
 // Assumes: sm_90a (the body compiles to a trap elsewhere; the host dispatches here only after
 // checking the device and the loaded binary); bf16 or fp16; operands TMA-compatible (16-byte
@@ -126,6 +152,53 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// ---- clusters (TMA multicast of the operand every block of a cluster reads)
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t rank;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+  return rank;
+}
+
+// Every non-exited thread of the cluster: release what this thread did before the arrive,
+// acquire what the others did before theirs.
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// The mbarrier at the same offset in CTA `rank`'s shared memory, arrived on from this CTA.
+__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote)
+               : "memory");
+}
+
+// As tma_load_2d / tma_load_3d, but the box lands at offset `dst` of the shared memory of
+// every CTA in `cta_mask`, each signalling its own mbarrier at offset `bar`.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map,
+                                                      uint32_t bar, int32_t c0, int32_t c1,
+                                                      uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "h"(cta_mask)
+      : "memory");
+}
+
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const CUtensorMap* map,
+                                                      uint32_t bar, int32_t c0, int32_t c1,
+                                                      int32_t c2, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask)
+      : "memory");
+}
+
 // A shared-memory matrix descriptor for the 128-byte swizzle (layout type 1 in bits 62-63),
 // base offset 0 (every box is 1024-byte aligned). Byte offsets are encoded >> 4.
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_bytes,
@@ -178,19 +251,19 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
   "}\n"
 
 // D[64 x 128] += A[64 x 16] B[16 x 128], both from shared memory (descriptors); kTransA /
-// kTransB: the operand is MN-major. The scale-d predicate is always true (D += A B): the
-// accumulators start at zero in registers.
+// kTransB: the operand is MN-major. accumulate = 0 (the scale-d predicate) makes it D = A B,
+// ignoring D's previous contents: the first MMA of a tile.
 template <typename T, bool kTransA, bool kTransB>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a,
-                                                 uint64_t desc_b) {
+                                                 uint64_t desc_b, int accumulate) {
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(FLASHDELTA_WGMMA_M64N128K16("bf16.bf16")
                  : FLASHDELTA_WGMMA_D_OPERANDS
-                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(1));
+                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(accumulate));
   } else {
     asm volatile(FLASHDELTA_WGMMA_M64N128K16("f16.f16")
                  : FLASHDELTA_WGMMA_D_OPERANDS
-                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(1));
+                 : "l"(desc_a), "l"(desc_b), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0), "r"(accumulate));
   }
 }
 
@@ -202,7 +275,8 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads, 2)
 grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
-                         const __grid_constant__ CUtensorMap tmap_b, const GroupedGemmParams<T> p) {
+                         const __grid_constant__ CUtensorMap tmap_b, const GroupedGemmParams<T> p,
+                         const int cluster_size) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kReduction = kGrouping == Grouping::kReduction;
   constexpr bool kATrans = kReduction;    // A M-major (weight gradients)
@@ -247,6 +321,23 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int64_t m_limit = kReduction ? p.m_size : row_end;
   // Warpgroup 1 works only when the tile has rows past its first 64.
   const int active_groups = m_tile_start + kBM / 2 < m_limit ? 2 : 1;
+  // A cluster of cluster_size (1, 2 or 4) blocks along x (see the note): this block is CTA
+  // `rank`; its peers have the neighbouring blockIdx.x (kRows: the other column tiles of the same
+  // rows; kReduction: the other m-tiles of the same expert and columns). The peers' consumers
+  // release our stages too: peer_groups counts their active warpgroups.
+  const bool multicast = cluster_size > 1;
+  const uint32_t rank = multicast ? cluster_ctarank() : 0u;
+  int peer_groups = 0;
+  for (int r = 0; r < cluster_size; ++r) {
+    if (r == static_cast<int>(rank)) continue;
+    if constexpr (kReduction) {
+      const int64_t peer_m_start = static_cast<int64_t>(blockIdx.x - rank + r) * kBM;
+      peer_groups += peer_m_start + kBM / 2 < m_limit ? 2 : 1;
+    } else {
+      peer_groups += active_groups;  // the same rows
+    }
+  }
+  const auto cluster_mask = static_cast<uint16_t>((1u << cluster_size) - 1u);
   const int64_t k_extent = kReduction ? row_end - row_begin : p.k_size;
   const int num_k_tiles = static_cast<int>((k_extent + kBK - 1) / kBK);
   const int64_t n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kBN / 2) : n_tile * kBN;
@@ -254,12 +345,21 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbarrier_init(smem_u32(&full_bar[s]), 1);  // the producer's arrive (+ the TMA bytes)
-      mbarrier_init(smem_u32(&empty_bar[s]), 4 * active_groups);  // one arrive per consumer warp
+      // One arrive per consumer warp of this block and of its peers.
+      mbarrier_init(smem_u32(&empty_bar[s]), 4 * (active_groups + peer_groups));
     }
-    // Make the initialised barriers visible to the async proxy (TMA) and the other threads.
+    // Make the initialised barriers visible to the async proxy (TMA), the other threads and
+    // the peer block.
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();  // the last block-wide barrier: producer and consumers part ways below
+  // The last block-wide barrier: producer and consumers part ways below. In a cluster, also
+  // the point after which the peers may multicast into this block and arrive on its barriers.
+  if (multicast) {
+    cluster_arrive();
+    cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
   if (warp == kProducerWarp) {
     if (lane == 0) {
@@ -278,20 +378,32 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         const int32_t k0 = kt * kBK;
         const auto e = static_cast<int32_t>(expert);
         // Coordinates are innermost first; they fit in int32 (N < 2^31 rows, extents < 2^31).
+        // In a cluster, the shared operand's box i is loaded by CTA i for all (kRows: the A
+        // boxes; kReduction: the B boxes); the byte count armed above is the same either way.
         for (int g = 0; g < active_groups; ++g) {
           const uint32_t dst = sa + static_cast<uint32_t>(g * kBoxBytes);
           if constexpr (kReduction) {  // A = [rows][m]: box (64 m) x (64 rows of the expert)
             tma_load_2d(dst, &tmap_a, bar, static_cast<int32_t>(m_tile_start + g * kBox),
                         static_cast<int32_t>(row_begin + k0));
+          } else if (multicast) {  // A = [rows][k], shared with the peers
+            if (g == static_cast<int>(rank)) {
+              tma_load_2d_multicast(dst, &tmap_a, bar, k0,
+                                    static_cast<int32_t>(m_tile_start + g * kBox), cluster_mask);
+            }
           } else {  // A = [rows][k]
             tma_load_2d(dst, &tmap_a, bar, k0, static_cast<int32_t>(m_tile_start + g * kBox));
           }
         }
         for (int h = 0; h < b_boxes; ++h) {
           const uint32_t dst = sb + static_cast<uint32_t>(h * kBoxBytes);
-          if constexpr (kReduction) {  // B = [rows][n]
-            tma_load_2d(dst, &tmap_b, bar, static_cast<int32_t>(n_tile_start + h * kBox),
-                        static_cast<int32_t>(row_begin + k0));
+          if constexpr (kReduction) {  // B = [rows][n], shared with the peers in a cluster
+            const auto n0 = static_cast<int32_t>(n_tile_start + h * kBox);
+            const auto r0 = static_cast<int32_t>(row_begin + k0);
+            if (!multicast) {
+              tma_load_2d(dst, &tmap_b, bar, n0, r0);
+            } else if (h == static_cast<int>(rank)) {
+              tma_load_2d_multicast(dst, &tmap_b, bar, n0, r0, cluster_mask);
+            }
           } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // gate rows, then up rows
             const int64_t row = n_tile_start + (h == 0 ? 0 : p.intermediate);
             tma_load_3d(dst, &tmap_b, bar, k0, static_cast<int32_t>(row), e);
@@ -303,16 +415,28 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
     }
+    __syncwarp();  // lanes 1-31 wait here for lane 0's loop: the warp meets the cluster together
+    if (multicast) {  // every thread of the cluster arrives once; all wait at the very end
+      cluster_arrive();
+      cluster_wait();
+    }
     return;
   }
 
   const int group = warp / 4;  // consumer warpgroup: output rows [64 group, 64 group + 64)
-  if (group >= active_groups) return;
+  if (group >= active_groups) {
+    if (multicast) {
+      cluster_arrive();
+      cluster_wait();
+    }
+    return;
+  }
   const int consumer_threads = 128 * active_groups;
 
+  // No zero-initialisation: the first MMA overwrites (scale-d = 0). Accumulator registers
+  // written by ordinary instructions around the MMAs made ptxas serialise every wgmma of the
+  // plain-store instantiations (warning C7515: one MMA in flight instead of a k-step's four).
   float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
 
   for (int kt = 0; kt < num_k_tiles; ++kt) {
     const int s = kt % kStages;
@@ -351,17 +475,50 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
                                       : smem_descriptor(a_box + kk * 32, 16, 1024);
       const uint64_t desc_b = kBTrans ? smem_descriptor(sb + kk * 2048, kBoxBytes, 1024)
                                       : smem_descriptor(sb + kk * 32, 16, 1024);
-      wgmma_m64n128k16<T, kATrans, kBTrans>(acc, desc_a, desc_b);
+      wgmma_m64n128k16<T, kATrans, kBTrans>(acc, desc_a, desc_b, kt > 0 || kk > 0);
     }
     wgmma_commit();
     fence_accumulators(acc);
     // Keep this k-step's MMAs in flight; the previous step's have completed: release its stage.
     wgmma_wait<1>();
     fence_accumulators(acc);
-    if (kt > 0 && lane == 0) mbarrier_arrive(smem_u32(&empty_bar[(kt - 1) % kStages]));
+    if (kt > 0 && lane == 0) {
+      const uint32_t empty = smem_u32(&empty_bar[(kt - 1) % kStages]);
+      mbarrier_arrive(empty);
+      for (int r = 0; r < cluster_size; ++r) {
+        if (r != static_cast<int>(rank)) mbarrier_arrive_cluster(empty, static_cast<uint32_t>(r));
+      }
+    }
+  }
+  if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
+    // While the last MMAs run: bring the gate_up lines the epilogue reads into L2. A row's 128
+    // gate columns and 128 up columns are two 128-byte lines each; the four lanes of a quad
+    // share rows, so one of them fetches.
+    if (lane % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
+        if (m >= m_limit) continue;
+        const T* gate_up_row = p.gate_up + m * p.ld_gate_up;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t n = n_tile_start + 64 * half;
+          if (n >= p.n_size) continue;
+          asm volatile("prefetch.L2 [%0];\n" ::"l"(gate_up_row + n));
+          asm volatile("prefetch.L2 [%0];\n" ::"l"(gate_up_row + p.intermediate + n));
+        }
+      }
+    }
   }
   wgmma_wait<0>();
   fence_accumulators(acc);
+  if (num_k_tiles == 0) {  // kReduction, an expert without rows: its gradient is zero
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  }
+  // This warpgroup's last remote operation is behind it: the peers may leave once the rest of
+  // the cluster is done too (the wait is at the end, after the epilogue).
+  if (multicast) cluster_arrive();
 
   // ---- epilogue. Thread holds acc[4 j + 2 i + c] for
   //   row  64 group + 16 (warp % 4) + lane / 4 + 8 i,  column  8 j + 2 (lane % 4) + c
@@ -416,41 +573,115 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
     }
-  } else {  // SwiGLU forward / backward: straight from the registers
+  } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // straight from the registers
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
       if (m >= m_limit) continue;
-      if constexpr (kEpilogue == Epilogue::kSwiGLU) {
-        // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
+      // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
-          if (col >= p.intermediate) continue;
-          const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
-          const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
-          if (p.pair_store_ok && col + 1 < p.intermediate) {
-            store_swiglu_pair(p, m, col, g0, u0, g1, u1);
-          } else {
-            store_swiglu(p, m, col, g0, u0);
-            if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
-          }
+      for (int j = 0; j < 8; ++j) {
+        const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
+        if (col >= p.intermediate) continue;
+        const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
+        const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
+        if (p.pair_store_ok && col + 1 < p.intermediate) {
+          store_swiglu_pair(p, m, col, g0, u0, g1, u1);
+        } else {
+          store_swiglu(p, m, col, g0, u0);
+          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
         }
-      } else if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {  // acc = d_act
+      }
+    }
+  } else {  // kSwiGLUBackward, acc = d_act: through shared memory
+    // Once both warpgroups' MMAs are done the ring is free (every load has landed): warpgroup g
+    // stages its d_act[64 rows][128 columns] in fp32 in stage g (32 KiB), rows of 512 bytes
+    // with the 16-byte chunks XOR-swizzled by row % 8 (conflict-free enough both ways). Then
+    // each thread takes 8 consecutive columns of a row at a time: 16-byte loads of gate and up
+    // (kInFlight items' loads issued before any store: the compiler cannot hoist loads over
+    // stores that may alias them; 4 in flight spill at the 96-register bound) and 16-byte
+    // stores of d_gate, d_up and act, where the operands allow (vector_store_ok).
+    asm volatile("bar.sync 1, %0;\n" ::"r"(consumer_threads) : "memory");
+    uint8_t* const staging = ring_ptr + group * kStageBytes;
+    const auto staged = [&](int row, int col) {  // the fp32 d_act at (row, col) of the tile
+      return staging + row * 512 + (((col / 4) ^ (row % 8)) * 16) + (col % 4) * 4;
+    };
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int64_t n = n_tile_start + 8 * j + 2 * (lane % 4);
-          if (n >= p.n_size) continue;
-          if (p.pair_store_ok && n + 1 < p.n_size) {
-            store_swiglu_backward_pair(p, m, n, acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
-          } else {
-            store_swiglu_backward(p, m, n, acc[4 * j + 2 * i]);
-            if (n + 1 < p.n_size) store_swiglu_backward(p, m, n + 1, acc[4 * j + 2 * i + 1]);
+    for (int i = 0; i < 2; ++i) {
+      const int row = (warp % 4) * 16 + lane / 4 + i * 8;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        *reinterpret_cast<float2*>(staged(row, 8 * j + 2 * (lane % 4))) =
+            make_float2(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+      }
+    }
+    // This warpgroup only (named barriers 2 and 3, as the plain stores).
+    if (group == 0) {
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    } else {
+      asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
+    const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
+    constexpr int kItems = 64 * 16 / 128;  // items (8 columns of a row) per thread
+    constexpr int kInFlight = 2;
+#pragma unroll 1
+    for (int first = 0; first < kItems; first += kInFlight) {
+      uint4 gate[kInFlight], up[kInFlight];
+#pragma unroll
+      for (int b = 0; b < kInFlight; ++b) {
+        const int q = thread_in_group + 128 * (first + b);  // row q / 16, columns 8 (q % 16)..
+        const int64_t m = m_tile_start + group * 64 + q / 16;
+        const int64_t n = n_tile_start + 8 * (q % 16);
+        if (p.vector_store_ok && m < m_limit && n + 8 <= p.n_size) {
+          const T* gate_up_row = p.gate_up + m * p.ld_gate_up;
+          gate[b] = *reinterpret_cast<const uint4*>(gate_up_row + n);
+          up[b] = *reinterpret_cast<const uint4*>(gate_up_row + p.intermediate + n);
+        }
+      }
+#pragma unroll
+      for (int b = 0; b < kInFlight; ++b) {
+        const int q = thread_in_group + 128 * (first + b);
+        const int row = q / 16, col = 8 * (q % 16);
+        const int64_t m = m_tile_start + group * 64 + row;
+        const int64_t n = n_tile_start + col;
+        if (m >= m_limit || n >= p.n_size) continue;
+        const float4 lo = *reinterpret_cast<const float4*>(staged(row, col));
+        const float4 hi = *reinterpret_cast<const float4*>(staged(row, col + 4));
+        const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+        if (p.vector_store_ok && n + 8 <= p.n_size) {
+          // Word by word (two elements each), so that everything stays in registers.
+          const uint32_t g_words[4] = {gate[b].x, gate[b].y, gate[b].z, gate[b].w};
+          const uint32_t u_words[4] = {up[b].x, up[b].y, up[b].z, up[b].w};
+          uint32_t d_g[4], d_u[4], act_words[4];
+#pragma unroll
+          for (int w = 0; w < 4; ++w) {
+            StorePair<T> g, u, dg, du, a;
+            memcpy(&g, &g_words[w], sizeof(g));
+            memcpy(&u, &u_words[w], sizeof(u));
+            swiglu_backward_values<T>(v[2 * w], g.x, u.x, dg.x, du.x, a.x);
+            swiglu_backward_values<T>(v[2 * w + 1], g.y, u.y, dg.y, du.y, a.y);
+            memcpy(&d_g[w], &dg, sizeof(dg));
+            memcpy(&d_u[w], &du, sizeof(du));
+            memcpy(&act_words[w], &a, sizeof(a));
+          }
+          T* d_row = p.d_gate_up + m * p.ld_gate_up;
+          *reinterpret_cast<uint4*>(d_row + n) = make_uint4(d_g[0], d_g[1], d_g[2], d_g[3]);
+          *reinterpret_cast<uint4*>(d_row + p.intermediate + n) =
+              make_uint4(d_u[0], d_u[1], d_u[2], d_u[3]);
+          if (p.act != nullptr) {
+            *reinterpret_cast<uint4*>(p.act + m * p.ld_act + n) =
+                make_uint4(act_words[0], act_words[1], act_words[2], act_words[3]);
+          }
+        } else {  // element by element (unaligned operands or the last columns)
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if (n + e < p.n_size) store_swiglu_backward(p, m, n + e, v[e]);
           }
         }
       }
     }
   }
+  if (multicast) cluster_wait();
 #else
   __trap();  // never launched: the host checks for the sm_90a binary first
 #endif
@@ -518,9 +749,13 @@ bool sm90_kernel_ready() {
 
 // Launches one grouped GEMM on the Hopper path; false (nothing launched) when it does not
 // apply: operands not TMA-compatible, or this build has no sm_90a code for the device. The
-// caller has checked that the device is sm_90.
+// caller has checked that the device is sm_90. `max_cluster`: group the blocks in clusters of
+// up to this many (1, 2 or 4) that multicast their shared operand; a cluster size must divide
+// the tile count of the grouping dimension (kRows: column tiles; kReduction: m-tiles), else the
+// next smaller one is used.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
-bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t stream) {
+bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t stream,
+                                  int max_cluster) {
   if (!p.vector_ok) return false;
   auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
   if (!sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) return false;
@@ -556,9 +791,28 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
     q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
                       (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
                       (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
+    // The SwiGLU backward's 8-column (16-byte) accesses.
+    const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    q.vector_store_ok = kEpilogue == Epilogue::kSwiGLUBackward && aligned16(p.gate_up) &&
+                        p.ld_gate_up % 8 == 0 && p.intermediate % 8 == 0 &&
+                        p.d_gate_up != nullptr && aligned16(p.d_gate_up) &&
+                        (p.act == nullptr || (aligned16(p.act) && p.ld_act % 8 == 0));
   }
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(map_a, map_b, q);
-  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+  int cluster_size = max_cluster >= 4 ? 4 : (max_cluster >= 2 ? 2 : 1);
+  while (grid.x % cluster_size != 0) cluster_size /= 2;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads, 1, 1);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = static_cast<unsigned>(cluster_size);  // consecutive blockIdx.x
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = cluster_size > 1 ? 1 : 0;
+  FLASHDELTA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, q, cluster_size));
   return true;
 }
 

@@ -14,8 +14,10 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   flashdelta.moe_experts (both include their own permutation and combine).
 - grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
   real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
-  on the default GEMM path (wgmma on sm_90) and, on sm_90, also on the portable sm80 path
-  (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device time and TFLOP/s.
+  on the default GEMM path (wgmma on sm_90, 2-CTA clusters with TMA multicast) and, on sm_90,
+  also without clusters and with clusters of 4 (FLASHDELTA_MOE_GEMM=sm90-1cta / sm90-4cta) and
+  on the portable sm80 path (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device
+  time and TFLOP/s.
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
 called from Python (host dispatch included); "routing fwd+bwd, kernels" is the same step's GPU
@@ -297,7 +299,8 @@ def main(argv=None) -> int:
                                          12 * N * H * I),
     }
     # Both CUDA paths where the device has the Hopper one: "auto" is what users get.
-    paths = ["auto", "sm80"] if torch.cuda.get_device_capability() == (9, 0) else ["auto"]
+    paths = (["auto", "sm90-1cta", "sm90-4cta", "sm80"] if torch.cuda.get_device_capability() == (9, 0)
+             else ["auto"])
     saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
     # Each GEMM alone (--profile): its FLOPs at N rows, in launch order per custom op.
     nhi = N * H * I
@@ -355,7 +358,7 @@ def main(argv=None) -> int:
             if key in seen:  # the frozen backward's GEMMs repeat in the trainable one
                 continue
             seen.add(key)
-            print(f"   {r['path']:<5} {r['gemm']:<24} {r['kernel']:<14} {r['us']:9.1f} us "
+            print(f"   {r['path']:<9} {r['gemm']:<24} {r['kernel']:<14} {r['us']:9.1f} us "
                   f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}")
     base = {}
     print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
