@@ -24,9 +24,6 @@
 // (rms_norm backward at D = 2048 went from 84 us to 51 us with one row prefetched, and back to
 // 88 us with four vectors a thread). The thread's weights and weight-gradient sums stay in
 // registers.
-// The forward of rows of 32 to 256 vectors (D = 256 to 2048 in bf16) instead takes a warp per
-// row with the row in registers (no barrier, 8 loads in flight a lane), which measured faster
-// there; the streaming forward serves the shorter rows (rms_norm_gated's D = 128).
 // General path (anything else): rows re-read by the second pass (from L1 / L2), the weight read
 // per use, the backward's weight-gradient sums in shared memory per row group.
 //
@@ -346,56 +343,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward of rows of 32 to 256 vectors (the hidden norm, the q/k norms): a warp per row, 4 rows a
-// 128-thread block, the lane's vectors (up to 8, all loads issued before the first use) kept in
-// registers between the passes, the weight read per use (L1 hits). Measured faster here than the
-// streaming kernel (D = 2048: 24 vs 30 us; D = 256: 45 vs 53 us on the H100): a warp's row sum
-// needs no barrier and each lane has up to 8 loads in flight; the forward carries nothing across
-// rows that would call for persistent blocks.
-constexpr int kWarpRowWarps = 4, kWarpRowCache = 8;
-
-template <typename T, int N, bool kGated>
-__global__ void __launch_bounds__(kWarpRowWarps * 32)
-    rms_norm_forward_warp_kernel(const RmsNormParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpRowWarps + (threadIdx.x >> 5);
-  if (row >= p.rows) return;  // whole warps: the shuffles below never see an absent lane
-  const T* x = static_cast<const T*>(p.x) + row * p.x_stride;
-  const T* gate = kGated ? static_cast<const T*>(p.gate) + row * p.gate_stride : nullptr;
-  const int64_t vecs = p.dim / N;
-  Pack<T, N> x_cache[kWarpRowCache];
-  float sum_sq = 0.f;
-#pragma unroll
-  for (int k = 0; k < kWarpRowCache; ++k) {
-    const int64_t v = lane + 32 * k;
-    if (v < vecs) {
-      x_cache[k] = *reinterpret_cast<const Pack<T, N>*>(x + v * N);
-      float a[N];
-      unpack(x_cache[k], a);
-#pragma unroll
-      for (int i = 0; i < N; ++i) sum_sq += a[i] * a[i];
-    }
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, off);
-  const float r = rsqrtf(sum_sq / static_cast<float>(p.dim) + p.eps);
-  if (lane == 0) p.rstd[row] = r;
-  T* y = static_cast<T*>(p.y) + row * p.y_stride;
-#pragma unroll
-  for (int k = 0; k < kWarpRowCache; ++k) {
-    const int64_t v = lane + 32 * k;
-    if (v < vecs) {
-      float a[N], z[N] = {}, w[N], out[N];
-      unpack(x_cache[k], a);
-      if constexpr (kGated) unpack(*reinterpret_cast<const Pack<T, N>*>(gate + v * N), z);
-      load_weights<N>(p, v, w);
-      normalize<T, N, kGated>(p, w, r, a, z, out);
-      store_pack<T, N>(y + v * N, out);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
 // General path: any D, 16-byte vectors or single elements; rows re-read by the second pass.
 
 template <typename T, int N>
@@ -615,11 +562,7 @@ template <typename T, bool kGated>
 void launch_forward(RmsNormParams p, const Launch& l, bool vector, cudaStream_t stream) {
   constexpr int n = kVec<T>;
   p.width = l.width;
-  const int64_t vecs = p.dim / n;
-  if (vector && vecs >= 32 && vecs <= 32 * kWarpRowCache) {
-    const auto blocks = static_cast<unsigned>((p.rows + kWarpRowWarps - 1) / kWarpRowWarps);
-    rms_norm_forward_warp_kernel<T, n, kGated><<<blocks, kWarpRowWarps * 32, 0, stream>>>(p);
-  } else if (l.stream) {
+  if (l.stream) {
     rms_norm_forward_stream_kernel<T, n, kGated><<<l.blocks, kBlockThreads, l.smem, stream>>>(p);
   } else if (vector) {
     rms_norm_forward_kernel<T, n, kGated><<<l.blocks, kBlockThreads, 0, stream>>>(p);
