@@ -6,9 +6,11 @@
 //   sm80  mma.sync + cp.async (moe_grouped_gemm.cuh): every other case, and any shape.
 // FLASHDELTA_MOE_GEMM=sm80 forces the portable path; =sm90 demands the Hopper path where it
 // applies (an error on a device or build without it; unaligned operands still take sm80);
-// =sm90-1cta / sm90-4cta are sm90 with clusters of 1 block (no TMA multicast: the first Hopper
-// kernel's data flow) or up to 4 instead of the default 2 (tuning and testing switches: the
-// results are bitwise the same); unset or "auto" picks per launch as above.
+// =sm90-2cta / sm90-4cta are sm90 with clusters of up to 2 or 4 blocks that multicast their
+// shared operand, instead of the default single-block launches (=sm90-1cta, the same as sm90);
+// on the H100 the clusters measured slower (30-34% of the matmul rate against 35-47% without,
+// bench moe --profile, 2026-11-24), so they are tuning and testing switches (the results are
+// bitwise the same); unset or "auto" picks per launch as above.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +30,7 @@ inline bool vector_friendly(const void* base, int64_t ld, int64_t expert_stride 
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ld % 8 == 0 && expert_stride % 8 == 0;
 }
 
-enum class GemmPath { kAuto, kSm80, kSm90, kSm90SingleCta, kSm90FourCta };
+enum class GemmPath { kAuto, kSm80, kSm90, kSm90SingleCta, kSm90TwoCta, kSm90FourCta };
 
 // FLASHDELTA_MOE_GEMM, read at every launch (a getenv: cheap, and tests may switch it).
 inline GemmPath requested_gemm_path() {
@@ -37,9 +39,11 @@ inline GemmPath requested_gemm_path() {
   if (std::strcmp(v, "sm80") == 0) return GemmPath::kSm80;
   if (std::strcmp(v, "sm90") == 0) return GemmPath::kSm90;
   if (std::strcmp(v, "sm90-1cta") == 0) return GemmPath::kSm90SingleCta;
+  if (std::strcmp(v, "sm90-2cta") == 0) return GemmPath::kSm90TwoCta;
   if (std::strcmp(v, "sm90-4cta") == 0) return GemmPath::kSm90FourCta;
   throw Error(Error::Kind::kValue,
-              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-1cta or sm90-4cta, ") +
+              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-1cta, sm90-2cta or ") +
+                  "sm90-4cta, " +
                   "got '" + v + "'");
 }
 
@@ -48,9 +52,9 @@ template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   const GemmPath path = requested_gemm_path();
   const bool demand_sm90 = path == GemmPath::kSm90 || path == GemmPath::kSm90SingleCta ||
-                           path == GemmPath::kSm90FourCta;
+                           path == GemmPath::kSm90TwoCta || path == GemmPath::kSm90FourCta;
   const int max_cluster =
-      path == GemmPath::kSm90SingleCta ? 1 : (path == GemmPath::kSm90FourCta ? 4 : 2);
+      path == GemmPath::kSm90FourCta ? 4 : (path == GemmPath::kSm90TwoCta ? 2 : 1);
   if (path != GemmPath::kSm80) {
     if (device_info().is_sm90) {
       if (sm90::try_launch_grouped_gemm_sm90<T, kGrouping, kBKContig, kEpilogue>(

@@ -13,12 +13,13 @@
 //     a tile overwrites its accumulators (scale-d = 0) instead of adding to zeroed registers:
 //     with the zeroing, ptxas serialised every MMA of the plain-store instantiations (C7515).
 //
-// Clusters (2 blocks by default, where the grouping dimension's tile count is even). At 128 x 128
+// Clusters (FLASHDELTA_MOE_GEMM=sm90-2cta / sm90-4cta; off by default: on the H100 they measured
+// slower than single blocks, 30-34% of the matmul rate against 35-47%). At 128 x 128
 // tiles a block reads 32 KiB per 64-deep k-step from L2 for 2 MFLOP of MMAs; summed over the
 // GPU that is ~5-7 TB/s of L2-to-SM traffic at the measured 33-54% of the MMA rate (by count,
 // each GEMM's tiles x k-steps x 32 KiB over its time), about what H100's L2 delivers, while
 // DRAM ran at ~2 TB/s: the GEMMs look bound by L2 bandwidth, not by DRAM or the tensor cores.
-// C consecutive blocks along x (C = 2, or 4 with FLASHDELTA_MOE_GEMM=sm90-4cta) form a cluster
+// C consecutive blocks along x (C = 2 or 4, where the grouping dimension's tile count allows) form a cluster
 // and share one operand: kRows groups column tiles of the same rows (same A boxes), kReduction
 // m-tiles of the same expert and columns (same B boxes). CTA i < 2 loads box i of the shared
 // operand once, multicast into every block's shared memory (each block's full barrier counts
@@ -27,8 +28,7 @@
 // warp releases a stage on every block's empty barrier (the count is 4 x the cluster's active
 // warpgroups); the barriers are initialised before a cluster barrier, and every thread meets
 // the cluster again before exiting (a block must not exit while a peer may still arrive on its
-// barriers). FLASHDELTA_MOE_GEMM=sm90-1cta turns the clusters off; the results are bitwise the
-// same (same MMAs in the same order).
+// barriers). The results are bitwise those of single blocks (same MMAs in the same order).
 // Every box has 128-byte rows (64 two-byte elements), is 1024-byte aligned and is written by TMA
 // with the 128-byte swizzle, which is the canonical layout wgmma reads through a matrix
 // descriptor (start address, LBO, SBO, swizzle mode):

@@ -259,9 +259,9 @@ def test_more_experts_than_threads_per_block(device):
 
 
 # ---- the CUDA GEMM paths (FLASHDELTA_MOE_GEMM): sm80 = mma.sync + cp.async, any device;
-# sm90 = wgmma + TMA in 2-CTA clusters (TMA multicast) where the tile counts allow, Hopper only;
-# sm90-1cta / sm90-4cta = the same kernel without clusters / with clusters of up to 4. By default (auto) the tests above run sm90 on an
-# H100/H200.
+# sm90 = wgmma + TMA, Hopper only (single blocks; sm90-1cta is the same); sm90-2cta / sm90-4cta =
+# the same kernel in clusters of up to 2 / 4 blocks with TMA multicast where the tile counts
+# allow. By default (auto) the tests above run sm90 on an H100/H200.
 
 def _is_sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -271,7 +271,7 @@ GEMM_PATHS = [
     pytest.param("sm80", id="sm80"),
     pytest.param("sm90", id="sm90",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
-    pytest.param("sm90-1cta", id="sm90-1cta",
+    pytest.param("sm90-2cta", id="sm90-2cta",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
     pytest.param("sm90-4cta", id="sm90-4cta",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
@@ -361,8 +361,8 @@ def test_gemm_paths_agree_on_the_forward_tensors(monkeypatch):
 @pytest.mark.parametrize("H, I", [(256, 256), (320, 96)], ids=["even-tiles", "odd-tiles"])
 def test_gemm_clusters_change_nothing(monkeypatch, H, I):
     """Clusters only change which block loads the shared operand: outputs and every gradient
-    are bitwise those of the same kernel without clusters, for clusters of 2 (sm90) and up to 4
-    (sm90-4cta). 256 / 256: every GEMM runs in clusters (even column and m-tile counts; 4 of
+    are bitwise those of the same kernel without clusters (sm90), for clusters of 2 (sm90-2cta)
+    and up to 4 (sm90-4cta). 256 / 256: every GEMM runs in clusters (even column and m-tile counts; 4 of
     them in the first GEMM and dW1 under sm90-4cta; 4 k-steps: the 3-stage ring wraps around);
     320 / 96: odd counts (3 column tiles of the down and d_hidden GEMMs, 3 m-tiles of dW2) take
     the 1-CTA launch, the others the clusters (2I = 192: dW1's second m-tile has one active
@@ -382,16 +382,16 @@ def test_gemm_clusters_change_nothing(monkeypatch, H, I):
     hidden = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
     d_out = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
     results = {}
-    for path in ("sm90", "sm90-4cta", "sm90-1cta"):
+    for path in ("sm90-2cta", "sm90-4cta", "sm90"):
         monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
         x = hidden.clone().requires_grad_()
         out = moe_experts(x, idx.cuda(), w.to("cuda", torch.bfloat16), experts.gate_up_proj,
                           experts.down_proj)
         results[path] = [out.detach(), *torch.autograd.grad(
             out, [x, experts.gate_up_proj, experts.down_proj], d_out)]
-    for path in ("sm90", "sm90-4cta"):
+    for path in ("sm90-2cta", "sm90-4cta"):
         for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"),
-                              results[path], results["sm90-1cta"]):
+                              results[path], results["sm90"]):
             assert torch.equal(a, b), (path, name)
     assert torch.count_nonzero(results["sm90"][2][3]) == 0
     assert torch.count_nonzero(results["sm90"][3][3]) == 0
@@ -416,7 +416,7 @@ def test_gemm_path_setting_errors(monkeypatch):
     with pytest.raises(ValueError, match="FLASHDELTA_MOE_GEMM"):
         moe_experts_fwd(*args)
     if not _is_sm90():
-        for path in ("sm90", "sm90-1cta", "sm90-4cta"):
+        for path in ("sm90", "sm90-1cta", "sm90-2cta", "sm90-4cta"):
             monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
             with pytest.raises(NotImplementedError, match="FLASHDELTA_MOE_GEMM"):
                 moe_experts_fwd(*args)

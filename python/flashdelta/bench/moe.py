@@ -15,7 +15,7 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
 - grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
   real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
   on the default GEMM path (wgmma on sm_90, 2-CTA clusters with TMA multicast) and, on sm_90,
-  also without clusters and with clusters of 4 (FLASHDELTA_MOE_GEMM=sm90-1cta / sm90-4cta) and
+  also with clusters of 2 and 4 blocks (FLASHDELTA_MOE_GEMM=sm90-2cta / sm90-4cta) and
   on the portable sm80 path (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device
   time and TFLOP/s.
 
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
                                          12 * N * H * I),
     }
     # Both CUDA paths where the device has the Hopper one: "auto" is what users get.
-    paths = (["auto", "sm90-1cta", "sm90-4cta", "sm80"] if torch.cuda.get_device_capability() == (9, 0)
+    paths = (["auto", "sm90-2cta", "sm90-4cta", "sm80"] if torch.cuda.get_device_capability() == (9, 0)
              else ["auto"])
     saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
     # Each GEMM alone (--profile): its FLOPs at N rows, in launch order per custom op.
