@@ -125,7 +125,12 @@ TEST(CausalConv1d, BackwardMatchesFiniteDifferences) {
     gout.dx = channels_last_view(dx.data(), pr.B, pr.C, pr.T);
     gout.dweight = flashdelta::make_tensor_ref(dw.data(), DType::kFloat64, {pr.C, pr.W});
     if (pr.bias) gout.dbias = flashdelta::make_tensor_ref(db.data(), DType::kFloat64, {pr.C});
-    ASSERT_EQ(flashdelta::causal_conv1d_backward_workspace_bytes(d.inputs()), 0u);
+    // The CPU backward's per-worker row scratch (inputs, dpre, sequence starts: 24 bytes a token)
+    std::vector<unsigned char> workspace(
+        flashdelta::causal_conv1d_backward_workspace_bytes(d.inputs()));
+    ASSERT_GE(workspace.size(), static_cast<size_t>(24 * pr.T));
+    gout.workspace = flashdelta::make_tensor_ref(workspace.data(), DType::kUInt8,
+                                                 {static_cast<int64_t>(workspace.size())});
     flashdelta::causal_conv1d_backward(d.inputs(), gin, gout);
 
     auto loss = [&] {
