@@ -99,6 +99,17 @@ struct SequenceStarts {
   }
 };
 
+// start_of(t) for t = 0, 1, 2, ... in order, in O(1) amortised (no binary search per token).
+struct SequenceCursor {
+  const SequenceStarts& starts;
+  int64_t seq = 0;  // the last offset index with offset <= the previous t
+  int64_t start_of(int64_t t) {
+    if (starts.cu == nullptr) return 0;
+    while (seq + 1 < starts.count && starts.offset(seq + 1) <= t) ++seq;
+    return starts.offset(seq);
+  }
+};
+
 SequenceStarts sequence_starts(const CausalConv1dInputs& in) {
   SequenceStarts s;
   if (in.cu_seqlens.defined()) {
@@ -149,14 +160,24 @@ void forward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
   const Channels<const T> x(in.x);
   const Channels<T> y(out.y);
   const SequenceStarts starts = sequence_starts(in);
+  const int64_t W = s.width, L = s.seq_len;
   const int64_t tasks = (s.channels + kChannelsPerTask - 1) / kChannelsPerTask;
   parallel_for(tasks, [&](int64_t task, int) {
     const int64_t c_end = std::min(s.channels, (task + 1) * kChannelsPerTask);
     for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
       for (int64_t b = 0; b < s.batch; ++b) {
-        const ChannelConv<T> conv{x, starts, in.weight, b, c, s.width, bias_of(in.bias, c)};
-        for (int64_t t = 0; t < s.seq_len; ++t) {
-          const double p = conv.pre(t);
+        const ChannelConv<T> conv{x, starts, in.weight, b, c, W, bias_of(in.bias, c)};
+        double taps[kMaxTapsOnStack];
+        const bool small = W <= kMaxTapsOnStack;
+        for (int64_t k = 0; small && k < W; ++k) taps[k] = conv.weight_tap(k);
+        SequenceCursor seq{starts};
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t reach = std::min(W - 1, t - seq.start_of(t));
+          double p = conv.bias;  // the sum of conv.pre(t), in the same order
+          for (int64_t j = 0; j <= reach; ++j) {
+            p += (small ? taps[W - 1 - j] : conv.weight_tap(W - 1 - j)) * conv.input(t - j);
+          }
+          p = round_to(in.weight.dtype, p);
           y.at(b, c, t) = from_float<T>(round_to(in.weight.dtype, in.silu ? p * sigmoid(p) : p));
         }
       }
@@ -201,9 +222,10 @@ void backward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
         const ChannelConv<T> conv{x, starts, in.weight, b, c, W, bias_of(in.bias, c)};
         // One pass for the row's inputs, sequence starts and dpre (each computed once; the
         // first version recomputed pre W (W + 1) times per token).
+        SequenceCursor seq{starts};
         for (int64_t t = 0; t < L; ++t) {
           row.input[t] = conv.input(t);
-          row.start[t] = starts.start_of(t);
+          row.start[t] = seq.start_of(t);
         }
         for (int64_t t = 0; t < L; ++t) {
           const int64_t reach = std::min(W - 1, t - row.start[t]);

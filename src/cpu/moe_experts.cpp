@@ -22,6 +22,7 @@ using namespace flashdelta::cpu::moe;
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kDots = 8;  // dot products computed side by side (independent FMA chains)
 
 float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
@@ -64,23 +65,33 @@ struct Experts {
           continue;
         }
         for (int64_t h = 0; h < H; ++h) xr[h] = x(in.hidden, r, h);
-        for (int64_t i = 0; i < I; ++i) {
-          float g = 0.0f, u = 0.0f;
+        // Dot products, kDots at a time: independent accumulation chains (each element still
+        // summed in h order, so the results are those of one chain at a time).
+        for (int64_t i0 = 0; i0 < I; i0 += kDots) {
+          const int64_t n = std::min<int64_t>(kDots, I - i0);
+          float g[kDots] = {}, u[kDots] = {};
           for (int64_t h = 0; h < H; ++h) {
-            g += xr[h] * w1(e, i, h);
-            u += xr[h] * w1(e, I + i, h);
+            for (int64_t q = 0; q < n; ++q) {
+              g[q] += xr[h] * w1(e, i0 + q, h);
+              u[q] += xr[h] * w1(e, I + i0 + q, h);
+            }
           }
-          g = round_to(dt, g);
-          u = round_to(dt, u);
-          store_flat(out.gate_up, r * 2 * I + i, g);
-          store_flat(out.gate_up, r * 2 * I + I + i, u);
-          act[i] = round_to(dt, silu(g) * u);
-          store_flat(out.act, r * I + i, act[i]);
+          for (int64_t q = 0; q < n; ++q) {
+            const int64_t i = i0 + q;
+            const float gi = round_to(dt, g[q]), ui = round_to(dt, u[q]);
+            store_flat(out.gate_up, r * 2 * I + i, gi);
+            store_flat(out.gate_up, r * 2 * I + I + i, ui);
+            act[i] = round_to(dt, silu(gi) * ui);
+            store_flat(out.act, r * I + i, act[i]);
+          }
         }
-        for (int64_t h = 0; h < H; ++h) {
-          float y = 0.0f;
-          for (int64_t i = 0; i < I; ++i) y += act[i] * w2(e, h, i);
-          store_flat(out.out, r * H + h, y);
+        for (int64_t h0 = 0; h0 < H; h0 += kDots) {
+          const int64_t n = std::min<int64_t>(kDots, H - h0);
+          float y[kDots] = {};
+          for (int64_t i = 0; i < I; ++i) {
+            for (int64_t q = 0; q < n; ++q) y[q] += act[i] * w2(e, h0 + q, i);
+          }
+          for (int64_t q = 0; q < n; ++q) store_flat(out.out, r * H + h0 + q, y[q]);
         }
       }
     });
@@ -91,7 +102,7 @@ struct Experts {
     const DType dt = in.hidden.dtype;
     // Input gradient, row by row; d_gate_up and act kept (rounded) for the weight gradients.
     parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task, int) {
-      std::vector<float> dy(H), dgu(2 * I);
+      std::vector<float> dy(H), dgu(2 * I), d_act(I), dx(H);
       for (int64_t r = task * kRowsPerTask; r < std::min(N, (task + 1) * kRowsPerTask); ++r) {
         const int64_t e = expert_of_row(offsets, E, r);
         if (e < 0) {
@@ -101,22 +112,27 @@ struct Experts {
           continue;
         }
         for (int64_t h = 0; h < H; ++h) dy[h] = x(a.d_out, r, h);
+        // d_act[i] = sum_h dy[h] W2[e, h, i], h outer: W2's rows read contiguously, every i its
+        // own accumulator (summed in h order as before).
+        std::fill(d_act.begin(), d_act.end(), 0.0f);
+        for (int64_t h = 0; h < H; ++h) {
+          for (int64_t i = 0; i < I; ++i) d_act[i] += dy[h] * w2(e, h, i);
+        }
         for (int64_t i = 0; i < I; ++i) {
-          float d_act = 0.0f;
-          for (int64_t h = 0; h < H; ++h) d_act += dy[h] * w2(e, h, i);
           const float g = x(a.gate_up, r, i), u = x(a.gate_up, r, I + i);
           const float sig = 1.0f / (1.0f + std::exp(-g));
-          dgu[i] = round_to(dt, d_act * u * sig * (1.0f + g * (1.0f - sig)));
-          dgu[I + i] = round_to(dt, d_act * g * sig);
+          dgu[i] = round_to(dt, d_act[i] * u * sig * (1.0f + g * (1.0f - sig)));
+          dgu[I + i] = round_to(dt, d_act[i] * g * sig);
           store_flat(a.d_gate_up, r * 2 * I + i, dgu[i]);
           store_flat(a.d_gate_up, r * 2 * I + I + i, dgu[I + i]);
           store_flat(a.act, r * I + i, silu(g) * u);
         }
-        for (int64_t h = 0; h < H; ++h) {
-          float d = 0.0f;
-          for (int64_t j = 0; j < 2 * I; ++j) d += dgu[j] * w1(e, j, h);
-          store_flat(a.d_hidden, r * H + h, d);
+        // d_hidden[h] = sum_j dgu[j] W1[e, j, h], j outer (rows of W1 contiguous, j order kept).
+        std::fill(dx.begin(), dx.end(), 0.0f);
+        for (int64_t j = 0; j < 2 * I; ++j) {
+          for (int64_t h = 0; h < H; ++h) dx[h] += dgu[j] * w1(e, j, h);
         }
+        for (int64_t h = 0; h < H; ++h) store_flat(a.d_hidden, r * H + h, dx[h]);
       }
     });
     // Weight gradients: one task per (expert, output row).
