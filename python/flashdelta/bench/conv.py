@@ -33,6 +33,7 @@ import sys
 
 import torch
 
+from ._profile import kernel_totals
 from .decode import copy_bandwidth
 from .fused_ops import device_time_ms
 
@@ -128,8 +129,6 @@ def kernel_times(B, T, C, W, repeats=20):
     """flashdelta's forward + backward under torch.profiler: device microseconds per call of each
     kernel (the forward, the backward, the weight-gradient reduction), to see which one is off
     its floor."""
-    from collections import defaultdict
-
     import flashdelta
 
     x = torch.randn(B, T, C, device="cuda").bfloat16().transpose(1, 2).requires_grad_()
@@ -140,21 +139,8 @@ def kernel_times(B, T, C, W, repeats=20):
         y = flashdelta.causal_conv1d(x, w, None, activation="silu")
         torch.autograd.grad(y, (x, w), dy)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            step()
-        torch.cuda.synchronize()
-    totals = defaultdict(float)
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:
-            us = getattr(ev, "self_cuda_time_total", 0.0)
-        if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-            totals[ev.key] += us / repeats
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+    totals = kernel_totals(step, repeats)
+    return dict(sorted(((k, us) for k, (us, _) in totals.items()), key=lambda kv: -kv[1]))
 
 
 def bench_update(B, C, W, bandwidth, do_bench, replays, flush):

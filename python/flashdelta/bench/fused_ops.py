@@ -41,6 +41,7 @@ import sys
 
 import torch
 
+from ._profile import kernel_totals
 from .decode import copy_bandwidth
 
 HIDDEN, Q_HEADS, KV_HEADS, HEAD_DIM, ROTARY_DIM = 2048, 16, 2, 256, 64
@@ -177,26 +178,7 @@ def kernel_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
     """Mean GPU time of step()'s own kernels (torch.profiler device time; each step after an L2
     flush whose kernels are left out): the op's time without the graph's launch and the gaps
     between kernels that device_time_ms includes."""
-    from collections import defaultdict
-
-    def kernels(fn, n):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(n):
-                fn()
-            torch.cuda.synchronize()
-        totals = defaultdict(float)
-        for ev in prof.key_averages():
-            us = getattr(ev, "self_device_time_total", None)
-            if us is None:
-                us = getattr(ev, "self_cuda_time_total", 0.0)
-            if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-                totals[ev.key] += us
-        return totals
-
-    flush_names = set(kernels(lambda: flush.zero_(), 1))
+    flush_names = set(kernel_totals(lambda: flush.zero_(), 1, warmup=2))
 
     def flushed_step():
         for x in leaves:
@@ -204,8 +186,8 @@ def kernel_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
         flush.zero_()
         step()
 
-    totals = kernels(flushed_step, repeats)
-    return sum(us for k, us in totals.items() if k not in flush_names) / repeats / 1e3
+    totals = kernel_totals(flushed_step, repeats, warmup=2)
+    return sum(us for k, (us, _) in totals.items() if k not in flush_names) / 1e3
 
 
 def main(argv=None) -> int:

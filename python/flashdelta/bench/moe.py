@@ -32,6 +32,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ._profile import kernel_totals
+
 
 def _bench(fn, rep=100, grad_to_none=None):
     from triton.testing import do_bench
@@ -96,25 +98,8 @@ def kernel_profile(step, repeats=10):
     """[(kernel, us per step, calls per step)] of `step` under torch.profiler (device time),
     largest first: where a section's time goes, and whether the device is busy for the whole
     measured time (a sum far below the CUDA-event time means the host is the bottleneck)."""
-    from collections import defaultdict
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            step()
-        torch.cuda.synchronize()
-    totals, counts = defaultdict(float), defaultdict(int)
-    for ev in prof.key_averages():
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:
-            us = getattr(ev, "self_cuda_time_total", 0.0)
-        if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-            totals[ev.key] += us
-            counts[ev.key] += ev.count
-    return sorted(((k, us / repeats, counts[k] / repeats) for k, us in totals.items()),
-                  key=lambda r: -r[1])
+    totals = kernel_totals(step, repeats)
+    return sorted(((k, us, calls) for k, (us, calls) in totals.items()), key=lambda r: -r[1])
 
 
 def assign_gemm_times(kernels, gemm_names, repeats):
