@@ -33,7 +33,7 @@ from .patch import PatchReport, patch, unpatch
 def build_info() -> dict:
     """What the compiled extension contains: {'cuda': bool, 'cuda_archs': str,
     'cpu_threads': int, 'cuda_ops': ['op.forward', 'op.backward' entries of the CUDA kernels]}."""
-    from .ops._gated_delta_rule import load_extension
+    from .ops._extension import load_extension
 
     return dict(load_extension().build_info())
 

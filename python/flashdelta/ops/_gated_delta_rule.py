@@ -25,6 +25,9 @@ from typing import Any, Callable, Dict, FrozenSet, Mapping, NamedTuple, Optional
 
 import torch
 
+from ._extension import current_stream as _stream
+from ._extension import load_extension
+
 Tensor = torch.Tensor
 
 # transformers' fallback and FLA's kernels normalise with x / sqrt(sum(x^2) + 1e-6); so does _C.
@@ -326,24 +329,6 @@ def constant_gate(q: Tensor, sizes: Sizes, value: float) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- custom ops
-
-
-def load_extension():
-    """flashdelta._C, imported on first use so that `import flashdelta` works without it."""
-    try:
-        from flashdelta import _C
-    except ImportError as e:  # pragma: no cover - depends on the installation
-        raise ImportError(
-            "flashdelta's compiled extension flashdelta._C could not be imported; build and "
-            "install the package with `pip install --no-build-isolation .`"
-        ) from e
-    return _C
-
-
-def _stream(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.current_stream(device).cuda_stream
-    return 0
 
 
 def _workspace(nbytes: int, device: torch.device) -> Tensor:

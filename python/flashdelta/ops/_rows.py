@@ -20,25 +20,11 @@ from typing import Any
 
 import torch
 
-from ._gated_delta_rule import load_extension
+from ._extension import current_stream as _stream
+from ._extension import load_extension
 
 __all__ = ["FLOAT_DTYPES", "_stream", "as_rows", "eager", "load_extension", "require_float",
            "require_same", "require_tensor", "shape_of"]
-
-# torch's raw current-stream query: an int, without building a torch.cuda.Stream object per call
-# (the public spelling where it is absent).
-_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _stream(device: torch.device) -> int:
-    """The cudaStream_t of the current stream on device, as an int (0 on the CPU)."""
-    if device.type != "cuda":
-        return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if _current_raw_stream is not None:
-        return _current_raw_stream(index)
-    return torch.cuda.current_stream(device).cuda_stream
-
 
 def eager() -> bool:
     """True when the public functions should take the autograd.Function path (not tracing)."""

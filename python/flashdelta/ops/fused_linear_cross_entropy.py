@@ -32,14 +32,11 @@ from typing import Optional, Union
 
 import torch
 
-from ._gated_delta_rule import load_extension
+from ._extension import current_stream as _stream
+from ._extension import load_extension
 
 Tensor = torch.Tensor
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
 
 
 @torch.library.custom_op("flashdelta::fused_linear_cross_entropy_fwd", mutates_args=())

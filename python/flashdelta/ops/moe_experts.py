@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from ._moe_common import detached, load_extension, stream_of
+from ._moe_common import load_extension, current_stream
 from .moe_permute import moe_permute, moe_unpermute
 
 Tensor = torch.Tensor
@@ -34,8 +34,8 @@ def moe_experts_fwd(
 ) -> Tuple[Tensor, Tensor]:
     out, gate_up, act = _forward_outputs(hidden, gate_up_proj)
     load_extension().moe_experts_forward(
-        detached(hidden), detached(expert_offsets), detached(gate_up_proj), detached(down_proj),
-        out, gate_up, act, stream_of(hidden.device),
+        hidden, expert_offsets, gate_up_proj, down_proj,
+        out, gate_up, act, current_stream(hidden.device),
     )
     return out, gate_up
 
@@ -60,9 +60,9 @@ def moe_experts_bwd(
     else:
         d_w1 = d_w2 = None
     load_extension().moe_experts_backward(
-        detached(hidden), detached(expert_offsets), detached(gate_up_proj), detached(down_proj),
-        detached(d_out), detached(gate_up), d_hidden, d_w1, d_w2, d_gate_up, act,
-        stream_of(hidden.device),
+        hidden, expert_offsets, gate_up_proj, down_proj,
+        d_out, gate_up, d_hidden, d_w1, d_w2, d_gate_up, act,
+        current_stream(hidden.device),
     )
     if not weight_grads:  # custom ops return tensors: 0-element stand-ins
         d_w1 = hidden.new_empty((0,))

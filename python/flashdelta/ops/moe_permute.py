@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _eager
-from ._moe_common import detached, load_extension, stream_of
+from ._moe_common import load_extension, current_stream
 
 Tensor = torch.Tensor
 
@@ -41,10 +41,9 @@ def _permute_forward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     C = load_extension()
     outputs = _permute_outputs(hidden, indices, num_experts)
-    h, i = detached(hidden), detached(indices)
-    nbytes = C.moe_permute_workspace_bytes(h, i, num_experts)
+    nbytes = C.moe_permute_workspace_bytes(hidden, indices, num_experts)
     workspace = torch.empty((nbytes,), dtype=torch.uint8, device=hidden.device) if nbytes else None
-    C.moe_permute(h, i, num_experts, *outputs, workspace, stream_of(hidden.device))
+    C.moe_permute(hidden, indices, num_experts, *outputs, workspace, current_stream(hidden.device))
     return outputs
 
 
@@ -80,7 +79,7 @@ def _unpermute_forward(
 ) -> Tensor:
     out = torch.empty((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
     load_extension().moe_unpermute_forward(
-        detached(rows), detached(weights), detached(pair_position), out, stream_of(rows.device)
+        rows, weights, pair_position, out, current_stream(rows.device)
     )
     return out
 
@@ -103,8 +102,8 @@ def _unpermute_backward_impl(
     else:
         d_weights = torch.empty((0,), dtype=rows.dtype, device=rows.device)
     load_extension().moe_unpermute_backward(
-        detached(rows), detached(weights), detached(pair_position), detached(d_out), d_rows,
-        d_weights if weights is not None else None, stream_of(rows.device),
+        rows, weights, pair_position, d_out, d_rows,
+        d_weights if weights is not None else None, current_stream(rows.device),
     )
     return d_rows, d_weights
 

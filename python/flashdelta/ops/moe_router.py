@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 
 from . import _eager
-from ._moe_common import FLOAT_DTYPES, detached, load_extension, stream_of
+from ._moe_common import FLOAT_DTYPES, load_extension, current_stream
 
 Tensor = torch.Tensor
 
@@ -27,7 +27,7 @@ def _router_forward(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor
     weights = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
     indices = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
     load_extension().moe_router_forward(
-        detached(logits), top_k, normalize, weights, indices, stream_of(logits.device)
+        logits, top_k, normalize, weights, indices, current_stream(logits.device)
     )
     return weights, indices
 
@@ -50,8 +50,8 @@ def _router_backward(
 ) -> Tensor:
     d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     load_extension().moe_router_backward(
-        detached(logits), top_k, normalize, detached(indices), detached(d_weights), d_logits,
-        stream_of(logits.device),
+        logits, top_k, normalize, indices, d_weights, d_logits,
+        current_stream(logits.device),
     )
     return d_logits
 

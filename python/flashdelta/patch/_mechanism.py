@@ -300,7 +300,7 @@ def _model_device(model: Any) -> Any:
 
 def _load_build_info(ctx: Context) -> None:
     try:
-        from flashdelta.ops._gated_delta_rule import load_extension
+        from flashdelta.ops._extension import load_extension
 
         ctx.build_info = dict(load_extension().build_info())
     except ImportError as e:
