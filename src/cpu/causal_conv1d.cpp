@@ -10,11 +10,11 @@
 // (x cast to it) and casts the result to x's dtype, the convolution and the gradients entering
 // and leaving it are rounded to weight's dtype (round_to) where transformers holds them in that
 // dtype: bf16 results then equal transformers' bit for bit, or nearly. The backward computes a
-// (b, c) row's inputs, sequence starts and dpre once into its worker's slice of the caller's
-// workspace (3 x T values a worker), then dx and the weight gradient from them (the first
-// version recomputed pre W (W + 1) times a token: 0.8 s a call in the CPU demo).
-// Parallel over blocks of channels: a channel's weight gradient is summed by one task, over
-// b then t, so the result does not depend on the thread count (deterministic).
+// block's inputs, sequence starts and dpre once into its worker's slice of the caller's workspace
+// (T x (2 x 16 + 1) values a worker), then dx and the weight gradient from them.
+// Parallel over blocks of 16 channels, walked token by token with the channels innermost (see
+// ChannelBlock); a channel's weight gradient is summed by one task, over b then t, so the result
+// does not depend on the thread count (deterministic).
 // Any strides, any W >= 1; varlen offsets already validated by src/core.
 #include <algorithm>
 #include <cmath>
@@ -34,7 +34,6 @@ using flashdelta::cpu::parallel_for;
 using flashdelta::cpu::to_float;
 
 constexpr int64_t kChannelsPerTask = 16;
-constexpr int64_t kMaxTapsOnStack = 8;  // weight-gradient sums of wider convolutions: a vector
 
 // Element i (in elements, strides applied by the caller) of a tensor of a runtime float dtype.
 double load_any(const void* p, DType dtype, int64_t i) {
@@ -121,38 +120,43 @@ SequenceStarts sequence_starts(const CausalConv1dInputs& in) {
   return s;
 }
 
-// The convolution of one channel, before the activation.
-template <typename T>
-struct ChannelConv {
-  const Channels<const T>& x;
-  const SequenceStarts& starts;
-  const TensorRef& weight;
-  int64_t b, c, W;
-  double bias;
-
-  double weight_tap(int64_t k) const {
-    return load_any(weight.data, weight.dtype, c * weight.strides[0] + k * weight.strides[1]);
-  }
-  double pre(int64_t t) const {
-    const int64_t reach = std::min(W - 1, t - starts.start_of(t));
-    double acc = bias;
-    for (int64_t j = 0; j <= reach; ++j) acc += weight_tap(W - 1 - j) * input(t - j);
-    return round_to(weight.dtype, acc);
-  }
-  // x[t] as transformers feeds it to the convolution: cast to weight's dtype.
-  double input(int64_t t) const { return round_to(weight.dtype, to_float(x.at(b, c, t))); }
-  // dpre[t] from dy[t], rounded as transformers' autograd holds it (in weight's dtype).
-  double dpre(double dy, int64_t t, bool silu) const {
-    const double g = round_to(weight.dtype, dy);
-    if (!silu) return g;
-    const double p = pre(t), sg = sigmoid(p);
-    return round_to(weight.dtype, g * sg * (1.0 + p * (1.0 - sg)));
-  }
-};
-
 double bias_of(const TensorRef& bias, int64_t c) {
   return bias.defined() ? load_any(bias.data, bias.dtype, c * bias.strides[0]) : 0.0;
 }
+
+// One task's channels [c0, c0 + count), count <= kChannelsPerTask, walked token by token with
+// the channels innermost: they are x's unit-stride dimension in transformers' layout (a
+// [B, C, T] view of [B, T, C]), so every inner loop reads contiguous memory and vectorises. (The
+// first version walked one channel's row at a time: a stride of C elements per token, a cache
+// line per access, and the weight's dtype switched on per tap.) The weight taps are held as
+// [W][kChannelsPerTask] doubles.
+struct ChannelBlock {
+  int64_t c0, count, width;
+  DType dtype;  // weight's dtype: what transformers computes the convolution in
+  std::vector<double> taps, bias;
+
+  ChannelBlock(const CausalConv1dInputs& in, int64_t task, int64_t channels, int64_t W)
+      : c0(task * kChannelsPerTask),
+        count(std::min(kChannelsPerTask, channels - task * kChannelsPerTask)),
+        width(W),
+        dtype(in.weight.dtype),
+        taps(static_cast<size_t>(W * kChannelsPerTask), 0.0),
+        bias(kChannelsPerTask, 0.0) {
+    for (int64_t c = 0; c < count; ++c) {
+      bias[c] = bias_of(in.bias, c0 + c);
+      for (int64_t k = 0; k < W; ++k) {
+        taps[k * kChannelsPerTask + c] = load_any(
+            in.weight.data, in.weight.dtype, (c0 + c) * in.weight.strides[0] + k * in.weight.strides[1]);
+      }
+    }
+  }
+  const double* tap(int64_t k) const { return taps.data() + k * kChannelsPerTask; }
+  // x[t] as transformers feeds it to the convolution: cast to weight's dtype.
+  template <typename T>
+  double input(const Channels<const T>& x, int64_t b, int64_t c, int64_t t) const {
+    return round_to(dtype, to_float(x.at(b, c0 + c, t)));
+  }
+};
 
 template <typename T>
 void forward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
@@ -163,42 +167,43 @@ void forward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
   const int64_t W = s.width, L = s.seq_len;
   const int64_t tasks = (s.channels + kChannelsPerTask - 1) / kChannelsPerTask;
   parallel_for(tasks, [&](int64_t task, int) {
-    const int64_t c_end = std::min(s.channels, (task + 1) * kChannelsPerTask);
-    for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
-      for (int64_t b = 0; b < s.batch; ++b) {
-        const ChannelConv<T> conv{x, starts, in.weight, b, c, W, bias_of(in.bias, c)};
-        double taps[kMaxTapsOnStack];
-        const bool small = W <= kMaxTapsOnStack;
-        for (int64_t k = 0; small && k < W; ++k) taps[k] = conv.weight_tap(k);
-        SequenceCursor seq{starts};
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t reach = std::min(W - 1, t - seq.start_of(t));
-          double p = conv.bias;  // the sum of conv.pre(t), in the same order
-          for (int64_t j = 0; j <= reach; ++j) {
-            p += (small ? taps[W - 1 - j] : conv.weight_tap(W - 1 - j)) * conv.input(t - j);
-          }
-          p = round_to(in.weight.dtype, p);
-          y.at(b, c, t) = from_float<T>(round_to(in.weight.dtype, in.silu ? p * sigmoid(p) : p));
+    const ChannelBlock blk(in, task, s.channels, W);
+    const int64_t n = blk.count;
+    for (int64_t b = 0; b < s.batch; ++b) {
+      SequenceCursor seq{starts};
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t reach = std::min(W - 1, t - seq.start_of(t));
+        double p[kChannelsPerTask];
+        for (int64_t c = 0; c < n; ++c) p[c] = blk.bias[c];
+        for (int64_t j = 0; j <= reach; ++j) {
+          const double* w = blk.tap(W - 1 - j);
+          for (int64_t c = 0; c < n; ++c) p[c] += w[c] * blk.input(x, b, c, t - j);
+        }
+        for (int64_t c = 0; c < n; ++c) {
+          const double v = round_to(blk.dtype, p[c]);
+          y.at(b, blk.c0 + c, t) = from_float<T>(round_to(blk.dtype, in.silu ? v * sigmoid(v) : v));
         }
       }
     }
   });
 }
 
-// The backward's per-worker scratch (from the caller's workspace): x cast to weight's dtype,
-// dpre and the sequence start of every token of one (b, c) row.
-struct RowScratch {
+// The backward's per-worker scratch (from the caller's workspace), for one task's channels of
+// one sequence row: x cast to weight's dtype and dpre, [T][kChannelsPerTask] each, and the
+// sequence start of every token.
+struct BlockScratch {
   double* input;
   double* dpre;
   int64_t* start;
 };
-size_t row_scratch_bytes(int64_t seq_len) {
-  return static_cast<size_t>(seq_len) * (2 * sizeof(double) + sizeof(int64_t));
+size_t block_scratch_bytes(int64_t seq_len) {
+  return static_cast<size_t>(seq_len) * (2 * kChannelsPerTask * sizeof(double) + sizeof(int64_t));
 }
-RowScratch row_scratch(void* workspace, int worker, int64_t seq_len) {
-  auto* base = static_cast<unsigned char*>(workspace) + worker * row_scratch_bytes(seq_len);
+BlockScratch block_scratch(void* workspace, int worker, int64_t seq_len) {
+  auto* base = static_cast<unsigned char*>(workspace) + worker * block_scratch_bytes(seq_len);
   auto* doubles = reinterpret_cast<double*>(base);
-  return {doubles, doubles + seq_len, reinterpret_cast<int64_t*>(doubles + 2 * seq_len)};
+  return {doubles, doubles + seq_len * kChannelsPerTask,
+          reinterpret_cast<int64_t*>(doubles + 2 * seq_len * kChannelsPerTask)};
 }
 
 template <typename T>
@@ -208,63 +213,80 @@ void backward_typed(const CausalConv1dShape& s, const CausalConv1dInputs& in,
   const Channels<const T> x(in.x), dy(gin.dy);
   const Channels<T> dx(gout.dx);
   const SequenceStarts starts = sequence_starts(in);
-  const int64_t W = s.width, L = s.seq_len;
-  const int64_t tasks = (s.channels + kChannelsPerTask - 1) / kChannelsPerTask;
+  const int64_t W = s.width, L = s.seq_len, CB = kChannelsPerTask;
+  const int64_t tasks = (s.channels + CB - 1) / CB;
   parallel_for(tasks, [&](int64_t task, int worker) {
-    const RowScratch row = row_scratch(gout.workspace.data, worker, L);
-    const int64_t c_end = std::min(s.channels, (task + 1) * kChannelsPerTask);
-    for (int64_t c = task * kChannelsPerTask; c < c_end; ++c) {
-      double dbias = 0.0;
-      double dw[kMaxTapsOnStack] = {};
-      std::vector<double> dw_heap(W > kMaxTapsOnStack ? W : 0, 0.0);
-      double* dweight = W > kMaxTapsOnStack ? dw_heap.data() : dw;
-      for (int64_t b = 0; b < s.batch; ++b) {
-        const ChannelConv<T> conv{x, starts, in.weight, b, c, W, bias_of(in.bias, c)};
-        // One pass for the row's inputs, sequence starts and dpre (each computed once; the
-        // first version recomputed pre W (W + 1) times per token).
-        SequenceCursor seq{starts};
-        for (int64_t t = 0; t < L; ++t) {
-          row.input[t] = conv.input(t);
-          row.start[t] = seq.start_of(t);
+    const ChannelBlock blk(in, task, s.channels, W);
+    const int64_t n = blk.count;
+    const BlockScratch row = block_scratch(gout.workspace.data, worker, L);
+    std::vector<double> dweight(static_cast<size_t>(W * CB), 0.0);  // [tap][channel]
+    double dbias[kChannelsPerTask] = {};
+    for (int64_t b = 0; b < s.batch; ++b) {
+      // One pass for the inputs, sequence starts and dpre (each computed once).
+      SequenceCursor seq{starts};
+      for (int64_t t = 0; t < L; ++t) {
+        row.start[t] = seq.start_of(t);
+        for (int64_t c = 0; c < n; ++c) row.input[t * CB + c] = blk.input(x, b, c, t);
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t reach = std::min(W - 1, t - row.start[t]);
+        double pre[kChannelsPerTask];
+        for (int64_t c = 0; c < n; ++c) pre[c] = blk.bias[c];
+        for (int64_t j = 0; j <= reach; ++j) {
+          const double* w = blk.tap(W - 1 - j);
+          const double* xin = row.input + (t - j) * CB;
+          for (int64_t c = 0; c < n; ++c) pre[c] += w[c] * xin[c];
         }
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t reach = std::min(W - 1, t - row.start[t]);
-          double pre = conv.bias;
-          for (int64_t j = 0; j <= reach; ++j) pre += conv.weight_tap(W - 1 - j) * row.input[t - j];
-          pre = round_to(in.weight.dtype, pre);
-          const double g = round_to(in.weight.dtype, to_float(dy.at(b, c, t)));
+        double* dpre = row.dpre + t * CB;
+        for (int64_t c = 0; c < n; ++c) {
+          const double p = round_to(blk.dtype, pre[c]);
+          const double g = round_to(blk.dtype, to_float(dy.at(b, blk.c0 + c, t)));
           if (in.silu) {
-            const double sg = sigmoid(pre);
-            row.dpre[t] = round_to(in.weight.dtype, g * sg * (1.0 + pre * (1.0 - sg)));
+            const double sg = sigmoid(p);
+            dpre[c] = round_to(blk.dtype, g * sg * (1.0 + p * (1.0 - sg)));
           } else {
-            row.dpre[t] = g;
+            dpre[c] = g;
           }
-        }
-        for (int64_t t = 0; t < L; ++t) {
-          double acc = 0.0;
-          for (int64_t j = 0; j < W && t + j < L; ++j) {
-            if (row.start[t + j] > t) break;  // t + j is in a later sequence
-            acc += conv.weight_tap(W - 1 - j) * row.dpre[t + j];
-          }
-          dx.at(b, c, t) = from_float<T>(round_to(in.weight.dtype, acc));
-        }
-        // Tap W - 1 - j: sum over t of dpre[t] x[t - j], b then t (as before: deterministic).
-        for (int64_t k = 0; k < W; ++k) {
-          const int64_t j = W - 1 - k;
-          double sum = dweight[k];
-          for (int64_t t = 0; t < L; ++t) {
-            if (k == W - 1) dbias += row.dpre[t];
-            if (t - j >= row.start[t]) sum += row.dpre[t] * row.input[t - j];
-          }
-          dweight[k] = sum;
         }
       }
+      // dx[t] = sum_j weight[W - 1 - j] dpre[t + j] over t + j in t's sequence.
+      for (int64_t t = 0; t < L; ++t) {
+        double acc[kChannelsPerTask] = {};
+        for (int64_t j = 0; j < W && t + j < L; ++j) {
+          if (row.start[t + j] > t) break;  // t + j is in a later sequence
+          const double* w = blk.tap(W - 1 - j);
+          const double* dp = row.dpre + (t + j) * CB;
+          for (int64_t c = 0; c < n; ++c) acc[c] += w[c] * dp[c];
+        }
+        for (int64_t c = 0; c < n; ++c) {
+          dx.at(b, blk.c0 + c, t) = from_float<T>(round_to(blk.dtype, acc[c]));
+        }
+      }
+      // Tap W - 1 - j: sum over t of dpre[t] x[t - j], per channel over b then t (a fixed
+      // order whatever the thread count: deterministic).
+      for (int64_t k = 0; k < W; ++k) {
+        const int64_t j = W - 1 - k;
+        double* dw = dweight.data() + k * CB;
+        for (int64_t t = j; t < L; ++t) {
+          if (t - j < row.start[t]) continue;
+          const double* dp = row.dpre + t * CB;
+          const double* xin = row.input + (t - j) * CB;
+          for (int64_t c = 0; c < n; ++c) dw[c] += dp[c] * xin[c];
+        }
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t c = 0; c < n; ++c) dbias[c] += row.dpre[t * CB + c];
+      }
+    }
+    for (int64_t c = 0; c < n; ++c) {
       for (int64_t k = 0; k < W; ++k) {
         store_any(gout.dweight.data, gout.dweight.dtype,
-                  c * gout.dweight.strides[0] + k * gout.dweight.strides[1], dweight[k]);
+                  (blk.c0 + c) * gout.dweight.strides[0] + k * gout.dweight.strides[1],
+                  dweight[k * CB + c]);
       }
       if (gout.dbias.defined()) {
-        store_any(gout.dbias.data, gout.dbias.dtype, c * gout.dbias.strides[0], dbias);
+        store_any(gout.dbias.data, gout.dbias.dtype, (blk.c0 + c) * gout.dbias.strides[0],
+                  dbias[c]);
       }
     }
   });
@@ -340,7 +362,7 @@ struct Update {
 }  // namespace
 
 size_t causal_conv1d_backward_workspace_bytes(const CausalConv1dShape& s) {
-  return static_cast<size_t>(flashdelta::cpu::num_threads()) * row_scratch_bytes(s.seq_len);
+  return static_cast<size_t>(flashdelta::cpu::num_threads()) * block_scratch_bytes(s.seq_len);
 }
 
 void causal_conv1d_forward(const CausalConv1dShape& s, const CausalConv1dInputs& in,
