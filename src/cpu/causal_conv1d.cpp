@@ -145,8 +145,8 @@ struct ChannelBlock {
     for (int64_t c = 0; c < count; ++c) {
       bias[c] = bias_of(in.bias, c0 + c);
       for (int64_t k = 0; k < W; ++k) {
-        taps[k * kChannelsPerTask + c] = load_any(
-            in.weight.data, in.weight.dtype, (c0 + c) * in.weight.strides[0] + k * in.weight.strides[1]);
+        const int64_t at = (c0 + c) * in.weight.strides[0] + k * in.weight.strides[1];
+        taps[k * kChannelsPerTask + c] = load_any(in.weight.data, in.weight.dtype, at);
       }
     }
   }

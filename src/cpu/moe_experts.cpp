@@ -1,36 +1,65 @@
-// moe_experts on the CPU: the same math as the CUDA grouped GEMMs, one row (forward, input
-// gradients) or one weight row (weight gradients) per unit of work, fp32 accumulation, and
-// gate_up / act / d_gate_up rounded to the storage dtype where the CUDA path stores them.
+// moe_experts on the CPU: the same math as the CUDA grouped GEMMs, per expert as dense blocked
+// GEMMs (cpu/gemm.h), fp32 accumulation, and gate_up / act / d_gate_up rounded to the storage
+// dtype where the CUDA path stores them.
 //
-// Rows are split across the thread pool in blocks; a row finds its expert by binary search in
-// expert_offsets. Weight gradients are split by (expert, output row): each output element is
-// summed by one thread over its expert's rows in ascending order (deterministic).
+// Forward and input gradients: one task per block of up to kRowBlock rows of one expert, the
+// expert's weights read once per block (the first version ran a row at a time: every row re-read
+// its expert's weights, a dot product per output). Weight gradients: one task per expert, its
+// rows as the reduction dimension. Every output element is summed by one task in ascending k
+// (h, i, j or row) order, whatever the thread count: deterministic. Rows past expert_offsets[E]
+// (dropped) get zeros.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "core/moe_backend.h"
+#include "cpu/gemm.h"
 #include "cpu/moe_common.h"
 #include "cpu/parallel.h"
 
 namespace flashdelta::detail::cpu {
 
+using flashdelta::cpu::gemm;
+using flashdelta::cpu::Mat;
 using flashdelta::cpu::parallel_for;
 using flashdelta::cpu::to_float;
 using namespace flashdelta::cpu::moe;
 
 namespace {
 
-constexpr int64_t kRowsPerTask = 16;
-constexpr int64_t kDots = 8;  // dot products computed side by side (independent FMA chains)
+constexpr int64_t kRowBlock = 64;
 
 float silu(float g) { return g / (1.0f + std::exp(-g)); }
 
-// The expert of row r: the e with offsets[e] <= r < offsets[e + 1], or -1 for a dropped row.
-int64_t expert_of_row(const int32_t* offsets, int64_t E, int64_t r) {
-  if (r >= offsets[E]) return -1;
-  const int32_t* it = std::upper_bound(offsets, offsets + E + 1, static_cast<int32_t>(r));
-  return (it - offsets) - 1;
+// Rows [r0, r1) of expert e.
+struct RowBlock {
+  int64_t e, r0, r1;
+};
+std::vector<RowBlock> row_blocks(const int32_t* offsets, int64_t E) {
+  std::vector<RowBlock> blocks;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += kRowBlock) {
+      blocks.push_back({e, r, std::min<int64_t>(offsets[e + 1], r + kRowBlock)});
+    }
+  }
+  return blocks;
+}
+
+// rows x cols of a storage-typed matrix (unit column stride) as an fp32 matrix: a view when the
+// storage is fp32, else a converted copy in `buf`.
+template <typename S>
+Mat<float> as_f32(const void* base, int64_t offset, int64_t rows, int64_t cols, int64_t row_stride,
+                  std::vector<float>& buf) {
+  const S* p = static_cast<const S*>(base) + offset;
+  if constexpr (std::is_same_v<S, float>) {
+    return Mat<float>(const_cast<float*>(p), rows, cols, row_stride);
+  } else {
+    buf.resize(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) buf[r * cols + c] = to_float(p[r * row_stride + c]);
+    return Mat<float>(buf.data(), rows, cols);
+  }
 }
 
 template <typename S>
@@ -39,125 +68,121 @@ struct Experts {
   const MoeExpertsInputs& in;
   const int32_t* offsets;
 
-  float x(const TensorRef& t, int64_t r, int64_t c) const {
-    return to_float(static_cast<const S*>(t.data)[r * t.strides[0] + c]);
+  // Rows [r0, r1) of an [N, cols] tensor (unit column stride) as fp32.
+  Mat<float> rows_of(const TensorRef& t, int64_t r0, int64_t r1, int64_t cols,
+                     std::vector<float>& buf) const {
+    return as_f32<S>(t.data, r0 * t.strides[0], r1 - r0, cols, t.strides[0], buf);
   }
-  float w1(int64_t e, int64_t j, int64_t h) const {  // gate_up_proj[e, j, h]
+  Mat<float> w1(int64_t e, std::vector<float>& buf) const {  // gate_up_proj[e]: [2I, H]
     const TensorRef& w = in.gate_up_proj;
-    return to_float(static_cast<const S*>(w.data)[e * w.strides[0] + j * w.strides[1] + h]);
+    return as_f32<S>(w.data, e * w.strides[0], 2 * s.intermediate, s.hidden, w.strides[1], buf);
   }
-  float w2(int64_t e, int64_t h, int64_t i) const {  // down_proj[e, h, i]
+  Mat<float> w2(int64_t e, std::vector<float>& buf) const {  // down_proj[e]: [H, I]
     const TensorRef& w = in.down_proj;
-    return to_float(static_cast<const S*>(w.data)[e * w.strides[0] + h * w.strides[1] + i]);
+    return as_f32<S>(w.data, e * w.strides[0], s.hidden, s.intermediate, w.strides[1], buf);
+  }
+  static void store_rows(const TensorRef& t, int64_t r0, const Mat<float>& m) {
+    for (int64_t r = 0; r < m.rows; ++r)
+      for (int64_t c = 0; c < m.cols; ++c) store_flat(t, (r0 + r) * m.cols + c, m(r, c));
+  }
+  // Zeros for the rows past expert_offsets[E] of contiguous [N, cols] outputs.
+  void zero_dropped(const TensorRef& t, int64_t cols) const {
+    for (int64_t i = offsets[s.num_experts] * cols; i < s.num_rows * cols; ++i) {
+      store_flat(t, i, 0.0f);
+    }
   }
 
   void forward(const MoeExpertsForwardOutputs& out) const {
-    const int64_t N = s.num_rows, H = s.hidden, I = s.intermediate, E = s.num_experts;
+    const int64_t H = s.hidden, I = s.intermediate;
     const DType dt = in.hidden.dtype;
-    parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task, int) {
-      std::vector<float> xr(H), act(I);
-      for (int64_t r = task * kRowsPerTask; r < std::min(N, (task + 1) * kRowsPerTask); ++r) {
-        const int64_t e = expert_of_row(offsets, E, r);
-        if (e < 0) {
-          for (int64_t c = 0; c < 2 * I; ++c) store_flat(out.gate_up, r * 2 * I + c, 0.0f);
-          for (int64_t c = 0; c < I; ++c) store_flat(out.act, r * I + c, 0.0f);
-          for (int64_t c = 0; c < H; ++c) store_flat(out.out, r * H + c, 0.0f);
-          continue;
-        }
-        for (int64_t h = 0; h < H; ++h) xr[h] = x(in.hidden, r, h);
-        // Dot products, kDots at a time: independent accumulation chains (each element still
-        // summed in h order, so the results are those of one chain at a time).
-        for (int64_t i0 = 0; i0 < I; i0 += kDots) {
-          const int64_t n = std::min<int64_t>(kDots, I - i0);
-          float g[kDots] = {}, u[kDots] = {};
-          for (int64_t h = 0; h < H; ++h) {
-            for (int64_t q = 0; q < n; ++q) {
-              g[q] += xr[h] * w1(e, i0 + q, h);
-              u[q] += xr[h] * w1(e, I + i0 + q, h);
-            }
-          }
-          for (int64_t q = 0; q < n; ++q) {
-            const int64_t i = i0 + q;
-            const float gi = round_to(dt, g[q]), ui = round_to(dt, u[q]);
-            store_flat(out.gate_up, r * 2 * I + i, gi);
-            store_flat(out.gate_up, r * 2 * I + I + i, ui);
-            act[i] = round_to(dt, silu(gi) * ui);
-            store_flat(out.act, r * I + i, act[i]);
-          }
-        }
-        for (int64_t h0 = 0; h0 < H; h0 += kDots) {
-          const int64_t n = std::min<int64_t>(kDots, H - h0);
-          float y[kDots] = {};
-          for (int64_t i = 0; i < I; ++i) {
-            for (int64_t q = 0; q < n; ++q) y[q] += act[i] * w2(e, h0 + q, i);
-          }
-          for (int64_t q = 0; q < n; ++q) store_flat(out.out, r * H + h0 + q, y[q]);
+    const std::vector<RowBlock> blocks = row_blocks(offsets, s.num_experts);
+    parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t task, int) {
+      const RowBlock b = blocks[task];
+      const int64_t m = b.r1 - b.r0;
+      std::vector<float> xbuf, w1buf, w2buf, pack(static_cast<size_t>(std::max(2 * I * H, H * I)));
+      std::vector<float> gu(m * 2 * I), act(m * I), y(m * H);
+      const Mat<float> x = rows_of(in.hidden, b.r0, b.r1, H, xbuf);
+      // gate_up = x W1^T, rounded as stored; act = silu(g) u, rounded as stored.
+      gemm<float>(Mat<float>(gu.data(), m, 2 * I), x, w1(b.e, w1buf).t(), 1.0f, false, pack.data());
+      for (int64_t r = 0; r < m; ++r) {
+        for (int64_t i = 0; i < I; ++i) {
+          const float g = round_to(dt, gu[r * 2 * I + i]), u = round_to(dt, gu[r * 2 * I + I + i]);
+          gu[r * 2 * I + i] = g;
+          gu[r * 2 * I + I + i] = u;
+          act[r * I + i] = round_to(dt, silu(g) * u);
         }
       }
+      // out = act W2^T
+      gemm<float>(Mat<float>(y.data(), m, H), Mat<float>(act.data(), m, I), w2(b.e, w2buf).t(),
+                  1.0f, false, pack.data());
+      store_rows(out.gate_up, b.r0, Mat<float>(gu.data(), m, 2 * I));
+      store_rows(out.act, b.r0, Mat<float>(act.data(), m, I));
+      store_rows(out.out, b.r0, Mat<float>(y.data(), m, H));
     });
+    zero_dropped(out.gate_up, 2 * I);
+    zero_dropped(out.act, I);
+    zero_dropped(out.out, H);
   }
 
   void backward(const MoeExpertsBackwardArgs& a) const {
-    const int64_t N = s.num_rows, H = s.hidden, I = s.intermediate, E = s.num_experts;
+    const int64_t H = s.hidden, I = s.intermediate, E = s.num_experts;
     const DType dt = in.hidden.dtype;
-    // Input gradient, row by row; d_gate_up and act kept (rounded) for the weight gradients.
-    parallel_for((N + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t task, int) {
-      std::vector<float> dy(H), dgu(2 * I), d_act(I), dx(H);
-      for (int64_t r = task * kRowsPerTask; r < std::min(N, (task + 1) * kRowsPerTask); ++r) {
-        const int64_t e = expert_of_row(offsets, E, r);
-        if (e < 0) {
-          for (int64_t c = 0; c < 2 * I; ++c) store_flat(a.d_gate_up, r * 2 * I + c, 0.0f);
-          for (int64_t c = 0; c < I; ++c) store_flat(a.act, r * I + c, 0.0f);
-          for (int64_t c = 0; c < H; ++c) store_flat(a.d_hidden, r * H + c, 0.0f);
-          continue;
-        }
-        for (int64_t h = 0; h < H; ++h) dy[h] = x(a.d_out, r, h);
-        // d_act[i] = sum_h dy[h] W2[e, h, i], h outer: W2's rows read contiguously, every i its
-        // own accumulator (summed in h order as before).
-        std::fill(d_act.begin(), d_act.end(), 0.0f);
-        for (int64_t h = 0; h < H; ++h) {
-          for (int64_t i = 0; i < I; ++i) d_act[i] += dy[h] * w2(e, h, i);
-        }
+    const std::vector<RowBlock> blocks = row_blocks(offsets, E);
+    // Input gradient per row block; d_gate_up and act stored (rounded) for the weight gradients.
+    parallel_for(static_cast<int64_t>(blocks.size()), [&](int64_t task, int) {
+      const RowBlock b = blocks[task];
+      const int64_t m = b.r1 - b.r0;
+      std::vector<float> dybuf, gubuf, w1buf, w2buf;
+      std::vector<float> d_act(m * I), dgu(m * 2 * I), act(m * I), dx(m * H);
+      const Mat<float> dy = rows_of(a.d_out, b.r0, b.r1, H, dybuf);
+      const Mat<float> gu = rows_of(a.gate_up, b.r0, b.r1, 2 * I, gubuf);
+      // d_act = dy W2
+      gemm<float>(Mat<float>(d_act.data(), m, I), dy, w2(b.e, w2buf), 1.0f, false, nullptr);
+      for (int64_t r = 0; r < m; ++r) {
         for (int64_t i = 0; i < I; ++i) {
-          const float g = x(a.gate_up, r, i), u = x(a.gate_up, r, I + i);
+          const float g = gu(r, i), u = gu(r, I + i), da = d_act[r * I + i];
           const float sig = 1.0f / (1.0f + std::exp(-g));
-          dgu[i] = round_to(dt, d_act[i] * u * sig * (1.0f + g * (1.0f - sig)));
-          dgu[I + i] = round_to(dt, d_act[i] * g * sig);
-          store_flat(a.d_gate_up, r * 2 * I + i, dgu[i]);
-          store_flat(a.d_gate_up, r * 2 * I + I + i, dgu[I + i]);
-          store_flat(a.act, r * I + i, silu(g) * u);
+          dgu[r * 2 * I + i] = round_to(dt, da * u * sig * (1.0f + g * (1.0f - sig)));
+          dgu[r * 2 * I + I + i] = round_to(dt, da * g * sig);
+          act[r * I + i] = silu(g) * u;
         }
-        // d_hidden[h] = sum_j dgu[j] W1[e, j, h], j outer (rows of W1 contiguous, j order kept).
-        std::fill(dx.begin(), dx.end(), 0.0f);
-        for (int64_t j = 0; j < 2 * I; ++j) {
-          for (int64_t h = 0; h < H; ++h) dx[h] += dgu[j] * w1(e, j, h);
+      }
+      // d_hidden = d_gate_up W1
+      gemm<float>(Mat<float>(dx.data(), m, H), Mat<float>(dgu.data(), m, 2 * I), w1(b.e, w1buf),
+                  1.0f, false, nullptr);
+      store_rows(a.d_gate_up, b.r0, Mat<float>(dgu.data(), m, 2 * I));
+      store_rows(a.act, b.r0, Mat<float>(act.data(), m, I));
+      store_rows(a.d_hidden, b.r0, Mat<float>(dx.data(), m, H));
+    });
+    zero_dropped(a.d_gate_up, 2 * I);
+    zero_dropped(a.act, I);
+    zero_dropped(a.d_hidden, H);
+    if (!a.d_gate_up_proj.defined() && !a.d_down_proj.defined()) return;
+    // Weight gradients, one task per expert, its rows (ascending) the reduction dimension:
+    // dW1[e] = d_gate_up_e^T x_e,  dW2[e] = d_out_e^T act_e.
+    parallel_for(E, [&](int64_t e, int) {
+      const int64_t r0 = offsets[e], r1 = offsets[e + 1];
+      std::vector<float> xbuf, dgubuf, dybuf, actbuf, dw;
+      if (a.d_gate_up_proj.defined()) {
+        dw.assign(2 * I * H, 0.0f);
+        if (r1 > r0) {
+          gemm<float>(Mat<float>(dw.data(), 2 * I, H),
+                      rows_of(a.d_gate_up, r0, r1, 2 * I, dgubuf).t(),
+                      rows_of(in.hidden, r0, r1, H, xbuf), 1.0f, false, nullptr);
         }
-        for (int64_t h = 0; h < H; ++h) store_flat(a.d_hidden, r * H + h, dx[h]);
+        for (int64_t i = 0; i < 2 * I * H; ++i) {
+          store_flat(a.d_gate_up_proj, e * 2 * I * H + i, dw[i]);
+        }
+      }
+      if (a.d_down_proj.defined()) {
+        dw.assign(H * I, 0.0f);
+        if (r1 > r0) {
+          gemm<float>(Mat<float>(dw.data(), H, I), rows_of(a.d_out, r0, r1, H, dybuf).t(),
+                      rows_of(a.act, r0, r1, I, actbuf), 1.0f, false, nullptr);
+        }
+        for (int64_t i = 0; i < H * I; ++i) store_flat(a.d_down_proj, e * H * I + i, dw[i]);
       }
     });
-    // Weight gradients: one task per (expert, output row).
-    if (a.d_gate_up_proj.defined()) {
-      parallel_for(E * 2 * I, [&](int64_t task, int) {
-        const int64_t e = task / (2 * I), j = task % (2 * I);
-        std::vector<float> acc(H, 0.0f);
-        for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
-          const float d = x(a.d_gate_up, r, j);
-          for (int64_t h = 0; h < H; ++h) acc[h] += d * x(in.hidden, r, h);
-        }
-        for (int64_t h = 0; h < H; ++h) store_flat(a.d_gate_up_proj, (e * 2 * I + j) * H + h, acc[h]);
-      });
-    }
-    if (a.d_down_proj.defined()) {
-      parallel_for(E * H, [&](int64_t task, int) {
-        const int64_t e = task / H, h = task % H;
-        std::vector<float> acc(I, 0.0f);
-        for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
-          const float d = x(a.d_out, r, h);
-          for (int64_t i = 0; i < I; ++i) acc[i] += d * x(a.act, r, i);
-        }
-        for (int64_t i = 0; i < I; ++i) store_flat(a.d_down_proj, (e * H + h) * I + i, acc[i]);
-      });
-    }
   }
 };
 
