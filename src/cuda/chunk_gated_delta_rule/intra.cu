@@ -9,7 +9,7 @@
 //   gamma = cumsum(g) (fp32), beta, be = beta e^gamma
 //   A  = strictLower(b_i exp(gamma_i - gamma_j) (K K^T)_ij)    on the accumulator registers
 //   M  = Gamma * causal(Q K^T)                                  likewise; stored bf16
-//   T  = (I + A)^-1                                             fp32 substitution (common.cuh)
+//   T  = (I + A)^-1                                             fp32, by 16 x 16 blocks
 //   W  = (T diag(be)) K,  U = (T diag(b)) V                     the row scalings of K and V are
 //                                                               column scalings of T, applied
 //                                                               while T's rows become A fragments
@@ -19,7 +19,7 @@
 // triangle is computed: warp w needs columns < 16 (w + 1) of K K^T, Q K^T and T.
 // Writes W, U, KR, Qe, M (bf16), gamma (fp32) to the workspace, and T (bf16) when the backward
 // asks (p.ws.t): layouts of common.cuh's Workspace, unchanged.
-// Shared memory 98 KB (two blocks per SM). Per chunk and key head: 128 mma for K K^T and Q K^T;
+// Shared memory 90 KB (two blocks per SM). Per chunk and key head: 320 mma for K K^T and Q K^T;
 // per value head up to 160 + 160 mma for W and U (lower triangle), the inverse and the stores
 // (64 KB of W, U, KR, Qe and 8 KB of M per value head).
 #include <cstddef>
@@ -32,23 +32,91 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kInvScratch = 3 * 256;  // invert_unit_lower's X
-
 struct IntraSmem {
-  bf16 kn[kC * kLdD];   // normalised k of the key head
-  bf16 qn[kC * kLdD];   // normalised, scaled q
-  bf16 v[kC * kLdD];    // v of the current value head
-  float a[kC * kLdCf];  // gated A for the inverse; then the warps' staging tiles
-  float tf[kC * kLdCf];  // T in fp32
-  float x[kInvScratch];
-  bf16 t[kC * kLdC];    // T in bf16
+  bf16 kn[kC * kLdD];    // normalised k of the key head
+  bf16 qn[kC * kLdD];    // normalised, scaled q
+  bf16 v[kC * kLdD];     // v of the current value head
+  float a[kC * kLdCf];   // gated A for the inverse; then the warps' staging tiles
+  float tf[kC * kLdCf];  // T in fp32 (its blocks above the diagonal are never written)
+  float x[kWarps * 256];  // the inverse's per-warp 16 x 16 scratch
   float gamma[kC], beta[kC], be[kC];
 };
 static_assert(kWarps * 16 * kLdD * sizeof(bf16) <= sizeof(IntraSmem::a),
               "the staging tiles live in A's space");
-static_assert(offsetof(IntraSmem, a) % 16 == 0 && offsetof(IntraSmem, t) % 16 == 0 &&
-                  offsetof(IntraSmem, kn) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
+static_assert(offsetof(IntraSmem, a) % 16 == 0 && offsetof(IntraSmem, tf) % 16 == 0 &&
+                  offsetof(IntraSmem, x) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
               "16-byte accesses");
+
+// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf], complete below the diagonal), in fp32
+// by 16 x 16 blocks; every thread of the block calls it (it synchronises the block, first so
+// that A's writes are visible). Tf receives T's blocks on and below the diagonal.
+//   diagonal blocks: D_i = (I + A_ii)^-1, substitution down each column (64 threads, 16 steps)
+//   round d = 1, 2, 3: warp j < 4 - d computes block (i, j) = (j + d, j):
+//     X = sum_{m=j}^{i-1} A_im T_mj   (inner length 16 d),   T_ij = -D_i X
+// Each lane owns one row and eight columns of X and T_ij: per inner step one broadcast load of
+// A, two 16-byte loads of T (shared by 16 lanes) and eight FMAs. X stays in the warp's scratch,
+// so a round needs one block barrier. Longest chain: 16 + 3 x 16 + 6 x 16 dependent steps.
+__device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __syncthreads();  // A complete
+  if (tid < kC) {
+    const int o = (tid / 16) * 16, j = tid % 16;
+    float t[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      float acc = 0.f;
+#pragma unroll
+      for (int m = 0; m < i; ++m) acc = fmaf(A[(o + i) * kLdCf + o + m], t[m], acc);
+      t[i] = i < j ? 0.f : (i == j ? 1.f : -acc);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) Tf[(o + i) * kLdCf + o + j] = t[i];
+  }
+  __syncthreads();
+  const int r = lane >> 1, c0 = (lane & 1) * 8;
+  float* x = X + warp * 256;
+#pragma unroll
+  for (int d = 1; d < 4; ++d) {
+    if (warp < 4 - d) {
+      const int j = warp, i = j + d;
+      const float* a_row = A + (16 * i + r) * kLdCf;
+      float acc[8] = {};
+      for (int m = j; m < i; ++m) {
+#pragma unroll
+        for (int qq = 0; qq < 16; ++qq) {
+          const int q = 16 * m + qq;
+          const float a = a_row[q];
+          const float4 t0 = *reinterpret_cast<const float4*>(Tf + q * kLdCf + 16 * j + c0);
+          const float4 t1 = *reinterpret_cast<const float4*>(Tf + q * kLdCf + 16 * j + c0 + 4);
+          acc[0] = fmaf(a, t0.x, acc[0]), acc[1] = fmaf(a, t0.y, acc[1]);
+          acc[2] = fmaf(a, t0.z, acc[2]), acc[3] = fmaf(a, t0.w, acc[3]);
+          acc[4] = fmaf(a, t1.x, acc[4]), acc[5] = fmaf(a, t1.y, acc[5]);
+          acc[6] = fmaf(a, t1.z, acc[6]), acc[7] = fmaf(a, t1.w, acc[7]);
+        }
+      }
+      *reinterpret_cast<float4*>(x + r * 16 + c0) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      *reinterpret_cast<float4*>(x + r * 16 + c0 + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      __syncwarp();
+      const float* d_row = Tf + (16 * i + r) * kLdCf + 16 * i;
+      float out[8] = {};
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        const float dq = d_row[q];
+        const float4 x0 = *reinterpret_cast<const float4*>(x + q * 16 + c0);
+        const float4 x1 = *reinterpret_cast<const float4*>(x + q * 16 + c0 + 4);
+        out[0] = fmaf(dq, x0.x, out[0]), out[1] = fmaf(dq, x0.y, out[1]);
+        out[2] = fmaf(dq, x0.z, out[2]), out[3] = fmaf(dq, x0.w, out[3]);
+        out[4] = fmaf(dq, x1.x, out[4]), out[5] = fmaf(dq, x1.y, out[5]);
+        out[6] = fmaf(dq, x1.z, out[6]), out[7] = fmaf(dq, x1.w, out[7]);
+      }
+      float* t_out = Tf + (16 * i + r) * kLdCf + 16 * j + c0;
+      *reinterpret_cast<float4*>(t_out) = make_float4(-out[0], -out[1], -out[2], -out[3]);
+      *reinterpret_cast<float4*>(t_out + 4) = make_float4(-out[4], -out[5], -out[6], -out[7]);
+      __syncwarp();  // x is rewritten next round
+    }
+    __syncthreads();
+  }
+}
 
 // Row r of a [64, 128] bf16 tile in shared memory, columns col .. col + 7, each times `mul`,
 // to dst (global, 16 bytes).
@@ -151,17 +219,23 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
       }
     }
 
-    // T = (I + A)^-1 (its first barrier orders the A writes above before any read).
-    invert_unit_lower<kThreads>(sm.a, sm.tf, sm.x, sm.t);
-    __syncthreads();  // T complete; a is free: the staging tiles
+    // T = (I + A)^-1; its last barrier also frees a for the staging tiles.
+    invert_unit_lower_by_warps(sm.a, sm.tf, sm.x);
 
     const size_t base = ws_index(p, slot, hv, kC * kD);
-    if (p.ws.t) {  // the backward reuses T (bf16, as the products take it)
+    if (p.ws.t) {  // the backward reuses T, bf16 as the products take it; zero above the diagonal
       bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
       for (int e = threadIdx.x; e < kC * kC / 8; e += kThreads) {
         const int r = e >> 3, c = (e & 7) * 8;
-        *reinterpret_cast<uint4*>(t_out + r * kC + c) =
-            *reinterpret_cast<const uint4*>(sm.t + r * kLdC + c);
+        const bool zero = (c >> 4) > (r >> 4);  // a block above the diagonal: never written
+        const float4 f0 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c);
+        const float4 f1 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c + 4);
+        uint4 h;
+        h.x = zero ? 0u : pack_bf16(f0.x, f0.y);
+        h.y = zero ? 0u : pack_bf16(f0.z, f0.w);
+        h.z = zero ? 0u : pack_bf16(f1.x, f1.y);
+        h.w = zero ? 0u : pack_bf16(f1.z, f1.w);
+        *reinterpret_cast<uint4*>(t_out + r * kC + c) = h;
       }
     }
 
