@@ -50,4 +50,10 @@ __device__ __forceinline__ void store_rows16x128(const float (&c)[16][4], bf16* 
   __syncwarp();  // the buffer is rewritten by the next call
 }
 
+// Synchronises the `threads` threads (whole warps) that use named barrier `id` (1..15; 0 is
+// __syncthreads'), e.g. two warps exchanging fragments through shared memory.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 }  // namespace flashdelta::detail::cuda::chunk
