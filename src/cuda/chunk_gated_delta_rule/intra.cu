@@ -13,15 +13,18 @@
 //   W  = (T diag(be)) K,  U = (T diag(b)) V                     the row scalings of K and V are
 //                                                               column scalings of T, applied
 //                                                               while T's rows become A fragments
-//   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q
+//   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q   (backward only; the forward
+//                                                               stores K, Q per key head)
 // Products take bf16 operands and accumulate in fp32; results are packed to bf16 from the
 // accumulators and leave through a warp-private staging tile as 16-byte stores. Only the lower
 // triangle is computed: warp w needs columns < 16 (w + 1) of K K^T, Q K^T and T.
-// Writes W, U, KR, Qe, M (bf16), gamma (fp32) to the workspace, and T (bf16) when the backward
-// asks (p.ws.t): layouts of common.cuh's Workspace, unchanged.
+// Writes W, U, M (bf16), gamma (fp32) to the workspace; for the backward (p.ws.t set) also T,
+// KR and Qe (bf16), in the layouts of common.cuh's Workspace; for the forward, instead of KR and
+// Qe, the normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
+// ([num_slots, H, 64, 128], ws_key_index): the state pass scales by the gates in registers.
 // Shared memory 90 KB (two blocks per SM). Per chunk and key head: 320 mma for K K^T and Q K^T;
 // per value head up to 160 + 160 mma for W and U (lower triangle), the inverse and the stores
-// (64 KB of W, U, KR, Qe and 8 KB of M per value head).
+// (forward: 40 KB of W, U, M per value head and 32 KB of K, Q per key head).
 #include <cstddef>
 
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -172,6 +175,22 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
     }
   }
 
+  // The forward (no T wanted: p.ws.t null) keeps K and Q once per key head in KR's and Qe's
+  // space; the state pass applies the gates itself (state.cu). The backward gets KR and Qe per
+  // value head, which its reverse pass reads.
+  const bool per_key_head = p.ws.t == nullptr;
+  if (per_key_head) {
+    const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
+      *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
+          *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
+      *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
+          *reinterpret_cast<const uint4*>(sm.qn + r * kLdD + c);
+    }
+  }
+
   bf16* stage = reinterpret_cast<bf16*>(sm.a) + warp * 16 * kLdD;
   for (int i = 0; i < p.group; ++i) {
     const int hv = hk * p.group + i;
@@ -278,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
     // KR = diag(exp(gamma_last - gamma)) K and Qe = diag(e^gamma) Q, this warp's rows.
     const float last = sm.gamma[kC - 1];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 8 && !per_key_head; ++j) {
       const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
       const float gr = sm.gamma[r];
       scale_row8(sm.kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);

@@ -50,6 +50,13 @@ __device__ __forceinline__ void store_rows16x128(const float (&c)[16][4], bf16* 
   __syncwarp();  // the buffer is rewritten by the next call
 }
 
+// Offset of (slot, key head hk)'s block of `elems` elements in a per-key-head workspace tensor
+// (the forward's K and Q, which live in KR's and Qe's space: H <= HV makes them fit).
+__device__ __forceinline__ size_t ws_key_index(const ChunkParams& p, int64_t slot, int hk,
+                                               int elems) {
+  return (static_cast<size_t>(slot) * p.num_heads + hk) * elems;
+}
+
 // Synchronises the `threads` threads (whole warps) that use named barrier `id` (1..15; 0 is
 // __syncthreads'), e.g. two warps exchanging fragments through shared memory.
 __device__ __forceinline__ void named_barrier(int id, int threads) {
