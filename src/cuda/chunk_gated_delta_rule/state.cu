@@ -1,9 +1,10 @@
 // Chunked gated delta rule, CUDA, phase 2 of 2: the state pass and the output, chunk by chunk.
 //
-// Per (sequence, value head, 64-column tile of V), 256 threads (8 warps) in four pairs; pair
-// vw owns 16 state columns (value dims) v, and both warps of a pair keep the same S^T (its
+// Per (sequence, value head, 64-column tile of V), 256 threads (8 warps) in four pairs (or 32
+// columns and two pairs where the grid would be small: Shape below); pair vw owns 16 state
+// columns (value dims) v, and both warps of a pair keep the same S^T (its
 // 16 x 128 slice, fp32) in mma.sync accumulator registers for the whole sequence. Warp kh of a
-// pair (kh = warp / 4) takes the chunk's tokens t in [32 kh, 32 kh + 32) where a product's
+// pair (kh = warp / kPairs) takes the chunk's tokens t in [32 kh, 32 kh + 32) where a product's
 // output runs over t, so each warp issues about half of what one warp per 16 columns did.
 // Per chunk, with W, U, M, gamma (per value head) and K, Q (per key head) from phase 1:
 //   P^T  = S^T W^T,  O^T = (S^T Q^T) diag(e^gamma)      16 x 32 each (this warp's t), K = 128
@@ -30,39 +31,49 @@
 
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
+#include "cuda/device_info.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kPairs = 4;
-constexpr int kWarps = 2 * kPairs;
-constexpr int kThreads = kWarps * 32;
-constexpr int kVT = 16 * kPairs;  // state columns per block
-constexpr int kLdU = kVT + 8;
+// kPairs pairs of warps: 4 (64 state columns per block), or 2 (32 columns) where 4 would leave
+// more than half of the multiprocessors idle (B * HV small): twice the blocks, each SM's tensor
+// cores shared by half the warps.
+template <int kPairs>
+struct Shape {
+  static constexpr int kWarps = 2 * kPairs;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kVT = 16 * kPairs;  // state columns per block
+  static constexpr int kLdU = kVT + 8;     // 16-byte row padding
+  static constexpr int kLdO = kVT + 8;     // likewise: conflict-free 2-byte writes
+};
 
-// 163 KB for 2-byte o (the most an sm_80 block may have), 154 KB for fp32 o, which is stored
-// from the fragments directly (8 lanes cover 32 contiguous bytes).
-template <typename T>
+// With 4 pairs: 163 KB for 2-byte o (the most an sm_80 block may have), 154 KB for fp32 o, which
+// is stored from the fragments directly (8 lanes cover 32 contiguous bytes).
+template <typename T, int kPairs>
 struct StateSmem {
+  using S = Shape<kPairs>;
   static constexpr bool kStagedO = sizeof(T) == 2;
-  static constexpr int kLdO = kVT + 8;  // 16-byte row padding: conflict-free 2-byte writes
+  static constexpr int kLdO = S::kLdO;
   bf16 w[2][kC * kLdD];
   bf16 k[2][kC * kLdD];  // K of the key head (forward), KR of the value head (replay)
   bf16 q[2][kC * kLdD];  // Q of the key head (forward only)
   bf16 m[2][kC * kLdC];
-  bf16 u[2][kC * kLdU];
+  bf16 u[2][kC * S::kLdU];
   float gamma[2][kC];
   // The pairs' Vn^T halves (8 bf16 pairs per lane): for the state update (gated in the forward,
   // plain in the replay) both ways, and plain from warp kh = 0 to kh = 1 for O.
-  uint4 swap_state[kWarps][2][32];
+  uint4 swap_state[S::kWarps][2][32];
   uint4 swap_o[kPairs][2][32];
-  T o[kStagedO ? kC * kLdO : 8];  // o of the previous chunk, [t][v]
+  T o[kStagedO ? kC * S::kLdO : 8];  // o of the previous chunk, [t][v]
 };
 
-template <typename T, bool kReplay>
-__global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p) {
+template <typename T, bool kReplay, int kPairs>
+__global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  using Smem = StateSmem<T>;
+  using Smem = StateSmem<T, kPairs>;
+  constexpr int kThreads = Shape<kPairs>::kThreads, kVT = Shape<kPairs>::kVT;
+  constexpr int kLdU = Shape<kPairs>::kLdU;
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
@@ -354,16 +365,27 @@ __global__ void __launch_bounds__(kThreads, 1) state_kernel(const ChunkParams p)
   }
 }
 
-template <typename T, bool kReplay>
+template <typename T, bool kReplay, int kPairs>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(StateSmem<T>);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(state_kernel<T, kReplay>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+  const size_t smem = sizeof(StateSmem<T, kPairs>);
+  auto* kernel = state_kernel<T, kReplay, kPairs>;
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
+  constexpr int kVT = Shape<kPairs>::kVT;
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + kVT - 1) / kVT);
-  state_kernel<T, kReplay><<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, Shape<kPairs>::kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T, bool kReplay>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  // One block per SM (shared memory): halve the columns per block when 64-column blocks would
+  // fill at most half of the multiprocessors.
+  const int64_t wide_blocks = static_cast<int64_t>(p.num_seqs) * p.num_v_heads *
+                              ((p.head_v_dim + Shape<4>::kVT - 1) / Shape<4>::kVT);
+  if (2 * wide_blocks <= device_info().sm_count) launch<T, kReplay, 2>(p, stream);
+  else launch<T, kReplay, 4>(p, stream);
 }
 
 }  // namespace
