@@ -22,10 +22,12 @@
 // KR and Qe (bf16), in the layouts of common.cuh's Workspace; for the forward, instead of KR and
 // Qe, the normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
 // ([num_slots, H, 64, 128], ws_key_index): the state pass scales by the gates in registers.
-// Shared memory 90 KB (two blocks per SM). Per chunk and key head: 320 mma for K K^T and Q K^T;
+// Shared memory 107 KB (two blocks per SM). Per chunk and key head: 320 mma for K K^T and Q K^T;
 // per value head up to 160 + 160 mma for W and U (lower triangle), the inverse and the stores
 // (forward: 40 KB of W, U, M per value head and 32 KB of K, Q per key head).
 #include <cstddef>
+#include <cstdint>
+#include <type_traits>
 
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
@@ -38,7 +40,7 @@ constexpr int kThreads = kWarps * 32;
 struct IntraSmem {
   bf16 kn[kC * kLdD];    // normalised k of the key head
   bf16 qn[kC * kLdD];    // normalised, scaled q
-  bf16 v[kC * kLdD];     // v of the current value head
+  bf16 v[2][kC * kLdD];  // v of value head i in v[i & 1] (the next one streams in meanwhile)
   float a[kC * kLdCf];   // gated A for the inverse; then the warps' staging tiles
   float tf[kC * kLdCf];  // T in fp32 (its blocks above the diagonal are never written)
   float x[kWarps * 256];  // the inverse's per-warp 16 x 16 scratch
@@ -46,6 +48,32 @@ struct IntraSmem {
 };
 static_assert(kWarps * 16 * kLdD * sizeof(bf16) <= sizeof(IntraSmem::a),
               "the staging tiles live in A's space");
+// bf16 v whose rows are 16-byte runs (the usual [B, T, HV, 128] layout, or a view with such
+// strides) is copied by cp.async: no registers, so the next value head's v is in flight while
+// this one is computed. Rows past the chunk's end are zero-filled with plain stores.
+template <typename T>
+__device__ __forceinline__ bool v_is_async(const ChunkParams& p) {
+  if constexpr (!std::is_same_v<T, bf16>) {
+    return false;
+  } else {
+    return p.head_v_dim == kD && p.v_s[3] == 1 && p.v_s[0] % 8 == 0 && p.v_s[1] % 8 == 0 &&
+           p.v_s[2] % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
+  }
+}
+
+// Starts copying value head hv's v rows of the chunk into `tile` (bf16 [64, kLdD]); commit is
+// the caller's. Rows >= len are zeroed.
+__device__ __forceinline__ void load_v_async(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                             bf16* tile) {
+  const bf16* src = static_cast<const bf16*>(p.v) + ch.batch * p.v_s[0] + ch.t0 * p.v_s[1] +
+                    hv * p.v_s[2];
+  for (int i = threadIdx.x; i < kC * (kD / 8); i += kThreads) {
+    const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
+    if (r < ch.len) cp_async16(tile + r * kLdD + c, src + r * p.v_s[1] + c);
+    else *reinterpret_cast<uint4*>(tile + r * kLdD + c) = make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
 static_assert(offsetof(IntraSmem, a) % 16 == 0 && offsetof(IntraSmem, tf) % 16 == 0 &&
                   offsetof(IntraSmem, x) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
               "16-byte accesses");
@@ -149,6 +177,11 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   const int r0 = warp * 16;                  // this warp's rows
   const int rows[2] = {r0 + g, r0 + g + 8};  // this thread's rows of every C fragment
 
+  const bool v_async = v_is_async<T>(p);
+  if (v_async) {  // the first value head's v, in flight with the loads of q and k
+    load_v_async(p, ch, hk * p.group, sm.v[0]);
+    cp_async_commit();
+  }
   load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk,
                          p.head_k_dim, p.l2norm, 1.f, nullptr, sm.kn);
   load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk,
@@ -203,8 +236,20 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
         sm.be[c] = sm.beta[c] * __expf(sm.gamma[c]);
       }
     }
-    load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
-                           p.head_v_dim, false, 1.f, nullptr, sm.v);
+    bf16* const v_tile = sm.v[i & 1];
+    if (v_async) {
+      // v[(i + 1) & 1] was last read for value head i - 1, before the barrier above.
+      if (i + 1 < p.group) {
+        load_v_async(p, ch, hv + 1, sm.v[(i + 1) & 1]);
+        cp_async_commit();
+        cp_async_wait<1>();  // value head i's group has landed
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
+                             p.head_v_dim, false, 1.f, nullptr, v_tile);
+    }
     __syncthreads();  // gates and v
 
     // A (fp32, to shared memory for the inverse) and M (bf16, to the workspace) from the
@@ -263,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
 #pragma unroll
     for (int which = 0; which < 2; ++which) {
       const float* col_scale = which == 0 ? sm.be : sm.beta;
-      const bf16* operand = which == 0 ? sm.kn : sm.v;
+      const bf16* operand = which == 0 ? sm.kn : v_tile;
       uint32_t ta[4][4];
 #pragma unroll
       for (int kc = 0; kc < 4; ++kc) {
