@@ -77,6 +77,29 @@ def test_forward_matches_float64(dtype, case):
     assert rel_l2(s, s_ref) <= tol, rel_l2(s, s_ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # intra loops over the 4 value heads of one key head; a partial last chunk
+        dict(B=1, T=150, H=1, HV=4, K=128, V=128),
+        # o rows of 72 bytes: the state pass's element-wise o stores instead of 16-byte ones
+        dict(B=2, T=70, H=2, HV=2, K=64, V=36),
+        # V = 100: a partial last column tile (a 16-byte piece of o ends past V); varlen
+        dict(B=1, T=100, H=1, HV=1, K=128, V=100, cu_seqlens=[0, 3, 100]),
+        # 3 x 16 x 2 = 96 blocks of 64 columns: more than half of an H100's or H200's 132 SMs,
+        # so the state pass keeps four warp pairs per block (the shapes above take two)
+        dict(B=3, T=130, H=4, HV=16, K=128, V=128),
+    ],
+    ids=["group4-partial", "odd-v-scalar-o", "v100-two-tiles", "wide-grid"],
+)
+def test_forward_kernel_paths(dtype, case):
+    """Shapes that take the kernels' less common paths (fp32 inputs: the xfail above)."""
+    o, s, o_ref, s_ref = forward_vs_reference(dtype, **dict(case))
+    assert rel_l2(o, o_ref) <= REL_L2[dtype], rel_l2(o, o_ref)
+    assert rel_l2(s, s_ref) <= REL_L2[dtype], rel_l2(s, s_ref)
+
+
 def test_forward_strong_decay_and_beta_extremes():
     """g down to -30 per token, beta near 0 and near 1."""
     B, T, H, HV, K, V = 1, 256, 2, 4, 128, 128

@@ -4,7 +4,7 @@
 //
 // The algorithm is the CPU kernel's (src/cpu/chunk_gated_delta_rule.cpp, with the derivation);
 // here it is split into two kernels by what parallelises (DESIGN.md, bench/NOTES.md):
-//   intra  (slot, value head)             A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
+//   intra  (slot, key head)               A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
 //   state  (sequence, value head, V tile) chunks in order, S in registers:
 //                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
 // The backward (launch.cu) replays both, keeping each chunk's incoming state, then walks the
@@ -43,6 +43,8 @@ constexpr float kL2NormEps = 1e-6f;
 constexpr float kMinLogDecay = -1e4f;  // g is floored here (exp underflows to 0 long before)
 
 // Workspace tensors from phase 1, slot-major: [num_slots, HV, 64, 128] bf16 unless noted.
+// The forward (t null) keeps normalised K and Q per key head ([num_slots, H, 64, 128]) in kr's
+// and qe's space instead, the state pass applying the gates in registers (intra.cu, state.cu).
 struct Workspace {
   bf16* w;       // W = T diag(b e) K
   bf16* u;       // U = T diag(b) V

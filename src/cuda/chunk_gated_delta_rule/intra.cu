@@ -1,42 +1,167 @@
 // Chunked gated delta rule, CUDA, phase 1 of 2: everything inside one chunk that does not need
 // the state (see common.cuh for the whole picture).
 //
-// Per (slot, value head), 256 threads (8 warps), one 64-token chunk:
-//   q, k normalised (fp32 norms, bf16 rows; q scaled), gamma = cumsum(g) (fp32), beta
-//   A  = strictLower(b_i exp(gamma_i - gamma_j) k_i.k_j)       K K^T on the tensor cores
-//   T  = (I + A)^-1                                            fp32 substitution (common.cuh)
-//   W  = T diag(b e^gamma) K,  U = T diag(b) V                 tensor cores, fp32 accumulators
-//   M  = Gamma * causal(Q K^T)                                 (the output's intra-chunk part)
-//   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q
-// writes W, U, KR, Qe, M (bf16) and gamma (fp32) to the workspace (and T when the backward
-// asks). Shared memory: 110 KB, two blocks per SM. Work per chunk and head: 4 products of 0.5 M
-// multiply-adds and the inverse.
+// One block per (slot, key head), 128 threads (4 warps); warp w owns the chunk's rows
+// 16 w .. 16 w + 15 in every product. q and k are loaded and normalised once (fp32 norms, bf16
+// rows, q scaled), and the ungated products of the key head, K K^T and Q K^T, are computed once
+// on mma.sync and kept in accumulator registers. The block then loops over the key head's
+// value heads (grouped value attention), each with its own gates:
+//   gamma = cumsum(g) (fp32), beta, be = beta e^gamma
+//   A  = strictLower(b_i exp(gamma_i - gamma_j) (K K^T)_ij)    on the accumulator registers
+//   M  = Gamma * causal(Q K^T)                                  likewise; stored bf16
+//   T  = (I + A)^-1                                             fp32, by 16 x 16 blocks
+//   W  = (T diag(be)) K,  U = (T diag(b)) V                     the row scalings of K and V are
+//                                                               column scalings of T, applied
+//                                                               while T's rows become A fragments
+//   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q   (backward only; the forward
+//                                                               stores K, Q per key head)
+// Products take bf16 operands and accumulate in fp32; results are packed to bf16 from the
+// accumulators and leave through a warp-private staging tile as 16-byte stores. Only the lower
+// triangle is computed: warp w needs columns < 16 (w + 1) of K K^T, Q K^T and T.
+// Writes W, U, M (bf16), gamma (fp32) to the workspace; for the backward (p.ws.t set) also T,
+// KR and Qe (bf16), in the layouts of common.cuh's Workspace; for the forward, instead of KR and
+// Qe, the normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
+// ([num_slots, H, 64, 128], ws_key_index): the state pass scales by the gates in registers.
+// Shared memory 107 KB (two blocks per SM). Per chunk and key head: 320 mma for K K^T and Q K^T;
+// per value head up to 160 + 160 mma for W and U (lower triangle), the inverse and the stores
+// (forward: 40 KB of W, U, M per value head and 32 KB of K, Q per key head).
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
+#include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kThreads = 256;
-
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
 struct IntraSmem {
-  bf16 qn[kC * kLdD];   // normalised, scaled q
-  bf16 kn[kC * kLdD];   // normalised k
-  bf16 x[kC * kLdD];    // operand: diag(b e) K, then diag(b) V
-  float a[kC * kLdCf];  // K K^T, then A
-  bf16 t[kC * kLdC];    // T = (I + A)^-1
-  float out[kC * kLdDf];
+  bf16 kn[kC * kLdD];    // normalised k of the key head
+  bf16 qn[kC * kLdD];    // normalised, scaled q
+  bf16 v[2][kC * kLdD];  // v of value head i in v[i & 1] (the next one streams in meanwhile)
+  float a[kC * kLdCf];   // gated A for the inverse; then the warps' staging tiles
+  float tf[kC * kLdCf];  // T in fp32 (its blocks above the diagonal are never written)
+  float x[kWarps * 256];  // the inverse's per-warp 16 x 16 scratch
   float gamma[kC], beta[kC], be[kC];
 };
+static_assert(kWarps * 16 * kLdD * sizeof(bf16) <= sizeof(IntraSmem::a),
+              "the staging tiles live in A's space");
+// bf16 v whose rows are 16-byte runs (the usual [B, T, HV, 128] layout, or a view with such
+// strides) is copied by cp.async: no registers, so the next value head's v is in flight while
+// this one is computed. Rows past the chunk's end are zero-filled with plain stores.
+template <typename T>
+__device__ __forceinline__ bool v_is_async(const ChunkParams& p) {
+  if constexpr (!std::is_same_v<T, bf16>) {
+    return false;
+  } else {
+    return p.head_v_dim == kD && p.v_s[3] == 1 && p.v_s[0] % 8 == 0 && p.v_s[1] % 8 == 0 &&
+           p.v_s[2] % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
+  }
+}
 
-// out (fp32 [64, kLdDf]) -> dst ([64, 128] bf16 in the workspace), 8 values per thread access.
-__device__ __forceinline__ void store_out(const float* out, bf16* dst) {
+// Starts copying value head hv's v rows of the chunk into `tile` (bf16 [64, kLdD]); commit is
+// the caller's. Rows >= len are zeroed.
+__device__ __forceinline__ void load_v_async(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                             bf16* tile) {
+  const bf16* src = static_cast<const bf16*>(p.v) + ch.batch * p.v_s[0] + ch.t0 * p.v_s[1] +
+                    hv * p.v_s[2];
   for (int i = threadIdx.x; i < kC * (kD / 8); i += kThreads) {
     const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
-    alignas(16) bf16 h[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) h[j] = __float2bfloat16_rn(out[r * kLdDf + c + j]);
-    *reinterpret_cast<uint4*>(dst + r * kD + c) = *reinterpret_cast<const uint4*>(h);
+    if (r < ch.len) cp_async16(tile + r * kLdD + c, src + r * p.v_s[1] + c);
+    else *reinterpret_cast<uint4*>(tile + r * kLdD + c) = make_uint4(0u, 0u, 0u, 0u);
   }
+}
+
+static_assert(offsetof(IntraSmem, a) % 16 == 0 && offsetof(IntraSmem, tf) % 16 == 0 &&
+                  offsetof(IntraSmem, x) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
+              "16-byte accesses");
+
+// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf], complete below the diagonal), in fp32
+// by 16 x 16 blocks; every thread of the block calls it (it synchronises the block, first so
+// that A's writes are visible). Tf receives T's blocks on and below the diagonal.
+//   diagonal blocks: D_i = (I + A_ii)^-1, substitution down each column (64 threads, 16 steps)
+//   round d = 1, 2, 3: warp j < 4 - d computes block (i, j) = (j + d, j):
+//     X = sum_{m=j}^{i-1} A_im T_mj   (inner length 16 d),   T_ij = -D_i X
+// Each lane owns one row and eight columns of X and T_ij: per inner step one broadcast load of
+// A, two 16-byte loads of T (shared by 16 lanes) and eight FMAs. X stays in the warp's scratch,
+// so a round needs one block barrier. Longest chain: 16 + 3 x 16 + 6 x 16 dependent steps.
+__device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) {
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  __syncthreads();  // A complete
+  if (tid < kC) {
+    const int o = (tid / 16) * 16, j = tid % 16;
+    float t[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      float acc = 0.f;
+#pragma unroll
+      for (int m = 0; m < i; ++m) acc = fmaf(A[(o + i) * kLdCf + o + m], t[m], acc);
+      t[i] = i < j ? 0.f : (i == j ? 1.f : -acc);
+    }
+#pragma unroll
+    for (int i = 0; i < 16; ++i) Tf[(o + i) * kLdCf + o + j] = t[i];
+  }
+  __syncthreads();
+  const int r = lane >> 1, c0 = (lane & 1) * 8;
+  float* x = X + warp * 256;
+#pragma unroll
+  for (int d = 1; d < 4; ++d) {
+    if (warp < 4 - d) {
+      const int j = warp, i = j + d;
+      const float* a_row = A + (16 * i + r) * kLdCf;
+      float acc[8] = {};
+      for (int m = j; m < i; ++m) {
+#pragma unroll
+        for (int qq = 0; qq < 16; ++qq) {
+          const int q = 16 * m + qq;
+          const float a = a_row[q];
+          const float4 t0 = *reinterpret_cast<const float4*>(Tf + q * kLdCf + 16 * j + c0);
+          const float4 t1 = *reinterpret_cast<const float4*>(Tf + q * kLdCf + 16 * j + c0 + 4);
+          acc[0] = fmaf(a, t0.x, acc[0]), acc[1] = fmaf(a, t0.y, acc[1]);
+          acc[2] = fmaf(a, t0.z, acc[2]), acc[3] = fmaf(a, t0.w, acc[3]);
+          acc[4] = fmaf(a, t1.x, acc[4]), acc[5] = fmaf(a, t1.y, acc[5]);
+          acc[6] = fmaf(a, t1.z, acc[6]), acc[7] = fmaf(a, t1.w, acc[7]);
+        }
+      }
+      *reinterpret_cast<float4*>(x + r * 16 + c0) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      *reinterpret_cast<float4*>(x + r * 16 + c0 + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+      __syncwarp();
+      const float* d_row = Tf + (16 * i + r) * kLdCf + 16 * i;
+      float out[8] = {};
+#pragma unroll
+      for (int q = 0; q < 16; ++q) {
+        const float dq = d_row[q];
+        const float4 x0 = *reinterpret_cast<const float4*>(x + q * 16 + c0);
+        const float4 x1 = *reinterpret_cast<const float4*>(x + q * 16 + c0 + 4);
+        out[0] = fmaf(dq, x0.x, out[0]), out[1] = fmaf(dq, x0.y, out[1]);
+        out[2] = fmaf(dq, x0.z, out[2]), out[3] = fmaf(dq, x0.w, out[3]);
+        out[4] = fmaf(dq, x1.x, out[4]), out[5] = fmaf(dq, x1.y, out[5]);
+        out[6] = fmaf(dq, x1.z, out[6]), out[7] = fmaf(dq, x1.w, out[7]);
+      }
+      float* t_out = Tf + (16 * i + r) * kLdCf + 16 * j + c0;
+      *reinterpret_cast<float4*>(t_out) = make_float4(-out[0], -out[1], -out[2], -out[3]);
+      *reinterpret_cast<float4*>(t_out + 4) = make_float4(-out[4], -out[5], -out[6], -out[7]);
+      __syncwarp();  // x is rewritten next round
+    }
+    __syncthreads();
+  }
+}
+
+// Row r of a [64, 128] bf16 tile in shared memory, columns col .. col + 7, each times `mul`,
+// to dst (global, 16 bytes).
+__device__ __forceinline__ void scale_row8(const bf16* src, float mul, bf16* dst) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const auto* x = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  uint4 out;
+  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __bfloat1622float2(x[j]);
+    o[j] = pack_bf16(mul * f.x, mul * f.y);
+  }
+  *reinterpret_cast<uint4*>(dst) = out;
 }
 
 template <typename T>
@@ -44,76 +169,188 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   IntraSmem& sm = *reinterpret_cast<IntraSmem*>(smem_raw);
   const int64_t slot = blockIdx.x;
-  const int hv = blockIdx.y, hk = hv / p.group;
+  const int hk = blockIdx.y;
   const ChunkRef ch = chunk_of_slot(p, slot);
   if (ch.len == 0) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int r0 = warp * 16;                  // this warp's rows
+  const int rows[2] = {r0 + g, r0 + g + 8};  // this thread's rows of every C fragment
 
-  load_gates(p, ch, hv, sm.gamma, sm.beta);
+  const bool v_async = v_is_async<T>(p);
+  if (v_async) {  // the first value head's v, in flight with the loads of q and k
+    load_v_async(p, ch, hk * p.group, sm.v[0]);
+    cp_async_commit();
+  }
   load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk,
                          p.head_k_dim, p.l2norm, 1.f, nullptr, sm.kn);
   load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk,
                          p.head_k_dim, p.l2norm, p.scale, nullptr, sm.qn);
   __syncthreads();
 
-  // K K^T, and diag(b e^gamma) K beside it.
-  mma_tile<kC, kC, kD, false, true, kThreads>(sm.a, kLdCf, sm.kn, kLdD, sm.kn, kLdD, false);
-  if (threadIdx.x < kC) sm.be[threadIdx.x] = sm.beta[threadIdx.x] * __expf(sm.gamma[threadIdx.x]);
-  __syncthreads();
-  for (int i = threadIdx.x; i < kC * kD; i += kThreads) {
-    const int r = i / kD, d = i % kD;
-    sm.x[r * kLdD + d] = __float2bfloat16_rn(sm.be[r] * __bfloat162float(sm.kn[r * kLdD + d]));
-  }
-  for (int i = threadIdx.x; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    float& a = sm.a[r * kLdCf + c];
-    a = c < r ? sm.beta[r] * __expf(sm.gamma[r] - sm.gamma[c]) * a : 0.f;
-  }
-  __syncthreads();
-
-  // T = (I + A)^-1; `out` is free until W, so it holds T in fp32 and the scratch.
-  invert_unit_lower<kThreads>(sm.a, sm.out, sm.out + kC * kLdCf, sm.t);
-  __syncthreads();
-  if (p.ws.t) {  // the backward reuses T (bf16, as the products take it)
-    bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
-    for (int i = threadIdx.x; i < kC * kC; i += kThreads)
-      t_out[i] = sm.t[(i / kC) * kLdC + i % kC];
+  // K K^T and Q K^T, rows r0 .. r0 + 15, n8 tiles up to the diagonal block (2 warp + 1);
+  // the tiles above stay zero.
+  float kk[8][4] = {}, qk[8][4] = {};
+#pragma unroll
+  for (int kc = 0; kc < kD / 16; ++kc) {
+    uint32_t ak[4], aq[4];
+    load_a_rows(ak, sm.kn, kLdD, r0, kc * 16);
+    load_a_rows(aq, sm.qn, kLdD, r0, kc * 16);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      if (np > warp) continue;
+      uint32_t b[4];
+      load_b_rows(b, sm.kn, kLdD, np * 16, kc * 16);
+      mma_bf16(kk[2 * np], ak, b[0], b[1]);
+      mma_bf16(kk[2 * np + 1], ak, b[2], b[3]);
+      mma_bf16(qk[2 * np], aq, b[0], b[1]);
+      mma_bf16(qk[2 * np + 1], aq, b[2], b[3]);
+    }
   }
 
-  const size_t base = ws_index(p, slot, hv, kC * kD);
-  // W = T diag(b e) K, and M = Q K^T beside it (A is no longer needed).
-  mma_tile<kC, kD, kC, false, false, kThreads>(sm.out, kLdDf, sm.t, kLdC, sm.x, kLdD, false);
-  mma_tile<kC, kC, kD, false, true, kThreads>(sm.a, kLdCf, sm.qn, kLdD, sm.kn, kLdD, false);
-  __syncthreads();
-  store_out(sm.out, p.ws.w + base);
-  bf16* m_out = p.ws.m + ws_index(p, slot, hv, kC * kC);
-  for (int i = threadIdx.x; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    const float x = c <= r ? __expf(sm.gamma[r] - sm.gamma[c]) * sm.a[r * kLdCf + c] : 0.f;
-    m_out[i] = __float2bfloat16_rn(x);
-  }
-  __syncthreads();  // x is reloaded
-  load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
-                         p.head_v_dim, false, 1.f, sm.beta, sm.x);
-  __syncthreads();
-  mma_tile<kC, kD, kC, false, false, kThreads>(sm.out, kLdDf, sm.t, kLdC, sm.x, kLdD, false);
-  __syncthreads();
-  store_out(sm.out, p.ws.u + base);
-
-  // KR = diag(exp(gamma_last - gamma)) K, Qe = diag(e^gamma) Q; gamma.
-  const float last = sm.gamma[kC - 1];
-  for (int i = threadIdx.x; i < kC * (kD / 8); i += kThreads) {
-    const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
-    const float rr = __expf(last - sm.gamma[r]), er = __expf(sm.gamma[r]);
-    alignas(16) bf16 hk[8], hq[8];
+  // The forward (no T wanted: p.ws.t null) keeps K and Q once per key head in KR's and Qe's
+  // space; the state pass applies the gates itself (state.cu). The backward gets KR and Qe per
+  // value head, which its reverse pass reads.
+  const bool per_key_head = p.ws.t == nullptr;
+  if (per_key_head) {
+    const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      hk[j] = __float2bfloat16_rn(rr * __bfloat162float(sm.kn[r * kLdD + c + j]));
-      hq[j] = __float2bfloat16_rn(er * __bfloat162float(sm.qn[r * kLdD + c + j]));
+      const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
+      *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
+          *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
+      *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
+          *reinterpret_cast<const uint4*>(sm.qn + r * kLdD + c);
     }
-    *reinterpret_cast<uint4*>(p.ws.kr + base + r * kD + c) = *reinterpret_cast<const uint4*>(hk);
-    *reinterpret_cast<uint4*>(p.ws.qe + base + r * kD + c) = *reinterpret_cast<const uint4*>(hq);
   }
-  if (threadIdx.x < kC) p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
+
+  bf16* stage = reinterpret_cast<bf16*>(sm.a) + warp * 16 * kLdD;
+  for (int i = 0; i < p.group; ++i) {
+    const int hv = hk * p.group + i;
+    __syncthreads();  // the previous value head is done with v, a (staging), tf, t and the gates
+    load_gates(p, ch, hv, sm.gamma, sm.beta);
+    if (threadIdx.x < 32) {  // the lanes of load_gates, reading back what each wrote
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int c = 2 * lane + j;
+        sm.be[c] = sm.beta[c] * __expf(sm.gamma[c]);
+      }
+    }
+    bf16* const v_tile = sm.v[i & 1];
+    if (v_async) {
+      // v[(i + 1) & 1] was last read for value head i - 1, before the barrier above.
+      if (i + 1 < p.group) {
+        load_v_async(p, ch, hv + 1, sm.v[(i + 1) & 1]);
+        cp_async_commit();
+        cp_async_wait<1>();  // value head i's group has landed
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
+                             p.head_v_dim, false, 1.f, nullptr, v_tile);
+    }
+    __syncthreads();  // gates and v
+
+    // A (fp32, to shared memory for the inverse) and M (bf16, to the workspace) from the
+    // accumulators. M is written whole: zeros above the diagonal.
+    {
+      bf16* m_out = p.ws.m + ws_index(p, slot, hv, kC * kC);
+      const float gr[2] = {sm.gamma[rows[0]], sm.gamma[rows[1]]};
+      const float br[2] = {sm.beta[rows[0]], sm.beta[rows[1]]};
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int c = nt * 8 + 2 * t4;
+        if (nt < 2 * warp + 2) {
+          const float gc[2] = {sm.gamma[c], sm.gamma[c + 1]};
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = rows[h];
+            float av[2], mv[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const float decay = __expf(gr[h] - gc[j]);
+              av[j] = c + j < r ? br[h] * decay * kk[nt][2 * h + j] : 0.f;
+              mv[j] = c + j <= r ? decay * qk[nt][2 * h + j] : 0.f;
+            }
+            *reinterpret_cast<float2*>(sm.a + r * kLdCf + c) = make_float2(av[0], av[1]);
+            *reinterpret_cast<uint32_t*>(m_out + r * kC + c) = pack_bf16(mv[0], mv[1]);
+          }
+        } else {
+          *reinterpret_cast<uint32_t*>(m_out + rows[0] * kC + c) = 0u;
+          *reinterpret_cast<uint32_t*>(m_out + rows[1] * kC + c) = 0u;
+        }
+      }
+    }
+
+    // T = (I + A)^-1; its last barrier also frees a for the staging tiles.
+    invert_unit_lower_by_warps(sm.a, sm.tf, sm.x);
+
+    const size_t base = ws_index(p, slot, hv, kC * kD);
+    if (p.ws.t) {  // the backward reuses T, bf16 as the products take it; zero above the diagonal
+      bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
+      for (int e = threadIdx.x; e < kC * kC / 8; e += kThreads) {
+        const int r = e >> 3, c = (e & 7) * 8;
+        const bool zero = (c >> 4) > (r >> 4);  // a block above the diagonal: never written
+        const float4 f0 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c);
+        const float4 f1 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c + 4);
+        uint4 h;
+        h.x = zero ? 0u : pack_bf16(f0.x, f0.y);
+        h.y = zero ? 0u : pack_bf16(f0.z, f0.w);
+        h.z = zero ? 0u : pack_bf16(f1.x, f1.y);
+        h.w = zero ? 0u : pack_bf16(f1.z, f1.w);
+        *reinterpret_cast<uint4*>(t_out + r * kC + c) = h;
+      }
+    }
+
+    // W = (T diag(be)) K, then U = (T diag(b)) V: T's rows (fp32) scaled per column into bf16
+    // A fragments; only k16 blocks up to the diagonal are non-zero.
+#pragma unroll
+    for (int which = 0; which < 2; ++which) {
+      const float* col_scale = which == 0 ? sm.be : sm.beta;
+      const bf16* operand = which == 0 ? sm.kn : v_tile;
+      uint32_t ta[4][4];
+#pragma unroll
+      for (int kc = 0; kc < 4; ++kc) {
+        ta[kc][0] = ta[kc][1] = ta[kc][2] = ta[kc][3] = 0u;
+        if (kc > warp) continue;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // columns 2 t4 (a0, a1), 2 t4 + 8 (a2, a3)
+          const int c = kc * 16 + 8 * h + 2 * t4;
+          const float s0 = col_scale[c], s1 = col_scale[c + 1];
+          const float2 lo = *reinterpret_cast<const float2*>(sm.tf + rows[0] * kLdCf + c);
+          const float2 hi = *reinterpret_cast<const float2*>(sm.tf + rows[1] * kLdCf + c);
+          ta[kc][2 * h] = pack_bf16(lo.x * s0, lo.y * s1);
+          ta[kc][2 * h + 1] = pack_bf16(hi.x * s0, hi.y * s1);
+        }
+      }
+      float acc[16][4] = {};
+#pragma unroll
+      for (int kc = 0; kc < 4; ++kc) {
+        if (kc > warp) continue;
+#pragma unroll
+        for (int np = 0; np < 8; ++np) {
+          uint32_t b[4];
+          load_b_cols(b, operand, kLdD, np * 16, kc * 16);
+          mma_bf16(acc[2 * np], ta[kc], b[0], b[1]);
+          mma_bf16(acc[2 * np + 1], ta[kc], b[2], b[3]);
+        }
+      }
+      store_rows16x128(acc, stage, (which == 0 ? p.ws.w : p.ws.u) + base + r0 * kD);
+    }
+
+    // KR = diag(exp(gamma_last - gamma)) K and Qe = diag(e^gamma) Q, this warp's rows.
+    const float last = sm.gamma[kC - 1];
+#pragma unroll
+    for (int j = 0; j < 8 && !per_key_head; ++j) {
+      const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
+      const float gr = sm.gamma[r];
+      scale_row8(sm.kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
+      scale_row8(sm.qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
+    }
+    if (threadIdx.x < kC)
+      p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
+  }
 }
 
 template <typename T>
@@ -122,7 +359,7 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_v_heads);
+  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
   intra_kernel<T><<<grid, kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
