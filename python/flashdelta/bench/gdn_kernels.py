@@ -1,8 +1,8 @@
 """Where the time of flashdelta's chunk_gated_delta_rule goes on CUDA, kernel by kernel.
 
-    python -m flashdelta.bench gdn_kernels [--shape B,T,H,HV,K,V] [--repeats N]
+    python -m flashdelta.bench gdn_kernels [--shape B,T,H,HV,K,V] [--repeats N] [--forward-only]
 
-Runs the forward (and the backward where the build has it) under torch.profiler after a warm-up
+Runs the forward (and, unless --forward-only, the backward where the build has it) under torch.profiler after a warm-up
 and prints each CUDA kernel's mean time per call of the op, largest first.
 """
 
@@ -17,6 +17,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="1,32768,16,32,128,128",
                     type=lambda s: tuple(int(x) for x in s.split(",")))
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--forward-only", action="store_true", help="no backward (inference path)")
     args = ap.parse_args(argv)
 
     import flashdelta
@@ -26,10 +27,12 @@ def main(argv=None) -> int:
     inputs = make_inputs(B, T, H, HV, K, V, torch.bfloat16, "cuda")
     names = ("q", "k", "v", "g", "beta")
     leaves = [inputs[n] for n in names]
-    has_bwd = "chunk_gated_delta_rule.backward" in flashdelta.build_info()["cuda_ops"]
+    has_bwd = (not args.forward_only
+               and "chunk_gated_delta_rule.backward" in flashdelta.build_info()["cuda_ops"])
 
     def step():
-        o, _ = flashdelta.chunk_gated_delta_rule(*leaves, use_qk_l2norm_in_kernel=True)
+        with torch.set_grad_enabled(has_bwd):
+            o, _ = flashdelta.chunk_gated_delta_rule(*leaves, use_qk_l2norm_in_kernel=True)
         if has_bwd:
             torch.autograd.grad(o, leaves, inputs["d_o"])
 
