@@ -2,6 +2,7 @@
 
     python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
                                    [--intermediate 512] [--json PATH] [--profile]
+                                   [--gemm-paths auto,sm90-wide,sm90-128,sm80]
 
 bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
 
@@ -14,10 +15,10 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   flashdelta.moe_experts (both include their own permutation and combine).
 - grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
   real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
-  on the default GEMM path (wgmma on sm_90, 2-CTA clusters with TMA multicast) and, on sm_90,
-  also with clusters of 2 and 4 blocks (FLASHDELTA_MOE_GEMM=sm90-2cta / sm90-4cta) and
-  on the portable sm80 path (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device
-  time and TFLOP/s.
+  one row per GEMM path of --gemm-paths (FLASHDELTA_MOE_GEMM values; default on sm_90: auto,
+  sm90-wide = the persistent 128 x 256 wgmma kernel, sm90-128 = the 128 x 128 one, sm80 = the
+  portable mma.sync kernel; elsewhere auto); with --profile, each GEMM's device time and
+  TFLOP/s on each path.
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
 called from Python (host dispatch included); "routing fwd+bwd, kernels" is the same step's GPU
@@ -134,7 +135,9 @@ def gemm_profile(step, gemm_names, repeats=10):
 
 
 def gemm_path_name(kernel):
-    return "sm90 wgmma" if "sm90" in kernel else "sm80 mma.sync"
+    if "sm90_wide" in kernel:
+        return "sm90 128x256"
+    return "sm90 128x128" if "sm90" in kernel else "sm80 mma.sync"
 
 
 def matmul_tflops(n=8192):
@@ -179,6 +182,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--gemm-paths", metavar="LIST",
+                   help="comma-separated FLASHDELTA_MOE_GEMM values to time the grouped GEMMs on "
+                        "(default on sm_90: auto,sm90-wide,sm90-128,sm80; elsewhere: auto)")
     p.add_argument("--profile", action="store_true",
                    help="also print each section's kernels and each grouped GEMM's time and "
                         "TFLOP/s (torch.profiler device time)")
@@ -283,9 +289,13 @@ def main(argv=None) -> int:
                                                                  d_out, gate_up, True),
                                          12 * N * H * I),
     }
-    # Both CUDA paths where the device has the Hopper one: "auto" is what users get.
-    paths = (["auto", "sm90-2cta", "sm90-4cta", "sm80"] if torch.cuda.get_device_capability() == (9, 0)
-             else ["auto"])
+    # Every CUDA path where the device has the Hopper ones: "auto" is what users get.
+    if args.gemm_paths:
+        paths = [x.strip() for x in args.gemm_paths.split(",") if x.strip()]
+    elif torch.cuda.get_device_capability() == (9, 0):
+        paths = ["auto", "sm90-wide", "sm90-128", "sm80"]
+    else:
+        paths = ["auto"]
     saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
     # Each GEMM alone (--profile): its FLOPs at N rows, in launch order per custom op.
     nhi = N * H * I
@@ -346,7 +356,7 @@ def main(argv=None) -> int:
             print(f"   {r['path']:<9} {r['gemm']:<24} {r['kernel']:<14} {r['us']:9.1f} us "
                   f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}")
     base = {}
-    print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
+    print(f"{'section':<28} {'impl':<42} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
     for r in rows:
         if r["impl"] == "transformers" or r["impl"].startswith("transformers "):
             base[r["section"]] = r["ms"]
@@ -355,7 +365,7 @@ def main(argv=None) -> int:
         tf = f"{r['tflops']:8.0f}" if "tflops" in r else f"{'':>8}"
         frac = f"{r['fraction_of_matmul']:6.0%}" if "tflops" in r else f"{'':>6}"
         sp = f"{speedup:8.2f}x" if r["impl"] == "flashdelta" else f"{'':>9}"
-        print(f"{r['section']:<28} {r['impl']:<30} {r['ms']:8.3f} {sp} {tf} {frac}")
+        print(f"{r['section']:<28} {r['impl']:<42} {r['ms']:8.3f} {sp} {tf} {frac}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
