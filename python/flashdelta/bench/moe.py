@@ -140,6 +140,28 @@ def gemm_path_name(kernel):
     return "sm90 128x128" if "sm90" in kernel else "sm80 mma.sync"
 
 
+def copy_bandwidth(nbytes=1 << 30):
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB copy."""
+    src = torch.empty(nbytes, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def gemm_dram_bytes(N, E, H, I, elem=2):
+    """{GEMM: bytes it must move to or from DRAM at the least} (every operand read once, every
+    result written once; the frozen backward's d_act GEMM, which does not write act): with the
+    copy bandwidth, the DRAM floor of each GEMM's time, whatever its tiles."""
+    return {
+        "x W1^T + SwiGLU": elem * (N * H + E * 2 * I * H + N * 2 * I + N * I),
+        "act W2^T": elem * (N * I + E * H * I + N * H),
+        "d_out W2 + SwiGLU bwd": elem * (N * H + E * H * I + 2 * N * 2 * I),
+        "d_gate_up W1": elem * (N * 2 * I + E * 2 * I * H + N * H),
+        "dW2 = d_out^T act": elem * (N * H + N * I + E * H * I),
+        "dW1 = d_gate_up^T x": elem * (N * 2 * I + N * H + E * 2 * I * H),
+    }
+
+
 def matmul_tflops(n=8192):
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
@@ -280,6 +302,8 @@ def main(argv=None) -> int:
     out, gate_up = moe_experts_fwd(permuted, offsets, W1, W2)
     d_out = torch.randn_like(out)
     peak = matmul_tflops()
+    bandwidth = copy_bandwidth()
+    dram_bytes = gemm_dram_bytes(permuted.shape[0], E, H, I)
     gemm = {
         "forward (2 GEMMs + SwiGLU)": (lambda: moe_experts_fwd(permuted, offsets, W1, W2),
                                        6 * N * H * I),
@@ -326,8 +350,12 @@ def main(argv=None) -> int:
                         continue
                     for (gname, us, kernel), (_, gflops) in zip(timed, per_gemm[name]):
                         tf = gflops / (us * 1e-6) / 1e12
+                        floor_us = dram_bytes[gname] / bandwidth * 1e6
                         gemm_rows.append(dict(path=path, gemm=gname, kernel=gemm_path_name(kernel),
-                                              us=us, tflops=tf, fraction_of_matmul=tf / peak))
+                                              us=us, tflops=tf, fraction_of_matmul=tf / peak,
+                                              dram_floor_us=floor_us,
+                                              dram_bound_fraction=gflops / (floor_us * 1e-6)
+                                              / 1e12 / peak))
     finally:
         if saved_path is None:
             os.environ.pop("FLASHDELTA_MOE_GEMM", None)
@@ -346,7 +374,9 @@ def main(argv=None) -> int:
         for kernel, us, calls in kernels[:12]:
             print(f"   {kernel[:80]:<80} {us:9.1f} us {calls:5.1f}x")
     if gemm_rows:
-        print(f"-- each grouped GEMM (N={N} rows; TFLOP/s against the {peak:.0f} of the matmul)")
+        print(f"-- each grouped GEMM (N={N} rows; TFLOP/s against the {peak:.0f} of the matmul; "
+              f"DRAM bound: the % of the matmul rate at which moving its least bytes at the "
+              f"copy bandwidth, {bandwidth / 1e12:.2f} TB/s, takes its time)")
         seen = set()
         for r in gemm_rows:
             key = (r["path"], r["gemm"])
@@ -354,7 +384,8 @@ def main(argv=None) -> int:
                 continue
             seen.add(key)
             print(f"   {r['path']:<9} {r['gemm']:<24} {r['kernel']:<14} {r['us']:9.1f} us "
-                  f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}")
+                  f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}  "
+                  f"(DRAM bound {r['dram_bound_fraction']:4.0%})")
     base = {}
     print(f"{'section':<28} {'impl':<42} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
     for r in rows:
@@ -369,6 +400,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
+                           copy_bandwidth_bytes_per_s=bandwidth,
                            routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows,
                            gemms=gemm_rows,
                            profiles={t: [dict(kernel=n, us=u, calls=c) for n, u, c in ks]
