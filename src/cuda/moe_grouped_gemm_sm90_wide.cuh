@@ -38,7 +38,7 @@
 // synchronisation); each role then finds a tile's expert by binary search in that table.
 // kReduction: tile t = (expert, m-tile, n-tile) with n fastest; every expert has its tiles, an
 // expert without rows writes zeros. Blocks take tiles blockIdx.x, + gridDim.x, ... (grid =
-// min(SMs, an upper bound of the tile count); surplus tiles of the bound are skipped on the device).
+// min(SMs, an upper bound of the tile count); blocks past the device's tile count exit).
 // Every output tile is computed by one block in a fixed k order: deterministic, no atomics.
 // The SwiGLU tile is 128 act columns j0..j0+127: B boxes gate j0, gate j0 + 64, up I + j0,
 // up I + j0 + 64, so a thread's accumulator column c < 128 (gate j0 + c) and c + 128 (up) are in
@@ -322,8 +322,11 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   } else if (threadIdx.x == 32) {
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+    const auto prefetch = [](const CUtensorMap* map) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+    };
+    prefetch(&tmap_a);
+    prefetch(&tmap_b);
   }
 
   const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
@@ -425,8 +428,8 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           const int first = static_cast<int>(valid);
           const int chunks_per_box = (kBox - first) * 8;  // 16-byte chunks
           uint8_t* const stage_ptr = ring_ptr + s * kStageBytes;
-          for (int c = static_cast<int>(threadIdx.x) - 128; c < (kABoxes + kBBoxes) * chunks_per_box;
-               c += 256) {
+          const int chunks = (kABoxes + kBBoxes) * chunks_per_box;
+          for (int c = static_cast<int>(threadIdx.x) - 128; c < chunks; c += 256) {
             const int box = c / chunks_per_box, within = c % chunks_per_box;
             *reinterpret_cast<uint4*>(stage_ptr + box * kBoxBytes + first * 128 + within * 16) =
                 make_uint4(0u, 0u, 0u, 0u);
@@ -503,7 +506,8 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
             const int j = 8 * r + jj;
             uint8_t* const dst = staging + row * 128 + ((jj ^ (row % 8)) * 16) + (lane % 4) * 4;
             *reinterpret_cast<StorePair<T>*>(dst) =
-                StorePair<T>{from_f32<T>(value(4 * j + 2 * i)), from_f32<T>(value(4 * j + 2 * i + 1))};
+                StorePair<T>{from_f32<T>(value(4 * j + 2 * i)),
+                             from_f32<T>(value(4 * j + 2 * i + 1))};
           }
         }
         group_barrier();
@@ -666,7 +670,8 @@ bool wide_kernel_ready() {
   }
   cudaFuncAttributes attr{};
   FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int optin = device_info(device).max_smem_per_block_optin - static_cast<int>(attr.sharedSizeBytes);
+  const int optin =
+      device_info(device).max_smem_per_block_optin - static_cast<int>(attr.sharedSizeBytes);
   const bool ready = attr.binaryVersion == 90 && attr.ptxVersion >= 90 &&
                      optin >= smem_bytes(kGrouping, 0);
   if (ready) {
