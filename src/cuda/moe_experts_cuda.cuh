@@ -1,16 +1,18 @@
 // Shared by moe_experts.cu and moe_experts_backward.cu: the alignment test that decides whether
 // the grouped GEMM's loads may be 16-byte vectors (or TMA boxes), and the launcher that picks
 // the GEMM path at run time:
-//   sm90  wgmma + TMA (moe_grouped_gemm_sm90.cuh): Hopper devices, when this build has sm_90a
-//         code and the operands are TMA-compatible;
-//   sm80  mma.sync + cp.async (moe_grouped_gemm.cuh): every other case, and any shape.
-// FLASHDELTA_MOE_GEMM=sm80 forces the portable path; =sm90 demands the Hopper path where it
-// applies (an error on a device or build without it; unaligned operands still take sm80);
-// =sm90-2cta / sm90-4cta are sm90 with clusters of up to 2 or 4 blocks that multicast their
-// shared operand, instead of the default single-block launches (=sm90-1cta, the same as sm90);
-// on the H100 the clusters measured slower (30-34% of the matmul rate against 35-47% without,
-// bench moe --profile, 2026-11-24), so they are tuning and testing switches (the results are
-// bitwise the same); unset or "auto" picks per launch as above.
+//   sm90-wide  wgmma + TMA, 128 x 256 tiles, persistent (moe_grouped_gemm_sm90_wide.cuh):
+//              Hopper devices, when this build has sm_90a code, the operands are
+//              TMA-compatible and the expert table fits in shared memory (E up to ~1500);
+//   sm90-128   wgmma + TMA, 128 x 128 tiles, one block a tile (moe_grouped_gemm_sm90.cuh);
+//   sm80       mma.sync + cp.async (moe_grouped_gemm.cuh): every other case, and any shape.
+// FLASHDELTA_MOE_GEMM: unset or "auto" takes the first of the three that applies; =sm80 forces
+// the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a device or build
+// without sm_90a code; unaligned operands still take sm80); =sm90-wide and =sm90-128 (alias
+// sm90-1cta) demand that kernel (where it does not apply: sm80); =sm90-2cta / sm90-4cta are
+// sm90-128 in clusters of up to 2 or 4 blocks that multicast their shared operand (on the H100
+// they measured slower, 30-34% of the matmul rate against 35-47% without, bench moe --profile,
+// 2026-11-24: tuning and testing switches; the results are bitwise those of sm90-128).
 #pragma once
 
 #include <cstdint>
@@ -21,6 +23,7 @@
 #include "cuda/device_info.cuh"
 #include "cuda/moe_grouped_gemm.cuh"
 #include "cuda/moe_grouped_gemm_sm90.cuh"
+#include "cuda/moe_grouped_gemm_sm90_wide.cuh"
 
 namespace flashdelta::detail::cuda::moe {
 
@@ -30,7 +33,7 @@ inline bool vector_friendly(const void* base, int64_t ld, int64_t expert_stride 
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ld % 8 == 0 && expert_stride % 8 == 0;
 }
 
-enum class GemmPath { kAuto, kSm80, kSm90, kSm90SingleCta, kSm90TwoCta, kSm90FourCta };
+enum class GemmPath { kAuto, kSm80, kSm90, kSm90Wide, kSm90Narrow, kSm90TwoCta, kSm90FourCta };
 
 // FLASHDELTA_MOE_GEMM, read at every launch (a getenv: cheap, and tests may switch it).
 inline GemmPath requested_gemm_path() {
@@ -38,38 +41,50 @@ inline GemmPath requested_gemm_path() {
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return GemmPath::kAuto;
   if (std::strcmp(v, "sm80") == 0) return GemmPath::kSm80;
   if (std::strcmp(v, "sm90") == 0) return GemmPath::kSm90;
-  if (std::strcmp(v, "sm90-1cta") == 0) return GemmPath::kSm90SingleCta;
+  if (std::strcmp(v, "sm90-wide") == 0) return GemmPath::kSm90Wide;
+  if (std::strcmp(v, "sm90-128") == 0 || std::strcmp(v, "sm90-1cta") == 0) {
+    return GemmPath::kSm90Narrow;
+  }
   if (std::strcmp(v, "sm90-2cta") == 0) return GemmPath::kSm90TwoCta;
   if (std::strcmp(v, "sm90-4cta") == 0) return GemmPath::kSm90FourCta;
   throw Error(Error::Kind::kValue,
-              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-1cta, sm90-2cta or ") +
-                  "sm90-4cta, " +
-                  "got '" + v + "'");
+              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-wide, sm90-128, ") +
+                  "sm90-1cta, sm90-2cta or sm90-4cta, got '" + v + "'");
 }
 
 // One grouped GEMM on `stream`, on the fastest path that applies (see the note above).
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   const GemmPath path = requested_gemm_path();
-  const bool demand_sm90 = path == GemmPath::kSm90 || path == GemmPath::kSm90SingleCta ||
-                           path == GemmPath::kSm90TwoCta || path == GemmPath::kSm90FourCta;
+  const bool try_wide =
+      path == GemmPath::kAuto || path == GemmPath::kSm90 || path == GemmPath::kSm90Wide;
+  const bool try_narrow = path != GemmPath::kSm80 && path != GemmPath::kSm90Wide;
+  const bool demand_sm90 = path != GemmPath::kAuto && path != GemmPath::kSm80;
   const int max_cluster =
       path == GemmPath::kSm90FourCta ? 4 : (path == GemmPath::kSm90TwoCta ? 2 : 1);
   if (path != GemmPath::kSm80) {
     if (device_info().is_sm90) {
-      if (sm90::try_launch_grouped_gemm_sm90<T, kGrouping, kBKContig, kEpilogue>(
-              p, stream, max_cluster)) {
+      if (try_wide &&
+          sm90_wide::try_launch_grouped_gemm_sm90_wide<T, kGrouping, kBKContig, kEpilogue>(
+              p, stream)) {
         return;
       }
-      if (demand_sm90 &&
-          !sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) {
+      if (try_narrow && sm90::try_launch_grouped_gemm_sm90<T, kGrouping, kBKContig, kEpilogue>(
+                            p, stream, max_cluster)) {
+        return;
+      }
+      const bool has_code =
+          path == GemmPath::kSm90Wide
+              ? sm90_wide::wide_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()
+              : sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();
+      if (demand_sm90 && !has_code) {
         throw Error(Error::Kind::kNotImplemented,
-                    "FLASHDELTA_MOE_GEMM=sm90: this build has no sm_90a code for the grouped GEMM "
-                    "(build with FLASHDELTA_CUDA_ARCHS containing 90a)");
+                    "FLASHDELTA_MOE_GEMM=sm90*: this build has no sm_90a code for the grouped "
+                    "GEMM (build with FLASHDELTA_CUDA_ARCHS containing 90a)");
       }
     } else if (demand_sm90) {
       throw Error(Error::Kind::kNotImplemented,
-                  "FLASHDELTA_MOE_GEMM=sm90 needs a compute capability 9.0 device (H100/H200)");
+                  "FLASHDELTA_MOE_GEMM=sm90*: needs a compute capability 9.0 device (H100/H200)");
     }
   }
   launch_grouped_gemm_sm80<T, kGrouping, kBKContig, kEpilogue>(p, stream);

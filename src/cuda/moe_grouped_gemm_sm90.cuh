@@ -1,5 +1,8 @@
-// Hopper (sm_90a) grouped GEMM for the mixture-of-experts experts: the same problems, groupings
-// and epilogues as moe_grouped_gemm.cuh (read its note first), on warpgroup MMA fed by TMA.
+// Hopper (sm_90a) grouped GEMM for the mixture-of-experts experts with 128 x 128 tiles
+// (FLASHDELTA_MOE_GEMM=sm90-128; the default is now the persistent 128 x 256 kernel of
+// moe_grouped_gemm_sm90_wide.cuh, which reuses this file's PTX wrappers, tensor maps and epilogue
+// flags): the same problems, groupings and epilogues as moe_grouped_gemm.cuh (read its note
+// first), on warpgroup MMA fed by TMA.
 //
 // Algorithm. One block computes one 128 x 128 output tile, K in steps of 64, through a 3-stage
 // shared-memory ring:
@@ -747,6 +750,33 @@ bool sm90_kernel_ready() {
   return ready;
 }
 
+// p with the epilogue's access flags set from its pointers and strides: vector_store_ok
+// (16-byte stores of the plain epilogue; 16-byte accesses of the SwiGLU backward) and
+// pair_store_ok (the SwiGLU epilogues' column pairs, also at column I + j). Shared with the
+// wide kernel (moe_grouped_gemm_sm90_wide.cuh).
+template <Epilogue kEpilogue, typename T>
+GroupedGemmParams<T> with_epilogue_flags(const GroupedGemmParams<T>& p) {
+  GroupedGemmParams<T> q = p;
+  const auto pair_aligned = [](const void* ptr) {
+    return reinterpret_cast<uintptr_t>(ptr) % (2 * sizeof(T)) == 0;
+  };
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    q.vector_store_ok = reinterpret_cast<uintptr_t>(p.c) % 16 == 0 && p.ldc % 8 == 0 &&
+                        p.c_expert_stride % 8 == 0;
+  } else {  // gate_up / d_gate_up / act accessed two columns at a time (also at column I + j)
+    q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
+                      (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
+                      (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
+    // The SwiGLU backward's 8-column (16-byte) accesses.
+    const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+    q.vector_store_ok = kEpilogue == Epilogue::kSwiGLUBackward && aligned16(p.gate_up) &&
+                        p.ld_gate_up % 8 == 0 && p.intermediate % 8 == 0 &&
+                        p.d_gate_up != nullptr && aligned16(p.d_gate_up) &&
+                        (p.act == nullptr || (aligned16(p.act) && p.ld_act % 8 == 0));
+  }
+  return q;
+}
+
 // Launches one grouped GEMM on the Hopper path; false (nothing launched) when it does not
 // apply: operands not TMA-compatible, or this build has no sm_90a code for the device. The
 // caller has checked that the device is sm_90. `max_cluster`: group the blocks in clusters of
@@ -780,24 +810,7 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
   }
   CUtensorMap map_a, map_b;
   if (!make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
-  GroupedGemmParams<T> q = p;
-  const auto pair_aligned = [](const void* ptr) {
-    return reinterpret_cast<uintptr_t>(ptr) % (2 * sizeof(T)) == 0;
-  };
-  if constexpr (kEpilogue == Epilogue::kStore) {
-    q.vector_store_ok = reinterpret_cast<uintptr_t>(p.c) % 16 == 0 && p.ldc % 8 == 0 &&
-                        p.c_expert_stride % 8 == 0;
-  } else {  // gate_up / d_gate_up / act accessed two columns at a time (also at column I + j)
-    q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
-                      (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
-                      (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
-    // The SwiGLU backward's 8-column (16-byte) accesses.
-    const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-    q.vector_store_ok = kEpilogue == Epilogue::kSwiGLUBackward && aligned16(p.gate_up) &&
-                        p.ld_gate_up % 8 == 0 && p.intermediate % 8 == 0 &&
-                        p.d_gate_up != nullptr && aligned16(p.d_gate_up) &&
-                        (p.act == nullptr || (aligned16(p.act) && p.ld_act % 8 == 0));
-  }
+  const GroupedGemmParams<T> q = with_epilogue_flags<kEpilogue>(p);
   int cluster_size = max_cluster >= 4 ? 4 : (max_cluster >= 2 ? 2 : 1);
   while (grid.x % cluster_size != 0) cluster_size /= 2;
   cudaLaunchConfig_t config = {};

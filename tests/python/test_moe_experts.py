@@ -259,9 +259,10 @@ def test_more_experts_than_threads_per_block(device):
 
 
 # ---- the CUDA GEMM paths (FLASHDELTA_MOE_GEMM): sm80 = mma.sync + cp.async, any device;
-# sm90 = wgmma + TMA, Hopper only (single blocks; sm90-1cta is the same); sm90-2cta / sm90-4cta =
-# the same kernel in clusters of up to 2 / 4 blocks with TMA multicast where the tile counts
-# allow. By default (auto) the tests above run sm90 on an H100/H200.
+# sm90-wide = wgmma + TMA, 128 x 256 tiles, persistent (Hopper only; what auto and sm90 take);
+# sm90-128 = wgmma + TMA, 128 x 128 tiles, one block a tile (sm90-1cta is the same); sm90-2cta /
+# sm90-4cta = sm90-128 in clusters of up to 2 / 4 blocks with TMA multicast where the tile counts
+# allow. By default (auto) the tests above run sm90-wide on an H100/H200.
 
 def _is_sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -270,6 +271,10 @@ def _is_sm90():
 GEMM_PATHS = [
     pytest.param("sm80", id="sm80"),
     pytest.param("sm90", id="sm90",
+                 marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
+    pytest.param("sm90-wide", id="sm90-wide",
+                 marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
+    pytest.param("sm90-128", id="sm90-128",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
     pytest.param("sm90-2cta", id="sm90-2cta",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
@@ -281,9 +286,10 @@ GEMM_PATHS = [
 def tile_edge_routing():
     """Top-1 routing with per-expert row counts at the edges of the 128-row tiles: 300 rows (two
     full tiles and one of 44: the second consumer warpgroup idle), none, 129 (a last tile of one
-    row), 64 (exactly one warpgroup), 65 (the second warpgroup with one row), 7. Tokens are
-    shuffled so that every expert's rows come from all over the batch."""
-    counts = [300, 0, 129, 64, 65, 7]
+    row), 64 (exactly one warpgroup), 65 (the second warpgroup with one row), 7, 1 (a single row:
+    one k-step of one valid row in the weight gradients). Tokens are shuffled so that every
+    expert's rows come from all over the batch."""
+    counts = [300, 0, 129, 64, 65, 7, 1]
     gen = torch.Generator().manual_seed(21)
     idx = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
     idx = idx[torch.randperm(idx.numel(), generator=gen)].unsqueeze(1)
@@ -298,10 +304,12 @@ def tile_edge_routing():
 def test_gemm_path_against_float64(monkeypatch, path, dtype):
     """Each GEMM path, forced, against transformers' eager experts in float64: outputs, input and
     weight gradients, at tile edges of every GEMM. H = 200: K of the first GEMM is three 64-wide
-    k-steps and a partial one, and the down GEMM's N ends in a partial 128-column tile; I = 72:
-    the SwiGLU GEMM's second tile has 8 valid gate columns (its gate box overlaps the up rows),
-    the weight-gradient reductions run over 300 / 129 / 65 / 64 / 7 rows (partial last k-steps,
-    whose rows past the expert must be zeroed), and expert 1's weight gradients must be 0."""
+    k-steps and a partial one, and the down GEMM's N ends in a partial 128-column tile (sm90-wide:
+    one 256-column tile whose fourth B box holds 8 valid columns); I = 72: the SwiGLU GEMM's
+    second 128-wide tile has 8 valid gate columns (its gate box overlaps the up rows; sm90-wide:
+    one tile, gate boxes j 0-63 and 64-127, the second mostly up rows), the weight-gradient
+    reductions run over 300 / 129 / 65 / 64 / 7 / 1 rows (partial last k-steps, whose rows past
+    the expert must be zeroed), and expert 1's weight gradients must be 0."""
     import flashdelta
 
     if not {"moe_experts.forward", "moe_experts.backward"} <= set(
@@ -349,11 +357,12 @@ def test_gemm_paths_agree_on_the_forward_tensors(monkeypatch):
     permuted, _, _, offsets = moe_permute(hidden.to("cuda", torch.bfloat16), idx.cuda(), E)
     W1, W2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
     results = {}
-    for path in ("sm80", "sm90"):
+    for path in ("sm80", "sm90-128", "sm90-wide"):
         monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
         results[path] = moe_experts_fwd(permuted, offsets, W1, W2)
-    for a, b in zip(results["sm80"], results["sm90"]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    for path in ("sm90-128", "sm90-wide"):
+        for a, b in zip(results["sm80"], results[path]):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.cuda
@@ -361,7 +370,7 @@ def test_gemm_paths_agree_on_the_forward_tensors(monkeypatch):
 @pytest.mark.parametrize("H, I", [(256, 256), (320, 96)], ids=["even-tiles", "odd-tiles"])
 def test_gemm_clusters_change_nothing(monkeypatch, H, I):
     """Clusters only change which block loads the shared operand: outputs and every gradient
-    are bitwise those of the same kernel without clusters (sm90), for clusters of 2 (sm90-2cta)
+    are bitwise those of the same kernel without clusters (sm90-128), for clusters of 2 (sm90-2cta)
     and up to 4 (sm90-4cta). 256 / 256: every GEMM runs in clusters (even column and m-tile counts; 4 of
     them in the first GEMM and dW1 under sm90-4cta; 4 k-steps: the 3-stage ring wraps around);
     320 / 96: odd counts (3 column tiles of the down and d_hidden GEMMs, 3 m-tiles of dW2) take
@@ -382,7 +391,7 @@ def test_gemm_clusters_change_nothing(monkeypatch, H, I):
     hidden = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
     d_out = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
     results = {}
-    for path in ("sm90-2cta", "sm90-4cta", "sm90"):
+    for path in ("sm90-2cta", "sm90-4cta", "sm90-128"):
         monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
         x = hidden.clone().requires_grad_()
         out = moe_experts(x, idx.cuda(), w.to("cuda", torch.bfloat16), experts.gate_up_proj,
@@ -391,10 +400,10 @@ def test_gemm_clusters_change_nothing(monkeypatch, H, I):
             out, [x, experts.gate_up_proj, experts.down_proj], d_out)]
     for path in ("sm90-2cta", "sm90-4cta"):
         for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"),
-                              results[path], results["sm90"]):
+                              results[path], results["sm90-128"]):
             assert torch.equal(a, b), (path, name)
-    assert torch.count_nonzero(results["sm90"][2][3]) == 0
-    assert torch.count_nonzero(results["sm90"][3][3]) == 0
+    assert torch.count_nonzero(results["sm90-128"][2][3]) == 0
+    assert torch.count_nonzero(results["sm90-128"][3][3]) == 0
 
 
 @pytest.mark.cuda
@@ -416,10 +425,70 @@ def test_gemm_path_setting_errors(monkeypatch):
     with pytest.raises(ValueError, match="FLASHDELTA_MOE_GEMM"):
         moe_experts_fwd(*args)
     if not _is_sm90():
-        for path in ("sm90", "sm90-1cta", "sm90-2cta", "sm90-4cta"):
+        for path in ("sm90", "sm90-wide", "sm90-128", "sm90-1cta", "sm90-2cta", "sm90-4cta"):
             monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
             with pytest.raises(NotImplementedError, match="FLASHDELTA_MOE_GEMM"):
                 moe_experts_fwd(*args)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
+@pytest.mark.parametrize("path", ["sm90-wide", "sm90-128"])
+def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
+    """More tiles than an H100/H200 has SMs in every GEMM, so each block of the persistent
+    sm90-wide kernel walks several tiles (its ring carries over from one tile's k-steps to the
+    next's, the producer loads tile i + 1 while the consumers store tile i, experts change between
+    a block's tiles). E = 24, 2048 tokens top-4 (~340 rows an expert: 3 row tiles, 6 k-steps in the
+    weight gradients, ragged last ones), expert 5 without rows (zero weight gradients written by
+    a block between other tiles), H = 512, I = 320 (not a multiple of 128: the last SwiGLU tile
+    has 64 act columns, d_act's last 256-column tile 64). Tiles (sm90-wide): x W1 ~216, act W2
+    ~144, d_act ~144, d_hidden ~144, dW2 192, dW1 240. Against float64; the same on sm90-128."""
+    import flashdelta
+
+    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
+            flashdelta.build_info()["cuda_ops"]):
+        pytest.skip("this build has no CUDA moe_experts")
+    monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
+    E, T, k, H, I = 24, 2048, 4, 512, 320
+    idx, w = random_routing(T, E - 1, k, seed=41)
+    idx[idx >= 5] += 1  # expert 5 receives no rows
+    experts = experts_module(E, H, I, dtype=torch.bfloat16, seed=9).to("cuda")
+    experts.requires_grad_(True)
+    gen = torch.Generator().manual_seed(42)
+    hidden = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
+    d_out = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
+    wb = w.to("cuda", torch.bfloat16)
+    x = hidden.clone().requires_grad_()
+    out = moe_experts(x, idx.cuda(), wb, experts.gate_up_proj, experts.down_proj)
+    got = [out.detach(), *torch.autograd.grad(out, [x, experts.gate_up_proj, experts.down_proj],
+                                              d_out)]
+    want = reference_f64(experts, hidden, idx, w.to(torch.bfloat16), d_out)
+    for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"), got, want):
+        assert a.shape == b.shape, name
+        assert rel_l2(a.cpu(), b) < 1e-2, (path, name)
+    assert torch.count_nonzero(got[2][5]) == 0 and torch.count_nonzero(got[3][5]) == 0
+    x2 = hidden.clone().requires_grad_()
+    out2 = moe_experts(x2, idx.cuda(), wb, experts.gate_up_proj, experts.down_proj)
+    again = [out2.detach(), *torch.autograd.grad(
+        out2, [x2, experts.gate_up_proj, experts.down_proj], d_out)]
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
+def test_gemm_wide_handles_many_experts(monkeypatch):
+    """sm90-wide keeps a table of 3 (E + 1) ints in shared memory: E = 600 (Qwen3-Next has 512)
+    still fits; its block scan reads the offsets in two rounds of 384 experts."""
+    import flashdelta
+
+    if "moe_experts.forward" not in flashdelta.build_info()["cuda_ops"]:
+        pytest.skip("this build has no CUDA moe_experts")
+    monkeypatch.setenv("FLASHDELTA_MOE_GEMM", "sm90-wide")
+    T, E, H, I, k = 400, 600, 64, 32, 4
+    idx, w = random_routing(T, E, k, seed=13)
+    experts = experts_module(E, H, I, dtype=torch.bfloat16).to("cuda")
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    check(run_both(experts, hidden, idx.cuda(), w.to("cuda", torch.bfloat16)), torch.bfloat16)
 
 
 def test_bench_assigns_gemm_times_by_launch_order():

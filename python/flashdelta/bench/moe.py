@@ -2,6 +2,7 @@
 
     python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
                                    [--intermediate 512] [--json PATH] [--profile]
+                                   [--gemm-paths auto,sm90-wide,sm90-128,sm80]
 
 bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
 
@@ -14,10 +15,10 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   flashdelta.moe_experts (both include their own permutation and combine).
 - grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
   real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
-  on the default GEMM path (wgmma on sm_90, 2-CTA clusters with TMA multicast) and, on sm_90,
-  also with clusters of 2 and 4 blocks (FLASHDELTA_MOE_GEMM=sm90-2cta / sm90-4cta) and
-  on the portable sm80 path (FLASHDELTA_MOE_GEMM=sm80); with --profile, each GEMM's device
-  time and TFLOP/s.
+  one row per GEMM path of --gemm-paths (FLASHDELTA_MOE_GEMM values; default on sm_90: auto,
+  sm90-wide = the persistent 128 x 256 wgmma kernel, sm90-128 = the 128 x 128 one, sm80 = the
+  portable mma.sync kernel; elsewhere auto); with --profile, each GEMM's device time and
+  TFLOP/s on each path.
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
 called from Python (host dispatch included); "routing fwd+bwd, kernels" is the same step's GPU
@@ -134,7 +135,31 @@ def gemm_profile(step, gemm_names, repeats=10):
 
 
 def gemm_path_name(kernel):
-    return "sm90 wgmma" if "sm90" in kernel else "sm80 mma.sync"
+    if "sm90_wide" in kernel:
+        return "sm90 128x256"
+    return "sm90 128x128" if "sm90" in kernel else "sm80 mma.sync"
+
+
+def copy_bandwidth(nbytes=1 << 30):
+    """Device-to-device copy bandwidth (bytes read + written per second) of a 1 GiB copy."""
+    src = torch.empty(nbytes, device="cuda", dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def gemm_dram_bytes(N, E, H, I, elem=2):
+    """{GEMM: bytes it must move to or from DRAM at the least} (every operand read once, every
+    result written once; the frozen backward's d_act GEMM, which does not write act): with the
+    copy bandwidth, the DRAM floor of each GEMM's time, whatever its tiles."""
+    return {
+        "x W1^T + SwiGLU": elem * (N * H + E * 2 * I * H + N * 2 * I + N * I),
+        "act W2^T": elem * (N * I + E * H * I + N * H),
+        "d_out W2 + SwiGLU bwd": elem * (N * H + E * H * I + 2 * N * 2 * I),
+        "d_gate_up W1": elem * (N * 2 * I + E * 2 * I * H + N * H),
+        "dW2 = d_out^T act": elem * (N * H + N * I + E * H * I),
+        "dW1 = d_gate_up^T x": elem * (N * 2 * I + N * H + E * 2 * I * H),
+    }
 
 
 def matmul_tflops(n=8192):
@@ -179,6 +204,9 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--gemm-paths", metavar="LIST",
+                   help="comma-separated FLASHDELTA_MOE_GEMM values to time the grouped GEMMs on "
+                        "(default on sm_90: auto,sm90-wide,sm90-128,sm80; elsewhere: auto)")
     p.add_argument("--profile", action="store_true",
                    help="also print each section's kernels and each grouped GEMM's time and "
                         "TFLOP/s (torch.profiler device time)")
@@ -274,6 +302,8 @@ def main(argv=None) -> int:
     out, gate_up = moe_experts_fwd(permuted, offsets, W1, W2)
     d_out = torch.randn_like(out)
     peak = matmul_tflops()
+    bandwidth = copy_bandwidth()
+    dram_bytes = gemm_dram_bytes(permuted.shape[0], E, H, I)
     gemm = {
         "forward (2 GEMMs + SwiGLU)": (lambda: moe_experts_fwd(permuted, offsets, W1, W2),
                                        6 * N * H * I),
@@ -283,9 +313,13 @@ def main(argv=None) -> int:
                                                                  d_out, gate_up, True),
                                          12 * N * H * I),
     }
-    # Both CUDA paths where the device has the Hopper one: "auto" is what users get.
-    paths = (["auto", "sm90-2cta", "sm90-4cta", "sm80"] if torch.cuda.get_device_capability() == (9, 0)
-             else ["auto"])
+    # Every CUDA path where the device has the Hopper ones: "auto" is what users get.
+    if args.gemm_paths:
+        paths = [x.strip() for x in args.gemm_paths.split(",") if x.strip()]
+    elif torch.cuda.get_device_capability() == (9, 0):
+        paths = ["auto", "sm90-wide", "sm90-128", "sm80"]
+    else:
+        paths = ["auto"]
     saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
     # Each GEMM alone (--profile): its FLOPs at N rows, in launch order per custom op.
     nhi = N * H * I
@@ -316,8 +350,12 @@ def main(argv=None) -> int:
                         continue
                     for (gname, us, kernel), (_, gflops) in zip(timed, per_gemm[name]):
                         tf = gflops / (us * 1e-6) / 1e12
+                        floor_us = dram_bytes[gname] / bandwidth * 1e6
                         gemm_rows.append(dict(path=path, gemm=gname, kernel=gemm_path_name(kernel),
-                                              us=us, tflops=tf, fraction_of_matmul=tf / peak))
+                                              us=us, tflops=tf, fraction_of_matmul=tf / peak,
+                                              dram_floor_us=floor_us,
+                                              dram_bound_fraction=gflops / (floor_us * 1e-6)
+                                              / 1e12 / peak))
     finally:
         if saved_path is None:
             os.environ.pop("FLASHDELTA_MOE_GEMM", None)
@@ -336,7 +374,9 @@ def main(argv=None) -> int:
         for kernel, us, calls in kernels[:12]:
             print(f"   {kernel[:80]:<80} {us:9.1f} us {calls:5.1f}x")
     if gemm_rows:
-        print(f"-- each grouped GEMM (N={N} rows; TFLOP/s against the {peak:.0f} of the matmul)")
+        print(f"-- each grouped GEMM (N={N} rows; TFLOP/s against the {peak:.0f} of the matmul; "
+              f"DRAM bound: the % of the matmul rate at which moving its least bytes at the "
+              f"copy bandwidth, {bandwidth / 1e12:.2f} TB/s, takes its time)")
         seen = set()
         for r in gemm_rows:
             key = (r["path"], r["gemm"])
@@ -344,9 +384,10 @@ def main(argv=None) -> int:
                 continue
             seen.add(key)
             print(f"   {r['path']:<9} {r['gemm']:<24} {r['kernel']:<14} {r['us']:9.1f} us "
-                  f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}")
+                  f"{r['tflops']:6.0f} TFLOP/s {r['fraction_of_matmul']:5.0%}  "
+                  f"(DRAM bound {r['dram_bound_fraction']:4.0%})")
     base = {}
-    print(f"{'section':<28} {'impl':<30} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
+    print(f"{'section':<28} {'impl':<42} {'ms':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of mm':>6}")
     for r in rows:
         if r["impl"] == "transformers" or r["impl"].startswith("transformers "):
             base[r["section"]] = r["ms"]
@@ -355,10 +396,11 @@ def main(argv=None) -> int:
         tf = f"{r['tflops']:8.0f}" if "tflops" in r else f"{'':>8}"
         frac = f"{r['fraction_of_matmul']:6.0%}" if "tflops" in r else f"{'':>6}"
         sp = f"{speedup:8.2f}x" if r["impl"] == "flashdelta" else f"{'':>9}"
-        print(f"{r['section']:<28} {r['impl']:<30} {r['ms']:8.3f} {sp} {tf} {frac}")
+        print(f"{r['section']:<28} {r['impl']:<42} {r['ms']:8.3f} {sp} {tf} {frac}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(shape=dict(T=T, E=E, top_k=k, H=H, I=I), matmul_tflops=peak,
+                           copy_bandwidth_bytes_per_s=bandwidth,
                            routing_rel_l2=routing_err, experts_rel_l2=errors, rows=rows,
                            gemms=gemm_rows,
                            profiles={t: [dict(kernel=n, us=u, calls=c) for n, u, c in ks]
