@@ -6,7 +6,11 @@
 //              TMA-compatible and the expert table fits in shared memory (E up to ~1500);
 //   sm90-128   wgmma + TMA, 128 x 128 tiles, one block a tile (moe_grouped_gemm_sm90.cuh);
 //   sm80       mma.sync + cp.async (moe_grouped_gemm.cuh): every other case, and any shape.
-// FLASHDELTA_MOE_GEMM: unset or "auto" takes the first of the three that applies; =sm80 forces
+// FLASHDELTA_MOE_GEMM: unset or "auto" takes the first of the three that applies, except that the
+// two GEMMs with a SwiGLU epilogue start at sm90-128 (measured per GEMM on the H100, bench moe
+// --profile, 2026-11-24 session 4: x W1 + SwiGLU 46% of the matmul rate at 128 x 128 against 42%
+// wide, d_out W2 + SwiGLU backward 40% against 34%; the plain-store GEMMs 51-66% wide against
+// 38-51% at 128 x 128: a 128-column SwiGLU tile finishes its wider epilogue sooner); =sm80 forces
 // the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a device or build
 // without sm_90a code; unaligned operands still take sm80); =sm90-wide and =sm90-128 (alias
 // sm90-1cta) demand that kernel (where it does not apply: sm80); =sm90-2cta / sm90-4cta are
@@ -56,8 +60,9 @@ inline GemmPath requested_gemm_path() {
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   const GemmPath path = requested_gemm_path();
-  const bool try_wide =
-      path == GemmPath::kAuto || path == GemmPath::kSm90 || path == GemmPath::kSm90Wide;
+  constexpr bool kSwiGLUEpilogue = kEpilogue != Epilogue::kStore;
+  const bool try_wide = (path == GemmPath::kAuto && !kSwiGLUEpilogue) ||
+                        path == GemmPath::kSm90 || path == GemmPath::kSm90Wide;
   const bool try_narrow = path != GemmPath::kSm80 && path != GemmPath::kSm90Wide;
   const bool demand_sm90 = path != GemmPath::kAuto && path != GemmPath::kSm80;
   const int max_cluster =
