@@ -35,7 +35,7 @@ import torch
 
 from ._profile import kernel_totals
 from .decode import copy_bandwidth
-from .fused_ops import device_time_ms
+from .fused_ops import copy_time_ms, device_time_ms
 
 
 def _transformers_functions():
@@ -121,8 +121,12 @@ def bench_conv(B, T, C, W, bandwidth, do_bench, replays, flush):
             torch.cuda.empty_cache()
         except Exception as e:
             rows.append(dict(impl=name, B=B, T=T, error=f"{type(e).__name__}: {e}"))
+    # One plain copy moving the same bytes, timed the same way (fused_ops' "copy" column).
+    copy_fwd = copy_time_ms(2 * n, replays, flush)
+    copy_fb = copy_time_ms(5 * n, replays, flush)
     return dict(B=B, T=T, C=C, W=W, bytes_fwd=2 * n, bytes_fwd_bwd=5 * n, floor_fwd_ms=floor_fwd,
-                floor_fwd_bwd_ms=floor_fb, rows=rows)
+                floor_fwd_bwd_ms=floor_fb, copy_fwd_ms=copy_fwd, copy_fwd_bwd_ms=copy_fb,
+                rows=rows)
 
 
 def kernel_times(B, T, C, W, repeats=20):
@@ -211,6 +215,9 @@ def main(argv=None) -> int:
         base = by_impl[key].get("transformers", {}).get("fwd_bwd_ms")
         print(f"{'':>9}  {'floor':>14}  {res['floor_fwd_ms'] * 1e3:8.1f}  {'':>6}  "
               f"{res['floor_fwd_bwd_ms'] * 1e3:10.1f}")
+        cf, cfb = res["copy_fwd_ms"], res["copy_fwd_bwd_ms"]
+        print(f"{'':>9}  {'copy, same MB':>14}  {cf * 1e3:8.1f}  {cf / res['floor_fwd_ms']:6.2f}  "
+              f"{cfb * 1e3:10.1f}  {cfb / res['floor_fwd_bwd_ms']:6.2f}")
         for r in res["rows"]:
             shape = f"{r['B']}x{r['T']}"
             if "error" in r:

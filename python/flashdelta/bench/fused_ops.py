@@ -31,8 +31,13 @@ gradients reset to None first):
   host dispatch included, so for small ops it measures the host rather than the GPU.
 
 Floor: the bytes the forward and the backward must move (each input read once, each output
-written once, in each direction) over the bandwidth of a large device-to-device copy measured
-in this run. The last lines printed are the table.
+written once, in each direction) over the bandwidth of a large (1 GiB) device-to-device copy
+measured in this run. "copy" is a second reference: one device-to-device copy moving the op's
+floor bytes (half read, half written), timed like the device column (graph replay after an L2
+flush). At these sizes (17 to 540 MB) a copy does not reach the 1 GiB copy's bandwidth (its ramp
+and tail weigh more), so "x copy" says how far an op is from the bandwidth a single plain kernel
+of its size achieves; the op itself runs two or three kernels. The last lines printed are the
+table.
 """
 
 import argparse
@@ -174,6 +179,13 @@ def device_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
     return times[len(times) // 2]
 
 
+def copy_time_ms(nbytes: int, repeats: int, flush: torch.Tensor) -> float:
+    """device_time_ms of one device-to-device copy moving `nbytes` (half read, half written)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return device_time_ms(lambda: dst.copy_(src), [], repeats, flush)
+
+
 def kernel_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
     """Mean GPU time of step()'s own kernels (torch.profiler device time; each step after an L2
     flush whose kernels are left out): the op's time without the graph's launch and the gaps
@@ -230,15 +242,17 @@ def main(argv=None) -> int:
                 print(f"{name} / {impl}: {type(e).__name__}: {e}")
             torch.cuda.empty_cache()
         floor_ms = floor_bytes / bandwidth * 1e3
+        copy_ms = copy_time_ms(floor_bytes, args.replays, flush)
         fd_ms, hf_ms = timings.get("flashdelta"), timings.get("transformers")
         rows.append(dict(
-            op=name, bytes=floor_bytes, floor_ms=floor_ms, flashdelta_ms=fd_ms,
+            op=name, bytes=floor_bytes, floor_ms=floor_ms, copy_ms=copy_ms, flashdelta_ms=fd_ms,
             flashdelta_fwd_ms=timings.get("flashdelta_fwd"),
             flashdelta_kernels_ms=timings.get("flashdelta_kernels"),
             flashdelta_eager_ms=timings.get("flashdelta_eager"), transformers_ms=hf_ms,
             transformers_fwd_ms=timings.get("transformers_fwd"),
             transformers_eager_ms=timings.get("transformers_eager"),
             ratio_to_floor=(fd_ms / floor_ms) if fd_ms else None,
+            ratio_to_copy=(fd_ms / copy_ms) if fd_ms else None,
             speedup=(hf_ms / fd_ms) if fd_ms and hf_ms else None))
 
     print(f"fused_ops: {args.tokens} tokens, Qwen3.5-35B-A3B sizes, bf16; "
@@ -246,8 +260,8 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); fwd+bwd medians (us): "
           f"device = CUDA-graph replay, eager = called from Python (host included)")
     print(f"{'op':>15}  {'MB':>7}  {'floor':>7}  {'flashdelta':>10}  {'x floor':>7}  "
-          f"{'kernels':>7}  {'x floor':>7}  {'transformers':>12}  {'speed-up':>8}  "
-          f"{'fd eager':>8}  {'tf eager':>8}")
+          f"{'kernels':>7}  {'x floor':>7}  {'copy':>7}  {'x copy':>6}  {'transformers':>12}  "
+          f"{'speed-up':>8}  {'fd eager':>8}  {'tf eager':>8}")
 
     def us(v):
         return f"{v * 1e3:.1f}" if v else "n/a"
@@ -257,9 +271,10 @@ def main(argv=None) -> int:
         speed = f"{r['speedup']:.2f}" if r["speedup"] else "n/a"
         kern = r["flashdelta_kernels_ms"]
         kern_ratio = f"{kern / r['floor_ms']:.2f}" if kern else "n/a"
+        copy_ratio = f"{r['ratio_to_copy']:.2f}" if r["ratio_to_copy"] else "n/a"
         print(f"{r['op']:>15}  {r['bytes'] / 1e6:7.1f}  {us(r['floor_ms']):>7}  "
               f"{us(r['flashdelta_ms']):>10}  {ratio:>7}  {us(kern):>7}  {kern_ratio:>7}  "
-              f"{us(r['transformers_ms']):>12}  "
+              f"{us(r['copy_ms']):>7}  {copy_ratio:>6}  {us(r['transformers_ms']):>12}  "
               f"{speed:>8}  {us(r['flashdelta_eager_ms']):>8}  "
               f"{us(r['transformers_eager_ms']):>8}")
     if args.json:
