@@ -294,6 +294,44 @@ def test_backward_strided_inputs_and_cotangent():
         assert torch.equal(a, b)
 
 
+def _backward_op(inputs, d_o, d_state):
+    """The backward custom op on `inputs` (CUDA) with the given cotangents."""
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state")]
+    return torch.ops.flashdelta.chunk_gated_delta_rule_bwd(
+        *args, inputs.get("cu_seqlens"), 0.25, True, d_o, d_state)
+
+
+@needs_backward
+@pytest.mark.parametrize("V", [128, 36], ids=["v128", "v36"])
+def test_backward_cotangent_layouts_and_dtypes(V):
+    """d_o read element by element (last stride 2, V not a multiple of 8, a dtype other than
+    q's) gives the gradients of the 16-byte path bit for bit (both round d_o to bf16 once);
+    three value heads per key head, a partial last chunk."""
+    inputs = make_inputs(1, 150, 1, 3, 64, V, torch.bfloat16, "cuda", seed=21,
+                         cu_seqlens=[0, 70, 150])
+    gen = torch.Generator().manual_seed(22)
+    d_o = torch.randn(1, 150, 3, V, generator=gen).bfloat16().cuda()
+    d_state = torch.randn(2, 3, 64, V, generator=gen).cuda()
+    reference = _backward_op(inputs, d_o, d_state)
+    wide = torch.zeros(1, 150, 3, 2 * V, dtype=torch.bfloat16, device="cuda")
+    wide[..., ::2] = d_o
+    for other in (wide[..., ::2], d_o.float()):
+        for a, b in zip(_backward_op(inputs, other, d_state), reference):
+            assert torch.equal(a, b)
+    cpu = {n: (None if x is None else x.cpu()) for n, x in inputs.items()}
+    cpu_grads = _backward_op(cpu, d_o.cpu(), d_state.cpu())
+    for a, b in zip(reference, cpu_grads):
+        assert rel_l2(a, b) <= 1e-2
+
+
+@needs_backward
+def test_backward_rejects_float64_cotangent():
+    inputs = make_inputs(1, 64, 1, 2, 64, 64, torch.bfloat16, "cuda", seed=23)
+    d_o = torch.randn(1, 64, 2, 64, dtype=torch.float64, device="cuda")
+    with pytest.raises(TypeError, match="d_o"):
+        _backward_op(inputs, d_o, None)
+
+
 @needs_backward
 def test_backward_deterministic_and_graph_capturable():
     """Three runs give bitwise the same gradients; forward + backward captured in a CUDA graph

@@ -3,10 +3,12 @@
 // that chunk alone (launch.cu, above backward(), has the whole picture; the CPU kernel's
 // `backward()` has the derivation, line by line, which this kernel follows in the same order).
 //
-// Per (slot, value head), 256 threads (8 warps), one 64-token chunk. Operands are bf16 tiles in
-// shared memory, products run on the tensor cores (mma_tile, fp32 accumulators in one shared
-// fp32 tile that each step reuses); row reductions go by warp shuffles and the gate reductions by
-// one thread per row, in fixed orders: deterministic.
+// Per (slot, key head), 256 threads (8 warps), one 64-token chunk; the block walks the HV / H
+// value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
+// products run on the tensor cores (bwd::gemm_tile: mma.sync on ldmatrix fragments, fp32 results
+// in one shared fp32 tile that each step reuses); row reductions go by warp shuffles, the gate
+// reductions by one thread per row and the reverse cumsum by a warp scan, in fixed orders:
+// deterministic. Per value head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
 //   dM  = dO Vn^T: dgamma += rows(dM * M) - cols(dM * M);   dMg = dM * Gamma
@@ -16,13 +18,21 @@
 //   dv  = diag(b) T^T dVn;  dbeta = rows(T^T dVn * V) + e rows(T^T dW * K) + rows(dA * KKg)
 //   dA  = -strictLower(T^T dT T^T): dgamma += rows(dA * A) - cols(dA * A);  dA <- dA b Gamma
 //   dg  = reverse cumsum of dgamma (+ e de - r dr, + the last row's e_last S.dS' + sum r dr)
-// dq, dk go per value head to fp32 rows of the workspace ([B * T, HV, K], dq already times the
-// scale); the reduction over a key head's value heads and the l2norm backward follow in
-// reduce.cu. dv, dg, dbeta are stored in their tensors' dtypes.
+// dv, dg, dbeta are stored per value head in their tensors' dtypes. dQ and dK (with respect to
+// the normalised q and k) are summed over the value heads in registers: thread (warp, lane) owns
+// rows warp + 8 m, columns lane + 32 j of the [64, 128] tiles, the layout of the per-row loops,
+// so a row lies in one warp and the l2norm backward at the end (dx = inv (dy - y (y . dy)),
+// inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are then stored once, in q's dtype.
+// No fp32 per-value-head rows, no atomics, no reduction kernel.
+// Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
+// together; dO by 16-byte loads issued before any is used. S^T and dS'^T (64 KB of the ~130 KB)
+// of the next value head are copied as soon as this one's last product with them is done, behind
+// the remaining half of its work.
 //
 // Shared memory: 222 KB (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
-// version). Work per chunk and head: 12 products, ~8.4 M multiply-adds, for ~100 KB read.
+// version). Work per chunk and value head: 12 products, ~8.4 M multiply-adds, for ~100 KB read.
 #include "core/check.h"
+#include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/device_info.cuh"
 
@@ -31,6 +41,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = kC / kWarps;  // rows warp + 8 m of the dq, dk accumulators
 
 struct GradSmem {
   bf16 q[kC * kLdD];    // normalised, scaled q
@@ -58,12 +69,86 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a tile, zero
-// outside v < V, k < K (rows past the state kernels' column tiles are never written).
-__device__ __forceinline__ void load_state_tile(const bf16* src, int V, int K, bf16* tile) {
-  for (int i = threadIdx.x; i < kD * kD; i += kThreads) {
-    const int v = i / kD, k = i % kD;
-    tile[v * kLdD + k] = (v < V && k < K) ? src[i] : __float2bfloat16_rn(0.f);
+// Starts copying S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a
+// tile; rows v >= V are zero-filled (rows past the state kernels' column tiles are never written;
+// columns k >= K are written, zero, by them). Commit and wait are the caller's.
+__device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
+  constexpr int kPerRow = kD / 8;
+  for (int i = threadIdx.x; i < kD * kPerRow; i += kThreads) {
+    const int v = i / kPerRow, c = (i % kPerRow) * 8;
+    bwd::cp_async16_or_zero(tile + v * kLdD + c, src + v * kD + c, v < V);
+  }
+}
+
+// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V: four
+// groups of eight columns per thread, all loads issued before the first store. `native`: dO has
+// q's dtype T; `vec`: its rows also allow 16-byte loads (bwd::rows_vectorisable).
+template <typename T>
+__device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                              bool native, bool vec, bf16* tile) {
+  constexpr int kPerRow = kD / 8, kGroups = kC * kPerRow / kThreads;
+  const BackwardParams& b = p.bwd;
+  const int64_t base = ch.batch * b.d_o_s[0] + ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
+  uint4 x[kGroups];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int i = threadIdx.x + j * kThreads, r = i / kPerRow, c = (i % kPerRow) * 8;
+    const int valid = r < ch.len ? min(max(p.head_v_dim - c, 0), 8) : 0;
+    const int64_t at = base + r * b.d_o_s[1] + c * b.d_o_s[3];
+    x[j] = valid == 0 ? make_uint4(0u, 0u, 0u, 0u)
+           : native   ? bwd::load8_bf16<T>(static_cast<const T*>(b.d_o) + at, b.d_o_s[3], valid, vec)
+                      : bwd::load8_bf16_any(b.d_o, b.d_o_dtype, at, b.d_o_s[3], valid);
+  }
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    *reinterpret_cast<uint4*>(tile + (i / kPerRow) * kLdD + (i % kPerRow) * 8) = x[j];
+  }
+}
+
+// dx of one tensor (q or k, key head h) from dy summed over the value heads (rows warp + 8 m,
+// columns lane + 32 j), through the l2norm when it was applied; stored in x's dtype.
+template <typename T>
+__device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
+                                               const T* x, const int64_t* x_s, T* dx,
+                                               const int64_t* dx_s,
+                                               const float (&dy)[kRowsPerWarp][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
+#pragma unroll
+  for (int m = 0; m < kRowsPerWarp; ++m) {
+    const int r = warp + kWarps * m;
+    if (r >= ch.len) continue;  // warp-uniform
+    const int64_t t = ch.t0 + r;
+    const T* xr = x + ch.batch * x_s[0] + t * x_s[1] + h * x_s[2];
+    T* out = dx + ch.batch * dx_s[0] + t * dx_s[1] + h * dx_s[2];
+    float g[4], xv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int d = lane + 32 * j;
+      g[j] = dy[m][j];
+      xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
+    }
+    if (p.l2norm) {
+      float ss = 0.f, xdot = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        ss += xv[j] * xv[j];
+        xdot += xv[j] * g[j];
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        xdot += __shfl_xor_sync(0xffffffffu, xdot, off);
+      }
+      const float inv = rsqrtf(ss + kL2NormEps), ydot = xdot * inv;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[j] = inv * (g[j] - xv[j] * inv * ydot);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int d = lane + 32 * j;
+      if (d < K) out[d * dx_s[3]] = from_f32<T>(g[j]);
+    }
   }
 }
 
@@ -76,295 +161,321 @@ __device__ __forceinline__ void to_bf16(const float* f, bf16* tile, float mul) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) grads_kernel(const ChunkParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   GradSmem& sm = *reinterpret_cast<GradSmem*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t slot = blockIdx.x;
-  const int hv = blockIdx.y, hk = hv / p.group;
+  const int hk = blockIdx.y;
   const ChunkRef ch = chunk_of_slot(p, slot);
   if (ch.len == 0) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
   float* const f = sm.f;                  // [64, kLdDf]
   float* const f2 = sm.f + kC * kLdCf;    // second [64, kLdCf] tile
-  const size_t tile = ws_index(p, slot, hv, kC * kD);
-  const size_t small = ws_index(p, slot, hv, kC * kC);
-  const size_t state = ws_index(p, slot, hv, kD * kD);
 
-  // ---- loads: workspace tiles by cp.async, inputs converted (and normalised) by the block.
-  copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.wx, kLdD);
-  copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
-  copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
-  cp_async_commit();
-  load_gates(p, ch, hv, sm.gamma, sm.beta);
+  // q and k of the key head, once for all its value heads.
   load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
                          p.l2norm, p.scale, nullptr, sm.q);
   load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
                          p.l2norm, 1.f, nullptr, sm.k);
-  {
-    const int64_t base = ch.batch * b.d_o_s[0] + ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
-    for (int i = tid; i < kC * kD; i += kThreads) {
-      const int r = i / kD, c = i % kD;
-      const float x = (r < ch.len && c < V)
-                          ? load_float(b.d_o, b.d_o_dtype, base + r * b.d_o_s[1] + c * b.d_o_s[3])
-                          : 0.f;
-      sm.dov[r * kLdD + c] = __float2bfloat16_rn(x);
+  // dL/d(normalised q), dL/d(normalised k), summed over the value heads: rows warp + 8 m,
+  // columns lane + 32 j.
+  float dq_acc[kRowsPerWarp][4] = {}, dk_acc[kRowsPerWarp][4] = {};
+  // Adds `mul(row) * tile[row][col]` (fp32 [64, kLdDf]) to an accumulator, in its layout.
+  auto accumulate = [&](float (&acc)[kRowsPerWarp][4], const float* tile, auto mul) {
+#pragma unroll
+    for (int m = 0; m < kRowsPerWarp; ++m) {
+      const int r = warp + kWarps * m;
+      const float mr = mul(r);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[m][j] += mr * tile[r * kLdDf + lane + 32 * j];
     }
-  }
-  load_state_tile(b.states + state, V, K, sm.st);
-  load_state_tile(b.dstates + state, V, K, sm.dst);
-  cp_async_wait<0>();
-  __syncthreads();
-  const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
-  if (tid < kC) {
-    sm.e[tid] = __expf(sm.gamma[tid]);
-    sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
-  }
-  // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, then a fixed tree).
-  {
-    float acc = 0.f;
-    for (int i = tid; i < kD * kD; i += kThreads) {
-      const int v = i / kD, k = i % kD;
-      acc += __bfloat162float(sm.st[v * kLdD + k]) * __bfloat162float(sm.dst[v * kLdD + k]);
-    }
-    sm.red[tid] = acc;
-  }
+  };
 
-  // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed)
-  mma_tile<kC, kD, kD, false, true, kThreads>(f, kLdDf, sm.wx, kLdD, sm.st, kLdD, false);
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {  // the d e_last tree, beside the products
-    if (tid < s) sm.red[tid] += sm.red[tid + s];
+  for (int rep = 0; rep < p.group; ++rep) {
+    const int hv = hk * p.group + rep;
+    const size_t tile = ws_index(p, slot, hv, kC * kD);
+    const size_t small = ws_index(p, slot, hv, kC * kC);
+    const size_t state = ws_index(p, slot, hv, kD * kD);
+    __syncthreads();  // the previous value head is done with every tile
+
+    // ---- loads: workspace tiles by cp.async (U into dvn's tile until Vn is formed), dO by the
+    // block.
+    copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.wx, kLdD);
+    copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.dvn, kLdD);
+    copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
+    copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
+    if (rep == 0) {  // later heads' states were started during the previous head (below)
+      copy_state_async(b.states + state, V, sm.st);
+      copy_state_async(b.dstates + state, V, sm.dst);
+    }
+    cp_async_commit();
+    load_gates(p, ch, hv, sm.gamma, sm.beta);
+    load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
+    cp_async_wait<0>();
     __syncthreads();
-  }
-  {
-    const bf16* u = p.ws.u + tile;
+    const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
+    if (tid < kC) {
+      sm.e[tid] = __expf(sm.gamma[tid]);
+      sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
+    }
+    // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, then a fixed tree).
+    {
+      float acc = 0.f;
+      for (int i = tid; i < kD * kD; i += kThreads) {
+        const int v = i / kD, k = i % kD;
+        acc += __bfloat162float(sm.st[v * kLdD + k]) * __bfloat162float(sm.dst[v * kLdD + k]);
+      }
+      sm.red[tid] = acc;
+    }
+
+    // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed)
+    bwd::gemm_tile<kD, kD, false, true, kThreads>(f, kLdDf, sm.wx, kLdD, sm.st, kLdD, false);
+    __syncthreads();
+    for (int s = kThreads / 2; s > 0; s >>= 1) {  // the d e_last tree, beside the products
+      if (tid < s) sm.red[tid] += sm.red[tid + s];
+      __syncthreads();
+    }
     for (int i = tid; i < kC * kD; i += kThreads) {
       const int r = i / kD, c = i % kD;
-      sm.wx[r * kLdD + c] = __float2bfloat16_rn(__bfloat162float(u[i]) - f[r * kLdDf + c]);
+      sm.wx[r * kLdD + c] =
+          __float2bfloat16_rn(__bfloat162float(sm.dvn[r * kLdD + c]) - f[r * kLdDf + c]);
     }
-  }
-  __syncthreads();
+    __syncthreads();
 
-  // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i
-  mma_tile<kC, kD, kD, false, true, kThreads>(f, kLdDf, sm.k, kLdD, sm.dst, kLdD, false);
-  __syncthreads();
-  for (int row = warp; row < kC; row += kWarps) {
-    float acc = 0.f;
-    const float rr = sm.r[row];
-#pragma unroll
-    for (int j = 0; j < kD / 32; ++j) {
-      const int c = lane + 32 * j;
-      float& kds = f[row * kLdDf + c];
-      acc += kds * __bfloat162float(sm.wx[row * kLdD + c]);
-      kds *= rr;
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) sm.dr[row] = acc;
-  }
-  __syncthreads();
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.dov, kLdD, true);
-  __syncthreads();
-  to_bf16(f, sm.dvn, 1.f);
-  __syncthreads();
-
-  // ---- dM = dO Vn^T (causal part): gamma's share, then dM * Gamma into m.
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.dov, kLdD, sm.wx, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    float x = 0.f, dmg = 0.f;
-    if (c <= r) {
-      const float dm = f[r * kLdCf + c];
-      x = dm * __bfloat162float(sm.m[r * kLdC + c]);
-      dmg = dm * __expf(sm.gamma[r] - sm.gamma[c]);
-    }
-    f2[r * kLdCf + c] = x;
-    sm.m[r * kLdC + c] = __float2bfloat16_rn(dmg);
-  }
-  __syncthreads();
-  if (tid < kC) {
-    float acc = 0.f;
-    for (int j = 0; j < kC; ++j) acc += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
-    sm.dgam[tid] = acc;
-  }
-  __syncthreads();
-
-  // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k])
-  mma_tile<kC, kD, kD, false, false, kThreads>(f, kLdDf, sm.dov, kLdD, sm.st, kLdD, false);
-  __syncthreads();
-  for (int row = warp; row < kC; row += kWarps) {
-    float acc = 0.f;
-    const float er = sm.e[row];
-#pragma unroll
-    for (int j = 0; j < kD / 32; ++j) {
-      const int c = lane + 32 * j;
-      float& dos = f[row * kLdDf + c];
-      acc += dos * __bfloat162float(sm.q[row * kLdD + c]);
-      dos *= er;
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) sm.de[row] = acc;
-  }
-  __syncthreads();
-  mma_tile<kC, kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD, true);
-  __syncthreads();
-  // Rows of this chunk in the per-value-head [B * T, HV, K] fp32 gradients.
-  const int64_t row0 = (ch.batch * p.seq_len + ch.t0) * p.num_v_heads + hv;
-  auto head_row = [&](float* base, int r) { return base + (row0 + int64_t(r) * p.num_v_heads) * K; };
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dq_heads, r)[c] = p.scale * f[r * kLdDf + c];
-  }
-  __syncthreads();
-
-  // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.q, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dk_heads, r)[c] = f[r * kLdDf + c];
-  }
-  __syncthreads();
-  mma_tile<kC, kD, kD, false, false, kThreads>(f, kLdDf, sm.wx, kLdD, sm.dst, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dk_heads, r)[c] += sm.r[r] * f[r * kLdDf + c];
-  }
-  __syncthreads();
-
-  // ---- dW = -dVn S^T (into wx: Vn is done); v replaces dO.
-  mma_tile<kC, kD, kD, false, false, kThreads>(f, kLdDf, sm.dvn, kLdD, sm.st, kLdD, false);
-  __syncthreads();
-  to_bf16(f, sm.wx, -1.f);
-  __syncthreads();
-  load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
-                         false, 1.f, nullptr, sm.dov);
-
-  // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b)
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.wx, kLdD, sm.k, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) f[(i / kC) * kLdCf + i % kC] *= sm.e[i % kC];
-  __syncthreads();
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.dvn, kLdD, sm.dov, kLdD, true);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    sm.x[r * kLdC + c] = __float2bfloat16_rn(f[r * kLdCf + c] * sm.beta[c]);
-  }
-  __syncthreads();
-
-  // ---- dVb = T^T dVn: dv = diag(b) dVb, dbeta_i = dVb_i . v_i
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.dvn, kLdD, false);
-  __syncthreads();
-  {
-    T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
+    // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i
+    bwd::gemm_tile<kD, kD, false, true, kThreads>(f, kLdDf, sm.k, kLdD, sm.dst, kLdD, false);
+    __syncthreads();
     for (int row = warp; row < kC; row += kWarps) {
       float acc = 0.f;
-      const float br = sm.beta[row];
+      const float rr = sm.r[row];
 #pragma unroll
       for (int j = 0; j < kD / 32; ++j) {
         const int c = lane + 32 * j;
-        const float dvb = f[row * kLdDf + c];
-        acc += dvb * __bfloat162float(sm.dov[row * kLdD + c]);
-        if (row < ch.len && c < V) dv[row * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * dvb);
+        float& kds = f[row * kLdDf + c];
+        acc += kds * __bfloat162float(sm.wx[row * kLdD + c]);
+        kds *= rr;
       }
       acc = warp_sum(acc);
-      if (lane == 0) sm.dbeta[row] = acc;
+      if (lane == 0) sm.dr[row] = acc;
     }
-  }
-  __syncthreads();
+    __syncthreads();
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.dov, kLdD, true);
+    __syncthreads();
+    to_bf16(f, sm.dvn, 1.f);
+    __syncthreads();
 
-  // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.wx, kLdD, false);
-  __syncthreads();
-  for (int row = warp; row < kC; row += kWarps) {
-    float acc = 0.f;
-    const float be = sm.beta[row] * sm.e[row];
+    // ---- dM = dO Vn^T (causal part): gamma's share, then dM * Gamma into m.
+    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.dov, kLdD, sm.wx, kLdD, false);
+    __syncthreads();
+    for (int i = tid; i < kC * kC; i += kThreads) {
+      const int r = i / kC, c = i % kC;
+      float x = 0.f, dmg = 0.f;
+      if (c <= r) {
+        const float dm = f[r * kLdCf + c];
+        x = dm * __bfloat162float(sm.m[r * kLdC + c]);
+        dmg = dm * __expf(sm.gamma[r] - sm.gamma[c]);
+      }
+      f2[r * kLdCf + c] = x;
+      sm.m[r * kLdC + c] = __float2bfloat16_rn(dmg);
+    }
+    __syncthreads();
+    if (tid < kC) {
+      float acc = 0.f;
+      for (int j = 0; j < kC; ++j) acc += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
+      sm.dgam[tid] = acc;
+    }
+    __syncthreads();
+
+    // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k])
+    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.dov, kLdD, sm.st, kLdD, false);
+    __syncthreads();
+    for (int row = warp; row < kC; row += kWarps) {
+      float acc = 0.f;
+      const float er = sm.e[row];
 #pragma unroll
-    for (int j = 0; j < kD / 32; ++j) {
-      const int c = lane + 32 * j;
-      const float dkb = f[row * kLdDf + c];
-      acc += dkb * __bfloat162float(sm.k[row * kLdD + c]);
-      if (row < ch.len && c < K) head_row(b.dk_heads, row)[c] += be * dkb;
+      for (int j = 0; j < kD / 32; ++j) {
+        const int c = lane + 32 * j;
+        float& dos = f[row * kLdDf + c];
+        acc += dos * __bfloat162float(sm.q[row * kLdD + c]);
+        dos *= er;
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) sm.de[row] = acc;
     }
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      sm.dbeta[row] += sm.e[row] * acc;
-      sm.de[row] += sm.beta[row] * acc;
-    }
-  }
-  __syncthreads();
+    __syncthreads();
+    bwd::gemm_tile<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD, true);
+    __syncthreads();
+    accumulate(dq_acc, f, [&](int) { return p.scale; });
+    __syncthreads();
 
-  // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it
-  mma_tile<kC, kC, kC, true, false, kThreads>(f2, kLdCf, sm.t, kLdC, sm.x, kLdC, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    sm.x[r * kLdC + c] = __float2bfloat16_rn(f2[r * kLdCf + c]);
-  }
-  __syncthreads();
-  mma_tile<kC, kC, kC, false, true, kThreads>(f2, kLdCf, sm.x, kLdC, sm.t, kLdC, false);
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
-  __syncthreads();
-  // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
-  // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    float db = 0.f, dg = 0.f, dkk = 0.f;
-    if (c < r) {
-      const float gate = __expf(sm.gamma[r] - sm.gamma[c]);
-      const float da = -f2[r * kLdCf + c];
-      const float kkg = gate * f[r * kLdCf + c];
-      db = da * kkg;
-      dg = db * sm.beta[r];
-      dkk = da * sm.beta[r] * gate;
-    }
-    f[r * kLdCf + c] = db;
-    f2[r * kLdCf + c] = dg;
-    sm.x[r * kLdC + c] = __float2bfloat16_rn(dkk);
-  }
-  __syncthreads();
-  if (tid < kC) {
-    float db = 0.f, dg = 0.f;
-    for (int j = 0; j < kC; ++j) {
-      db += f[tid * kLdCf + j];
-      dg += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
-    }
-    sm.dbeta[tid] += db;
-    sm.dgam[tid] += dg;
-  }
-  __syncthreads();
+    // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.q, kLdD, false);
+    __syncthreads();
+    accumulate(dk_acc, f, [](int) { return 1.f; });
+    __syncthreads();
+    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.wx, kLdD, sm.dst, kLdD, false);
+    __syncthreads();
+    accumulate(dk_acc, f, [&](int r) { return sm.r[r]; });
+    __syncthreads();
 
-  // ---- dk += dA K + dA^T K
-  mma_tile<kC, kD, kC, false, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, false);
-  __syncthreads();
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, true);
-  __syncthreads();
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dk_heads, r)[c] += f[r * kLdDf + c];
+    // ---- dW = -dVn S^T (into wx: Vn is done); v replaces dO.
+    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.dvn, kLdD, sm.st, kLdD, false);
+    __syncthreads();
+    if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
+      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
+      copy_state_async(b.states + next, V, sm.st);
+      copy_state_async(b.dstates + next, V, sm.dst);
+      cp_async_commit();
+    }
+    to_bf16(f, sm.wx, -1.f);
+    __syncthreads();
+    load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
+                           false, 1.f, nullptr, sm.dov);
+
+    // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b)
+    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.wx, kLdD, sm.k, kLdD, false);
+    __syncthreads();
+    for (int i = tid; i < kC * kC; i += kThreads) f[(i / kC) * kLdCf + i % kC] *= sm.e[i % kC];
+    __syncthreads();
+    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.dvn, kLdD, sm.dov, kLdD, true);
+    __syncthreads();
+    for (int i = tid; i < kC * kC; i += kThreads) {
+      const int r = i / kC, c = i % kC;
+      sm.x[r * kLdC + c] = __float2bfloat16_rn(f[r * kLdCf + c] * sm.beta[c]);
+    }
+    __syncthreads();
+
+    // ---- dVb = T^T dVn: dv = diag(b) dVb, dbeta_i = dVb_i . v_i
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.dvn, kLdD, false);
+    __syncthreads();
+    {
+      T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
+      for (int row = warp; row < kC; row += kWarps) {
+        float acc = 0.f;
+        const float br = sm.beta[row];
+#pragma unroll
+        for (int j = 0; j < kD / 32; ++j) {
+          const int c = lane + 32 * j;
+          const float dvb = f[row * kLdDf + c];
+          acc += dvb * __bfloat162float(sm.dov[row * kLdD + c]);
+          if (row < ch.len && c < V) dv[row * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * dvb);
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) sm.dbeta[row] = acc;
+      }
+    }
+    __syncthreads();
+
+    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.wx, kLdD, false);
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < kRowsPerWarp; ++m) {
+      const int row = warp + kWarps * m;
+      float acc = 0.f;
+      const float be = sm.beta[row] * sm.e[row];
+#pragma unroll
+      for (int j = 0; j < kD / 32; ++j) {
+        const int c = lane + 32 * j;
+        const float dkb = f[row * kLdDf + c];
+        acc += dkb * __bfloat162float(sm.k[row * kLdD + c]);
+        dk_acc[m][j] += be * dkb;
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) {
+        sm.dbeta[row] += sm.e[row] * acc;
+        sm.de[row] += sm.beta[row] * acc;
+      }
+    }
+    __syncthreads();
+
+    // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it
+    bwd::gemm_tile<kC, kC, true, false, kThreads>(f2, kLdCf, sm.t, kLdC, sm.x, kLdC, false);
+    __syncthreads();
+    for (int i = tid; i < kC * kC; i += kThreads) {
+      const int r = i / kC, c = i % kC;
+      sm.x[r * kLdC + c] = __float2bfloat16_rn(f2[r * kLdCf + c]);
+    }
+    __syncthreads();
+    bwd::gemm_tile<kC, kC, false, true, kThreads>(f2, kLdCf, sm.x, kLdC, sm.t, kLdC, false);
+    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
+    __syncthreads();
+    // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
+    // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
+    for (int i = tid; i < kC * kC; i += kThreads) {
+      const int r = i / kC, c = i % kC;
+      float db = 0.f, dg = 0.f, dkk = 0.f;
+      if (c < r) {
+        const float gate = __expf(sm.gamma[r] - sm.gamma[c]);
+        const float da = -f2[r * kLdCf + c];
+        const float kkg = gate * f[r * kLdCf + c];
+        db = da * kkg;
+        dg = db * sm.beta[r];
+        dkk = da * sm.beta[r] * gate;
+      }
+      f[r * kLdCf + c] = db;
+      f2[r * kLdCf + c] = dg;
+      sm.x[r * kLdC + c] = __float2bfloat16_rn(dkk);
+    }
+    __syncthreads();
+    if (tid < kC) {
+      float db = 0.f, dg = 0.f;
+      for (int j = 0; j < kC; ++j) {
+        db += f[tid * kLdCf + j];
+        dg += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
+      }
+      sm.dbeta[tid] += db;
+      sm.dgam[tid] += dg;
+    }
+    __syncthreads();
+
+    // ---- dk += dA K + dA^T K
+    bwd::gemm_tile<kD, kC, false, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, false);
+    __syncthreads();
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, true);
+    __syncthreads();
+    accumulate(dk_acc, f, [](int) { return 1.f; });
+
+    // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
+    // cumsum
+    if (tid < kC) sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
+    __syncthreads();
+    if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
+      const float dlast =
+          sm.red[0] * e_last +
+          warp_sum(sm.dr[2 * lane] * sm.r[2 * lane] + sm.dr[2 * lane + 1] * sm.r[2 * lane + 1]);
+      const float x0 = sm.dgam[2 * lane];
+      const float x1 = sm.dgam[2 * lane + 1] + (lane == 31 ? dlast : 0.f);
+      float suffix = x0 + x1;  // inclusive suffix sum over the lanes' pairs
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float y = __shfl_down_sync(0xffffffffu, suffix, off);
+        if (lane + off < 32) suffix += y;
+      }
+      float after = __shfl_down_sync(0xffffffffu, suffix, 1);  // rows past 2 l + 1
+      if (lane == 31) after = 0.f;
+      const float d1 = x1 + after;
+      sm.dgam[2 * lane + 1] = d1;
+      sm.dgam[2 * lane] = x0 + d1;
+    }
+    __syncthreads();
+    if (tid < ch.len) {
+      const int64_t row = ch.batch * b.dg_s[0] + (ch.t0 + tid) * b.dg_s[1] + hv * b.dg_s[2];
+      store_float(b.dg, b.dg_dtype, row, sm.dgam[tid]);
+      const int64_t brow =
+          ch.batch * b.dbeta_s[0] + (ch.t0 + tid) * b.dbeta_s[1] + hv * b.dbeta_s[2];
+      store_float(b.dbeta, b.dbeta_dtype, brow, sm.dbeta[tid]);
+    }
   }
 
-  // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse cumsum
-  if (tid < kC) sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
-  __syncthreads();
-  if (tid == 0) {
-    float dlast = sm.red[0] * e_last;
-    for (int i = 0; i < kC; ++i) dlast += sm.dr[i] * sm.r[i];
-    sm.dgam[kC - 1] += dlast;
-    for (int i = kC - 2; i >= 0; --i) sm.dgam[i] += sm.dgam[i + 1];
-  }
-  __syncthreads();
-  if (tid < ch.len) {
-    const int64_t row = ch.batch * b.dg_s[0] + (ch.t0 + tid) * b.dg_s[1] + hv * b.dg_s[2];
-    store_float(b.dg, b.dg_dtype, row, sm.dgam[tid]);
-    const int64_t brow =
-        ch.batch * b.dbeta_s[0] + (ch.t0 + tid) * b.dbeta_s[1] + hv * b.dbeta_s[2];
-    store_float(b.dbeta, b.dbeta_dtype, brow, sm.dbeta[tid]);
-  }
+  // ---- dq, dk of the key head: through the l2norm, in q's dtype.
+  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s,
+                    dq_acc);
+  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s,
+                    dk_acc);
 }
 
 template <typename T>
@@ -372,8 +483,10 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(GradSmem);
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
       grads_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_v_heads);
-  grads_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
+  const bool native = p.bwd.d_o_dtype == p.dtype;
+  const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
+  grads_kernel<T><<<grid, kThreads, smem, stream>>>(p, native, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -381,10 +494,10 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
 
 void check_grads_device() {
   const int optin = device_info().max_smem_per_block_optin;
-  if (static_cast<size_t>(optin) < sizeof(GradSmem))
-    fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ",
-         sizeof(GradSmem), " bytes of shared memory per block (Hopper); this device offers ",
-         optin);
+  const size_t need = sizeof(GradSmem) > dstate_smem_bytes() ? sizeof(GradSmem) : dstate_smem_bytes();
+  if (static_cast<size_t>(optin) < need)
+    fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ", need,
+         " bytes of shared memory per block (Hopper); this device offers ", optin);
 }
 
 void launch_grads(const ChunkParams& p, cudaStream_t stream) {
