@@ -103,11 +103,13 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const bf16* A, int
 // columns (w / 4) N / 2 .. + N / 2, in blocks of 16 x 32 whose accumulators stay in registers
 // over the whole of Kd; operands come by ldmatrix, one A fragment per k16 step serving four n8
 // tiles. (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the
-// instructions.) No synchronisation inside: callers sync before (operands written) and after
-// (C read).
+// instructions.) With `out` set, the result times `mul` goes to that bf16 tile (row stride ldo)
+// instead of C (C is still read when accumulating). No synchronisation inside: callers sync
+// before (operands written) and after (results read).
 template <int N, int Kd, bool kAT, bool kBT, int kThreads>
 __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
-                                          int ldb, bool accumulate) {
+                                          int ldb, bool accumulate, bf16* out = nullptr,
+                                          int ldo = 0, float mul = 1.f) {
   static_assert(kThreads == 256, "gemm_tile splits a 64-row product over 8 warps");
   static_assert((N == 64 || N == 128) && Kd % 16 == 0, "gemm_tile shapes");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -143,10 +145,20 @@ __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int 
         mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
+    if (out) {
+      bf16* o_lo = out + (m0 + g) * ldo + n0 + 2 * t4;
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      *reinterpret_cast<float2*>(c_lo + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
-      *reinterpret_cast<float2*>(c_hi + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
+      for (int nt = 0; nt < 4; ++nt) {
+        *reinterpret_cast<uint32_t*>(o_lo + nt * 8) = pack_bf16(mul * acc[nt][0], mul * acc[nt][1]);
+        *reinterpret_cast<uint32_t*>(o_lo + 8 * ldo + nt * 8) =
+            pack_bf16(mul * acc[nt][2], mul * acc[nt][3]);
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        *reinterpret_cast<float2*>(c_lo + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
+        *reinterpret_cast<float2*>(c_hi + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
+      }
     }
   }
 }

@@ -57,7 +57,7 @@ struct GradSmem {
   // One fp32 product tile [64, kLdDf], or two [64, kLdCf] (the second at kC * kLdCf).
   float f[2 * kC * kLdCf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], de[kC], dr[kC], dbeta[kC];
-  float red[kThreads];
+  float red[kWarps];  // d e_last per warp
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
 static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
@@ -152,14 +152,6 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
   }
 }
 
-// fp32 product tile -> bf16 tile, times `mul`.
-__device__ __forceinline__ void to_bf16(const float* f, bf16* tile, float mul) {
-  for (int i = threadIdx.x; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    tile[r * kLdD + c] = __float2bfloat16_rn(mul * f[r * kLdDf + c]);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec) {
@@ -228,16 +220,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int v = i / kD, k = i % kD;
         acc += __bfloat162float(sm.st[v * kLdD + k]) * __bfloat162float(sm.dst[v * kLdD + k]);
       }
-      sm.red[tid] = acc;
+      acc = warp_sum(acc);
+      if (lane == 0) sm.red[warp] = acc;  // summed in warp order at the end
     }
 
     // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed)
     bwd::gemm_tile<kD, kD, false, true, kThreads>(f, kLdDf, sm.wx, kLdD, sm.st, kLdD, false);
     __syncthreads();
-    for (int s = kThreads / 2; s > 0; s >>= 1) {  // the d e_last tree, beside the products
-      if (tid < s) sm.red[tid] += sm.red[tid + s];
-      __syncthreads();
-    }
     for (int i = tid; i < kC * kD; i += kThreads) {
       const int r = i / kD, c = i % kD;
       sm.wx[r * kLdD + c] =
@@ -262,9 +251,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) sm.dr[row] = acc;
     }
     __syncthreads();
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.dov, kLdD, true);
-    __syncthreads();
-    to_bf16(f, sm.dvn, 1.f);
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.dov, kLdD, true,
+                                                  sm.dvn, kLdD);  // dVn in bf16
     __syncthreads();
 
     // ---- dM = dO Vn^T (causal part): gamma's share, then dM * Gamma into m.
@@ -322,7 +310,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // ---- dW = -dVn S^T (into wx: Vn is done); v replaces dO.
-    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.dvn, kLdD, sm.st, kLdD, false);
+    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.dvn, kLdD, sm.st, kLdD, false,
+                                                   sm.wx, kLdD, -1.f);  // -dVn S^T in bf16
     __syncthreads();
     if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
       const size_t next = ws_index(p, slot, hv + 1, kD * kD);
@@ -330,8 +319,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy_state_async(b.dstates + next, V, sm.dst);
       cp_async_commit();
     }
-    to_bf16(f, sm.wx, -1.f);
-    __syncthreads();
     load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
                            false, 1.f, nullptr, sm.dov);
 
@@ -444,8 +431,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (tid < kC) sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
     __syncthreads();
     if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
+      float de_last = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) de_last += sm.red[w];
       const float dlast =
-          sm.red[0] * e_last +
+          de_last * e_last +
           warp_sum(sm.dr[2 * lane] * sm.r[2 * lane] + sm.dr[2 * lane + 1] * sm.r[2 * lane + 1]);
       const float x0 = sm.dgam[2 * lane];
       const float x1 = sm.dgam[2 * lane + 1] + (lane == 31 ? dlast : 0.f);
