@@ -97,21 +97,21 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const bf16* A, int
   ldmatrix_x4(a, A + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
 }
 
-// C (fp32 [64, N] in shared memory, row stride ldc) = [C +] A B, A 64 x Kd, B Kd x N, bf16 tiles
-// in shared memory (kAT: A stored transposed, as Kd x 64; kBT: B stored as N x Kd; lda, ldb the
-// stored row strides, multiples of 8). 8 warps: warp w owns rows 16 (w % 4) .. + 15 and the
-// columns (w / 4) N / 2 .. + N / 2, in blocks of 16 x 32 whose accumulators stay in registers
-// over the whole of Kd; operands come by ldmatrix, one A fragment per k16 step serving four n8
-// tiles. (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the
-// instructions.) With `out` set, the result times `mul` goes to that bf16 tile (row stride ldo)
-// instead of C (C is still read when accumulating). No synchronisation inside: callers sync
-// before (operands written) and after (results read).
-template <int N, int Kd, bool kAT, bool kBT, int kThreads>
-__device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
-                                          int ldb, bool accumulate, bf16* out = nullptr,
-                                          int ldo = 0, float mul = 1.f) {
-  static_assert(kThreads == 256, "gemm_tile splits a 64-row product over 8 warps");
-  static_assert((N == 64 || N == 128) && Kd % 16 == 0, "gemm_tile shapes");
+// [C +] A B for A 64 x Kd, B Kd x N, bf16 tiles in shared memory (kAT: A stored transposed, as
+// Kd x 64; kBT: B stored as N x Kd; lda, ldb the stored row strides, multiples of 8), C (fp32,
+// row stride ldc) or nothing (C null). 8 warps: warp w owns rows 16 (w % 4) .. + 15 and the
+// columns (w / 4) N / 2 .. + N / 2, in blocks of 16 x 32 whose accumulators stay in registers over
+// the whole of Kd; operands come by ldmatrix, one A fragment per k16 step serving four n8 tiles.
+// (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the instructions.)
+// Each finished block goes to epilogue(blk, row, col, acc): acc[nt][0..1] are (row, col + 8 nt
+// + 0..1), acc[nt][2..3] the same columns of row + 8; blk is a compile-time constant after
+// unrolling, so results kept in registers across products can be indexed by it.
+// No synchronisation inside: callers sync before (operands written) and after (results read).
+template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
+__device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* A, int lda,
+                                           const bf16* B, int ldb, Epilogue&& epilogue) {
+  static_assert(kThreads == 256, "gemm_apply splits a 64-row product over 8 warps");
+  static_assert((N == 64 || N == 128) && Kd % 16 == 0, "gemm_apply shapes");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int m0 = (warp & 3) * 16;
@@ -119,13 +119,12 @@ __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int 
   for (int blk = 0; blk < N / 64; ++blk) {
     const int n0 = (warp >> 2) * (N / 2) + blk * 32;
     float acc[4][4];
-    float* c_lo = C + (m0 + g) * ldc + n0 + 2 * t4;
-    float* c_hi = c_lo + 8 * ldc;
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) {
-      if (accumulate) {
-        const float2 lo = *reinterpret_cast<const float2*>(c_lo + nt * 8);
-        const float2 hi = *reinterpret_cast<const float2*>(c_hi + nt * 8);
+      if (C) {
+        const float* c_lo = C + (m0 + g) * ldc + n0 + 8 * nt + 2 * t4;
+        const float2 lo = *reinterpret_cast<const float2*>(c_lo);
+        const float2 hi = *reinterpret_cast<const float2*>(c_lo + 8 * ldc);
         acc[nt][0] = lo.x, acc[nt][1] = lo.y, acc[nt][2] = hi.x, acc[nt][3] = hi.y;
       } else {
         acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -145,22 +144,67 @@ __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int 
         mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
-    if (out) {
-      bf16* o_lo = out + (m0 + g) * ldo + n0 + 2 * t4;
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        *reinterpret_cast<uint32_t*>(o_lo + nt * 8) = pack_bf16(mul * acc[nt][0], mul * acc[nt][1]);
-        *reinterpret_cast<uint32_t*>(o_lo + 8 * ldo + nt * 8) =
-            pack_bf16(mul * acc[nt][2], mul * acc[nt][3]);
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        *reinterpret_cast<float2*>(c_lo + nt * 8) = make_float2(acc[nt][0], acc[nt][1]);
-        *reinterpret_cast<float2*>(c_hi + nt * 8) = make_float2(acc[nt][2], acc[nt][3]);
-      }
-    }
+    epilogue(blk, m0 + g, n0 + 2 * t4, acc);
   }
+}
+
+// Epilogue: the block's results into an fp32 tile (row stride ld).
+__device__ __forceinline__ void store_f32(float* tile, int ld, int row, int col,
+                                          const float (&acc)[4][4]) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    *reinterpret_cast<float2*>(tile + row * ld + col + 8 * nt) = make_float2(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<float2*>(tile + (row + 8) * ld + col + 8 * nt) =
+        make_float2(acc[nt][2], acc[nt][3]);
+  }
+}
+
+// Epilogue: the block's results times `mul` into a bf16 tile (row stride ld).
+__device__ __forceinline__ void store_bf16(bf16* tile, int ld, int row, int col,
+                                           const float (&acc)[4][4], float mul) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    *reinterpret_cast<uint32_t*>(tile + row * ld + col + 8 * nt) =
+        pack_bf16(mul * acc[nt][0], mul * acc[nt][1]);
+    *reinterpret_cast<uint32_t*>(tile + (row + 8) * ld + col + 8 * nt) =
+        pack_bf16(mul * acc[nt][2], mul * acc[nt][3]);
+  }
+}
+
+// C (fp32 [64, N], row stride ldc) = [C +] A B (gemm_apply's operands).
+template <int N, int Kd, bool kAT, bool kBT, int kThreads>
+__device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
+                                          int ldb, bool accumulate) {
+  gemm_apply<N, Kd, kAT, kBT, kThreads>(
+      accumulate ? C : nullptr, ldc, A, lda, B, ldb,
+      [&](int, int row, int col, const float (&acc)[4][4]) { store_f32(C, ldc, row, col, acc); });
+}
+
+// A 64 x 128 fp32 result kept in registers across products, in gemm_apply's layout for N = 128
+// (block, n8 tile, fragment element): 32 registers per thread.
+using RegTile = float[2][4][4];
+
+// Epilogue: adds the block's results, row r times mul(r), to a RegTile.
+template <typename RowMul>
+__device__ __forceinline__ void add_rows(RegTile& sum, int blk, int row, const float (&acc)[4][4],
+                                         RowMul row_mul) {
+  const float lo = row_mul(row), hi = row_mul(row + 8);
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    sum[blk][nt][0] += lo * acc[nt][0];
+    sum[blk][nt][1] += lo * acc[nt][1];
+    sum[blk][nt][2] += hi * acc[nt][2];
+    sum[blk][nt][3] += hi * acc[nt][3];
+  }
+}
+
+// A RegTile into an fp32 [64, 128] tile (row stride ld), every thread its own elements.
+__device__ __forceinline__ void store_reg_tile(const RegTile& sum, float* tile, int ld) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = (warp & 3) * 16 + (lane >> 2);
+#pragma unroll
+  for (int blk = 0; blk < 2; ++blk)
+    store_f32(tile, ld, row, (warp >> 2) * 64 + blk * 32 + 2 * (lane & 3), sum[blk]);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk::bwd

@@ -5,9 +5,9 @@
 //
 // Per (slot, key head), 256 threads (8 warps), one 64-token chunk; the block walks the HV / H
 // value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
-// products run on the tensor cores (bwd::gemm_tile: mma.sync on ldmatrix fragments, fp32 results
+// products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, fp32 results
 // in one shared fp32 tile that each step reuses); row reductions go by warp shuffles, the gate
-// reductions by one thread per row and the reverse cumsum by a warp scan, in fixed orders:
+// reductions by four threads per row and the reverse cumsum by a warp scan, in fixed orders:
 // deterministic. Per value head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
@@ -19,11 +19,12 @@
 //   dA  = -strictLower(T^T dT T^T): dgamma += rows(dA * A) - cols(dA * A);  dA <- dA b Gamma
 //   dg  = reverse cumsum of dgamma (+ e de - r dr, + the last row's e_last S.dS' + sum r dr)
 // dv, dg, dbeta are stored per value head in their tensors' dtypes. dQ and dK (with respect to
-// the normalised q and k) are summed over the value heads in registers: thread (warp, lane) owns
-// rows warp + 8 m, columns lane + 32 j of the [64, 128] tiles, the layout of the per-row loops,
-// so a row lies in one warp and the l2norm backward at the end (dx = inv (dy - y (y . dy)),
-// inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are then stored once, in q's dtype.
-// No fp32 per-value-head rows, no atomics, no reduction kernel.
+// the normalised q and k) are summed over the value heads in registers, in the products' fragment
+// layout (bwd::RegTile, 32 registers each): the products that make them add their accumulators
+// (times the row gates) straight in, with no fp32 tile and no barrier. At the end the sums pass
+// through the fp32 tile to one row per warp, where the l2norm backward (dx = inv (dy - y (y . dy)),
+// inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
+// per-value-head rows, no atomics, no reduction kernel.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
 // together; dO by 16-byte loads issued before any is used. S^T and dS'^T (64 KB of the ~130 KB)
 // of the next value head are copied as soon as this one's last product with them is done, behind
@@ -106,13 +107,35 @@ __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkR
   }
 }
 
-// dx of one tensor (q or k, key head h) from dy summed over the value heads (rows warp + 8 m,
-// columns lane + 32 j), through the l2norm when it was applied; stored in x's dtype.
+// For row i = threadIdx.x / 4 of 64 x 64 fp32 tiles (row stride kLdCf): net = sum_j (X[i][j] -
+// X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). Four threads per row, 16 columns each,
+// then a fixed butterfly over the four: every thread of the block takes part, all four hold the
+// row's sums.
+__device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, float& net,
+                                                float& y) {
+  const int i = threadIdx.x >> 2, j0 = (threadIdx.x & 3) * 16;
+  float a = 0.f, b = 0.f;
+#pragma unroll
+  for (int jj = 0; jj < 16; ++jj) {
+    const int j = j0 + jj;
+    a += X[i * kLdCf + j] - X[j * kLdCf + i];
+    if (Y) b += Y[i * kLdCf + j];
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
+  }
+  net = a, y = b;
+}
+
+// dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
+// shared memory; warp w takes rows w + 8 m, lane l columns l + 32 j), through the l2norm when it
+// was applied; stored in x's dtype.
 template <typename T>
 __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
                                                const T* x, const int64_t* x_s, T* dx,
-                                               const int64_t* dx_s,
-                                               const float (&dy)[kRowsPerWarp][4]) {
+                                               const int64_t* dx_s, const float* dy) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
 #pragma unroll
   for (int m = 0; m < kRowsPerWarp; ++m) {
@@ -125,7 +148,7 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;
-      g[j] = dy[m][j];
+      g[j] = dy[r * kLdDf + d];
       xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
     }
     if (p.l2norm) {
@@ -172,18 +195,13 @@ __global__ void __launch_bounds__(kThreads, 1)
                          p.l2norm, p.scale, nullptr, sm.q);
   load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
                          p.l2norm, 1.f, nullptr, sm.k);
-  // dL/d(normalised q), dL/d(normalised k), summed over the value heads: rows warp + 8 m,
-  // columns lane + 32 j.
-  float dq_acc[kRowsPerWarp][4] = {}, dk_acc[kRowsPerWarp][4] = {};
-  // Adds `mul(row) * tile[row][col]` (fp32 [64, kLdDf]) to an accumulator, in its layout.
-  auto accumulate = [&](float (&acc)[kRowsPerWarp][4], const float* tile, auto mul) {
-#pragma unroll
-    for (int m = 0; m < kRowsPerWarp; ++m) {
-      const int r = warp + kWarps * m;
-      const float mr = mul(r);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[m][j] += mr * tile[r * kLdDf + lane + 32 * j];
-    }
+  // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
+  // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
+  bwd::RegTile dq_sum = {}, dk_sum = {};
+  auto add_to = [](bwd::RegTile& sum, auto row_mul) {
+    return [&sum, row_mul](int blk, int row, int, const float (&acc)[4][4]) {
+      bwd::add_rows(sum, blk, row, acc, row_mul);
+    };
   };
 
   for (int rep = 0; rep < p.group; ++rep) {
@@ -213,12 +231,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.e[tid] = __expf(sm.gamma[tid]);
       sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
     }
-    // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, then a fixed tree).
+    // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
+    // warps in order at the end).
     {
       float acc = 0.f;
-      for (int i = tid; i < kD * kD; i += kThreads) {
-        const int v = i / kD, k = i % kD;
-        acc += __bfloat162float(sm.st[v * kLdD + k]) * __bfloat162float(sm.dst[v * kLdD + k]);
+      for (int i = tid; i < kD * kD / 8; i += kThreads) {  // eight columns (16 bytes) at a time
+        const int v = i / (kD / 8), k = (i % (kD / 8)) * 8;
+        const uint4 sv = *reinterpret_cast<const uint4*>(sm.st + v * kLdD + k);
+        const uint4 dv = *reinterpret_cast<const uint4*>(sm.dst + v * kLdD + k);
+        const __nv_bfloat162* s2 = reinterpret_cast<const __nv_bfloat162*>(&sv);
+        const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 a = __bfloat1622float2(s2[e]), b = __bfloat1622float2(d2[e]);
+          acc += a.x * b.x;
+          acc += a.y * b.y;
+        }
       }
       acc = warp_sum(acc);
       if (lane == 0) sm.red[warp] = acc;  // summed in warp order at the end
@@ -251,8 +279,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) sm.dr[row] = acc;
     }
     __syncthreads();
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.dov, kLdD, true,
-                                                  sm.dvn, kLdD);  // dVn in bf16
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16
+        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.dvn, kLdD, row, col, acc, 1.f);
+        });
     __syncthreads();
 
     // ---- dM = dO Vn^T (causal part): gamma's share, then dM * Gamma into m.
@@ -270,10 +300,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.m[r * kLdC + c] = __float2bfloat16_rn(dmg);
     }
     __syncthreads();
-    if (tid < kC) {
-      float acc = 0.f;
-      for (int j = 0; j < kC; ++j) acc += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
-      sm.dgam[tid] = acc;
+    {
+      float net, unused;
+      rows_minus_cols(f2, nullptr, net, unused);
+      if ((tid & 3) == 0) sm.dgam[tid >> 2] = net;
     }
     __syncthreads();
 
@@ -294,24 +324,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) sm.de[row] = acc;
     }
     __syncthreads();
-    bwd::gemm_tile<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD, true);
-    __syncthreads();
-    accumulate(dq_acc, f, [&](int) { return p.scale; });
-    __syncthreads();
+    bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
+                                                    add_to(dq_sum, [&](int) { return p.scale; }));
 
     // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.q, kLdD, false);
-    __syncthreads();
-    accumulate(dk_acc, f, [](int) { return 1.f; });
-    __syncthreads();
-    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.wx, kLdD, sm.dst, kLdD, false);
-    __syncthreads();
-    accumulate(dk_acc, f, [&](int r) { return sm.r[r]; });
-    __syncthreads();
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
+                                                   add_to(dk_sum, [](int) { return 1.f; }));
+    bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.wx, kLdD, sm.dst, kLdD,
+                                                    add_to(dk_sum, [&](int r) { return sm.r[r]; }));
+    __syncthreads();  // f and Vn (wx) are read: dW replaces Vn
 
     // ---- dW = -dVn S^T (into wx: Vn is done); v replaces dO.
-    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.dvn, kLdD, sm.st, kLdD, false,
-                                                   sm.wx, kLdD, -1.f);  // -dVn S^T in bf16
+    bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
+        nullptr, 0, sm.dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.wx, kLdD, row, col, acc, -1.f);
+        });
     __syncthreads();
     if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
       const size_t next = ws_index(p, slot, hv + 1, kD * kD);
@@ -357,19 +384,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.wx, kLdD, false);
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(
+        nullptr, 0, sm.t, kLdC, sm.wx, kLdD, [&](int blk, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_f32(f, kLdDf, row, col, acc);
+          bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
+        });
     __syncthreads();
-#pragma unroll
-    for (int m = 0; m < kRowsPerWarp; ++m) {
-      const int row = warp + kWarps * m;
+    for (int row = warp; row < kC; row += kWarps) {
       float acc = 0.f;
-      const float be = sm.beta[row] * sm.e[row];
 #pragma unroll
       for (int j = 0; j < kD / 32; ++j) {
         const int c = lane + 32 * j;
         const float dkb = f[row * kLdDf + c];
         acc += dkb * __bfloat162float(sm.k[row * kLdD + c]);
-        dk_acc[m][j] += be * dkb;
       }
       acc = warp_sum(acc);
       if (lane == 0) {
@@ -408,23 +435,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm.x[r * kLdC + c] = __float2bfloat16_rn(dkk);
     }
     __syncthreads();
-    if (tid < kC) {
-      float db = 0.f, dg = 0.f;
-      for (int j = 0; j < kC; ++j) {
-        db += f[tid * kLdCf + j];
-        dg += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
+    {
+      float dg, db;
+      rows_minus_cols(f2, f, dg, db);
+      if ((tid & 3) == 0) {
+        sm.dbeta[tid >> 2] += db;
+        sm.dgam[tid >> 2] += dg;
       }
-      sm.dbeta[tid] += db;
-      sm.dgam[tid] += dg;
     }
     __syncthreads();
 
     // ---- dk += dA K + dA^T K
-    bwd::gemm_tile<kD, kC, false, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, false);
-    __syncthreads();
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, true);
-    __syncthreads();
-    accumulate(dk_acc, f, [](int) { return 1.f; });
+    bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+                                                    add_to(dk_sum, [](int) { return 1.f; }));
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+                                                   add_to(dk_sum, [](int) { return 1.f; }));
 
     // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
     // cumsum
@@ -462,10 +487,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // ---- dq, dk of the key head: through the l2norm, in q's dtype.
-  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s,
-                    dq_acc);
-  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s,
-                    dk_acc);
+  // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
+  bwd::store_reg_tile(dq_sum, f, kLdDf);
+  __syncthreads();
+  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
+  __syncthreads();
+  bwd::store_reg_tile(dk_sum, f, kLdDf);
+  __syncthreads();
+  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
 }
 
 template <typename T>
