@@ -171,6 +171,18 @@ __device__ __forceinline__ void store_bf16(bf16* tile, int ld, int row, int col,
   }
 }
 
+// Epilogue helper: fn(row, col, x0, x1) for each pair of adjacent results (row, col .. col + 1)
+// of a block, so that element-wise work on a product's result needs no round trip through shared
+// memory.
+template <typename Fn>
+__device__ __forceinline__ void for_each_pair(int row, int col, const float (&acc)[4][4], Fn fn) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    fn(row, col + 8 * nt, acc[nt][0], acc[nt][1]);
+    fn(row + 8, col + 8 * nt, acc[nt][2], acc[nt][3]);
+  }
+}
+
 // C (fp32 [64, N], row stride ldc) = [C +] A B (gemm_apply's operands).
 template <int N, int Kd, bool kAT, bool kBT, int kThreads>
 __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,

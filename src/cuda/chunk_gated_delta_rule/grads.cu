@@ -25,6 +25,9 @@
 // through the fp32 tile to one row per warp, where the l2norm backward (dx = inv (dy - y (y . dy)),
 // inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
 // per-value-head rows, no atomics, no reduction kernel.
+// Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
+// over M, dT's column gates) runs in the product's epilogue on its registers; only row
+// reductions (dr, de, dbeta) go through the fp32 tile.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
 // together; dO by 16-byte loads issued before any is used. S^T and dS'^T (64 KB of the ~130 KB)
 // of the next value head are copied as soon as this one's last product with them is done, behind
@@ -48,8 +51,8 @@ struct GradSmem {
   bf16 q[kC * kLdD];    // normalised, scaled q
   bf16 k[kC * kLdD];    // normalised k
   bf16 dov[kC * kLdD];  // dO, then v
-  bf16 wx[kC * kLdD];   // W, then Vn, then dW
-  bf16 dvn[kC * kLdD];  // dVn
+  bf16 w_dvn[kC * kLdD];     // W, then dVn
+  bf16 u_vn_dw[kC * kLdD];  // U, then Vn (formed in place), then dW
   bf16 st[kD * kLdD];   // S^T entering the chunk   [v][k]
   bf16 dst[kD * kLdD];  // dS'^T leaving the chunk  [v][k]
   bf16 m[kC * kLdC];    // M, then dM * Gamma
@@ -211,10 +214,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     const size_t state = ws_index(p, slot, hv, kD * kD);
     __syncthreads();  // the previous value head is done with every tile
 
-    // ---- loads: workspace tiles by cp.async (U into dvn's tile until Vn is formed), dO by the
-    // block.
-    copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.wx, kLdD);
-    copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.dvn, kLdD);
+    // ---- loads: workspace tiles by cp.async, dO by the block.
+    copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
+    copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
     copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
     copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
     if (rep == 0) {  // later heads' states were started during the previous head (below)
@@ -252,14 +254,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane == 0) sm.red[warp] = acc;  // summed in warp order at the end
     }
 
-    // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed)
-    bwd::gemm_tile<kD, kD, false, true, kThreads>(f, kLdDf, sm.wx, kLdD, sm.st, kLdD, false);
-    __syncthreads();
-    for (int i = tid; i < kC * kD; i += kThreads) {
-      const int r = i / kD, c = i % kD;
-      sm.wx[r * kLdD + c] =
-          __float2bfloat16_rn(__bfloat162float(sm.dvn[r * kLdD + c]) - f[r * kLdDf + c]);
-    }
+    // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
+    // is read and replaced by the thread that holds its product (U is no operand).
+    bwd::gemm_apply<kD, kD, false, true, kThreads>(
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
+            const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
+            *at = pack_bf16(u.x - x0, u.y - x1);
+          });
+        });
     __syncthreads();
 
     // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i
@@ -272,33 +276,37 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int j = 0; j < kD / 32; ++j) {
         const int c = lane + 32 * j;
         float& kds = f[row * kLdDf + c];
-        acc += kds * __bfloat162float(sm.wx[row * kLdD + c]);
+        acc += kds * __bfloat162float(sm.u_vn_dw[row * kLdD + c]);
         kds *= rr;
       }
       acc = warp_sum(acc);
       if (lane == 0) sm.dr[row] = acc;
     }
     __syncthreads();
-    bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
         f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
-          bwd::store_bf16(sm.dvn, kLdD, row, col, acc, 1.f);
+          bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
         });
     __syncthreads();
 
-    // ---- dM = dO Vn^T (causal part): gamma's share, then dM * Gamma into m.
-    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.dov, kLdD, sm.wx, kLdD, false);
-    __syncthreads();
-    for (int i = tid; i < kC * kC; i += kThreads) {
-      const int r = i / kC, c = i % kC;
-      float x = 0.f, dmg = 0.f;
-      if (c <= r) {
-        const float dm = f[r * kLdCf + c];
-        x = dm * __bfloat162float(sm.m[r * kLdC + c]);
-        dmg = dm * __expf(sm.gamma[r] - sm.gamma[c]);
-      }
-      f2[r * kLdCf + c] = x;
-      sm.m[r * kLdC + c] = __float2bfloat16_rn(dmg);
-    }
+    // ---- dM = dO Vn^T (causal part): gamma's share dM * M into f2, dM * Gamma over M (each
+    // element of M read and replaced by the thread that holds its product; M is no operand).
+    bwd::gemm_apply<kC, kD, false, true, kThreads>(
+        nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
+        [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float dm0, float dm1) {
+            const float dm[2] = {dm0, dm1};
+            float x[2], dmg[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const bool causal = c + e <= r;
+              x[e] = causal ? dm[e] * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
+              dmg[e] = causal ? dm[e] * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+            }
+            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(x[0], x[1]);
+            *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
+          });
+        });
     __syncthreads();
     {
       float net, unused;
@@ -330,14 +338,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
     bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
                                                    add_to(dk_sum, [](int) { return 1.f; }));
-    bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.wx, kLdD, sm.dst, kLdD,
+    bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
                                                     add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-    __syncthreads();  // f and Vn (wx) are read: dW replaces Vn
+    __syncthreads();  // f and Vn are read: dW replaces Vn
 
-    // ---- dW = -dVn S^T (into wx: Vn is done); v replaces dO.
+    // ---- dW = -dVn S^T (over Vn, done with); v replaces dO.
     bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
-        nullptr, 0, sm.dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
-          bwd::store_bf16(sm.wx, kLdD, row, col, acc, -1.f);
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
         });
     __syncthreads();
     if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
@@ -349,21 +357,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
                            false, 1.f, nullptr, sm.dov);
 
-    // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b)
-    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.wx, kLdD, sm.k, kLdD, false);
-    __syncthreads();
-    for (int i = tid; i < kC * kC; i += kThreads) f[(i / kC) * kLdCf + i % kC] *= sm.e[i % kC];
-    __syncthreads();
-    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.dvn, kLdD, sm.dov, kLdD, true);
-    __syncthreads();
-    for (int i = tid; i < kC * kC; i += kThreads) {
-      const int r = i / kC, c = i % kC;
-      sm.x[r * kLdC + c] = __float2bfloat16_rn(f[r * kLdCf + c] * sm.beta[c]);
-    }
+    // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
+    // second product reads back only what the same thread wrote in the first.
+    bwd::gemm_apply<kC, kD, false, true, kThreads>(
+        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
+          });
+        });
+    __syncthreads();  // v is in dov
+    bwd::gemm_apply<kC, kD, false, true, kThreads>(
+        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
+                pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
+          });
+        });
     __syncthreads();
 
     // ---- dVb = T^T dVn: dv = diag(b) dVb, dbeta_i = dVb_i . v_i
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.dvn, kLdD, false);
+    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.w_dvn, kLdD, false);
     __syncthreads();
     {
       T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
@@ -385,7 +398,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k
     bwd::gemm_apply<kD, kC, true, false, kThreads>(
-        nullptr, 0, sm.t, kLdC, sm.wx, kLdD, [&](int blk, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
+        [&](int blk, int row, int col, const float (&acc)[4][4]) {
           bwd::store_f32(f, kLdDf, row, col, acc);
           bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
         });
