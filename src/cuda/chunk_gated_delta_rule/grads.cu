@@ -62,6 +62,9 @@ struct GradSmem {
   float f[2 * kC * kLdCf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], de[kC], dr[kC], dbeta[kC];
   float red[kWarps];  // d e_last per warp
+  // Row dot products made in products' epilogues: one partial per half of the columns (the two
+  // warps that share the rows), added in that order where used.
+  float dr_half[2][kC], de_half[2][kC], dkb_half[2][kC];
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
 static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
@@ -130,6 +133,23 @@ __device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, 
     b += __shfl_xor_sync(0xffffffffu, b, off);
   }
   net = a, y = b;
+}
+
+// A product's epilogue has added up, per thread, a row quantity over its columns for rows
+// 16 (w % 4) + g (lo) and that + 8 (hi): sums the four lanes of each row (fixed butterfly) and
+// stores the warp's half, half[w / 4][row].
+__device__ __forceinline__ void store_row_halves(float lo, float hi, float (&half)[2][kC]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    lo += __shfl_xor_sync(0xffffffffu, lo, off);
+    hi += __shfl_xor_sync(0xffffffffu, hi, off);
+  }
+  if ((lane & 3) == 0) {
+    const int row = (warp & 3) * 16 + (lane >> 2);
+    half[warp >> 2][row] = lo;
+    half[warp >> 2][row + 8] = hi;
+  }
 }
 
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
@@ -266,23 +286,31 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     __syncthreads();
 
-    // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i
-    bwd::gemm_tile<kD, kD, false, true, kThreads>(f, kLdDf, sm.k, kLdD, sm.dst, kLdD, false);
-    __syncthreads();
-    for (int row = warp; row < kC; row += kWarps) {
-      float acc = 0.f;
-      const float rr = sm.r[row];
+    // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
+    // takes dr's partial dots and stores diag(r) K dS'; the second reads back only what the same
+    // thread stored (same layout): no barrier between them.
+    {
+      float dr_lo = 0.f, dr_hi = 0.f;
+      bwd::gemm_apply<kD, kD, false, true, kThreads>(
+          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+            const float r_lo = sm.r[row], r_hi = sm.r[row + 8];
 #pragma unroll
-      for (int j = 0; j < kD / 32; ++j) {
-        const int c = lane + 32 * j;
-        float& kds = f[row * kLdDf + c];
-        acc += kds * __bfloat162float(sm.u_vn_dw[row * kLdD + c]);
-        kds *= rr;
-      }
-      acc = warp_sum(acc);
-      if (lane == 0) sm.dr[row] = acc;
+            for (int nt = 0; nt < 4; ++nt) {
+              const int c = col + 8 * nt;
+              const float2 vn_lo = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
+              const float2 vn_hi = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + (row + 8) * kLdD + c));
+              dr_lo += acc[nt][0] * vn_lo.x + acc[nt][1] * vn_lo.y;
+              dr_hi += acc[nt][2] * vn_hi.x + acc[nt][3] * vn_hi.y;
+              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
+                  make_float2(r_lo * acc[nt][0], r_lo * acc[nt][1]);
+              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
+                  make_float2(r_hi * acc[nt][2], r_hi * acc[nt][3]);
+            }
+          });
+      store_row_halves(dr_lo, dr_hi, sm.dr_half);
     }
-    __syncthreads();
     bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
         f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
           bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
@@ -315,23 +343,30 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-    // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k])
-    bwd::gemm_tile<kD, kD, false, false, kThreads>(f, kLdDf, sm.dov, kLdD, sm.st, kLdD, false);
-    __syncthreads();
-    for (int row = warp; row < kC; row += kWarps) {
-      float acc = 0.f;
-      const float er = sm.e[row];
+    // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
+    // same pattern as dVn's: de's partial dots in the first product's epilogue.
+    {
+      float de_lo = 0.f, de_hi = 0.f;
+      bwd::gemm_apply<kD, kD, false, false, kThreads>(
+          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+            const float e_lo = sm.e[row], e_hi = sm.e[row + 8];
 #pragma unroll
-      for (int j = 0; j < kD / 32; ++j) {
-        const int c = lane + 32 * j;
-        float& dos = f[row * kLdDf + c];
-        acc += dos * __bfloat162float(sm.q[row * kLdD + c]);
-        dos *= er;
-      }
-      acc = warp_sum(acc);
-      if (lane == 0) sm.de[row] = acc;
+            for (int nt = 0; nt < 4; ++nt) {
+              const int c = col + 8 * nt;
+              const float2 q_lo = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
+              const float2 q_hi = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.q + (row + 8) * kLdD + c));
+              de_lo += acc[nt][0] * q_lo.x + acc[nt][1] * q_lo.y;
+              de_hi += acc[nt][2] * q_hi.x + acc[nt][3] * q_hi.y;
+              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
+                  make_float2(e_lo * acc[nt][0], e_lo * acc[nt][1]);
+              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
+                  make_float2(e_hi * acc[nt][2], e_hi * acc[nt][3]);
+            }
+          });
+      store_row_halves(de_lo, de_hi, sm.de_half);
     }
-    __syncthreads();
     bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
                                                     add_to(dq_sum, [&](int) { return p.scale; }));
 
@@ -396,65 +431,71 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
 
-    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k
-    bwd::gemm_apply<kD, kC, true, false, kThreads>(
-        nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
-        [&](int blk, int row, int col, const float (&acc)[4][4]) {
-          bwd::store_f32(f, kLdDf, row, col, acc);
-          bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
-        });
-    __syncthreads();
-    for (int row = warp; row < kC; row += kWarps) {
-      float acc = 0.f;
+    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' halves
+    // applied with dA's row sums below), all in the epilogue.
+    {
+      float dkb_lo = 0.f, dkb_hi = 0.f;
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(
+          nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
+          [&](int blk, int row, int col, const float (&acc)[4][4]) {
 #pragma unroll
-      for (int j = 0; j < kD / 32; ++j) {
-        const int c = lane + 32 * j;
-        const float dkb = f[row * kLdDf + c];
-        acc += dkb * __bfloat162float(sm.k[row * kLdD + c]);
-      }
-      acc = warp_sum(acc);
-      if (lane == 0) {
-        sm.dbeta[row] += sm.e[row] * acc;
-        sm.de[row] += sm.beta[row] * acc;
-      }
+            for (int nt = 0; nt < 4; ++nt) {
+              const int c = col + 8 * nt;
+              const float2 k_lo = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
+              const float2 k_hi = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.k + (row + 8) * kLdD + c));
+              dkb_lo += acc[nt][0] * k_lo.x + acc[nt][1] * k_lo.y;
+              dkb_hi += acc[nt][2] * k_hi.x + acc[nt][3] * k_hi.y;
+            }
+            bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
+          });
+      store_row_halves(dkb_lo, dkb_hi, sm.dkb_half);
     }
-    __syncthreads();
 
-    // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it
-    bwd::gemm_tile<kC, kC, true, false, kThreads>(f2, kLdCf, sm.t, kLdC, sm.x, kLdC, false);
-    __syncthreads();
-    for (int i = tid; i < kC * kC; i += kThreads) {
-      const int r = i / kC, c = i % kC;
-      sm.x[r * kLdC + c] = __float2bfloat16_rn(f2[r * kLdCf + c]);
-    }
-    __syncthreads();
-    bwd::gemm_tile<kC, kC, false, true, kThreads>(f2, kLdCf, sm.x, kLdC, sm.t, kLdC, false);
-    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
-    __syncthreads();
+    // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
+    // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
+    // registers (K K^T at the same positions of f, written by the same thread):
     // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
     // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
-    for (int i = tid; i < kC * kC; i += kThreads) {
-      const int r = i / kC, c = i % kC;
-      float db = 0.f, dg = 0.f, dkk = 0.f;
-      if (c < r) {
-        const float gate = __expf(sm.gamma[r] - sm.gamma[c]);
-        const float da = -f2[r * kLdCf + c];
-        const float kkg = gate * f[r * kLdCf + c];
-        db = da * kkg;
-        dg = db * sm.beta[r];
-        dkk = da * sm.beta[r] * gate;
-      }
-      f[r * kLdCf + c] = db;
-      f2[r * kLdCf + c] = dg;
-      sm.x[r * kLdC + c] = __float2bfloat16_rn(dkk);
-    }
+    bwd::gemm_apply<kC, kC, true, false, kThreads>(
+        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
+        });
+    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
+    __syncthreads();
+    bwd::gemm_apply<kC, kC, false, true, kThreads>(
+        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            const float tdt[2] = {x0, x1};
+            float db[2], dg[2], dkk[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              db[e] = dg[e] = dkk[e] = 0.f;
+              if (c + e < r) {
+                const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
+                const float da = -tdt[e];
+                const float kkg = gate * f[r * kLdCf + c + e];
+                db[e] = da * kkg;
+                dg[e] = db[e] * sm.beta[r];
+                dkk[e] = da * sm.beta[r] * gate;
+              }
+            }
+            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(db[0], db[1]);
+            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(dg[0], dg[1]);
+            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
+          });
+        });
     __syncthreads();
     {
       float dg, db;
       rows_minus_cols(f2, f, dg, db);
       if ((tid & 3) == 0) {
-        sm.dbeta[tid >> 2] += db;
-        sm.dgam[tid >> 2] += dg;
+        const int i = tid >> 2;
+        const float dkb_k = sm.dkb_half[0][i] + sm.dkb_half[1][i];
+        sm.dbeta[i] = (sm.dbeta[i] + sm.e[i] * dkb_k) + db;
+        sm.de[i] = (sm.de_half[0][i] + sm.de_half[1][i]) + sm.beta[i] * dkb_k;
+        sm.dgam[i] += dg;
       }
     }
     __syncthreads();
@@ -467,7 +508,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
     // cumsum
-    if (tid < kC) sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
+    if (tid < kC) {
+      sm.dr[tid] = sm.dr_half[0][tid] + sm.dr_half[1][tid];
+      sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
+    }
     __syncthreads();
     if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
       float de_last = 0.f;
