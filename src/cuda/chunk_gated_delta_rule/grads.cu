@@ -5,10 +5,10 @@
 //
 // Per (slot, key head), 256 threads (8 warps), one 64-token chunk; the block walks the HV / H
 // value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
-// products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, fp32 results
-// in one shared fp32 tile that each step reuses); row reductions go by warp shuffles, the gate
-// reductions by four threads per row and the reverse cumsum by a warp scan, in fixed orders:
-// deterministic. Per value head:
+// products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
+// handled in registers by an epilogue); row reductions go by shuffles, the gate reductions by four
+// threads per row and the reverse cumsum by a warp scan, in fixed orders: deterministic. Per value
+// head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
 //   dM  = dO Vn^T: dgamma += rows(dM * M) - cols(dM * M);   dMg = dM * Gamma
@@ -26,8 +26,10 @@
 // inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
 // per-value-head rows, no atomics, no reduction kernel.
 // Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
-// over M, dT's column gates) runs in the product's epilogue on its registers; only row
-// reductions (dr, de, dbeta) go through the fp32 tile.
+// over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per-warp halves, summed
+// in a fixed order) run in the products' epilogues on their registers; the fp32 tile carries only
+// products that a later product accumulates onto (read back by the thread that wrote them: no
+// barrier), dv's rows, and the 64 x 64 tiles whose row and column sums make dgamma and dbeta.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
 // together; dO by 16-byte loads issued before any is used. S^T and dS'^T (64 KB of the ~130 KB)
 // of the next value head are copied as soon as this one's last product with them is done, behind
