@@ -31,9 +31,9 @@
 // products that a later product accumulates onto (read back by the thread that wrote them: no
 // barrier), dv's rows, and the 64 x 64 tiles whose row and column sums make dgamma and dbeta.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
-// together; dO by 16-byte loads issued before any is used. S^T and dS'^T (64 KB of the ~130 KB)
-// of the next value head are copied as soon as this one's last product with them is done, behind
-// the remaining half of its work.
+// together for the first value head; dO by 16-byte loads issued before any is used. The next value
+// head's tiles are copied as soon as this one's last product with each is done (S^T and dS'^T
+// after dW, W and U after dKb, M and T after dA: about 125 KB of 130), behind the rest of its work.
 //
 // Shared memory: 222 KB (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
 // version). Work per chunk and value head: 12 products, ~8.4 M multiply-adds, for ~100 KB read.
@@ -236,16 +236,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     const size_t state = ws_index(p, slot, hv, kD * kD);
     __syncthreads();  // the previous value head is done with every tile
 
-    // ---- loads: workspace tiles by cp.async, dO by the block.
-    copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
-    copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
-    copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
-    copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
-    if (rep == 0) {  // later heads' states were started during the previous head (below)
+    // ---- loads: workspace tiles by cp.async (a later head's were started during the previous
+    // head, as soon as their buffers were free: below), dO by the block.
+    if (rep == 0) {
+      copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
+      copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
+      copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
+      copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
       copy_state_async(b.states + state, V, sm.st);
       copy_state_async(b.dstates + state, V, sm.dst);
+      cp_async_commit();
     }
-    cp_async_commit();
     load_gates(p, ch, hv, sm.gamma, sm.beta);
     load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
     cp_async_wait<0>();
@@ -466,6 +467,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
     __syncthreads();
+    if (rep + 1 < p.group) {  // dVn and dW are done with (dKb was their last product)
+      const size_t next = ws_index(p, slot, hv + 1, kC * kD);
+      copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
+      copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
+      cp_async_commit();
+    }
     bwd::gemm_apply<kC, kC, false, true, kThreads>(
         nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
@@ -489,6 +496,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           });
         });
     __syncthreads();
+    if (rep + 1 < p.group) {  // M (now T^T dT) and T are done with
+      const size_t next = ws_index(p, slot, hv + 1, kC * kC);
+      copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
+      copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
+      cp_async_commit();
+    }
     {
       float dg, db;
       rows_minus_cols(f2, f, dg, db);
