@@ -27,9 +27,10 @@
 // per-value-head rows, no atomics, no reduction kernel.
 // Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
 // over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per-warp halves, summed
-// in a fixed order) run in the products' epilogues on their registers; the fp32 tile carries only
-// products that a later product accumulates onto (read back by the thread that wrote them: no
-// barrier), dv's rows, and the 64 x 64 tiles whose row and column sums make dgamma and dbeta.
+// in a fixed order) run in the products' epilogues on their registers, and dv is stored from
+// them; the fp32 tile carries only products that a later product accumulates onto (read back by
+// the thread that wrote them: no barrier) and the 64 x 64 tiles whose row and column sums make
+// dgamma and dbeta.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
 // together for the first value head; dO by 16-byte loads issued before any is used. The next value
 // head's tiles are copied as soon as this one's last product with each is done (S^T and dS'^T
@@ -66,7 +67,7 @@ struct GradSmem {
   float red[kWarps];  // d e_last per warp
   // Row dot products made in products' epilogues: one partial per half of the columns (the two
   // warps that share the rows), added in that order where used.
-  float dr_half[2][kC], de_half[2][kC], dkb_half[2][kC];
+  float dr_half[2][kC], de_half[2][kC], dkb_half[2][kC], dvb_half[2][kC];
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
 static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
@@ -413,26 +414,35 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     __syncthreads();
 
-    // ---- dVb = T^T dVn: dv = diag(b) dVb, dbeta_i = dVb_i . v_i
-    bwd::gemm_tile<kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.w_dvn, kLdD, false);
-    __syncthreads();
+    // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
+    // halves (applied with dA's row sums below).
     {
       T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
-      for (int row = warp; row < kC; row += kWarps) {
-        float acc = 0.f;
-        const float br = sm.beta[row];
+      float dvb_lo = 0.f, dvb_hi = 0.f;
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(
+          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
 #pragma unroll
-        for (int j = 0; j < kD / 32; ++j) {
-          const int c = lane + 32 * j;
-          const float dvb = f[row * kLdDf + c];
-          acc += dvb * __bfloat162float(sm.dov[row * kLdD + c]);
-          if (row < ch.len && c < V) dv[row * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * dvb);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) sm.dbeta[row] = acc;
-      }
+            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+              const int r = row + 8 * h;
+              const float br = sm.beta[r];
+              float dot = 0.f;
+#pragma unroll
+              for (int nt = 0; nt < 4; ++nt) {
+                const int c = col + 8 * nt;
+                const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
+                const float2 vv = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.dov + r * kLdD + c));
+                dot += x0 * vv.x + x1 * vv.y;
+                if (r < ch.len) {
+                  if (c < V) dv[r * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * x0);
+                  if (c + 1 < V) dv[r * b.dv_s[1] + (c + 1) * b.dv_s[3]] = from_f32<T>(br * x1);
+                }
+              }
+              (h == 0 ? dvb_lo : dvb_hi) += dot;
+            }
+          });
+      store_row_halves(dvb_lo, dvb_hi, sm.dvb_half);
     }
-    __syncthreads();
 
     // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' halves
     // applied with dA's row sums below), all in the epilogue.
@@ -508,7 +518,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if ((tid & 3) == 0) {
         const int i = tid >> 2;
         const float dkb_k = sm.dkb_half[0][i] + sm.dkb_half[1][i];
-        sm.dbeta[i] = (sm.dbeta[i] + sm.e[i] * dkb_k) + db;
+        const float dvb_v = sm.dvb_half[0][i] + sm.dvb_half[1][i];
+        sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
         sm.de[i] = (sm.de_half[0][i] + sm.de_half[1][i]) + sm.beta[i] * dkb_k;
         sm.dgam[i] += dg;
       }
