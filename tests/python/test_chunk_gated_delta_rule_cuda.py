@@ -302,11 +302,12 @@ def _backward_op(inputs, d_o, d_state):
 
 
 @needs_backward
-@pytest.mark.parametrize("V", [128, 36], ids=["v128", "v36"])
+@pytest.mark.parametrize("V", [128, 100, 36], ids=["v128", "v100", "v36"])
 def test_backward_cotangent_layouts_and_dtypes(V):
     """d_o read element by element (last stride 2, V not a multiple of 8, a dtype other than
     q's) gives the gradients of the 16-byte path bit for bit (both round d_o to bf16 once);
-    three value heads per key head, a partial last chunk."""
+    three value heads per key head, a partial last chunk, V over one 64-column state tile (100)
+    or under it (36: state rows past V never written, zero-filled by the gradient kernel)."""
     inputs = make_inputs(1, 150, 1, 3, 64, V, torch.bfloat16, "cuda", seed=21,
                          cu_seqlens=[0, 70, 150])
     gen = torch.Generator().manual_seed(22)
