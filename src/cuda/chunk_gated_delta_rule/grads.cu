@@ -32,12 +32,17 @@
 // the thread that wrote them: no barrier) and the 64 x 64 tiles whose row and column sums make
 // dgamma and dbeta.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
-// together for the first value head; dO by 16-byte loads issued before any is used. The next value
+// together for the first value head; dO too when it is bf16 with 16-byte rows, else by 16-byte
+// (or element) loads issued before any is used, converted by the block. The next value
 // head's tiles are copied as soon as this one's last product with each is done (S^T and dS'^T
-// after dW, W and U after dKb, M and T after dA: about 125 KB of 130), behind the rest of its work.
+// after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the rest
+// of its work.
 //
-// Shared memory: 222 KB (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
-// version). Work per chunk and value head: 12 products, ~8.4 M multiply-adds, for ~100 KB read.
+// Launch: grid (slot, key head), 256 threads, 255 registers, 217 KB of shared memory (Hopper's
+// 227 KB opt-in; an A100's 163 KB is too small for this version): one block per SM. Work per chunk
+// and value head: 18 products, ~11.5 M multiply-adds, for ~130 KB read.
+#include <type_traits>
+
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -155,6 +160,23 @@ __device__ __forceinline__ void store_row_halves(float lo, float hi, float (&hal
   }
 }
 
+// Starts copying dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile by cp.async,
+// zero-filled past len and V: for bf16 dO whose rows allow 16-byte reads (V a multiple of 8), so
+// that the next value head's dO can stream in behind the current one's work. Commit and wait are
+// the caller's.
+__device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                               bf16* tile) {
+  constexpr int kPerRow = kD / 8;
+  const BackwardParams& b = p.bwd;
+  const bf16* src = static_cast<const bf16*>(b.d_o) + ch.batch * b.d_o_s[0] +
+                    ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
+  for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
+    const int r = i / kPerRow, c = (i % kPerRow) * 8;
+    const bool valid = r < ch.len && c < p.head_v_dim;
+    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * b.d_o_s[1] + c : src, valid);
+  }
+}
+
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
 // shared memory; warp w takes rows w + 8 m, lane l columns l + 32 j), through the l2norm when it
 // was applied; stored in x's dtype.
@@ -204,6 +226,10 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1)
     grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec) {
+  // bf16 dO with 16-byte rows streams in by cp.async (a later head's behind the previous head's
+  // work); otherwise the block loads and converts it at the head's start.
+  constexpr bool kBf16 = std::is_same<T, bf16>::value;
+  const bool d_o_async = kBf16 && d_o_native && d_o_vec;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   GradSmem& sm = *reinterpret_cast<GradSmem*>(smem_raw);
   const BackwardParams& b = p.bwd;
@@ -246,10 +272,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
       copy_state_async(b.states + state, V, sm.st);
       copy_state_async(b.dstates + state, V, sm.dst);
+      if (d_o_async) copy_d_o_async(p, ch, hv, sm.dov);
       cp_async_commit();
     }
     load_gates(p, ch, hv, sm.gamma, sm.beta);
-    load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
+    if (!d_o_async) load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
     cp_async_wait<0>();
     __syncthreads();
     const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
@@ -477,10 +504,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
     __syncthreads();
-    if (rep + 1 < p.group) {  // dVn and dW are done with (dKb was their last product)
+    if (rep + 1 < p.group) {  // dVn, dW (dKb was their last product) and v are done with
       const size_t next = ws_index(p, slot, hv + 1, kC * kD);
       copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
       copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
+      if (d_o_async) copy_d_o_async(p, ch, hv + 1, sm.dov);
       cp_async_commit();
     }
     bwd::gemm_apply<kC, kC, false, true, kThreads>(
