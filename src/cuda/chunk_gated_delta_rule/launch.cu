@@ -141,7 +141,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 //                                               the l2norm backward
 // Where the time should go (1 x 32768, HV = 32, per chunk and head): intra ~2 M multiply-adds,
 // state (replay, per 64-column tile) ~1 M and 40 KB read + 16 KB of state written, dstate (per
-// tile) ~1.6 M and 48 KB read + 16 KB written, grads ~8.4 M and ~100 KB read per value head.
+// tile) ~1.6 M and 48 KB read + 16 KB written, grads ~11.5 M and ~130 KB read per value head.
 // The states (2 x 32 KB per chunk and head in bf16) dominate the workspace: storing them for
 // every other chunk is the next saving.
 void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
