@@ -217,6 +217,18 @@ def test_backward_matches_float64(dtype, case):
 
 
 @needs_backward
+@pytest.mark.parametrize("B, HV", [(1, 4), (9, 8)], ids=["dstate-2-pairs", "dstate-4-pairs"])
+def test_backward_both_dstate_shapes(B, HV):
+    """The reverse state pass takes 32-column blocks (2 warp pairs) where 64-column blocks would
+    fill at most half of the SMs, else 64-column blocks (4 pairs): both against float64 (9 x 8 x 2
+    = 144 wide blocks is over half of an H100's or H200's 132 SMs)."""
+    inputs = make_inputs(B, 100, 2, HV, 128, 128, torch.bfloat16, "cpu", seed=17)
+    (o, s, grads), (o_ref, s_ref, grads_ref) = backward_vs_reference(inputs)
+    assert rel_l2(o, o_ref) <= 1e-2 and rel_l2(s, s_ref) <= 1e-2
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
 def test_backward_strong_decay_and_beta_extremes():
     """g down to -30 per token, beta near 0 and near 1, with initial and final states."""
     B, T, H, HV, K, V = 1, 256, 2, 4, 128, 128

@@ -7,10 +7,12 @@
 //   store dS^T (bf16): the gradient of the state leaving this chunk, for the gradient kernel
 //   dVn^T = dS^T KR^T + dO^T M                          [v, t]
 //   dS^T <- e_last dS^T + dO^T Qe - dVn^T W             [v, k]
-// Column v of dS depends only on column v of dS' and dO, so 64-column tiles of V are independent
-// blocks: (sequence, value head, V tile), 8 warps. The chain of dependent products per chunk is
-// what bounds this pass, so it is split over warp pairs: warp w owns rows v = 16 (w % 4) .. + 15
-// and half w / 4 of k, i.e. a 16 x 64 slice of dS^T in mma.sync accumulators (32 registers).
+// Column v of dS depends only on column v of dS' and dO, so column tiles of V are independent
+// blocks: (sequence, value head, V tile), 64-column tiles and 8 warps (4 pairs), or 32-column
+// tiles and 4 warps (2 pairs) where the wide grid would fill at most half of the SMs (B * HV
+// small, as the forward's state pass chooses). The chain of dependent products per chunk is what
+// bounds this pass, so it is split over warp pairs: warp w owns rows v = 16 (w % pairs) .. + 15
+// and half w / pairs of k, a 16 x 64 slice of dS^T in mma.sync accumulators (32 registers).
 //   1. its partial dVn^T: its k half of dS^T KR^T and its t half of dO^T M      48 mma
 //   2. the pair swaps partials through shared memory (one named barrier) and both add them;
 //      fp32 addition commutes, so both warps hold the same dVn^T, bit for bit
@@ -22,8 +24,8 @@
 // into registers at the same time, converted to bf16 and stored to shared memory at the top of
 // the next step. One block barrier per chunk (it both publishes chunk c's tiles and retires the
 // buffers of chunk c + 1), one pair barrier.
-// Shared memory: 173 KB (Hopper; the backward's gradient kernel needs Hopper's shared memory
-// anyway, check_grads_device()).
+// Shared memory: 170 KB with 4 pairs, 146 KB with 2 (Hopper; the backward's gradient kernel
+// needs Hopper's shared memory anyway, check_grads_device()). 171 to 181 registers.
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -34,32 +36,45 @@ namespace {
 
 using bwd::to_a;
 
-constexpr int kWarps = 8;
-constexpr int kThreads = kWarps * 32;
-constexpr int kVT = 64;  // state columns (value dims) per block: 4 row groups of 16
-constexpr int kLdO = kVT + 8;
-constexpr int kGroupsPerThread = kC * (kVT / 8) / kThreads;  // 8-element dO groups per thread
-static_assert(kGroupsPerThread * kThreads == kC * kVT / 8, "dO tile split evenly");
+// kPairs warp pairs: 4 (64 state columns per block), or 2 (32 columns) where 4 would leave more
+// than half of the multiprocessors idle (B * HV small): twice the blocks, as the forward's state
+// pass does (state.cu).
+template <int kPairs>
+struct Shape {
+  static constexpr int kWarps = 2 * kPairs;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kVT = 16 * kPairs;               // state columns (value dims) per block
+  static constexpr int kLdO = kVT + 8;                  // 16-byte row padding
+  static constexpr int kGroupsPerRow = kVT / 8;         // 8-element dO groups per row
+  static constexpr int kGroupsPerThread = kC * kGroupsPerRow / kThreads;
+  static_assert(kGroupsPerThread * kThreads == kC * kGroupsPerRow, "dO tile split evenly");
+};
 
+template <int kPairs>
 struct DStateSmem {
+  using S = Shape<kPairs>;
   bf16 w[2][kC * kLdD];
   bf16 kr[2][kC * kLdD];
   bf16 qe[2][kC * kLdD];
   bf16 m[2][kC * kLdC];
-  bf16 d_o[2][kC * kLdO];             // dO rows t, columns v of this tile
-  float4 swap[kWarps][8][32];         // partial dVn^T per warp, [n8 tile][lane]: conflict-free
+  bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
+  float4 swap[S::kWarps][8][32];      // partial dVn^T per warp, [n8 tile][lane]: conflict-free
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p, bool d_o_vec) {
+template <typename T, int kPairs>
+__global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
+    dstate_kernel(const ChunkParams p, bool d_o_vec) {
+  using S = Shape<kPairs>;
+  constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdO = S::kLdO;
+  constexpr int kGroupsPerRow = S::kGroupsPerRow, kGroupsPerThread = S::kGroupsPerThread;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  DStateSmem& sm = *reinterpret_cast<DStateSmem*>(smem_raw);
+  DStateSmem<kPairs>& sm = *reinterpret_cast<DStateSmem<kPairs>*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int row_group = warp & 3, half = warp >> 2;  // rows v 16 row_group.., k 64 half..
+  const int row_group = warp % kPairs, half = warp / kPairs;  // rows v 16 row_group.., k 64 half..
   const int k_half = half * 64;
   const int K = p.head_k_dim, V = p.head_v_dim;
   const int vl = row_group * 16 + g;  // this thread's rows of dS^T, within the tile
@@ -98,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
     cp_async_commit();
   };
   // dO of chunk c, rows t < len, columns v < V of this tile, as bf16 groups of 8 columns:
-  // group i = tid + j * kThreads is row i / 8, columns 8 (i % 8) ..
+  // group i = tid + j * kThreads is row i / kGroupsPerRow, columns 8 (i % kGroupsPerRow) ..
   const T* d_o = static_cast<const T*>(b.d_o) + seq.batch * b.d_o_s[0] + hv * b.d_o_s[2];
   uint4 d_o_next[kGroupsPerThread];
   auto load_d_o = [&](int64_t c) {
@@ -106,7 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
     const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
 #pragma unroll
     for (int j = 0; j < kGroupsPerThread; ++j) {
-      const int i = tid + j * kThreads, t = i / 8, v = col0 + (i % 8) * 8;
+      const int i = tid + j * kThreads, t = i / kGroupsPerRow, v = col0 + (i % kGroupsPerRow) * 8;
       const int valid = t < len ? min(max(V - v, 0), 8) : 0;
       d_o_next[j] = valid > 0 ? bwd::load8_bf16<T>(d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3],
                                                    b.d_o_s[3], valid, d_o_vec)
@@ -142,7 +157,8 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
 #pragma unroll
     for (int j = 0; j < kGroupsPerThread; ++j) {
       const int i = tid + j * kThreads;
-      *reinterpret_cast<uint4*>(&sm.d_o[buf][(i / 8) * kLdO + (i % 8) * 8]) = d_o_next[j];
+      *reinterpret_cast<uint4*>(&sm.d_o[buf][(i / kGroupsPerRow) * kLdO + (i % kGroupsPerRow) * 8]) =
+          d_o_next[j];
     }
     cp_async_wait<0>();  // this thread's copies of chunk c's tiles
     // Chunk c's tiles and dO are visible to all warps; every warp is done with chunk c + 1, whose
@@ -191,7 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
     bwd::named_barrier(1 + row_group, 64);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
-      const float4 o = sm.swap[warp ^ 4][nt][lane];
+      const float4 o = sm.swap[warp ^ kPairs][nt][lane];
       dvn[nt][0] = -(dvn[nt][0] + o.x);
       dvn[nt][1] = -(dvn[nt][1] + o.y);
       dvn[nt][2] = -(dvn[nt][2] + o.z);
@@ -235,21 +251,31 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
   }
 }
 
-template <typename T>
+template <typename T, int kPairs>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(DStateSmem);
+  constexpr int kVT = Shape<kPairs>::kVT;
+  const size_t smem = sizeof(DStateSmem<kPairs>);
+  auto* kernel = dstate_kernel<T, kPairs>;
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-      dstate_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + kVT - 1) / kVT);
   const bool vec = bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
-  dstate_kernel<T><<<grid, kThreads, smem, stream>>>(p, vec);
+  kernel<<<grid, Shape<kPairs>::kThreads, smem, stream>>>(p, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  const int64_t wide_blocks =
+      static_cast<int64_t>(p.num_seqs) * p.num_v_heads * ((p.head_v_dim + 63) / 64);
+  if (2 * wide_blocks <= device_info().sm_count) launch<T, 2>(p, stream);
+  else launch<T, 4>(p, stream);
 }
 
 }  // namespace
 
-size_t dstate_smem_bytes() { return sizeof(DStateSmem); }
+size_t dstate_smem_bytes() { return sizeof(DStateSmem<4>); }  // the larger shape
 
 void launch_dstate(const ChunkParams& p, cudaStream_t stream) {
   switch (p.bwd.d_o_dtype) {
