@@ -240,6 +240,18 @@ def test_backward_matches_float64(dtype, case):
 
 
 @needs_backward
+@pytest.mark.parametrize("B, HV", [(1, 4), (9, 8)], ids=["dstate-2-pairs", "dstate-4-pairs"])
+def test_backward_both_dstate_shapes(B, HV):
+    """The reverse state pass takes 32-column blocks (2 warp pairs) where 64-column blocks would
+    fill at most half of the SMs, else 64-column blocks (4 pairs): both against float64 (9 x 8 x 2
+    = 144 wide blocks is over half of an H100's or H200's 132 SMs)."""
+    inputs = make_inputs(B, 100, 2, HV, 128, 128, torch.bfloat16, "cpu", seed=17)
+    (o, s, grads), (o_ref, s_ref, grads_ref) = backward_vs_reference(inputs)
+    assert rel_l2(o, o_ref) <= 1e-2 and rel_l2(s, s_ref) <= 1e-2
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
 def test_backward_strong_decay_and_beta_extremes():
     """g down to -30 per token, beta near 0 and near 1, with initial and final states."""
     B, T, H, HV, K, V = 1, 256, 2, 4, 128, 128
@@ -315,6 +327,45 @@ def test_backward_strided_inputs_and_cotangent():
 
     for a, b in zip(grads_of(False), grads_of(True)):
         assert torch.equal(a, b)
+
+
+def _backward_op(inputs, d_o, d_state):
+    """The backward custom op on `inputs` (CUDA) with the given cotangents."""
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state")]
+    return torch.ops.flashdelta.chunk_gated_delta_rule_bwd(
+        *args, inputs.get("cu_seqlens"), 0.25, True, d_o, d_state)
+
+
+@needs_backward
+@pytest.mark.parametrize("V", [128, 100, 36], ids=["v128", "v100", "v36"])
+def test_backward_cotangent_layouts_and_dtypes(V):
+    """d_o read element by element (last stride 2, V not a multiple of 8, a dtype other than
+    q's) gives the gradients of the 16-byte path bit for bit (both round d_o to bf16 once);
+    three value heads per key head, a partial last chunk, V over one 64-column state tile (100)
+    or under it (36: state rows past V never written, zero-filled by the gradient kernel)."""
+    inputs = make_inputs(1, 150, 1, 3, 64, V, torch.bfloat16, "cuda", seed=21,
+                         cu_seqlens=[0, 70, 150])
+    gen = torch.Generator().manual_seed(22)
+    d_o = torch.randn(1, 150, 3, V, generator=gen).bfloat16().cuda()
+    d_state = torch.randn(2, 3, 64, V, generator=gen).cuda()
+    reference = _backward_op(inputs, d_o, d_state)
+    wide = torch.zeros(1, 150, 3, 2 * V, dtype=torch.bfloat16, device="cuda")
+    wide[..., ::2] = d_o
+    for other in (wide[..., ::2], d_o.float()):
+        for a, b in zip(_backward_op(inputs, other, d_state), reference):
+            assert torch.equal(a, b)
+    cpu = {n: (None if x is None else x.cpu()) for n, x in inputs.items()}
+    cpu_grads = _backward_op(cpu, d_o.cpu(), d_state.cpu())
+    for a, b in zip(reference, cpu_grads):
+        assert rel_l2(a, b) <= 1e-2
+
+
+@needs_backward
+def test_backward_rejects_float64_cotangent():
+    inputs = make_inputs(1, 64, 1, 2, 64, 64, torch.bfloat16, "cuda", seed=23)
+    d_o = torch.randn(1, 64, 2, 64, dtype=torch.float64, device="cuda")
+    with pytest.raises(TypeError, match="d_o"):
+        _backward_op(inputs, d_o, None)
 
 
 @needs_backward

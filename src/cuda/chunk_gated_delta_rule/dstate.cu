@@ -1,69 +1,95 @@
 // Chunked gated delta rule, CUDA backward, the reverse state pass: the gradient dS of the state,
 // carried backwards through the chunks (launch.cu, above backward(), has the whole picture).
 //
-// Per block (sequence, value head, 64-column tile of V), 4 warps, each owning 16 rows v of
-// dS^T [v, k] in mma.sync accumulators (the state kernel's layout, state.cu). Per chunk, last to
-// first, with W, KR, Qe, M from the forward's intra pass and dO from the caller:
+// Per chunk, last to first, with W, KR, Qe, M from the forward's intra pass and dO from the
+// caller (the CPU kernel's "dS_in" line: S' = e_last S + KR^T Vn, O = Qe S + M Vn, Vn = U - W S
+// differentiated with respect to S):
 //   store dS^T (bf16): the gradient of the state leaving this chunk, for the gradient kernel
-//   dVn^T = dS^T KR^T + dO^T M                          16 x 64 per warp, K = 128 and 64
-//   dS^T <- e_last dS^T + dO^T Qe - dVn^T W             16 x 128 per warp, K = 64
-// which differentiates S' = e_last S + KR^T Vn, O = Qe S + M Vn and Vn = U - W S with respect to
-// S (the CPU kernel's "dS_in" line). Column v of dS depends only on column v of dS' and dO, so
-// the V tiles are independent. dS^T and dVn^T stay in registers (their accumulators are the
-// next product's A fragments); dO^T comes from shared memory by transposed ldmatrix. The
-// workspace tiles of the next chunk stream in by cp.async while this one is computed; dO of the
-// chunk is loaded (and converted) by the block after the first barrier.
-//
-// Work per chunk and 64 columns: 3 products of 64 x 64 x 128 and 2 of 64 x 64 x 64 (~1.6 M
-// multiply-adds) for 48 KB of tiles read: memory- and latency-bound like the forward state pass.
+//   dVn^T = dS^T KR^T + dO^T M                          [v, t]
+//   dS^T <- e_last dS^T + dO^T Qe - dVn^T W             [v, k]
+// Column v of dS depends only on column v of dS' and dO, so column tiles of V are independent
+// blocks: (sequence, value head, V tile), 64-column tiles and 8 warps (4 pairs), or 32-column
+// tiles and 4 warps (2 pairs) where the wide grid would fill at most half of the SMs (B * HV
+// small, as the forward's state pass chooses). The chain of dependent products per chunk is what
+// bounds this pass, so it is split over warp pairs: warp w owns rows v = 16 (w % pairs) .. + 15
+// and half w / pairs of k, a 16 x 64 slice of dS^T in mma.sync accumulators (32 registers).
+//   1. its partial dVn^T: its k half of dS^T KR^T and its t half of dO^T M      48 mma
+//   2. the pair swaps partials through shared memory (one named barrier) and both add them;
+//      fp32 addition commutes, so both warps hold the same dVn^T, bit for bit
+//   3. its half of the dS^T update, A operands dO^T (ldmatrix) and -dVn^T (registers)  64 mma
+// against 224 mma per warp when one warp carried all of k. dS^T and dVn^T never leave registers
+// except for that swap.
+// Streaming: W, KR, Qe, M of chunk c - 1 are copied by cp.async into the other half of a double
+// buffer while chunk c is computed, and dO of chunk c - 1 (strided, any float dtype) is loaded
+// into registers at the same time, converted to bf16 and stored to shared memory at the top of
+// the next step. One block barrier per chunk (it both publishes chunk c's tiles and retires the
+// buffers of chunk c + 1), one pair barrier.
+// Shared memory: 170 KB with 4 pairs, 146 KB with 2 (Hopper; the backward's gradient kernel
+// needs Hopper's shared memory anyway, check_grads_device()). 171 to 181 registers.
+#include "core/check.h"
+#include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
+#include "cuda/device_info.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
-constexpr int kVT = 16 * kWarps;  // state columns per block
-constexpr int kLdO = kVT + 8;
+using bwd::to_a;
 
+// kPairs warp pairs: 4 (64 state columns per block), or 2 (32 columns) where 4 would leave more
+// than half of the multiprocessors idle (B * HV small): twice the blocks, as the forward's state
+// pass does (state.cu).
+template <int kPairs>
+struct Shape {
+  static constexpr int kWarps = 2 * kPairs;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kVT = 16 * kPairs;               // state columns (value dims) per block
+  static constexpr int kLdO = kVT + 8;                  // 16-byte row padding
+  static constexpr int kGroupsPerRow = kVT / 8;         // 8-element dO groups per row
+  static constexpr int kGroupsPerThread = kC * kGroupsPerRow / kThreads;
+  static_assert(kGroupsPerThread * kThreads == kC * kGroupsPerRow, "dO tile split evenly");
+};
+
+template <int kPairs>
 struct DStateSmem {
+  using S = Shape<kPairs>;
   bf16 w[2][kC * kLdD];
   bf16 kr[2][kC * kLdD];
   bf16 qe[2][kC * kLdD];
   bf16 m[2][kC * kLdC];
-  bf16 d_o[kC * kLdO];  // dO rows t, columns v of this tile
+  bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
+  float4 swap[S::kWarps][8][32];      // partial dVn^T per warp, [n8 tile][lane]: conflict-free
 };
 
-template <int kTiles>
-__device__ __forceinline__ void to_a(const float (&c)[kTiles][4], int kk, uint32_t (&a)[4]) {
-  a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
-  a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
-  a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-  a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-}
-
-__global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p) {
+template <typename T, int kPairs>
+__global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
+    dstate_kernel(const ChunkParams p, bool d_o_vec) {
+  using S = Shape<kPairs>;
+  constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdO = S::kLdO;
+  constexpr int kGroupsPerRow = S::kGroupsPerRow, kGroupsPerThread = S::kGroupsPerThread;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  DStateSmem& sm = *reinterpret_cast<DStateSmem*>(smem_raw);
+  DStateSmem<kPairs>& sm = *reinterpret_cast<DStateSmem<kPairs>*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
+  const int row_group = warp % kPairs, half = warp / kPairs;  // rows v 16 row_group.., k 64 half..
+  const int k_half = half * 64;
   const int K = p.head_k_dim, V = p.head_v_dim;
-  const int vl = warp * 16 + g;  // this thread's rows of dS^T, within the tile
+  const int vl = row_group * 16 + g;  // this thread's rows of dS^T, within the tile
   const int v_lo = col0 + vl, v_hi = v_lo + 8;
   const Seq seq = sequence(p, n);
   const int64_t num_chunks = (seq.end - seq.begin + kC - 1) / kC;
   const int64_t first_slot = slot_begin(p, n);
 
-  // dS^T: n8 tile nt covers k = 8 nt .. 8 nt + 7 (as sc in state.cu).
-  float dsc[16][4];
+  // dS^T: n8 tile nt covers k = k_half + 8 nt .. + 7 (as sc in state.cu, over half of k).
+  float dsc[8][4];
 #pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
+  for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int k = nt * 8 + 2 * t4 + j;
+      const int k = k_half + nt * 8 + 2 * t4 + j;
       float lo = 0.f, hi = 0.f;
       if (b.d_final_state && k < K) {
         const float* dht = b.d_final_state + n * b.dht_s[0] + hv * b.dht_s[1] + k * b.dht_s[2];
@@ -75,7 +101,7 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
     }
   }
 
-  auto prefetch = [&](int64_t c) {
+  auto prefetch_tiles = [&](int64_t c) {
     const int64_t slot = first_slot + c;
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const int buf = c & 1;
@@ -86,59 +112,85 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
                             kLdC);
     cp_async_commit();
   };
-  if (num_chunks > 0) prefetch(num_chunks - 1);
+  // dO of chunk c, rows t < len, columns v < V of this tile, as bf16 groups of 8 columns:
+  // group i = tid + j * kThreads is row i / kGroupsPerRow, columns 8 (i % kGroupsPerRow) ..
+  const T* d_o = static_cast<const T*>(b.d_o) + seq.batch * b.d_o_s[0] + hv * b.d_o_s[2];
+  uint4 d_o_next[kGroupsPerThread];
+  auto load_d_o = [&](int64_t c) {
+    const int64_t t0 = seq.begin + c * kC;
+    const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
+#pragma unroll
+    for (int j = 0; j < kGroupsPerThread; ++j) {
+      const int i = tid + j * kThreads, t = i / kGroupsPerRow, v = col0 + (i % kGroupsPerRow) * 8;
+      const int valid = t < len ? min(max(V - v, 0), 8) : 0;
+      d_o_next[j] = valid > 0 ? bwd::load8_bf16<T>(d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3],
+                                                   b.d_o_s[3], valid, d_o_vec)
+                              : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  auto gamma_last = [&](int64_t c) {
+    return p.ws.gamma[ws_index(p, first_slot + c, hv, kC) + kC - 1];
+  };
 
-  const int64_t d_o = seq.batch * b.d_o_s[0] + hv * b.d_o_s[2];  // element offset
+  float next_gamma_last = 0.f;
+  if (num_chunks > 0) {
+    prefetch_tiles(num_chunks - 1);
+    load_d_o(num_chunks - 1);
+    next_gamma_last = gamma_last(num_chunks - 1);
+  }
+
   for (int64_t c = num_chunks - 1; c >= 0; --c) {
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
-    const float e_last = __expf(p.ws.gamma[ws_index(p, slot, hv, kC) + kC - 1]);
-    const int64_t t0 = seq.begin + c * kC;
-    const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
+    const float e_last = __expf(next_gamma_last);
 
-    // dS^T here is the gradient of the state leaving chunk c.
+    // dS^T here is the gradient of the state leaving chunk c: this warp's 16 x 64 slice.
     bf16* dst = b.dstates + ws_index(p, slot, hv, kD * kD);
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      const int k = nt * 8 + 2 * t4;
+    for (int nt = 0; nt < 8; ++nt) {
+      const int k = k_half + nt * 8 + 2 * t4;
       *reinterpret_cast<uint32_t*>(dst + v_lo * kD + k) = pack_bf16(dsc[nt][0], dsc[nt][1]);
       *reinterpret_cast<uint32_t*>(dst + v_hi * kD + k) = pack_bf16(dsc[nt][2], dsc[nt][3]);
     }
 
-    __syncthreads();  // every warp is done with chunk c + 1: its buffer and d_o are refilled
+    // Chunk c's dO, loaded during the previous step, into its buffer (last read two steps ago).
+#pragma unroll
+    for (int j = 0; j < kGroupsPerThread; ++j) {
+      const int i = tid + j * kThreads;
+      *reinterpret_cast<uint4*>(&sm.d_o[buf][(i / kGroupsPerRow) * kLdO + (i % kGroupsPerRow) * 8]) =
+          d_o_next[j];
+    }
+    cp_async_wait<0>();  // this thread's copies of chunk c's tiles
+    // Chunk c's tiles and dO are visible to all warps; every warp is done with chunk c + 1, whose
+    // buffers (and the swap area) are free.
+    __syncthreads();
     if (c > 0) {
-      prefetch(c - 1);
+      prefetch_tiles(c - 1);
+      load_d_o(c - 1);
+      next_gamma_last = gamma_last(c - 1);
     }
-    for (int i = threadIdx.x; i < kC * kVT; i += kThreads) {
-      const int t = i / kVT, v = col0 + i % kVT;
-      const float x = (t < len && v < V)
-                          ? load_float(b.d_o, b.d_o_dtype, d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3])
-                          : 0.f;
-      sm.d_o[t * kLdO + i % kVT] = __float2bfloat16_rn(x);
-    }
-    if (c > 0) cp_async_wait<1>();
-    else cp_async_wait<0>();
-    __syncthreads();  // chunk c's tiles and dO are visible to all warps
 
-    // dVn^T = dS^T KR^T + dO^T M: 16 rows v x 64 columns t per warp.
+    uint32_t doa[4][4];  // dO^T's A fragments: rows v of this warp, columns t (k16 blocks)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) load_a_cols(doa[kk], sm.d_o[buf], kLdO, row_group * 16, kk * 16);
+
+    // 1. partial dVn^T = dS^T[:, k half] KR^T[k half, :] + dO^T[:, t half] M[t half, :].
     float dvn[8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < 8; ++kk) {
+    for (int kk = 0; kk < 4; ++kk) {
       uint32_t a[4];
       to_a(dsc, kk, a);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
-        load_b_rows(bb, sm.kr[buf], kLdD, np * 16, kk * 16);
+        load_b_rows(bb, sm.kr[buf], kLdD, np * 16, k_half + kk * 16);
         mma_bf16(dvn[2 * np], a, bb[0], bb[1]);
         mma_bf16(dvn[2 * np + 1], a, bb[2], bb[3]);
       }
     }
-    uint32_t doa[4][4];  // dO^T's A fragments: rows v of this warp, columns t
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) load_a_cols(doa[kk], sm.d_o, kLdO, warp * 16, kk * 16);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
+      if ((kk >> 1) != half) continue;  // warp-uniform; kk stays a constant (doa in registers)
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
@@ -148,26 +200,36 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
       }
     }
 
-    // dS^T <- e_last dS^T + dO^T Qe - dVn^T W.
+    // 2. swap partials with the other warp of the pair (same rows, other half).
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt)
+    for (int nt = 0; nt < 8; ++nt)
+      sm.swap[warp][nt][lane] = make_float4(dvn[nt][0], dvn[nt][1], dvn[nt][2], dvn[nt][3]);
+    bwd::named_barrier(1 + row_group, 64);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dsc[nt][e] *= e_last;
+    for (int nt = 0; nt < 8; ++nt) {
+      const float4 o = sm.swap[warp ^ kPairs][nt][lane];
+      dvn[nt][0] = -(dvn[nt][0] + o.x);
+      dvn[nt][1] = -(dvn[nt][1] + o.y);
+      dvn[nt][2] = -(dvn[nt][2] + o.z);
+      dvn[nt][3] = -(dvn[nt][3] + o.w);
+    }
+
+    // 3. dS^T[:, k half] <- e_last dS^T + dO^T Qe[:, k half] - dVn^T W[:, k half].
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dvn[nt][e] = -dvn[nt][e];
+      for (int e = 0; e < 4; ++e) dsc[nt][e] *= e_last;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t va[4];
       to_a(dvn, kk, va);
 #pragma unroll
-      for (int np = 0; np < 8; ++np) {
+      for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
-        load_b_cols(bb, sm.qe[buf], kLdD, np * 16, kk * 16);
+        load_b_cols(bb, sm.qe[buf], kLdD, k_half + np * 16, kk * 16);
         mma_bf16(dsc[2 * np], doa[kk], bb[0], bb[1]);
         mma_bf16(dsc[2 * np + 1], doa[kk], bb[2], bb[3]);
-        load_b_cols(bb, sm.w[buf], kLdD, np * 16, kk * 16);
+        load_b_cols(bb, sm.w[buf], kLdD, k_half + np * 16, kk * 16);
         mma_bf16(dsc[2 * np], va, bb[0], bb[1]);
         mma_bf16(dsc[2 * np + 1], va, bb[2], bb[3]);
       }
@@ -176,10 +238,10 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
 
   if (b.d_initial_state) {
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
+    for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int k = nt * 8 + 2 * t4 + j;
+        const int k = k_half + nt * 8 + 2 * t4 + j;
         if (k >= K) continue;
         float* dh0 = b.d_initial_state + n * b.dh0_s[0] + hv * b.dh0_s[1] + k * b.dh0_s[2];
         if (v_lo < V) dh0[v_lo * b.dh0_s[3]] = dsc[nt][j];
@@ -189,16 +251,38 @@ __global__ void __launch_bounds__(kThreads, 1) dstate_kernel(const ChunkParams p
   }
 }
 
-}  // namespace
-
-void launch_dstate(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(DStateSmem);
+template <typename T, int kPairs>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  constexpr int kVT = Shape<kPairs>::kVT;
+  const size_t smem = sizeof(DStateSmem<kPairs>);
+  auto* kernel = dstate_kernel<T, kPairs>;
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-      dstate_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + kVT - 1) / kVT);
-  dstate_kernel<<<grid, kThreads, smem, stream>>>(p);
+  const bool vec = bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
+  kernel<<<grid, Shape<kPairs>::kThreads, smem, stream>>>(p, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  const int64_t wide_blocks =
+      static_cast<int64_t>(p.num_seqs) * p.num_v_heads * ((p.head_v_dim + 63) / 64);
+  if (2 * wide_blocks <= device_info().sm_count) launch<T, 2>(p, stream);
+  else launch<T, 4>(p, stream);
+}
+
+}  // namespace
+
+size_t dstate_smem_bytes() { return sizeof(DStateSmem<4>); }  // the larger shape
+
+void launch_dstate(const ChunkParams& p, cudaStream_t stream) {
+  switch (p.bwd.d_o_dtype) {
+    case DType::kFloat32: launch<float>(p, stream); break;
+    case DType::kFloat16: launch<__half>(p, stream); break;
+    default: launch<bf16>(p, stream); break;
+  }
 }
 
 }  // namespace flashdelta::detail::cuda::chunk

@@ -3,10 +3,12 @@
 // that chunk alone (launch.cu, above backward(), has the whole picture; the CPU kernel's
 // `backward()` has the derivation, line by line, which this kernel follows in the same order).
 //
-// Per (slot, value head), 256 threads (8 warps), one 64-token chunk. Operands are bf16 tiles in
-// shared memory, products run on the tensor cores (mma_tile, fp32 accumulators in one shared
-// fp32 tile that each step reuses); row reductions go by warp shuffles and the gate reductions by
-// one thread per row, in fixed orders: deterministic.
+// Per (slot, key head), 256 threads (8 warps), one 64-token chunk; the block walks the HV / H
+// value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
+// products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
+// handled in registers by an epilogue); row reductions go by shuffles, the gate reductions by four
+// threads per row and the reverse cumsum by a warp scan, in fixed orders: deterministic. Per value
+// head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
 //   dM  = dO Vn^T: dgamma += rows(dM * M) - cols(dM * M);   dMg = dM * Gamma
@@ -16,13 +18,33 @@
 //   dv  = diag(b) T^T dVn;  dbeta = rows(T^T dVn * V) + e rows(T^T dW * K) + rows(dA * KKg)
 //   dA  = -strictLower(T^T dT T^T): dgamma += rows(dA * A) - cols(dA * A);  dA <- dA b Gamma
 //   dg  = reverse cumsum of dgamma (+ e de - r dr, + the last row's e_last S.dS' + sum r dr)
-// dq, dk go per value head to fp32 rows of the workspace ([B * T, HV, K], dq already times the
-// scale); the reduction over a key head's value heads and the l2norm backward follow in
-// reduce.cu. dv, dg, dbeta are stored in their tensors' dtypes.
+// dv, dg, dbeta are stored per value head in their tensors' dtypes. dQ and dK (with respect to
+// the normalised q and k) are summed over the value heads in registers, in the products' fragment
+// layout (bwd::RegTile, 32 registers each): the products that make them add their accumulators
+// (times the row gates) straight in, with no fp32 tile and no barrier. At the end the sums pass
+// through the fp32 tile to one row per warp, where the l2norm backward (dx = inv (dy - y (y . dy)),
+// inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
+// per-value-head rows, no atomics, no reduction kernel.
+// Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
+// over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per-warp halves, summed
+// in a fixed order) run in the products' epilogues on their registers, and dv is stored from
+// them; the fp32 tile carries only products that a later product accumulates onto (read back by
+// the thread that wrote them: no barrier) and the 64 x 64 tiles whose row and column sums make
+// dgamma and dbeta.
+// Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
+// together for the first value head; dO too when it is bf16 with 16-byte rows, else by 16-byte
+// (or element) loads issued before any is used, converted by the block. The next value
+// head's tiles are copied as soon as this one's last product with each is done (S^T and dS'^T
+// after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the rest
+// of its work.
 //
-// Shared memory: 222 KB (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
-// version). Work per chunk and head: 12 products, ~8.4 M multiply-adds, for ~100 KB read.
+// Launch: grid (slot, key head), 256 threads, 255 registers, 217 KB of shared memory (Hopper's
+// 227 KB opt-in; an A100's 163 KB is too small for this version): one block per SM. Work per chunk
+// and value head: 18 products, ~11.5 M multiply-adds, for ~130 KB read.
+#include <type_traits>
+
 #include "core/check.h"
+#include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/device_info.cuh"
 
@@ -31,13 +53,14 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr int kRowsPerWarp = kC / kWarps;  // rows warp + 8 m of the dq, dk accumulators
 
 struct GradSmem {
   bf16 q[kC * kLdD];    // normalised, scaled q
   bf16 k[kC * kLdD];    // normalised k
   bf16 dov[kC * kLdD];  // dO, then v
-  bf16 wx[kC * kLdD];   // W, then Vn, then dW
-  bf16 dvn[kC * kLdD];  // dVn
+  bf16 w_dvn[kC * kLdD];     // W, then dVn
+  bf16 u_vn_dw[kC * kLdD];  // U, then Vn (formed in place), then dW
   bf16 st[kD * kLdD];   // S^T entering the chunk   [v][k]
   bf16 dst[kD * kLdD];  // dS'^T leaving the chunk  [v][k]
   bf16 m[kC * kLdC];    // M, then dM * Gamma
@@ -46,7 +69,10 @@ struct GradSmem {
   // One fp32 product tile [64, kLdDf], or two [64, kLdCf] (the second at kC * kLdCf).
   float f[2 * kC * kLdCf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], de[kC], dr[kC], dbeta[kC];
-  float red[kThreads];
+  float red[kWarps];  // d e_last per warp
+  // Row dot products made in products' epilogues: one partial per half of the columns (the two
+  // warps that share the rows), added in that order where used.
+  float dr_half[2][kC], de_half[2][kC], dkb_half[2][kC], dvb_half[2][kC];
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
 static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
@@ -58,313 +84,529 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a tile, zero
-// outside v < V, k < K (rows past the state kernels' column tiles are never written).
-__device__ __forceinline__ void load_state_tile(const bf16* src, int V, int K, bf16* tile) {
-  for (int i = threadIdx.x; i < kD * kD; i += kThreads) {
-    const int v = i / kD, k = i % kD;
-    tile[v * kLdD + k] = (v < V && k < K) ? src[i] : __float2bfloat16_rn(0.f);
+// Starts copying S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a
+// tile; rows v >= V are zero-filled (rows past the state kernels' column tiles are never written;
+// columns k >= K are written, zero, by them). Commit and wait are the caller's.
+__device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
+  constexpr int kPerRow = kD / 8;
+  for (int i = threadIdx.x; i < kD * kPerRow; i += kThreads) {
+    const int v = i / kPerRow, c = (i % kPerRow) * 8;
+    bwd::cp_async16_or_zero(tile + v * kLdD + c, src + v * kD + c, v < V);
   }
 }
 
-// fp32 product tile -> bf16 tile, times `mul`.
-__device__ __forceinline__ void to_bf16(const float* f, bf16* tile, float mul) {
-  for (int i = threadIdx.x; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    tile[r * kLdD + c] = __float2bfloat16_rn(mul * f[r * kLdDf + c]);
+// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V: four
+// groups of eight columns per thread, all loads issued before the first store. `native`: dO has
+// q's dtype T; `vec`: its rows also allow 16-byte loads (bwd::rows_vectorisable).
+template <typename T>
+__device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                              bool native, bool vec, bf16* tile) {
+  constexpr int kPerRow = kD / 8, kGroups = kC * kPerRow / kThreads;
+  const BackwardParams& b = p.bwd;
+  const int64_t base = ch.batch * b.d_o_s[0] + ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
+  uint4 x[kGroups];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int i = threadIdx.x + j * kThreads, r = i / kPerRow, c = (i % kPerRow) * 8;
+    const int valid = r < ch.len ? min(max(p.head_v_dim - c, 0), 8) : 0;
+    const int64_t at = base + r * b.d_o_s[1] + c * b.d_o_s[3];
+    x[j] = valid == 0 ? make_uint4(0u, 0u, 0u, 0u)
+           : native   ? bwd::load8_bf16<T>(static_cast<const T*>(b.d_o) + at, b.d_o_s[3], valid, vec)
+                      : bwd::load8_bf16_any(b.d_o, b.d_o_dtype, at, b.d_o_s[3], valid);
+  }
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    *reinterpret_cast<uint4*>(tile + (i / kPerRow) * kLdD + (i % kPerRow) * 8) = x[j];
+  }
+}
+
+// For row i = threadIdx.x / 4 of 64 x 64 fp32 tiles (row stride kLdCf): net = sum_j (X[i][j] -
+// X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). Four threads per row, 16 columns each,
+// then a fixed butterfly over the four: every thread of the block takes part, all four hold the
+// row's sums.
+__device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, float& net,
+                                                float& y) {
+  const int i = threadIdx.x >> 2, j0 = (threadIdx.x & 3) * 16;
+  float a = 0.f, b = 0.f;
+#pragma unroll
+  for (int jj = 0; jj < 16; ++jj) {
+    const int j = j0 + jj;
+    a += X[i * kLdCf + j] - X[j * kLdCf + i];
+    if (Y) b += Y[i * kLdCf + j];
+  }
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    a += __shfl_xor_sync(0xffffffffu, a, off);
+    b += __shfl_xor_sync(0xffffffffu, b, off);
+  }
+  net = a, y = b;
+}
+
+// A product's epilogue has added up, per thread, a row quantity over its columns for rows
+// 16 (w % 4) + g (lo) and that + 8 (hi): sums the four lanes of each row (fixed butterfly) and
+// stores the warp's half, half[w / 4][row].
+__device__ __forceinline__ void store_row_halves(float lo, float hi, float (&half)[2][kC]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    lo += __shfl_xor_sync(0xffffffffu, lo, off);
+    hi += __shfl_xor_sync(0xffffffffu, hi, off);
+  }
+  if ((lane & 3) == 0) {
+    const int row = (warp & 3) * 16 + (lane >> 2);
+    half[warp >> 2][row] = lo;
+    half[warp >> 2][row + 8] = hi;
+  }
+}
+
+// Starts copying dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile by cp.async,
+// zero-filled past len and V: for bf16 dO whose rows allow 16-byte reads (V a multiple of 8), so
+// that the next value head's dO can stream in behind the current one's work. Commit and wait are
+// the caller's.
+__device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                               bf16* tile) {
+  constexpr int kPerRow = kD / 8;
+  const BackwardParams& b = p.bwd;
+  const bf16* src = static_cast<const bf16*>(b.d_o) + ch.batch * b.d_o_s[0] +
+                    ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
+  for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
+    const int r = i / kPerRow, c = (i % kPerRow) * 8;
+    const bool valid = r < ch.len && c < p.head_v_dim;
+    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * b.d_o_s[1] + c : src, valid);
+  }
+}
+
+// dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
+// shared memory; warp w takes rows w + 8 m, lane l columns l + 32 j), through the l2norm when it
+// was applied; stored in x's dtype.
+template <typename T>
+__device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
+                                               const T* x, const int64_t* x_s, T* dx,
+                                               const int64_t* dx_s, const float* dy) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
+#pragma unroll
+  for (int m = 0; m < kRowsPerWarp; ++m) {
+    const int r = warp + kWarps * m;
+    if (r >= ch.len) continue;  // warp-uniform
+    const int64_t t = ch.t0 + r;
+    const T* xr = x + ch.batch * x_s[0] + t * x_s[1] + h * x_s[2];
+    T* out = dx + ch.batch * dx_s[0] + t * dx_s[1] + h * dx_s[2];
+    float g[4], xv[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int d = lane + 32 * j;
+      g[j] = dy[r * kLdDf + d];
+      xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
+    }
+    if (p.l2norm) {
+      float ss = 0.f, xdot = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        ss += xv[j] * xv[j];
+        xdot += xv[j] * g[j];
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        xdot += __shfl_xor_sync(0xffffffffu, xdot, off);
+      }
+      const float inv = rsqrtf(ss + kL2NormEps), ydot = xdot * inv;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[j] = inv * (g[j] - xv[j] * inv * ydot);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int d = lane + 32 * j;
+      if (d < K) out[d * dx_s[3]] = from_f32<T>(g[j]);
+    }
   }
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) grads_kernel(const ChunkParams p) {
+__global__ void __launch_bounds__(kThreads, 1)
+    grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec) {
+  // bf16 dO with 16-byte rows streams in by cp.async (a later head's behind the previous head's
+  // work); otherwise the block loads and converts it at the head's start.
+  constexpr bool kBf16 = std::is_same<T, bf16>::value;
+  const bool d_o_async = kBf16 && d_o_native && d_o_vec;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   GradSmem& sm = *reinterpret_cast<GradSmem*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t slot = blockIdx.x;
-  const int hv = blockIdx.y, hk = hv / p.group;
+  const int hk = blockIdx.y;
   const ChunkRef ch = chunk_of_slot(p, slot);
   if (ch.len == 0) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
   float* const f = sm.f;                  // [64, kLdDf]
   float* const f2 = sm.f + kC * kLdCf;    // second [64, kLdCf] tile
-  const size_t tile = ws_index(p, slot, hv, kC * kD);
-  const size_t small = ws_index(p, slot, hv, kC * kC);
-  const size_t state = ws_index(p, slot, hv, kD * kD);
 
-  // ---- loads: workspace tiles by cp.async, inputs converted (and normalised) by the block.
-  copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.wx, kLdD);
-  copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
-  copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
-  cp_async_commit();
-  load_gates(p, ch, hv, sm.gamma, sm.beta);
+  // q and k of the key head, once for all its value heads.
   load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
                          p.l2norm, p.scale, nullptr, sm.q);
   load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
                          p.l2norm, 1.f, nullptr, sm.k);
-  {
-    const int64_t base = ch.batch * b.d_o_s[0] + ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
-    for (int i = tid; i < kC * kD; i += kThreads) {
-      const int r = i / kD, c = i % kD;
-      const float x = (r < ch.len && c < V)
-                          ? load_float(b.d_o, b.d_o_dtype, base + r * b.d_o_s[1] + c * b.d_o_s[3])
-                          : 0.f;
-      sm.dov[r * kLdD + c] = __float2bfloat16_rn(x);
-    }
-  }
-  load_state_tile(b.states + state, V, K, sm.st);
-  load_state_tile(b.dstates + state, V, K, sm.dst);
-  cp_async_wait<0>();
-  __syncthreads();
-  const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
-  if (tid < kC) {
-    sm.e[tid] = __expf(sm.gamma[tid]);
-    sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
-  }
-  // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, then a fixed tree).
-  {
-    float acc = 0.f;
-    for (int i = tid; i < kD * kD; i += kThreads) {
-      const int v = i / kD, k = i % kD;
-      acc += __bfloat162float(sm.st[v * kLdD + k]) * __bfloat162float(sm.dst[v * kLdD + k]);
-    }
-    sm.red[tid] = acc;
-  }
+  // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
+  // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
+  bwd::RegTile dq_sum = {}, dk_sum = {};
+  auto add_to = [](bwd::RegTile& sum, auto row_mul) {
+    return [&sum, row_mul](int blk, int row, int, const float (&acc)[4][4]) {
+      bwd::add_rows(sum, blk, row, acc, row_mul);
+    };
+  };
 
-  // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed)
-  mma_tile<kC, kD, kD, false, true, kThreads>(f, kLdDf, sm.wx, kLdD, sm.st, kLdD, false);
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {  // the d e_last tree, beside the products
-    if (tid < s) sm.red[tid] += sm.red[tid + s];
+  for (int rep = 0; rep < p.group; ++rep) {
+    const int hv = hk * p.group + rep;
+    const size_t tile = ws_index(p, slot, hv, kC * kD);
+    const size_t small = ws_index(p, slot, hv, kC * kC);
+    const size_t state = ws_index(p, slot, hv, kD * kD);
+    __syncthreads();  // the previous value head is done with every tile
+
+    // ---- loads: workspace tiles by cp.async (a later head's were started during the previous
+    // head, as soon as their buffers were free: below), dO by the block.
+    if (rep == 0) {
+      copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
+      copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
+      copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
+      copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
+      copy_state_async(b.states + state, V, sm.st);
+      copy_state_async(b.dstates + state, V, sm.dst);
+      if (d_o_async) copy_d_o_async(p, ch, hv, sm.dov);
+      cp_async_commit();
+    }
+    load_gates(p, ch, hv, sm.gamma, sm.beta);
+    if (!d_o_async) load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
+    cp_async_wait<0>();
     __syncthreads();
-  }
-  {
-    const bf16* u = p.ws.u + tile;
-    for (int i = tid; i < kC * kD; i += kThreads) {
-      const int r = i / kD, c = i % kD;
-      sm.wx[r * kLdD + c] = __float2bfloat16_rn(__bfloat162float(u[i]) - f[r * kLdDf + c]);
+    const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
+    if (tid < kC) {
+      sm.e[tid] = __expf(sm.gamma[tid]);
+      sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
     }
-  }
-  __syncthreads();
-
-  // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i
-  mma_tile<kC, kD, kD, false, true, kThreads>(f, kLdDf, sm.k, kLdD, sm.dst, kLdD, false);
-  __syncthreads();
-  for (int row = warp; row < kC; row += kWarps) {
-    float acc = 0.f;
-    const float rr = sm.r[row];
-#pragma unroll
-    for (int j = 0; j < kD / 32; ++j) {
-      const int c = lane + 32 * j;
-      float& kds = f[row * kLdDf + c];
-      acc += kds * __bfloat162float(sm.wx[row * kLdD + c]);
-      kds *= rr;
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) sm.dr[row] = acc;
-  }
-  __syncthreads();
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.dov, kLdD, true);
-  __syncthreads();
-  to_bf16(f, sm.dvn, 1.f);
-  __syncthreads();
-
-  // ---- dM = dO Vn^T (causal part): gamma's share, then dM * Gamma into m.
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.dov, kLdD, sm.wx, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    float x = 0.f, dmg = 0.f;
-    if (c <= r) {
-      const float dm = f[r * kLdCf + c];
-      x = dm * __bfloat162float(sm.m[r * kLdC + c]);
-      dmg = dm * __expf(sm.gamma[r] - sm.gamma[c]);
-    }
-    f2[r * kLdCf + c] = x;
-    sm.m[r * kLdC + c] = __float2bfloat16_rn(dmg);
-  }
-  __syncthreads();
-  if (tid < kC) {
-    float acc = 0.f;
-    for (int j = 0; j < kC; ++j) acc += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
-    sm.dgam[tid] = acc;
-  }
-  __syncthreads();
-
-  // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k])
-  mma_tile<kC, kD, kD, false, false, kThreads>(f, kLdDf, sm.dov, kLdD, sm.st, kLdD, false);
-  __syncthreads();
-  for (int row = warp; row < kC; row += kWarps) {
-    float acc = 0.f;
-    const float er = sm.e[row];
-#pragma unroll
-    for (int j = 0; j < kD / 32; ++j) {
-      const int c = lane + 32 * j;
-      float& dos = f[row * kLdDf + c];
-      acc += dos * __bfloat162float(sm.q[row * kLdD + c]);
-      dos *= er;
-    }
-    acc = warp_sum(acc);
-    if (lane == 0) sm.de[row] = acc;
-  }
-  __syncthreads();
-  mma_tile<kC, kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD, true);
-  __syncthreads();
-  // Rows of this chunk in the per-value-head [B * T, HV, K] fp32 gradients.
-  const int64_t row0 = (ch.batch * p.seq_len + ch.t0) * p.num_v_heads + hv;
-  auto head_row = [&](float* base, int r) { return base + (row0 + int64_t(r) * p.num_v_heads) * K; };
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dq_heads, r)[c] = p.scale * f[r * kLdDf + c];
-  }
-  __syncthreads();
-
-  // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.q, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dk_heads, r)[c] = f[r * kLdDf + c];
-  }
-  __syncthreads();
-  mma_tile<kC, kD, kD, false, false, kThreads>(f, kLdDf, sm.wx, kLdD, sm.dst, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dk_heads, r)[c] += sm.r[r] * f[r * kLdDf + c];
-  }
-  __syncthreads();
-
-  // ---- dW = -dVn S^T (into wx: Vn is done); v replaces dO.
-  mma_tile<kC, kD, kD, false, false, kThreads>(f, kLdDf, sm.dvn, kLdD, sm.st, kLdD, false);
-  __syncthreads();
-  to_bf16(f, sm.wx, -1.f);
-  __syncthreads();
-  load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
-                         false, 1.f, nullptr, sm.dov);
-
-  // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b)
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.wx, kLdD, sm.k, kLdD, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) f[(i / kC) * kLdCf + i % kC] *= sm.e[i % kC];
-  __syncthreads();
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.dvn, kLdD, sm.dov, kLdD, true);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    sm.x[r * kLdC + c] = __float2bfloat16_rn(f[r * kLdCf + c] * sm.beta[c]);
-  }
-  __syncthreads();
-
-  // ---- dVb = T^T dVn: dv = diag(b) dVb, dbeta_i = dVb_i . v_i
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.dvn, kLdD, false);
-  __syncthreads();
-  {
-    T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
-    for (int row = warp; row < kC; row += kWarps) {
+    // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
+    // warps in order at the end).
+    {
       float acc = 0.f;
-      const float br = sm.beta[row];
+      for (int i = tid; i < kD * kD / 8; i += kThreads) {  // eight columns (16 bytes) at a time
+        const int v = i / (kD / 8), k = (i % (kD / 8)) * 8;
+        const uint4 sv = *reinterpret_cast<const uint4*>(sm.st + v * kLdD + k);
+        const uint4 dv = *reinterpret_cast<const uint4*>(sm.dst + v * kLdD + k);
+        const __nv_bfloat162* s2 = reinterpret_cast<const __nv_bfloat162*>(&sv);
+        const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
 #pragma unroll
-      for (int j = 0; j < kD / 32; ++j) {
-        const int c = lane + 32 * j;
-        const float dvb = f[row * kLdDf + c];
-        acc += dvb * __bfloat162float(sm.dov[row * kLdD + c]);
-        if (row < ch.len && c < V) dv[row * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * dvb);
+        for (int e = 0; e < 4; ++e) {
+          const float2 a = __bfloat1622float2(s2[e]), b = __bfloat1622float2(d2[e]);
+          acc += a.x * b.x;
+          acc += a.y * b.y;
+        }
       }
       acc = warp_sum(acc);
-      if (lane == 0) sm.dbeta[row] = acc;
+      if (lane == 0) sm.red[warp] = acc;  // summed in warp order at the end
     }
-  }
-  __syncthreads();
 
-  // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.t, kLdC, sm.wx, kLdD, false);
-  __syncthreads();
-  for (int row = warp; row < kC; row += kWarps) {
-    float acc = 0.f;
-    const float be = sm.beta[row] * sm.e[row];
+    // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
+    // is read and replaced by the thread that holds its product (U is no operand).
+    bwd::gemm_apply<kD, kD, false, true, kThreads>(
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
+            const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
+            *at = pack_bf16(u.x - x0, u.y - x1);
+          });
+        });
+    __syncthreads();
+
+    // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
+    // takes dr's partial dots and stores diag(r) K dS'; the second reads back only what the same
+    // thread stored (same layout): no barrier between them.
+    {
+      float dr_lo = 0.f, dr_hi = 0.f;
+      bwd::gemm_apply<kD, kD, false, true, kThreads>(
+          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+            const float r_lo = sm.r[row], r_hi = sm.r[row + 8];
 #pragma unroll
-    for (int j = 0; j < kD / 32; ++j) {
-      const int c = lane + 32 * j;
-      const float dkb = f[row * kLdDf + c];
-      acc += dkb * __bfloat162float(sm.k[row * kLdD + c]);
-      if (row < ch.len && c < K) head_row(b.dk_heads, row)[c] += be * dkb;
+            for (int nt = 0; nt < 4; ++nt) {
+              const int c = col + 8 * nt;
+              const float2 vn_lo = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
+              const float2 vn_hi = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + (row + 8) * kLdD + c));
+              dr_lo += acc[nt][0] * vn_lo.x + acc[nt][1] * vn_lo.y;
+              dr_hi += acc[nt][2] * vn_hi.x + acc[nt][3] * vn_hi.y;
+              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
+                  make_float2(r_lo * acc[nt][0], r_lo * acc[nt][1]);
+              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
+                  make_float2(r_hi * acc[nt][2], r_hi * acc[nt][3]);
+            }
+          });
+      store_row_halves(dr_lo, dr_hi, sm.dr_half);
     }
-    acc = warp_sum(acc);
-    if (lane == 0) {
-      sm.dbeta[row] += sm.e[row] * acc;
-      sm.de[row] += sm.beta[row] * acc;
-    }
-  }
-  __syncthreads();
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
+        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
+        });
+    __syncthreads();
 
-  // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it
-  mma_tile<kC, kC, kC, true, false, kThreads>(f2, kLdCf, sm.t, kLdC, sm.x, kLdC, false);
-  __syncthreads();
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    sm.x[r * kLdC + c] = __float2bfloat16_rn(f2[r * kLdCf + c]);
-  }
-  __syncthreads();
-  mma_tile<kC, kC, kC, false, true, kThreads>(f2, kLdCf, sm.x, kLdC, sm.t, kLdC, false);
-  mma_tile<kC, kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
-  __syncthreads();
-  // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
-  // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
-  for (int i = tid; i < kC * kC; i += kThreads) {
-    const int r = i / kC, c = i % kC;
-    float db = 0.f, dg = 0.f, dkk = 0.f;
-    if (c < r) {
-      const float gate = __expf(sm.gamma[r] - sm.gamma[c]);
-      const float da = -f2[r * kLdCf + c];
-      const float kkg = gate * f[r * kLdCf + c];
-      db = da * kkg;
-      dg = db * sm.beta[r];
-      dkk = da * sm.beta[r] * gate;
+    // ---- dM = dO Vn^T (causal part): gamma's share dM * M into f2, dM * Gamma over M (each
+    // element of M read and replaced by the thread that holds its product; M is no operand).
+    bwd::gemm_apply<kC, kD, false, true, kThreads>(
+        nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
+        [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float dm0, float dm1) {
+            const float dm[2] = {dm0, dm1};
+            float x[2], dmg[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const bool causal = c + e <= r;
+              x[e] = causal ? dm[e] * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
+              dmg[e] = causal ? dm[e] * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+            }
+            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(x[0], x[1]);
+            *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
+          });
+        });
+    __syncthreads();
+    {
+      float net, unused;
+      rows_minus_cols(f2, nullptr, net, unused);
+      if ((tid & 3) == 0) sm.dgam[tid >> 2] = net;
     }
-    f[r * kLdCf + c] = db;
-    f2[r * kLdCf + c] = dg;
-    sm.x[r * kLdC + c] = __float2bfloat16_rn(dkk);
-  }
-  __syncthreads();
-  if (tid < kC) {
-    float db = 0.f, dg = 0.f;
-    for (int j = 0; j < kC; ++j) {
-      db += f[tid * kLdCf + j];
-      dg += f2[tid * kLdCf + j] - f2[j * kLdCf + tid];
+    __syncthreads();
+
+    // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
+    // same pattern as dVn's: de's partial dots in the first product's epilogue.
+    {
+      float de_lo = 0.f, de_hi = 0.f;
+      bwd::gemm_apply<kD, kD, false, false, kThreads>(
+          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+            const float e_lo = sm.e[row], e_hi = sm.e[row + 8];
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              const int c = col + 8 * nt;
+              const float2 q_lo = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
+              const float2 q_hi = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.q + (row + 8) * kLdD + c));
+              de_lo += acc[nt][0] * q_lo.x + acc[nt][1] * q_lo.y;
+              de_hi += acc[nt][2] * q_hi.x + acc[nt][3] * q_hi.y;
+              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
+                  make_float2(e_lo * acc[nt][0], e_lo * acc[nt][1]);
+              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
+                  make_float2(e_hi * acc[nt][2], e_hi * acc[nt][3]);
+            }
+          });
+      store_row_halves(de_lo, de_hi, sm.de_half);
     }
-    sm.dbeta[tid] += db;
-    sm.dgam[tid] += dg;
-  }
-  __syncthreads();
+    bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
+                                                    add_to(dq_sum, [&](int) { return p.scale; }));
 
-  // ---- dk += dA K + dA^T K
-  mma_tile<kC, kD, kC, false, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, false);
-  __syncthreads();
-  mma_tile<kC, kD, kC, true, false, kThreads>(f, kLdDf, sm.x, kLdC, sm.k, kLdD, true);
-  __syncthreads();
-  for (int i = tid; i < kC * kD; i += kThreads) {
-    const int r = i / kD, c = i % kD;
-    if (r < ch.len && c < K) head_row(b.dk_heads, r)[c] += f[r * kLdDf + c];
+    // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
+                                                   add_to(dk_sum, [](int) { return 1.f; }));
+    bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
+                                                    add_to(dk_sum, [&](int r) { return sm.r[r]; }));
+    __syncthreads();  // f and Vn are read: dW replaces Vn
+
+    // ---- dW = -dVn S^T (over Vn, done with); v replaces dO.
+    bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
+        });
+    __syncthreads();
+    if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
+      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
+      copy_state_async(b.states + next, V, sm.st);
+      copy_state_async(b.dstates + next, V, sm.dst);
+      cp_async_commit();
+    }
+    load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
+                           false, 1.f, nullptr, sm.dov);
+
+    // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
+    // second product reads back only what the same thread wrote in the first.
+    bwd::gemm_apply<kC, kD, false, true, kThreads>(
+        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
+          });
+        });
+    __syncthreads();  // v is in dov
+    bwd::gemm_apply<kC, kD, false, true, kThreads>(
+        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
+                pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
+          });
+        });
+    __syncthreads();
+
+    // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
+    // halves (applied with dA's row sums below).
+    {
+      T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
+      float dvb_lo = 0.f, dvb_hi = 0.f;
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(
+          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+              const int r = row + 8 * h;
+              const float br = sm.beta[r];
+              float dot = 0.f;
+#pragma unroll
+              for (int nt = 0; nt < 4; ++nt) {
+                const int c = col + 8 * nt;
+                const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
+                const float2 vv = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.dov + r * kLdD + c));
+                dot += x0 * vv.x + x1 * vv.y;
+                if (r < ch.len) {
+                  if (c < V) dv[r * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * x0);
+                  if (c + 1 < V) dv[r * b.dv_s[1] + (c + 1) * b.dv_s[3]] = from_f32<T>(br * x1);
+                }
+              }
+              (h == 0 ? dvb_lo : dvb_hi) += dot;
+            }
+          });
+      store_row_halves(dvb_lo, dvb_hi, sm.dvb_half);
+    }
+
+    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' halves
+    // applied with dA's row sums below), all in the epilogue.
+    {
+      float dkb_lo = 0.f, dkb_hi = 0.f;
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(
+          nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
+          [&](int blk, int row, int col, const float (&acc)[4][4]) {
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              const int c = col + 8 * nt;
+              const float2 k_lo = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
+              const float2 k_hi = __bfloat1622float2(
+                  *reinterpret_cast<const __nv_bfloat162*>(sm.k + (row + 8) * kLdD + c));
+              dkb_lo += acc[nt][0] * k_lo.x + acc[nt][1] * k_lo.y;
+              dkb_hi += acc[nt][2] * k_hi.x + acc[nt][3] * k_hi.y;
+            }
+            bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
+          });
+      store_row_halves(dkb_lo, dkb_hi, sm.dkb_half);
+    }
+
+    // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
+    // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
+    // registers (K K^T at the same positions of f, written by the same thread):
+    // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
+    // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
+    bwd::gemm_apply<kC, kC, true, false, kThreads>(
+        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
+        });
+    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
+    __syncthreads();
+    if (rep + 1 < p.group) {  // dVn, dW (dKb was their last product) and v are done with
+      const size_t next = ws_index(p, slot, hv + 1, kC * kD);
+      copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
+      copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
+      if (d_o_async) copy_d_o_async(p, ch, hv + 1, sm.dov);
+      cp_async_commit();
+    }
+    bwd::gemm_apply<kC, kC, false, true, kThreads>(
+        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+            const float tdt[2] = {x0, x1};
+            float db[2], dg[2], dkk[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              db[e] = dg[e] = dkk[e] = 0.f;
+              if (c + e < r) {
+                const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
+                const float da = -tdt[e];
+                const float kkg = gate * f[r * kLdCf + c + e];
+                db[e] = da * kkg;
+                dg[e] = db[e] * sm.beta[r];
+                dkk[e] = da * sm.beta[r] * gate;
+              }
+            }
+            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(db[0], db[1]);
+            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(dg[0], dg[1]);
+            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
+          });
+        });
+    __syncthreads();
+    if (rep + 1 < p.group) {  // M (now T^T dT) and T are done with
+      const size_t next = ws_index(p, slot, hv + 1, kC * kC);
+      copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
+      copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
+      cp_async_commit();
+    }
+    {
+      float dg, db;
+      rows_minus_cols(f2, f, dg, db);
+      if ((tid & 3) == 0) {
+        const int i = tid >> 2;
+        const float dkb_k = sm.dkb_half[0][i] + sm.dkb_half[1][i];
+        const float dvb_v = sm.dvb_half[0][i] + sm.dvb_half[1][i];
+        sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
+        sm.de[i] = (sm.de_half[0][i] + sm.de_half[1][i]) + sm.beta[i] * dkb_k;
+        sm.dgam[i] += dg;
+      }
+    }
+    __syncthreads();
+
+    // ---- dk += dA K + dA^T K
+    bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+                                                    add_to(dk_sum, [](int) { return 1.f; }));
+    bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+                                                   add_to(dk_sum, [](int) { return 1.f; }));
+
+    // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
+    // cumsum
+    if (tid < kC) {
+      sm.dr[tid] = sm.dr_half[0][tid] + sm.dr_half[1][tid];
+      sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
+    }
+    __syncthreads();
+    if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
+      float de_last = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) de_last += sm.red[w];
+      const float dlast =
+          de_last * e_last +
+          warp_sum(sm.dr[2 * lane] * sm.r[2 * lane] + sm.dr[2 * lane + 1] * sm.r[2 * lane + 1]);
+      const float x0 = sm.dgam[2 * lane];
+      const float x1 = sm.dgam[2 * lane + 1] + (lane == 31 ? dlast : 0.f);
+      float suffix = x0 + x1;  // inclusive suffix sum over the lanes' pairs
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float y = __shfl_down_sync(0xffffffffu, suffix, off);
+        if (lane + off < 32) suffix += y;
+      }
+      float after = __shfl_down_sync(0xffffffffu, suffix, 1);  // rows past 2 l + 1
+      if (lane == 31) after = 0.f;
+      const float d1 = x1 + after;
+      sm.dgam[2 * lane + 1] = d1;
+      sm.dgam[2 * lane] = x0 + d1;
+    }
+    __syncthreads();
+    if (tid < ch.len) {
+      const int64_t row = ch.batch * b.dg_s[0] + (ch.t0 + tid) * b.dg_s[1] + hv * b.dg_s[2];
+      store_float(b.dg, b.dg_dtype, row, sm.dgam[tid]);
+      const int64_t brow =
+          ch.batch * b.dbeta_s[0] + (ch.t0 + tid) * b.dbeta_s[1] + hv * b.dbeta_s[2];
+      store_float(b.dbeta, b.dbeta_dtype, brow, sm.dbeta[tid]);
+    }
   }
 
-  // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse cumsum
-  if (tid < kC) sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
+  // ---- dq, dk of the key head: through the l2norm, in q's dtype.
+  // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
+  bwd::store_reg_tile(dq_sum, f, kLdDf);
   __syncthreads();
-  if (tid == 0) {
-    float dlast = sm.red[0] * e_last;
-    for (int i = 0; i < kC; ++i) dlast += sm.dr[i] * sm.r[i];
-    sm.dgam[kC - 1] += dlast;
-    for (int i = kC - 2; i >= 0; --i) sm.dgam[i] += sm.dgam[i + 1];
-  }
+  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
   __syncthreads();
-  if (tid < ch.len) {
-    const int64_t row = ch.batch * b.dg_s[0] + (ch.t0 + tid) * b.dg_s[1] + hv * b.dg_s[2];
-    store_float(b.dg, b.dg_dtype, row, sm.dgam[tid]);
-    const int64_t brow =
-        ch.batch * b.dbeta_s[0] + (ch.t0 + tid) * b.dbeta_s[1] + hv * b.dbeta_s[2];
-    store_float(b.dbeta, b.dbeta_dtype, brow, sm.dbeta[tid]);
-  }
+  bwd::store_reg_tile(dk_sum, f, kLdDf);
+  __syncthreads();
+  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
 }
 
 template <typename T>
@@ -372,8 +614,10 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(GradSmem);
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
       grads_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_v_heads);
-  grads_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
+  const bool native = p.bwd.d_o_dtype == p.dtype;
+  const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
+  grads_kernel<T><<<grid, kThreads, smem, stream>>>(p, native, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -381,10 +625,10 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
 
 void check_grads_device() {
   const int optin = device_info().max_smem_per_block_optin;
-  if (static_cast<size_t>(optin) < sizeof(GradSmem))
-    fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ",
-         sizeof(GradSmem), " bytes of shared memory per block (Hopper); this device offers ",
-         optin);
+  const size_t need = sizeof(GradSmem) > dstate_smem_bytes() ? sizeof(GradSmem) : dstate_smem_bytes();
+  if (static_cast<size_t>(optin) < need)
+    fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ", need,
+         " bytes of shared memory per block (Hopper); this device offers ", optin);
 }
 
 void launch_grads(const ChunkParams& p, cudaStream_t stream) {

@@ -12,8 +12,12 @@ void launch_intra(const ChunkParams& p, cudaStream_t stream);   // intra.cu
 void launch_state(const ChunkParams& p, cudaStream_t stream);   // state.cu
 // backward (launch.cu has the picture); launch_intra and launch_state replay the forward first
 void launch_dstate(const ChunkParams& p, cudaStream_t stream);  // dstate.cu
+size_t dstate_smem_bytes();                                      // dstate.cu
 void launch_grads(const ChunkParams& p, cudaStream_t stream);   // grads.cu
-void check_grads_device();  // grads.cu: raises where the current device lacks its shared memory
+// The per-value-head dq, dk rows (fp32) reduced over each key head and through the l2norm:
+// the fused recurrent backward's last step (the chunked backward sums them in grads.cu).
 void launch_reduce(const ChunkParams& p, cudaStream_t stream);  // reduce.cu
+// grads.cu: raises where the current device lacks the backward's shared memory (dstate, grads)
+void check_grads_device();
 
 }  // namespace flashdelta::detail::cuda::chunk

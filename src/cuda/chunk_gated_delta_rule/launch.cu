@@ -25,10 +25,8 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 // the forward).
 struct WorkspaceLayout {
   size_t w, u, kr, qe, m, gamma;
-  size_t t = 0, states = 0, dstates = 0, dq_heads = 0, dk_heads = 0;
-  size_t total() const {
-    return w + u + kr + qe + m + gamma + t + states + dstates + dq_heads + dk_heads;
-  }
+  size_t t = 0, states = 0, dstates = 0;
+  size_t total() const { return w + u + kr + qe + m + gamma + t + states + dstates; }
 };
 
 WorkspaceLayout layout(const GatedDeltaRuleShape& s, bool backward) {
@@ -39,11 +37,6 @@ WorkspaceLayout layout(const GatedDeltaRuleShape& s, bool backward) {
   if (backward) {
     l.t = l.m;
     l.states = l.dstates = align_up(blocks * kD * kD * sizeof(bf16));
-    // dq per value head reuses KR and Qe's space (below): only dstate reads those, and it has
-    // finished when grads writes dq. B * T <= 64 * slots and K <= 128 make it fit.
-    l.dq_heads = 0;
-    l.dk_heads = align_up(static_cast<size_t>(s.batch) * s.seq_len * s.num_v_heads *
-                          s.head_k_dim * sizeof(float));
   }
   return l;
 }
@@ -109,9 +102,6 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
     p.ws.t = static_cast<bf16*>(take(l.t));
     p.bwd.states = static_cast<bf16*>(take(l.states));
     p.bwd.dstates = static_cast<bf16*>(take(l.dstates));
-    p.bwd.dk_heads = static_cast<float*>(take(l.dk_heads));
-    p.bwd.dq_heads = reinterpret_cast<float*>(p.ws.kr);  // KR, then Qe: l.dk_heads <= l.kr + l.qe
-    check_value(l.dk_heads <= l.kr + l.qe, "chunk_gated_delta_rule: workspace layout");
   }
   return p;
 }
@@ -137,28 +127,30 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   chunk::launch_state(p, stream);
 }
 
-// The backward, five launches on the caller's stream (the CPU kernel's derivation, split by what
+// The backward, four launches on the caller's stream (the CPU kernel's derivation, split by what
 // parallelises):
 //   intra   (slot, key head)                    the forward's W, U, KR, Qe, M, gamma, and T
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16), writes no output
-//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers; stores dS'^T
-//                                               leaving each chunk, writes d_initial_state
-//   grads   (slot, value head)                  every gradient of one chunk given S and dS';
-//                                               dv, dg, dbeta, and dq, dk per value head (fp32)
-//   reduce  (row, key head)                     dq, dk summed over the group, l2norm backward
+//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k split over
+//                                               warp pairs); stores dS'^T leaving each chunk,
+//                                               writes d_initial_state
+//   grads   (slot, key head)                    every gradient of one chunk given S and dS', the
+//                                               key head's value heads in turn: dv, dg, dbeta per
+//                                               value head; dq, dk summed in registers, through
+//                                               the l2norm backward
 // Where the time should go (1 x 32768, HV = 32, per chunk and head): intra ~2 M multiply-adds,
 // state (replay, per 64-column tile) ~1 M and 40 KB read + 16 KB of state written, dstate (per
-// tile) ~1.6 M and 48 KB read + 16 KB written, grads ~8.4 M and ~100 KB read, reduce ~HV/H + 1
-// rows of K. grads is the largest
-// and the first to measure; the states (2 x 32 KB per chunk and head in bf16) and the fp32
-// per-value-head dq/dk dominate the workspace (dq reuses KR and Qe's space once dstate is done).
-// About 3 GB at 1 x 32768 with HV = 32: storing the states for every other chunk, or dq/dk
-// per key head (one block per key head looping over its value heads), are the next savings.
+// tile) ~1.6 M and 48 KB read + 16 KB written, grads ~11.5 M and ~130 KB read per value head.
+// The states (2 x 32 KB per chunk and head in bf16) dominate the workspace: storing them for
+// every other chunk is the next saving.
 void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
               const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
   check_supported(s);
   check_value(s.num_seqs <= 0x7fffffff, "chunk_gated_delta_rule: too many sequences");
+  if (gin.d_o.dtype == DType::kFloat64)
+    fail(Error::Kind::kType, "chunk_gated_delta_rule: d_o must be float32, float16 or bfloat16 "
+                             "for the CUDA kernels, got float64");
   if (s.num_seqs == 0) return;
   ChunkParams p = make_params(s, in, gout.workspace.data, true);
   p.initial_state = in.initial_state.defined() ? static_cast<const float*>(in.initial_state.data)
@@ -191,7 +183,6 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   chunk::launch_state(p, stream);
   chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences
   if (p.num_slots > 0) chunk::launch_grads(p, stream);
-  chunk::launch_reduce(p, stream);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
-// Chunked gated delta rule, CUDA backward, last step: dq and dk from the per-value-head fp32
-// gradients that grads.cu leaves in the workspace ([B * T, HV, K], w.r.t. the normalised q and
-// k). For each row (b, t) and key head h, the group's HV / H value heads are summed in head
+// dq and dk from per-value-head fp32 gradients left in a workspace ([B * T, HV, K], w.r.t. the
+// normalised q and k): the last step of the fused recurrent backward
+// (fused_recurrent_gated_delta_rule_backward.cu); the chunked backward sums over the value heads
+// inside grads.cu instead. For each row (b, t) and key head h, the group's HV / H value heads are summed in head
 // order (fixed: deterministic, no atomics), then, with use_qk_l2norm, backpropagated through
 // y = x / sqrt(|x|^2 + eps):  dx = inv (dy - y (y . dy)),  inv = (|x|^2 + eps)^-1/2.
 //

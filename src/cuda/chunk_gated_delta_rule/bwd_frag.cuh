@@ -1,0 +1,222 @@
+// Device helpers of the chunked backward's kernels (dstate.cu, grads.cu), beside common.cuh's:
+// accumulators to A fragments, named barriers for warp pairs, and staged loads of strided
+// activations (dO, any float dtype) into registers, so that a chunk's global reads are issued
+// one step ahead and their latency hides behind the tensor-core work of the current step.
+#pragma once
+
+#include "cuda/chunk_gated_delta_rule/common.cuh"
+
+namespace flashdelta::detail::cuda::chunk::bwd {
+
+// The A fragments of k16 block kk from the C fragments of n8 tiles 2kk and 2kk + 1 (rounded to
+// bf16): a product's accumulators become the next product's left operand without leaving
+// registers (common.cuh, mma.sync section).
+template <int kTiles>
+__device__ __forceinline__ void to_a(const float (&c)[kTiles][4], int kk, uint32_t (&a)[4]) {
+  a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+  a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+  a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+  a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// Barrier `id` (1..15; 0 is __syncthreads') over `threads` threads, whole warps. Orders shared
+// memory between the participants as __syncthreads does.
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Eight consecutive elements of a row as bf16, packed into one 16-byte value (element 0 in the
+// low half of .x). `valid` elements are read (0..8), the rest are zero. `vec`: the eight
+// elements are contiguous and 16-byte aligned (the caller checked strides and the pointer), so
+// they come in one (bf16/fp16) or two (fp32) 16-byte loads; otherwise element by element with
+// stride `stride`.
+template <typename T>
+__device__ __forceinline__ uint4 load8_bf16(const T* src, int64_t stride, int valid, bool vec) {
+  float x[8];
+  if (vec && valid == 8) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 a = reinterpret_cast<const float4*>(src)[0];
+      const float4 b = reinterpret_cast<const float4*>(src)[1];
+      x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z,
+      x[7] = b.w;
+    } else {
+      const uint4 raw = *reinterpret_cast<const uint4*>(src);
+      const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = to_f32(h[e]);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = e < valid ? to_f32(src[e * stride]) : 0.f;
+  }
+  return make_uint4(pack_bf16(x[0], x[1]), pack_bf16(x[2], x[3]), pack_bf16(x[4], x[5]),
+                    pack_bf16(x[6], x[7]));
+}
+
+// Whether rows of a [B, T, H, D] tensor can be read eight elements at a time by 16-byte loads:
+// unit last stride, the other strides and the pointer 16-byte aligned, D a multiple of 8.
+template <typename T>
+inline bool rows_vectorisable(const void* data, const int64_t* s, int D) {
+  constexpr int64_t kPerVec = 16 / static_cast<int64_t>(sizeof(T));
+  return s[3] == 1 && s[0] % kPerVec == 0 && s[1] % kPerVec == 0 && s[2] % kPerVec == 0 &&
+         reinterpret_cast<uintptr_t>(data) % 16 == 0 && D % 8 == 0;
+}
+
+}  // namespace flashdelta::detail::cuda::chunk::bwd
+
+namespace flashdelta::detail::cuda::chunk::bwd {
+
+// cp.async of 16 bytes that writes zeros instead of reading when `valid` is false (src-size 0:
+// nothing is read from gmem, which may then point anywhere mapped).
+__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_size = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_size));
+}
+
+// Eight consecutive elements (stride `stride`) of a tensor whose float dtype is known only at
+// run time, as packed bf16; `valid` of them are read, the rest are zero.
+__device__ __forceinline__ uint4 load8_bf16_any(const void* base, DType dtype, int64_t offset,
+                                                int64_t stride, int valid) {
+  float x[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) x[e] = e < valid ? load_float(base, dtype, offset + e * stride) : 0.f;
+  return make_uint4(pack_bf16(x[0], x[1]), pack_bf16(x[2], x[3]), pack_bf16(x[4], x[5]),
+                    pack_bf16(x[6], x[7]));
+}
+
+}  // namespace flashdelta::detail::cuda::chunk::bwd
+
+namespace flashdelta::detail::cuda::chunk::bwd {
+
+// The A fragment of the 16x16 block (m0, k0) of A (row-major in shared memory, stride ld).
+__device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const bf16* A, int ld, int m0,
+                                            int k0) {
+  const int lane = threadIdx.x & 31;
+  ldmatrix_x4(a, A + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
+}
+
+// [C +] A B for A 64 x Kd, B Kd x N, bf16 tiles in shared memory (kAT: A stored transposed, as
+// Kd x 64; kBT: B stored as N x Kd; lda, ldb the stored row strides, multiples of 8), C (fp32,
+// row stride ldc) or nothing (C null). 8 warps: warp w owns rows 16 (w % 4) .. + 15 and the
+// columns (w / 4) N / 2 .. + N / 2, in blocks of 16 x 32 whose accumulators stay in registers over
+// the whole of Kd; operands come by ldmatrix, one A fragment per k16 step serving four n8 tiles.
+// (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the instructions.)
+// Each finished block goes to epilogue(blk, row, col, acc): acc[nt][0..1] are (row, col + 8 nt
+// + 0..1), acc[nt][2..3] the same columns of row + 8; blk is a compile-time constant after
+// unrolling, so results kept in registers across products can be indexed by it.
+// No synchronisation inside: callers sync before (operands written) and after (results read).
+template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
+__device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* A, int lda,
+                                           const bf16* B, int ldb, Epilogue&& epilogue) {
+  static_assert(kThreads == 256, "gemm_apply splits a 64-row product over 8 warps");
+  static_assert((N == 64 || N == 128) && Kd % 16 == 0, "gemm_apply shapes");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int m0 = (warp & 3) * 16;
+#pragma unroll
+  for (int blk = 0; blk < N / 64; ++blk) {
+    const int n0 = (warp >> 2) * (N / 2) + blk * 32;
+    float acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      if (C) {
+        const float* c_lo = C + (m0 + g) * ldc + n0 + 8 * nt + 2 * t4;
+        const float2 lo = *reinterpret_cast<const float2*>(c_lo);
+        const float2 hi = *reinterpret_cast<const float2*>(c_lo + 8 * ldc);
+        acc[nt][0] = lo.x, acc[nt][1] = lo.y, acc[nt][2] = hi.x, acc[nt][3] = hi.y;
+      } else {
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+      }
+    }
+#pragma unroll 4
+    for (int k0 = 0; k0 < Kd; k0 += 16) {
+      uint32_t a[4];
+      if constexpr (kAT) load_a_cols(a, A, lda, m0, k0);
+      else load_a_rows(a, A, lda, m0, k0);
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t b[4];
+        if constexpr (kBT) load_b_rows(b, B, ldb, n0 + np * 16, k0);
+        else load_b_cols(b, B, ldb, n0 + np * 16, k0);
+        mma_bf16(acc[2 * np], a, b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    epilogue(blk, m0 + g, n0 + 2 * t4, acc);
+  }
+}
+
+// Epilogue: the block's results into an fp32 tile (row stride ld).
+__device__ __forceinline__ void store_f32(float* tile, int ld, int row, int col,
+                                          const float (&acc)[4][4]) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    *reinterpret_cast<float2*>(tile + row * ld + col + 8 * nt) = make_float2(acc[nt][0], acc[nt][1]);
+    *reinterpret_cast<float2*>(tile + (row + 8) * ld + col + 8 * nt) =
+        make_float2(acc[nt][2], acc[nt][3]);
+  }
+}
+
+// Epilogue: the block's results times `mul` into a bf16 tile (row stride ld).
+__device__ __forceinline__ void store_bf16(bf16* tile, int ld, int row, int col,
+                                           const float (&acc)[4][4], float mul) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    *reinterpret_cast<uint32_t*>(tile + row * ld + col + 8 * nt) =
+        pack_bf16(mul * acc[nt][0], mul * acc[nt][1]);
+    *reinterpret_cast<uint32_t*>(tile + (row + 8) * ld + col + 8 * nt) =
+        pack_bf16(mul * acc[nt][2], mul * acc[nt][3]);
+  }
+}
+
+// Epilogue helper: fn(row, col, x0, x1) for each pair of adjacent results (row, col .. col + 1)
+// of a block, so that element-wise work on a product's result needs no round trip through shared
+// memory.
+template <typename Fn>
+__device__ __forceinline__ void for_each_pair(int row, int col, const float (&acc)[4][4], Fn fn) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    fn(row, col + 8 * nt, acc[nt][0], acc[nt][1]);
+    fn(row + 8, col + 8 * nt, acc[nt][2], acc[nt][3]);
+  }
+}
+
+// C (fp32 [64, N], row stride ldc) = [C +] A B (gemm_apply's operands).
+template <int N, int Kd, bool kAT, bool kBT, int kThreads>
+__device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
+                                          int ldb, bool accumulate) {
+  gemm_apply<N, Kd, kAT, kBT, kThreads>(
+      accumulate ? C : nullptr, ldc, A, lda, B, ldb,
+      [&](int, int row, int col, const float (&acc)[4][4]) { store_f32(C, ldc, row, col, acc); });
+}
+
+// A 64 x 128 fp32 result kept in registers across products, in gemm_apply's layout for N = 128
+// (block, n8 tile, fragment element): 32 registers per thread.
+using RegTile = float[2][4][4];
+
+// Epilogue: adds the block's results, row r times mul(r), to a RegTile.
+template <typename RowMul>
+__device__ __forceinline__ void add_rows(RegTile& sum, int blk, int row, const float (&acc)[4][4],
+                                         RowMul row_mul) {
+  const float lo = row_mul(row), hi = row_mul(row + 8);
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    sum[blk][nt][0] += lo * acc[nt][0];
+    sum[blk][nt][1] += lo * acc[nt][1];
+    sum[blk][nt][2] += hi * acc[nt][2];
+    sum[blk][nt][3] += hi * acc[nt][3];
+  }
+}
+
+// A RegTile into an fp32 [64, 128] tile (row stride ld), every thread its own elements.
+__device__ __forceinline__ void store_reg_tile(const RegTile& sum, float* tile, int ld) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = (warp & 3) * 16 + (lane >> 2);
+#pragma unroll
+  for (int blk = 0; blk < 2; ++blk)
+    store_f32(tile, ld, row, (warp >> 2) * 64 + blk * 32 + 2 * (lane & 3), sum[blk]);
+}
+
+}  // namespace flashdelta::detail::cuda::chunk::bwd
