@@ -17,7 +17,7 @@
 // matmul rate at 128 x 128 against 42% / 34% wide, their long epilogues leaving the tensor cores
 // idle; the plain-store GEMMs 51-66% wide against 38-51% at 128 x 128. sm90-pingpong is the
 // SwiGLU GEMMs' default by design, not yet by measurement: its first GPU run is the next
-// session's; if it measures slower, kSwiGLUFirst below goes back to sm90-128.)
+// session's; if it measures slower, auto_first_path below returns sm90-128 for them.)
 // =sm80 forces the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a
 // device or build without sm_90a code; unaligned operands still take sm80); =sm90-pingpong,
 // =sm90-wide and =sm90-128 (alias sm90-1cta) demand that kernel (where it does not apply:
@@ -57,8 +57,21 @@ enum class GemmPath {
   kSm90FourCta
 };
 
-// Under auto, the GEMMs with a SwiGLU epilogue try this Hopper kernel first (the note above).
-constexpr GemmPath kSwiGLUFirst = GemmPath::kSm90PingPong;
+// The Hopper kernel that auto tries first for a GEMM (the note above); sm90-128, then sm80, are
+// the fallbacks of every GEMM. The six GEMMs by template arguments:
+//   x W1 + SwiGLU            kRows, K-contiguous B, kSwiGLU
+//   act W2                   kRows, K-contiguous B, kStore
+//   d_out W2 + SwiGLU bwd    kRows, N-contiguous B, kSwiGLUBackward
+//   d_gate_up W1             kRows, N-contiguous B, kStore
+//   dW2, dW1                 kReduction,            kStore
+template <Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+constexpr GemmPath auto_first_path() {
+  if constexpr (kEpilogue != Epilogue::kStore) {
+    return GemmPath::kSm90PingPong;  // by design: the long epilogues under the other's MMAs
+  } else {
+    return GemmPath::kSm90Wide;  // measured: 51-66% of the matmul rate against 38-51% at 128
+  }
+}
 
 // FLASHDELTA_MOE_GEMM, read at every launch (a getenv: cheap, and tests may switch it).
 inline GemmPath requested_gemm_path() {
@@ -82,11 +95,10 @@ inline GemmPath requested_gemm_path() {
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   const GemmPath path = requested_gemm_path();
-  constexpr bool kSwiGLUEpilogue = kEpilogue != Epilogue::kStore;
-  const bool auto_pingpong = kSwiGLUEpilogue && kSwiGLUFirst == GemmPath::kSm90PingPong;
-  const bool try_pingpong =
-      (path == GemmPath::kAuto && auto_pingpong) || path == GemmPath::kSm90PingPong;
-  const bool try_wide = (path == GemmPath::kAuto && !kSwiGLUEpilogue) ||
+  constexpr GemmPath kAutoFirst = auto_first_path<kGrouping, kBKContig, kEpilogue>();
+  const bool try_pingpong = (path == GemmPath::kAuto && kAutoFirst == GemmPath::kSm90PingPong) ||
+                            path == GemmPath::kSm90PingPong;
+  const bool try_wide = (path == GemmPath::kAuto && kAutoFirst == GemmPath::kSm90Wide) ||
                         path == GemmPath::kSm90 || path == GemmPath::kSm90Wide;
   const bool try_narrow = path != GemmPath::kSm80 && path != GemmPath::kSm90Wide &&
                           path != GemmPath::kSm90PingPong;
