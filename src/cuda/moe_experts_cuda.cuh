@@ -1,22 +1,30 @@
 // Shared by moe_experts.cu and moe_experts_backward.cu: the alignment test that decides whether
 // the grouped GEMM's loads may be 16-byte vectors (or TMA boxes), and the launcher that picks
 // the GEMM path at run time:
-//   sm90-wide  wgmma + TMA, 128 x 256 tiles, persistent (moe_grouped_gemm_sm90_wide.cuh):
-//              Hopper devices, when this build has sm_90a code, the operands are
-//              TMA-compatible and the expert table fits in shared memory (E up to ~1500);
+//   sm90-pingpong  wgmma + TMA, 128 x 128 tiles, persistent, each consumer warpgroup a whole
+//              tile, the two alternating so one's epilogue overlaps the other's MMAs
+//              (moe_grouped_gemm_sm90_pingpong.cuh);
+//   sm90-wide  wgmma + TMA, 128 x 256 tiles, persistent (moe_grouped_gemm_sm90_wide.cuh);
 //   sm90-128   wgmma + TMA, 128 x 128 tiles, one block a tile (moe_grouped_gemm_sm90.cuh);
 //   sm80       mma.sync + cp.async (moe_grouped_gemm.cuh): every other case, and any shape.
-// FLASHDELTA_MOE_GEMM: unset or "auto" takes the first of the three that applies, except that the
-// two GEMMs with a SwiGLU epilogue start at sm90-128 (measured per GEMM on the H100, bench moe
-// --profile, 2026-11-24 session 4: x W1 + SwiGLU 46% of the matmul rate at 128 x 128 against 42%
-// wide, d_out W2 + SwiGLU backward 40% against 34%; the plain-store GEMMs 51-66% wide against
-// 38-51% at 128 x 128: a 128-column SwiGLU tile finishes its wider epilogue sooner); =sm80 forces
-// the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a device or build
-// without sm_90a code; unaligned operands still take sm80); =sm90-wide and =sm90-128 (alias
-// sm90-1cta) demand that kernel (where it does not apply: sm80); =sm90-2cta / sm90-4cta are
-// sm90-128 in clusters of up to 2 or 4 blocks that multicast their shared operand (on the H100
-// they measured slower, 30-34% of the matmul rate against 35-47% without, bench moe --profile,
-// 2026-11-24: tuning and testing switches; the results are bitwise those of sm90-128).
+// The persistent kernels apply on Hopper devices, when this build has sm_90a code, the operands
+// are TMA-compatible and the expert table fits in shared memory (E up to ~1400); sm90-128 on
+// Hopper with TMA-compatible operands.
+// FLASHDELTA_MOE_GEMM: unset or "auto" takes, per GEMM, the first that applies of
+//   SwiGLU epilogues (x W1 + SwiGLU, d_out W2 + SwiGLU backward): sm90-pingpong, sm90-128, sm80;
+//   plain stores (act W2, d_gate_up W1, dW2, dW1): sm90-wide, sm90-128, sm80.
+// (H100, bench moe --profile, 2026-11-24 session 4: the SwiGLU GEMMs ran at 46% / 40% of the
+// matmul rate at 128 x 128 against 42% / 34% wide, their long epilogues leaving the tensor cores
+// idle; the plain-store GEMMs 51-66% wide against 38-51% at 128 x 128. sm90-pingpong is the
+// SwiGLU GEMMs' default by design, not yet by measurement: its first GPU run is the next
+// session's; if it measures slower, auto_first_path below returns sm90-128 for them.)
+// =sm80 forces the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a
+// device or build without sm_90a code; unaligned operands still take sm80); =sm90-pingpong,
+// =sm90-wide and =sm90-128 (alias sm90-1cta) demand that kernel (where it does not apply:
+// sm80); =sm90-2cta / sm90-4cta are sm90-128 in clusters of up to 2 or 4 blocks that multicast
+// their shared operand (on the H100 they measured slower, 30-34% of the matmul rate against
+// 35-47% without, bench moe --profile, 2026-11-24: tuning and testing switches; the results are
+// bitwise those of sm90-128).
 #pragma once
 
 #include <cstdint>
@@ -27,6 +35,7 @@
 #include "cuda/device_info.cuh"
 #include "cuda/moe_grouped_gemm.cuh"
 #include "cuda/moe_grouped_gemm_sm90.cuh"
+#include "cuda/moe_grouped_gemm_sm90_pingpong.cuh"
 #include "cuda/moe_grouped_gemm_sm90_wide.cuh"
 
 namespace flashdelta::detail::cuda::moe {
@@ -37,7 +46,32 @@ inline bool vector_friendly(const void* base, int64_t ld, int64_t expert_stride 
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && ld % 8 == 0 && expert_stride % 8 == 0;
 }
 
-enum class GemmPath { kAuto, kSm80, kSm90, kSm90Wide, kSm90Narrow, kSm90TwoCta, kSm90FourCta };
+enum class GemmPath {
+  kAuto,
+  kSm80,
+  kSm90,
+  kSm90PingPong,
+  kSm90Wide,
+  kSm90Narrow,
+  kSm90TwoCta,
+  kSm90FourCta
+};
+
+// The Hopper kernel that auto tries first for a GEMM (the note above); sm90-128, then sm80, are
+// the fallbacks of every GEMM. The six GEMMs by template arguments:
+//   x W1 + SwiGLU            kRows, K-contiguous B, kSwiGLU
+//   act W2                   kRows, K-contiguous B, kStore
+//   d_out W2 + SwiGLU bwd    kRows, N-contiguous B, kSwiGLUBackward
+//   d_gate_up W1             kRows, N-contiguous B, kStore
+//   dW2, dW1                 kReduction,            kStore
+template <Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
+constexpr GemmPath auto_first_path() {
+  if constexpr (kEpilogue != Epilogue::kStore) {
+    return GemmPath::kSm90PingPong;  // by design: the long epilogues under the other's MMAs
+  } else {
+    return GemmPath::kSm90Wide;  // measured: 51-66% of the matmul rate against 38-51% at 128
+  }
+}
 
 // FLASHDELTA_MOE_GEMM, read at every launch (a getenv: cheap, and tests may switch it).
 inline GemmPath requested_gemm_path() {
@@ -45,6 +79,7 @@ inline GemmPath requested_gemm_path() {
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return GemmPath::kAuto;
   if (std::strcmp(v, "sm80") == 0) return GemmPath::kSm80;
   if (std::strcmp(v, "sm90") == 0) return GemmPath::kSm90;
+  if (std::strcmp(v, "sm90-pingpong") == 0) return GemmPath::kSm90PingPong;
   if (std::strcmp(v, "sm90-wide") == 0) return GemmPath::kSm90Wide;
   if (std::strcmp(v, "sm90-128") == 0 || std::strcmp(v, "sm90-1cta") == 0) {
     return GemmPath::kSm90Narrow;
@@ -52,23 +87,31 @@ inline GemmPath requested_gemm_path() {
   if (std::strcmp(v, "sm90-2cta") == 0) return GemmPath::kSm90TwoCta;
   if (std::strcmp(v, "sm90-4cta") == 0) return GemmPath::kSm90FourCta;
   throw Error(Error::Kind::kValue,
-              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-wide, sm90-128, ") +
-                  "sm90-1cta, sm90-2cta or sm90-4cta, got '" + v + "'");
+              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-pingpong, ") +
+                  "sm90-wide, sm90-128, sm90-1cta, sm90-2cta or sm90-4cta, got '" + v + "'");
 }
 
 // One grouped GEMM on `stream`, on the fastest path that applies (see the note above).
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   const GemmPath path = requested_gemm_path();
-  constexpr bool kSwiGLUEpilogue = kEpilogue != Epilogue::kStore;
-  const bool try_wide = (path == GemmPath::kAuto && !kSwiGLUEpilogue) ||
+  constexpr GemmPath kAutoFirst = auto_first_path<kGrouping, kBKContig, kEpilogue>();
+  const bool try_pingpong = (path == GemmPath::kAuto && kAutoFirst == GemmPath::kSm90PingPong) ||
+                            path == GemmPath::kSm90PingPong;
+  const bool try_wide = (path == GemmPath::kAuto && kAutoFirst == GemmPath::kSm90Wide) ||
                         path == GemmPath::kSm90 || path == GemmPath::kSm90Wide;
-  const bool try_narrow = path != GemmPath::kSm80 && path != GemmPath::kSm90Wide;
+  const bool try_narrow = path != GemmPath::kSm80 && path != GemmPath::kSm90Wide &&
+                          path != GemmPath::kSm90PingPong;
   const bool demand_sm90 = path != GemmPath::kAuto && path != GemmPath::kSm80;
   const int max_cluster =
       path == GemmPath::kSm90FourCta ? 4 : (path == GemmPath::kSm90TwoCta ? 2 : 1);
   if (path != GemmPath::kSm80) {
     if (device_info().is_sm90) {
+      if (try_pingpong &&
+          sm90_pingpong::try_launch_grouped_gemm_sm90_pingpong<T, kGrouping, kBKContig, kEpilogue>(
+              p, stream)) {
+        return;
+      }
       if (try_wide &&
           sm90_wide::try_launch_grouped_gemm_sm90_wide<T, kGrouping, kBKContig, kEpilogue>(
               p, stream)) {
@@ -78,10 +121,14 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
                             p, stream, max_cluster)) {
         return;
       }
-      const bool has_code =
-          path == GemmPath::kSm90Wide
-              ? sm90_wide::wide_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()
-              : sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();
+      bool has_code;
+      if (path == GemmPath::kSm90PingPong) {
+        has_code = sm90_pingpong::pingpong_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();
+      } else if (path == GemmPath::kSm90Wide) {
+        has_code = sm90_wide::wide_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();
+      } else {
+        has_code = sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();
+      }
       if (demand_sm90 && !has_code) {
         throw Error(Error::Kind::kNotImplemented,
                     "FLASHDELTA_MOE_GEMM=sm90*: this build has no sm_90a code for the grouped "

@@ -1,8 +1,8 @@
 // Hopper (sm_90a) grouped GEMM for the mixture-of-experts experts with 128 x 128 tiles
-// (FLASHDELTA_MOE_GEMM=sm90-128; the default is now the persistent 128 x 256 kernel of
-// moe_grouped_gemm_sm90_wide.cuh, which reuses this file's PTX wrappers, tensor maps and epilogue
-// flags): the same problems, groupings and epilogues as moe_grouped_gemm.cuh (read its note
-// first), on warpgroup MMA fed by TMA.
+// (FLASHDELTA_MOE_GEMM=sm90-128; auto takes the persistent kernels of
+// moe_grouped_gemm_sm90_wide.cuh and moe_grouped_gemm_sm90_pingpong.cuh first, which reuse this
+// file's PTX wrappers, tensor maps and epilogue flags): the same problems, groupings and
+// epilogues as moe_grouped_gemm.cuh (read its note first), on warpgroup MMA fed by TMA.
 //
 // Algorithm. One block computes one 128 x 128 output tile, K in steps of 64, through a 3-stage
 // shared-memory ring:

@@ -241,7 +241,9 @@ __device__ __forceinline__ void build_row_tile_table(const int32_t* offsets, int
   __syncthreads();
 }
 
-template <Grouping kGrouping, Epilogue kEpilogue, typename T>
+// kTileN: the tile's output columns (the ping-pong kernel's tiles are 128 wide); a SwiGLU
+// tile covers kTileN / 2 act columns (gate and up side by side).
+template <Grouping kGrouping, Epilogue kEpilogue, int kTileN = kBN, typename T>
 __device__ __forceinline__ TileInfo locate_tile(const GroupedGemmParams<T>& p, int64_t tile,
                                                 int64_t n_tiles, const int32_t* first_tile,
                                                 const int32_t* row_begin,
@@ -280,7 +282,7 @@ __device__ __forceinline__ TileInfo locate_tile(const GroupedGemmParams<T>& p, i
     t.row_begin = begin;
     t.k_extent = end - begin;
   }
-  t.n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kBN / 2) : n_tile * kBN;
+  t.n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kTileN / 2) : n_tile * kTileN;
   t.num_k_tiles = static_cast<int>((t.k_extent + kBK - 1) / kBK);
   t.active_groups = t.m_tile_start + kBM / 2 < t.m_limit ? 2 : 1;
   return t;
