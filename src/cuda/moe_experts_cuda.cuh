@@ -11,13 +11,15 @@
 // are TMA-compatible and the expert table fits in shared memory (E up to ~1400); sm90-128 on
 // Hopper with TMA-compatible operands.
 // FLASHDELTA_MOE_GEMM: unset or "auto" takes, per GEMM, the first that applies of
-//   SwiGLU epilogues (x W1 + SwiGLU, d_out W2 + SwiGLU backward): sm90-pingpong, sm90-128, sm80;
+//   SwiGLU epilogues (x W1 + SwiGLU, d_out W2 + SwiGLU backward): sm90-128, sm80;
 //   plain stores (act W2, d_gate_up W1, dW2, dW1): sm90-wide, sm90-128, sm80.
-// (H100, bench moe --profile, 2026-11-24 session 4: the SwiGLU GEMMs ran at 46% / 40% of the
-// matmul rate at 128 x 128 against 42% / 34% wide, their long epilogues leaving the tensor cores
-// idle; the plain-store GEMMs 51-66% wide against 38-51% at 128 x 128. sm90-pingpong is the
-// SwiGLU GEMMs' default by design, not yet by measurement: its first GPU run is the next
-// session's; if it measures slower, auto_first_path below returns sm90-128 for them.)
+// Measured per GEMM on the H100 (bench moe --profile, 2026-11-24 session 4, % of the matmul
+// rate; x W1 + SwiGLU / d_out W2 + SwiGLU bwd / act W2 / d_gate_up W1 / dW2 / dW1):
+//   sm90-128       49 / 41 / 44 / 52 / 36 / 37
+//   sm90-wide      44 / 36 / 59 / 66 / 51 / 53
+//   sm90-pingpong  42 / 35 / 50 / 61 / 47 / 49
+// The ping-pong schedule, built to hide the SwiGLU GEMMs' long epilogues under the other
+// warpgroup's MMAs, did not beat one block a tile on them; it stays a switch.
 // =sm80 forces the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a
 // device or build without sm_90a code; unaligned operands still take sm80); =sm90-pingpong,
 // =sm90-wide and =sm90-128 (alias sm90-1cta) demand that kernel (where it does not apply:
@@ -67,7 +69,7 @@ enum class GemmPath {
 template <Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 constexpr GemmPath auto_first_path() {
   if constexpr (kEpilogue != Epilogue::kStore) {
-    return GemmPath::kSm90PingPong;  // by design: the long epilogues under the other's MMAs
+    return GemmPath::kSm90Narrow;  // measured: 49% / 41%; wide 44% / 36%; ping-pong 42% / 35%
   } else {
     return GemmPath::kSm90Wide;  // measured: 51-66% of the matmul rate against 38-51% at 128
   }
