@@ -81,7 +81,8 @@ def test_forward_matches_float64(dtype, case):
 @pytest.mark.parametrize(
     "case",
     [
-        # intra loops over the 4 value heads of one key head; a partial last chunk
+        # 4 value heads per key head (K and Q stored by the first one's intra block); a partial
+        # last chunk
         dict(B=1, T=150, H=1, HV=4, K=128, V=128),
         # o rows of 72 bytes: the state pass's element-wise o stores instead of 16-byte ones
         dict(B=2, T=70, H=2, HV=2, K=64, V=36),
