@@ -416,6 +416,11 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
+  // Three blocks per SM need all of the unified L1 as shared memory: ask for it, rather than
+  // leave the split to the driver's heuristic.
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
+                                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             cudaSharedmemCarveoutMaxShared));
   const int64_t blocks = p.num_slots * p.num_v_heads;
   check_value(blocks <= 0x7fffffff, "chunk_gated_delta_rule: too many chunks x value heads");
   intra_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
