@@ -81,7 +81,8 @@ def test_forward_matches_float64(dtype, case):
 @pytest.mark.parametrize(
     "case",
     [
-        # intra loops over the 4 value heads of one key head; a partial last chunk
+        # 4 value heads per key head (K and Q stored by the first one's intra block); a partial
+        # last chunk
         dict(B=1, T=150, H=1, HV=4, K=128, V=128),
         # o rows of 72 bytes: the state pass's element-wise o stores instead of 16-byte ones
         dict(B=2, T=70, H=2, HV=2, K=64, V=36),
@@ -145,6 +146,32 @@ def test_forward_strided_inputs():
     o, _ = OP(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
     o_ref, _ = OP(*(x.contiguous() for x in (q, k, v, g, beta)), use_qk_l2norm_in_kernel=True)
     assert torch.equal(o, o_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["column-stride", "misaligned"])
+def test_forward_rows_the_vector_loads_cannot_take(dtype, layout):
+    """intra loads contiguous, 8-byte aligned 2-byte rows with 8-byte loads and anything else
+    element by element (and v asynchronously only when its rows are 16-byte runs): every path
+    gives the bits of contiguous inputs."""
+    B, T, H, HV, K, V = 1, 100, 2, 4, 128, 128
+    gen = torch.Generator().manual_seed(8)
+    if layout == "column-stride":  # [B, T, D, heads] storage seen as [B, T, heads, D]
+        q, k = (torch.randn(B, T, K, H, generator=gen).to(dtype).cuda().transpose(2, 3)
+                for _ in range(2))
+        v = torch.randn(B, T, V, HV, generator=gen).to(dtype).cuda().transpose(2, 3)
+    else:  # views one element into a buffer: rows 2-byte aligned only
+        mixed = torch.randn(B, T, 1 + 2 * H * K + HV * V, generator=gen).to(dtype).cuda()
+        q = mixed[..., 1: 1 + H * K].view(B, T, H, K)
+        k = mixed[..., 1 + H * K: 1 + 2 * H * K].view(B, T, H, K)
+        v = mixed[..., 1 + 2 * H * K:].view(B, T, HV, V)
+    g = (-torch.rand(B, T, HV, generator=gen)).cuda()
+    beta = torch.rand(B, T, HV, generator=gen).cuda()
+    o, s = OP(q, k, v, g, beta, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o_ref, s_ref = OP(*(x.contiguous() for x in (q, k, v, g, beta)), output_final_state=True,
+                      use_qk_l2norm_in_kernel=True)
+    assert torch.equal(o, o_ref)
+    assert torch.equal(s, s_ref)
 
 
 def test_forward_deterministic_and_graph_capturable():

@@ -4,7 +4,7 @@
 //
 // The algorithm is the CPU kernel's (src/cpu/chunk_gated_delta_rule.cpp, with the derivation);
 // here it is split into two kernels by what parallelises (DESIGN.md, bench/NOTES.md):
-//   intra  (slot, key head)               A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
+//   intra  (slot, value head)             A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
 //   state  (sequence, value head, V tile) chunks in order, S in registers:
 //                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
 // The backward (launch.cu) replays both, keeping each chunk's incoming state, then walks the

@@ -1,12 +1,11 @@
 // Chunked gated delta rule, CUDA, phase 1 of 2: everything inside one chunk that does not need
 // the state (see common.cuh for the whole picture).
 //
-// One block per (slot, key head), 128 threads (4 warps); warp w owns the chunk's rows
-// 16 w .. 16 w + 15 in every product. q and k are loaded and normalised once (fp32 norms, bf16
-// rows, q scaled), and the ungated products of the key head, K K^T and Q K^T, are computed once
-// on mma.sync and kept in accumulator registers. The block then loops over the key head's
-// value heads (grouped value attention), each with its own gates:
+// One block per (slot, value head), 128 threads (4 warps); warp w owns the chunk's rows
+// 16 w .. 16 w + 15 in every product. q and k are loaded and normalised (fp32 norms, bf16 rows,
+// q scaled), v arrives by cp.async meanwhile, and the gates are read once:
 //   gamma = cumsum(g) (fp32), beta, be = beta e^gamma
+//   K K^T, Q K^T                                                mma.sync, in accumulator registers
 //   A  = strictLower(b_i exp(gamma_i - gamma_j) (K K^T)_ij)    on the accumulator registers
 //   M  = Gamma * causal(Q K^T)                                  likewise; stored bf16
 //   T  = (I + A)^-1                                             fp32, by 16 x 16 blocks
@@ -21,14 +20,23 @@
 // Writes W, U, M (bf16), gamma (fp32) to the workspace; for the backward (p.ws.t set) also T,
 // KR and Qe (bf16), in the layouts of common.cuh's Workspace; for the forward, instead of KR and
 // Qe, the normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
-// ([num_slots, H, 64, 128], ws_key_index): the state pass scales by the gates in registers.
-// Shared memory 107 KB (two blocks per SM). Per chunk and key head: 320 mma for K K^T and Q K^T;
-// per value head up to 160 + 160 mma for W and U (lower triangle), the inverse and the stores
-// (forward: 40 KB of W, U, M per value head and 32 KB of K, Q per key head).
+// ([num_slots, H, 64, 128], ws_key_index), written by the key head's first value head: the
+// state pass scales by the gates in registers.
+//
+// Why a block per value head (v4; v3 had one per key head looping over its value heads): the
+// kernel is latency-bound (the inverse's dependent chains, the loads, the barriers), not
+// tensor-bound (about 640 mma per block). v3 needed 255 registers (K K^T and Q K^T held across
+// the loop) and 107 KB of shared memory: 2 blocks, 8 warps per SM, 12% occupancy. Here the value
+// heads of a key head run in parallel blocks, each recomputing K K^T and Q K^T (320 mma, cheap)
+// from q and k that the neighbouring block has just pulled into L2 (blocks are numbered value
+// head fastest); the accumulators die before W and U, q's tile is reused for A once Q K^T is
+// done (the same 272-byte rows), and v needs one buffer: 73 KB and at most 168 registers, so
+// 3 blocks (12 warps) fit on an SM of sm_90.
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
+#include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
 
@@ -38,16 +46,22 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 struct IntraSmem {
-  bf16 kn[kC * kLdD];    // normalised k of the key head
-  bf16 qn[kC * kLdD];    // normalised, scaled q
-  bf16 v[2][kC * kLdD];  // v of value head i in v[i & 1] (the next one streams in meanwhile)
-  float a[kC * kLdCf];   // gated A for the inverse; then the warps' staging tiles
-  float tf[kC * kLdCf];  // T in fp32 (its blocks above the diagonal are never written)
+  bf16 kn[kC * kLdD];  // normalised k
+  // Normalised, scaled q until Q K^T (and the forward's Q or the backward's Qe) is done; then
+  // the gated A for the inverse (fp32); then, after the inverse, the warps' staging tiles.
+  // Row r of A occupies exactly the bytes of row r of q (kLdD bf16 = kLdCf fp32 = 272 bytes).
+  alignas(16) unsigned char qa[kC * kLdCf * sizeof(float)];
+  bf16 v[kC * kLdD];
+  float tf[kC * kLdCf];   // T in fp32 (its blocks above the diagonal are never written)
   float x[kWarps * 256];  // the inverse's per-warp 16 x 16 scratch
   float gamma[kC], beta[kC], be[kC];
 };
-static_assert(kWarps * 16 * kLdD * sizeof(bf16) <= sizeof(IntraSmem::a),
+static_assert(kLdD * sizeof(bf16) == kLdCf * sizeof(float) &&
+                  kC * kLdD * sizeof(bf16) == sizeof(IntraSmem::qa),
+              "q's rows and A's rows share bytes");
+static_assert(kWarps * 16 * kLdD * sizeof(bf16) <= sizeof(IntraSmem::qa),
               "the staging tiles live in A's space");
+static_assert(3 * (sizeof(IntraSmem) + 1024) <= 228 * 1024, "three blocks per SM on sm_90");
 // bf16 v whose rows are 16-byte runs (the usual [B, T, HV, 128] layout, or a view with such
 // strides) is copied by cp.async: no registers, so the next value head's v is in flight while
 // this one is computed. Rows past the chunk's end are zero-filled with plain stores.
@@ -58,6 +72,57 @@ __device__ __forceinline__ bool v_is_async(const ChunkParams& p) {
   } else {
     return p.head_v_dim == kD && p.v_s[3] == 1 && p.v_s[0] % 8 == 0 && p.v_s[1] % 8 == 0 &&
            p.v_s[2] % 8 == 0 && reinterpret_cast<uintptr_t>(p.v) % 16 == 0;
+  }
+}
+
+// q, k (and v where it is not copied asynchronously) as bf16 tiles: load_tile, whose column
+// stride is a runtime value (four 2-byte loads per row and lane), unless the rows are contiguous
+// 2-byte runs of 128 with 8-byte alignment (the usual layout, or projection views with such
+// strides): then one 8-byte load per row and lane, a quarter of the load instructions of the
+// phase every warp waits on. The same arithmetic as load_tile (same values, same sum order), so
+// both paths give the same bits.
+template <typename T>
+__device__ __forceinline__ void load_rows(const T* base, const int64_t* s, int64_t batch,
+                                          int64_t t0, int len, int h, int D, bool l2norm,
+                                          float mul, bf16* tile) {
+  bool vec = false;
+  if constexpr (sizeof(T) == 2) {
+    vec = D == kD && s[3] == 1 && s[0] % 4 == 0 && s[1] % 4 == 0 && s[2] % 4 == 0 &&
+          reinterpret_cast<uintptr_t>(base) % 8 == 0;
+  }
+  if (!vec) {
+    load_tile<T, kThreads>(base, s, batch, t0, len, h, D, l2norm, mul, nullptr, tile);
+    return;
+  }
+  constexpr int kRows = kC / kWarps;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const T* src = base + batch * s[0] + t0 * s[1] + h * s[2] + lane * 4;
+  uint2 raw[kRows];
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + i * kWarps;
+    raw[i] = r < len ? *reinterpret_cast<const uint2*>(src + r * s[1]) : make_uint2(0u, 0u);
+  }
+#pragma unroll
+  for (int i = 0; i < kRows; ++i) {
+    const int r = warp + i * kWarps;
+    const T* e = reinterpret_cast<const T*>(&raw[i]);
+    float x[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x[j] = to_f32(e[j]);
+    float m = mul;
+    if (l2norm) {
+      float sq = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sq += x[j] * x[j];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      m *= rsqrtf(sq + kL2NormEps);
+    }
+    alignas(8) bf16 hx[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) hx[j] = __float2bfloat16_rn(x[j] * m);
+    *reinterpret_cast<uint2*>(tile + r * kLdD + lane * 4) = *reinterpret_cast<const uint2*>(hx);
   }
 }
 
@@ -74,7 +139,7 @@ __device__ __forceinline__ void load_v_async(const ChunkParams& p, const ChunkRe
   }
 }
 
-static_assert(offsetof(IntraSmem, a) % 16 == 0 && offsetof(IntraSmem, tf) % 16 == 0 &&
+static_assert(offsetof(IntraSmem, qa) % 16 == 0 && offsetof(IntraSmem, tf) % 16 == 0 &&
                   offsetof(IntraSmem, x) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
               "16-byte accesses");
 
@@ -165,28 +230,43 @@ __device__ __forceinline__ void scale_row8(const bf16* src, float mul, bf16* dst
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p) {
+__global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   IntraSmem& sm = *reinterpret_cast<IntraSmem*>(smem_raw);
-  const int64_t slot = blockIdx.x;
-  const int hk = blockIdx.y;
+  // Value head fastest: the blocks of one key head's value heads are neighbours (q, k from L2).
+  const int64_t slot = blockIdx.x / p.num_v_heads;
+  const int hv = static_cast<int>(blockIdx.x % p.num_v_heads);
+  const int hk = hv / p.group;
   const ChunkRef ch = chunk_of_slot(p, slot);
   if (ch.len == 0) return;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int r0 = warp * 16;                  // this warp's rows
   const int rows[2] = {r0 + g, r0 + g + 8};  // this thread's rows of every C fragment
+  bf16* const qn = reinterpret_cast<bf16*>(sm.qa);
+  float* const a_tile = reinterpret_cast<float*>(sm.qa);
 
   const bool v_async = v_is_async<T>(p);
-  if (v_async) {  // the first value head's v, in flight with the loads of q and k
-    load_v_async(p, ch, hk * p.group, sm.v[0]);
+  if (v_async) {  // v is in flight while q and k are loaded and multiplied
+    load_v_async(p, ch, hv, sm.v);
     cp_async_commit();
   }
-  load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk,
-                         p.head_k_dim, p.l2norm, 1.f, nullptr, sm.kn);
-  load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk,
-                         p.head_k_dim, p.l2norm, p.scale, nullptr, sm.qn);
-  __syncthreads();
+  load_rows(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
+            p.l2norm, 1.f, sm.kn);
+  load_rows(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
+            p.l2norm, p.scale, qn);
+  if (!v_async)
+    load_rows(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, p.head_v_dim, false,
+              1.f, sm.v);
+  load_gates(p, ch, hv, sm.gamma, sm.beta);
+  if (threadIdx.x < 32) {  // the lanes of load_gates, reading back what each wrote
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int c = 2 * lane + j;
+      sm.be[c] = sm.beta[c] * __expf(sm.gamma[c]);
+    }
+  }
+  __syncthreads();  // k, q, gates (and the converted v)
 
   // K K^T and Q K^T, rows r0 .. r0 + 15, n8 tiles up to the diagonal block (2 warp + 1);
   // the tiles above stay zero.
@@ -195,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   for (int kc = 0; kc < kD / 16; ++kc) {
     uint32_t ak[4], aq[4];
     load_a_rows(ak, sm.kn, kLdD, r0, kc * 16);
-    load_a_rows(aq, sm.qn, kLdD, r0, kc * 16);
+    load_a_rows(aq, qn, kLdD, r0, kc * 16);
 #pragma unroll
     for (int np = 0; np < 4; ++np) {
       if (np > warp) continue;
@@ -209,148 +289,125 @@ __global__ void __launch_bounds__(kThreads, 2) intra_kernel(const ChunkParams p)
   }
 
   // The forward (no T wanted: p.ws.t null) keeps K and Q once per key head in KR's and Qe's
-  // space; the state pass applies the gates itself (state.cu). The backward gets KR and Qe per
-  // value head, which its reverse pass reads.
-  const bool per_key_head = p.ws.t == nullptr;
-  if (per_key_head) {
-    const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
+  // space (written by the key head's first value head); the state pass applies the gates
+  // itself (state.cu). The backward gets KR and Qe per value head, which its reverse pass
+  // reads. Each warp reads its own rows of q here, before its A overwrites them.
+  const size_t base = ws_index(p, slot, hv, kC * kD);
+  if (p.ws.t == nullptr) {
+    if (hv % p.group == 0) {
+      const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
+        *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
+            *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
+        *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
+            *reinterpret_cast<const uint4*>(qn + r * kLdD + c);
+      }
+    }
+  } else {
+    const float last = sm.gamma[kC - 1];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
-      *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
-          *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
-      *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
-          *reinterpret_cast<const uint4*>(sm.qn + r * kLdD + c);
-    }
-  }
-
-  bf16* stage = reinterpret_cast<bf16*>(sm.a) + warp * 16 * kLdD;
-  for (int i = 0; i < p.group; ++i) {
-    const int hv = hk * p.group + i;
-    __syncthreads();  // the previous value head is done with v, a (staging), tf, t and the gates
-    load_gates(p, ch, hv, sm.gamma, sm.beta);
-    if (threadIdx.x < 32) {  // the lanes of load_gates, reading back what each wrote
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int c = 2 * lane + j;
-        sm.be[c] = sm.beta[c] * __expf(sm.gamma[c]);
-      }
-    }
-    bf16* const v_tile = sm.v[i & 1];
-    if (v_async) {
-      // v[(i + 1) & 1] was last read for value head i - 1, before the barrier above.
-      if (i + 1 < p.group) {
-        load_v_async(p, ch, hv + 1, sm.v[(i + 1) & 1]);
-        cp_async_commit();
-        cp_async_wait<1>();  // value head i's group has landed
-      } else {
-        cp_async_wait<0>();
-      }
-    } else {
-      load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
-                             p.head_v_dim, false, 1.f, nullptr, v_tile);
-    }
-    __syncthreads();  // gates and v
-
-    // A (fp32, to shared memory for the inverse) and M (bf16, to the workspace) from the
-    // accumulators. M is written whole: zeros above the diagonal.
-    {
-      bf16* m_out = p.ws.m + ws_index(p, slot, hv, kC * kC);
-      const float gr[2] = {sm.gamma[rows[0]], sm.gamma[rows[1]]};
-      const float br[2] = {sm.beta[rows[0]], sm.beta[rows[1]]};
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        const int c = nt * 8 + 2 * t4;
-        if (nt < 2 * warp + 2) {
-          const float gc[2] = {sm.gamma[c], sm.gamma[c + 1]};
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int r = rows[h];
-            float av[2], mv[2];
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              const float decay = __expf(gr[h] - gc[j]);
-              av[j] = c + j < r ? br[h] * decay * kk[nt][2 * h + j] : 0.f;
-              mv[j] = c + j <= r ? decay * qk[nt][2 * h + j] : 0.f;
-            }
-            *reinterpret_cast<float2*>(sm.a + r * kLdCf + c) = make_float2(av[0], av[1]);
-            *reinterpret_cast<uint32_t*>(m_out + r * kC + c) = pack_bf16(mv[0], mv[1]);
-          }
-        } else {
-          *reinterpret_cast<uint32_t*>(m_out + rows[0] * kC + c) = 0u;
-          *reinterpret_cast<uint32_t*>(m_out + rows[1] * kC + c) = 0u;
-        }
-      }
-    }
-
-    // T = (I + A)^-1; its last barrier also frees a for the staging tiles.
-    invert_unit_lower_by_warps(sm.a, sm.tf, sm.x);
-
-    const size_t base = ws_index(p, slot, hv, kC * kD);
-    if (p.ws.t) {  // the backward reuses T, bf16 as the products take it; zero above the diagonal
-      bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
-      for (int e = threadIdx.x; e < kC * kC / 8; e += kThreads) {
-        const int r = e >> 3, c = (e & 7) * 8;
-        const bool zero = (c >> 4) > (r >> 4);  // a block above the diagonal: never written
-        const float4 f0 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c);
-        const float4 f1 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c + 4);
-        uint4 h;
-        h.x = zero ? 0u : pack_bf16(f0.x, f0.y);
-        h.y = zero ? 0u : pack_bf16(f0.z, f0.w);
-        h.z = zero ? 0u : pack_bf16(f1.x, f1.y);
-        h.w = zero ? 0u : pack_bf16(f1.z, f1.w);
-        *reinterpret_cast<uint4*>(t_out + r * kC + c) = h;
-      }
-    }
-
-    // W = (T diag(be)) K, then U = (T diag(b)) V: T's rows (fp32) scaled per column into bf16
-    // A fragments; only k16 blocks up to the diagonal are non-zero.
-#pragma unroll
-    for (int which = 0; which < 2; ++which) {
-      const float* col_scale = which == 0 ? sm.be : sm.beta;
-      const bf16* operand = which == 0 ? sm.kn : v_tile;
-      uint32_t ta[4][4];
-#pragma unroll
-      for (int kc = 0; kc < 4; ++kc) {
-        ta[kc][0] = ta[kc][1] = ta[kc][2] = ta[kc][3] = 0u;
-        if (kc > warp) continue;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // columns 2 t4 (a0, a1), 2 t4 + 8 (a2, a3)
-          const int c = kc * 16 + 8 * h + 2 * t4;
-          const float s0 = col_scale[c], s1 = col_scale[c + 1];
-          const float2 lo = *reinterpret_cast<const float2*>(sm.tf + rows[0] * kLdCf + c);
-          const float2 hi = *reinterpret_cast<const float2*>(sm.tf + rows[1] * kLdCf + c);
-          ta[kc][2 * h] = pack_bf16(lo.x * s0, lo.y * s1);
-          ta[kc][2 * h + 1] = pack_bf16(hi.x * s0, hi.y * s1);
-        }
-      }
-      float acc[16][4] = {};
-#pragma unroll
-      for (int kc = 0; kc < 4; ++kc) {
-        if (kc > warp) continue;
-#pragma unroll
-        for (int np = 0; np < 8; ++np) {
-          uint32_t b[4];
-          load_b_cols(b, operand, kLdD, np * 16, kc * 16);
-          mma_bf16(acc[2 * np], ta[kc], b[0], b[1]);
-          mma_bf16(acc[2 * np + 1], ta[kc], b[2], b[3]);
-        }
-      }
-      store_rows16x128(acc, stage, (which == 0 ? p.ws.w : p.ws.u) + base + r0 * kD);
-    }
-
-    // KR = diag(exp(gamma_last - gamma)) K and Qe = diag(e^gamma) Q, this warp's rows.
-    const float last = sm.gamma[kC - 1];
-#pragma unroll
-    for (int j = 0; j < 8 && !per_key_head; ++j) {
-      const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
       const float gr = sm.gamma[r];
       scale_row8(sm.kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
-      scale_row8(sm.qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
+      scale_row8(qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
     }
-    if (threadIdx.x < kC)
-      p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
   }
+  // The warp's lanes have read their rows of q (ldmatrix, the copies above): A may overwrite
+  // them. No other warp touches these rows until the inverse's first barrier.
+  __syncwarp();
+
+  // A (fp32, to shared memory for the inverse) and M (bf16, to the workspace) from the
+  // accumulators. M is written whole: zeros above the diagonal.
+  {
+    bf16* m_out = p.ws.m + ws_index(p, slot, hv, kC * kC);
+    const float gr[2] = {sm.gamma[rows[0]], sm.gamma[rows[1]]};
+    const float br[2] = {sm.beta[rows[0]], sm.beta[rows[1]]};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int c = nt * 8 + 2 * t4;
+      if (nt < 2 * warp + 2) {
+        const float gc[2] = {sm.gamma[c], sm.gamma[c + 1]};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = rows[h];
+          float av[2], mv[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const float decay = __expf(gr[h] - gc[j]);
+            av[j] = c + j < r ? br[h] * decay * kk[nt][2 * h + j] : 0.f;
+            mv[j] = c + j <= r ? decay * qk[nt][2 * h + j] : 0.f;
+          }
+          *reinterpret_cast<float2*>(a_tile + r * kLdCf + c) = make_float2(av[0], av[1]);
+          *reinterpret_cast<uint32_t*>(m_out + r * kC + c) = pack_bf16(mv[0], mv[1]);
+        }
+      } else {
+        *reinterpret_cast<uint32_t*>(m_out + rows[0] * kC + c) = 0u;
+        *reinterpret_cast<uint32_t*>(m_out + rows[1] * kC + c) = 0u;
+      }
+    }
+  }
+
+  if (v_async) cp_async_wait<0>();  // this thread's part of v; the inverse's barrier the rest
+  // T = (I + A)^-1; its last barrier also frees A's space for the staging tiles.
+  invert_unit_lower_by_warps(a_tile, sm.tf, sm.x);
+
+  if (p.ws.t) {  // the backward reuses T, bf16 as the products take it; zero above the diagonal
+    bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
+    for (int e = threadIdx.x; e < kC * kC / 8; e += kThreads) {
+      const int r = e >> 3, c = (e & 7) * 8;
+      const bool zero = (c >> 4) > (r >> 4);  // a block above the diagonal: never written
+      const float4 f0 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c);
+      const float4 f1 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c + 4);
+      uint4 h;
+      h.x = zero ? 0u : pack_bf16(f0.x, f0.y);
+      h.y = zero ? 0u : pack_bf16(f0.z, f0.w);
+      h.z = zero ? 0u : pack_bf16(f1.x, f1.y);
+      h.w = zero ? 0u : pack_bf16(f1.z, f1.w);
+      *reinterpret_cast<uint4*>(t_out + r * kC + c) = h;
+    }
+  }
+
+  // W = (T diag(be)) K, then U = (T diag(b)) V: T's rows (fp32) scaled per column into bf16
+  // A fragments; only k16 blocks up to the diagonal are non-zero.
+  bf16* stage = reinterpret_cast<bf16*>(sm.qa) + warp * 16 * kLdD;
+#pragma unroll
+  for (int which = 0; which < 2; ++which) {
+    const float* col_scale = which == 0 ? sm.be : sm.beta;
+    const bf16* operand = which == 0 ? sm.kn : sm.v;
+    uint32_t ta[4][4];
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      ta[kc][0] = ta[kc][1] = ta[kc][2] = ta[kc][3] = 0u;
+      if (kc > warp) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // columns 2 t4 (a0, a1), 2 t4 + 8 (a2, a3)
+        const int c = kc * 16 + 8 * h + 2 * t4;
+        const float s0 = col_scale[c], s1 = col_scale[c + 1];
+        const float2 lo = *reinterpret_cast<const float2*>(sm.tf + rows[0] * kLdCf + c);
+        const float2 hi = *reinterpret_cast<const float2*>(sm.tf + rows[1] * kLdCf + c);
+        ta[kc][2 * h] = pack_bf16(lo.x * s0, lo.y * s1);
+        ta[kc][2 * h + 1] = pack_bf16(hi.x * s0, hi.y * s1);
+      }
+    }
+    float acc[16][4] = {};
+#pragma unroll
+    for (int kc = 0; kc < 4; ++kc) {
+      if (kc > warp) continue;
+#pragma unroll
+      for (int np = 0; np < 8; ++np) {
+        uint32_t b[4];
+        load_b_cols(b, operand, kLdD, np * 16, kc * 16);
+        mma_bf16(acc[2 * np], ta[kc], b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], ta[kc], b[2], b[3]);
+      }
+    }
+    store_rows16x128(acc, stage, (which == 0 ? p.ws.w : p.ws.u) + base + r0 * kD);
+  }
+  if (threadIdx.x < kC)
+    p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
 }
 
 template <typename T>
@@ -359,8 +416,14 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
-  intra_kernel<T><<<grid, kThreads, smem, stream>>>(p);
+  // Three blocks per SM need all of the unified L1 as shared memory: ask for it, rather than
+  // leave the split to the driver's heuristic.
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
+                                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             cudaSharedmemCarveoutMaxShared));
+  const int64_t blocks = p.num_slots * p.num_v_heads;
+  check_value(blocks <= 0x7fffffff, "chunk_gated_delta_rule: too many chunks x value heads");
+  intra_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 

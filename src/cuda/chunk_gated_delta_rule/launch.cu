@@ -129,7 +129,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
 // The backward, four launches on the caller's stream (the CPU kernel's derivation, split by what
 // parallelises):
-//   intra   (slot, key head)                    the forward's W, U, KR, Qe, M, gamma, and T
+//   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16), writes no output
 //   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k split over
