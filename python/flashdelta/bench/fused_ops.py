@@ -181,7 +181,7 @@ def device_time_ms(step, leaves, repeats: int, flush: torch.Tensor) -> float:
 
 def copy_time_ms(nbytes: int, repeats: int, flush: torch.Tensor) -> float:
     """device_time_ms of one device-to-device copy moving `nbytes` (half read, half written)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    src = torch.empty(nbytes // 8, dtype=torch.float32, device="cuda")  # as copy_bandwidth
     dst = torch.empty_like(src)
     return device_time_ms(lambda: dst.copy_(src), [], repeats, flush)
 
