@@ -233,17 +233,26 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     }
 
     // 3. dVn^T = the group's partials summed in split order; dS^T[:, k slice] -= dVn^T W.
+    // The warp's own partial comes from its registers (the bits it stored), the others' from
+    // shared memory: a quarter fewer reads of the exchange with k in quarters, half with halves.
     bwd::named_barrier(1 + row_group, 32 * kSplit);
+    float sum[8][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      float4 sum = sm.swap[row_group][nt][lane];
+    for (int s = 0; s < kSplit; ++s) {
+      const bool own = s == split;  // warp-uniform
 #pragma unroll
-      for (int s = 1; s < kSplit; ++s) {
-        const float4 o = sm.swap[row_group + s * kRowGroups][nt][lane];
-        sum.x += o.x, sum.y += o.y, sum.z += o.z, sum.w += o.w;
+      for (int nt = 0; nt < 8; ++nt) {
+        float4 o;
+        if (own) o = make_float4(dvn[nt][0], dvn[nt][1], dvn[nt][2], dvn[nt][3]);
+        else o = sm.swap[row_group + s * kRowGroups][nt][lane];
+        if (s == 0) sum[nt][0] = o.x, sum[nt][1] = o.y, sum[nt][2] = o.z, sum[nt][3] = o.w;
+        else sum[nt][0] += o.x, sum[nt][1] += o.y, sum[nt][2] += o.z, sum[nt][3] += o.w;
       }
-      dvn[nt][0] = -sum.x, dvn[nt][1] = -sum.y, dvn[nt][2] = -sum.z, dvn[nt][3] = -sum.w;
     }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dvn[nt][e] = -sum[nt][e];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t va[4];
