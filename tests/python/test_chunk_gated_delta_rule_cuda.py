@@ -267,11 +267,12 @@ def test_backward_matches_float64(dtype, case):
 
 
 @needs_backward
-@pytest.mark.parametrize("B, HV", [(1, 4), (9, 8)], ids=["dstate-2-pairs", "dstate-4-pairs"])
+@pytest.mark.parametrize("B, HV", [(1, 4), (9, 8)], ids=["dstate-32-columns", "dstate-64-columns"])
 def test_backward_both_dstate_shapes(B, HV):
-    """The reverse state pass takes 32-column blocks (2 warp pairs) where 64-column blocks would
-    fill at most half of the SMs, else 64-column blocks (4 pairs): both against float64 (9 x 8 x 2
-    = 144 wide blocks is over half of an H100's or H200's 132 SMs)."""
+    """The reverse state pass takes 32-column blocks (k in quarters over 4 warps per row group)
+    where 64-column blocks would fill at most half of the SMs, else 64-column blocks (k in halves):
+    both against float64 (9 x 8 x 2 = 144 wide blocks is over half of an H100's or H200's 132
+    SMs)."""
     inputs = make_inputs(B, 100, 2, HV, 128, 128, torch.bfloat16, "cpu", seed=17)
     (o, s, grads), (o_ref, s_ref, grads_ref) = backward_vs_reference(inputs)
     assert rel_l2(o, o_ref) <= 1e-2 and rel_l2(s, s_ref) <= 1e-2

@@ -104,8 +104,11 @@ __device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const bf16* A, int
 // the whole of Kd; operands come by ldmatrix, one A fragment per k16 step serving four n8 tiles.
 // (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the instructions.)
 // Each finished block goes to epilogue(blk, row, col, acc): acc[nt][0..1] are (row, col + 8 nt
-// + 0..1), acc[nt][2..3] the same columns of row + 8; blk is a compile-time constant after
-// unrolling, so results kept in registers across products can be indexed by it.
+// + 0..1), acc[nt][2..3] the same columns of row + 8. The block loop is not unrolled: one copy
+// of the main loop and of the epilogue per product, because the gradient kernel's 18 products
+// inlined twice over no longer fit the instruction cache (ncu: a third of its stalls were
+// instruction fetches). So blk is a run-time value: epilogues that keep results in registers
+// across products select by it with a branch (add_rows), never index a register array with it.
 // No synchronisation inside: callers sync before (operands written) and after (results read).
 template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
 __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* A, int lda,
@@ -115,7 +118,7 @@ __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int m0 = (warp & 3) * 16;
-#pragma unroll
+#pragma unroll 1
   for (int blk = 0; blk < N / 64; ++blk) {
     const int n0 = (warp >> 2) * (N / 2) + blk * 32;
     float acc[4][4];
@@ -196,18 +199,27 @@ __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int 
 // (block, n8 tile, fragment element): 32 registers per thread.
 using RegTile = float[2][4][4];
 
-// Epilogue: adds the block's results, row r times mul(r), to a RegTile.
+// part += acc with rows times lo (row) and hi (row + 8).
+__device__ __forceinline__ void add_scaled(float (&part)[4][4], const float (&acc)[4][4], float lo,
+                                           float hi) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) {
+    part[nt][0] += lo * acc[nt][0];
+    part[nt][1] += lo * acc[nt][1];
+    part[nt][2] += hi * acc[nt][2];
+    part[nt][3] += hi * acc[nt][3];
+  }
+}
+
+// Epilogue: adds the block's results, row r times mul(r), to a RegTile. blk is a run-time value
+// (gemm_apply): a branch per block keeps the sum in registers, where sum[blk] would move it to
+// local memory.
 template <typename RowMul>
 __device__ __forceinline__ void add_rows(RegTile& sum, int blk, int row, const float (&acc)[4][4],
                                          RowMul row_mul) {
   const float lo = row_mul(row), hi = row_mul(row + 8);
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
-    sum[blk][nt][0] += lo * acc[nt][0];
-    sum[blk][nt][1] += lo * acc[nt][1];
-    sum[blk][nt][2] += hi * acc[nt][2];
-    sum[blk][nt][3] += hi * acc[nt][3];
-  }
+  if (blk == 0) add_scaled(sum[0], acc, lo, hi);
+  else add_scaled(sum[1], acc, lo, hi);
 }
 
 // A RegTile into an fp32 [64, 128] tile (row stride ld), every thread its own elements.

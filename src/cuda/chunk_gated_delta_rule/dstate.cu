@@ -8,24 +8,31 @@
 //   dVn^T = dS^T KR^T + dO^T M                          [v, t]
 //   dS^T <- e_last dS^T + dO^T Qe - dVn^T W             [v, k]
 // Column v of dS depends only on column v of dS' and dO, so column tiles of V are independent
-// blocks: (sequence, value head, V tile), 64-column tiles and 8 warps (4 pairs), or 32-column
-// tiles and 4 warps (2 pairs) where the wide grid would fill at most half of the SMs (B * HV
-// small, as the forward's state pass chooses). The chain of dependent products per chunk is what
-// bounds this pass, so it is split over warp pairs: warp w owns rows v = 16 (w % pairs) .. + 15
-// and half w / pairs of k, a 16 x 64 slice of dS^T in mma.sync accumulators (32 registers).
-//   1. its partial dVn^T: its k half of dS^T KR^T and its t half of dO^T M      48 mma
-//   2. the pair swaps partials through shared memory (one named barrier) and both add them;
-//      fp32 addition commutes, so both warps hold the same dVn^T, bit for bit
-//   3. its half of the dS^T update, A operands dO^T (ldmatrix) and -dVn^T (registers)  64 mma
-// against 224 mma per warp when one warp carried all of k. dS^T and dVn^T never leave registers
-// except for that swap.
+// blocks: (sequence, value head, V tile). The chain of dependent products per chunk is what bounds
+// this pass, so each block splits it over 8 warps in kRowGroups x kSplit: warp w owns rows
+// v = 16 (w % kRowGroups) .. + 15 of the tile and slice w / kRowGroups of k's kSplit, a
+// 16 x (128 / kSplit) piece of dS^T in mma.sync accumulators. Two shapes:
+//   64-column tiles, 4 row groups x 2 k halves     where B * HV * 2 blocks fill the SMs
+//   32-column tiles, 2 row groups x 4 k quarters   where they would fill at most half of them
+//                                                  (B * HV small, as the forward's state pass
+//                                                  chooses): twice the blocks, and half of the
+//                                                  64-column shape's chain per warp
+// Per chunk, each warp:
+//   1. its partial dVn^T: its k slice of dS^T KR^T and its t slice of dO^T M
+//   2. stores the partial for the warps of its row group; meanwhile (no dependency on dVn^T)
+//      dS^T <- e_last dS^T + dO^T Qe over its k slice, which covers the wait at the group's
+//      named barrier
+//   3. sums the group's partials in split order (the same order in every warp of the group:
+//      they all hold the same dVn^T, bit for bit), then dS^T -= dVn^T W over its k slice.
+// Per warp and chunk: 48 + 64 mma with k halves, 24 + 32 with k quarters (224 when one warp
+// carried all of k). dS^T and dVn^T never leave registers except for that exchange.
 // Streaming: W, KR, Qe, M of chunk c - 1 are copied by cp.async into the other half of a double
 // buffer while chunk c is computed, and dO of chunk c - 1 (strided, any float dtype) is loaded
 // into registers at the same time, converted to bf16 and stored to shared memory at the top of
 // the next step. One block barrier per chunk (it both publishes chunk c's tiles and retires the
-// buffers of chunk c + 1), one pair barrier.
-// Shared memory: 170 KB with 4 pairs, 146 KB with 2 (Hopper; the backward's gradient kernel
-// needs Hopper's shared memory anyway, check_grads_device()). 171 to 181 registers.
+// buffers of chunk c + 1), one row-group barrier.
+// Shared memory: 170 KB with 64-column tiles, 162 KB with 32 (Hopper; the backward's gradient
+// kernel needs Hopper's shared memory anyway, check_grads_device()).
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -36,23 +43,26 @@ namespace {
 
 using bwd::to_a;
 
-// kPairs warp pairs: 4 (64 state columns per block), or 2 (32 columns) where 4 would leave more
-// than half of the multiprocessors idle (B * HV small): twice the blocks, as the forward's state
-// pass does (state.cu).
-template <int kPairs>
+// kRowGroups x kSplit = 8 warps; the tile is 16 kRowGroups state columns (value dims) wide.
+template <int kRowGroups, int kSplit>
 struct Shape {
-  static constexpr int kWarps = 2 * kPairs;
+  static constexpr int kWarps = kRowGroups * kSplit;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kVT = 16 * kPairs;               // state columns (value dims) per block
+  static constexpr int kVT = 16 * kRowGroups;           // state columns (value dims) per block
   static constexpr int kLdO = kVT + 8;                  // 16-byte row padding
   static constexpr int kGroupsPerRow = kVT / 8;         // 8-element dO groups per row
   static constexpr int kGroupsPerThread = kC * kGroupsPerRow / kThreads;
+  static constexpr int kKSlice = kD / kSplit;           // k per warp: dS^T columns
+  static constexpr int kNT = kKSlice / 8;               // its n8 tiles
+  static constexpr int kTBlocks = (kC / 16) / kSplit;   // k16 blocks of t per warp in dO^T M
+  static_assert(kWarps == 8, "dstate blocks are 8 warps");
+  static_assert(kSplit == 2 || kSplit == 4, "k split in halves or quarters");
   static_assert(kGroupsPerThread * kThreads == kC * kGroupsPerRow, "dO tile split evenly");
 };
 
-template <int kPairs>
+template <int kRowGroups, int kSplit>
 struct DStateSmem {
-  using S = Shape<kPairs>;
+  using S = Shape<kRowGroups, kSplit>;
   bf16 w[2][kC * kLdD];
   bf16 kr[2][kC * kLdD];
   bf16 qe[2][kC * kLdD];
@@ -61,21 +71,23 @@ struct DStateSmem {
   float4 swap[S::kWarps][8][32];      // partial dVn^T per warp, [n8 tile][lane]: conflict-free
 };
 
-template <typename T, int kPairs>
-__global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
+template <typename T, int kRowGroups, int kSplit>
+__global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     dstate_kernel(const ChunkParams p, bool d_o_vec) {
-  using S = Shape<kPairs>;
+  using S = Shape<kRowGroups, kSplit>;
   constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdO = S::kLdO;
   constexpr int kGroupsPerRow = S::kGroupsPerRow, kGroupsPerThread = S::kGroupsPerThread;
+  constexpr int kNT = S::kNT, kTBlocks = S::kTBlocks;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  DStateSmem<kPairs>& sm = *reinterpret_cast<DStateSmem<kPairs>*>(smem_raw);
+  DStateSmem<kRowGroups, kSplit>& sm = *reinterpret_cast<DStateSmem<kRowGroups, kSplit>*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int row_group = warp % kPairs, half = warp / kPairs;  // rows v 16 row_group.., k 64 half..
-  const int k_half = half * 64;
+  // rows v 16 row_group .. + 15 of the tile, k slice `split` of kSplit
+  const int row_group = warp % kRowGroups, split = warp / kRowGroups;
+  const int k_base = split * S::kKSlice;
   const int K = p.head_k_dim, V = p.head_v_dim;
   const int vl = row_group * 16 + g;  // this thread's rows of dS^T, within the tile
   const int v_lo = col0 + vl, v_hi = v_lo + 8;
@@ -83,13 +95,13 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
   const int64_t num_chunks = (seq.end - seq.begin + kC - 1) / kC;
   const int64_t first_slot = slot_begin(p, n);
 
-  // dS^T: n8 tile nt covers k = k_half + 8 nt .. + 7 (as sc in state.cu, over half of k).
-  float dsc[8][4];
+  // dS^T: n8 tile nt covers k = k_base + 8 nt .. + 7 (as sc in state.cu, over a slice of k).
+  float dsc[kNT][4];
 #pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
+  for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int k = k_half + nt * 8 + 2 * t4 + j;
+      const int k = k_base + nt * 8 + 2 * t4 + j;
       float lo = 0.f, hi = 0.f;
       if (b.d_final_state && k < K) {
         const float* dht = b.d_final_state + n * b.dht_s[0] + hv * b.dht_s[1] + k * b.dht_s[2];
@@ -144,11 +156,11 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
     const int buf = c & 1;
     const float e_last = __expf(next_gamma_last);
 
-    // dS^T here is the gradient of the state leaving chunk c: this warp's 16 x 64 slice.
+    // dS^T here is the gradient of the state leaving chunk c: this warp's slice.
     bf16* dst = b.dstates + ws_index(p, slot, hv, kD * kD);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int k = k_half + nt * 8 + 2 * t4;
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int k = k_base + nt * 8 + 2 * t4;
       *reinterpret_cast<uint32_t*>(dst + v_lo * kD + k) = pack_bf16(dsc[nt][0], dsc[nt][1]);
       *reinterpret_cast<uint32_t*>(dst + v_hi * kD + k) = pack_bf16(dsc[nt][2], dsc[nt][3]);
     }
@@ -174,23 +186,23 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) load_a_cols(doa[kk], sm.d_o[buf], kLdO, row_group * 16, kk * 16);
 
-    // 1. partial dVn^T = dS^T[:, k half] KR^T[k half, :] + dO^T[:, t half] M[t half, :].
+    // 1. partial dVn^T = dS^T[:, k slice] KR^T[k slice, :] + dO^T[:, t slice] M[t slice, :].
     float dvn[8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < kNT / 2; ++kk) {
       uint32_t a[4];
       to_a(dsc, kk, a);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
-        load_b_rows(bb, sm.kr[buf], kLdD, np * 16, k_half + kk * 16);
+        load_b_rows(bb, sm.kr[buf], kLdD, np * 16, k_base + kk * 16);
         mma_bf16(dvn[2 * np], a, bb[0], bb[1]);
         mma_bf16(dvn[2 * np + 1], a, bb[2], bb[3]);
       }
     }
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-      if ((kk >> 1) != half) continue;  // warp-uniform; kk stays a constant (doa in registers)
+      if (kk / kTBlocks != split) continue;  // warp-uniform; kk stays a constant (doa in registers)
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
@@ -200,36 +212,55 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
       }
     }
 
-    // 2. swap partials with the other warp of the pair (same rows, other half).
+    // 2. the partial out to the row group; dS^T[:, k slice] <- e_last dS^T + dO^T Qe[:, k slice]
+    // while the other warps of the group finish theirs.
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
       sm.swap[warp][nt][lane] = make_float4(dvn[nt][0], dvn[nt][1], dvn[nt][2], dvn[nt][3]);
-    bwd::named_barrier(1 + row_group, 64);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const float4 o = sm.swap[warp ^ kPairs][nt][lane];
-      dvn[nt][0] = -(dvn[nt][0] + o.x);
-      dvn[nt][1] = -(dvn[nt][1] + o.y);
-      dvn[nt][2] = -(dvn[nt][2] + o.z);
-      dvn[nt][3] = -(dvn[nt][3] + o.w);
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dsc[nt][e] *= e_last;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int np = 0; np < kNT / 2; ++np) {
+        uint32_t bb[4];
+        load_b_cols(bb, sm.qe[buf], kLdD, k_base + np * 16, kk * 16);
+        mma_bf16(dsc[2 * np], doa[kk], bb[0], bb[1]);
+        mma_bf16(dsc[2 * np + 1], doa[kk], bb[2], bb[3]);
+      }
     }
 
-    // 3. dS^T[:, k half] <- e_last dS^T + dO^T Qe[:, k half] - dVn^T W[:, k half].
+    // 3. dVn^T = the group's partials summed in split order; dS^T[:, k slice] -= dVn^T W.
+    // The warp's own partial comes from its registers (the bits it stored), the others' from
+    // shared memory: a quarter fewer reads of the exchange with k in quarters, half with halves.
+    bwd::named_barrier(1 + row_group, 32 * kSplit);
+    float sum[8][4];
+#pragma unroll
+    for (int s = 0; s < kSplit; ++s) {
+      const bool own = s == split;  // warp-uniform
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        float4 o;
+        if (own) o = make_float4(dvn[nt][0], dvn[nt][1], dvn[nt][2], dvn[nt][3]);
+        else o = sm.swap[row_group + s * kRowGroups][nt][lane];
+        if (s == 0) sum[nt][0] = o.x, sum[nt][1] = o.y, sum[nt][2] = o.z, sum[nt][3] = o.w;
+        else sum[nt][0] += o.x, sum[nt][1] += o.y, sum[nt][2] += o.z, sum[nt][3] += o.w;
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dsc[nt][e] *= e_last;
+      for (int e = 0; e < 4; ++e) dvn[nt][e] = -sum[nt][e];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t va[4];
       to_a(dvn, kk, va);
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bb[4];
-        load_b_cols(bb, sm.qe[buf], kLdD, k_half + np * 16, kk * 16);
-        mma_bf16(dsc[2 * np], doa[kk], bb[0], bb[1]);
-        mma_bf16(dsc[2 * np + 1], doa[kk], bb[2], bb[3]);
-        load_b_cols(bb, sm.w[buf], kLdD, k_half + np * 16, kk * 16);
+        load_b_cols(bb, sm.w[buf], kLdD, k_base + np * 16, kk * 16);
         mma_bf16(dsc[2 * np], va, bb[0], bb[1]);
         mma_bf16(dsc[2 * np + 1], va, bb[2], bb[3]);
       }
@@ -238,10 +269,10 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
 
   if (b.d_initial_state) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
+    for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int k = k_half + nt * 8 + 2 * t4 + j;
+        const int k = k_base + nt * 8 + 2 * t4 + j;
         if (k >= K) continue;
         float* dh0 = b.d_initial_state + n * b.dh0_s[0] + hv * b.dh0_s[1] + k * b.dh0_s[2];
         if (v_lo < V) dh0[v_lo * b.dh0_s[3]] = dsc[nt][j];
@@ -251,17 +282,17 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1)
   }
 }
 
-template <typename T, int kPairs>
+template <typename T, int kRowGroups, int kSplit>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  constexpr int kVT = Shape<kPairs>::kVT;
-  const size_t smem = sizeof(DStateSmem<kPairs>);
-  auto* kernel = dstate_kernel<T, kPairs>;
+  using S = Shape<kRowGroups, kSplit>;
+  const size_t smem = sizeof(DStateSmem<kRowGroups, kSplit>);
+  auto* kernel = dstate_kernel<T, kRowGroups, kSplit>;
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
-                  (p.head_v_dim + kVT - 1) / kVT);
+                  (p.head_v_dim + S::kVT - 1) / S::kVT);
   const bool vec = bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
-  kernel<<<grid, Shape<kPairs>::kThreads, smem, stream>>>(p, vec);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -269,13 +300,16 @@ template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   const int64_t wide_blocks =
       static_cast<int64_t>(p.num_seqs) * p.num_v_heads * ((p.head_v_dim + 63) / 64);
-  if (2 * wide_blocks <= device_info().sm_count) launch<T, 2>(p, stream);
-  else launch<T, 4>(p, stream);
+  if (2 * wide_blocks <= device_info().sm_count) launch<T, 2, 4>(p, stream);
+  else launch<T, 4, 2>(p, stream);
 }
 
 }  // namespace
 
-size_t dstate_smem_bytes() { return sizeof(DStateSmem<4>); }  // the larger shape
+size_t dstate_smem_bytes() {
+  const size_t wide = sizeof(DStateSmem<4, 2>), narrow = sizeof(DStateSmem<2, 4>);
+  return wide > narrow ? wide : narrow;
+}
 
 void launch_dstate(const ChunkParams& p, cudaStream_t stream) {
   switch (p.bwd.d_o_dtype) {

@@ -132,8 +132,9 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 //   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16), writes no output
-//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k split over
-//                                               warp pairs); stores dS'^T leaving each chunk,
+//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k split in
+//                                               halves or quarters over the warps of a row
+//                                               group); stores dS'^T leaving each chunk,
 //                                               writes d_initial_state
 //   grads   (slot, key head)                    every gradient of one chunk given S and dS', the
 //                                               key head's value heads in turn: dv, dg, dbeta per
