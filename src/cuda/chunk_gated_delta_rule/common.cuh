@@ -8,8 +8,9 @@
 //   state  (sequence, value head, V tile) chunks in order, S in registers:
 //                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
 // The backward (launch.cu) replays both, keeping each chunk's incoming state, then walks the
-// chunks in reverse for dS (dstate.cu), computes each chunk's gradients (grads.cu) and reduces
-// dq, dk over the value heads of each key head (reduce.cu).
+// chunks in reverse for dS (dstate.cu) and computes each chunk's gradients (grads.cu, a block per
+// key head summing dq, dk over its value heads in registers, the l2norm backward fused).
+// reduce.cu's per-value-head reduction serves the token-by-token op's backward.
 // Chunks are C = 64 tokens. Head dimensions are padded to 128 in shared memory and in the
 // workspace (K, V <= 128): padding rows/columns are zero and contribute nothing. A chunk shorter
 // than 64 (a sequence's last) is padded with k = v = q = 0, g = 0, beta = 0 rows: its gamma stays
@@ -61,7 +62,9 @@ struct Workspace {
 struct BackwardParams {
   bf16* states;   // S^T entering each chunk                  [num_slots, HV, 128, 128]
   bf16* dstates;  // dS^T, the gradient of the state leaving each chunk (same layout)
-  float* dq_heads;  // per value head: dL/d(normalised q), dL/d(normalised k)  [B * T, HV, K]
+  // per value head: dL/d(normalised q), dL/d(normalised k)  [B * T, HV, K]; used by the
+  // token-by-token op's backward (reduce.cu), not by the chunked one
+  float* dq_heads;
   float* dk_heads;
   const void* d_o;  // any float dtype
   DType d_o_dtype;
