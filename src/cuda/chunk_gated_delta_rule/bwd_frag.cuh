@@ -1,29 +1,13 @@
-// Device helpers of the chunked backward's kernels (dstate.cu, grads.cu), beside common.cuh's:
-// accumulators to A fragments, named barriers for warp pairs, and staged loads of strided
+// Device helpers of the chunked backward's kernels (dstate.cu, grads.cu), beside common.cuh's and
+// mma_frag.cuh's (A fragments from tiles or accumulators, named barriers): staged loads of strided
 // activations (dO, any float dtype) into registers, so that a chunk's global reads are issued
 // one step ahead and their latency hides behind the tensor-core work of the current step.
 #pragma once
 
 #include "cuda/chunk_gated_delta_rule/common.cuh"
+#include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
 
 namespace flashdelta::detail::cuda::chunk::bwd {
-
-// The A fragments of k16 block kk from the C fragments of n8 tiles 2kk and 2kk + 1 (rounded to
-// bf16): a product's accumulators become the next product's left operand without leaving
-// registers (common.cuh, mma.sync section).
-template <int kTiles>
-__device__ __forceinline__ void to_a(const float (&c)[kTiles][4], int kk, uint32_t (&a)[4]) {
-  a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
-  a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
-  a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-  a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-}
-
-// Barrier `id` (1..15; 0 is __syncthreads') over `threads` threads, whole warps. Orders shared
-// memory between the participants as __syncthreads does.
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 
 // Eight consecutive elements of a row as bf16, packed into one 16-byte value (element 0 in the
 // low half of .x). `valid` elements are read (0..8), the rest are zero. `vec`: the eight
@@ -89,13 +73,6 @@ __device__ __forceinline__ uint4 load8_bf16_any(const void* base, DType dtype, i
 }  // namespace flashdelta::detail::cuda::chunk::bwd
 
 namespace flashdelta::detail::cuda::chunk::bwd {
-
-// The A fragment of the 16x16 block (m0, k0) of A (row-major in shared memory, stride ld).
-__device__ __forceinline__ void load_a_rows(uint32_t (&a)[4], const bf16* A, int ld, int m0,
-                                            int k0) {
-  const int lane = threadIdx.x & 31;
-  ldmatrix_x4(a, A + (m0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + k0 + (lane >> 4) * 8);
-}
 
 // [C +] A B for A 64 x Kd, B Kd x N, bf16 tiles in shared memory (kAT: A stored transposed, as
 // Kd x 64; kBT: B stored as N x Kd; lda, ldb the stored row strides, multiples of 8), C (fp32,

@@ -41,8 +41,6 @@
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-using bwd::to_a;
-
 // kRowGroups x kSplit = 8 warps; the tile is 16 kRowGroups state columns (value dims) wide.
 template <int kRowGroups, int kSplit>
 struct Shape {
@@ -191,7 +189,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
       uint32_t a[4];
-      to_a(dsc, kk, a);
+      pack_a_from_c(dsc, kk, a);
 #pragma unroll
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
@@ -235,7 +233,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     // 3. dVn^T = the group's partials summed in split order; dS^T[:, k slice] -= dVn^T W.
     // The warp's own partial comes from its registers (the bits it stored), the others' from
     // shared memory: a quarter fewer reads of the exchange with k in quarters, half with halves.
-    bwd::named_barrier(1 + row_group, 32 * kSplit);
+    named_barrier(1 + row_group, 32 * kSplit);
     float sum[8][4];
 #pragma unroll
     for (int s = 0; s < kSplit; ++s) {
@@ -256,7 +254,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t va[4];
-      to_a(dvn, kk, va);
+      pack_a_from_c(dvn, kk, va);
 #pragma unroll
       for (int np = 0; np < kNT / 2; ++np) {
         uint32_t bb[4];
