@@ -519,40 +519,31 @@ def test_strict_device_without_kernels():
     assert any("cannot run on meta" in n for n in report.components["gdn"].notes)
 
 
-def test_chunk_on_cuda_default_follows_fla(monkeypatch):
-    """With both CUDA directions built, the chunked op runs on CUDA by default only where FLA is
-    not installed (FLA stays transformers' pick where it is); FLASHDELTA_GDN_CHUNK=flashdelta /
-    fallback force either side."""
+def test_chunk_on_cuda_is_opt_in(monkeypatch):
+    """With both CUDA directions built, the chunked op runs on CUDA only when
+    FLASHDELTA_GDN_CHUNK=flashdelta (FLA / transformers stay the default for training there)."""
     from flashdelta.patch import gdn
 
     every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
              for d in ("forward", "backward")]
     ctx = _mechanism.Context(build_info={"cuda_ops": every})
     monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
-    monkeypatch.setattr(gdn, "_fla_installed", lambda: True)
     assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
     assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu"}
     assert gdn._kernel_devices("recurrent", "forward", ctx) == {"cpu", "cuda"}
-    assert any(f"{gdn.CHUNK_ENV}=flashdelta" in note for note in gdn._notes(ctx))
     monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
     assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu", "cuda"}
     assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu", "cuda"}
-    assert not any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+    monkeypatch.setenv(gdn.CHUNK_ENV, "fallback")
+    assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
     monkeypatch.setenv(gdn.CHUNK_ENV, "fla")
     with pytest.raises(ValueError, match=gdn.CHUNK_ENV):
         gdn._kernel_devices("chunk", "forward", ctx)
-    # without FLA: flashdelta's kernels by default ("auto" too), transformers' loop on request
-    monkeypatch.setattr(gdn, "_fla_installed", lambda: False)
-    for value in (None, "auto"):
-        if value is None:
-            monkeypatch.delenv(gdn.CHUNK_ENV)
-        else:
-            monkeypatch.setenv(gdn.CHUNK_ENV, value)
-        assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu", "cuda"}
-        assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu", "cuda"}
-        assert any(f"{gdn.CHUNK_ENV}=fallback" in note for note in gdn._notes(ctx))
-    monkeypatch.setenv(gdn.CHUNK_ENV, "fallback")
-    assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
+    # the report says how to opt in
+    monkeypatch.delenv(gdn.CHUNK_ENV)
+    assert any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+    monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
+    assert not any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
 
 
 def test_cuda_without_kernels_falls_back():
