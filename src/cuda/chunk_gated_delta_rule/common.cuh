@@ -41,6 +41,26 @@ constexpr int kLdC = kC + 8;   // bf16 row stride of a [*, 64] tile
 constexpr int kLdDf = kD + 4;  // fp32 row stride of a [*, 128] tile
 constexpr int kLdCf = kC + 4;  // fp32 row stride of a [*, 64] tile
 constexpr float kL2NormEps = 1e-6f;
+
+// The l2norm backward of one K <= 128 row held by a warp (lane owns dims lane + 32 j): g, the
+// gradient with respect to x / |x|, becomes the gradient with respect to x. Sums by butterfly
+// shuffles (every lane gets the same totals).
+__device__ __forceinline__ void l2norm_backward_row(const float (&x)[4], float (&g)[4]) {
+  float ss = 0.f, xdot = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    ss += x[j] * x[j];
+    xdot += x[j] * g[j];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    ss += __shfl_xor_sync(0xffffffffu, ss, off);
+    xdot += __shfl_xor_sync(0xffffffffu, xdot, off);
+  }
+  const float inv = rsqrtf(ss + kL2NormEps), ydot = xdot * inv;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) g[j] = inv * (g[j] - x[j] * inv * ydot);
+}
 constexpr float kMinLogDecay = -1e4f;  // g is floored here (exp underflows to 0 long before)
 
 // Workspace tensors from phase 1, slot-major: [num_slots, HV, 64, 128] bf16 unless noted.

@@ -201,22 +201,7 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
       g[j] = dy[r * kLdDf + d];
       xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
     }
-    if (p.l2norm) {
-      float ss = 0.f, xdot = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        ss += xv[j] * xv[j];
-        xdot += xv[j] * g[j];
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        ss += __shfl_xor_sync(0xffffffffu, ss, off);
-        xdot += __shfl_xor_sync(0xffffffffu, xdot, off);
-      }
-      const float inv = rsqrtf(ss + kL2NormEps), ydot = xdot * inv;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) g[j] = inv * (g[j] - xv[j] * inv * ydot);
-    }
+    if (p.l2norm) l2norm_backward_row(xv, g);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;

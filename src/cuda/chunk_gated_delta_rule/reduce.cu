@@ -33,22 +33,7 @@ __device__ void reduce_one(const ChunkParams& p, const float* heads, const T* x,
     gsum[j] = acc;
     xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
   }
-  if (p.l2norm) {
-    float ss = 0.f, xdot = 0.f;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      ss += xv[j] * xv[j];
-      xdot += xv[j] * gsum[j];
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      ss += __shfl_xor_sync(0xffffffffu, ss, off);
-      xdot += __shfl_xor_sync(0xffffffffu, xdot, off);
-    }
-    const float inv = rsqrtf(ss + kL2NormEps), ydot = xdot * inv;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) gsum[j] = inv * (gsum[j] - xv[j] * inv * ydot);
-  }
+  if (p.l2norm) l2norm_backward_row(xv, gsum);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     const int d = lane + 32 * j;
