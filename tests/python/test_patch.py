@@ -166,11 +166,8 @@ def test_cuda_greedy_generation_same_tokens():
     flashdelta.patch(model)
     calls = spy_on_replacements()
     after = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    from flashdelta.patch import gdn
-
-    ctx = _mechanism.Context(build_info=flashdelta.build_info())
     for kind in ("recurrent", "chunk"):  # where the patch routes no-grad CUDA calls to flashdelta
-        assert (calls[kind] > 0) == ("cuda" in gdn._kernel_devices(kind, "forward", ctx)), calls
+        assert (calls[kind] > 0) == _runs_on_cuda(kind, torch.float32), calls
     assert torch.equal(before, after)
 
 
@@ -519,31 +516,77 @@ def test_strict_device_without_kernels():
     assert any("cannot run on meta" in n for n in report.components["gdn"].notes)
 
 
-def test_chunk_on_cuda_is_opt_in(monkeypatch):
-    """With both CUDA directions built, the chunked op runs on CUDA only when
-    FLASHDELTA_GDN_CHUNK=flashdelta (FLA / transformers stay the default for training there)."""
+def test_chunk_on_cuda_modes(monkeypatch):
+    """FLASHDELTA_GDN_CHUNK with both CUDA directions built: auto (the default) runs the chunked
+    op on CUDA for bf16 / fp16 inputs and keeps transformers' function for fp32, flashdelta runs
+    every dtype, fallback none; anything else is refused by name."""
     from flashdelta.patch import gdn
 
     every = [f"{op}.{d}" for op in ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
              for d in ("forward", "backward")]
     ctx = _mechanism.Context(build_info={"cuda_ops": every})
-    monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
-    assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
-    assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu"}
+    half = {torch.bfloat16, torch.float16}
+    for value in (None, "", "auto", " AUTO "):
+        if value is None:
+            monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
+        else:
+            monkeypatch.setenv(gdn.CHUNK_ENV, value)
+        assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu", "cuda"}
+        assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu", "cuda"}
+        assert gdn._cuda_dtypes("chunk") == half
+        assert gdn._cuda_dtypes("recurrent") is None  # the decode step is exact in fp32
+        assert any("bf16 / fp16" in note for note in gdn._notes(ctx))
     assert gdn._kernel_devices("recurrent", "forward", ctx) == {"cpu", "cuda"}
     monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
     assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu", "cuda"}
-    assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu", "cuda"}
+    assert gdn._cuda_dtypes("chunk") is None
+    assert not any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
     monkeypatch.setenv(gdn.CHUNK_ENV, "fallback")
     assert gdn._kernel_devices("chunk", "forward", ctx) == {"cpu"}
+    assert gdn._kernel_devices("chunk", "backward", ctx) == {"cpu"}
+    assert any(f"{gdn.CHUNK_ENV}=fallback" in note for note in gdn._notes(ctx))
     monkeypatch.setenv(gdn.CHUNK_ENV, "fla")
     with pytest.raises(ValueError, match=gdn.CHUNK_ENV):
         gdn._kernel_devices("chunk", "forward", ctx)
-    # the report says how to opt in
-    monkeypatch.delenv(gdn.CHUNK_ENV)
-    assert any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+
+
+def test_chunk_dtype_gate_routes_calls(monkeypatch):
+    """The replacement sends a CUDA call whose dtype the mode excludes to the fallback, and
+    everything else to flashdelta (checked without a GPU: a stand-in for the CUDA tensor)."""
+    from flashdelta.patch import gdn
+
+    ran = []
+    rep = gdn.GatedDeltaRuleReplacement("chunk", None, lambda *a, **k: ran.append("fallback"))
+    rep.devices = rep.backward_devices = frozenset({"cpu", "cuda"})
+    rep._run = lambda args, kwargs: ran.append("flashdelta")
+
+    class CudaTensor:  # what __call__ reads of q
+        def __init__(self, dtype):
+            self.device, self.dtype = torch.device("cuda"), dtype
+
+    monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
+    rep.cuda_dtypes = gdn._cuda_dtypes("chunk")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        rep(CudaTensor(dtype))
+    assert ran == ["flashdelta", "flashdelta", "fallback"]
+    ran.clear()
+    rep(torch.zeros(1, dtype=torch.float32))  # the CPU runs every dtype
+    assert ran == ["flashdelta"]
+    ran.clear()
     monkeypatch.setenv(gdn.CHUNK_ENV, "flashdelta")
-    assert not any(gdn.CHUNK_ENV in note for note in gdn._notes(ctx))
+    rep.cuda_dtypes = gdn._cuda_dtypes("chunk")
+    rep(CudaTensor(torch.float32))
+    assert ran == ["flashdelta"]
+
+
+def _runs_on_cuda(kind, dtype):
+    """Whether the patch routes this kind's CUDA calls of `dtype` to flashdelta."""
+    from flashdelta.patch import gdn
+
+    ctx = _mechanism.Context(build_info=flashdelta.build_info())
+    dtypes = gdn._cuda_dtypes(kind)
+    return "cuda" in gdn._kernel_devices(kind, "forward", ctx) and (dtypes is None
+                                                                     or dtype in dtypes)
 
 
 def test_cuda_without_kernels_falls_back():
@@ -676,10 +719,33 @@ def test_cuda_model():
     assert complete or any("cannot run on cuda" in n for n in notes), notes
     calls = spy_on_replacements()
     after = run_model(model, *batch)
-    # the chunked op runs on CUDA with both directions built and FLASHDELTA_GDN_CHUNK=flashdelta
-    ctx = _mechanism.Context(build_info=flashdelta.build_info())
-    assert (calls["chunk"] > 0) == ("cuda" in gdn._kernel_devices("chunk", "forward", ctx))
+    # the chunked op runs on CUDA with both directions built, for fp32 (this model) only under
+    # FLASHDELTA_GDN_CHUNK=flashdelta
+    assert (calls["chunk"] > 0) == _runs_on_cuda("chunk", torch.float32)
     assert_same(before, after, "cuda")
     if not complete:
         with pytest.raises(RuntimeError, match="cannot run on cuda"):
             flashdelta.patch(model, strict=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_bf16_training_runs_flashdelta_chunk(monkeypatch):
+    """By default (auto) a bf16 model's training step runs flashdelta's chunked kernels on CUDA
+    where the build has both directions, with the loss and gradients of the unpatched model to
+    bf16 accuracy."""
+    from flashdelta.patch import gdn
+
+    monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
+    model = tiny_model("qwen3_5").cuda().to(torch.bfloat16)
+    batch = [t.cuda() for t in inputs()]
+    before = run_model(model, *batch)
+    flashdelta.patch(model)
+    calls = spy_on_replacements()
+    after = run_model(model, *batch)
+    assert (calls["chunk"] > 0) == _runs_on_cuda("chunk", torch.bfloat16), calls
+    torch.testing.assert_close(after[1].float(), before[1].float(), rtol=1e-2, atol=0)
+    for name, ga in before[2].items():
+        gb = after[2][name]
+        err = float((gb.float() - ga.float()).norm() / ga.float().norm().clamp_min(1e-30))
+        assert err <= 5e-2, f"{name}: relative L2 {err:.3g}"

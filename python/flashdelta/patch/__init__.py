@@ -18,8 +18,9 @@ Components (each one keyword and one environment switch, default on):
 `FLASHDELTA_PATCH` is the master switch. Values: 1/0, true/false, on/off, yes/no, any case;
 anything else raises ValueError naming the variable. They are read once per patch() call; keyword
 arguments override them. See `_mechanism.py` for how components are declared and found.
-`FLASHDELTA_GDN_CHUNK=flashdelta` opts the chunked gated delta rule on CUDA into flashdelta's
-kernels (default `fallback`: the function transformers chose; see gdn.py).
+`FLASHDELTA_GDN_CHUNK` picks the chunked gated delta rule on CUDA: `auto` (default) flashdelta's
+kernels for bf16 / fp16 inputs and the function transformers chose for fp32, `flashdelta` every
+dtype, `fallback` never (see gdn.py).
 """
 
 from typing import Any, Optional

@@ -121,6 +121,7 @@ class GatedDeltaRuleReplacement:
         self.active = True
         self.devices: FrozenSet[str] = frozenset({"cpu"})  # device types with a forward kernel
         self.backward_devices: FrozenSet[str] = frozenset({"cpu"})  # ... and a backward kernel
+        self.cuda_dtypes: Optional[FrozenSet[Any]] = None  # q dtypes run on CUDA (None: all)
         self.label = f"flashdelta.{_OP_NAMES[kind]}"
         self.__name__ = _OP_NAMES[kind]
         self.__qualname__ = _OP_NAMES[kind]
@@ -139,7 +140,9 @@ class GatedDeltaRuleReplacement:
             q = args[0] if args else kwargs.get("query", kwargs.get("q"))
             device = getattr(q, "device", None)
             if device is not None and device.type in self.devices and (
-                    device.type in self.backward_devices or not _needs_grad(args, kwargs)):
+                    device.type in self.backward_devices or not _needs_grad(args, kwargs)) and (
+                    device.type != "cuda" or self.cuda_dtypes is None
+                    or getattr(q, "dtype", None) in self.cuda_dtypes):
                 return self._run(args, kwargs)
         return self.fallback(*args, **kwargs)
 
@@ -181,41 +184,55 @@ def replacement_for(kind: str, original: Any, fallback: Any, ctx: Context
         rep = _CACHE[key] = GatedDeltaRuleReplacement(kind, original, fallback)
     rep.devices = _kernel_devices(kind, "forward", ctx)
     rep.backward_devices = _kernel_devices(kind, "backward", ctx)
+    rep.cuda_dtypes = _cuda_dtypes(kind)
     return rep
 
 
-# Opt-in for flashdelta's chunked kernels on CUDA (see _kernel_devices).
+# Which chunked gated delta rule runs on CUDA (see _kernel_devices and _cuda_dtypes).
 CHUNK_ENV = "FLASHDELTA_GDN_CHUNK"
+_CHUNK_MODES = ("auto", "flashdelta", "fallback")
 
 
-def _chunk_on_cuda_requested() -> bool:
-    """FLASHDELTA_GDN_CHUNK=flashdelta: use flashdelta's chunked CUDA kernels; unset or
-    "fallback": keep the replaced function there. Anything else raises ValueError."""
-    raw = os.environ.get(CHUNK_ENV, "").strip().lower()
-    if raw in ("", "fallback"):
-        return False
-    if raw == "flashdelta":
-        return True
-    raise ValueError(f"{CHUNK_ENV}={raw!r}: use 'flashdelta' (flashdelta's chunked CUDA kernels) "
-                     f"or 'fallback' (the function transformers chose, the default)")
+def _chunk_mode() -> str:
+    """FLASHDELTA_GDN_CHUNK: "auto" (unset or empty: flashdelta's kernels for bf16 / fp16 inputs,
+    the replaced function for fp32), "flashdelta" (every dtype) or "fallback" (the function
+    transformers chose). Anything else raises ValueError naming the variable."""
+    raw = os.environ.get(CHUNK_ENV, "").strip().lower() or "auto"
+    if raw not in _CHUNK_MODES:
+        raise ValueError(f"{CHUNK_ENV}={raw!r}: use 'auto' (the default: flashdelta's chunked "
+                         f"CUDA kernels for bf16 / fp16 inputs), 'flashdelta' (every dtype) or "
+                         f"'fallback' (the function transformers chose)")
+    return raw
 
 
 def _kernel_devices(kind: str, direction: str, ctx: Context) -> FrozenSet[str]:
     """Device types with flashdelta's `direction` kernel of this kind (the CPU always has both;
     build_info()["cuda_ops"] lists the CUDA ones as "op.forward" / "op.backward").
 
-    The chunked op counts on CUDA only once both directions exist, and only on request
-    (FLASHDELTA_GDN_CHUNK=flashdelta): on the H100 its kernels beat FLA's forward at every
-    protocol shape and its forward + backward at 1 x 8192, but not yet the forward + backward of
-    longer sequences, and they round fp32 operands to bf16 (fp32 inputs measure 3.2e-3 against
-    the 2e-3 bar; transformers' torch loop is exact there). So by default a patched model keeps
-    transformers' function (FLA where installed) on CUDA (bench/RESULTS.md)."""
+    The chunked op counts on CUDA only once both directions exist, and not under
+    FLASHDELTA_GDN_CHUNK=fallback."""
     devices = _op_devices(_OP_NAMES[kind], direction, ctx)
     if kind == "chunk" and direction == "forward":
         devices &= _op_devices(_OP_NAMES[kind], "backward", ctx) | {"cpu"}
-    if kind == "chunk" and not _chunk_on_cuda_requested():
+    if kind == "chunk" and _chunk_mode() == "fallback":
         devices -= {"cuda"}
     return devices
+
+
+def _cuda_dtypes(kind: str) -> Optional[FrozenSet[Any]]:
+    """The input dtypes this kind runs on CUDA (None: every dtype).
+
+    The chunked kernels take bf16 tensor-core operands: bf16 / fp16 inputs meet the bf16 error
+    bars, but fp32 inputs measure 3.2e-3 against their 2e-3 bar, where transformers' torch loop
+    (or FLA) is exact in fp32. So by default ("auto") fp32 calls keep the replaced function;
+    FLASHDELTA_GDN_CHUNK=flashdelta sends them to flashdelta's kernels too (speed over the last
+    bits). On the H100 the kernels beat FLA's forward at every protocol shape and the whole
+    training step end to end (bench/RESULTS.md), and need no Triton compilation."""
+    if kind != "chunk" or _chunk_mode() == "flashdelta":
+        return None
+    import torch
+
+    return frozenset({torch.bfloat16, torch.float16})
 
 
 def _op_devices(op: str, direction: str, ctx: Context) -> FrozenSet[str]:
@@ -517,9 +534,14 @@ def _notes(ctx: Context) -> List[str]:
                      f"fall back to transformers")
     chunk_built = all("cuda" in _op_devices(_OP_NAMES["chunk"], d, ctx)
                       for d in ("forward", "backward"))
-    if chunk_built and not _chunk_on_cuda_requested():
-        notes.append(f"chunk_gated_delta_rule on cuda keeps transformers' function (FLA where "
-                     f"installed); {CHUNK_ENV}=flashdelta uses flashdelta's kernels")
+    mode = _chunk_mode()
+    if chunk_built and mode == "fallback":
+        notes.append(f"{CHUNK_ENV}=fallback: chunk_gated_delta_rule on cuda keeps transformers' "
+                     f"function (FLA where installed)")
+    elif chunk_built and mode == "auto":
+        notes.append(f"chunk_gated_delta_rule on cuda: flashdelta's kernels for bf16 / fp16 "
+                     f"inputs, transformers' function for fp32 ({CHUNK_ENV}=flashdelta: every "
+                     f"dtype)")
     return notes
 
 
