@@ -19,6 +19,22 @@ __device__ __forceinline__ void cp_async_4(void* smem, const void* gmem) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(gmem));
 }
 
+// 4, 8 or 16 bytes (both addresses aligned to it), of which the first `src_bytes` (0 or `kBytes`)
+// are read and the rest zero-filled: src_bytes = 0 writes zeros without touching global memory.
+// 16 bytes are cached in L2 only, smaller copies in L1 too (.cg takes 16 bytes only).
+template <int kBytes>
+__device__ __forceinline__ void cp_async_zfill(unsigned smem_addr, const void* gmem,
+                                               int src_bytes) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem),
+                 "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(smem_addr), "l"(gmem),
+                 "n"(kBytes), "r"(src_bytes));
+  }
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 
 template <int N>

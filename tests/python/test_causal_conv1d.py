@@ -326,13 +326,16 @@ def test_torch_compile_fullgraph(device):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("varlen", [False, True])
-def test_cuda_matches_cpu_on_many_tiles(dtype, varlen):
+@pytest.mark.parametrize("case", ["tiles", "varlen", "waves"])
+def test_cuda_matches_cpu_on_many_tiles(dtype, case):
     """Many token tiles, channel tiles and sequence boundaries at tile edges: the CUDA kernels
-    against the CPU backend (both round where transformers does)."""
+    against the CPU backend (both round where transformers does). "waves": a grid of more than
+    one wave of resident blocks, where the kernels lengthen their runs to end on a whole wave
+    (runs of other lengths than the default, a partial last run)."""
     if "causal_conv1d.backward" not in flashdelta.build_info()["cuda_ops"]:
         pytest.skip("this build has no CUDA causal_conv1d")
-    B, C, T = (1, 520, 1100) if varlen else (3, 512, 700)
+    varlen = case == "varlen"
+    B, C, T = {"tiles": (3, 512, 700), "varlen": (1, 520, 1100), "waves": (2, 2048, 4100)}[case]
     x, w, b = _make(B, C, T, 4, dtype, "cpu", scale=2.0)
     dy = torch.randn(B, T, C, generator=torch.Generator().manual_seed(7)).to(dtype).transpose(1, 2)
     cu = torch.tensor([0, 1, 127, 128, 129, 255, 256, 600, 1100]) if varlen else None
