@@ -1002,13 +1002,6 @@ struct BackwardKernel {
   static auto function() { return causal_conv1d_backward_kernel<T, kRound, W, VEC>; }
 };
 
-// Blocks of `kernel` (kThreads each) one multiprocessor holds at once.
-int resident_blocks_per_sm(const void* kernel) {
-  int blocks = 0;
-  FLASHDELTA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0));
-  return blocks > 0 ? blocks : 1;
-}
-
 // Tokens per run of the backward without cu_seqlens: the default, or longer, up to 2x, so that
 // the grid ends on a whole wave of resident blocks rather than a fraction of one (H100, 1 x 8192 x
 // 8192 channels: 4.5 waves at the default; 170.8 us against 180.9 balanced to 4). The forward
@@ -1039,9 +1032,9 @@ int64_t dispatch(ConvParams p, DType x_dtype, int64_t width, bool packed, int64_
     const int64_t channel_tiles = (p.channels + kChannelThreads * VEC - 1) / (kChannelThreads * VEC);
     p.run_tokens = Kernel::kRunTokens;
     if (Kernel::kBalanceWaves && p.cu_seqlens == nullptr) {
-      static const int per_sm = resident_blocks_per_sm(reinterpret_cast<const void*>(kernel));
-      p.run_tokens = balanced_run_tokens(p.seq_len, Kernel::kRunTokens, channel_tiles * batch,
-                                         static_cast<int64_t>(per_sm) * device_info().sm_count);
+      p.run_tokens = balanced_run_tokens(
+          p.seq_len, Kernel::kRunTokens, channel_tiles * batch,
+          resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, 0));
     }
     p.num_tiles = num_tiles(p.seq_len, p.run_tokens);
     const dim3 grid(static_cast<unsigned>(channel_tiles), static_cast<unsigned>(p.num_tiles),

@@ -1,7 +1,10 @@
 // Cached per-device properties for the CUDA backend (see device_info.cuh for what and why).
 // One slot per device index, each filled once under std::call_once.
+#include <algorithm>
 #include <array>
+#include <map>
 #include <mutex>
+#include <tuple>
 
 #include "cuda_check.cuh"
 #include "device_info.cuh"
@@ -48,6 +51,25 @@ const DeviceInfo& device_info(int device) {
     slot.info = info;
   });
   return slot.info;
+}
+
+long long resident_blocks(const void* kernel, int threads, size_t smem, int device) {
+  if (device < 0) FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t, int>, long long> cache;
+  const auto key = std::make_tuple(kernel, threads, smem, device);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (auto it = cache.find(key); it != cache.end()) return it->second;
+  }
+  int per_sm = 0;
+  FLASHDELTA_CUDA_CHECK(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const long long blocks =
+      static_cast<long long>(std::max(per_sm, 1)) * device_info(device).sm_count;
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.emplace(key, blocks);
+  return blocks;
 }
 
 }  // namespace flashdelta::detail::cuda

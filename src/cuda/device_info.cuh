@@ -7,6 +7,8 @@
 // no allocation on the device, no synchronisation: legal while a CUDA graph is being captured.
 #pragma once
 
+#include <cstddef>
+
 namespace flashdelta::detail::cuda {
 
 struct DeviceInfo {
@@ -22,5 +24,10 @@ struct DeviceInfo {
 // The device's properties; `device` < 0 means the calling thread's current device.
 // Throws flashdelta::Error(kRuntime) when the device cannot be queried.
 const DeviceInfo& device_info(int device = -1);
+
+// Blocks of `kernel` (`threads` each, `smem` bytes of dynamic shared memory) that the whole device
+// holds at once, at least one per multiprocessor: the size of a persistent grid, or of one wave.
+// The occupancy query is a driver call: cached per (kernel, threads, smem, device).
+long long resident_blocks(const void* kernel, int threads, size_t smem, int device = -1);
 
 }  // namespace flashdelta::detail::cuda

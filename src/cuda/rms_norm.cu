@@ -34,9 +34,6 @@
 // persistent grid is sized from the device's multiprocessor count), no float atomics.
 // Assumes: backward D <= 12288 (shared memory of the general path).
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "core/check.h"
 #include "core/fused_ops_backend.h"
@@ -505,24 +502,10 @@ RmsNormParams make_params(const RmsNormInputs& in, const RowsShape& s) {
   return p;
 }
 
-// Blocks of `kernel` that fit on the device at once (the persistent grid), at least one an SM.
-// The occupancy query costs a driver call: cached per (kernel, shared memory, device).
+// Blocks of `kernel` that fit on the device at once (the persistent grid).
 template <typename Kernel>
 int64_t resident_blocks(Kernel kernel, size_t smem, int device) {
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, size_t, int>, int64_t> cache;  // all kernels' entries
-  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), smem, device);
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (auto it = cache.find(key); it != cache.end()) return it->second;
-  }
-  int per_sm = 0;
-  FLASHDELTA_CUDA_CHECK(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlockThreads, smem));
-  const int64_t blocks = static_cast<int64_t>(std::max(per_sm, 1)) * device_info(device).sm_count;
-  std::lock_guard<std::mutex> lock(mutex);
-  cache.emplace(key, blocks);
-  return blocks;
+  return cuda::resident_blocks(reinterpret_cast<const void*>(kernel), kBlockThreads, smem, device);
 }
 
 // The launch: which path, the row-group width and the grid (rows / groups, capped at `cap`
