@@ -19,6 +19,7 @@
 //                                                                   half of them (B * HV small,
 //                                                                   as the forward's state pass
 //                                                                   chooses): twice the blocks
+// (FLASHDELTA_GDN_DSTATE_SHAPE=wide|narrow forces one: the bits do not depend on it, see below.)
 // Per chunk, warp s:
 //   1. gathers dS^T's bf16 A fragments over all of k: its own k16 blocks from its registers, the
 //      group's other warps' from shared memory (stored there at the end of the previous chunk)
@@ -42,8 +43,11 @@
 // into registers at the same time, converted to bf16 and stored to shared memory at the top of
 // the next step. One block barrier per chunk (it both publishes chunk c's tiles and the group's
 // dS^T fragments, and retires the buffers of chunk c + 1), one row-group barrier.
-// Shared memory: 162 KB with 64-column tiles, 150 KB with 32 (Hopper; the backward's gradient
+// Shared memory: 162 KB with 64-column tiles, 142 KB with 32 (Hopper; the backward's gradient
 // kernel needs Hopper's shared memory anyway, check_grads_device()).
+#include <cstdlib>
+#include <cstring>
+
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -334,15 +338,34 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T>
-void launch(const ChunkParams& p, cudaStream_t stream) {
+// FLASHDELTA_GDN_DSTATE_SHAPE, read at every launch (a getenv: cheap, and tests may switch it):
+// 1 narrow (32-column tiles), 0 wide, -1 auto.
+int getenv_narrow_shape() {
+  const char* v = std::getenv("FLASHDELTA_GDN_DSTATE_SHAPE");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return -1;
+  if (std::strcmp(v, "wide") == 0) return 0;
+  if (std::strcmp(v, "narrow") == 0) return 1;
+  fail(Error::Kind::kValue, "FLASHDELTA_GDN_DSTATE_SHAPE must be auto, wide or narrow, got '", v,
+       "'");
+}
+
+bool narrow_shape(const ChunkParams& p) {
+  const int requested = getenv_narrow_shape();
+  if (requested >= 0) return requested == 1;
   const int64_t wide_blocks =
       static_cast<int64_t>(p.num_seqs) * p.num_v_heads * ((p.head_v_dim + 63) / 64);
-  if (2 * wide_blocks <= device_info().sm_count) launch<T, 2, 4>(p, stream);
+  return 2 * wide_blocks <= device_info().sm_count;
+}
+
+template <typename T>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  if (narrow_shape(p)) launch<T, 2, 4>(p, stream);
   else launch<T, 4, 2>(p, stream);
 }
 
 }  // namespace
+
+void check_dstate_switches() { (void)getenv_narrow_shape(); }
 
 size_t dstate_smem_bytes() {
   const size_t wide = sizeof(DStateSmem<4, 2>), narrow = sizeof(DStateSmem<2, 4>);
