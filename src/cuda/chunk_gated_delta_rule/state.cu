@@ -46,9 +46,10 @@
 // Working on the transposes is what lets every product take its A operand from the previous
 // product's accumulators (common.cuh, mma.sync section).
 // B operands come from shared memory by ldmatrix; the next chunk's tiles stream in by cp.async
-// while this one is computed. 2-byte o leaves through a staging tile, written from the fragments
-// and copied out as 16-byte stores after the next chunk's first barrier. Two block barriers and
-// one row-group barrier per chunk.
+// while this one is computed. 2-byte o leaves through a double-buffered staging tile, written
+// from the fragments and copied out as 16-byte stores after the next chunk's barrier. One block
+// barrier and one row-group barrier per chunk (there were two block barriers: the copies were
+// issued and o stored between them, on every warp's path).
 // The backward's replay (kReplay: p.bwd.states set, p.o null) is the same pass without O, and
 // with phase 1's KR per value head in place of the gated Vn and K (the reverse pass reads KR):
 // it stores S^T entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (each
@@ -85,9 +86,9 @@ struct Shape {
 };
 
 // The tiles of two chunks (double buffer), the group exchanges and the o staging tile.
-// Wide (4 x 2) and wide4 (4 x 4): 180 KB for 2-byte o (171 KB for fp32 o), over sm_80's 163 KB
+// Wide (4 x 2) and wide4 (4 x 4): 189 KB for 2-byte o (171 KB for fp32 o), over sm_80's 163 KB
 // per block: launch() takes the narrow shape where a device offers less. Narrow (2 x 4) and
-// narrow2 (2 x 2): 152 KB (147 KB).
+// narrow2 (2 x 2): 157 KB (147 KB).
 template <typename T, int kRowGroups, int kSplit>
 struct StateSmem {
   using S = Shape<kRowGroups, kSplit>;
@@ -103,7 +104,7 @@ struct StateSmem {
   // update's operand (gated in the forward, plain in the replay), [1] plain for O (forward).
   uint4 s_frag[S::kWarps][S::kKB][32];
   uint4 vn_frag[S::kWarps][2][S::kTB][32];
-  T o[kStagedO ? kC * S::kLdO : 8];  // o of the previous chunk, [t][v]
+  T o[2][kStagedO ? kC * S::kLdO : 8];  // o of chunk c in o[c & 1], [t][v]
 };
 
 __device__ __forceinline__ void to_regs(const uint4& x, uint32_t (&a)[4]) {
@@ -203,7 +204,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     for (int i = threadIdx.x; i < kC * (kVT / kPer); i += kThreads) {
       const int t = i / (kVT / kPer), v = (i % (kVT / kPer)) * kPer;
       if (t >= len) continue;
-      const T* src = sm.o + t * kLdO + v;
+      const T* src = sm.o[c & 1] + t * kLdO + v;
       T* dst = o_base + (t0 + t) * p.o_s[1] + static_cast<int64_t>(col0 + v) * p.o_s[3];
       if (o_vec && col0 + v + kPer <= V) {
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -219,19 +220,18 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
     const float e_last = __expf(p.ws.gamma[ws_index(p, slot, hv, kC) + kC - 1]);
-    __syncthreads();  // every warp is done with chunk c - 1, whose buffers are refilled now
+    cp_async_wait<0>();  // this thread's copies of chunk c's tiles (issued a chunk ago)
+    // The one block barrier of the chunk: chunk c's tiles, the group's S^T fragments and chunk
+    // c - 1's staged o are visible to all warps, and every warp is done with chunk c - 1, whose
+    // tile buffers are refilled now. The copies are issued and the o rows stored after it, so
+    // a warp that gets there first starts computing instead of waiting for the others' issue.
+    __syncthreads();
+    if (c + 1 < num_chunks) prefetch(c + 1);
     if constexpr (!kReplay && Smem::kStagedO) {
+      // o[(c - 1) & 1] is rewritten at chunk c + 1, after its barrier, which this warp reaches
+      // only once these stores are issued.
       if (c > 0) store_o(c - 1);
     }
-    if (c + 1 < num_chunks) {
-      prefetch(c + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    // Chunk c's tiles and the group's S^T fragments are visible to all warps; the o staging tile
-    // is free.
-    __syncthreads();
 
     // The backward's replay keeps S^T entering every chunk: rows v, this warp's k slice.
     if constexpr (kReplay) {
@@ -357,8 +357,8 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int t = tw + nt * 8 + 2 * t4 + j;
-            sm.o[t * kLdO + vl] = from_f32<T>(oc[nt][j]);
-            sm.o[t * kLdO + vl + 8] = from_f32<T>(oc[nt][2 + j]);
+            sm.o[buf][t * kLdO + vl] = from_f32<T>(oc[nt][j]);
+            sm.o[buf][t * kLdO + vl + 8] = from_f32<T>(oc[nt][2 + j]);
           }
         }
       } else {
