@@ -1,6 +1,7 @@
 // Chunked gated delta rule, CUDA, phase 2 of 2: the state pass and the output, chunk by chunk.
 //
-// Per (sequence, value head, column tile of V) one block of 8 warps in kRowGroups x kSplit:
+// Per (sequence, value head, column tile of V) one block of kRowGroups x kSplit warps (8 in the
+// two shapes the launcher picks by itself):
 // row group r owns 16 state columns (value dims) v of the tile, and its kSplit warps split both
 // the chunk's tokens and the state's k between them. Warp s of the group keeps its k slice
 // [s 128 / kSplit, (s + 1) 128 / kSplit) of S^T (16 x 128 / kSplit, fp32) in mma.sync
@@ -36,11 +37,12 @@
 // Every product accumulates in the same order as before (k16 blocks of k for P and O, of t for
 // O += Vn M^T and S), from the same bf16 operands: the results are bitwise those of the previous
 // kernel, for every shape, and do not depend on the shape (no reassociated sums; the exchanges
-// move packed bf16 operands, never fp32 partial sums).
+// move packed bf16 operands, never fp32 partial sums; the causal blocks skipped differ by shape
+// only where M is exactly zero).
 // Why not segment-parallel over the sequence (DESIGN.md's S_out = S_in M + R): bench/NOTES.md,
 // "Round 3". In short, at 1 x 32768 the 32-column grid is already 128 blocks on 132 SMs (one
 // block per SM: shared memory), so segments would add pass 1's work (R over V columns and the
-// k x k transition over 128 more rows: about 1.4x a forward pass) without adding throughput.
+// k x k transition over 128 more rows: about 1.2x a forward pass) without adding throughput.
 // The gates are applied on the registers (columns t of the fragments), so phase 1 stores K and
 // Q once per key head instead of KR and Qe per value head.
 // Working on the transposes is what lets every product take its A operand from the previous
