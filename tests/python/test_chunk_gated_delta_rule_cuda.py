@@ -279,6 +279,81 @@ def test_backward_both_dstate_shapes(B, HV):
     assert_grads_within(grads, grads_ref, 1e-2)
 
 
+# The launch shapes of the state pass (state.cu: FLASHDELTA_GDN_STATE_SHAPE) and of the reverse
+# pass (dstate.cu: FLASHDELTA_GDN_DSTATE_SHAPE). The warps of a row group split k and the tokens
+# and exchange bf16 operands, never fp32 partial sums, so every shape gives the same bits.
+STATE_SHAPES = ["wide", "narrow", "wide4", "narrow2"]
+DSTATE_SHAPES = ["wide", "narrow"]
+
+
+def shape_test_inputs(dtype, seed):
+    """Varlen with an empty sequence and partial last chunks, V = 100 (a partial column tile in
+    both tile widths), an initial state, strong decay (g down to -30 per token) on a tenth of
+    the tokens, beta near 0 and near 1 on others."""
+    inputs = make_inputs(1, 300, 2, 4, 128, 100, dtype, "cpu", seed=seed,
+                         cu_seqlens=[0, 0, 130, 300])
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = inputs["g"].shape
+    inputs["g"] = torch.where(torch.rand(shape, generator=gen) < 0.1,
+                              -30 * torch.rand(shape, generator=gen), inputs["g"]).to(inputs["g"].dtype)
+    extreme = torch.rand(shape, generator=gen)
+    beta = torch.where(extreme < 0.05, torch.full(shape, 1e-4), inputs["beta"].float())
+    beta = torch.where(extreme > 0.95, torch.full(shape, 1 - 1e-4), beta)
+    inputs["beta"] = beta.to(inputs["beta"].dtype)
+    return inputs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-staged-o", "fp32-direct-o"])
+def test_forward_state_shapes_agree_bitwise(monkeypatch, dtype):
+    inputs = shape_test_inputs(dtype, seed=21)
+    o_ref, s_ref = reference_gated_delta_rule(**as_float64(inputs), output_final_state=True,
+                                              use_qk_l2norm_in_kernel=True)
+    cuda_inputs = {n: x.cuda() for n, x in inputs.items()}
+    results = {}
+    for shape in STATE_SHAPES:
+        monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", shape)
+        results[shape] = OP(**cuda_inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o, s = results["wide"]
+    for shape, (o_x, s_x) in results.items():
+        assert torch.equal(o_x, o) and torch.equal(s_x, s), shape
+    assert rel_l2(o, o_ref) <= 1e-2 and rel_l2(s, s_ref) <= 1e-2, (rel_l2(o, o_ref), rel_l2(s, s_ref))
+
+
+@needs_backward
+def test_backward_state_and_dstate_shapes_agree_bitwise(monkeypatch):
+    inputs = shape_test_inputs(torch.bfloat16, seed=23)
+    o_ref, s_ref, grads_ref = run_with_grads(reference_gated_delta_rule,
+                                             with_grads(inputs, "cpu", torch.float64),
+                                             use_qk_l2norm_in_kernel=True)
+    results = {}
+    for state_shape in STATE_SHAPES:
+        for dstate_shape in DSTATE_SHAPES:
+            monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", state_shape)
+            monkeypatch.setenv("FLASHDELTA_GDN_DSTATE_SHAPE", dstate_shape)
+            results[state_shape, dstate_shape] = run_with_grads(
+                OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+    o, s, grads = results["wide", "wide"]
+    for key, (o_x, s_x, grads_x) in results.items():
+        assert torch.equal(o_x, o) and torch.equal(s_x, s), key
+        for name in grads:
+            assert torch.equal(grads_x[name], grads[name]), (key, name)
+    assert rel_l2(o, o_ref) <= 1e-2 and rel_l2(s, s_ref) <= 1e-2
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
+@needs_backward
+@pytest.mark.parametrize("switch", ["FLASHDELTA_GDN_STATE_SHAPE", "FLASHDELTA_GDN_DSTATE_SHAPE"])
+def test_shape_switches_reject_unknown_values(monkeypatch, switch):
+    inputs = with_grads(make_inputs(1, 70, 1, 2, 128, 128, torch.bfloat16, "cpu", seed=2), "cuda")
+    o, s = OP(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    monkeypatch.setenv(switch, "sideways")
+    with pytest.raises(ValueError, match=switch):
+        if switch == "FLASHDELTA_GDN_STATE_SHAPE":
+            OP(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+        else:
+            torch.autograd.backward([o, s], [torch.ones_like(o), torch.ones_like(s)])
+
+
 @needs_backward
 def test_backward_strong_decay_and_beta_extremes():
     """g down to -30 per token, beta near 0 and near 1, with initial and final states."""

@@ -9,30 +9,45 @@
 //   dS^T <- e_last dS^T + dO^T Qe - dVn^T W             [v, k]
 // Column v of dS depends only on column v of dS' and dO, so column tiles of V are independent
 // blocks: (sequence, value head, V tile). The chain of dependent products per chunk is what bounds
-// this pass, so each block splits it over 8 warps in kRowGroups x kSplit: warp w owns rows
-// v = 16 (w % kRowGroups) .. + 15 of the tile and slice w / kRowGroups of k's kSplit, a
-// 16 x (128 / kSplit) piece of dS^T in mma.sync accumulators. Two shapes:
-//   64-column tiles, 4 row groups x 2 k halves     where B * HV * 2 blocks fill the SMs
-//   32-column tiles, 2 row groups x 4 k quarters   where they would fill at most half of them
-//                                                  (B * HV small, as the forward's state pass
-//                                                  chooses): twice the blocks, and half of the
-//                                                  64-column shape's chain per warp
-// Per chunk, each warp:
-//   1. its partial dVn^T: its k slice of dS^T KR^T and its t slice of dO^T M
-//   2. stores the partial for the warps of its row group; meanwhile (no dependency on dVn^T)
-//      dS^T <- e_last dS^T + dO^T Qe over its k slice, which covers the wait at the group's
-//      named barrier
-//   3. sums the group's partials in split order (the same order in every warp of the group:
-//      they all hold the same dVn^T, bit for bit), then dS^T -= dVn^T W over its k slice.
-// Per warp and chunk: 48 + 64 mma with k halves, 24 + 32 with k quarters (224 when one warp
-// carried all of k). dS^T and dVn^T never leave registers except for that exchange.
+// this pass, so each block splits it over 8 warps in kRowGroups x kSplit: row group r owns rows
+// v = 16 r .. 16 r + 15 of the tile, and its warp s keeps slice s of k's kSplit of dS^T in
+// mma.sync accumulators (16 x 128 / kSplit) and computes dVn^T for slice s of the chunk's tokens
+// (as state.cu splits the forward). Two shapes:
+//   64-column tiles, 4 row groups x 2 (k and tokens in halves)     where B * HV * 2 blocks
+//                                                                   fill the SMs
+//   32-column tiles, 2 row groups x 4 (k and tokens in quarters)   where they would fill at most
+//                                                                   half of them (B * HV small,
+//                                                                   as the forward's state pass
+//                                                                   chooses): twice the blocks
+// (FLASHDELTA_GDN_DSTATE_SHAPE=wide|narrow forces one: the bits do not depend on it, see below.)
+// Per chunk, warp s:
+//   1. gathers dS^T's bf16 A fragments over all of k: its own k16 blocks from its registers, the
+//      group's other warps' from shared memory (stored there at the end of the previous chunk)
+//   2. dVn^T over its tokens: dS^T KR^T (K = 128) + dO^T M (the causal M: t blocks from its own)
+//   3. gives dVn^T (negated, bf16 A fragments) to the group; meanwhile (no dependency on dVn^T)
+//      dS^T[:, k slice] <- e_last dS^T + dO^T Qe[:, k slice], which covers the wait at the
+//      group's named barrier
+//   4. dS^T[:, k slice] -= dVn^T W[:, k slice] over all 64 tokens (the group's dVn^T blocks)
+//   5. its dS^T k16 blocks, packed to bf16, out to the group for the next chunk.
+// Counting (m16n8k16 mma per 16 columns and chunk): dS KR^T 64, dO M 20 (the causal blocks),
+// dO Qe 64, dVn W 64: 212, against 224 before. What crosses between warps is bf16 operands: per warp
+// and chunk 2 KB (halves) or 3 KB (quarters) of dS^T fragments and 0.5 or 1.5 KB of dVn^T read
+// from shared memory. The previous version split the contraction over k instead, so the warps
+// of a group exchanged fp32 partial sums of dVn^T [16 x 64]: 4 KB written and 4 (halves) or
+// 12 KB (quarters) read per warp and chunk, on the chain after the barrier, and dO M's full
+// square (32 mma). Each dVn^T element is now one accumulation chain over k (the k16 blocks in
+// order) and then the t blocks of dO M, in the same order in every shape: no cross-warp sums,
+// so the bits do not depend on the shape (or the run).
 // Streaming: W, KR, Qe, M of chunk c - 1 are copied by cp.async into the other half of a double
 // buffer while chunk c is computed, and dO of chunk c - 1 (strided, any float dtype) is loaded
 // into registers at the same time, converted to bf16 and stored to shared memory at the top of
-// the next step. One block barrier per chunk (it both publishes chunk c's tiles and retires the
-// buffers of chunk c + 1), one row-group barrier.
-// Shared memory: 170 KB with 64-column tiles, 162 KB with 32 (Hopper; the backward's gradient
+// the next step. One block barrier per chunk (it both publishes chunk c's tiles and the group's
+// dS^T fragments, and retires the buffers of chunk c + 1), one row-group barrier.
+// Shared memory: 162 KB with 64-column tiles, 142 KB with 32 (Hopper; the backward's gradient
 // kernel needs Hopper's shared memory anyway, check_grads_device()).
+#include <cstdlib>
+#include <cstring>
+
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -52,7 +67,10 @@ struct Shape {
   static constexpr int kGroupsPerThread = kC * kGroupsPerRow / kThreads;
   static constexpr int kKSlice = kD / kSplit;           // k per warp: dS^T columns
   static constexpr int kNT = kKSlice / 8;               // its n8 tiles
-  static constexpr int kTBlocks = (kC / 16) / kSplit;   // k16 blocks of t per warp in dO^T M
+  static constexpr int kTW = kC / kSplit;               // tokens t per warp (of dVn^T)
+  static constexpr int kTB = kTW / 16;                  // their k16 blocks
+  static constexpr int kTN = kTW / 8;                   // their n8 tiles
+  static constexpr int kKB = kKSlice / 16;              // k16 blocks of the warp's dS^T slice
   static_assert(kWarps == 8, "dstate blocks are 8 warps");
   static_assert(kSplit == 2 || kSplit == 4, "k split in halves or quarters");
   static_assert(kGroupsPerThread * kThreads == kC * kGroupsPerRow, "dO tile split evenly");
@@ -66,7 +84,10 @@ struct DStateSmem {
   bf16 qe[2][kC * kLdD];
   bf16 m[2][kC * kLdC];
   bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
-  float4 swap[S::kWarps][8][32];      // partial dVn^T per warp, [n8 tile][lane]: conflict-free
+  // Per warp, as bf16 A fragments (8 bf16 pairs per lane): its k16 blocks of dS^T (step 5, read
+  // at the next chunk's step 1) and its k16 blocks of -dVn^T over its tokens (step 3).
+  uint4 ds_frag[S::kWarps][S::kKB][32];
+  uint4 dvn_frag[S::kWarps][S::kTB][32];
 };
 
 template <typename T, int kRowGroups, int kSplit>
@@ -75,7 +96,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   using S = Shape<kRowGroups, kSplit>;
   constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdO = S::kLdO;
   constexpr int kGroupsPerRow = S::kGroupsPerRow, kGroupsPerThread = S::kGroupsPerThread;
-  constexpr int kNT = S::kNT, kTBlocks = S::kTBlocks;
+  constexpr int kNT = S::kNT, kTB = S::kTB, kTN = S::kTN, kKB = S::kKB;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   DStateSmem<kRowGroups, kSplit>& sm = *reinterpret_cast<DStateSmem<kRowGroups, kSplit>*>(smem_raw);
   const BackwardParams& b = p.bwd;
@@ -86,6 +107,9 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   // rows v 16 row_group .. + 15 of the tile, k slice `split` of kSplit
   const int row_group = warp % kRowGroups, split = warp / kRowGroups;
   const int k_base = split * S::kKSlice;
+  const int tw = split * S::kTW;  // this warp's first token of dVn^T
+  // The warp of this row group that holds split s (k slice s, tokens s).
+  auto group_warp = [&](int s) { return row_group + s * kRowGroups; };
   const int K = p.head_k_dim, V = p.head_v_dim;
   const int vl = row_group * 16 + g;  // this thread's rows of dS^T, within the tile
   const int v_lo = col0 + vl, v_hi = v_lo + 8;
@@ -110,6 +134,18 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       dsc[nt][2 + j] = hi;
     }
   }
+
+  // Step 5: the slice's k16 blocks as bf16 A fragments, kept for this warp's own next step 1 and
+  // given to the group (published by the next chunk's block barrier).
+  uint32_t own_da[kKB][4];
+  auto publish_dstate = [&]() {
+#pragma unroll
+    for (int l = 0; l < kKB; ++l) {
+      pack_a_from_c(dsc, l, own_da[l]);
+      sm.ds_frag[warp][l][lane] = make_uint4(own_da[l][0], own_da[l][1], own_da[l][2], own_da[l][3]);
+    }
+  };
+  publish_dstate();
 
   auto prefetch_tiles = [&](int64_t c) {
     const int64_t slot = first_slot + c;
@@ -172,7 +208,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     }
     cp_async_wait<0>();  // this thread's copies of chunk c's tiles
     // Chunk c's tiles and dO are visible to all warps; every warp is done with chunk c + 1, whose
-    // buffers (and the swap area) are free.
+    // buffers (and the exchange slots) are free; the group's dS^T fragments are visible.
     __syncthreads();
     if (c > 0) {
       prefetch_tiles(c - 1);
@@ -184,37 +220,53 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) load_a_cols(doa[kk], sm.d_o[buf], kLdO, row_group * 16, kk * 16);
 
-    // 1. partial dVn^T = dS^T[:, k slice] KR^T[k slice, :] + dO^T[:, t slice] M[t slice, :].
-    float dvn[8][4] = {};
+    // 1, 2. dVn^T over this warp's tokens (n8 tiles tw + 8 nt) = dS^T KR^T, dS^T's k16 block kk
+    // from the warp that holds it (kk / kKB: a constant; whether it is this warp is warp-uniform),
+    // then + dO^T M: M[t][t'] is zero for t' > t, so token block kb meets the warp's n8 tile pair
+    // np (tokens tw + 16 np ..) only where kb >= tw / 16 + np.
+    float dvn[kTN][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < kNT / 2; ++kk) {
+    for (int kk = 0; kk < 8; ++kk) {
       uint32_t a[4];
-      pack_a_from_c(dsc, kk, a);
+      if (kk / kKB == split) {
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+        for (int e = 0; e < 4; ++e) a[e] = own_da[kk % kKB][e];
+      } else {
+        const uint4 x = sm.ds_frag[group_warp(kk / kKB)][kk % kKB][lane];
+        a[0] = x.x, a[1] = x.y, a[2] = x.z, a[3] = x.w;
+      }
+#pragma unroll
+      for (int np = 0; np < kTB; ++np) {
         uint32_t bb[4];
-        load_b_rows(bb, sm.kr[buf], kLdD, np * 16, k_base + kk * 16);
+        load_b_rows(bb, sm.kr[buf], kLdD, tw + np * 16, kk * 16);
         mma_bf16(dvn[2 * np], a, bb[0], bb[1]);
         mma_bf16(dvn[2 * np + 1], a, bb[2], bb[3]);
       }
     }
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      if (kk / kTBlocks != split) continue;  // warp-uniform; kk stays a constant (doa in registers)
+    for (int kb = 0; kb < 4; ++kb) {
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int np = 0; np < kTB; ++np) {
+        if (kb < split * kTB + np) continue;  // warp-uniform
         uint32_t bb[4];
-        load_b_cols(bb, sm.m[buf], kLdC, np * 16, kk * 16);
-        mma_bf16(dvn[2 * np], doa[kk], bb[0], bb[1]);
-        mma_bf16(dvn[2 * np + 1], doa[kk], bb[2], bb[3]);
+        load_b_cols(bb, sm.m[buf], kLdC, tw + np * 16, kb * 16);
+        mma_bf16(dvn[2 * np], doa[kb], bb[0], bb[1]);
+        mma_bf16(dvn[2 * np + 1], doa[kb], bb[2], bb[3]);
       }
     }
 
-    // 2. the partial out to the row group; dS^T[:, k slice] <- e_last dS^T + dO^T Qe[:, k slice]
-    // while the other warps of the group finish theirs.
+    // 3. -dVn^T out to the group as bf16 A fragments; dS^T[:, k slice] <- e_last dS^T +
+    // dO^T Qe[:, k slice] while the other warps of the group finish theirs.
+    uint32_t own_dvn[kTB][4];
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-      sm.swap[warp][nt][lane] = make_float4(dvn[nt][0], dvn[nt][1], dvn[nt][2], dvn[nt][3]);
+    for (int nt = 0; nt < kTN; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dvn[nt][e] = -dvn[nt][e];
+#pragma unroll
+    for (int l = 0; l < kTB; ++l) {
+      pack_a_from_c(dvn, l, own_dvn[l]);
+      sm.dvn_frag[warp][l][lane] = make_uint4(own_dvn[l][0], own_dvn[l][1], own_dvn[l][2], own_dvn[l][3]);
+    }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -222,7 +274,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
+      for (int np = 0; np < kKB; ++np) {
         uint32_t bb[4];
         load_b_cols(bb, sm.qe[buf], kLdD, k_base + np * 16, kk * 16);
         mma_bf16(dsc[2 * np], doa[kk], bb[0], bb[1]);
@@ -230,39 +282,31 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       }
     }
 
-    // 3. dVn^T = the group's partials summed in split order; dS^T[:, k slice] -= dVn^T W.
-    // The warp's own partial comes from its registers (the bits it stored), the others' from
-    // shared memory: a quarter fewer reads of the exchange with k in quarters, half with halves.
+    // 4. dS^T[:, k slice] -= dVn^T W[:, k slice] over all tokens: k16 block kb of -dVn^T is
+    // split kb / kTB's.
     named_barrier(1 + row_group, 32 * kSplit);
-    float sum[8][4];
 #pragma unroll
-    for (int s = 0; s < kSplit; ++s) {
-      const bool own = s == split;  // warp-uniform
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        float4 o;
-        if (own) o = make_float4(dvn[nt][0], dvn[nt][1], dvn[nt][2], dvn[nt][3]);
-        else o = sm.swap[row_group + s * kRowGroups][nt][lane];
-        if (s == 0) sum[nt][0] = o.x, sum[nt][1] = o.y, sum[nt][2] = o.z, sum[nt][3] = o.w;
-        else sum[nt][0] += o.x, sum[nt][1] += o.y, sum[nt][2] += o.z, sum[nt][3] += o.w;
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dvn[nt][e] = -sum[nt][e];
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kb = 0; kb < 4; ++kb) {
       uint32_t va[4];
-      pack_a_from_c(dvn, kk, va);
+      if (kb / kTB == split) {
 #pragma unroll
-      for (int np = 0; np < kNT / 2; ++np) {
+        for (int e = 0; e < 4; ++e) va[e] = own_dvn[kb % kTB][e];
+      } else {
+        const uint4 x = sm.dvn_frag[group_warp(kb / kTB)][kb % kTB][lane];
+        va[0] = x.x, va[1] = x.y, va[2] = x.z, va[3] = x.w;
+      }
+#pragma unroll
+      for (int np = 0; np < kKB; ++np) {
         uint32_t bb[4];
-        load_b_cols(bb, sm.w[buf], kLdD, k_base + np * 16, kk * 16);
+        load_b_cols(bb, sm.w[buf], kLdD, k_base + np * 16, kb * 16);
         mma_bf16(dsc[2 * np], va, bb[0], bb[1]);
         mma_bf16(dsc[2 * np + 1], va, bb[2], bb[3]);
       }
     }
+    // 5. (The group read this warp's ds_frag at this chunk's step 1, before the named barrier; it
+    // reads the dvn_frag written above only after it, and this warp rewrites that slot only after
+    // the next chunk's block barrier.)
+    publish_dstate();
   }
 
   if (b.d_initial_state) {
@@ -294,15 +338,34 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
-template <typename T>
-void launch(const ChunkParams& p, cudaStream_t stream) {
+// FLASHDELTA_GDN_DSTATE_SHAPE, read at every launch (a getenv: cheap, and tests may switch it):
+// 1 narrow (32-column tiles), 0 wide, -1 auto.
+int getenv_narrow_shape() {
+  const char* v = std::getenv("FLASHDELTA_GDN_DSTATE_SHAPE");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return -1;
+  if (std::strcmp(v, "wide") == 0) return 0;
+  if (std::strcmp(v, "narrow") == 0) return 1;
+  fail(Error::Kind::kValue, "FLASHDELTA_GDN_DSTATE_SHAPE must be auto, wide or narrow, got '", v,
+       "'");
+}
+
+bool narrow_shape(const ChunkParams& p) {
+  const int requested = getenv_narrow_shape();
+  if (requested >= 0) return requested == 1;
   const int64_t wide_blocks =
       static_cast<int64_t>(p.num_seqs) * p.num_v_heads * ((p.head_v_dim + 63) / 64);
-  if (2 * wide_blocks <= device_info().sm_count) launch<T, 2, 4>(p, stream);
+  return 2 * wide_blocks <= device_info().sm_count;
+}
+
+template <typename T>
+void launch(const ChunkParams& p, cudaStream_t stream) {
+  if (narrow_shape(p)) launch<T, 2, 4>(p, stream);
   else launch<T, 4, 2>(p, stream);
 }
 
 }  // namespace
+
+void check_dstate_switches() { (void)getenv_narrow_shape(); }
 
 size_t dstate_smem_bytes() {
   const size_t wide = sizeof(DStateSmem<4, 2>), narrow = sizeof(DStateSmem<2, 4>);

@@ -19,5 +19,9 @@ void launch_grads(const ChunkParams& p, cudaStream_t stream);   // grads.cu
 void launch_reduce(const ChunkParams& p, cudaStream_t stream);  // reduce.cu
 // grads.cu: raises where the current device lacks the backward's shared memory (dstate, grads)
 void check_grads_device();
+// Raise ValueError on a bad FLASHDELTA_GDN_STATE_SHAPE / FLASHDELTA_GDN_DSTATE_SHAPE (the
+// launch-shape switches of state.cu and dstate.cu), before any launch.
+void check_state_switches();   // state.cu
+void check_dstate_switches();  // dstate.cu
 
 }  // namespace flashdelta::detail::cuda::chunk

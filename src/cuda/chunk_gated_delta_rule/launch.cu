@@ -122,6 +122,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
   const DeviceGuard guard(in.q.device.index);
   const auto stream = static_cast<cudaStream_t>(in.stream);
+  chunk::check_state_switches();  // before any launch
   // Empty sequences have no slots; the state pass still copies initial to final states.
   if (p.num_slots > 0) chunk::launch_intra(p, stream);
   chunk::launch_state(p, stream);
@@ -132,10 +133,10 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 //   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16), writes no output
-//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k split in
-//                                               halves or quarters over the warps of a row
-//                                               group); stores dS'^T leaving each chunk,
-//                                               writes d_initial_state
+//   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k and the
+//                                               tokens split in halves or quarters over the
+//                                               warps of a row group); stores dS'^T leaving
+//                                               each chunk, writes d_initial_state
 //   grads   (slot, key head)                    every gradient of one chunk given S and dS', the
 //                                               key head's value heads in turn: dv, dg, dbeta per
 //                                               value head; dq, dk summed in registers, through
@@ -180,6 +181,8 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   const DeviceGuard guard(in.q.device.index);
   const auto stream = static_cast<cudaStream_t>(in.stream);
   chunk::check_grads_device();  // before any launch
+  chunk::check_state_switches();
+  chunk::check_dstate_switches();
   if (p.num_slots > 0) chunk::launch_intra(p, stream);
   chunk::launch_state(p, stream);
   chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences

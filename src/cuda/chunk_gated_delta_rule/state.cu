@@ -1,34 +1,67 @@
 // Chunked gated delta rule, CUDA, phase 2 of 2: the state pass and the output, chunk by chunk.
 //
-// Per (sequence, value head, 64-column tile of V), 256 threads (8 warps) in four pairs (or 32
-// columns and two pairs where the grid would be small: Shape below); pair vw owns 16 state
-// columns (value dims) v, and both warps of a pair keep the same S^T (its
-// 16 x 128 slice, fp32) in mma.sync accumulator registers for the whole sequence. Warp kh of a
-// pair (kh = warp / kPairs) takes the chunk's tokens t in [32 kh, 32 kh + 32) where a product's
-// output runs over t, so each warp issues about half of what one warp per 16 columns did.
-// Per chunk, with W, U, M, gamma (per value head) and K, Q (per key head) from phase 1:
-//   P^T  = S^T W^T,  O^T = (S^T Q^T) diag(e^gamma)      16 x 32 each (this warp's t), K = 128
-//   Vn^T = U^T - P^T                                     this warp's 32 tokens
-//   the pair swaps its halves of Vn^T diag(exp(gamma_last - gamma)) (bf16 A fragments, through
-//   shared memory, one named barrier), and warp 0 of the pair gives warp 1 its plain Vn^T half
-//   O^T += Vn^T M^T                                      tokens up to this warp's last (causal)
-//   S^T  = e_last S^T + (Vn^T diag(exp(gamma_last - gamma))) K     16 x 128, K = 64, both warps
+// Per (sequence, value head, column tile of V) one block of kRowGroups x kSplit warps (8 in the
+// two shapes the launcher picks by itself):
+// row group r owns 16 state columns (value dims) v of the tile, and its kSplit warps split both
+// the chunk's tokens and the state's k between them. Warp s of the group keeps its k slice
+// [s 128 / kSplit, (s + 1) 128 / kSplit) of S^T (16 x 128 / kSplit, fp32) in mma.sync
+// accumulator registers for the whole sequence, and takes the tokens t in
+// [s 64 / kSplit, (s + 1) 64 / kSplit) where a product's output runs over t. Two shapes:
+//   64-column tiles, 4 row groups x 2 (k halves, token halves)      wide grids
+//   32-column tiles, 2 row groups x 4 (k quarters, token quarters)  where 64-column blocks
+//                                                                    would fill at most half of
+//                                                                    the SMs (B * HV small)
+// FLASHDELTA_GDN_STATE_SHAPE=wide|narrow|wide4|narrow2 forces one (a shape the device cannot
+// hold falls back to narrow). Two more are built for measurement: wide4, 64-column tiles of
+// 4 x 4 warps (16 warps, <= 128 registers: half the L2 reads per column of narrow, on half the
+// blocks), and narrow2, 32-column tiles of 2 x 2 warps (the previous narrow shape's split).
+// Per chunk, with W, U, M, gamma (per value head) and K, Q (per key head) from phase 1, warp s:
+//   1. gathers S^T's bf16 A fragments over all of k: its own k16 blocks from its registers, the
+//      group's other warps' from shared memory (stored there at the end of the previous chunk)
+//   2. P^T = S^T W^T, O^T = (S^T Q^T) diag(e^gamma)          16 x 64 / kSplit each, K = 128
+//   3. Vn^T = U^T - P^T over its tokens, rounded to bf16 A fragments, plain (for O) and gated
+//      by exp(gamma_last - gamma) (for S); both out to the group; one named barrier
+//   4. O^T += Vn^T M^T                                       tokens up to its last (causal)
+//   5. S^T[:, k slice] = e_last S^T + (Vn^T diag(exp(gamma_last - gamma))) K[:, k slice]
+//      over all 64 tokens (the group's gated Vn^T blocks), 16 x 128 / kSplit, K = 64
+//   6. its S^T k16 blocks, packed to bf16, out to the group for the next chunk
+// Counting (m16n8k16 mma per 16 columns and chunk): P 64, O 64, O += Vn M^T 24 (token halves)
+// or 20 (quarters; causal), S 64: 212 to 216, each done once. The previous version kept S^T
+// whole in both warps of a pair, which did the S update twice (280 mma, 30% more, and 32 more
+// ldmatrix x4 per pair), with a 64-mma dependent stretch after the pair's exchange in every
+// warp; now that stretch is 64 / kSplit mma. What the split adds is step 6's exchange, 2 KB
+// (halves) or 3 KB (quarters) of shared-memory reads per warp and chunk, against 8 KB (halves)
+// of ldmatrix saved per warp. 32-column tiles cannot be 4 x 2 in 8 warps, so there k and the
+// tokens go in quarters: 8 warps (2 per scheduler) at 1 x 32768 where the previous narrow shape
+// had 4, each with half the chain.
+// Every product accumulates in the same order as before (k16 blocks of k for P and O, of t for
+// O += Vn M^T and S), from the same bf16 operands: the results are bitwise those of the previous
+// kernel, for every shape, and do not depend on the shape (no reassociated sums; the exchanges
+// move packed bf16 operands, never fp32 partial sums; the causal blocks skipped differ by shape
+// only where M is exactly zero).
+// Why not segment-parallel over the sequence (DESIGN.md's S_out = S_in M + R): bench/NOTES.md,
+// "Round 3". In short, at 1 x 32768 the 32-column grid is already 128 blocks on 132 SMs (one
+// block per SM: shared memory), so segments would add pass 1's work (R over V columns and the
+// k x k transition over 128 more rows: about 1.2x a forward pass) without adding throughput.
 // The gates are applied on the registers (columns t of the fragments), so phase 1 stores K and
 // Q once per key head instead of KR and Qe per value head.
 // Working on the transposes is what lets every product take its A operand from the previous
-// product's accumulators (common.cuh, mma.sync section): S and Vn never go through shared memory
-// except for the swap. Both warps of a pair run the same instructions on the same values, so
-// their copies of S stay bitwise equal (deterministic: no reassociated sums).
+// product's accumulators (common.cuh, mma.sync section).
 // B operands come from shared memory by ldmatrix; the next chunk's tiles stream in by cp.async
-// while this one is computed. 2-byte o leaves through a staging tile, written from the fragments
-// and copied out as 16-byte stores after the next chunk's first barrier. Two block barriers per
-// chunk. Per warp and chunk: 32 + 32 mma (P, O), 8 or 16 (O += Vn M^T), 64 (S).
+// while this one is computed. 2-byte o leaves through a double-buffered staging tile, written
+// from the fragments and copied out as 16-byte stores after the next chunk's barrier. One block
+// barrier and one row-group barrier per chunk (there were two block barriers: the copies were
+// issued and o stored between them, on every warp's path).
 // The backward's replay (kReplay: p.bwd.states set, p.o null) is the same pass without O, and
 // with phase 1's KR per value head in place of the gated Vn and K (the reverse pass reads KR):
-// it stores S^T entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (warp kh
-// writes the k half kh).
+// it stores S^T entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (each
+// warp its k slice).
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
+#include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
 #include "cuda/device_info.cuh"
@@ -36,66 +69,84 @@
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-// kPairs pairs of warps: 4 (64 state columns per block), or 2 (32 columns) where 4 would leave
-// more than half of the multiprocessors idle (B * HV small): twice the blocks, each SM's tensor
-// cores shared by half the warps.
-template <int kPairs>
+// kRowGroups x kSplit warps; a row group's kSplit warps split k and the chunk's tokens.
+template <int kRowGroups, int kSplit>
 struct Shape {
-  static constexpr int kWarps = 2 * kPairs;
+  static constexpr int kWarps = kRowGroups * kSplit;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kVT = 16 * kPairs;  // state columns per block
-  static constexpr int kLdU = kVT + 8;     // 16-byte row padding
-  static constexpr int kLdO = kVT + 8;     // likewise: conflict-free 2-byte writes
+  static constexpr int kVT = 16 * kRowGroups;  // state columns per block
+  static constexpr int kLdU = kVT + 8;         // 16-byte row padding
+  static constexpr int kLdO = kVT + 8;         // likewise: conflict-free 2-byte writes
+  static constexpr int kTW = kC / kSplit;      // tokens per warp
+  static constexpr int kTN = kTW / 8;          // their n8 tiles (P^T, O^T)
+  static constexpr int kTB = kTW / 16;         // their k16 blocks (Vn^T's A fragments)
+  static constexpr int kKS = kD / kSplit;      // k per warp (its slice of S^T)
+  static constexpr int kNT = kKS / 8;          // the slice's n8 tiles
+  static constexpr int kKB = kKS / 16;         // the slice's k16 blocks (S^T's A fragments)
+  static_assert(kSplit == 2 || kSplit == 4, "k and tokens split in halves or quarters");
+  static_assert(kTB >= 1 && kKB >= 1, "whole k16 blocks per warp");
 };
 
-// With 4 pairs: 163 KB for 2-byte o (the most an sm_80 block may have), 154 KB for fp32 o, which
-// is stored from the fragments directly (8 lanes cover 32 contiguous bytes).
-template <typename T, int kPairs>
+// The tiles of two chunks (double buffer), the group exchanges and the o staging tile.
+// Wide (4 x 2) and wide4 (4 x 4): 189 KB for 2-byte o (171 KB for fp32 o), over sm_80's 163 KB
+// per block: launch() takes the narrow shape where a device offers less. Narrow (2 x 4) and
+// narrow2 (2 x 2): 157 KB (147 KB).
+template <typename T, int kRowGroups, int kSplit>
 struct StateSmem {
-  using S = Shape<kPairs>;
+  using S = Shape<kRowGroups, kSplit>;
   static constexpr bool kStagedO = sizeof(T) == 2;
-  static constexpr int kLdO = S::kLdO;
   bf16 w[2][kC * kLdD];
   bf16 k[2][kC * kLdD];  // K of the key head (forward), KR of the value head (replay)
   bf16 q[2][kC * kLdD];  // Q of the key head (forward only)
   bf16 m[2][kC * kLdC];
   bf16 u[2][kC * S::kLdU];
   float gamma[2][kC];
-  // The pairs' Vn^T halves (8 bf16 pairs per lane): for the state update (gated in the forward,
-  // plain in the replay) both ways, and plain from warp kh = 0 to kh = 1 for O.
-  uint4 swap_state[S::kWarps][2][32];
-  uint4 swap_o[kPairs][2][32];
-  T o[kStagedO ? kC * S::kLdO : 8];  // o of the previous chunk, [t][v]
+  // Per warp, as bf16 A fragments (8 bf16 pairs per lane): its k16 blocks of S^T (step 6, read
+  // at the next chunk's step 1), and its k16 blocks of Vn^T over its tokens, [0] the state
+  // update's operand (gated in the forward, plain in the replay), [1] plain for O (forward).
+  uint4 s_frag[S::kWarps][S::kKB][32];
+  uint4 vn_frag[S::kWarps][2][S::kTB][32];
+  T o[2][kStagedO ? kC * S::kLdO : 8];  // o of chunk c in o[c & 1], [t][v]
 };
 
-template <typename T, bool kReplay, int kPairs>
-__global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const ChunkParams p) {
+__device__ __forceinline__ void to_regs(const uint4& x, uint32_t (&a)[4]) {
+  a[0] = x.x, a[1] = x.y, a[2] = x.z, a[3] = x.w;
+}
+
+template <typename T, bool kReplay, int kRowGroups, int kSplit>
+__global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
+    state_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  using Smem = StateSmem<T, kPairs>;
-  constexpr int kThreads = Shape<kPairs>::kThreads, kVT = Shape<kPairs>::kVT;
-  constexpr int kLdU = Shape<kPairs>::kLdU;
+  using S = Shape<kRowGroups, kSplit>;
+  using Smem = StateSmem<T, kRowGroups, kSplit>;
+  constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdU = S::kLdU, kLdO = S::kLdO;
+  constexpr int kTN = S::kTN, kTB = S::kTB, kNT = S::kNT, kKB = S::kKB;
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int pair = warp % kPairs, kh = warp / kPairs, partner = warp ^ kPairs;
+  const int row_group = warp % kRowGroups, split = warp / kRowGroups;
   const int g = lane >> 2, t4 = lane & 3;
   const int K = p.head_k_dim, V = p.head_v_dim;
-  const int vl = pair * 16 + g;  // this thread's rows of S^T, within the tile
+  const int vl = row_group * 16 + g;  // this thread's rows of S^T, within the tile
   const int v_lo = col0 + vl, v_hi = v_lo + 8;
-  const int tw = 32 * kh;        // this warp's first token
+  const int tw = split * S::kTW;       // this warp's first token
+  const int k_base = split * S::kKS;   // and first k
+  // The warp of this row group that holds split s (k slice s, tokens s).
+  auto group_warp = [&](int s) { return row_group + s * kRowGroups; };
   const int hk = hv / p.group;
   const Seq seq = sequence(p, n);
   const int64_t num_chunks = (seq.end - seq.begin + kC - 1) / kC;
   const int64_t first_slot = slot_begin(p, n);
 
-  // S^T: n8 tile nt covers k = 8 nt .. 8 nt + 7; sc[nt] = (v_lo, k), (v_lo, k + 1), (v_hi, ..).
-  float sc[16][4];
+  // This warp's k slice of S^T: n8 tile nt covers k = k_base + 8 nt .. + 7;
+  // sc[nt] = (v_lo, k), (v_lo, k + 1), (v_hi, k), (v_hi, k + 1).
+  float sc[kNT][4];
 #pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
+  for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      const int k = nt * 8 + 2 * t4 + j;
+      const int k = k_base + nt * 8 + 2 * t4 + j;
       float lo = 0.f, hi = 0.f;
       if (p.initial_state && k < K) {
         const float* h0 = p.initial_state + n * p.h0_s[0] + hv * p.h0_s[1] + k * p.h0_s[2];
@@ -106,6 +157,17 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
       sc[nt][2 + j] = hi;
     }
   }
+  // Step 6: the slice's k16 blocks as bf16 A fragments, kept for this warp's own next step 1 and
+  // given to the group (published by the next chunk's block barriers).
+  uint32_t own_sa[kKB][4];
+  auto publish_state = [&]() {
+#pragma unroll
+    for (int l = 0; l < kKB; ++l) {
+      pack_a_from_c(sc, l, own_sa[l]);
+      sm.s_frag[warp][l][lane] = make_uint4(own_sa[l][0], own_sa[l][1], own_sa[l][2], own_sa[l][3]);
+    }
+  };
+  publish_state();
 
   auto prefetch = [&](int64_t c) {
     const int64_t slot = first_slot + c;
@@ -144,7 +206,7 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
     for (int i = threadIdx.x; i < kC * (kVT / kPer); i += kThreads) {
       const int t = i / (kVT / kPer), v = (i % (kVT / kPer)) * kPer;
       if (t >= len) continue;
-      const T* src = sm.o + t * Smem::kLdO + v;
+      const T* src = sm.o[c & 1] + t * kLdO + v;
       T* dst = o_base + (t0 + t) * p.o_s[1] + static_cast<int64_t>(col0 + v) * p.o_s[3];
       if (o_vec && col0 + v + kPer <= V) {
         *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
@@ -160,39 +222,45 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
     const float e_last = __expf(p.ws.gamma[ws_index(p, slot, hv, kC) + kC - 1]);
-    __syncthreads();  // every warp is done with chunk c - 1, whose buffers are refilled now
+    cp_async_wait<0>();  // this thread's copies of chunk c's tiles (issued a chunk ago)
+    // The one block barrier of the chunk: chunk c's tiles, the group's S^T fragments and chunk
+    // c - 1's staged o are visible to all warps, and every warp is done with chunk c - 1, whose
+    // tile buffers are refilled now. The copies are issued and the o rows stored after it, so
+    // a warp that gets there first starts computing instead of waiting for the others' issue.
+    __syncthreads();
+    if (c + 1 < num_chunks) prefetch(c + 1);
     if constexpr (!kReplay && Smem::kStagedO) {
+      // o[(c - 1) & 1] is rewritten at chunk c + 1, after its barrier, which this warp reaches
+      // only once these stores are issued.
       if (c > 0) store_o(c - 1);
     }
-    if (c + 1 < num_chunks) {
-      prefetch(c + 1);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // chunk c's tiles are visible to all warps; the o staging tile is free
 
-    // The backward's replay keeps S^T entering every chunk: rows v, columns k (bf16 pairs);
-    // warp kh of the pair writes k in [64 kh, 64 kh + 64).
+    // The backward's replay keeps S^T entering every chunk: rows v, this warp's k slice.
     if constexpr (kReplay) {
       bf16* st = p.bwd.states + ws_index(p, slot, hv, kD * kD);
 #pragma unroll
-      for (int nt = 0; nt < 16; ++nt) {
-        if ((nt >> 3) != kh) continue;
-        const int k = nt * 8 + 2 * t4;
+      for (int nt = 0; nt < kNT; ++nt) {
+        const int k = k_base + nt * 8 + 2 * t4;
         *reinterpret_cast<uint32_t*>(st + v_lo * kD + k) = pack_bf16(sc[nt][0], sc[nt][1]);
         *reinterpret_cast<uint32_t*>(st + v_hi * kD + k) = pack_bf16(sc[nt][2], sc[nt][3]);
       }
     }
 
-    // P^T = S^T W^T and O^T = S^T Q^T over this warp's tokens (n8 tiles tw + 8 nt).
-    float pc[4][4] = {}, oc[4][4] = {};
+    // 1, 2. P^T = S^T W^T and O^T = S^T Q^T over this warp's tokens (n8 tiles tw + 8 nt), S^T's
+    // k16 block kk from the warp that holds it (kk / kKB: a constant; whether it is this warp is
+    // warp-uniform).
+    float pc[kTN][4] = {}, oc[kTN][4] = {};
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk) {
       uint32_t a[4];
-      pack_a_from_c(sc, kk, a);
+      if (kk / kKB == split) {
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
+        for (int e = 0; e < 4; ++e) a[e] = own_sa[kk % kKB][e];
+      } else {
+        to_regs(sm.s_frag[group_warp(kk / kKB)][kk % kKB][lane], a);
+      }
+#pragma unroll
+      for (int np = 0; np < kTB; ++np) {
         uint32_t b[4];
         load_b_rows(b, sm.w[buf], kLdD, tw + np * 16, kk * 16);
         mma_bf16(pc[2 * np], a, b[0], b[1]);
@@ -206,11 +274,11 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
     }
     // The gates of this thread's tokens t = tw + 8 nt + 2 t4 + j: O^T = (S^T Q^T) diag(e^gamma)
     // and S' = e_last S + K^T diag(exp(gamma_last - gamma)) Vn (forward; the replay has KR).
-    float gate_kr[4][2];
+    float gate_kr[kTN][2];
     if constexpr (!kReplay) {
       const float* gamma = sm.gamma[buf];
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
+      for (int nt = 0; nt < kTN; ++nt) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const float gt = gamma[tw + nt * 8 + 2 * t4 + j];
@@ -221,11 +289,11 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
         }
       }
     }
-    // Vn^T = U^T - P^T (U is [t, v] in shared memory), rounded to bf16 as the next operand:
-    // k16 blocks 2 kh, 2 kh + 1 of Vn^T's A fragments; the pair swaps them.
+    // 3. Vn^T = U^T - P^T (U is [t, v] in shared memory), rounded to bf16 as the next operand:
+    // this warp's k16 blocks of Vn^T's A fragments (tokens tw + 16 l ..).
     const bf16* u = sm.u[buf];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < kTN; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         const int t = tw + nt * 8 + 2 * t4 + j;
@@ -233,87 +301,73 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
         pc[nt][2 + j] = __bfloat162float(u[t * kLdU + vl + 8]) - pc[nt][2 + j];
       }
     }
-    // Swap through shared memory: every warp gives its half for the state update (gated in the
-    // forward, plain in the replay); warp kh = 0 also gives its plain half for kh = 1's O (the
-    // causal M needs no later tokens for kh = 0).
-    uint32_t own[2][4], own_s[2][4], other_s[2][4], other_o[2][4];
-    pack_a_from_c(pc, 0, own[0]);
-    pack_a_from_c(pc, 1, own[1]);
+    uint32_t own_plain[kTB][4], own_state[kTB][4];
+#pragma unroll
+    for (int l = 0; l < kTB; ++l) pack_a_from_c(pc, l, own_plain[l]);
     if constexpr (kReplay) {
 #pragma unroll
-      for (int l = 0; l < 2; ++l)
+      for (int l = 0; l < kTB; ++l)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) own_s[l][e] = own[l][e];
+        for (int e = 0; e < 4; ++e) own_state[l][e] = own_plain[l][e];
     } else {
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
+      for (int nt = 0; nt < kTN; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) pc[nt][e] *= gate_kr[nt][e & 1];
-      pack_a_from_c(pc, 0, own_s[0]);
-      pack_a_from_c(pc, 1, own_s[1]);
+#pragma unroll
+      for (int l = 0; l < kTB; ++l) pack_a_from_c(pc, l, own_state[l]);
     }
+    // Out to the group: the state operand for every warp, the plain blocks for the O of the
+    // warps with later tokens (the causal M needs no later tokens: the last split gives none).
 #pragma unroll
-    for (int l = 0; l < 2; ++l) {
-      sm.swap_state[warp][l][lane] = make_uint4(own_s[l][0], own_s[l][1], own_s[l][2], own_s[l][3]);
-      if (!kReplay && kh == 0)
-        sm.swap_o[pair][l][lane] = make_uint4(own[l][0], own[l][1], own[l][2], own[l][3]);
+    for (int l = 0; l < kTB; ++l) {
+      sm.vn_frag[warp][0][l][lane] =
+          make_uint4(own_state[l][0], own_state[l][1], own_state[l][2], own_state[l][3]);
+      if (!kReplay && split + 1 < kSplit)
+        sm.vn_frag[warp][1][l][lane] =
+            make_uint4(own_plain[l][0], own_plain[l][1], own_plain[l][2], own_plain[l][3]);
     }
-    named_barrier(1 + pair, 64);
-#pragma unroll
-    for (int l = 0; l < 2; ++l) {
-      const uint4 x = sm.swap_state[partner][l][lane];
-      other_s[l][0] = x.x, other_s[l][1] = x.y, other_s[l][2] = x.z, other_s[l][3] = x.w;
-      if (!kReplay && kh == 1) {
-        const uint4 y = sm.swap_o[pair][l][lane];
-        other_o[l][0] = y.x, other_o[l][1] = y.y, other_o[l][2] = y.z, other_o[l][3] = y.w;
-      } else {
-        other_o[l][0] = other_o[l][1] = other_o[l][2] = other_o[l][3] = 0u;  // unused
-      }
-    }
-    // Vn^T's A fragments in token order (selects, not a runtime index into registers): va for
-    // O (k16 blocks 0, 1 are used by kh = 1 only, from the partner), vs for the state update.
-    uint32_t va[4][4], vs[4][4];
-#pragma unroll
-    for (int l = 0; l < 2; ++l)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        va[l][e] = kh ? other_o[l][e] : own[l][e];
-        va[2 + l][e] = own[l][e];  // read by kh = 1 only: its own tokens
-        vs[l][e] = kh ? other_s[l][e] : own_s[l][e];
-        vs[2 + l][e] = kh ? own_s[l][e] : other_s[l][e];
-      }
-    // (The partner rewrites its swap slot only after the next chunk's block barriers.)
+    named_barrier(1 + row_group, 32 * kSplit);
+    // (A warp rewrites its exchange slots only after the next chunk's block barriers.)
 
     if constexpr (!kReplay) {
-      // O^T += Vn^T M^T: M[t][t'] is zero for t' > t, so tokens t' < tw + 32 suffice.
+      // 4. O^T += Vn^T M^T: M[t][t'] is zero for t' > t, so the k16 blocks of tokens t' up to
+      // this warp's last suffice; block kb is split kb / kTB's.
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        if (kk > 2 * kh + 1) continue;
+      for (int kb = 0; kb < 4; ++kb) {
+        if (kb / kTB > split) continue;
+        uint32_t va[4];
+        if (kb / kTB == split) {
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
+          for (int e = 0; e < 4; ++e) va[e] = own_plain[kb % kTB][e];
+        } else {
+          to_regs(sm.vn_frag[group_warp(kb / kTB)][1][kb % kTB][lane], va);
+        }
+#pragma unroll
+        for (int np = 0; np < kTB; ++np) {
           uint32_t b[4];
-          load_b_rows(b, sm.m[buf], kLdC, tw + np * 16, kk * 16);
-          mma_bf16(oc[2 * np], va[kk], b[0], b[1]);
-          mma_bf16(oc[2 * np + 1], va[kk], b[2], b[3]);
+          load_b_rows(b, sm.m[buf], kLdC, tw + np * 16, kb * 16);
+          mma_bf16(oc[2 * np], va, b[0], b[1]);
+          mma_bf16(oc[2 * np + 1], va, b[2], b[3]);
         }
       }
-      // o (this warp's tokens, the pair's 16 columns): to the staging tile, or for fp32 o
+      // o (this warp's tokens, the group's 16 columns): to the staging tile, or for fp32 o
       // straight to memory.
       if constexpr (Smem::kStagedO) {
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < kTN; ++nt) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int t = tw + nt * 8 + 2 * t4 + j;
-            sm.o[t * Smem::kLdO + vl] = from_f32<T>(oc[nt][j]);
-            sm.o[t * Smem::kLdO + vl + 8] = from_f32<T>(oc[nt][2 + j]);
+            sm.o[buf][t * kLdO + vl] = from_f32<T>(oc[nt][j]);
+            sm.o[buf][t * kLdO + vl + 8] = from_f32<T>(oc[nt][2 + j]);
           }
         }
       } else {
         const int64_t t0 = seq.begin + c * kC;
         const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
+        for (int nt = 0; nt < kTN; ++nt) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
             const int t = tw + nt * 8 + 2 * t4 + j;
@@ -326,21 +380,32 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
       }
     }
 
-    // S^T = e_last S^T + Vn^T KR (replay) = e_last S^T + (Vn^T diag(exp(gamma_last - gamma))) K.
+    // 5. S^T[:, k slice] = e_last S^T + Vn^T KR (replay)
+    //                    = e_last S^T + (Vn^T diag(exp(gamma_last - gamma))) K (forward),
+    // over all 64 tokens: k16 block kb of Vn^T is split kb / kTB's.
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt)
+    for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[nt][e] *= e_last;
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kb = 0; kb < 4; ++kb) {
+      uint32_t vs[4];
+      if (kb / kTB == split) {
 #pragma unroll
-      for (int np = 0; np < 8; ++np) {
+        for (int e = 0; e < 4; ++e) vs[e] = own_state[kb % kTB][e];
+      } else {
+        to_regs(sm.vn_frag[group_warp(kb / kTB)][0][kb % kTB][lane], vs);
+      }
+#pragma unroll
+      for (int np = 0; np < kKB; ++np) {
         uint32_t b[4];
-        load_b_cols(b, sm.k[buf], kLdD, np * 16, kk * 16);
-        mma_bf16(sc[2 * np], vs[kk], b[0], b[1]);
-        mma_bf16(sc[2 * np + 1], vs[kk], b[2], b[3]);
+        load_b_cols(b, sm.k[buf], kLdD, k_base + np * 16, kb * 16);
+        mma_bf16(sc[2 * np], vs, b[0], b[1]);
+        mma_bf16(sc[2 * np + 1], vs, b[2], b[3]);
       }
     }
+    // 6. (The group read this warp's s_frag at this chunk's step 1, before the named barrier.)
+    publish_state();
   }
   if constexpr (!kReplay && Smem::kStagedO) {
     if (num_chunks > 0) {
@@ -349,13 +414,12 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
     }
   }
 
-  if (p.final_state) {  // warp kh of the pair writes k in [64 kh, 64 kh + 64)
+  if (p.final_state) {  // this warp's k slice
 #pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-      if ((nt >> 3) != kh) continue;
+    for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int k = nt * 8 + 2 * t4 + j;
+        const int k = k_base + nt * 8 + 2 * t4 + j;
         if (k >= K) continue;
         float* ht = p.final_state + n * p.ht_s[0] + hv * p.ht_s[1] + k * p.ht_s[2];
         if (v_lo < V) ht[v_lo * p.ht_s[3]] = sc[nt][j];
@@ -365,30 +429,59 @@ __global__ void __launch_bounds__(Shape<kPairs>::kThreads, 1) state_kernel(const
   }
 }
 
-template <typename T, bool kReplay, int kPairs>
+template <typename T, bool kReplay, int kRowGroups, int kSplit>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(StateSmem<T, kPairs>);
-  auto* kernel = state_kernel<T, kReplay, kPairs>;
+  using S = Shape<kRowGroups, kSplit>;
+  const size_t smem = sizeof(StateSmem<T, kRowGroups, kSplit>);
+  auto* kernel = state_kernel<T, kReplay, kRowGroups, kSplit>;
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-  constexpr int kVT = Shape<kPairs>::kVT;
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
-                  (p.head_v_dim + kVT - 1) / kVT);
-  kernel<<<grid, Shape<kPairs>::kThreads, smem, stream>>>(p);
+                  (p.head_v_dim + S::kVT - 1) / S::kVT);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+enum class StateShape { kAuto, kWide, kNarrow, kWide4, kNarrow2 };
+
+// FLASHDELTA_GDN_STATE_SHAPE, read at every launch (a getenv: cheap, and tests may switch it).
+StateShape requested_shape() {
+  const char* v = std::getenv("FLASHDELTA_GDN_STATE_SHAPE");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StateShape::kAuto;
+  if (std::strcmp(v, "wide") == 0) return StateShape::kWide;
+  if (std::strcmp(v, "narrow") == 0) return StateShape::kNarrow;
+  if (std::strcmp(v, "wide4") == 0) return StateShape::kWide4;
+  if (std::strcmp(v, "narrow2") == 0) return StateShape::kNarrow2;
+  fail(Error::Kind::kValue,
+       "FLASHDELTA_GDN_STATE_SHAPE must be auto, wide, narrow, wide4 or narrow2, got '", v, "'");
 }
 
 template <typename T, bool kReplay>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  // One block per SM (shared memory): halve the columns per block when 64-column blocks would
-  // fill at most half of the multiprocessors.
-  const int64_t wide_blocks = static_cast<int64_t>(p.num_seqs) * p.num_v_heads *
-                              ((p.head_v_dim + Shape<4>::kVT - 1) / Shape<4>::kVT);
-  if (2 * wide_blocks <= device_info().sm_count) launch<T, kReplay, 2>(p, stream);
-  else launch<T, kReplay, 4>(p, stream);
+  // One block per SM (shared memory): 32-column tiles where 64-column ones would fill at most
+  // half of the multiprocessors, or where the device cannot give a block the wide shape's
+  // shared memory (sm_80).
+  StateShape shape = requested_shape();
+  const size_t optin = static_cast<size_t>(device_info().max_smem_per_block_optin);
+  if (shape == StateShape::kAuto) {
+    const int64_t wide_blocks = static_cast<int64_t>(p.num_seqs) * p.num_v_heads *
+                                ((p.head_v_dim + Shape<4, 2>::kVT - 1) / Shape<4, 2>::kVT);
+    shape = 2 * wide_blocks <= device_info().sm_count ? StateShape::kNarrow : StateShape::kWide;
+  }
+  if ((shape == StateShape::kWide && sizeof(StateSmem<T, 4, 2>) > optin) ||
+      (shape == StateShape::kWide4 && sizeof(StateSmem<T, 4, 4>) > optin))
+    shape = StateShape::kNarrow;
+  switch (shape) {
+    case StateShape::kWide: launch<T, kReplay, 4, 2>(p, stream); break;
+    case StateShape::kWide4: launch<T, kReplay, 4, 4>(p, stream); break;
+    case StateShape::kNarrow2: launch<T, kReplay, 2, 2>(p, stream); break;
+    default: launch<T, kReplay, 2, 4>(p, stream); break;
+  }
 }
 
 }  // namespace
+
+void check_state_switches() { (void)requested_shape(); }
 
 void launch_state(const ChunkParams& p, cudaStream_t stream) {
   if (p.bwd.states) {  // the replay reads only the workspace: one instance for every dtype
