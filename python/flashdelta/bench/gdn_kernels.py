@@ -1,7 +1,7 @@
 """Where the time of flashdelta's chunk_gated_delta_rule goes on CUDA, kernel by kernel.
 
     python -m flashdelta.bench gdn_kernels [--shape B,T,H,HV,K,V] [--repeats N] [--forward-only]
-        [--state-shape auto,wide,narrow,wide4,narrow2] [--dstate-shape auto,wide,narrow]
+        [--state-shape auto,wide,narrow,narrow2] [--dstate-shape auto,wide,narrow]
         [--json PATH]
 
 Runs the forward (and, unless --forward-only, the backward where the build has it) under torch.profiler after a warm-up

@@ -11,10 +11,12 @@
 //   32-column tiles, 2 row groups x 4 (k quarters, token quarters)  where 64-column blocks
 //                                                                    would fill at most half of
 //                                                                    the SMs (B * HV small)
-// FLASHDELTA_GDN_STATE_SHAPE=wide|narrow|wide4|narrow2 forces one (a shape the device cannot
-// hold falls back to narrow). Two more are built for measurement: wide4, 64-column tiles of
-// 4 x 4 warps (16 warps, <= 128 registers: half the L2 reads per column of narrow, on half the
-// blocks), and narrow2, 32-column tiles of 2 x 2 warps (the previous narrow shape's split).
+// and a third, narrow2: 32-column tiles of 2 x 2 warps (k halves, token halves), which small
+// grids take for the forward (H100, 1 x 32768: forward 1053 us against narrow's 1133; the
+// backward's replay 854 with narrow against 872). FLASHDELTA_GDN_STATE_SHAPE=wide|narrow|narrow2
+// forces one (a shape the device cannot hold falls back to narrow). A 64-column 4 x 4 shape
+// (16 warps, half the L2 reads per column) measured slower than the others at both protocol
+// shapes (1 x 32768: 1462 us forward; 8 x 4096: 748 against wide's 729) and was dropped.
 // Per chunk, with W, U, M, gamma (per value head) and K, Q (per key head) from phase 1, warp s:
 //   1. gathers S^T's bf16 A fragments over all of k: its own k16 blocks from its registers, the
 //      group's other warps' from shared memory (stored there at the end of the previous chunk)
@@ -88,7 +90,7 @@ struct Shape {
 };
 
 // The tiles of two chunks (double buffer), the group exchanges and the o staging tile.
-// Wide (4 x 2) and wide4 (4 x 4): 189 KB for 2-byte o (171 KB for fp32 o), over sm_80's 163 KB
+// Wide (4 x 2): 189 KB for 2-byte o (171 KB for fp32 o), over sm_80's 163 KB
 // per block: launch() takes the narrow shape where a device offers less. Narrow (2 x 4) and
 // narrow2 (2 x 2): 157 KB (147 KB).
 template <typename T, int kRowGroups, int kSplit>
@@ -442,7 +444,7 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
-enum class StateShape { kAuto, kWide, kNarrow, kWide4, kNarrow2 };
+enum class StateShape { kAuto, kWide, kNarrow, kNarrow2 };
 
 // FLASHDELTA_GDN_STATE_SHAPE, read at every launch (a getenv: cheap, and tests may switch it).
 StateShape requested_shape() {
@@ -450,30 +452,27 @@ StateShape requested_shape() {
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StateShape::kAuto;
   if (std::strcmp(v, "wide") == 0) return StateShape::kWide;
   if (std::strcmp(v, "narrow") == 0) return StateShape::kNarrow;
-  if (std::strcmp(v, "wide4") == 0) return StateShape::kWide4;
   if (std::strcmp(v, "narrow2") == 0) return StateShape::kNarrow2;
   fail(Error::Kind::kValue,
-       "FLASHDELTA_GDN_STATE_SHAPE must be auto, wide, narrow, wide4 or narrow2, got '", v, "'");
+       "FLASHDELTA_GDN_STATE_SHAPE must be auto, wide, narrow or narrow2, got '", v, "'");
 }
 
 template <typename T, bool kReplay>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   // One block per SM (shared memory): 32-column tiles where 64-column ones would fill at most
-  // half of the multiprocessors, or where the device cannot give a block the wide shape's
-  // shared memory (sm_80).
+  // half of the multiprocessors (split 2 x 2 in the forward, 2 x 4 in the replay: measured), or
+  // where the device cannot give a block the wide shape's shared memory (sm_80).
   StateShape shape = requested_shape();
   const size_t optin = static_cast<size_t>(device_info().max_smem_per_block_optin);
   if (shape == StateShape::kAuto) {
     const int64_t wide_blocks = static_cast<int64_t>(p.num_seqs) * p.num_v_heads *
                                 ((p.head_v_dim + Shape<4, 2>::kVT - 1) / Shape<4, 2>::kVT);
-    shape = 2 * wide_blocks <= device_info().sm_count ? StateShape::kNarrow : StateShape::kWide;
+    const StateShape narrow = kReplay ? StateShape::kNarrow : StateShape::kNarrow2;
+    shape = 2 * wide_blocks <= device_info().sm_count ? narrow : StateShape::kWide;
   }
-  if ((shape == StateShape::kWide && sizeof(StateSmem<T, 4, 2>) > optin) ||
-      (shape == StateShape::kWide4 && sizeof(StateSmem<T, 4, 4>) > optin))
-    shape = StateShape::kNarrow;
+  if (shape == StateShape::kWide && sizeof(StateSmem<T, 4, 2>) > optin) shape = StateShape::kNarrow;
   switch (shape) {
     case StateShape::kWide: launch<T, kReplay, 4, 2>(p, stream); break;
-    case StateShape::kWide4: launch<T, kReplay, 4, 4>(p, stream); break;
     case StateShape::kNarrow2: launch<T, kReplay, 2, 2>(p, stream); break;
     default: launch<T, kReplay, 2, 4>(p, stream); break;
   }
