@@ -3,7 +3,7 @@
 // that chunk alone (launch.cu, above backward(), has the whole picture; the CPU kernel's
 // `backward()` has the derivation, line by line, which this kernel follows in the same order).
 //
-// Per (slot, key head), 256 threads (8 warps), one 64-token chunk; the block walks the HV / H
+// Per (slot, key head), 512 threads (16 warps), one 64-token chunk; the block walks the HV / H
 // value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
 // products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
 // handled in registers by an epilogue); row reductions go by shuffles, the gate reductions by four
@@ -20,7 +20,7 @@
 //   dg  = reverse cumsum of dgamma (+ e de - r dr, + the last row's e_last S.dS' + sum r dr)
 // dv, dg, dbeta are stored per value head in their tensors' dtypes. dQ and dK (with respect to
 // the normalised q and k) are summed over the value heads in registers, in the products' fragment
-// layout (bwd::RegTile, 32 registers each): the products that make them add their accumulators
+// layout (bwd::RegTile, 16 registers each at 16 warps): the products that make them add their accumulators
 // (times the row gates) straight in, with no fp32 tile and no barrier. At the end the sums pass
 // through the fp32 tile to one row per warp, where the l2norm backward (dx = inv (dy - y (y . dy)),
 // inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
@@ -38,9 +38,21 @@
 // after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the rest
 // of its work.
 //
-// Launch: grid (slot, key head), 256 threads, 255 registers, 217 KB of shared memory (Hopper's
-// 227 KB opt-in; an A100's 163 KB is too small for this version): one block per SM. Work per chunk
-// and value head: 18 products, ~11.5 M multiply-adds, for ~130 KB read.
+// Launch: grid (slot, key head), 512 threads, <= 128 registers (__launch_bounds__(512, 1)),
+// 220 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
+// version): one block, 16 warps, per SM. Work per chunk and value head: 18 products, ~11.5 M
+// multiply-adds, for ~130 KB read.
+// Why 16 warps in one block rather than two blocks of 8 (bench/NOTES.md, "grads round 3"): the
+// working set of one value head is ~215 KB (q, k, dO/v, W/dVn, U/Vn/dW: 5 x 17 KB; S^T, dS'^T:
+// 2 x 34 KB; M, T, X: 3 x 9 KB; the fp32 tile 34 KB), so a second block per SM (<= 113 KB) would
+// need the states streamed and products split across kernels with their intermediates in global
+// memory. Doubling the warps of the one block gives the same 16 warps per SM (the latency cover
+// that 2 blocks would) at the same bytes: each product's output is split over 4 bands of 16 rows
+// x 4 column groups (bwd::GemmLayout), so every warp's mma chain per product halves, and the dq,
+// dk register sums halve (16 + 16 registers), which is what brings the kernel to 128 registers.
+// The cost: B fragments are loaded by 4 warps per band as before, A fragments by 4 instead of 2
+// (shared-memory reads per 64 x 128 x 128 product: 192 KB instead of 160 KB), and 16 warps meet
+// at each of the ~14 barriers per value head.
 #include <type_traits>
 
 #include "core/check.h"
@@ -51,9 +63,14 @@
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = kC / kWarps;  // rows warp + 8 m of the dq, dk accumulators
+constexpr int kRowsPerWarp = kC / kWarps;  // store_key_grad: rows warp + kWarps m
+// The warps of a 16-row band of a 128-column product (bwd::GemmLayout): row dots made in
+// epilogues come as one partial per group, added in group order.
+constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
+constexpr int kThreadsPerRow = kThreads / kC;  // rows_minus_cols: threads sharing a 64-wide row
+using RegTile = bwd::RegTile<kThreads>;
 
 struct GradSmem {
   bf16 q[kC * kLdD];    // normalised, scaled q
@@ -70,9 +87,10 @@ struct GradSmem {
   float f[2 * kC * kLdCf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], de[kC], dr[kC], dbeta[kC];
   float red[kWarps];  // d e_last per warp
-  // Row dot products made in products' epilogues: one partial per half of the columns (the two
-  // warps that share the rows), added in that order where used.
-  float dr_half[2][kC], de_half[2][kC], dkb_half[2][kC], dvb_half[2][kC];
+  // Row dot products made in products' epilogues: one partial per column group (the warps that
+  // share the rows), added in group order where used (row_part_sum).
+  float dr_part[kColGroups][kC], de_part[kColGroups][kC], dkb_part[kColGroups][kC],
+      dvb_part[kColGroups][kC];
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
 static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
@@ -121,32 +139,41 @@ __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkR
   }
 }
 
-// For row i = threadIdx.x / 4 of 64 x 64 fp32 tiles (row stride kLdCf): net = sum_j (X[i][j] -
-// X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). Four threads per row, 16 columns each,
-// then a fixed butterfly over the four: every thread of the block takes part, all four hold the
-// row's sums.
+// For row i = threadIdx.x / kThreadsPerRow of 64 x 64 fp32 tiles (row stride kLdCf): net =
+// sum_j (X[i][j] - X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). kThreadsPerRow (8)
+// neighbouring lanes per row, 64 / kThreadsPerRow columns each, then a fixed butterfly over them:
+// every thread of the block takes part, all of a row's threads hold its sums.
 __device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, float& net,
                                                 float& y) {
-  const int i = threadIdx.x >> 2, j0 = (threadIdx.x & 3) * 16;
+  constexpr int kSpan = kC / kThreadsPerRow;
+  static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0, "a row's threads in one warp");
+  const int i = threadIdx.x / kThreadsPerRow, j0 = (threadIdx.x % kThreadsPerRow) * kSpan;
   float a = 0.f, b = 0.f;
 #pragma unroll
-  for (int jj = 0; jj < 16; ++jj) {
+  for (int jj = 0; jj < kSpan; ++jj) {
     const int j = j0 + jj;
     a += X[i * kLdCf + j] - X[j * kLdCf + i];
     if (Y) b += Y[i * kLdCf + j];
   }
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
+  for (int off = 1; off < kThreadsPerRow; off <<= 1) {
     a += __shfl_xor_sync(0xffffffffu, a, off);
     b += __shfl_xor_sync(0xffffffffu, b, off);
   }
   net = a, y = b;
 }
 
+// rows_minus_cols' row of this thread, and whether it is the row's first thread (the one that
+// stores the row's results).
+__device__ __forceinline__ int rows_minus_cols_row() { return threadIdx.x / kThreadsPerRow; }
+__device__ __forceinline__ bool rows_minus_cols_leader() {
+  return threadIdx.x % kThreadsPerRow == 0;
+}
+
 // A product's epilogue has added up, per thread, a row quantity over its columns for rows
 // 16 (w % 4) + g (lo) and that + 8 (hi): sums the four lanes of each row (fixed butterfly) and
-// stores the warp's half, half[w / 4][row].
-__device__ __forceinline__ void store_row_halves(float lo, float hi, float (&half)[2][kC]) {
+// stores the warp's partial, part[w / 4][row] (w / 4: the warp's column group).
+__device__ __forceinline__ void store_row_parts(float lo, float hi, float (&part)[kColGroups][kC]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
@@ -155,9 +182,17 @@ __device__ __forceinline__ void store_row_halves(float lo, float hi, float (&hal
   }
   if ((lane & 3) == 0) {
     const int row = (warp & 3) * 16 + (lane >> 2);
-    half[warp >> 2][row] = lo;
-    half[warp >> 2][row + 8] = hi;
+    part[warp >> 2][row] = lo;
+    part[warp >> 2][row + 8] = hi;
   }
+}
+
+// The whole of row i's dot: its column groups' partials in group order (deterministic).
+__device__ __forceinline__ float row_part_sum(const float (&part)[kColGroups][kC], int i) {
+  float sum = part[0][i];
+#pragma unroll
+  for (int c = 1; c < kColGroups; ++c) sum += part[c][i];
+  return sum;
 }
 
 // Starts copying dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile by cp.async,
@@ -236,9 +271,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                          p.l2norm, 1.f, nullptr, sm.k);
   // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
   // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
-  bwd::RegTile dq_sum = {}, dk_sum = {};
-  auto add_to = [](bwd::RegTile& sum, auto row_mul) {
-    return [&sum, row_mul](int blk, int row, int, const float (&acc)[4][4]) {
+  RegTile dq_sum = {}, dk_sum = {};
+  auto add_to = [](RegTile& sum, auto row_mul) {
+    return [&sum, row_mul](int blk, int row, int, const auto& acc) {
       bwd::add_rows(sum, blk, row, acc, row_mul);
     };
   };
@@ -295,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
     // is read and replaced by the thread that holds its product (U is no operand).
     bwd::gemm_apply<kD, kD, false, true, kThreads>(
-        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
             const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
@@ -310,10 +345,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       float dr_lo = 0.f, dr_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, true, kThreads>(
-          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const auto& acc) {
             const float r_lo = sm.r[row], r_hi = sm.r[row + 8];
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
               const float2 vn_lo = __bfloat1622float2(
                   *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
@@ -327,10 +362,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                   make_float2(r_hi * acc[nt][2], r_hi * acc[nt][3]);
             }
           });
-      store_row_halves(dr_lo, dr_hi, sm.dr_half);
+      store_row_parts(dr_lo, dr_hi, sm.dr_part);
     }
     bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
-        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
         });
     __syncthreads();
@@ -339,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // element of M read and replaced by the thread that holds its product; M is no operand).
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
         nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
-        [&](int, int row, int col, const float (&acc)[4][4]) {
+        [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float dm0, float dm1) {
             const float dm[2] = {dm0, dm1};
             float x[2], dmg[2];
@@ -357,7 +392,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       float net, unused;
       rows_minus_cols(f2, nullptr, net, unused);
-      if ((tid & 3) == 0) sm.dgam[tid >> 2] = net;
+      if (rows_minus_cols_leader()) sm.dgam[rows_minus_cols_row()] = net;
     }
     __syncthreads();
 
@@ -366,10 +401,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       float de_lo = 0.f, de_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, false, kThreads>(
-          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
             const float e_lo = sm.e[row], e_hi = sm.e[row + 8];
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
               const float2 q_lo = __bfloat1622float2(
                   *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
@@ -383,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                   make_float2(e_hi * acc[nt][2], e_hi * acc[nt][3]);
             }
           });
-      store_row_halves(de_lo, de_hi, sm.de_half);
+      store_row_parts(de_lo, de_hi, sm.de_part);
     }
     bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
                                                     add_to(dq_sum, [&](int) { return p.scale; }));
@@ -397,7 +432,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- dW = -dVn S^T (over Vn, done with); v replaces dO.
     bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
-        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
         });
     __syncthreads();
@@ -413,14 +448,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
     // second product reads back only what the same thread wrote in the first.
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
           });
         });
     __syncthreads();  // v is in dov
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
                 pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
@@ -434,14 +469,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
       float dvb_lo = 0.f, dvb_hi = 0.f;
       bwd::gemm_apply<kD, kC, true, false, kThreads>(
-          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const auto& acc) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // rows row, row + 8
               const int r = row + 8 * h;
               const float br = sm.beta[r];
               float dot = 0.f;
 #pragma unroll
-              for (int nt = 0; nt < 4; ++nt) {
+              for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
                 const int c = col + 8 * nt;
                 const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
                 const float2 vv = __bfloat1622float2(
@@ -455,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               (h == 0 ? dvb_lo : dvb_hi) += dot;
             }
           });
-      store_row_halves(dvb_lo, dvb_hi, sm.dvb_half);
+      store_row_parts(dvb_lo, dvb_hi, sm.dvb_part);
     }
 
     // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' halves
@@ -464,9 +499,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       float dkb_lo = 0.f, dkb_hi = 0.f;
       bwd::gemm_apply<kD, kC, true, false, kThreads>(
           nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
-          [&](int blk, int row, int col, const float (&acc)[4][4]) {
+          [&](int blk, int row, int col, const auto& acc) {
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
               const float2 k_lo = __bfloat1622float2(
                   *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
@@ -477,7 +512,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
           });
-      store_row_halves(dkb_lo, dkb_hi, sm.dkb_half);
+      store_row_parts(dkb_lo, dkb_hi, sm.dkb_part);
     }
 
     // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
@@ -486,7 +521,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
     // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
     bwd::gemm_apply<kC, kC, true, false, kThreads>(
-        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
         });
     bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
@@ -499,7 +534,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
     }
     bwd::gemm_apply<kC, kC, false, true, kThreads>(
-        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             const float tdt[2] = {x0, x1};
             float db[2], dg[2], dkk[2];
@@ -530,12 +565,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     {
       float dg, db;
       rows_minus_cols(f2, f, dg, db);
-      if ((tid & 3) == 0) {
-        const int i = tid >> 2;
-        const float dkb_k = sm.dkb_half[0][i] + sm.dkb_half[1][i];
-        const float dvb_v = sm.dvb_half[0][i] + sm.dvb_half[1][i];
+      if (rows_minus_cols_leader()) {
+        const int i = rows_minus_cols_row();
+        const float dkb_k = row_part_sum(sm.dkb_part, i);
+        const float dvb_v = row_part_sum(sm.dvb_part, i);
         sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
-        sm.de[i] = (sm.de_half[0][i] + sm.de_half[1][i]) + sm.beta[i] * dkb_k;
+        sm.de[i] = row_part_sum(sm.de_part, i) + sm.beta[i] * dkb_k;
         sm.dgam[i] += dg;
       }
     }
@@ -550,7 +585,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
     // cumsum
     if (tid < kC) {
-      sm.dr[tid] = sm.dr_half[0][tid] + sm.dr_half[1][tid];
+      sm.dr[tid] = row_part_sum(sm.dr_part, tid);
       sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
     }
     __syncthreads();
@@ -587,11 +622,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---- dq, dk of the key head: through the l2norm, in q's dtype.
   // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
-  bwd::store_reg_tile(dq_sum, f, kLdDf);
+  bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
   __syncthreads();
   store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
   __syncthreads();
-  bwd::store_reg_tile(dk_sum, f, kLdDf);
+  bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
   __syncthreads();
   store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
 }
