@@ -26,17 +26,18 @@
 // inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
 // per-value-head rows, no atomics, no reduction kernel.
 // Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
-// over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per-warp halves, summed
-// in a fixed order) run in the products' epilogues on their registers, and dv is stored from
+// over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per column group of
+// warps, summed in a fixed order) run in the products' epilogues on their registers, and dv is stored from
 // them; the fp32 tile carries only products that a later product accumulates onto (read back by
 // the thread that wrote them: no barrier) and the 64 x 64 tiles whose row and column sums make
 // dgamma and dbeta.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
-// together for the first value head; dO too when it is bf16 with 16-byte rows, else by 16-byte
-// (or element) loads issued before any is used, converted by the block. The next value
-// head's tiles are copied as soon as this one's last product with each is done (S^T and dS'^T
-// after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the rest
-// of its work.
+// together for the first value head (issued before q and k are loaded, so the two overlap); dO
+// too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is
+// used, converted by the block. The next value head's tiles are copied as soon as this one's last
+// product with each is done (S^T and dS'^T after dW, W, U and bf16 dO after dKb, M and T after
+// dA: about 125 KB of 130), behind the rest of its work. v (bf16, 16-byte rows) likewise streams
+// into dO's buffer once dO is done with, behind dW and dT's first product.
 //
 // Launch: grid (slot, key head), 512 threads, <= 128 registers (__launch_bounds__(512, 1)),
 // 220 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
@@ -53,6 +54,8 @@
 // The cost: B fragments are loaded by 4 warps per band as before, A fragments by 4 instead of 2
 // (shared-memory reads per 64 x 128 x 128 product: 192 KB instead of 160 KB), and 16 warps meet
 // at each of the ~14 barriers per value head.
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "core/check.h"
@@ -63,16 +66,23 @@
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = kC / kWarps;  // store_key_grad: rows warp + kWarps m
-// The warps of a 16-row band of a 128-column product (bwd::GemmLayout): row dots made in
-// epilogues come as one partial per group, added in group order.
-constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
-constexpr int kThreadsPerRow = kThreads / kC;  // rows_minus_cols: threads sharing a 64-wide row
-using RegTile = bwd::RegTile<kThreads>;
+// What depends on the block's size: 512 threads (16 warps) by default, 256 (8 warps, the round-2
+// kernel's shape) where FLASHDELTA_GDN_GRADS_WARPS=8 asks for it (launch_grads), so that both can
+// be measured in one build.
+template <int kThreads>
+struct GradShape {
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kRowsPerWarp = kC / kWarps;  // store_key_grad: rows warp + kWarps m
+  // The warps of a 16-row band of a 128-column product (bwd::GemmLayout): row dots made in
+  // epilogues come as one partial per group, added in group order.
+  static constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
+  static constexpr int kThreadsPerRow = kThreads / kC;  // rows_minus_cols: threads of a row
+};
 
+template <int kThreads>
 struct GradSmem {
+  static constexpr int kWarps = GradShape<kThreads>::kWarps;
+  static constexpr int kColGroups = GradShape<kThreads>::kColGroups;
   bf16 q[kC * kLdD];    // normalised, scaled q
   bf16 k[kC * kLdD];    // normalised k
   bf16 dov[kC * kLdD];  // dO, then v
@@ -93,7 +103,8 @@ struct GradSmem {
       dvb_part[kColGroups][kC];
 };
 static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
-static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
+static_assert(sizeof(GradSmem<256>) <= 227 * 1024 && sizeof(GradSmem<512>) <= 227 * 1024,
+              "over Hopper's shared memory per block");
 
 // Sum over a warp, the same butterfly order on every lane (deterministic).
 __device__ __forceinline__ float warp_sum(float x) {
@@ -105,6 +116,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Starts copying S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a
 // tile; rows v >= V are zero-filled (rows past the state kernels' column tiles are never written;
 // columns k >= K are written, zero, by them). Commit and wait are the caller's.
+template <int kThreads>
 __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
   constexpr int kPerRow = kD / 8;
   for (int i = threadIdx.x; i < kD * kPerRow; i += kThreads) {
@@ -113,10 +125,10 @@ __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* t
   }
 }
 
-// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V: four
-// groups of eight columns per thread, all loads issued before the first store. `native`: dO has
+// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V:
+// 1024 / kThreads groups of eight columns per thread, all loads issued before the first store. `native`: dO has
 // q's dtype T; `vec`: its rows also allow 16-byte loads (bwd::rows_vectorisable).
-template <typename T>
+template <typename T, int kThreads>
 __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkRef& ch, int hv,
                                               bool native, bool vec, bf16* tile) {
   constexpr int kPerRow = kD / 8, kGroups = kC * kPerRow / kThreads;
@@ -143,8 +155,10 @@ __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkR
 // sum_j (X[i][j] - X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). kThreadsPerRow (8)
 // neighbouring lanes per row, 64 / kThreadsPerRow columns each, then a fixed butterfly over them:
 // every thread of the block takes part, all of a row's threads hold its sums.
+template <int kThreads>
 __device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, float& net,
                                                 float& y) {
+  constexpr int kThreadsPerRow = GradShape<kThreads>::kThreadsPerRow;
   constexpr int kSpan = kC / kThreadsPerRow;
   static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0, "a row's threads in one warp");
   const int i = threadIdx.x / kThreadsPerRow, j0 = (threadIdx.x % kThreadsPerRow) * kSpan;
@@ -165,14 +179,19 @@ __device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, 
 
 // rows_minus_cols' row of this thread, and whether it is the row's first thread (the one that
 // stores the row's results).
-__device__ __forceinline__ int rows_minus_cols_row() { return threadIdx.x / kThreadsPerRow; }
+template <int kThreads>
+__device__ __forceinline__ int rows_minus_cols_row() {
+  return threadIdx.x / GradShape<kThreads>::kThreadsPerRow;
+}
+template <int kThreads>
 __device__ __forceinline__ bool rows_minus_cols_leader() {
-  return threadIdx.x % kThreadsPerRow == 0;
+  return threadIdx.x % GradShape<kThreads>::kThreadsPerRow == 0;
 }
 
 // A product's epilogue has added up, per thread, a row quantity over its columns for rows
 // 16 (w % 4) + g (lo) and that + 8 (hi): sums the four lanes of each row (fixed butterfly) and
 // stores the warp's partial, part[w / 4][row] (w / 4: the warp's column group).
+template <int kColGroups>
 __device__ __forceinline__ void store_row_parts(float lo, float hi, float (&part)[kColGroups][kC]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -188,6 +207,7 @@ __device__ __forceinline__ void store_row_parts(float lo, float hi, float (&part
 }
 
 // The whole of row i's dot: its column groups' partials in group order (deterministic).
+template <int kColGroups>
 __device__ __forceinline__ float row_part_sum(const float (&part)[kColGroups][kC], int i) {
   float sum = part[0][i];
 #pragma unroll
@@ -195,30 +215,38 @@ __device__ __forceinline__ float row_part_sum(const float (&part)[kColGroups][kC
   return sum;
 }
 
-// Starts copying dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile by cp.async,
-// zero-filled past len and V: for bf16 dO whose rows allow 16-byte reads (V a multiple of 8), so
-// that the next value head's dO can stream in behind the current one's work. Commit and wait are
-// the caller's.
-__device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const ChunkRef& ch, int hv,
-                                               bf16* tile) {
+// Starts copying rows [t0, t0 + len) of head h of a bf16 [B, T, H, D] tensor (strides s) into a
+// bf16 [64, kLdD] tile by cp.async, zero-filled past len and D: for rows that allow 16-byte reads
+// (bwd::rows_vectorisable: D a multiple of 8), so that dO and v stream in behind other work
+// instead of stalling the block at their first use. Commit and wait are the caller's.
+template <int kThreads>
+__device__ __forceinline__ void copy_rows_async(const bf16* base, const int64_t* s,
+                                                const ChunkRef& ch, int h, int D, bf16* tile) {
   constexpr int kPerRow = kD / 8;
-  const BackwardParams& b = p.bwd;
-  const bf16* src = static_cast<const bf16*>(b.d_o) + ch.batch * b.d_o_s[0] +
-                    ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
+  const bf16* src = base + ch.batch * s[0] + ch.t0 * s[1] + h * s[2];
   for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * 8;
-    const bool valid = r < ch.len && c < p.head_v_dim;
-    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * b.d_o_s[1] + c : src, valid);
+    const bool valid = r < ch.len && c < D;
+    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * s[1] + c : src, valid);
   }
 }
 
+// dO of value head hv by copy_rows_async (bf16 dO with 16-byte rows only).
+template <int kThreads>
+__device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                               bf16* tile) {
+  copy_rows_async<kThreads>(static_cast<const bf16*>(p.bwd.d_o), p.bwd.d_o_s, ch, hv,
+                            p.head_v_dim, tile);
+}
+
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
-// shared memory; warp w takes rows w + 8 m, lane l columns l + 32 j), through the l2norm when it
+// shared memory; warp w takes rows w + kWarps m, lane l columns l + 32 j), through the l2norm when it
 // was applied; stored in x's dtype.
-template <typename T>
+template <typename T, int kThreads>
 __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
                                                const T* x, const int64_t* x_s, T* dx,
                                                const int64_t* dx_s, const float* dy) {
+  constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
   // Not unrolled: every block runs this once, so its code is fetched from L2 by every block;
   // unrolled eight times over (twice, for dq and dk) it was a quarter of the kernel's code.
@@ -245,15 +273,19 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
   }
 }
 
-template <typename T>
+template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1)
-    grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec) {
+    grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec, bool v_vec) {
+  constexpr int kWarps = GradShape<kThreads>::kWarps;
+  using RegTile = bwd::RegTile<kThreads>;
   // bf16 dO with 16-byte rows streams in by cp.async (a later head's behind the previous head's
-  // work); otherwise the block loads and converts it at the head's start.
+  // work); otherwise the block loads and converts it at the head's start. Likewise bf16 v with
+  // 16-byte rows streams in behind dW (else the block loads it after dW).
   constexpr bool kBf16 = std::is_same<T, bf16>::value;
   const bool d_o_async = kBf16 && d_o_native && d_o_vec;
+  const bool v_async = kBf16 && v_vec;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  GradSmem& sm = *reinterpret_cast<GradSmem*>(smem_raw);
+  GradSmem<kThreads>& sm = *reinterpret_cast<GradSmem<kThreads>*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t slot = blockIdx.x;
   const int hk = blockIdx.y;
@@ -264,11 +296,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* const f = sm.f;                  // [64, kLdDf]
   float* const f2 = sm.f + kC * kLdCf;    // second [64, kLdCf] tile
 
-  // q and k of the key head, once for all its value heads.
-  load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
-                         p.l2norm, p.scale, nullptr, sm.q);
-  load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
-                         p.l2norm, 1.f, nullptr, sm.k);
   // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
   // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
   RegTile dq_sum = {}, dk_sum = {};
@@ -280,25 +307,32 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   for (int rep = 0; rep < p.group; ++rep) {
     const int hv = hk * p.group + rep;
-    const size_t tile = ws_index(p, slot, hv, kC * kD);
-    const size_t small = ws_index(p, slot, hv, kC * kC);
-    const size_t state = ws_index(p, slot, hv, kD * kD);
+    const bool has_next = rep + 1 < p.group;  // block-uniform
     __syncthreads();  // the previous value head is done with every tile
 
-    // ---- loads: workspace tiles by cp.async (a later head's were started during the previous
-    // head, as soon as their buffers were free: below), dO by the block.
+    // ---- loads: workspace tiles (and bf16 dO) by cp.async, the first head's here, in flight
+    // while the block loads q and k (once for all the value heads); a later head's were started
+    // during the previous head, as soon as their buffers were free (below). The gates, and dO of
+    // other layouts, by the block.
     if (rep == 0) {
+      const size_t tile = ws_index(p, slot, hv, kC * kD);
+      const size_t small = ws_index(p, slot, hv, kC * kC);
+      const size_t state = ws_index(p, slot, hv, kD * kD);
       copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
       copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
       copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
       copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
-      copy_state_async(b.states + state, V, sm.st);
-      copy_state_async(b.dstates + state, V, sm.dst);
-      if (d_o_async) copy_d_o_async(p, ch, hv, sm.dov);
+      copy_state_async<kThreads>(b.states + state, V, sm.st);
+      copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
+      if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
       cp_async_commit();
+      load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
+                             p.l2norm, p.scale, nullptr, sm.q);
+      load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
+                             p.l2norm, 1.f, nullptr, sm.k);
     }
     load_gates(p, ch, hv, sm.gamma, sm.beta);
-    if (!d_o_async) load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
+    if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
     cp_async_wait<0>();
     __syncthreads();
     const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
@@ -391,8 +425,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
     {
       float net, unused;
-      rows_minus_cols(f2, nullptr, net, unused);
-      if (rows_minus_cols_leader()) sm.dgam[rows_minus_cols_row()] = net;
+      rows_minus_cols<kThreads>(f2, nullptr, net, unused);
+      if (rows_minus_cols_leader<kThreads>()) sm.dgam[rows_minus_cols_row<kThreads>()] = net;
     }
     __syncthreads();
 
@@ -428,22 +462,27 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                    add_to(dk_sum, [](int) { return 1.f; }));
     bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
                                                     add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-    __syncthreads();  // f and Vn are read: dW replaces Vn
+    __syncthreads();  // f and Vn are read: dW replaces Vn; dO is done with: v replaces it
+    if (v_async) {  // in flight behind dW and dT's first product
+      copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
+      cp_async_commit();
+    }
 
-    // ---- dW = -dVn S^T (over Vn, done with); v replaces dO.
+    // ---- dW = -dVn S^T (over Vn, done with).
     bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
         nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
         });
     __syncthreads();
-    if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
+    if (has_next) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
       const size_t next = ws_index(p, slot, hv + 1, kD * kD);
-      copy_state_async(b.states + next, V, sm.st);
-      copy_state_async(b.dstates + next, V, sm.dst);
+      copy_state_async<kThreads>(b.states + next, V, sm.st);
+      copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
       cp_async_commit();
     }
-    load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
-                           false, 1.f, nullptr, sm.dov);
+    if (!v_async)
+      load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
+                             false, 1.f, nullptr, sm.dov);
 
     // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
     // second product reads back only what the same thread wrote in the first.
@@ -453,6 +492,10 @@ __global__ void __launch_bounds__(kThreads, 1)
             *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
           });
         });
+    if (v_async) {  // v's group is complete (the next head's states, committed after it, may not be)
+      if (has_next) cp_async_wait<1>();
+      else cp_async_wait<0>();
+    }
     __syncthreads();  // v is in dov
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
         f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
@@ -464,7 +507,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
-    // halves (applied with dA's row sums below).
+    // column-group parts (applied with dA's row sums below).
     {
       T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
       float dvb_lo = 0.f, dvb_hi = 0.f;
@@ -493,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_row_parts(dvb_lo, dvb_hi, sm.dvb_part);
     }
 
-    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' halves
+    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' parts
     // applied with dA's row sums below), all in the epilogue.
     {
       float dkb_lo = 0.f, dkb_hi = 0.f;
@@ -526,11 +569,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
     __syncthreads();
-    if (rep + 1 < p.group) {  // dVn, dW (dKb was their last product) and v are done with
+    if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
       const size_t next = ws_index(p, slot, hv + 1, kC * kD);
       copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
       copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
-      if (d_o_async) copy_d_o_async(p, ch, hv + 1, sm.dov);
+      if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv + 1, sm.dov);
       cp_async_commit();
     }
     bwd::gemm_apply<kC, kC, false, true, kThreads>(
@@ -556,7 +599,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           });
         });
     __syncthreads();
-    if (rep + 1 < p.group) {  // M (now T^T dT) and T are done with
+    if (has_next) {  // M (now T^T dT) and T are done with
       const size_t next = ws_index(p, slot, hv + 1, kC * kC);
       copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
       copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
@@ -564,9 +607,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     {
       float dg, db;
-      rows_minus_cols(f2, f, dg, db);
-      if (rows_minus_cols_leader()) {
-        const int i = rows_minus_cols_row();
+      rows_minus_cols<kThreads>(f2, f, dg, db);
+      if (rows_minus_cols_leader<kThreads>()) {
+        const int i = rows_minus_cols_row<kThreads>();
         const float dkb_k = row_part_sum(sm.dkb_part, i);
         const float dvb_v = row_part_sum(sm.dvb_part, i);
         sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
@@ -624,30 +667,52 @@ __global__ void __launch_bounds__(kThreads, 1)
   // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
   bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
   __syncthreads();
-  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
+  store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
   __syncthreads();
   bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
   __syncthreads();
-  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
+  store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
+}
+
+template <typename T, int kThreads>
+void launch_shape(const ChunkParams& p, cudaStream_t stream) {
+  const size_t smem = sizeof(GradSmem<kThreads>);
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(grads_kernel<T, kThreads>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
+  const bool native = p.bwd.d_o_dtype == p.dtype;
+  const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
+  const bool v_vec = bwd::rows_vectorisable<T>(p.v, p.v_s, p.head_v_dim);
+  grads_kernel<T, kThreads><<<grid, kThreads, smem, stream>>>(p, native, vec, v_vec);
+  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+// Threads per block: 512 (16 warps) unless FLASHDELTA_GDN_GRADS_WARPS=8 asks for 256. Read at
+// every backward (so that the two shapes can be measured side by side in one process; their
+// results differ only in the order of fp32 sums), and checked before the backward's first launch.
+int grads_threads() {
+  const char* env = std::getenv("FLASHDELTA_GDN_GRADS_WARPS");
+  const std::string warps = env ? env : "";
+  if (warps.empty() || warps == "16") return 512;
+  if (warps == "8") return 256;
+  fail(Error::Kind::kValue, "FLASHDELTA_GDN_GRADS_WARPS must be 8 or 16, got '", warps, "'");
 }
 
 template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(GradSmem);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-      grads_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
-  const bool native = p.bwd.d_o_dtype == p.dtype;
-  const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
-  grads_kernel<T><<<grid, kThreads, smem, stream>>>(p, native, vec);
-  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+  if (grads_threads() == 256) launch_shape<T, 256>(p, stream);
+  else launch_shape<T, 512>(p, stream);
 }
 
 }  // namespace
 
 void check_grads_device() {
+  grads_threads();  // a bad FLASHDELTA_GDN_GRADS_WARPS fails here, before any launch
   const int optin = device_info().max_smem_per_block_optin;
-  const size_t need = sizeof(GradSmem) > dstate_smem_bytes() ? sizeof(GradSmem) : dstate_smem_bytes();
+  const size_t grads = sizeof(GradSmem<512>) > sizeof(GradSmem<256>) ? sizeof(GradSmem<512>)
+                                                                      : sizeof(GradSmem<256>);
+  const size_t need = grads > dstate_smem_bytes() ? grads : dstate_smem_bytes();
   if (static_cast<size_t>(optin) < need)
     fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ", need,
          " bytes of shared memory per block (Hopper); this device offers ", optin);
