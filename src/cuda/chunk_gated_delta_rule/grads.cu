@@ -6,9 +6,9 @@
 // Per (slot, key head), 512 threads (16 warps), one 64-token chunk; the block walks the HV / H
 // value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
 // products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
-// handled in registers by an epilogue); row reductions go by shuffles, the gate reductions by four
-// threads per row and the reverse cumsum by a warp scan, in fixed orders: deterministic. Per value
-// head:
+// handled in registers by an epilogue); row and column reductions go by shuffles within a warp,
+// then across warps through small per-warp arrays, and the reverse cumsum by a warp scan, all in
+// fixed orders: deterministic. Per value head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
 //   dM  = dO Vn^T: dgamma += rows(dM * M) - cols(dM * M);   dMg = dM * Gamma
@@ -26,11 +26,11 @@
 // inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
 // per-value-head rows, no atomics, no reduction kernel.
 // Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
-// over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per column group of
-// warps, summed in a fixed order) run in the products' epilogues on their registers, and dv is stored from
-// them; the fp32 tile carries only products that a later product accumulates onto (read back by
-// the thread that wrote them: no barrier) and the 64 x 64 tiles whose row and column sums make
-// dgamma and dbeta.
+// over M, dT's column gates, dA's gates), the row dots dr, de, dKb.k (per column group of warps,
+// summed in a fixed order) and the row and column sums of dM * M, dA * A, dA * KKg that make
+// dgamma and dbeta (per column group, per band of 16 rows) run in the products' epilogues on
+// their registers, and dv is stored from them; the fp32 tile carries only products that a later
+// product accumulates onto (read back by the thread that wrote them: no barrier), and K K^T.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
 // together for the first value head (issued before q and k are loaded, so the two overlap); dO
 // too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is
@@ -76,7 +76,6 @@ struct GradShape {
   // The warps of a 16-row band of a 128-column product (bwd::GemmLayout): row dots made in
   // epilogues come as one partial per group, added in group order.
   static constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
-  static constexpr int kThreadsPerRow = kThreads / kC;  // rows_minus_cols: threads of a row
 };
 
 template <int kThreads>
@@ -93,16 +92,19 @@ struct GradSmem {
   bf16 m[kC * kLdC];    // M, then dM * Gamma
   bf16 t[kC * kLdC];    // T
   bf16 x[kC * kLdC];    // dT, then T^T dT, then dA * b * Gamma
-  // One fp32 product tile [64, kLdDf], or two [64, kLdCf] (the second at kC * kLdCf).
-  float f[2 * kC * kLdCf];
-  float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], de[kC], dr[kC], dbeta[kC];
+  // One fp32 product tile, [64, kLdDf] or [64, kLdCf].
+  float f[kC * kLdDf];
+  float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
   float red[kWarps];  // d e_last per warp
   // Row dot products made in products' epilogues: one partial per column group (the warps that
   // share the rows), added in group order where used (row_part_sum).
   float dr_part[kColGroups][kC], de_part[kColGroups][kC], dkb_part[kColGroups][kC],
       dvb_part[kColGroups][kC];
+  // Row and column sums of the 64 x 64 element-wise products whose sums make dgamma and dbeta
+  // (dM * M, then dA * KKg and dA * A), made in the products' epilogues: rows per column group,
+  // columns per band of 16 rows (col_part[band][column]).
+  float row_part_a[kColGroups][kC], row_part_b[kColGroups][kC], col_part[4][kC];
 };
-static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
 static_assert(sizeof(GradSmem<256>) <= 227 * 1024 && sizeof(GradSmem<512>) <= 227 * 1024,
               "over Hopper's shared memory per block");
 
@@ -151,43 +153,6 @@ __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkR
   }
 }
 
-// For row i = threadIdx.x / kThreadsPerRow of 64 x 64 fp32 tiles (row stride kLdCf): net =
-// sum_j (X[i][j] - X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). kThreadsPerRow (8)
-// neighbouring lanes per row, 64 / kThreadsPerRow columns each, then a fixed butterfly over them:
-// every thread of the block takes part, all of a row's threads hold its sums.
-template <int kThreads>
-__device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, float& net,
-                                                float& y) {
-  constexpr int kThreadsPerRow = GradShape<kThreads>::kThreadsPerRow;
-  constexpr int kSpan = kC / kThreadsPerRow;
-  static_assert(kThreadsPerRow <= 32 && 32 % kThreadsPerRow == 0, "a row's threads in one warp");
-  const int i = threadIdx.x / kThreadsPerRow, j0 = (threadIdx.x % kThreadsPerRow) * kSpan;
-  float a = 0.f, b = 0.f;
-#pragma unroll
-  for (int jj = 0; jj < kSpan; ++jj) {
-    const int j = j0 + jj;
-    a += X[i * kLdCf + j] - X[j * kLdCf + i];
-    if (Y) b += Y[i * kLdCf + j];
-  }
-#pragma unroll
-  for (int off = 1; off < kThreadsPerRow; off <<= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, off);
-    b += __shfl_xor_sync(0xffffffffu, b, off);
-  }
-  net = a, y = b;
-}
-
-// rows_minus_cols' row of this thread, and whether it is the row's first thread (the one that
-// stores the row's results).
-template <int kThreads>
-__device__ __forceinline__ int rows_minus_cols_row() {
-  return threadIdx.x / GradShape<kThreads>::kThreadsPerRow;
-}
-template <int kThreads>
-__device__ __forceinline__ bool rows_minus_cols_leader() {
-  return threadIdx.x % GradShape<kThreads>::kThreadsPerRow == 0;
-}
-
 // A product's epilogue has added up, per thread, a row quantity over its columns for rows
 // 16 (w % 4) + g (lo) and that + 8 (hi): sums the four lanes of each row (fixed butterfly) and
 // stores the warp's partial, part[w / 4][row] (w / 4: the warp's column group).
@@ -204,6 +169,34 @@ __device__ __forceinline__ void store_row_parts(float lo, float hi, float (&part
     part[warp >> 2][row] = lo;
     part[warp >> 2][row + 8] = hi;
   }
+}
+
+// A 64-column product's epilogue (one block per warp: bwd::GemmLayout for N = 64) holds x, its
+// element-wise results, for rows 16 (w % 4) + g and + 8, columns col + 8 nt + 0..1: sums each
+// column over the warp's 16 rows (fixed butterfly over g) and stores part[w % 4][column], the
+// warp's band's share. Every lane of the warp calls it.
+template <int NT>
+__device__ __forceinline__ void store_col_parts(int col, const float (&x)[NT][4],
+                                                float (&part)[4][kC]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float c0 = x[nt][0] + x[nt][2], c1 = x[nt][1] + x[nt][3];
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      c0 += __shfl_xor_sync(0xffffffffu, c0, off);
+      c1 += __shfl_xor_sync(0xffffffffu, c1, off);
+    }
+    if (lane < 4) {  // g = 0: col is this lane's own, n0 + 2 lane
+      part[warp & 3][col + 8 * nt] = c0;
+      part[warp & 3][col + 8 * nt + 1] = c1;
+    }
+  }
+}
+
+// Column i's sum: its four bands' partials in band order (deterministic).
+__device__ __forceinline__ float band_sum(const float (&part)[4][kC], int i) {
+  return ((part[0][i] + part[1][i]) + part[2][i]) + part[3][i];
 }
 
 // The whole of row i's dot: its column groups' partials in group order (deterministic).
@@ -294,7 +287,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
   float* const f = sm.f;                  // [64, kLdDf]
-  float* const f2 = sm.f + kC * kLdCf;    // second [64, kLdCf] tile
 
   // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
   // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
@@ -404,31 +396,36 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
     __syncthreads();
 
-    // ---- dM = dO Vn^T (causal part): gamma's share dM * M into f2, dM * Gamma over M (each
-    // element of M read and replaced by the thread that holds its product; M is no operand).
+    // ---- dM = dO Vn^T (causal part): gamma's share, rows(dM * M) - cols(dM * M), by row and
+    // column parts from the epilogue; dM * Gamma over M (each element of M read and replaced by
+    // the thread that holds its product; M is no operand).
+    static_assert(bwd::GemmLayout<kC, kThreads>::kBlocks == 1, "one 64-column block per warp");
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
         nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
         [&](int, int row, int col, const auto& acc) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float dm0, float dm1) {
-            const float dm[2] = {dm0, dm1};
-            float x[2], dmg[2];
+          constexpr int NT = bwd::kTilesOf<decltype(acc)>;
+          float x[NT][4];  // dM * M
+          float rows[2] = {0.f, 0.f};
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const bool causal = c + e <= r;
-              x[e] = causal ? dm[e] * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
-              dmg[e] = causal ? dm[e] * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+              const int r = row + 8 * h, c = col + 8 * nt;
+              float dmg[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float dm = acc[nt][2 * h + e];
+                const bool causal = c + e <= r;
+                x[nt][2 * h + e] = causal ? dm * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
+                dmg[e] = causal ? dm * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+                rows[h] += x[nt][2 * h + e];
+              }
+              *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
             }
-            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(x[0], x[1]);
-            *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
-          });
+          }
+          store_row_parts(rows[0], rows[1], sm.row_part_a);
+          store_col_parts(col, x, sm.col_part);
         });
-    __syncthreads();
-    {
-      float net, unused;
-      rows_minus_cols<kThreads>(f2, nullptr, net, unused);
-      if (rows_minus_cols_leader<kThreads>()) sm.dgam[rows_minus_cols_row<kThreads>()] = net;
-    }
-    __syncthreads();
 
     // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
     // same pattern as dVn's: de's partial dots in the first product's epilogue.
@@ -454,6 +451,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           });
       store_row_parts(de_lo, de_hi, sm.de_part);
     }
+    __syncthreads();  // dMg (over M) and dM's row and column parts are complete
+    if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
     bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
                                                     add_to(dq_sum, [&](int) { return p.scale; }));
 
@@ -561,8 +560,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
     // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
     // registers (K K^T at the same positions of f, written by the same thread):
-    // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
-    // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
+    // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
+    // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
     bwd::gemm_apply<kC, kC, true, false, kThreads>(
         nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
@@ -578,25 +577,37 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     bwd::gemm_apply<kC, kC, false, true, kThreads>(
         nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const auto& acc) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-            const float tdt[2] = {x0, x1};
-            float db[2], dg[2], dkk[2];
+          constexpr int NT = bwd::kTilesOf<decltype(acc)>;
+          float dga[NT][4];  // dA * A
+          float db_rows[2] = {0.f, 0.f}, dg_rows[2] = {0.f, 0.f};
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              db[e] = dg[e] = dkk[e] = 0.f;
-              if (c + e < r) {
-                const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
-                const float da = -tdt[e];
-                const float kkg = gate * f[r * kLdCf + c + e];
-                db[e] = da * kkg;
-                dg[e] = db[e] * sm.beta[r];
-                dkk[e] = da * sm.beta[r] * gate;
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+              const int r = row + 8 * h, c = col + 8 * nt;
+              float dkk[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float db = 0.f, dg = 0.f;
+                dkk[e] = 0.f;
+                if (c + e < r) {
+                  const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
+                  const float da = -acc[nt][2 * h + e];
+                  const float kkg = gate * f[r * kLdCf + c + e];
+                  db = da * kkg;
+                  dg = db * sm.beta[r];
+                  dkk[e] = da * sm.beta[r] * gate;
+                }
+                dga[nt][2 * h + e] = dg;
+                db_rows[h] += db;
+                dg_rows[h] += dg;
               }
+              *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
             }
-            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(db[0], db[1]);
-            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(dg[0], dg[1]);
-            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
-          });
+          }
+          store_row_parts(db_rows[0], db_rows[1], sm.row_part_a);
+          store_row_parts(dg_rows[0], dg_rows[1], sm.row_part_b);
+          store_col_parts(col, dga, sm.col_part);
         });
     __syncthreads();
     if (has_next) {  // M (now T^T dT) and T are done with
@@ -605,19 +616,21 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
       cp_async_commit();
     }
-    {
-      float dg, db;
-      rows_minus_cols<kThreads>(f2, f, dg, db);
-      if (rows_minus_cols_leader<kThreads>()) {
-        const int i = rows_minus_cols_row<kThreads>();
-        const float dkb_k = row_part_sum(sm.dkb_part, i);
-        const float dvb_v = row_part_sum(sm.dvb_part, i);
-        sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
-        sm.de[i] = row_part_sum(sm.de_part, i) + sm.beta[i] * dkb_k;
-        sm.dgam[i] += dg;
-      }
+    // The row sums of this head: dbeta, and dgamma before its reverse cumsum (e_i = exp(gamma_i),
+    // r_i = exp(gamma_last - gamma_i): de and dr enter as e de - r dr). Thread i alone reads and
+    // writes row i here (the cumsum below reads them after a barrier).
+    if (tid < kC) {
+      const int i = tid;
+      const float db = row_part_sum(sm.row_part_a, i);
+      const float dg = row_part_sum(sm.row_part_b, i) - band_sum(sm.col_part, i);
+      const float dkb_k = row_part_sum(sm.dkb_part, i);
+      const float dvb_v = row_part_sum(sm.dvb_part, i);
+      const float de = row_part_sum(sm.de_part, i) + sm.beta[i] * dkb_k;
+      const float dr = row_part_sum(sm.dr_part, i);
+      sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
+      sm.dr[i] = dr;
+      sm.dgam[i] = (sm.dgam[i] + dg) + (de * sm.e[i] - dr * sm.r[i]);
     }
-    __syncthreads();
 
     // ---- dk += dA K + dA^T K
     bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
@@ -625,12 +638,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
                                                    add_to(dk_sum, [](int) { return 1.f; }));
 
-    // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
-    // cumsum
-    if (tid < kC) {
-      sm.dr[tid] = row_part_sum(sm.dr_part, tid);
-      sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
-    }
+    // ---- dg = reverse cumsum of dgamma, the last row also taking e_last's and sum r dr's shares
     __syncthreads();
     if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
       float de_last = 0.f;
