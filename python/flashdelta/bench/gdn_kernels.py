@@ -1,12 +1,16 @@
 """Where the time of flashdelta's chunk_gated_delta_rule goes on CUDA, kernel by kernel.
 
     python -m flashdelta.bench gdn_kernels [--shape B,T,H,HV,K,V] [--repeats N] [--forward-only]
+                                           [--grads-warps 16,8]
 
 Runs the forward (and, unless --forward-only, the backward where the build has it) under torch.profiler after a warm-up
-and prints each CUDA kernel's mean time per call of the op, largest first.
+and prints each CUDA kernel's mean time per call of the op, largest first. --grads-warps runs the
+whole measurement once per block shape of the backward's per-chunk gradient kernel
+(FLASHDELTA_GDN_GRADS_WARPS: 16, the default, or 8), in this process, one table each.
 """
 
 import argparse
+import os
 from collections import defaultdict
 
 import torch
@@ -18,7 +22,27 @@ def main(argv=None) -> int:
                     type=lambda s: tuple(int(x) for x in s.split(",")))
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--forward-only", action="store_true", help="no backward (inference path)")
+    ap.add_argument("--grads-warps", default=None,
+                    type=lambda s: [x.strip() for x in s.split(",")],
+                    help="comma list of FLASHDELTA_GDN_GRADS_WARPS values to measure in turn")
     args = ap.parse_args(argv)
+    if args.grads_warps is None:
+        return _measure(args)
+    saved = os.environ.get("FLASHDELTA_GDN_GRADS_WARPS")
+    try:
+        for warps in args.grads_warps:
+            os.environ["FLASHDELTA_GDN_GRADS_WARPS"] = warps
+            print(f"FLASHDELTA_GDN_GRADS_WARPS={warps}")
+            _measure(args)
+    finally:
+        if saved is None:
+            os.environ.pop("FLASHDELTA_GDN_GRADS_WARPS", None)
+        else:
+            os.environ["FLASHDELTA_GDN_GRADS_WARPS"] = saved
+    return 0
+
+
+def _measure(args) -> int:
 
     import flashdelta
     from .gdn import make_inputs
