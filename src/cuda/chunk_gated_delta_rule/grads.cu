@@ -40,7 +40,7 @@
 // into dO's buffer once dO is done with, behind dW and dT's first product.
 //
 // Launch: grid (slot, key head), 512 threads, <= 128 registers (__launch_bounds__(512, 1)),
-// 220 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
+// 222 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
 // version): one block, 16 warps, per SM. Work per chunk and value head: 18 products, ~11.5 M
 // multiply-adds, for ~130 KB read.
 // Why 16 warps in one block rather than two blocks of 8 (bench/NOTES.md, "grads round 3"): the
