@@ -108,6 +108,14 @@ struct GradSmem {
 static_assert(sizeof(GradSmem<256>) <= 227 * 1024 && sizeof(GradSmem<512>) <= 227 * 1024,
               "over Hopper's shared memory per block");
 
+// Synchronises the warps of this thread's band of 16 rows (warp % 4; bwd::GemmLayout), for a
+// product whose A operand is rows of the band's own, written in the previous product's epilogue
+// by the band's warps alone: named barrier 1 + band, kThreads / 4 threads.
+template <int kThreads>
+__device__ __forceinline__ void band_barrier() {
+  named_barrier(1 + ((threadIdx.x >> 5) & 3), kThreads / 4);
+}
+
 // Sum over a warp, the same butterfly order on every lane (deterministic).
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
@@ -324,14 +332,18 @@ __global__ void __launch_bounds__(kThreads, 1)
                              p.l2norm, 1.f, nullptr, sm.k);
     }
     load_gates(p, ch, hv, sm.gamma, sm.beta);
+    if (warp == 0) {  // e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), published with gamma
+      __syncwarp();   // by the barrier below
+      const float last = sm.gamma[kC - 1];
+      for (int i = lane; i < kC; i += 32) {
+        sm.e[i] = __expf(sm.gamma[i]);
+        sm.r[i] = __expf(last - sm.gamma[i]);
+      }
+    }
     if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
     cp_async_wait<0>();
     __syncthreads();
-    const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
-    if (tid < kC) {
-      sm.e[tid] = __expf(sm.gamma[tid]);
-      sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
-    }
+    const float e_last = __expf(sm.gamma[kC - 1]);
     // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
     // warps in order at the end).
     {
@@ -363,11 +375,12 @@ __global__ void __launch_bounds__(kThreads, 1)
             *at = pack_bf16(u.x - x0, u.y - x1);
           });
         });
-    __syncthreads();
 
     // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
-    // takes dr's partial dots and stores diag(r) K dS'; the second reads back only what the same
-    // thread stored (same layout): no barrier between them.
+    // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
+    // stores diag(r) K dS'; the second reads back only what the same thread stored (same layout)
+    // and writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band
+    // barrier between them, no block barrier since Vn's.
     {
       float dr_lo = 0.f, dr_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, true, kThreads>(
@@ -390,6 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           });
       store_row_parts(dr_lo, dr_hi, sm.dr_part);
     }
+    band_barrier<kThreads>();  // the band's warps are done with W's rows
     bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
         f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
@@ -472,13 +486,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
         });
-    __syncthreads();
-    if (has_next) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
-      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
-      copy_state_async<kThreads>(b.states + next, V, sm.st);
-      copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
-      cp_async_commit();
-    }
+    band_barrier<kThreads>();  // dT's first product reads only the band's rows of dW
     if (!v_async)
       load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
                              false, 1.f, nullptr, sm.dov);
@@ -491,11 +499,14 @@ __global__ void __launch_bounds__(kThreads, 1)
             *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
           });
         });
-    if (v_async) {  // v's group is complete (the next head's states, committed after it, may not be)
-      if (has_next) cp_async_wait<1>();
-      else cp_async_wait<0>();
+    if (v_async) cp_async_wait<0>();
+    __syncthreads();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
+    if (has_next) {  // the next head's states stream in behind the rest of this head's work
+      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
+      copy_state_async<kThreads>(b.states + next, V, sm.st);
+      copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
+      cp_async_commit();
     }
-    __syncthreads();  // v is in dov
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
         f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
