@@ -53,7 +53,10 @@
 // dk register sums halve (16 + 16 registers), which is what brings the kernel to 128 registers.
 // The cost: B fragments are loaded by 4 warps per band as before, A fragments by 4 instead of 2
 // (shared-memory reads per 64 x 128 x 128 product: 192 KB instead of 160 KB), and 16 warps meet
-// at each of the ~14 barriers per value head.
+// at each block barrier. So barriers are few: where a product's A operand is rows of a tile that
+// the previous product's epilogue wrote (or whose rows it overwrites), and rows belong to the same
+// band of 16 (warp % 4) in every product's layout, only the band's warps sync (band_barrier): 10
+// block barriers and 3 band barriers per value head (the round-2 kernel had ~15 block barriers).
 #include <cstdlib>
 #include <string>
 #include <type_traits>
@@ -465,7 +468,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           });
       store_row_parts(de_lo, de_hi, sm.de_part);
     }
-    __syncthreads();  // dMg (over M) and dM's row and column parts are complete
+    __syncthreads();  // dMg (over M) and dM's row and column parts are complete; dO is read
+    if (v_async) {  // v replaces dO, in flight behind dQ, dK, dW and dT's first product
+      copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
+      cp_async_commit();
+    }
     if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
     bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
                                                     add_to(dq_sum, [&](int) { return p.scale; }));
@@ -475,11 +482,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                    add_to(dk_sum, [](int) { return 1.f; }));
     bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
                                                     add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-    __syncthreads();  // f and Vn are read: dW replaces Vn; dO is done with: v replaces it
-    if (v_async) {  // in flight behind dW and dT's first product
-      copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
-      cp_async_commit();
-    }
+    // dW replaces Vn, whose rows only the band's warps read since the last block barrier (dK's A
+    // operand), and dT's first product then reuses f, whose rows are the band's in both layouts.
+    band_barrier<kThreads>();
 
     // ---- dW = -dVn S^T (over Vn, done with).
     bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
