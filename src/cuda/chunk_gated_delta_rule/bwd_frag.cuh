@@ -1,8 +1,11 @@
 // Device helpers of the chunked backward's kernels (dstate.cu, grads.cu), beside common.cuh's and
 // mma_frag.cuh's (A fragments from tiles or accumulators, named barriers): staged loads of strided
 // activations (dO, any float dtype) into registers, so that a chunk's global reads are issued
-// one step ahead and their latency hides behind the tensor-core work of the current step.
+// one step ahead and their latency hides behind the tensor-core work of the current step; and
+// grads.cu's products of shared-memory tiles (gemm_apply) with their epilogues, on 8 or 16 warps.
 #pragma once
+
+#include <type_traits>
 
 #include "cuda/chunk_gated_delta_rule/common.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
@@ -74,33 +77,57 @@ __device__ __forceinline__ uint4 load8_bf16_any(const void* base, DType dtype, i
 
 namespace flashdelta::detail::cuda::chunk::bwd {
 
+// How gemm_apply spreads a 64-row product of N columns over kThreads / 32 warps: four bands of 16
+// rows, the warps of a band (kColGroups of them, warp w in band w % 4, group w / 4) splitting the
+// columns. A warp's kWarpCols columns go in kBlocks blocks of kBlockCols (at most 32, i.e. four n8
+// tiles: one A fragment per k16 step feeds them all), each block's accumulators a [kTiles][4]
+// array. 8 warps: N = 128 -> 2 blocks of 32; N = 64 -> 1 block of 32. 16 warps: N = 128 -> 1
+// block of 32; N = 64 -> 1 block of 16 (two n8 tiles).
+template <int N, int kThreads>
+struct GemmLayout {
+  static_assert(kThreads == 256 || kThreads == 512, "gemm_apply runs on 8 or 16 warps");
+  static_assert(N == 64 || N == 128, "gemm_apply shapes");
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kColGroups = kWarps / 4;
+  static constexpr int kWarpCols = N / kColGroups;
+  static constexpr int kBlockCols = kWarpCols < 32 ? kWarpCols : 32;
+  static constexpr int kTiles = kBlockCols / 8;
+  static constexpr int kBlocks = kWarpCols / kBlockCols;
+  static_assert(kTiles % 2 == 0, "B fragments come two n8 tiles per ldmatrix.x4");
+};
+
+// n8 tiles in an epilogue's accumulator block (decltype(acc) of a generic lambda).
+template <typename Acc>
+constexpr int kTilesOf = std::extent<std::remove_cv_t<std::remove_reference_t<Acc>>>::value;
+
 // [C +] A B for A 64 x Kd, B Kd x N, bf16 tiles in shared memory (kAT: A stored transposed, as
 // Kd x 64; kBT: B stored as N x Kd; lda, ldb the stored row strides, multiples of 8), C (fp32,
-// row stride ldc) or nothing (C null). 8 warps: warp w owns rows 16 (w % 4) .. + 15 and the
-// columns (w / 4) N / 2 .. + N / 2, in blocks of 16 x 32 whose accumulators stay in registers over
-// the whole of Kd; operands come by ldmatrix, one A fragment per k16 step serving four n8 tiles.
-// (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the instructions.)
+// row stride ldc) or nothing (C null). Warps split the output as GemmLayout says; each block's
+// accumulators stay in registers over the whole of Kd; operands come by ldmatrix, one A fragment
+// per k16 step serving the block's n8 tiles. (mma_tile's WMMA loads compile to 32-bit shared
+// loads, four to eight times the instructions.)
 // Each finished block goes to epilogue(blk, row, col, acc): acc[nt][0..1] are (row, col + 8 nt
-// + 0..1), acc[nt][2..3] the same columns of row + 8. The block loop is not unrolled: one copy
-// of the main loop and of the epilogue per product, because the gradient kernel's 18 products
-// inlined twice over no longer fit the instruction cache (ncu: a third of its stalls were
-// instruction fetches). So blk is a run-time value: epilogues that keep results in registers
-// across products select by it with a branch (add_rows), never index a register array with it.
+// + 0..1), acc[nt][2..3] the same columns of row + 8; nt < kTilesOf<decltype(acc)>. The block
+// loop is not unrolled: one copy of the main loop and of the epilogue per product, because the
+// gradient kernel's 18 products inlined twice over no longer fit the instruction cache (ncu: a
+// third of its stalls were instruction fetches). So blk is a run-time value: epilogues that keep
+// results in registers across products select by it with a branch (add_rows), never index a
+// register array with it.
 // No synchronisation inside: callers sync before (operands written) and after (results read).
 template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
 __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* A, int lda,
                                            const bf16* B, int ldb, Epilogue&& epilogue) {
-  static_assert(kThreads == 256, "gemm_apply splits a 64-row product over 8 warps");
-  static_assert((N == 64 || N == 128) && Kd % 16 == 0, "gemm_apply shapes");
+  using L = GemmLayout<N, kThreads>;
+  static_assert(Kd % 16 == 0, "gemm_apply shapes");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int m0 = (warp & 3) * 16;
 #pragma unroll 1
-  for (int blk = 0; blk < N / 64; ++blk) {
-    const int n0 = (warp >> 2) * (N / 2) + blk * 32;
-    float acc[4][4];
+  for (int blk = 0; blk < L::kBlocks; ++blk) {
+    const int n0 = (warp >> 2) * L::kWarpCols + blk * L::kBlockCols;
+    float acc[L::kTiles][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
+    for (int nt = 0; nt < L::kTiles; ++nt) {
       if (C) {
         const float* c_lo = C + (m0 + g) * ldc + n0 + 8 * nt + 2 * t4;
         const float2 lo = *reinterpret_cast<const float2*>(c_lo);
@@ -116,7 +143,7 @@ __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* 
       if constexpr (kAT) load_a_cols(a, A, lda, m0, k0);
       else load_a_rows(a, A, lda, m0, k0);
 #pragma unroll
-      for (int np = 0; np < 2; ++np) {
+      for (int np = 0; np < L::kTiles / 2; ++np) {
         uint32_t b[4];
         if constexpr (kBT) load_b_rows(b, B, ldb, n0 + np * 16, k0);
         else load_b_cols(b, B, ldb, n0 + np * 16, k0);
@@ -129,10 +156,11 @@ __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* 
 }
 
 // Epilogue: the block's results into an fp32 tile (row stride ld).
+template <int NT>
 __device__ __forceinline__ void store_f32(float* tile, int ld, int row, int col,
-                                          const float (&acc)[4][4]) {
+                                          const float (&acc)[NT][4]) {
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     *reinterpret_cast<float2*>(tile + row * ld + col + 8 * nt) = make_float2(acc[nt][0], acc[nt][1]);
     *reinterpret_cast<float2*>(tile + (row + 8) * ld + col + 8 * nt) =
         make_float2(acc[nt][2], acc[nt][3]);
@@ -140,10 +168,11 @@ __device__ __forceinline__ void store_f32(float* tile, int ld, int row, int col,
 }
 
 // Epilogue: the block's results times `mul` into a bf16 tile (row stride ld).
+template <int NT>
 __device__ __forceinline__ void store_bf16(bf16* tile, int ld, int row, int col,
-                                           const float (&acc)[4][4], float mul) {
+                                           const float (&acc)[NT][4], float mul) {
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     *reinterpret_cast<uint32_t*>(tile + row * ld + col + 8 * nt) =
         pack_bf16(mul * acc[nt][0], mul * acc[nt][1]);
     *reinterpret_cast<uint32_t*>(tile + (row + 8) * ld + col + 8 * nt) =
@@ -154,10 +183,10 @@ __device__ __forceinline__ void store_bf16(bf16* tile, int ld, int row, int col,
 // Epilogue helper: fn(row, col, x0, x1) for each pair of adjacent results (row, col .. col + 1)
 // of a block, so that element-wise work on a product's result needs no round trip through shared
 // memory.
-template <typename Fn>
-__device__ __forceinline__ void for_each_pair(int row, int col, const float (&acc)[4][4], Fn fn) {
+template <int NT, typename Fn>
+__device__ __forceinline__ void for_each_pair(int row, int col, const float (&acc)[NT][4], Fn fn) {
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     fn(row, col + 8 * nt, acc[nt][0], acc[nt][1]);
     fn(row + 8, col + 8 * nt, acc[nt][2], acc[nt][3]);
   }
@@ -169,18 +198,20 @@ __device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int 
                                           int ldb, bool accumulate) {
   gemm_apply<N, Kd, kAT, kBT, kThreads>(
       accumulate ? C : nullptr, ldc, A, lda, B, ldb,
-      [&](int, int row, int col, const float (&acc)[4][4]) { store_f32(C, ldc, row, col, acc); });
+      [&](int, int row, int col, const auto& acc) { store_f32(C, ldc, row, col, acc); });
 }
 
 // A 64 x 128 fp32 result kept in registers across products, in gemm_apply's layout for N = 128
-// (block, n8 tile, fragment element): 32 registers per thread.
-using RegTile = float[2][4][4];
+// (block, n8 tile, fragment element): 32 registers per thread at 8 warps, 16 at 16 warps.
+template <int kThreads>
+using RegTile = float[GemmLayout<kD, kThreads>::kBlocks][GemmLayout<kD, kThreads>::kTiles][4];
 
 // part += acc with rows times lo (row) and hi (row + 8).
-__device__ __forceinline__ void add_scaled(float (&part)[4][4], const float (&acc)[4][4], float lo,
-                                           float hi) {
+template <int NT>
+__device__ __forceinline__ void add_scaled(float (&part)[NT][4], const float (&acc)[NT][4],
+                                           float lo, float hi) {
 #pragma unroll
-  for (int nt = 0; nt < 4; ++nt) {
+  for (int nt = 0; nt < NT; ++nt) {
     part[nt][0] += lo * acc[nt][0];
     part[nt][1] += lo * acc[nt][1];
     part[nt][2] += hi * acc[nt][2];
@@ -191,21 +222,29 @@ __device__ __forceinline__ void add_scaled(float (&part)[4][4], const float (&ac
 // Epilogue: adds the block's results, row r times mul(r), to a RegTile. blk is a run-time value
 // (gemm_apply): a branch per block keeps the sum in registers, where sum[blk] would move it to
 // local memory.
-template <typename RowMul>
-__device__ __forceinline__ void add_rows(RegTile& sum, int blk, int row, const float (&acc)[4][4],
-                                         RowMul row_mul) {
+template <int NB, int NT, typename RowMul>
+__device__ __forceinline__ void add_rows(float (&sum)[NB][NT][4], int blk, int row,
+                                         const float (&acc)[NT][4], RowMul row_mul) {
+  static_assert(NB == 1 || NB == 2, "a RegTile has one or two blocks per warp");
   const float lo = row_mul(row), hi = row_mul(row + 8);
-  if (blk == 0) add_scaled(sum[0], acc, lo, hi);
-  else add_scaled(sum[1], acc, lo, hi);
+  if constexpr (NB == 1) {
+    add_scaled(sum[0], acc, lo, hi);
+  } else {
+    if (blk == 0) add_scaled(sum[0], acc, lo, hi);
+    else add_scaled(sum[1], acc, lo, hi);
+  }
 }
 
 // A RegTile into an fp32 [64, 128] tile (row stride ld), every thread its own elements.
-__device__ __forceinline__ void store_reg_tile(const RegTile& sum, float* tile, int ld) {
+template <int kThreads>
+__device__ __forceinline__ void store_reg_tile(const RegTile<kThreads>& sum, float* tile, int ld) {
+  using L = GemmLayout<kD, kThreads>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row = (warp & 3) * 16 + (lane >> 2);
 #pragma unroll
-  for (int blk = 0; blk < 2; ++blk)
-    store_f32(tile, ld, row, (warp >> 2) * 64 + blk * 32 + 2 * (lane & 3), sum[blk]);
+  for (int blk = 0; blk < L::kBlocks; ++blk)
+    store_f32(tile, ld, row, (warp >> 2) * L::kWarpCols + blk * L::kBlockCols + 2 * (lane & 3),
+              sum[blk]);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk::bwd

@@ -3,12 +3,12 @@
 // that chunk alone (launch.cu, above backward(), has the whole picture; the CPU kernel's
 // `backward()` has the derivation, line by line, which this kernel follows in the same order).
 //
-// Per (slot, key head), 256 threads (8 warps), one 64-token chunk; the block walks the HV / H
+// Per (slot, key head), 512 threads (16 warps), one 64-token chunk; the block walks the HV / H
 // value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
 // products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
-// handled in registers by an epilogue); row reductions go by shuffles, the gate reductions by four
-// threads per row and the reverse cumsum by a warp scan, in fixed orders: deterministic. Per value
-// head:
+// handled in registers by an epilogue); row and column reductions go by shuffles within a warp,
+// then across warps through small per-warp arrays, and the reverse cumsum by a warp scan, all in
+// fixed orders: deterministic. Per value head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
 //   dM  = dO Vn^T: dgamma += rows(dM * M) - cols(dM * M);   dMg = dM * Gamma
@@ -20,27 +20,45 @@
 //   dg  = reverse cumsum of dgamma (+ e de - r dr, + the last row's e_last S.dS' + sum r dr)
 // dv, dg, dbeta are stored per value head in their tensors' dtypes. dQ and dK (with respect to
 // the normalised q and k) are summed over the value heads in registers, in the products' fragment
-// layout (bwd::RegTile, 32 registers each): the products that make them add their accumulators
+// layout (bwd::RegTile, 16 registers each at 16 warps): the products that make them add their accumulators
 // (times the row gates) straight in, with no fp32 tile and no barrier. At the end the sums pass
 // through the fp32 tile to one row per warp, where the l2norm backward (dx = inv (dy - y (y . dy)),
 // inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
 // per-value-head rows, no atomics, no reduction kernel.
 // Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
-// over M, dT's column gates, dA's gates) and the row dots dr, de, dKb.k (per-warp halves, summed
-// in a fixed order) run in the products' epilogues on their registers, and dv is stored from
-// them; the fp32 tile carries only products that a later product accumulates onto (read back by
-// the thread that wrote them: no barrier) and the 64 x 64 tiles whose row and column sums make
-// dgamma and dbeta.
+// over M, dT's column gates, dA's gates), the row dots dr, de, dKb.k (per column group of warps,
+// summed in a fixed order) and the row and column sums of dM * M, dA * A, dA * KKg that make
+// dgamma and dbeta (per column group, per band of 16 rows) run in the products' epilogues on
+// their registers, and dv is stored from them; the fp32 tile carries only products that a later
+// product accumulates onto (read back by the thread that wrote them: no barrier), and K K^T.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
-// together for the first value head; dO too when it is bf16 with 16-byte rows, else by 16-byte
-// (or element) loads issued before any is used, converted by the block. The next value
-// head's tiles are copied as soon as this one's last product with each is done (S^T and dS'^T
-// after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the rest
-// of its work.
+// together for the first value head (issued before q and k are loaded, so the two overlap); dO
+// too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is
+// used, converted by the block. The next value head's tiles are copied as soon as this one's last
+// product with each is done (S^T and dS'^T after dW, W, U and bf16 dO after dKb, M and T after
+// dA: about 125 KB of 130), behind the rest of its work. v (bf16, 16-byte rows) likewise streams
+// into dO's buffer once dO is done with, behind dW and dT's first product.
 //
-// Launch: grid (slot, key head), 256 threads, 255 registers, 217 KB of shared memory (Hopper's
-// 227 KB opt-in; an A100's 163 KB is too small for this version): one block per SM. Work per chunk
-// and value head: 18 products, ~11.5 M multiply-adds, for ~130 KB read.
+// Launch: grid (slot, key head), 512 threads, <= 128 registers (__launch_bounds__(512, 1)),
+// 222 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
+// version): one block, 16 warps, per SM. Work per chunk and value head: 18 products, ~11.5 M
+// multiply-adds, for ~130 KB read.
+// Why 16 warps in one block rather than two blocks of 8 (bench/NOTES.md, "grads round 3"): the
+// working set of one value head is ~215 KB (q, k, dO/v, W/dVn, U/Vn/dW: 5 x 17 KB; S^T, dS'^T:
+// 2 x 34 KB; M, T, X: 3 x 9 KB; the fp32 tile 34 KB), so a second block per SM (<= 113 KB) would
+// need the states streamed and products split across kernels with their intermediates in global
+// memory. Doubling the warps of the one block gives the same 16 warps per SM (the latency cover
+// that 2 blocks would) at the same bytes: each product's output is split over 4 bands of 16 rows
+// x 4 column groups (bwd::GemmLayout), so every warp's mma chain per product halves, and the dq,
+// dk register sums halve (16 + 16 registers), which is what brings the kernel to 128 registers.
+// The cost: B fragments are loaded by 4 warps per band as before, A fragments by 4 instead of 2
+// (shared-memory reads per 64 x 128 x 128 product: 192 KB instead of 160 KB), and 16 warps meet
+// at each block barrier. So barriers are few: where a product's A operand is rows of a tile that
+// the previous product's epilogue wrote (or whose rows it overwrites), and rows belong to the same
+// band of 16 (warp % 4) in every product's layout, only the band's warps sync (band_barrier): 10
+// block barriers and 3 band barriers per value head (the round-2 kernel had ~15 block barriers).
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "core/check.h"
@@ -51,11 +69,22 @@
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerWarp = kC / kWarps;  // rows warp + 8 m of the dq, dk accumulators
+// What depends on the block's size: 512 threads (16 warps) by default, 256 (8 warps, the round-2
+// kernel's shape) where FLASHDELTA_GDN_GRADS_WARPS=8 asks for it (launch_grads), so that both can
+// be measured in one build.
+template <int kThreads>
+struct GradShape {
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kRowsPerWarp = kC / kWarps;  // store_key_grad: rows warp + kWarps m
+  // The warps of a 16-row band of a 128-column product (bwd::GemmLayout): row dots made in
+  // epilogues come as one partial per group, added in group order.
+  static constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
+};
 
+template <int kThreads>
 struct GradSmem {
+  static constexpr int kWarps = GradShape<kThreads>::kWarps;
+  static constexpr int kColGroups = GradShape<kThreads>::kColGroups;
   bf16 q[kC * kLdD];    // normalised, scaled q
   bf16 k[kC * kLdD];    // normalised k
   bf16 dov[kC * kLdD];  // dO, then v
@@ -66,16 +95,29 @@ struct GradSmem {
   bf16 m[kC * kLdC];    // M, then dM * Gamma
   bf16 t[kC * kLdC];    // T
   bf16 x[kC * kLdC];    // dT, then T^T dT, then dA * b * Gamma
-  // One fp32 product tile [64, kLdDf], or two [64, kLdCf] (the second at kC * kLdCf).
-  float f[2 * kC * kLdCf];
-  float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], de[kC], dr[kC], dbeta[kC];
+  // One fp32 product tile, [64, kLdDf] or [64, kLdCf].
+  float f[kC * kLdDf];
+  float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
   float red[kWarps];  // d e_last per warp
-  // Row dot products made in products' epilogues: one partial per half of the columns (the two
-  // warps that share the rows), added in that order where used.
-  float dr_half[2][kC], de_half[2][kC], dkb_half[2][kC], dvb_half[2][kC];
+  // Row dot products made in products' epilogues: one partial per column group (the warps that
+  // share the rows), added in group order where used (row_part_sum).
+  float dr_part[kColGroups][kC], de_part[kColGroups][kC], dkb_part[kColGroups][kC],
+      dvb_part[kColGroups][kC];
+  // Row and column sums of the 64 x 64 element-wise products whose sums make dgamma and dbeta
+  // (dM * M, then dA * KKg and dA * A), made in the products' epilogues: rows per column group,
+  // columns per band of 16 rows (col_part[band][column]).
+  float row_part_a[kColGroups][kC], row_part_b[kColGroups][kC], col_part[4][kC];
 };
-static_assert(kC * kLdDf <= 2 * kC * kLdCf, "the fp32 tile holds one [64, 128] product");
-static_assert(sizeof(GradSmem) <= 227 * 1024, "over Hopper's shared memory per block");
+static_assert(sizeof(GradSmem<256>) <= 227 * 1024 && sizeof(GradSmem<512>) <= 227 * 1024,
+              "over Hopper's shared memory per block");
+
+// Synchronises the warps of this thread's band of 16 rows (warp % 4; bwd::GemmLayout), for a
+// product whose A operand is rows of the band's own, written in the previous product's epilogue
+// by the band's warps alone: named barrier 1 + band, kThreads / 4 threads.
+template <int kThreads>
+__device__ __forceinline__ void band_barrier() {
+  named_barrier(1 + ((threadIdx.x >> 5) & 3), kThreads / 4);
+}
 
 // Sum over a warp, the same butterfly order on every lane (deterministic).
 __device__ __forceinline__ float warp_sum(float x) {
@@ -87,6 +129,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Starts copying S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a
 // tile; rows v >= V are zero-filled (rows past the state kernels' column tiles are never written;
 // columns k >= K are written, zero, by them). Commit and wait are the caller's.
+template <int kThreads>
 __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
   constexpr int kPerRow = kD / 8;
   for (int i = threadIdx.x; i < kD * kPerRow; i += kThreads) {
@@ -95,10 +138,10 @@ __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* t
   }
 }
 
-// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V: four
-// groups of eight columns per thread, all loads issued before the first store. `native`: dO has
+// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V:
+// 1024 / kThreads groups of eight columns per thread, all loads issued before the first store. `native`: dO has
 // q's dtype T; `vec`: its rows also allow 16-byte loads (bwd::rows_vectorisable).
-template <typename T>
+template <typename T, int kThreads>
 __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkRef& ch, int hv,
                                               bool native, bool vec, bf16* tile) {
   constexpr int kPerRow = kD / 8, kGroups = kC * kPerRow / kThreads;
@@ -121,32 +164,11 @@ __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkR
   }
 }
 
-// For row i = threadIdx.x / 4 of 64 x 64 fp32 tiles (row stride kLdCf): net = sum_j (X[i][j] -
-// X[j][i]) and y = sum_j Y[i][j] (Y may be null: y = 0). Four threads per row, 16 columns each,
-// then a fixed butterfly over the four: every thread of the block takes part, all four hold the
-// row's sums.
-__device__ __forceinline__ void rows_minus_cols(const float* X, const float* Y, float& net,
-                                                float& y) {
-  const int i = threadIdx.x >> 2, j0 = (threadIdx.x & 3) * 16;
-  float a = 0.f, b = 0.f;
-#pragma unroll
-  for (int jj = 0; jj < 16; ++jj) {
-    const int j = j0 + jj;
-    a += X[i * kLdCf + j] - X[j * kLdCf + i];
-    if (Y) b += Y[i * kLdCf + j];
-  }
-#pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, off);
-    b += __shfl_xor_sync(0xffffffffu, b, off);
-  }
-  net = a, y = b;
-}
-
 // A product's epilogue has added up, per thread, a row quantity over its columns for rows
 // 16 (w % 4) + g (lo) and that + 8 (hi): sums the four lanes of each row (fixed butterfly) and
-// stores the warp's half, half[w / 4][row].
-__device__ __forceinline__ void store_row_halves(float lo, float hi, float (&half)[2][kC]) {
+// stores the warp's partial, part[w / 4][row] (w / 4: the warp's column group).
+template <int kColGroups>
+__device__ __forceinline__ void store_row_parts(float lo, float hi, float (&part)[kColGroups][kC]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
   for (int off = 1; off < 4; off <<= 1) {
@@ -155,35 +177,80 @@ __device__ __forceinline__ void store_row_halves(float lo, float hi, float (&hal
   }
   if ((lane & 3) == 0) {
     const int row = (warp & 3) * 16 + (lane >> 2);
-    half[warp >> 2][row] = lo;
-    half[warp >> 2][row + 8] = hi;
+    part[warp >> 2][row] = lo;
+    part[warp >> 2][row + 8] = hi;
   }
 }
 
-// Starts copying dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile by cp.async,
-// zero-filled past len and V: for bf16 dO whose rows allow 16-byte reads (V a multiple of 8), so
-// that the next value head's dO can stream in behind the current one's work. Commit and wait are
-// the caller's.
-__device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const ChunkRef& ch, int hv,
-                                               bf16* tile) {
+// A 64-column product's epilogue (one block per warp: bwd::GemmLayout for N = 64) holds x, its
+// element-wise results, for rows 16 (w % 4) + g and + 8, columns col + 8 nt + 0..1: sums each
+// column over the warp's 16 rows (fixed butterfly over g) and stores part[w % 4][column], the
+// warp's band's share. Every lane of the warp calls it.
+template <int NT>
+__device__ __forceinline__ void store_col_parts(int col, const float (&x)[NT][4],
+                                                float (&part)[4][kC]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float c0 = x[nt][0] + x[nt][2], c1 = x[nt][1] + x[nt][3];
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      c0 += __shfl_xor_sync(0xffffffffu, c0, off);
+      c1 += __shfl_xor_sync(0xffffffffu, c1, off);
+    }
+    if (lane < 4) {  // g = 0: col is this lane's own, n0 + 2 lane
+      part[warp & 3][col + 8 * nt] = c0;
+      part[warp & 3][col + 8 * nt + 1] = c1;
+    }
+  }
+}
+
+// Column i's sum: its four bands' partials in band order (deterministic).
+__device__ __forceinline__ float band_sum(const float (&part)[4][kC], int i) {
+  return ((part[0][i] + part[1][i]) + part[2][i]) + part[3][i];
+}
+
+// The whole of row i's dot: its column groups' partials in group order (deterministic).
+template <int kColGroups>
+__device__ __forceinline__ float row_part_sum(const float (&part)[kColGroups][kC], int i) {
+  float sum = part[0][i];
+#pragma unroll
+  for (int c = 1; c < kColGroups; ++c) sum += part[c][i];
+  return sum;
+}
+
+// Starts copying rows [t0, t0 + len) of head h of a bf16 [B, T, H, D] tensor (strides s) into a
+// bf16 [64, kLdD] tile by cp.async, zero-filled past len and D: for rows that allow 16-byte reads
+// (bwd::rows_vectorisable: D a multiple of 8), so that dO and v stream in behind other work
+// instead of stalling the block at their first use. Commit and wait are the caller's.
+template <int kThreads>
+__device__ __forceinline__ void copy_rows_async(const bf16* base, const int64_t* s,
+                                                const ChunkRef& ch, int h, int D, bf16* tile) {
   constexpr int kPerRow = kD / 8;
-  const BackwardParams& b = p.bwd;
-  const bf16* src = static_cast<const bf16*>(b.d_o) + ch.batch * b.d_o_s[0] +
-                    ch.t0 * b.d_o_s[1] + hv * b.d_o_s[2];
+  const bf16* src = base + ch.batch * s[0] + ch.t0 * s[1] + h * s[2];
   for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * 8;
-    const bool valid = r < ch.len && c < p.head_v_dim;
-    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * b.d_o_s[1] + c : src, valid);
+    const bool valid = r < ch.len && c < D;
+    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * s[1] + c : src, valid);
   }
+}
+
+// dO of value head hv by copy_rows_async (bf16 dO with 16-byte rows only).
+template <int kThreads>
+__device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                               bf16* tile) {
+  copy_rows_async<kThreads>(static_cast<const bf16*>(p.bwd.d_o), p.bwd.d_o_s, ch, hv,
+                            p.head_v_dim, tile);
 }
 
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
-// shared memory; warp w takes rows w + 8 m, lane l columns l + 32 j), through the l2norm when it
+// shared memory; warp w takes rows w + kWarps m, lane l columns l + 32 j), through the l2norm when it
 // was applied; stored in x's dtype.
-template <typename T>
+template <typename T, int kThreads>
 __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
                                                const T* x, const int64_t* x_s, T* dx,
                                                const int64_t* dx_s, const float* dy) {
+  constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
   // Not unrolled: every block runs this once, so its code is fetched from L2 by every block;
   // unrolled eight times over (twice, for dq and dk) it was a quarter of the kernel's code.
@@ -210,15 +277,19 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
   }
 }
 
-template <typename T>
+template <typename T, int kThreads>
 __global__ void __launch_bounds__(kThreads, 1)
-    grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec) {
+    grads_kernel(const ChunkParams p, bool d_o_native, bool d_o_vec, bool v_vec) {
+  constexpr int kWarps = GradShape<kThreads>::kWarps;
+  using RegTile = bwd::RegTile<kThreads>;
   // bf16 dO with 16-byte rows streams in by cp.async (a later head's behind the previous head's
-  // work); otherwise the block loads and converts it at the head's start.
+  // work); otherwise the block loads and converts it at the head's start. Likewise bf16 v with
+  // 16-byte rows streams in behind dW (else the block loads it after dW).
   constexpr bool kBf16 = std::is_same<T, bf16>::value;
   const bool d_o_async = kBf16 && d_o_native && d_o_vec;
+  const bool v_async = kBf16 && v_vec;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  GradSmem& sm = *reinterpret_cast<GradSmem*>(smem_raw);
+  GradSmem<kThreads>& sm = *reinterpret_cast<GradSmem<kThreads>*>(smem_raw);
   const BackwardParams& b = p.bwd;
   const int64_t slot = blockIdx.x;
   const int hk = blockIdx.y;
@@ -227,50 +298,55 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
   float* const f = sm.f;                  // [64, kLdDf]
-  float* const f2 = sm.f + kC * kLdCf;    // second [64, kLdCf] tile
 
-  // q and k of the key head, once for all its value heads.
-  load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
-                         p.l2norm, p.scale, nullptr, sm.q);
-  load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
-                         p.l2norm, 1.f, nullptr, sm.k);
   // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
   // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
-  bwd::RegTile dq_sum = {}, dk_sum = {};
-  auto add_to = [](bwd::RegTile& sum, auto row_mul) {
-    return [&sum, row_mul](int blk, int row, int, const float (&acc)[4][4]) {
+  RegTile dq_sum = {}, dk_sum = {};
+  auto add_to = [](RegTile& sum, auto row_mul) {
+    return [&sum, row_mul](int blk, int row, int, const auto& acc) {
       bwd::add_rows(sum, blk, row, acc, row_mul);
     };
   };
 
   for (int rep = 0; rep < p.group; ++rep) {
     const int hv = hk * p.group + rep;
-    const size_t tile = ws_index(p, slot, hv, kC * kD);
-    const size_t small = ws_index(p, slot, hv, kC * kC);
-    const size_t state = ws_index(p, slot, hv, kD * kD);
+    const bool has_next = rep + 1 < p.group;  // block-uniform
     __syncthreads();  // the previous value head is done with every tile
 
-    // ---- loads: workspace tiles by cp.async (a later head's were started during the previous
-    // head, as soon as their buffers were free: below), dO by the block.
+    // ---- loads: workspace tiles (and bf16 dO) by cp.async, the first head's here, in flight
+    // while the block loads q and k (once for all the value heads); a later head's were started
+    // during the previous head, as soon as their buffers were free (below). The gates, and dO of
+    // other layouts, by the block.
     if (rep == 0) {
+      const size_t tile = ws_index(p, slot, hv, kC * kD);
+      const size_t small = ws_index(p, slot, hv, kC * kC);
+      const size_t state = ws_index(p, slot, hv, kD * kD);
       copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
       copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
       copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
       copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
-      copy_state_async(b.states + state, V, sm.st);
-      copy_state_async(b.dstates + state, V, sm.dst);
-      if (d_o_async) copy_d_o_async(p, ch, hv, sm.dov);
+      copy_state_async<kThreads>(b.states + state, V, sm.st);
+      copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
+      if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
       cp_async_commit();
+      load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
+                             p.l2norm, p.scale, nullptr, sm.q);
+      load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
+                             p.l2norm, 1.f, nullptr, sm.k);
     }
     load_gates(p, ch, hv, sm.gamma, sm.beta);
-    if (!d_o_async) load_d_o_tile<T>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
+    if (warp == 0) {  // e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), published with gamma
+      __syncwarp();   // by the barrier below
+      const float last = sm.gamma[kC - 1];
+      for (int i = lane; i < kC; i += 32) {
+        sm.e[i] = __expf(sm.gamma[i]);
+        sm.r[i] = __expf(last - sm.gamma[i]);
+      }
+    }
+    if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
     cp_async_wait<0>();
     __syncthreads();
-    const float gamma_last = sm.gamma[kC - 1], e_last = __expf(gamma_last);
-    if (tid < kC) {
-      sm.e[tid] = __expf(sm.gamma[tid]);
-      sm.r[tid] = __expf(gamma_last - sm.gamma[tid]);
-    }
+    const float e_last = __expf(sm.gamma[kC - 1]);
     // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
     // warps in order at the end).
     {
@@ -295,25 +371,26 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
     // is read and replaced by the thread that holds its product (U is no operand).
     bwd::gemm_apply<kD, kD, false, true, kThreads>(
-        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
             const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
             *at = pack_bf16(u.x - x0, u.y - x1);
           });
         });
-    __syncthreads();
 
     // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
-    // takes dr's partial dots and stores diag(r) K dS'; the second reads back only what the same
-    // thread stored (same layout): no barrier between them.
+    // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
+    // stores diag(r) K dS'; the second reads back only what the same thread stored (same layout)
+    // and writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band
+    // barrier between them, no block barrier since Vn's.
     {
       float dr_lo = 0.f, dr_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, true, kThreads>(
-          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const auto& acc) {
             const float r_lo = sm.r[row], r_hi = sm.r[row + 8];
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
               const float2 vn_lo = __bfloat1622float2(
                   *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
@@ -327,49 +404,55 @@ __global__ void __launch_bounds__(kThreads, 1)
                   make_float2(r_hi * acc[nt][2], r_hi * acc[nt][3]);
             }
           });
-      store_row_halves(dr_lo, dr_hi, sm.dr_half);
+      store_row_parts(dr_lo, dr_hi, sm.dr_part);
     }
+    band_barrier<kThreads>();  // the band's warps are done with W's rows
     bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
-        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
         });
     __syncthreads();
 
-    // ---- dM = dO Vn^T (causal part): gamma's share dM * M into f2, dM * Gamma over M (each
-    // element of M read and replaced by the thread that holds its product; M is no operand).
+    // ---- dM = dO Vn^T (causal part): gamma's share, rows(dM * M) - cols(dM * M), by row and
+    // column parts from the epilogue; dM * Gamma over M (each element of M read and replaced by
+    // the thread that holds its product; M is no operand).
+    static_assert(bwd::GemmLayout<kC, kThreads>::kBlocks == 1, "one 64-column block per warp");
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
         nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
-        [&](int, int row, int col, const float (&acc)[4][4]) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float dm0, float dm1) {
-            const float dm[2] = {dm0, dm1};
-            float x[2], dmg[2];
+        [&](int, int row, int col, const auto& acc) {
+          constexpr int NT = bwd::kTilesOf<decltype(acc)>;
+          float x[NT][4];  // dM * M
+          float rows[2] = {0.f, 0.f};
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const bool causal = c + e <= r;
-              x[e] = causal ? dm[e] * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
-              dmg[e] = causal ? dm[e] * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+              const int r = row + 8 * h, c = col + 8 * nt;
+              float dmg[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float dm = acc[nt][2 * h + e];
+                const bool causal = c + e <= r;
+                x[nt][2 * h + e] = causal ? dm * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
+                dmg[e] = causal ? dm * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+                rows[h] += x[nt][2 * h + e];
+              }
+              *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
             }
-            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(x[0], x[1]);
-            *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
-          });
+          }
+          store_row_parts(rows[0], rows[1], sm.row_part_a);
+          store_col_parts(col, x, sm.col_part);
         });
-    __syncthreads();
-    {
-      float net, unused;
-      rows_minus_cols(f2, nullptr, net, unused);
-      if ((tid & 3) == 0) sm.dgam[tid >> 2] = net;
-    }
-    __syncthreads();
 
     // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
     // same pattern as dVn's: de's partial dots in the first product's epilogue.
     {
       float de_lo = 0.f, de_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, false, kThreads>(
-          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
             const float e_lo = sm.e[row], e_hi = sm.e[row + 8];
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
               const float2 q_lo = __bfloat1622float2(
                   *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
@@ -383,8 +466,14 @@ __global__ void __launch_bounds__(kThreads, 1)
                   make_float2(e_hi * acc[nt][2], e_hi * acc[nt][3]);
             }
           });
-      store_row_halves(de_lo, de_hi, sm.de_half);
+      store_row_parts(de_lo, de_hi, sm.de_part);
     }
+    __syncthreads();  // dMg (over M) and dM's row and column parts are complete; dO is read
+    if (v_async) {  // v replaces dO, in flight behind dQ, dK, dW and dT's first product
+      copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
+      cp_async_commit();
+    }
+    if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
     bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
                                                     add_to(dq_sum, [&](int) { return p.scale; }));
 
@@ -393,34 +482,38 @@ __global__ void __launch_bounds__(kThreads, 1)
                                                    add_to(dk_sum, [](int) { return 1.f; }));
     bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
                                                     add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-    __syncthreads();  // f and Vn are read: dW replaces Vn
+    // dW replaces Vn, whose rows only the band's warps read since the last block barrier (dK's A
+    // operand), and dT's first product then reuses f, whose rows are the band's in both layouts.
+    band_barrier<kThreads>();
 
-    // ---- dW = -dVn S^T (over Vn, done with); v replaces dO.
+    // ---- dW = -dVn S^T (over Vn, done with).
     bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
-        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
         });
-    __syncthreads();
-    if (rep + 1 < p.group) {  // S^T and dS'^T are done with: the next head's stream in meanwhile
-      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
-      copy_state_async(b.states + next, V, sm.st);
-      copy_state_async(b.dstates + next, V, sm.dst);
-      cp_async_commit();
-    }
-    load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
-                           false, 1.f, nullptr, sm.dov);
+    band_barrier<kThreads>();  // dT's first product reads only the band's rows of dW
+    if (!v_async)
+      load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
+                             false, 1.f, nullptr, sm.dov);
 
     // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
     // second product reads back only what the same thread wrote in the first.
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
           });
         });
-    __syncthreads();  // v is in dov
+    if (v_async) cp_async_wait<0>();
+    __syncthreads();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
+    if (has_next) {  // the next head's states stream in behind the rest of this head's work
+      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
+      copy_state_async<kThreads>(b.states + next, V, sm.st);
+      copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
+      cp_async_commit();
+    }
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
                 pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
@@ -429,19 +522,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
 
     // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
-    // halves (applied with dA's row sums below).
+    // column-group parts (applied with dA's row sums below).
     {
       T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
       float dvb_lo = 0.f, dvb_hi = 0.f;
       bwd::gemm_apply<kD, kC, true, false, kThreads>(
-          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const float (&acc)[4][4]) {
+          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const auto& acc) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {  // rows row, row + 8
               const int r = row + 8 * h;
               const float br = sm.beta[r];
               float dot = 0.f;
 #pragma unroll
-              for (int nt = 0; nt < 4; ++nt) {
+              for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
                 const int c = col + 8 * nt;
                 const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
                 const float2 vv = __bfloat1622float2(
@@ -455,18 +548,18 @@ __global__ void __launch_bounds__(kThreads, 1)
               (h == 0 ? dvb_lo : dvb_hi) += dot;
             }
           });
-      store_row_halves(dvb_lo, dvb_hi, sm.dvb_half);
+      store_row_parts(dvb_lo, dvb_hi, sm.dvb_part);
     }
 
-    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' halves
+    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' parts
     // applied with dA's row sums below), all in the epilogue.
     {
       float dkb_lo = 0.f, dkb_hi = 0.f;
       bwd::gemm_apply<kD, kC, true, false, kThreads>(
           nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
-          [&](int blk, int row, int col, const float (&acc)[4][4]) {
+          [&](int blk, int row, int col, const auto& acc) {
 #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) {
+            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
               const float2 k_lo = __bfloat1622float2(
                   *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
@@ -477,69 +570,83 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
           });
-      store_row_halves(dkb_lo, dkb_hi, sm.dkb_half);
+      store_row_parts(dkb_lo, dkb_hi, sm.dkb_part);
     }
 
     // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
     // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
     // registers (K K^T at the same positions of f, written by the same thread):
-    // A_ij = b_i Gamma_ij k_i.k_j: f <- dA * KKg (beta's share), f2 <- dA * A (gamma's share),
-    // x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
+    // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
+    // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
     bwd::gemm_apply<kC, kC, true, false, kThreads>(
-        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
+        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
         });
     bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
     __syncthreads();
-    if (rep + 1 < p.group) {  // dVn, dW (dKb was their last product) and v are done with
+    if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
       const size_t next = ws_index(p, slot, hv + 1, kC * kD);
       copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
       copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
-      if (d_o_async) copy_d_o_async(p, ch, hv + 1, sm.dov);
+      if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv + 1, sm.dov);
       cp_async_commit();
     }
     bwd::gemm_apply<kC, kC, false, true, kThreads>(
-        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const float (&acc)[4][4]) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-            const float tdt[2] = {x0, x1};
-            float db[2], dg[2], dkk[2];
+        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const auto& acc) {
+          constexpr int NT = bwd::kTilesOf<decltype(acc)>;
+          float dga[NT][4];  // dA * A
+          float db_rows[2] = {0.f, 0.f}, dg_rows[2] = {0.f, 0.f};
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              db[e] = dg[e] = dkk[e] = 0.f;
-              if (c + e < r) {
-                const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
-                const float da = -tdt[e];
-                const float kkg = gate * f[r * kLdCf + c + e];
-                db[e] = da * kkg;
-                dg[e] = db[e] * sm.beta[r];
-                dkk[e] = da * sm.beta[r] * gate;
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+              const int r = row + 8 * h, c = col + 8 * nt;
+              float dkk[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                float db = 0.f, dg = 0.f;
+                dkk[e] = 0.f;
+                if (c + e < r) {
+                  const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
+                  const float da = -acc[nt][2 * h + e];
+                  const float kkg = gate * f[r * kLdCf + c + e];
+                  db = da * kkg;
+                  dg = db * sm.beta[r];
+                  dkk[e] = da * sm.beta[r] * gate;
+                }
+                dga[nt][2 * h + e] = dg;
+                db_rows[h] += db;
+                dg_rows[h] += dg;
               }
+              *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
             }
-            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(db[0], db[1]);
-            *reinterpret_cast<float2*>(f2 + r * kLdCf + c) = make_float2(dg[0], dg[1]);
-            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
-          });
+          }
+          store_row_parts(db_rows[0], db_rows[1], sm.row_part_a);
+          store_row_parts(dg_rows[0], dg_rows[1], sm.row_part_b);
+          store_col_parts(col, dga, sm.col_part);
         });
     __syncthreads();
-    if (rep + 1 < p.group) {  // M (now T^T dT) and T are done with
+    if (has_next) {  // M (now T^T dT) and T are done with
       const size_t next = ws_index(p, slot, hv + 1, kC * kC);
       copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
       copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
       cp_async_commit();
     }
-    {
-      float dg, db;
-      rows_minus_cols(f2, f, dg, db);
-      if ((tid & 3) == 0) {
-        const int i = tid >> 2;
-        const float dkb_k = sm.dkb_half[0][i] + sm.dkb_half[1][i];
-        const float dvb_v = sm.dvb_half[0][i] + sm.dvb_half[1][i];
-        sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
-        sm.de[i] = (sm.de_half[0][i] + sm.de_half[1][i]) + sm.beta[i] * dkb_k;
-        sm.dgam[i] += dg;
-      }
+    // The row sums of this head: dbeta, and dgamma before its reverse cumsum (e_i = exp(gamma_i),
+    // r_i = exp(gamma_last - gamma_i): de and dr enter as e de - r dr). Thread i alone reads and
+    // writes row i here (the cumsum below reads them after a barrier).
+    if (tid < kC) {
+      const int i = tid;
+      const float db = row_part_sum(sm.row_part_a, i);
+      const float dg = row_part_sum(sm.row_part_b, i) - band_sum(sm.col_part, i);
+      const float dkb_k = row_part_sum(sm.dkb_part, i);
+      const float dvb_v = row_part_sum(sm.dvb_part, i);
+      const float de = row_part_sum(sm.de_part, i) + sm.beta[i] * dkb_k;
+      const float dr = row_part_sum(sm.dr_part, i);
+      sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
+      sm.dr[i] = dr;
+      sm.dgam[i] = (sm.dgam[i] + dg) + (de * sm.e[i] - dr * sm.r[i]);
     }
-    __syncthreads();
 
     // ---- dk += dA K + dA^T K
     bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
@@ -547,12 +654,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
                                                    add_to(dk_sum, [](int) { return 1.f; }));
 
-    // ---- gamma: e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), e_last; dg = reverse
-    // cumsum
-    if (tid < kC) {
-      sm.dr[tid] = sm.dr_half[0][tid] + sm.dr_half[1][tid];
-      sm.dgam[tid] += sm.de[tid] * sm.e[tid] - sm.dr[tid] * sm.r[tid];
-    }
+    // ---- dg = reverse cumsum of dgamma, the last row also taking e_last's and sum r dr's shares
     __syncthreads();
     if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
       float de_last = 0.f;
@@ -587,32 +689,54 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // ---- dq, dk of the key head: through the l2norm, in q's dtype.
   // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
-  bwd::store_reg_tile(dq_sum, f, kLdDf);
+  bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
   __syncthreads();
-  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
+  store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
   __syncthreads();
-  bwd::store_reg_tile(dk_sum, f, kLdDf);
+  bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
   __syncthreads();
-  store_key_grad<T>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
+  store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
+}
+
+template <typename T, int kThreads>
+void launch_shape(const ChunkParams& p, cudaStream_t stream) {
+  const size_t smem = sizeof(GradSmem<kThreads>);
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(grads_kernel<T, kThreads>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
+  const bool native = p.bwd.d_o_dtype == p.dtype;
+  const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
+  const bool v_vec = bwd::rows_vectorisable<T>(p.v, p.v_s, p.head_v_dim);
+  grads_kernel<T, kThreads><<<grid, kThreads, smem, stream>>>(p, native, vec, v_vec);
+  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+// Threads per block: 512 (16 warps) unless FLASHDELTA_GDN_GRADS_WARPS=8 asks for 256. Read at
+// every backward (so that the two shapes can be measured side by side in one process; their
+// results differ only in the order of fp32 sums), and checked before the backward's first launch.
+int grads_threads() {
+  const char* env = std::getenv("FLASHDELTA_GDN_GRADS_WARPS");
+  const std::string warps = env ? env : "";
+  if (warps.empty() || warps == "16") return 512;
+  if (warps == "8") return 256;
+  fail(Error::Kind::kValue, "FLASHDELTA_GDN_GRADS_WARPS must be 8 or 16, got '", warps, "'");
 }
 
 template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(GradSmem);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-      grads_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
-  const bool native = p.bwd.d_o_dtype == p.dtype;
-  const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
-  grads_kernel<T><<<grid, kThreads, smem, stream>>>(p, native, vec);
-  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+  if (grads_threads() == 256) launch_shape<T, 256>(p, stream);
+  else launch_shape<T, 512>(p, stream);
 }
 
 }  // namespace
 
 void check_grads_device() {
+  grads_threads();  // a bad FLASHDELTA_GDN_GRADS_WARPS fails here, before any launch
   const int optin = device_info().max_smem_per_block_optin;
-  const size_t need = sizeof(GradSmem) > dstate_smem_bytes() ? sizeof(GradSmem) : dstate_smem_bytes();
+  const size_t grads = sizeof(GradSmem<512>) > sizeof(GradSmem<256>) ? sizeof(GradSmem<512>)
+                                                                      : sizeof(GradSmem<256>);
+  const size_t need = grads > dstate_smem_bytes() ? grads : dstate_smem_bytes();
   if (static_cast<size_t>(optin) < need)
     fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ", need,
          " bytes of shared memory per block (Hopper); this device offers ", optin);
