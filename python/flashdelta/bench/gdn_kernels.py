@@ -2,18 +2,16 @@
 
     python -m flashdelta.bench gdn_kernels [--shape B,T,H,HV,K,V] [--repeats N] [--forward-only]
         [--state-shape auto,wide,narrow,narrow2] [--dstate-shape auto,wide,narrow]
-        [--grads-warps 16,8]
         [--json PATH]
 
 Runs the forward (and, unless --forward-only, the backward where the build has it) under torch.profiler after a warm-up
 and prints each CUDA kernel's mean time per call of the op, largest first.
 
 --state-shape / --dstate-shape take comma-separated launch shapes of the state passes (the
-FLASHDELTA_GDN_STATE_SHAPE / FLASHDELTA_GDN_DSTATE_SHAPE switches of state.cu and dstate.cu),
---grads-warps the block shapes of the backward's per-chunk gradient kernel
-(FLASHDELTA_GDN_GRADS_WARPS of grads.cu): every combination is profiled in turn, and a summary
-per combination is printed last. The state shapes give bitwise the same results; only their
-times differ.
+FLASHDELTA_GDN_STATE_SHAPE / FLASHDELTA_GDN_DSTATE_SHAPE switches of state.cu and dstate.cu):
+every combination is profiled in turn, and a summary of the state passes and the gradient kernel
+per combination is printed last. The shapes give bitwise the same results; only their times
+differ.
 """
 
 import argparse
@@ -25,7 +23,6 @@ import torch
 
 STATE_SWITCH = "FLASHDELTA_GDN_STATE_SHAPE"
 DSTATE_SWITCH = "FLASHDELTA_GDN_DSTATE_SHAPE"
-GRADS_SWITCH = "FLASHDELTA_GDN_GRADS_WARPS"
 
 
 def profile(step, repeats):
@@ -72,8 +69,6 @@ def main(argv=None) -> int:
                     help="comma-separated launch shapes of the state pass to profile in turn")
     ap.add_argument("--dstate-shape", default=None,
                     help="comma-separated launch shapes of the reverse state pass")
-    ap.add_argument("--grads-warps", default=None,
-                    help="comma-separated block shapes (warps) of the gradient kernel")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
     args = ap.parse_args(argv)
 
@@ -95,23 +90,18 @@ def main(argv=None) -> int:
 
     state_shapes = args.state_shape.split(",") if args.state_shape else [None]
     dstate_shapes = args.dstate_shape.split(",") if args.dstate_shape else [None]
-    grads_warps = args.grads_warps.split(",") if args.grads_warps else [None]
-    saved = {s: os.environ.get(s) for s in (STATE_SWITCH, DSTATE_SWITCH, GRADS_SWITCH)}
+    saved = {s: os.environ.get(s) for s in (STATE_SWITCH, DSTATE_SWITCH)}
     runs = []
     try:
         for state_shape in state_shapes:
             for dstate_shape in (dstate_shapes if has_bwd else [None]):
-                for warps in (grads_warps if has_bwd else [None]):
-                    for switch, value in ((STATE_SWITCH, state_shape),
-                                          (DSTATE_SWITCH, dstate_shape), (GRADS_SWITCH, warps)):
-                        if value is not None:
-                            os.environ[switch] = value
-                    per_step, calls = profile(step, args.repeats)
-                    runs.append(dict(
-                        state_shape=state_shape or os.environ.get(STATE_SWITCH, "auto"),
-                        dstate_shape=dstate_shape or os.environ.get(DSTATE_SWITCH, "auto"),
-                        grads_warps=warps or os.environ.get(GRADS_SWITCH, "auto"),
-                        kernels_us=per_step, calls=calls))
+                for switch, value in ((STATE_SWITCH, state_shape), (DSTATE_SWITCH, dstate_shape)):
+                    if value is not None:
+                        os.environ[switch] = value
+                per_step, calls = profile(step, args.repeats)
+                runs.append(dict(state_shape=state_shape or os.environ.get(STATE_SWITCH, "auto"),
+                                 dstate_shape=dstate_shape or os.environ.get(DSTATE_SWITCH, "auto"),
+                                 kernels_us=per_step, calls=calls))
     finally:
         for switch, value in saved.items():
             if value is None:
@@ -124,8 +114,7 @@ def main(argv=None) -> int:
         print(f"gdn_kernels: chunk_gated_delta_rule {'fwd+bwd' if has_bwd else 'fwd'}, "
               f"B={B} T={T} H={H} HV={HV} K={K} V={V}, bf16, {device}, "
               f"state shape {run['state_shape']}"
-              + (f", dstate shape {run['dstate_shape']}, grads warps {run['grads_warps']}"
-                 if has_bwd else ""))
+              + (f", dstate shape {run['dstate_shape']}" if has_bwd else ""))
         print(f"{'kernel':70s} {'us/op':>9s} {'calls/op':>8s}")
         for name, us in sorted(run["kernels_us"].items(), key=lambda kv: -kv[1]):
             print(f"{name[:70]:70s} {us:9.1f} {run['calls'][name]:8.1f}")
@@ -135,8 +124,7 @@ def main(argv=None) -> int:
     # The state passes per launch-shape combination, last.
     passes = ["state", "state replay", "dstate", "grads"] if has_bwd else ["state"]
     print(f"state passes and grads (us per op), B={B} T={T} HV={HV}, {device}")
-    header = (f"{'state shape':12s} {'dstate shape':12s} {'grads warps':11s}"
-              + "".join(f" {p:>12s}" for p in passes))
+    header = f"{'state shape':12s} {'dstate shape':12s}" + "".join(f" {p:>12s}" for p in passes)
     print(header + f" {'all kernels':>12s}")
     for run in runs:
         by_pass = defaultdict(float)
@@ -145,8 +133,7 @@ def main(argv=None) -> int:
             if kind is not None:
                 by_pass[kind] += us
         run["state_passes_us"] = dict(by_pass)
-        print(f"{run['state_shape']:12s} {run['dstate_shape'] if has_bwd else '-':12s} "
-              f"{run['grads_warps'] if has_bwd else '-':11s}"
+        print(f"{run['state_shape']:12s} {run['dstate_shape'] if has_bwd else '-':12s}"
               + "".join(f" {by_pass[p]:12.1f}" for p in passes)
               + f" {sum(run['kernels_us'].values()):12.1f}")
 

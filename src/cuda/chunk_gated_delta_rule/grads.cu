@@ -57,8 +57,6 @@
 // the previous product's epilogue wrote (or whose rows it overwrites), and rows belong to the same
 // band of 16 (warp % 4) in every product's layout, only the band's warps sync (band_barrier): 10
 // block barriers and 3 band barriers per value head (the round-2 kernel had ~15 block barriers).
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "core/check.h"
@@ -69,9 +67,9 @@
 namespace flashdelta::detail::cuda::chunk {
 namespace {
 
-// What depends on the block's size: 512 threads (16 warps) by default, 256 (8 warps, the round-2
-// kernel's shape) where FLASHDELTA_GDN_GRADS_WARPS=8 asks for it (launch_grads), so that both can
-// be measured in one build.
+// What depends on the block's size: 512 threads (16 warps). The code takes 256 too (8 warps, the
+// previous shape: H100, 1 x 32768, 4864 us against 3958 at 16 warps; 8 x 4096 4825 against 3965),
+// which is no longer built.
 template <int kThreads>
 struct GradShape {
   static constexpr int kWarps = kThreads / 32;
@@ -712,30 +710,18 @@ void launch_shape(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
-// Threads per block: 512 (16 warps) unless FLASHDELTA_GDN_GRADS_WARPS=8 asks for 256. Read at
-// every backward (so that the two shapes can be measured side by side in one process; their
-// results differ only in the order of fp32 sums), and checked before the backward's first launch.
-int grads_threads() {
-  const char* env = std::getenv("FLASHDELTA_GDN_GRADS_WARPS");
-  const std::string warps = env ? env : "";
-  if (warps.empty() || warps == "16") return 512;
-  if (warps == "8") return 256;
-  fail(Error::Kind::kValue, "FLASHDELTA_GDN_GRADS_WARPS must be 8 or 16, got '", warps, "'");
-}
+constexpr int kGradThreads = 512;
 
 template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  if (grads_threads() == 256) launch_shape<T, 256>(p, stream);
-  else launch_shape<T, 512>(p, stream);
+  launch_shape<T, kGradThreads>(p, stream);
 }
 
 }  // namespace
 
 void check_grads_device() {
-  grads_threads();  // a bad FLASHDELTA_GDN_GRADS_WARPS fails here, before any launch
   const int optin = device_info().max_smem_per_block_optin;
-  const size_t grads = sizeof(GradSmem<512>) > sizeof(GradSmem<256>) ? sizeof(GradSmem<512>)
-                                                                      : sizeof(GradSmem<256>);
+  const size_t grads = sizeof(GradSmem<kGradThreads>);
   const size_t need = grads > dstate_smem_bytes() ? grads : dstate_smem_bytes();
   if (static_cast<size_t>(optin) < need)
     fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ", need,
