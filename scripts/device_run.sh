@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One call on the GPU machine (see README "GPU machine"): build, test, benchmark, short table last.
 #
-#   [BENCH="gdn decode fused_ops conv moe cross_entropy e2e"] [SANITIZE=1] [PYTEST_K="cuda and not moe"] bash scripts/device_run.sh [gdn shapes...]
+#   [BENCH="gdn decode fused_ops conv moe cross_entropy e2e"] [SANITIZE=1 [SANITIZE_K=expr]]
+#   [PYTEST_K="cuda and not moe"] bash scripts/device_run.sh [gdn shapes...]
 #       (default shapes: the three DESIGN.md GDN shapes)
 #
 # Installs wheels carried in .whl/ (e.g. fla-core for the FLA column) into /tmp/site, builds
 # flashdelta for sm_90a without build isolation (the machine has no network), runs the C++ and
-# Python tests (and, with SANITIZE=1, compute-sanitizer memcheck and racecheck over the CUDA
-# tests), then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16 and
-# `python -m flashdelta.bench NAME` for every other NAME in BENCH (default: gdn decode fused_ops conv
-# moe cross_entropy; add e2e for bench/e2e.py).
+# Python tests (and, with SANITIZE=1, compute-sanitizer memcheck and racecheck over the tests
+# that SANITIZE_K selects, a pytest -k expression; default: the names holding "cuda_forward"),
+# then `python -m flashdelta.bench gdn --device cuda` at each shape in bf16 and
+# `python -m flashdelta.bench NAME` for every other NAME in BENCH (default: gdn decode fused_ops
+# conv moe cross_entropy; add e2e for bench/e2e.py).
 # Logs and JSON go to $OUT when set (the device tool brings that folder back), else to /tmp.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -45,7 +47,7 @@ echo "pytest: $(tail -n 1 "$OUT/pytest.log")"
 if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
     timeout 240 compute-sanitizer --tool "$tool" --error-exitcode 3 python3 -m pytest tests/python \
-      -q -p no:cacheprovider -k "cuda_forward" > "$OUT/sanitize_$tool.log" 2>&1
+      -q -p no:cacheprovider -k "${SANITIZE_K:-cuda_forward}" > "$OUT/sanitize_$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $? ($(grep -E 'ERROR SUMMARY|passed|failed' "$OUT/sanitize_$tool.log" | tr '\n' ' '))"
   done
 fi
