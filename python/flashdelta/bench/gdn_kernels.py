@@ -21,31 +21,16 @@ from collections import defaultdict
 
 import torch
 
+from ._profile import kernel_totals
+
 STATE_SWITCH = "FLASHDELTA_GDN_STATE_SHAPE"
 DSTATE_SWITCH = "FLASHDELTA_GDN_DSTATE_SHAPE"
 
 
 def profile(step, repeats):
     """Mean device time per step of each kernel (us) and its calls per step."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            step()
-        torch.cuda.synchronize()
-    totals = defaultdict(float)
-    counts = defaultdict(int)
-    for ev in prof.key_averages():
-        # kernels (and memcpy/memset) are the entries that run on the device themselves
-        us = getattr(ev, "self_device_time_total", None)
-        if us is None:
-            us = getattr(ev, "self_cuda_time_total", 0.0)
-        if us > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
-            totals[ev.key] += us
-            counts[ev.key] += ev.count
-    return ({k: v / repeats for k, v in totals.items()},
-            {k: v / repeats for k, v in counts.items()})
+    totals = kernel_totals(step, repeats)
+    return {k: v[0] for k, v in totals.items()}, {k: v[1] for k, v in totals.items()}
 
 
 def state_pass(name: str):
