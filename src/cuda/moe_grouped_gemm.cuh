@@ -93,6 +93,9 @@ struct GroupedGemmParams {
   // kernel) and kSwiGLUBackward: the same for gate_up, act and d_gate_up (ld_gate_up, ld_act,
   // I % 8 == 0).
   bool vector_store_ok = false;
+  // sm90 wide kernel, kStore and kSwiGLU: the host encoded the output tensor maps, so whole
+  // staged blocks may leave by TMA stores.
+  bool tma_store_ok = false;
 };
 
 // Two adjacent outputs written as one 4-byte store.

@@ -44,14 +44,20 @@
 // up I + j0 + 64, so a thread's accumulator column c < 128 (gate j0 + c) and c + 128 (up) are in
 // the same thread, as in the 128-wide kernel.
 //
-// Epilogues (per consumer warpgroup, independent of the other):
-//   plain store: four rounds of 64 columns, each a staged block of the 128-wide kernel (bf16
-//     pairs into the 8 KiB staging, rows of 128 B, 16-byte chunks XOR-swizzled by row % 8:
-//     conflict-free both ways), then rows leave as 16-byte stores of 8 consecutive threads;
-//   SwiGLU forward: two rounds of 64 act columns, each three staged blocks in turn (gate, up,
-//     act; the arithmetic of the 128-wide kernel's swiglu_pairs). It used to store from the
-//     registers in 4-byte column pairs, 8 rows apart: 4x the store instructions, half-used
-//     sectors, and it measured 44% of the matmul rate against 59-66% for the plain-store GEMMs;
+// Epilogues (per consumer warpgroup, independent of the other). The plain store and the SwiGLU
+// forward write staged blocks of the 128-wide kernel (64 x 64, bf16 pairs into the 8 KiB
+// staging in the layout of a 128-byte-swizzled TMA box: conflict-free both ways), and a block
+// wholly inside the output leaves by one TMA store (cp.async.bulk.tensor from shared memory,
+// issued by one thread, which waits only until TMA has read the staging: the warpgroup returns
+// to the next tile's MMAs while the global writes drain). Blocks that are not (the rows of an
+// expert's last tile, kRows; the last SwiGLU columns) or unaligned outputs leave as 16-byte
+// stores of 8 consecutive threads a row.
+//   plain store: four rounds of 64 columns; kReduction (weight gradients: ~4 k-steps a tile at
+//     the 35B-A3B sizes, so the epilogue is a large share of a tile) and kRows alike;
+//   SwiGLU forward: two rounds of 64 act columns, each three blocks in turn (gate, up, act; the
+//     arithmetic of the 128-wide kernel's swiglu_pairs). It used to store from the registers in
+//     4-byte column pairs, 8 rows apart: 4x the store instructions, half-used sectors, and it
+//     measured 44% of the matmul rate against 59-66% for the plain-store GEMMs;
 //   SwiGLU backward: eight rounds of 32 columns of d_act in fp32 through the staging, 8 columns
 //     a thread and item; the gate_up lines of the tile are prefetched into L2 four k-steps before
 //     the end of the main loop and each round's 16-byte gate / up loads are issued one round
@@ -296,6 +302,8 @@ template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads, 1)
 grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
                               const __grid_constant__ CUtensorMap tmap_b,
+                              const __grid_constant__ CUtensorMap tmap_c,
+                              const __grid_constant__ CUtensorMap tmap_act,
                               const GroupedGemmParams<T> p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kReduction = kGrouping == Grouping::kReduction;
@@ -331,6 +339,10 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     };
     prefetch(&tmap_a);
     prefetch(&tmap_b);
+    if (p.tma_store_ok) {
+      prefetch(&tmap_c);
+      if constexpr (kEpilogue == Epilogue::kSwiGLU) prefetch(&tmap_act);
+    }
   }
 
   const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
@@ -497,9 +509,18 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // ---- epilogue. Thread holds acc[4 j + 2 i + c] (j < 32) for
     //   row  64 group + row_in_group + 8 i,  column  8 j + 2 (lane % 4) + c
     // Blocks of the warpgroup's 64 rows x 64 columns in the storage dtype leave through the
-    // staging (a staged block of moe_grouped_gemm_sm90.cuh): stage_block writes the thread's
-    // pairs pair_at(jj, i) (columns 8 jj + 2 (lane % 4), + 1 of the block, rows
-    // row_in_group + 8 i), store_block sends the rows out as 16-byte stores.
+    // staging (a staged block of moe_grouped_gemm_sm90.cuh, the layout of a TMA box with the
+    // 128-byte swizzle): stage_block writes the thread's pairs pair_at(jj, i) (columns
+    // 8 jj + 2 (lane % 4), + 1 of the block, rows row_in_group + 8 i); store_block sends the
+    // block out. Where the whole block lies inside the output (kRows: its 64 rows are the
+    // expert's; SwiGLU: its columns < I, as gate_up's map spans gate and up) and the host
+    // encoded the output maps, one thread stores it by TMA and waits only until TMA has read the
+    // staging: the warps go back to the MMAs while the writes drain, instead of issuing 16-byte
+    // stores 8 threads a row and stalling on the store queue. Elsewhere (an expert's last rows,
+    // unaligned outputs) the threads store the rows in 16-byte pieces.
+    const int64_t block_row0 = t.m_tile_start + group * 64;
+    const bool rows_inside =
+        kReduction ? block_row0 < t.m_limit : block_row0 + 64 <= t.m_limit;  // kReduction: TMA clips m
     const auto stage_block = [&](auto pair_at) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
@@ -509,11 +530,30 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           *reinterpret_cast<StorePair<T>*>(staging + offset) = pair_at(jj, i);
         }
       }
+      sm90::fence_proxy_async_shared();  // the staging is read by TMA (async proxy)
       group_barrier();
     };
-    const auto store_block = [&](T* base, int64_t ld, int64_t col0, int64_t col_limit) {
-      sm90::store_staged_block(staging, thread_in_group, base, ld, t.m_tile_start + group * 64,
-                               t.m_limit, col0, col_limit, p.vector_store_ok);
+    // map / tma_col: the block's first column in the map (the rows are block_row0.., kReduction
+    // the expert t.expert); base / ld / col0 / col_limit: the same place for the threads' stores.
+    const auto store_block = [&](const CUtensorMap* map, int64_t tma_col, bool cols_inside,
+                                 T* base, int64_t ld, int64_t col0, int64_t col_limit) {
+      if (p.tma_store_ok && rows_inside && cols_inside) {  // uniform over the warpgroup
+        if (thread_in_group == 0) {
+          const uint32_t src = smem_u32(staging);
+          if constexpr (kReduction) {
+            sm90::tma_store_3d(map, src, static_cast<int32_t>(tma_col),
+                               static_cast<int32_t>(block_row0), t.expert);
+          } else {
+            sm90::tma_store_2d(map, src, static_cast<int32_t>(tma_col),
+                               static_cast<int32_t>(block_row0));
+          }
+          sm90::bulk_commit_group();
+          sm90::bulk_wait_group_read_all();
+        }
+      } else {
+        sm90::store_staged_block(staging, thread_in_group, base, ld, block_row0, t.m_limit, col0,
+                                 col_limit, p.vector_store_ok);
+      }
       group_barrier();  // the staging is rewritten by the next block (or tile)
     };
     if constexpr (kEpilogue == Epilogue::kStore) {
@@ -528,7 +568,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           return StorePair<T>{from_f32<T>(value(4 * j + 2 * i)),
                               from_f32<T>(value(4 * j + 2 * i + 1))};
         });
-        store_block(c_base, p.ldc, col0, p.n_size);
+        store_block(&tmap_c, col0, true, c_base, p.ldc, col0, p.n_size);
       }
     } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
       // Accumulator columns 0-127: gate j0 + c; 128-255: up j0 + c. Two rounds of 64 act
@@ -544,12 +584,14 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           return sm90::swiglu_pairs<T>(value(4 * j + 2 * i), value(4 * (j + 16) + 2 * i),
                                        value(4 * j + 2 * i + 1), value(4 * (j + 16) + 2 * i + 1));
         };
+        const bool cols_inside = col0 + 64 <= p.intermediate;
         stage_block([&](int jj, int i) { return pairs(jj, i).gate; });
-        store_block(p.gate_up, p.ld_gate_up, col0, p.intermediate);
+        store_block(&tmap_c, col0, cols_inside, p.gate_up, p.ld_gate_up, col0, p.intermediate);
         stage_block([&](int jj, int i) { return pairs(jj, i).up; });
-        store_block(p.gate_up + p.intermediate, p.ld_gate_up, col0, p.intermediate);
+        store_block(&tmap_c, p.intermediate + col0, cols_inside, p.gate_up + p.intermediate,
+                    p.ld_gate_up, col0, p.intermediate);
         stage_block([&](int jj, int i) { return pairs(jj, i).act; });
-        store_block(p.act, p.ld_act, col0, p.intermediate);
+        store_block(&tmap_act, col0, cols_inside, p.act, p.ld_act, col0, p.intermediate);
       }
     } else {  // kSwiGLUBackward, acc = d_act
       // Round r: columns [32 r, 32 r + 32) of the warpgroup's 64 rows, in fp32 in the staging
@@ -679,6 +721,39 @@ bool wide_kernel_ready() {
   return ready;
 }
 
+// The output tensor maps of the TMA-stored epilogues (64 x 64 boxes, the staging's 128-byte
+// swizzle): kStore: c, [N][n] (kRows) or [E][m][n] (kReduction); kSwiGLU: gate_up [N][2I] and
+// act [N][I]. False (the threads store instead) for the SwiGLU backward or when a map cannot
+// be encoded (an output or stride not 16-byte aligned).
+template <typename T, Grouping kGrouping, Epilogue kEpilogue>
+bool make_store_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_c,
+                            CUtensorMap* map_act) {
+  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
+  const uint32_t box[3] = {kBox, kBox, 1};
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    if constexpr (kGrouping == Grouping::kReduction) {
+      const uint64_t dims[3] = {u(p.n_size), u(p.m_size), u(p.num_experts)};
+      const uint64_t strides[2] = {u(p.ldc) * 2, u(p.c_expert_stride) * 2};
+      return encode_tensor_map_2byte(map_c, dtype, p.c, 3, dims, strides, box);
+    } else {
+      const uint64_t dims[2] = {u(p.n_size), u(p.num_rows)};
+      const uint64_t strides[1] = {u(p.ldc) * 2};
+      return encode_tensor_map_2byte(map_c, dtype, p.c, 2, dims, strides, box);
+    }
+  } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
+    const uint64_t gate_up_dims[2] = {u(2 * p.intermediate), u(p.num_rows)};
+    const uint64_t gate_up_strides[1] = {u(p.ld_gate_up) * 2};
+    const uint64_t act_dims[2] = {u(p.intermediate), u(p.num_rows)};
+    const uint64_t act_strides[1] = {u(p.ld_act) * 2};
+    return encode_tensor_map_2byte(map_c, dtype, p.gate_up, 2, gate_up_dims, gate_up_strides,
+                                   box) &&
+           encode_tensor_map_2byte(map_act, dtype, p.act, 2, act_dims, act_strides, box);
+  } else {
+    return false;
+  }
+}
+
 // Launches one grouped GEMM on the wide persistent path; false (nothing launched) when it does
 // not apply: operands not TMA-compatible, nothing to compute (the sm_80 launcher writes the
 // zeros of empty problems), the expert table does not fit, or no sm_90a code for the device.
@@ -706,9 +781,12 @@ bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream
   if (tiles_bound == 0) return false;
   CUtensorMap map_a, map_b;
   if (!sm90::make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
-  const GroupedGemmParams<T> q = sm90::with_epilogue_flags<kEpilogue>(p);
+  GroupedGemmParams<T> q = sm90::with_epilogue_flags<kEpilogue>(p);
+  CUtensorMap map_c = map_a, map_act = map_a;  // copies of a valid map where unused
+  q.tma_store_ok = make_store_tensor_maps<T, kGrouping, kEpilogue>(q, &map_c, &map_act);
   const int64_t blocks = tiles_bound < info.sm_count ? tiles_bound : info.sm_count;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(map_a, map_b, q);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(map_a, map_b, map_c, map_act,
+                                                                     q);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   return true;
 }
