@@ -182,10 +182,16 @@ __device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t sr
 __device__ __forceinline__ void bulk_commit_group() {
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
 }
-// Returns once the committed bulk groups of this thread have all read their shared memory (the
-// global writes may still be in flight: the source may be rewritten).
-__device__ __forceinline__ void bulk_wait_group_read_all() {
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+// Returns once at most kPending of this thread's committed bulk groups (the newest) have not
+// yet read their shared memory (the global writes may still be in flight: the sources of the
+// others may be rewritten).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Returns once every committed bulk group of this thread is complete (writes performed).
+__device__ __forceinline__ void bulk_wait_group_all() {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -321,6 +327,21 @@ __device__ __forceinline__ int staged_pair_offset(int row, int col) {
   return row * 128 + (((col / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
 }
 
+// Shared-memory accesses by 32-bit shared-window address: a block's per-thread addresses are
+// loop invariants that ptxas may hoist out of the persistent tile loop, and a 64-bit generic
+// pointer would hold two registers for each.
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
 // Writes the block staged at `block` to base[(row0 + r) * ld + col0 + c] for rows
 // row0 + r < row_limit and columns col0 + c < col_limit: each row as 16-byte stores of 8
 // consecutive threads of the warpgroup (128 contiguous bytes) where `vector` allows (base,
@@ -335,7 +356,7 @@ __device__ __forceinline__ void store_staged_block(const uint8_t* block, int thr
   for (int step = 0; step < 4; ++step) {  // 64 rows x 8 chunks of 8 columns
     const int q = thread_in_group + 128 * step;
     const int row = q / 8, chunk = q % 8;
-    const uint4 v = *reinterpret_cast<const uint4*>(block + row * 128 + ((chunk ^ (row % 8)) * 16));
+    const uint4 v = ld_shared_v4(smem_u32(block) + row * 128 + ((chunk ^ (row % 8)) * 16));
     const int64_t m = row0 + row;
     const int64_t n = col0 + chunk * 8;
     if (m >= row_limit || n >= col_limit) continue;

@@ -23,8 +23,9 @@
 //
 // Shared memory (dynamic, 1024-byte aligned): a 4-stage ring of 48 KiB stages, each six 64 x 64
 // TMA boxes with the 128-byte swizzle [A rows 0-63, A rows 64-127, B 0-63, B 64-127, B 128-191,
-// B 192-255] (192 KiB); 8 KiB of epilogue staging per consumer warpgroup (the ring cannot be
-// borrowed: it already holds the next tile's k-steps); the tile table (kRows). 4 stages: a stage
+// B 192-255] (192 KiB); 8 KiB epilogue staging buffers per consumer warpgroup, two for
+// kReduction, one for kRows (the ring cannot be borrowed: it already holds the next tile's
+// k-steps; kRows's table leaves no room for a second); the tile table (kRows). 4 stages: a stage
 // is ~1000 cycles of MMAs, so three in flight cover ~3000 cycles of L2 / DRAM latency.
 // wgmma descriptors are those of the 128-wide kernel, 256 rows of B being four boxes back to back:
 // K-major B (forward): 32 core groups of 8 rows, 1024 B apart (SBO), one descriptor; N-major B
@@ -51,7 +52,11 @@
 // issued by one thread, which waits only until TMA has read the staging: the warpgroup returns
 // to the next tile's MMAs while the global writes drain). Blocks that are not (the rows of an
 // expert's last tile, kRows; the last SwiGLU columns) or unaligned outputs leave as 16-byte
-// stores of 8 consecutive threads a row.
+// stores of 8 consecutive threads a row. The issuing thread waits for a TMA store's
+// shared-memory read (then the warpgroup meets) before its buffer is rewritten: with one buffer
+// (kRows) right away; with two (kReduction) only when the buffer comes round again, so one
+// block is written while the other's store reads it, and a tile's last block is waited for in
+// the next tile's epilogue, after its main loop.
 //   plain store: four rounds of 64 columns; kReduction (weight gradients: ~4 k-steps a tile at
 //     the 35B-A3B sizes, so the epilogue is a large share of a tile) and kRows alike;
 //   SwiGLU forward: two rounds of 64 act columns, each three blocks in turn (gate, up, act; the
@@ -90,16 +95,25 @@ constexpr int kABoxes = kBM / kBox, kBBoxes = kBN / kBox;
 constexpr int kStageBytes = (kABoxes + kBBoxes) * kBoxBytes;  // 48 KiB
 constexpr int kStages = 4;
 constexpr int kRingBytes = kStages * kStageBytes;
-constexpr int kStagingBytes = 64 * 128;  // per consumer warpgroup: 64 rows of 128 bytes
-constexpr int kTableOffset = kRingBytes + 2 * kStagingBytes;
+constexpr int kStagingBytes = 64 * 128;  // one staging buffer: 64 rows of 128 bytes
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 x 40 + 256 x 232 <= 64 K
 constexpr int kPrefetchSteps = 4;  // SwiGLU backward: prefetch gate_up this many k-steps ahead
 
 // Dynamic shared memory of one block: slack to align the ring to 1 KiB, ring, staging, table.
+// Epilogue staging buffers per consumer warpgroup: two for the weight gradients (kReduction:
+// the ring, two warpgroups' two buffers and the barriers fit in an H100's 227 KiB), one for
+// kRows, whose table does not leave room for a second (at E = 256).
+__host__ __device__ constexpr int staging_buffers(Grouping grouping) {
+  return grouping == Grouping::kReduction ? 2 : 1;
+}
+// The table (kRows) follows the two consumer warpgroups' staging.
+__host__ __device__ constexpr int table_offset(Grouping grouping) {
+  return kRingBytes + 2 * staging_buffers(grouping) * kStagingBytes;
+}
 inline int smem_bytes(Grouping grouping, int num_experts) {
   const int table = grouping == Grouping::kRows ? 3 * (num_experts + 1) * 4 : 0;
-  return 1024 + kTableOffset + table;
+  return 1024 + table_offset(grouping) + table;
 }
 
 // ---- PTX wrappers (sm_90a only): those of the 128-wide kernel, and the ones it lacks
@@ -317,7 +331,9 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   __shared__ __align__(8) uint64_t empty_bar[kStages];
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1 KiB
   uint8_t* const ring_ptr = smem_raw + (ring - smem_u32(smem_raw));
-  int32_t* const first_tile = reinterpret_cast<int32_t*>(ring_ptr + kTableOffset);  // [E + 1]
+  constexpr int kBuffers = staging_buffers(kGrouping);
+  int32_t* const first_tile =
+      reinterpret_cast<int32_t*>(ring_ptr + table_offset(kGrouping));  // [E + 1]
   int32_t* const row_begin = first_tile + (p.num_experts + 1);                       // [E]
   int32_t* const row_end = row_begin + (p.num_experts + 1);                          // [E]
 
@@ -415,7 +431,9 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int group = warpgroup - 1;  // output rows [64 group, 64 group + 64) of each tile
   const int row_in_group = (warp % 4) * 16 + lane / 4;  // + 8 i: the accumulator rows
   const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
-  uint8_t* const staging = ring_ptr + kRingBytes + group * kStagingBytes;
+  uint8_t* const staging = ring_ptr + kRingBytes + group * kBuffers * kStagingBytes;
+  int staged_blocks = 0;  // blocks this warpgroup has staged: buffer staged_blocks % kBuffers
+  bool last_block_tma = false;  // whether the last one left by TMA (its read may be pending)
   const auto group_barrier = [&]() {
     if (group == 0) {
       named_barrier<2, 128>();
@@ -521,25 +539,47 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     const int64_t block_row0 = t.m_tile_start + group * 64;
     const bool rows_inside =
         kReduction ? block_row0 < t.m_limit : block_row0 + 64 <= t.m_limit;  // kReduction: TMA clips m
+    // One buffer (kRows): a TMA store is waited for (its shared-memory read) right after it is
+    // issued, and the warpgroup meets before the buffer is rewritten. Two (kReduction): a block
+    // goes to buffer staged_blocks % 2 once that buffer is free: the TMA store that read it is
+    // older than the last one if the last left by TMA, else it is the last one; the threads'
+    // own stores of it are behind the barrier. The wait falls on the other buffer's block being
+    // written, and a tile's last one on the next tile's epilogue, after its main loop.
     const auto stage_block = [&](auto pair_at) {
+      const uint32_t buffer = smem_u32(staging) + (staged_blocks % kBuffers) * kStagingBytes;
+      if constexpr (kBuffers == 2) {
+        if (thread_in_group == 0) {
+          if (last_block_tma) {
+            sm90::bulk_wait_group_read<1>();
+          } else {
+            sm90::bulk_wait_group_read<0>();
+          }
+        }
+        group_barrier();
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
           const int offset = sm90::staged_pair_offset(row_in_group + 8 * i, 8 * jj + 2 * (lane % 4));
-          *reinterpret_cast<StorePair<T>*>(staging + offset) = pair_at(jj, i);
+          const StorePair<T> pair = pair_at(jj, i);
+          uint32_t bits;
+          memcpy(&bits, &pair, sizeof(bits));
+          sm90::st_shared_u32(buffer + offset, bits);
         }
       }
-      sm90::fence_proxy_async_shared();  // the staging is read by TMA (async proxy)
+      sm90::fence_proxy_async_shared();  // the buffer is read by TMA (async proxy)
       group_barrier();
     };
     // map / tma_col: the block's first column in the map (the rows are block_row0.., kReduction
     // the expert t.expert); base / ld / col0 / col_limit: the same place for the threads' stores.
     const auto store_block = [&](const CUtensorMap* map, int64_t tma_col, bool cols_inside,
                                  T* base, int64_t ld, int64_t col0, int64_t col_limit) {
-      if (p.tma_store_ok && rows_inside && cols_inside) {  // uniform over the warpgroup
+      const uint8_t* const buffer = staging + (staged_blocks % kBuffers) * kStagingBytes;
+      last_block_tma = p.tma_store_ok && rows_inside && cols_inside;  // uniform over the warpgroup
+      if (last_block_tma) {
         if (thread_in_group == 0) {
-          const uint32_t src = smem_u32(staging);
+          const uint32_t src = smem_u32(buffer);
           if constexpr (kReduction) {
             sm90::tma_store_3d(map, src, static_cast<int32_t>(tma_col),
                                static_cast<int32_t>(block_row0), t.expert);
@@ -548,13 +588,14 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
                                static_cast<int32_t>(block_row0));
           }
           sm90::bulk_commit_group();
-          sm90::bulk_wait_group_read_all();
+          if constexpr (kBuffers == 1) sm90::bulk_wait_group_read<0>();
         }
       } else {
-        sm90::store_staged_block(staging, thread_in_group, base, ld, block_row0, t.m_limit, col0,
+        sm90::store_staged_block(buffer, thread_in_group, base, ld, block_row0, t.m_limit, col0,
                                  col_limit, p.vector_store_ok);
       }
-      group_barrier();  // the staging is rewritten by the next block (or tile)
+      ++staged_blocks;
+      if constexpr (kBuffers == 1) group_barrier();  // the buffer is rewritten by the next block
     };
     if constexpr (kEpilogue == Epilogue::kStore) {
       T* c_base = p.c;
@@ -685,7 +726,16 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
         group_barrier();  // the staging is rewritten by the next round (or tile)
       }
     }
+    // The last TMA store must have read its buffer before the block's shared memory goes (with
+    // one buffer it was waited for at once). Inside the loop: any instruction after it made
+    // ptxas spill the invariants it hoists out of it.
+    if constexpr (kBuffers == 2) {
+      if (tile + gridDim.x >= num_tiles && thread_in_group == 0) {
+        sm90::bulk_wait_group_read<0>();
+      }
+    }
   }
+
 #else
   __trap();  // never launched: the host checks for the sm_90a binary first
 #endif
