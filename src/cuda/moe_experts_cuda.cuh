@@ -23,6 +23,8 @@
 // =sm80 forces the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a
 // device or build without sm_90a code; unaligned operands still take sm80); =sm90-wide and
 // =sm90-128 (alias sm90-1cta) demand that kernel (where it does not apply: sm80);
+// =sm90-wide-thread-stores is sm90-wide with every epilogue block stored by the threads instead
+// of TMA (a measuring and testing switch: what the TMA stores gain, per GEMM, in one bench run);
 // =sm90-2cta / sm90-4cta are sm90-128 in clusters of up to 2 or 4 blocks that multicast
 // their shared operand (on the H100 they measured slower, 30-34% of the matmul rate against
 // 35-47% without, bench moe --profile, 2026-11-24: tuning and testing switches; the results are
@@ -52,6 +54,7 @@ enum class GemmPath {
   kSm80,
   kSm90,
   kSm90Wide,
+  kSm90WideThreadStores,
   kSm90Narrow,
   kSm90TwoCta,
   kSm90FourCta
@@ -83,14 +86,16 @@ inline GemmPath requested_gemm_path() {
   if (std::strcmp(v, "sm80") == 0) return GemmPath::kSm80;
   if (std::strcmp(v, "sm90") == 0) return GemmPath::kSm90;
   if (std::strcmp(v, "sm90-wide") == 0) return GemmPath::kSm90Wide;
+  if (std::strcmp(v, "sm90-wide-thread-stores") == 0) return GemmPath::kSm90WideThreadStores;
   if (std::strcmp(v, "sm90-128") == 0 || std::strcmp(v, "sm90-1cta") == 0) {
     return GemmPath::kSm90Narrow;
   }
   if (std::strcmp(v, "sm90-2cta") == 0) return GemmPath::kSm90TwoCta;
   if (std::strcmp(v, "sm90-4cta") == 0) return GemmPath::kSm90FourCta;
   throw Error(Error::Kind::kValue,
-              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-wide, sm90-128, ") +
-                  "sm90-1cta, sm90-2cta or sm90-4cta, got '" + v + "'");
+              std::string("FLASHDELTA_MOE_GEMM must be auto, sm80, sm90, sm90-wide, ") +
+                  "sm90-wide-thread-stores, sm90-128, sm90-1cta, sm90-2cta or sm90-4cta, got '" +
+                  v + "'");
 }
 
 // One grouped GEMM on `stream`, on the fastest path that applies (see the note above).
@@ -98,9 +103,10 @@ template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
   const GemmPath path = requested_gemm_path();
   constexpr GemmPath kAutoFirst = auto_first_path<kGrouping, kBKContig, kEpilogue>();
+  const bool wide_only = path == GemmPath::kSm90Wide || path == GemmPath::kSm90WideThreadStores;
   const bool try_wide = (path == GemmPath::kAuto && kAutoFirst == GemmPath::kSm90Wide) ||
-                        path == GemmPath::kSm90 || path == GemmPath::kSm90Wide;
-  const bool try_narrow = path != GemmPath::kSm80 && path != GemmPath::kSm90Wide;
+                        path == GemmPath::kSm90 || wide_only;
+  const bool try_narrow = path != GemmPath::kSm80 && !wide_only;
   const bool demand_sm90 = path != GemmPath::kAuto && path != GemmPath::kSm80;
   const int max_cluster =
       path == GemmPath::kSm90FourCta ? 4 : (path == GemmPath::kSm90TwoCta ? 2 : 1);
@@ -108,7 +114,7 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
     if (device_info().is_sm90) {
       if (try_wide &&
           sm90_wide::try_launch_grouped_gemm_sm90_wide<T, kGrouping, kBKContig, kEpilogue>(
-              p, stream)) {
+              p, stream, path != GemmPath::kSm90WideThreadStores)) {
         return;
       }
       if (try_narrow && sm90::try_launch_grouped_gemm_sm90<T, kGrouping, kBKContig, kEpilogue>(
@@ -116,7 +122,7 @@ void launch_grouped_gemm(const GroupedGemmParams<T>& p, cudaStream_t stream) {
         return;
       }
       bool has_code;
-      if (path == GemmPath::kSm90Wide) {
+      if (wide_only) {
         has_code = sm90_wide::wide_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();
       } else {
         has_code = sm90::sm90_kernel_ready<T, kGrouping, kBKContig, kEpilogue>();

@@ -808,8 +808,10 @@ bool make_store_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_c,
 // not apply: operands not TMA-compatible, nothing to compute (the sm_80 launcher writes the
 // zeros of empty problems), the expert table does not fit, or no sm_90a code for the device.
 // The caller has checked that the device is sm_90.
+// `tma_stores`: false keeps every epilogue block on the threads' stores (a measuring switch).
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
-bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream_t stream) {
+bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream_t stream,
+                                       bool tma_stores) {
   if (!p.vector_ok || p.num_rows == 0 || p.num_experts == 0) return false;
   if (kGrouping == Grouping::kRows && p.k_size == 0) return false;  // the sm_80 path's zeros
   if (!wide_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) return false;
@@ -833,7 +835,8 @@ bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream
   if (!sm90::make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
   GroupedGemmParams<T> q = sm90::with_epilogue_flags<kEpilogue>(p);
   CUtensorMap map_c = map_a, map_act = map_a;  // copies of a valid map where unused
-  q.tma_store_ok = make_store_tensor_maps<T, kGrouping, kEpilogue>(q, &map_c, &map_act);
+  q.tma_store_ok =
+      tma_stores && make_store_tensor_maps<T, kGrouping, kEpilogue>(q, &map_c, &map_act);
   const int64_t blocks = tiles_bound < info.sm_count ? tiles_bound : info.sm_count;
   kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(map_a, map_b, map_c, map_act,
                                                                      q);

@@ -262,7 +262,8 @@ def test_more_experts_than_threads_per_block(device):
 # sm90-wide = wgmma + TMA, 128 x 256 tiles, persistent (Hopper only; what auto takes for every
 # GEMM but the SwiGLU backward, and sm90); sm90-128 = wgmma + TMA, 128 x 128 tiles, one block a
 # tile (sm90-1cta is the same; auto's SwiGLU backward, its gate_up tile loaded by TMA into the
-# ring); sm90-2cta / sm90-4cta = sm90-128 in clusters of up to 2 / 4 blocks with TMA multicast
+# ring); sm90-wide-thread-stores = sm90-wide without its epilogue's TMA stores; sm90-2cta /
+# sm90-4cta = sm90-128 in clusters of up to 2 / 4 blocks with TMA multicast
 # where the tile counts allow.
 
 def _is_sm90():
@@ -274,6 +275,8 @@ GEMM_PATHS = [
     pytest.param("sm90", id="sm90",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
     pytest.param("sm90-wide", id="sm90-wide",
+                 marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
+    pytest.param("sm90-wide-thread-stores", id="sm90-wide-thread-stores",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
     pytest.param("sm90-128", id="sm90-128",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
@@ -427,7 +430,8 @@ def test_gemm_path_setting_errors(monkeypatch):
         with pytest.raises(ValueError, match="FLASHDELTA_MOE_GEMM"):
             moe_experts_fwd(*args)
     if not _is_sm90():
-        for path in ("sm90", "sm90-wide", "sm90-128", "sm90-1cta", "sm90-2cta", "sm90-4cta"):
+        for path in ("sm90", "sm90-wide", "sm90-wide-thread-stores", "sm90-128", "sm90-1cta",
+                     "sm90-2cta", "sm90-4cta"):
             monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
             with pytest.raises(NotImplementedError, match="FLASHDELTA_MOE_GEMM"):
                 moe_experts_fwd(*args)
@@ -435,7 +439,7 @@ def test_gemm_path_setting_errors(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
-@pytest.mark.parametrize("path", ["sm90-wide", "sm90-128"])
+@pytest.mark.parametrize("path", ["sm90-wide", "sm90-wide-thread-stores", "sm90-128"])
 def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
     """More tiles than an H100/H200 has SMs in every GEMM, so each block of the persistent
     sm90-wide kernel walks several tiles (its ring carries over from one tile's k-steps to the
@@ -474,6 +478,44 @@ def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
     again = [out2.detach(), *torch.autograd.grad(
         out2, [x2, experts.gate_up_proj, experts.down_proj], d_out)]
     assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
+def test_gemm_wide_tma_stores_change_nothing(monkeypatch):
+    """sm90-wide's epilogue blocks leave by TMA stores where they lie wholly inside the output,
+    else by the threads' stores; sm90-wide-thread-stores stores them all by the threads: the
+    same staged values, so outputs and every gradient are bitwise equal (a TMA box layout that
+    did not match the staging's swizzle, or a store clipped wrongly, would show). The persistent
+    shape (several tiles a block; the weight gradients' two staging buffers in turn, a tile's
+    last TMA store waited for in the next tile's epilogue), expert 5 without rows (its zero
+    weight gradients stored by TMA)."""
+    import flashdelta
+
+    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
+            flashdelta.build_info()["cuda_ops"]):
+        pytest.skip("this build has no CUDA moe_experts")
+    E, T, k, H, I = 24, 2048, 4, 512, 320
+    idx, w = random_routing(T, E - 1, k, seed=43)
+    idx[idx >= 5] += 1  # expert 5 receives no rows
+    experts = experts_module(E, H, I, dtype=torch.bfloat16, seed=12).to("cuda")
+    experts.requires_grad_(True)
+    gen = torch.Generator().manual_seed(44)
+    hidden = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
+    d_out = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
+    wb = w.to("cuda", torch.bfloat16)
+    results = {}
+    for path in ("sm90-wide", "sm90-wide-thread-stores"):
+        monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
+        x = hidden.clone().requires_grad_()
+        out = moe_experts(x, idx.cuda(), wb, experts.gate_up_proj, experts.down_proj)
+        results[path] = [out.detach(), *torch.autograd.grad(
+            out, [x, experts.gate_up_proj, experts.down_proj], d_out)]
+    for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"),
+                          results["sm90-wide"], results["sm90-wide-thread-stores"]):
+        assert torch.equal(a, b), name
+    assert torch.count_nonzero(results["sm90-wide"][2][5]) == 0
+    assert torch.count_nonzero(results["sm90-wide"][3][5]) == 0
 
 
 @pytest.mark.cuda

@@ -17,8 +17,9 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
   one row per GEMM path of --gemm-paths (FLASHDELTA_MOE_GEMM values; default on sm_90: auto,
   sm90-wide = the persistent 128 x 256 wgmma kernel, sm90-128 = the 128 x 128 one a block a
-  tile, sm80 = the portable mma.sync kernel; elsewhere auto); with --profile, each GEMM's device
-  time and TFLOP/s on each path.
+  tile, sm80 = the portable mma.sync kernel; elsewhere auto; sm90-wide-thread-stores, sm90-wide
+  without its epilogue TMA stores, on request); with --profile, each GEMM's device time and
+  TFLOP/s on each path.
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
 called from Python (host dispatch included); "routing fwd+bwd, kernels" is the same step's GPU
