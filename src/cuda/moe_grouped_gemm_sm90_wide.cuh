@@ -53,10 +53,10 @@
 // to the next tile's MMAs while the global writes drain). Blocks that are not (the rows of an
 // expert's last tile, kRows; the last SwiGLU columns) or unaligned outputs leave as 16-byte
 // stores of 8 consecutive threads a row. The issuing thread waits for a TMA store's
-// shared-memory read (then the warpgroup meets) before its buffer is rewritten: with one buffer
-// (kRows) right away; with two (kReduction) only when the buffer comes round again, so one
-// block is written while the other's store reads it, and a tile's last block is waited for in
-// the next tile's epilogue, after its main loop.
+// shared-memory read (then the warpgroup meets) only before its buffer is rewritten: with one
+// buffer (kRows) before the next block; with two (kReduction) when the buffer comes round
+// again, so one block is written while the other's store reads it; a tile's last block is
+// waited for in the next tile's epilogue, after its main loop.
 //   plain store: four rounds of 64 columns; kReduction (weight gradients: ~4 k-steps a tile at
 //     the 35B-A3B sizes, so the epilogue is a large share of a tile) and kRows alike;
 //   SwiGLU forward: two rounds of 64 act columns, each three blocks in turn (gate, up, act; the
@@ -539,24 +539,23 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     const int64_t block_row0 = t.m_tile_start + group * 64;
     const bool rows_inside =
         kReduction ? block_row0 < t.m_limit : block_row0 + 64 <= t.m_limit;  // kReduction: TMA clips m
-    // One buffer (kRows): a TMA store is waited for (its shared-memory read) right after it is
-    // issued, and the warpgroup meets before the buffer is rewritten. Two (kReduction): a block
-    // goes to buffer staged_blocks % 2 once that buffer is free: the TMA store that read it is
-    // older than the last one if the last left by TMA, else it is the last one; the threads'
-    // own stores of it are behind the barrier. The wait falls on the other buffer's block being
-    // written, and a tile's last one on the next tile's epilogue, after its main loop.
+    // A block goes to buffer staged_blocks % kBuffers once that buffer is free: the issuing
+    // thread waits until the TMA store that read it has (with two buffers, that store is older
+    // than the last one if the last left by TMA, else it is the last one), and the threads'
+    // own stores of it are behind the barrier. With one buffer (kRows) the wait falls on the
+    // next block; with two (kReduction) on the block after, the other buffer's being written
+    // meanwhile. A tile's last store is waited for in the next tile's epilogue, after its main
+    // loop.
     const auto stage_block = [&](auto pair_at) {
       const uint32_t buffer = smem_u32(staging) + (staged_blocks % kBuffers) * kStagingBytes;
-      if constexpr (kBuffers == 2) {
-        if (thread_in_group == 0) {
-          if (last_block_tma) {
-            sm90::bulk_wait_group_read<1>();
-          } else {
-            sm90::bulk_wait_group_read<0>();
-          }
+      if (thread_in_group == 0) {
+        if (kBuffers == 2 && last_block_tma) {
+          sm90::bulk_wait_group_read<1>();
+        } else {
+          sm90::bulk_wait_group_read<0>();
         }
-        group_barrier();
       }
+      group_barrier();
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -588,14 +587,12 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
                                static_cast<int32_t>(block_row0));
           }
           sm90::bulk_commit_group();
-          if constexpr (kBuffers == 1) sm90::bulk_wait_group_read<0>();
         }
       } else {
         sm90::store_staged_block(buffer, thread_in_group, base, ld, block_row0, t.m_limit, col0,
                                  col_limit, p.vector_store_ok);
       }
       ++staged_blocks;
-      if constexpr (kBuffers == 1) group_barrier();  // the buffer is rewritten by the next block
     };
     if constexpr (kEpilogue == Epilogue::kStore) {
       T* c_base = p.c;
@@ -726,10 +723,9 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
         group_barrier();  // the staging is rewritten by the next round (or tile)
       }
     }
-    // The last TMA store must have read its buffer before the block's shared memory goes (with
-    // one buffer it was waited for at once). Inside the loop: any instruction after it made
-    // ptxas spill the invariants it hoists out of it.
-    if constexpr (kBuffers == 2) {
+    // The last TMA store must have read its buffer before the block's shared memory goes.
+    // Inside the loop: any instruction after it made ptxas spill the invariants it hoists out.
+    if constexpr (kEpilogue != Epilogue::kSwiGLUBackward) {  // (which stores no staged blocks)
       if (tile + gridDim.x >= num_tiles && thread_in_group == 0) {
         sm90::bulk_wait_group_read<0>();
       }
