@@ -317,14 +317,20 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 
 // ---- staged epilogue blocks (shared with the wide kernel)
 //
-// A block is 64 rows x 64 columns of the storage dtype in shared memory, rows of 128 bytes
-// with 16-byte chunk c of row r at ((c ^ r % 8) * 16): the layout TMA writes with the 128-byte
-// swizzle into a 1024-byte-aligned box, and conflict-free for both the accumulator layout
-// (a warp's 8 rows x 4 column pairs of one chunk) and whole-chunk reads.
+// A block is 64 rows of kRowBytes (128: 64 columns; 64: 32 columns) of the storage dtype in
+// shared memory, in the layout TMA uses with the kRowBytes-byte swizzle (a box at an address
+// aligned to 8 rows): 16-byte chunk c of row r at (c ^ s(r)) * 16, s(r) = (r * kRowBytes / 128)
+// mod the row's chunk count (r % 8 for 128-byte rows, (r / 2) % 4 for 64-byte ones). Both are
+// conflict-free for the accumulator layout (a warp's 8 rows x 4 column pairs of one chunk) and
+// for whole-chunk reads.
 
 // Byte offset of the column pair (col, col + 1) (col even) of row `row` in a block.
+template <int kRowBytes = 128>
 __device__ __forceinline__ int staged_pair_offset(int row, int col) {
-  return row * 128 + (((col / 8) ^ (row % 8)) * 16) + (col % 8) * 2;
+  static_assert(kRowBytes == 128 || kRowBytes == 64, "128- or 64-byte swizzle");
+  constexpr int kChunks = kRowBytes / 16;
+  const int key = (row * kRowBytes / 128) % kChunks;
+  return row * kRowBytes + (((col / 8) ^ key) * 16) + (col % 8) * 2;
 }
 
 // Shared-memory accesses by 32-bit shared-window address: a block's per-thread addresses are
@@ -343,20 +349,21 @@ __device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
 }
 
 // Writes the block staged at `block` to base[(row0 + r) * ld + col0 + c] for rows
-// row0 + r < row_limit and columns col0 + c < col_limit: each row as 16-byte stores of 8
-// consecutive threads of the warpgroup (128 contiguous bytes) where `vector` allows (base,
+// row0 + r < row_limit and columns col0 + c < col_limit: each row as 16-byte stores of
+// consecutive threads of the warpgroup (kRowBytes contiguous bytes) where `vector` allows (base,
 // ld and col0 keep the chunks 16-byte aligned), else element by element. The caller
 // synchronises the warpgroup before (the block is written) and after (it is rewritten).
-template <typename T>
+template <int kRowBytes = 128, typename T>
 __device__ __forceinline__ void store_staged_block(const uint8_t* block, int thread_in_group,
                                                    T* base, int64_t ld, int64_t row0,
                                                    int64_t row_limit, int64_t col0,
                                                    int64_t col_limit, bool vector) {
+  constexpr int kChunks = kRowBytes / 16;  // of 8 columns, a row
 #pragma unroll
-  for (int step = 0; step < 4; ++step) {  // 64 rows x 8 chunks of 8 columns
+  for (int step = 0; step < 64 * kChunks / 128; ++step) {
     const int q = thread_in_group + 128 * step;
-    const int row = q / 8, chunk = q % 8;
-    const uint4 v = ld_shared_v4(smem_u32(block) + row * 128 + ((chunk ^ (row % 8)) * 16));
+    const int row = q / kChunks, chunk = q % kChunks;
+    const uint4 v = ld_shared_v4(smem_u32(block) + staged_pair_offset<kRowBytes>(row, 8 * chunk));
     const int64_t m = row0 + row;
     const int64_t n = col0 + chunk * 8;
     if (m >= row_limit || n >= col_limit) continue;

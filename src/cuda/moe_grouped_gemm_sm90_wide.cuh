@@ -23,9 +23,9 @@
 //
 // Shared memory (dynamic, 1024-byte aligned): a 4-stage ring of 48 KiB stages, each six 64 x 64
 // TMA boxes with the 128-byte swizzle [A rows 0-63, A rows 64-127, B 0-63, B 64-127, B 128-191,
-// B 192-255] (192 KiB); 8 KiB epilogue staging buffers per consumer warpgroup, two for
-// kReduction, one for kRows (the ring cannot be borrowed: it already holds the next tile's
-// k-steps; kRows's table leaves no room for a second); the tile table (kRows). 4 stages: a stage
+// B 192-255] (192 KiB); two epilogue staging buffers per consumer warpgroup (the ring cannot be
+// borrowed: it already holds the next tile's k-steps), 8 KiB each for kReduction, 4 KiB for
+// kRows (whose table leaves no room for 2 x 2 x 8 KiB); the tile table (kRows). 4 stages: a stage
 // is ~1000 cycles of MMAs, so three in flight cover ~3000 cycles of L2 / DRAM latency.
 // wgmma descriptors are those of the 128-wide kernel, 256 rows of B being four boxes back to back:
 // K-major B (forward): 32 core groups of 8 rows, 1024 B apart (SBO), one descriptor; N-major B
@@ -46,20 +46,19 @@
 // the same thread, as in the 128-wide kernel.
 //
 // Epilogues (per consumer warpgroup, independent of the other). The plain store and the SwiGLU
-// forward write staged blocks of the 128-wide kernel (64 x 64, bf16 pairs into the 8 KiB
-// staging in the layout of a 128-byte-swizzled TMA box: conflict-free both ways), and a block
-// wholly inside the output leaves by one TMA store (cp.async.bulk.tensor from shared memory,
-// issued by one thread, which waits only until TMA has read the staging: the warpgroup returns
-// to the next tile's MMAs while the global writes drain). Blocks that are not (the rows of an
+// forward write staged blocks of the 128-wide kernel's kind: 64 rows x 64 columns (kReduction)
+// or 32 (kRows), bf16 pairs in the layout of a TMA box with the 128- or 64-byte swizzle
+// (conflict-free both ways). A block wholly inside the output leaves by one TMA store
+// (cp.async.bulk.tensor from shared memory, issued by one thread): the warpgroup goes on while
+// TMA reads the staging and the global writes drain. Blocks that are not (the rows of an
 // expert's last tile, kRows; the last SwiGLU columns) or unaligned outputs leave as 16-byte
-// stores of 8 consecutive threads a row. The issuing thread waits for a TMA store's
-// shared-memory read (then the warpgroup meets) only before its buffer is rewritten: with one
-// buffer (kRows) before the next block; with two (kReduction) when the buffer comes round
-// again, so one block is written while the other's store reads it; a tile's last block is
-// waited for in the next tile's epilogue, after its main loop.
-//   plain store: four rounds of 64 columns; kReduction (weight gradients: ~4 k-steps a tile at
-//     the 35B-A3B sizes, so the epilogue is a large share of a tile) and kRows alike;
-//   SwiGLU forward: two rounds of 64 act columns, each three blocks in turn (gate, up, act; the
+// stores of consecutive threads a row. The two buffers alternate: the issuing thread waits for
+// a TMA store's shared-memory read (then the warpgroup meets) only when its buffer comes round
+// again, so one block is written while the previous one's store reads the other buffer, and a
+// tile's last store is waited for in the next tile's epilogue, after its main loop.
+//   plain store: 256 columns in blocks; kReduction (weight gradients: ~4 k-steps a tile at the
+//     35B-A3B sizes, so the epilogue is a large share of a tile) and kRows alike;
+//   SwiGLU forward: 128 act columns in rounds of one block each of gate, up and act (the
 //     arithmetic of the 128-wide kernel's swiglu_pairs). It used to store from the registers in
 //     4-byte column pairs, 8 rows apart: 4x the store instructions, half-used sectors, and it
 //     measured 44% of the matmul rate against 59-66% for the plain-store GEMMs;
@@ -95,22 +94,25 @@ constexpr int kABoxes = kBM / kBox, kBBoxes = kBN / kBox;
 constexpr int kStageBytes = (kABoxes + kBBoxes) * kBoxBytes;  // 48 KiB
 constexpr int kStages = 4;
 constexpr int kRingBytes = kStages * kStageBytes;
-constexpr int kStagingBytes = 64 * 128;  // one staging buffer: 64 rows of 128 bytes
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 x 40 + 256 x 232 <= 64 K
 constexpr int kPrefetchSteps = 4;  // SwiGLU backward: prefetch gate_up this many k-steps ahead
 
-// Dynamic shared memory of one block: slack to align the ring to 1 KiB, ring, staging, table.
-// Epilogue staging buffers per consumer warpgroup: two for the weight gradients (kReduction:
-// the ring, two warpgroups' two buffers and the barriers fit in an H100's 227 KiB), one for
-// kRows, whose table does not leave room for a second (at E = 256).
-__host__ __device__ constexpr int staging_buffers(Grouping grouping) {
-  return grouping == Grouping::kReduction ? 2 : 1;
+// Epilogue blocks (staged, then stored by TMA or the threads): 64 rows of 128 bytes (64
+// columns, kReduction) or of 64 bytes (32 columns, kRows), two staging buffers of one block per
+// consumer warpgroup (32 or 16 KiB in all: with kRows's table, 2 x 2 x 8 KiB would not fit).
+__host__ __device__ constexpr int block_row_bytes(Grouping grouping) {
+  return grouping == Grouping::kReduction ? 128 : 64;
 }
+__host__ __device__ constexpr int block_bytes(Grouping grouping) {
+  return 64 * block_row_bytes(grouping);
+}
+constexpr int kBuffers = 2;  // staging buffers per consumer warpgroup
 // The table (kRows) follows the two consumer warpgroups' staging.
 __host__ __device__ constexpr int table_offset(Grouping grouping) {
-  return kRingBytes + 2 * staging_buffers(grouping) * kStagingBytes;
+  return kRingBytes + 2 * kBuffers * block_bytes(grouping);
 }
+// Dynamic shared memory of one block: slack to align the ring to 1 KiB, ring, staging, table.
 inline int smem_bytes(Grouping grouping, int num_experts) {
   const int table = grouping == Grouping::kRows ? 3 * (num_experts + 1) * 4 : 0;
   return 1024 + table_offset(grouping) + table;
@@ -331,7 +333,10 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   __shared__ __align__(8) uint64_t empty_bar[kStages];
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1 KiB
   uint8_t* const ring_ptr = smem_raw + (ring - smem_u32(smem_raw));
-  constexpr int kBuffers = staging_buffers(kGrouping);
+  constexpr int kBlockRowBytes = block_row_bytes(kGrouping);
+  constexpr int kBlockBytes = block_bytes(kGrouping);
+  constexpr int kBlockCols = kBlockRowBytes / 2;  // of an epilogue block
+  constexpr int kPairGroups = kBlockCols / 8;     // accumulator column groups of 8 a block
   int32_t* const first_tile =
       reinterpret_cast<int32_t*>(ring_ptr + table_offset(kGrouping));  // [E + 1]
   int32_t* const row_begin = first_tile + (p.num_experts + 1);                       // [E]
@@ -431,8 +436,9 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int group = warpgroup - 1;  // output rows [64 group, 64 group + 64) of each tile
   const int row_in_group = (warp % 4) * 16 + lane / 4;  // + 8 i: the accumulator rows
   const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
-  uint8_t* const staging = ring_ptr + kRingBytes + group * kBuffers * kStagingBytes;
-  int staged_blocks = 0;  // blocks this warpgroup has staged: buffer staged_blocks % kBuffers
+  // The warpgroup's two staging buffers (the SwiGLU backward uses the 8 KiB or more as one).
+  uint8_t* const staging = ring_ptr + kRingBytes + group * kBuffers * kBlockBytes;
+  int staged_blocks = 0;  // blocks this warpgroup has staged: buffer staged_blocks % 2
   bool last_block_tma = false;  // whether the last one left by TMA (its read may be pending)
   const auto group_barrier = [&]() {
     if (group == 0) {
@@ -526,31 +532,29 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
     // ---- epilogue. Thread holds acc[4 j + 2 i + c] (j < 32) for
     //   row  64 group + row_in_group + 8 i,  column  8 j + 2 (lane % 4) + c
-    // Blocks of the warpgroup's 64 rows x 64 columns in the storage dtype leave through the
-    // staging (a staged block of moe_grouped_gemm_sm90.cuh, the layout of a TMA box with the
-    // 128-byte swizzle): stage_block writes the thread's pairs pair_at(jj, i) (columns
+    // Blocks of the warpgroup's 64 rows x kBlockCols columns in the storage dtype leave through
+    // the staging (staged blocks of moe_grouped_gemm_sm90.cuh, the layout of a TMA box with the
+    // kBlockRowBytes swizzle): stage_block writes the thread's pairs pair_at(jj, i) (columns
     // 8 jj + 2 (lane % 4), + 1 of the block, rows row_in_group + 8 i); store_block sends the
     // block out. Where the whole block lies inside the output (kRows: its 64 rows are the
     // expert's; SwiGLU: its columns < I, as gate_up's map spans gate and up) and the host
-    // encoded the output maps, one thread stores it by TMA and waits only until TMA has read the
-    // staging: the warps go back to the MMAs while the writes drain, instead of issuing 16-byte
-    // stores 8 threads a row and stalling on the store queue. Elsewhere (an expert's last rows,
-    // unaligned outputs) the threads store the rows in 16-byte pieces.
+    // encoded the output maps, one thread stores it by TMA: the warps go back to work while TMA
+    // reads the staging and the writes drain, instead of issuing the stores themselves.
+    // Elsewhere (an expert's last rows, unaligned outputs) the threads store the rows in 16-byte
+    // pieces.
     const int64_t block_row0 = t.m_tile_start + group * 64;
     const bool rows_inside =
         kReduction ? block_row0 < t.m_limit : block_row0 + 64 <= t.m_limit;  // kReduction: TMA clips m
-    // A block goes to buffer staged_blocks % kBuffers once that buffer is free: the issuing
-    // thread waits until the TMA store that read it has (with two buffers, that store is older
-    // than the last one if the last left by TMA, else it is the last one), and the threads'
-    // own stores of it are behind the barrier. With one buffer (kRows) the wait falls on the
-    // next block; with two (kReduction) on the block after, the other buffer's being written
-    // meanwhile. A tile's last store is waited for in the next tile's epilogue, after its main
-    // loop.
+    // A block goes to buffer staged_blocks % 2 once that buffer is free: the issuing thread
+    // waits until the TMA store that read it has (older than the last store if the last block
+    // left by TMA, else the last one), and the threads' own stores of it are behind the
+    // barrier. So one block is written while the previous one's store reads the other buffer,
+    // and a tile's last store is waited for in the next tile's epilogue, after its main loop.
     const auto stage_block = [&](auto pair_at) {
-      const uint32_t buffer = smem_u32(staging) + (staged_blocks % kBuffers) * kStagingBytes;
+      const uint32_t buffer = smem_u32(staging) + (staged_blocks % kBuffers) * kBlockBytes;
       if (thread_in_group == 0) {
-        if (kBuffers == 2 && last_block_tma) {
-          sm90::bulk_wait_group_read<1>();
+        if (last_block_tma) {
+          sm90::bulk_wait_group_read<kBuffers - 1>();
         } else {
           sm90::bulk_wait_group_read<0>();
         }
@@ -559,8 +563,9 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
 #pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          const int offset = sm90::staged_pair_offset(row_in_group + 8 * i, 8 * jj + 2 * (lane % 4));
+        for (int jj = 0; jj < kPairGroups; ++jj) {
+          const int offset = sm90::staged_pair_offset<kBlockRowBytes>(row_in_group + 8 * i,
+                                                                      8 * jj + 2 * (lane % 4));
           const StorePair<T> pair = pair_at(jj, i);
           uint32_t bits;
           memcpy(&bits, &pair, sizeof(bits));
@@ -574,7 +579,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // the expert t.expert); base / ld / col0 / col_limit: the same place for the threads' stores.
     const auto store_block = [&](const CUtensorMap* map, int64_t tma_col, bool cols_inside,
                                  T* base, int64_t ld, int64_t col0, int64_t col_limit) {
-      const uint8_t* const buffer = staging + (staged_blocks % kBuffers) * kStagingBytes;
+      const uint8_t* const buffer = staging + (staged_blocks % kBuffers) * kBlockBytes;
       last_block_tma = p.tma_store_ok && rows_inside && cols_inside;  // uniform over the warpgroup
       if (last_block_tma) {
         if (thread_in_group == 0) {
@@ -589,8 +594,8 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           sm90::bulk_commit_group();
         }
       } else {
-        sm90::store_staged_block(buffer, thread_in_group, base, ld, block_row0, t.m_limit, col0,
-                                 col_limit, p.vector_store_ok);
+        sm90::store_staged_block<kBlockRowBytes>(buffer, thread_in_group, base, ld, block_row0,
+                                                 t.m_limit, col0, col_limit, p.vector_store_ok);
       }
       ++staged_blocks;
     };
@@ -598,31 +603,30 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
       T* c_base = p.c;
       if constexpr (kReduction) c_base += static_cast<int64_t>(t.expert) * p.c_expert_stride;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // 64 columns a round
-        const int64_t col0 = t.n_tile_start + 64 * r;
+      for (int r = 0; r < kBN / kBlockCols; ++r) {
+        const int64_t col0 = t.n_tile_start + kBlockCols * r;
         if (col0 >= p.n_size) break;  // uniform
         stage_block([&](int jj, int i) {
-          const int j = 8 * r + jj;
+          const int j = kPairGroups * r + jj;
           return StorePair<T>{from_f32<T>(value(4 * j + 2 * i)),
                               from_f32<T>(value(4 * j + 2 * i + 1))};
         });
         store_block(&tmap_c, col0, true, c_base, p.ldc, col0, p.n_size);
       }
     } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
-      // Accumulator columns 0-127: gate j0 + c; 128-255: up j0 + c. Two rounds of 64 act
-      // columns, each storing its gate, up and act blocks in turn (the 8 KiB staging holds one):
-      // rows leave in 16-byte pieces instead of the accumulator layout's 4-byte pairs 8 rows
-      // apart (4x fewer store instructions, whole 128-byte lines).
+      // Accumulator columns 0-127: gate j0 + c; 128-255: up j0 + c. Rounds of kBlockCols act
+      // columns, each storing its gate, up and act blocks in turn: rows leave whole instead of
+      // in the accumulator layout's 4-byte pairs 8 rows apart.
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t col0 = t.n_tile_start + 64 * r;
+      for (int r = 0; r < kBN / 2 / kBlockCols; ++r) {
+        const int64_t col0 = t.n_tile_start + kBlockCols * r;
         if (col0 >= p.intermediate) break;  // uniform
         const auto pairs = [&](int jj, int i) {
-          const int j = 8 * r + jj;
+          const int j = kPairGroups * r + jj;
           return sm90::swiglu_pairs<T>(value(4 * j + 2 * i), value(4 * (j + 16) + 2 * i),
                                        value(4 * j + 2 * i + 1), value(4 * (j + 16) + 2 * i + 1));
         };
-        const bool cols_inside = col0 + 64 <= p.intermediate;
+        const bool cols_inside = col0 + kBlockCols <= p.intermediate;
         stage_block([&](int jj, int i) { return pairs(jj, i).gate; });
         store_block(&tmap_c, col0, cols_inside, p.gate_up, p.ld_gate_up, col0, p.intermediate);
         stage_block([&](int jj, int i) { return pairs(jj, i).up; });
@@ -767,25 +771,26 @@ bool wide_kernel_ready() {
   return ready;
 }
 
-// The output tensor maps of the TMA-stored epilogues (64 x 64 boxes, the staging's 128-byte
-// swizzle): kStore: c, [N][n] (kRows) or [E][m][n] (kReduction); kSwiGLU: gate_up [N][2I] and
-// act [N][I]. False (the threads store instead) for the SwiGLU backward or when a map cannot
+// The output tensor maps of the TMA-stored epilogues (boxes of one epilogue block: 64 rows of
+// 64 columns, 128-byte swizzle, kReduction; of 32 columns, 64-byte swizzle, kRows): kStore: c,
+// [N][n] (kRows) or [E][m][n] (kReduction); kSwiGLU: gate_up [N][2I] and act [N][I]. False (the threads store instead) for the SwiGLU backward or when a map cannot
 // be encoded (an output or stride not 16-byte aligned).
 template <typename T, Grouping kGrouping, Epilogue kEpilogue>
 bool make_store_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_c,
                             CUtensorMap* map_act) {
   const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
-  const uint32_t box[3] = {kBox, kBox, 1};
+  constexpr int kRowBytes = block_row_bytes(kGrouping);
+  const uint32_t box[3] = {static_cast<uint32_t>(kRowBytes / 2), 64, 1};  // an epilogue block
   const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
   if constexpr (kEpilogue == Epilogue::kStore) {
     if constexpr (kGrouping == Grouping::kReduction) {
       const uint64_t dims[3] = {u(p.n_size), u(p.m_size), u(p.num_experts)};
       const uint64_t strides[2] = {u(p.ldc) * 2, u(p.c_expert_stride) * 2};
-      return encode_tensor_map_2byte(map_c, dtype, p.c, 3, dims, strides, box);
+      return encode_tensor_map_2byte(map_c, dtype, p.c, 3, dims, strides, box, kRowBytes);
     } else {
       const uint64_t dims[2] = {u(p.n_size), u(p.num_rows)};
       const uint64_t strides[1] = {u(p.ldc) * 2};
-      return encode_tensor_map_2byte(map_c, dtype, p.c, 2, dims, strides, box);
+      return encode_tensor_map_2byte(map_c, dtype, p.c, 2, dims, strides, box, kRowBytes);
     }
   } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
     const uint64_t gate_up_dims[2] = {u(2 * p.intermediate), u(p.num_rows)};
@@ -793,8 +798,9 @@ bool make_store_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_c,
     const uint64_t act_dims[2] = {u(p.intermediate), u(p.num_rows)};
     const uint64_t act_strides[1] = {u(p.ld_act) * 2};
     return encode_tensor_map_2byte(map_c, dtype, p.gate_up, 2, gate_up_dims, gate_up_strides,
-                                   box) &&
-           encode_tensor_map_2byte(map_act, dtype, p.act, 2, act_dims, act_strides, box);
+                                   box, kRowBytes) &&
+           encode_tensor_map_2byte(map_act, dtype, p.act, 2, act_dims, act_strides, box,
+                                   kRowBytes);
   } else {
     return false;
   }
