@@ -15,9 +15,10 @@
 //   sm90-128       49 / 41 / 44 / 52 / 36 / 37
 //   sm90-wide      44 / 36 / 59 / 66 / 51 / 53
 // Since then (session 5, not yet measured): both SwiGLU forward epilogues store through shared
-// memory in 16-byte row pieces (the wide one's register-layout stores were what held it below
-// the plain-store GEMMs: auto now takes wide for x W1 + SwiGLU), and sm90-128's SwiGLU backward
-// has its gate_up tile loaded by TMA into the ring during the last k-steps. (A persistent
+// memory in whole rows (the wide one's register-layout stores were what held it below the
+// plain-store GEMMs: auto now takes wide for x W1 + SwiGLU); sm90-wide's plain and SwiGLU
+// forward epilogue blocks leave by TMA stores from two alternating staging buffers; sm90-128's
+// SwiGLU backward has its gate_up tile loaded by TMA into the ring during the last k-steps. (A persistent
 // 128 x 128 "ping-pong" kernel, its two consumer warpgroups alternating whole tiles, measured
 // 42 / 35 / 50 / 61 / 47 / 49: slower than the best path on every GEMM; removed.)
 // =sm80 forces the portable path; =sm90 demands a Hopper path (wide, else 128; an error on a

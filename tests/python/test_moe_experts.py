@@ -486,10 +486,11 @@ def test_gemm_wide_tma_stores_change_nothing(monkeypatch):
     """sm90-wide's epilogue blocks leave by TMA stores where they lie wholly inside the output,
     else by the threads' stores; sm90-wide-thread-stores stores them all by the threads: the
     same staged values, so outputs and every gradient are bitwise equal (a TMA box layout that
-    did not match the staging's swizzle, or a store clipped wrongly, would show). The persistent
-    shape (several tiles a block; the weight gradients' two staging buffers in turn, a tile's
-    last TMA store waited for in the next tile's epilogue), expert 5 without rows (its zero
-    weight gradients stored by TMA)."""
+    did not match the staging's 128- or 64-byte swizzle, or a store clipped wrongly, would show).
+    The persistent shape (several tiles a block; the two staging buffers in turn, a tile's last
+    TMA store waited for in the next tile's epilogue; I = 320: partial column blocks, clipped by
+    TMA or stored by the threads), expert 5 without rows (its zero weight gradients stored by
+    TMA)."""
     import flashdelta
 
     if not {"moe_experts.forward", "moe_experts.backward"} <= set(
