@@ -89,9 +89,13 @@ struct GroupedGemmParams {
   int64_t intermediate = 0;  // I
   bool vector_ok = false;    // 16-byte aligned bases, expert strides and leading dimensions
   bool pair_store_ok = false;  // kStore: c 4-byte aligned, ldc and c_expert_stride even
-  // sm90 kStore: c 16-byte aligned, ldc and c_expert_stride % 8 == 0; sm90 kSwiGLUBackward:
-  // the same for gate_up, d_gate_up and act (ld_gate_up, ld_act, I % 8 == 0).
+  // sm90 kStore: c 16-byte aligned, ldc and c_expert_stride % 8 == 0; sm90 kSwiGLU (the wide
+  // kernel) and kSwiGLUBackward: the same for gate_up, act and d_gate_up (ld_gate_up, ld_act,
+  // I % 8 == 0).
   bool vector_store_ok = false;
+  // sm90 wide kernel, kStore and kSwiGLU: the host encoded the output tensor maps, so whole
+  // staged blocks may leave by TMA stores.
+  bool tma_store_ok = false;
 };
 
 // Two adjacent outputs written as one 4-byte store.

@@ -1,8 +1,8 @@
 // Hopper (sm_90a) grouped GEMM for the mixture-of-experts experts with 128 x 128 tiles
-// (FLASHDELTA_MOE_GEMM=sm90-128; auto takes the persistent kernels of
-// moe_grouped_gemm_sm90_wide.cuh and moe_grouped_gemm_sm90_pingpong.cuh first, which reuse this
-// file's PTX wrappers, tensor maps and epilogue flags): the same problems, groupings and
-// epilogues as moe_grouped_gemm.cuh (read its note first), on warpgroup MMA fed by TMA.
+// (FLASHDELTA_MOE_GEMM=sm90-128; auto takes the persistent kernel of
+// moe_grouped_gemm_sm90_wide.cuh first where it applies, which reuses this file's PTX wrappers,
+// tensor maps and epilogue flags): the same problems, groupings and epilogues as
+// moe_grouped_gemm.cuh (read its note first), on warpgroup MMA fed by TMA.
 //
 // Algorithm. One block computes one 128 x 128 output tile, K in steps of 64, through a 3-stage
 // shared-memory ring:
@@ -56,16 +56,22 @@
 // (generic-proxy writes, fence.proxy.async, named barrier). A warpgroup whose 64 rows all lie
 // past the tile's end (an expert's last, short tile) neither loads nor multiplies.
 //
-// Epilogues. Plain stores go through shared memory (the warpgroup's own A boxes of stages 0
-// and 1, free once its MMAs are done) so that rows leave as 16-byte stores; the SwiGLU
-// epilogues (forward: gate_up + act; backward: reads gate_up) work from the registers, two
-// adjacent columns per access, exactly as the sm_80 kernel rounds. The backward one (reads
-// gate_up, writes d_gate_up and act) goes through shared memory too: d_act in fp32 (the whole
-// ring is free once both warpgroups are done), then 8 consecutive columns per thread and step,
-// 16-byte accesses, two steps' loads in flight; gate_up's lines are prefetched into L2 while
-// the last MMAs run. (The first version read gate_up from the registers' layout, 4 bytes at
-// a time, one dependent round trip per column pair: 32 per thread, by count comparable to the
-// whole main loop at K = 2048.)
+// Epilogues. Every epilogue writes through shared memory, so that rows leave as 16-byte
+// stores of 8 consecutive threads (whole 128-byte lines) rather than the accumulator layout's
+// 4-byte column pairs 8 rows apart: "staged blocks" of 64 rows x 64 columns in the 128-byte
+// swizzled layout of a TMA box (staged_pair_offset, store_staged_block; the wide kernel uses
+// them too).
+//   plain store: the warpgroup's own A boxes of stages 0 and 1 (free once its MMAs are done);
+//   SwiGLU forward: gate, up and act blocks in boxes 0-2 of stage `group` (the ring is free once
+//     both warpgroups' MMAs are done), the arithmetic of store_swiglu_pair (swiglu_pairs);
+//   SwiGLU backward (reads gate_up, writes d_gate_up and act): the gate_up tile is loaded by
+//     TMA into the ring as two more producer steps after the last k-step, so it lands while the
+//     last MMAs run instead of being read from global memory after them. Each thread reads the
+//     gate / up pairs at its accumulator positions (the TMA box layout is conflict-free for
+//     them) and writes d_gate / d_up back over the same bytes, act into the third stage; then
+//     the blocks are stored. (Earlier versions read gate_up with 4-byte loads from the
+//     registers' layout, then 16-byte loads two steps ahead after an L2 prefetch: the loads'
+//     round trips sat between the MMAs and the stores.)
 //
 // Scheduling, determinism, no host synchronisation: as the sm_80 kernel (same grid, same block
 // scan over the device offsets, one block per output tile, no atomics; both blocks of a cluster
@@ -153,6 +159,42 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
       " [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
+}
+
+// TMA stores: a box of shared memory at `src` to the tensor at the given coordinates (what lies
+// outside the tensor is not written), tracked by this thread's bulk groups. The writes of the
+// box by other threads must be made visible to the async proxy first (fence_proxy_async by
+// each writer, then a barrier).
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, uint32_t src, int32_t c0,
+                                             int32_t c1) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::
+                   "l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t src, int32_t c0,
+                                             int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Returns once at most kPending of this thread's committed bulk groups (the newest) have not
+// yet read their shared memory (the global writes may still be in flight: the sources of the
+// others may be rewritten).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Returns once every committed bulk group of this thread is complete (writes performed).
+__device__ __forceinline__ void bulk_wait_group_all() {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 // ---- clusters (TMA multicast of the operand every block of a cluster reads)
@@ -273,13 +315,100 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 #undef FLASHDELTA_WGMMA_M64N128K16
 #undef FLASHDELTA_WGMMA_D_OPERANDS
 
+// ---- staged epilogue blocks (shared with the wide kernel)
+//
+// A block is 64 rows of kRowBytes (128: 64 columns; 64: 32 columns) of the storage dtype in
+// shared memory, in the layout TMA uses with the kRowBytes-byte swizzle (a box at an address
+// aligned to 8 rows): 16-byte chunk c of row r at (c ^ s(r)) * 16, s(r) = (r * kRowBytes / 128)
+// mod the row's chunk count (r % 8 for 128-byte rows, (r / 2) % 4 for 64-byte ones). Both are
+// conflict-free for the accumulator layout (a warp's 8 rows x 4 column pairs of one chunk) and
+// for whole-chunk reads.
+
+// Byte offset of the column pair (col, col + 1) (col even) of row `row` in a block.
+template <int kRowBytes = 128>
+__device__ __forceinline__ int staged_pair_offset(int row, int col) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64, "128- or 64-byte swizzle");
+  constexpr int kChunks = kRowBytes / 16;
+  const int key = (row * kRowBytes / 128) % kChunks;
+  return row * kRowBytes + (((col / 8) ^ key) * 16) + (col % 8) * 2;
+}
+
+// Shared-memory accesses by 32-bit shared-window address: a block's per-thread addresses are
+// loop invariants that ptxas may hoist out of the persistent tile loop, and a 64-bit generic
+// pointer would hold two registers for each.
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
+// Writes the block staged at `block` to base[(row0 + r) * ld + col0 + c] for rows
+// row0 + r < row_limit and columns col0 + c < col_limit: each row as 16-byte stores of
+// consecutive threads of the warpgroup (kRowBytes contiguous bytes) where `vector` allows (base,
+// ld and col0 keep the chunks 16-byte aligned), else element by element. The caller
+// synchronises the warpgroup before (the block is written) and after (it is rewritten).
+template <int kRowBytes = 128, typename T>
+__device__ __forceinline__ void store_staged_block(const uint8_t* block, int thread_in_group,
+                                                   T* base, int64_t ld, int64_t row0,
+                                                   int64_t row_limit, int64_t col0,
+                                                   int64_t col_limit, bool vector) {
+  constexpr int kChunks = kRowBytes / 16;  // of 8 columns, a row
+#pragma unroll
+  for (int step = 0; step < 64 * kChunks / 128; ++step) {
+    const int q = thread_in_group + 128 * step;
+    const int row = q / kChunks, chunk = q % kChunks;
+    const uint4 v = ld_shared_v4(smem_u32(block) + staged_pair_offset<kRowBytes>(row, 8 * chunk));
+    const int64_t m = row0 + row;
+    const int64_t n = col0 + chunk * 8;
+    if (m >= row_limit || n >= col_limit) continue;
+    T* dst = base + m * ld + n;
+    if (vector && n + 8 <= col_limit) {
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {  // element by element: the 16 bytes as four pairs
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        StorePair<T> pair;
+        memcpy(&pair, &words[w], sizeof(pair));
+        if (n + 2 * w < col_limit) dst[2 * w] = pair.x;
+        if (n + 2 * w + 1 < col_limit) dst[2 * w + 1] = pair.y;
+      }
+    }
+  }
+}
+
+// The SwiGLU forward's three values of the column pair (gate0, up0), (gate1, up1), as
+// store_swiglu_pair computes them: g and u rounded to the storage dtype, act from the rounded
+// values.
+template <typename T>
+struct SwiGLUPairs {
+  StorePair<T> gate, up, act;
+};
+template <typename T>
+__device__ __forceinline__ SwiGLUPairs<T> swiglu_pairs(float gate0, float up0, float gate1,
+                                                       float up1) {
+  const float g0 = round_f32<T>(gate0), g1 = round_f32<T>(gate1);
+  const float u0 = round_f32<T>(up0), u1 = round_f32<T>(up1);
+  return {StorePair<T>{from_f32<T>(g0), from_f32<T>(g1)},
+          StorePair<T>{from_f32<T>(u0), from_f32<T>(u1)},
+          StorePair<T>{from_f32<T>(g0 / (1.0f + __expf(-g0)) * u0),
+                       from_f32<T>(g1 / (1.0f + __expf(-g1)) * u1)}};
+}
+
 // ---- the kernel
 
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads, 2)
 grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
-                         const __grid_constant__ CUtensorMap tmap_b, const GroupedGemmParams<T> p,
-                         const int cluster_size) {
+                         const __grid_constant__ CUtensorMap tmap_b,
+                         const __grid_constant__ CUtensorMap tmap_gate_up,
+                         const GroupedGemmParams<T> p, const int cluster_size) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kReduction = kGrouping == Grouping::kReduction;
   constexpr bool kATrans = kReduction;    // A M-major (weight gradients)
@@ -301,6 +430,10 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   if (threadIdx.x == kProducerWarp * 32) {  // fetch the descriptors while the block schedules
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_a)) : "memory");
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_b)) : "memory");
+    if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&tmap_gate_up))
+                   : "memory");
+    }
   }
 
   // ---- which expert and which tile (the sm_80 kernel's scheduling)
@@ -417,6 +550,33 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
           }
         }
       }
+      if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
+        // Two more ring steps, num_k_tiles and num_k_tiles + 1: the epilogue's gate_up tile,
+        // column half h = 0, 1 (d_act columns n_tile_start + 64 h ..), boxes [gate rows 0-63,
+        // gate rows 64-127, up rows 0-63, up rows 64-127] of the active warpgroups. They land
+        // while the last k-steps' MMAs run (each stage is loaded as soon as the consumers
+        // release it), so the epilogue reads gate and up from shared memory instead of
+        // waiting on global loads. Rows past the expert's end only feed unstored rows; a half
+        // wholly past n loads nothing (its barrier completes on the arrive alone).
+        for (int h = 0; h < 2; ++h) {
+          const int kt = num_k_tiles + h;
+          const int s = kt % kStages;
+          if (kt >= kStages) mbarrier_wait(smem_u32(&empty_bar[s]), ((kt / kStages) - 1) & 1);
+          const uint32_t bar = smem_u32(&full_bar[s]);
+          const int64_t n0 = n_tile_start + h * kBox;
+          const bool load = n0 < p.n_size;
+          mbarrier_arrive_expect_tx(bar, load ? static_cast<uint32_t>(2 * active_groups * kBoxBytes) : 0u);
+          if (!load) continue;
+          const uint32_t stage = ring + static_cast<uint32_t>(s * kStageBytes);
+          for (int g = 0; g < active_groups; ++g) {
+            const auto m0 = static_cast<int32_t>(m_tile_start + g * kBox);
+            tma_load_2d(stage + static_cast<uint32_t>(g * kBoxBytes), &tmap_gate_up, bar,
+                        static_cast<int32_t>(n0), m0);
+            tma_load_2d(stage + static_cast<uint32_t>((2 + g) * kBoxBytes), &tmap_gate_up, bar,
+                        static_cast<int32_t>(p.intermediate + n0), m0);
+          }
+        }
+      }
     }
     __syncwarp();  // lanes 1-31 wait here for lane 0's loop: the warp meets the cluster together
     if (multicast) {  // every thread of the cluster arrives once; all wait at the very end
@@ -493,26 +653,6 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
       }
     }
   }
-  if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
-    // While the last MMAs run: bring the gate_up lines the epilogue reads into L2. A row's 128
-    // gate columns and 128 up columns are two 128-byte lines each; the four lanes of a quad
-    // share rows, so one of them fetches.
-    if (lane % 4 == 0) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
-        if (m >= m_limit) continue;
-        const T* gate_up_row = p.gate_up + m * p.ld_gate_up;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int64_t n = n_tile_start + 64 * half;
-          if (n >= p.n_size) continue;
-          asm volatile("prefetch.L2 [%0];\n" ::"l"(gate_up_row + n));
-          asm volatile("prefetch.L2 [%0];\n" ::"l"(gate_up_row + p.intermediate + n));
-        }
-      }
-    }
-  }
   wgmma_wait<0>();
   fence_accumulators(acc);
   if (num_k_tiles == 0) {  // kReduction, an expert without rows: its gradient is zero
@@ -576,111 +716,104 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
     }
-  } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // straight from the registers
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int64_t m = m_tile_start + group * 64 + (warp % 4) * 16 + lane / 4 + i * 8;
-      if (m >= m_limit) continue;
-      // Columns 0-63: gate j0 + col; columns 64-127: the up columns of the same j.
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int64_t col = n_tile_start + 8 * j + 2 * (lane % 4);
-        if (col >= p.intermediate) continue;
-        const float g0 = acc[4 * j + 2 * i], g1 = acc[4 * j + 2 * i + 1];
-        const float u0 = acc[4 * (j + 8) + 2 * i], u1 = acc[4 * (j + 8) + 2 * i + 1];
-        if (p.pair_store_ok && col + 1 < p.intermediate) {
-          store_swiglu_pair(p, m, col, g0, u0, g1, u1);
-        } else {
-          store_swiglu(p, m, col, g0, u0);
-          if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
-        }
-      }
-    }
-  } else {  // kSwiGLUBackward, acc = d_act: through shared memory
-    // Once both warpgroups' MMAs are done the ring is free (every load has landed): warpgroup g
-    // stages its d_act[64 rows][128 columns] in fp32 in stage g (32 KiB), rows of 512 bytes
-    // with the 16-byte chunks XOR-swizzled by row % 8 (conflict-free enough both ways). Then
-    // each thread takes 8 consecutive columns of a row at a time: 16-byte loads of gate and up
-    // (kInFlight items' loads issued before any store: the compiler cannot hoist loads over
-    // stores that may alias them; 4 in flight spill at the 96-register bound) and 16-byte
-    // stores of d_gate, d_up and act, where the operands allow (vector_store_ok).
+  } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
+    // Accumulator columns 0-63: gate j0 + c; 64-127: up j0 + c. Once both warpgroups' MMAs are
+    // done the ring is free (every load has landed): warpgroup g stages its gate, up and act
+    // blocks (64 rows x 64 columns) in boxes 0-2 of stage g, then each row leaves as 16-byte
+    // stores (rather than the accumulator layout's 4-byte pairs, 8 rows apart).
     asm volatile("bar.sync 1, %0;\n" ::"r"(consumer_threads) : "memory");
-    uint8_t* const staging = ring_ptr + group * kStageBytes;
-    const auto staged = [&](int row, int col) {  // the fp32 d_act at (row, col) of the tile
-      return staging + row * 512 + (((col / 4) ^ (row % 8)) * 16) + (col % 4) * 4;
-    };
+    uint8_t* const blocks = ring_ptr + group * kStageBytes;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = (warp % 4) * 16 + lane / 4 + i * 8;
 #pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        *reinterpret_cast<float2*>(staged(row, 8 * j + 2 * (lane % 4))) =
-            make_float2(acc[4 * j + 2 * i], acc[4 * j + 2 * i + 1]);
+      for (int j = 0; j < 8; ++j) {
+        const SwiGLUPairs<T> v =
+            swiglu_pairs<T>(acc[4 * j + 2 * i], acc[4 * (j + 8) + 2 * i],
+                            acc[4 * j + 2 * i + 1], acc[4 * (j + 8) + 2 * i + 1]);
+        const int offset = staged_pair_offset(row, 8 * j + 2 * (lane % 4));
+        *reinterpret_cast<StorePair<T>*>(blocks + offset) = v.gate;
+        *reinterpret_cast<StorePair<T>*>(blocks + kBoxBytes + offset) = v.up;
+        *reinterpret_cast<StorePair<T>*>(blocks + 2 * kBoxBytes + offset) = v.act;
       }
     }
-    // This warpgroup only (named barriers 2 and 3, as the plain stores).
-    if (group == 0) {
+    if (group == 0) {  // this warpgroup only (named barriers 2 and 3, as the plain stores)
       asm volatile("bar.sync 2, 128;\n" ::: "memory");
     } else {
       asm volatile("bar.sync 3, 128;\n" ::: "memory");
     }
     const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
-    constexpr int kItems = 64 * 16 / 128;  // items (8 columns of a row) per thread
-    constexpr int kInFlight = 2;
-#pragma unroll 1
-    for (int first = 0; first < kItems; first += kInFlight) {
-      uint4 gate[kInFlight], up[kInFlight];
+    const int64_t row0 = m_tile_start + group * 64;
+    store_staged_block(blocks, thread_in_group, p.gate_up, p.ld_gate_up, row0, m_limit,
+                       n_tile_start, p.intermediate, p.vector_store_ok);
+    store_staged_block(blocks + kBoxBytes, thread_in_group, p.gate_up + p.intermediate,
+                       p.ld_gate_up, row0, m_limit, n_tile_start, p.intermediate,
+                       p.vector_store_ok);
+    store_staged_block(blocks + 2 * kBoxBytes, thread_in_group, p.act, p.ld_act, row0, m_limit,
+                       n_tile_start, p.intermediate, p.vector_store_ok);
+  } else {  // kSwiGLUBackward, acc = d_act
+    // The gate_up tile is in the ring (the producer's steps num_k_tiles + h, see above): column
+    // half h in stage S_h = (num_k_tiles + h) % 3, this warpgroup's gate rows in box `group`,
+    // its up rows in box 2 + group, in the layout of a staged block. Each thread reads the gate
+    // and up pairs of its accumulator positions (conflict-free: see staged_pair_offset) and
+    // writes d_gate and d_up back over exactly the bytes it read (no other thread touches them:
+    // no barrier between the reads and the writes), and act into box 2 h + group of the third
+    // stage F = (num_k_tiles + 2) % 3, which held the last k-step's operands: free once both
+    // warpgroups' MMAs are done. Both halves are computed before any block is stored, so the
+    // accumulators are dead by then (at the 96-register bound, storing half 0 while half 1's
+    // accumulators were live spilled). Then the blocks leave as 16-byte row stores.
+    asm volatile("bar.sync 1, %0;\n" ::"r"(consumer_threads) : "memory");
+    const auto half_blocks = [&](int h, int which) {  // which: 0 gate / d_gate, 1 up / d_up, 2 act
+      const int kt = num_k_tiles + h;
+      if (which == 2) {
+        return ring_ptr + ((num_k_tiles + 2) % kStages) * kStageBytes + (2 * h + group) * kBoxBytes;
+      }
+      return ring_ptr + (kt % kStages) * kStageBytes + (2 * which + group) * kBoxBytes;
+    };
 #pragma unroll
-      for (int b = 0; b < kInFlight; ++b) {
-        const int q = thread_in_group + 128 * (first + b);  // row q / 16, columns 8 (q % 16)..
-        const int64_t m = m_tile_start + group * 64 + q / 16;
-        const int64_t n = n_tile_start + 8 * (q % 16);
-        if (p.vector_store_ok && m < m_limit && n + 8 <= p.n_size) {
-          const T* gate_up_row = p.gate_up + m * p.ld_gate_up;
-          gate[b] = *reinterpret_cast<const uint4*>(gate_up_row + n);
-          up[b] = *reinterpret_cast<const uint4*>(gate_up_row + p.intermediate + n);
+    for (int h = 0; h < 2; ++h) {
+      if (n_tile_start + h * kBox >= p.n_size) break;  // uniform: nothing loaded for this half
+      const int kt = num_k_tiles + h;
+      mbarrier_wait(smem_u32(&full_bar[kt % kStages]), (kt / kStages) & 1);
+      uint8_t* const gate_block = half_blocks(h, 0);
+      uint8_t* const up_block = half_blocks(h, 1);
+      uint8_t* const act_block = half_blocks(h, 2);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = (warp % 4) * 16 + lane / 4 + i * 8;
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int j = 8 * h + jj;
+          const int offset = staged_pair_offset(row, 8 * jj + 2 * (lane % 4));
+          const StorePair<T> g = *reinterpret_cast<const StorePair<T>*>(gate_block + offset);
+          const StorePair<T> u = *reinterpret_cast<const StorePair<T>*>(up_block + offset);
+          StorePair<T> d_g, d_u, a;
+          swiglu_backward_values<T>(acc[4 * j + 2 * i], g.x, u.x, d_g.x, d_u.x, a.x);
+          swiglu_backward_values<T>(acc[4 * j + 2 * i + 1], g.y, u.y, d_g.y, d_u.y, a.y);
+          *reinterpret_cast<StorePair<T>*>(gate_block + offset) = d_g;
+          *reinterpret_cast<StorePair<T>*>(up_block + offset) = d_u;
+          if (p.act != nullptr) *reinterpret_cast<StorePair<T>*>(act_block + offset) = a;
         }
       }
-#pragma unroll
-      for (int b = 0; b < kInFlight; ++b) {
-        const int q = thread_in_group + 128 * (first + b);
-        const int row = q / 16, col = 8 * (q % 16);
-        const int64_t m = m_tile_start + group * 64 + row;
-        const int64_t n = n_tile_start + col;
-        if (m >= m_limit || n >= p.n_size) continue;
-        const float4 lo = *reinterpret_cast<const float4*>(staged(row, col));
-        const float4 hi = *reinterpret_cast<const float4*>(staged(row, col + 4));
-        const float v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-        if (p.vector_store_ok && n + 8 <= p.n_size) {
-          // Word by word (two elements each), so that everything stays in registers.
-          const uint32_t g_words[4] = {gate[b].x, gate[b].y, gate[b].z, gate[b].w};
-          const uint32_t u_words[4] = {up[b].x, up[b].y, up[b].z, up[b].w};
-          uint32_t d_g[4], d_u[4], act_words[4];
-#pragma unroll
-          for (int w = 0; w < 4; ++w) {
-            StorePair<T> g, u, dg, du, a;
-            memcpy(&g, &g_words[w], sizeof(g));
-            memcpy(&u, &u_words[w], sizeof(u));
-            swiglu_backward_values<T>(v[2 * w], g.x, u.x, dg.x, du.x, a.x);
-            swiglu_backward_values<T>(v[2 * w + 1], g.y, u.y, dg.y, du.y, a.y);
-            memcpy(&d_g[w], &dg, sizeof(dg));
-            memcpy(&d_u[w], &du, sizeof(du));
-            memcpy(&act_words[w], &a, sizeof(a));
-          }
-          T* d_row = p.d_gate_up + m * p.ld_gate_up;
-          *reinterpret_cast<uint4*>(d_row + n) = make_uint4(d_g[0], d_g[1], d_g[2], d_g[3]);
-          *reinterpret_cast<uint4*>(d_row + p.intermediate + n) =
-              make_uint4(d_u[0], d_u[1], d_u[2], d_u[3]);
-          if (p.act != nullptr) {
-            *reinterpret_cast<uint4*>(p.act + m * p.ld_act + n) =
-                make_uint4(act_words[0], act_words[1], act_words[2], act_words[3]);
-          }
-        } else {  // element by element (unaligned operands or the last columns)
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            if (n + e < p.n_size) store_swiglu_backward(p, m, n + e, v[e]);
-          }
-        }
+    }
+    if (group == 0) {  // this warpgroup only (named barriers 2 and 3, as the plain stores)
+      asm volatile("bar.sync 2, 128;\n" ::: "memory");
+    } else {
+      asm volatile("bar.sync 3, 128;\n" ::: "memory");
+    }
+    const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
+    const int64_t row0 = m_tile_start + group * 64;
+#pragma unroll 1
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n0 = n_tile_start + h * kBox;
+      if (n0 >= p.n_size) break;
+      store_staged_block(half_blocks(h, 0), thread_in_group, p.d_gate_up, p.ld_gate_up, row0,
+                         m_limit, n0, p.n_size, p.vector_store_ok);
+      store_staged_block(half_blocks(h, 1), thread_in_group, p.d_gate_up + p.intermediate,
+                         p.ld_gate_up, row0, m_limit, n0, p.n_size, p.vector_store_ok);
+      if (p.act != nullptr) {
+        store_staged_block(half_blocks(h, 2), thread_in_group, p.act, p.ld_act, row0, m_limit, n0,
+                           p.n_size, p.vector_store_ok);
       }
     }
   }
@@ -751,7 +884,8 @@ bool sm90_kernel_ready() {
 }
 
 // p with the epilogue's access flags set from its pointers and strides: vector_store_ok
-// (16-byte stores of the plain epilogue; 16-byte accesses of the SwiGLU backward) and
+// (16-byte stores of the plain epilogue and of the wide kernel's SwiGLU forward; 16-byte
+// accesses of the SwiGLU backward) and
 // pair_store_ok (the SwiGLU epilogues' column pairs, also at column I + j). Shared with the
 // wide kernel (moe_grouped_gemm_sm90_wide.cuh).
 template <Epilogue kEpilogue, typename T>
@@ -767,12 +901,16 @@ GroupedGemmParams<T> with_epilogue_flags(const GroupedGemmParams<T>& p) {
     q.pair_store_ok = pair_aligned(p.gate_up) && p.ld_gate_up % 2 == 0 && p.intermediate % 2 == 0 &&
                       (p.d_gate_up == nullptr || pair_aligned(p.d_gate_up)) &&
                       (p.act == nullptr || (pair_aligned(p.act) && p.ld_act % 2 == 0));
-    // The SwiGLU backward's 8-column (16-byte) accesses.
+    // 8-column (16-byte) accesses: the SwiGLU backward's (gate_up read, d_gate_up and act
+    // written) and the wide kernel's SwiGLU forward (gate_up and act written).
     const auto aligned16 = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-    q.vector_store_ok = kEpilogue == Epilogue::kSwiGLUBackward && aligned16(p.gate_up) &&
-                        p.ld_gate_up % 8 == 0 && p.intermediate % 8 == 0 &&
-                        p.d_gate_up != nullptr && aligned16(p.d_gate_up) &&
-                        (p.act == nullptr || (aligned16(p.act) && p.ld_act % 8 == 0));
+    const bool gate_up_ok = aligned16(p.gate_up) && p.ld_gate_up % 8 == 0 && p.intermediate % 8 == 0;
+    const bool act_ok = p.act == nullptr || (aligned16(p.act) && p.ld_act % 8 == 0);
+    if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
+      q.vector_store_ok = gate_up_ok && act_ok && p.d_gate_up != nullptr && aligned16(p.d_gate_up);
+    } else {
+      q.vector_store_ok = gate_up_ok && act_ok && p.act != nullptr;
+    }
   }
   return q;
 }
@@ -808,8 +946,21 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
     // rows): leave that to the sm_80 launcher, which handles every empty case.
     return false;
   }
-  CUtensorMap map_a, map_b;
+  CUtensorMap map_a, map_b, map_gate_up;
   if (!make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
+  if constexpr (kEpilogue == Epilogue::kSwiGLUBackward) {
+    // gate_up [N][2I], read by the epilogue in 64 x 64 boxes (gate j0.., up I + j0..).
+    const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
+    const uint32_t box[2] = {kBox, kBox};
+    const uint64_t dims[2] = {static_cast<uint64_t>(2 * p.intermediate),
+                              static_cast<uint64_t>(p.num_rows)};
+    const uint64_t strides[1] = {static_cast<uint64_t>(p.ld_gate_up) * 2};
+    if (!encode_tensor_map_2byte(&map_gate_up, dtype, p.gate_up, 2, dims, strides, box)) {
+      return false;
+    }
+  } else {
+    map_gate_up = map_a;  // unused
+  }
   const GroupedGemmParams<T> q = with_epilogue_flags<kEpilogue>(p);
   int cluster_size = max_cluster >= 4 ? 4 : (max_cluster >= 2 ? 2 : 1);
   while (grid.x % cluster_size != 0) cluster_size /= 2;
@@ -825,7 +976,8 @@ bool try_launch_grouped_gemm_sm90(const GroupedGemmParams<T>& p, cudaStream_t st
   cluster[0].val.clusterDim.z = 1;
   config.attrs = cluster;
   config.numAttrs = cluster_size > 1 ? 1 : 0;
-  FLASHDELTA_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, map_a, map_b, q, cluster_size));
+  FLASHDELTA_CUDA_CHECK(
+      cudaLaunchKernelEx(&config, kernel, map_a, map_b, map_gate_up, q, cluster_size));
   return true;
 }
 

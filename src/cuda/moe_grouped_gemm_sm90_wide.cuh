@@ -23,8 +23,9 @@
 //
 // Shared memory (dynamic, 1024-byte aligned): a 4-stage ring of 48 KiB stages, each six 64 x 64
 // TMA boxes with the 128-byte swizzle [A rows 0-63, A rows 64-127, B 0-63, B 64-127, B 128-191,
-// B 192-255] (192 KiB); 8 KiB of epilogue staging per consumer warpgroup (the ring cannot be
-// borrowed: it already holds the next tile's k-steps); the tile table (kRows). 4 stages: a stage
+// B 192-255] (192 KiB); two epilogue staging buffers per consumer warpgroup (the ring cannot be
+// borrowed: it already holds the next tile's k-steps), 8 KiB each for kReduction, 4 KiB for
+// kRows (whose table leaves no room for 2 x 2 x 8 KiB); the tile table (kRows). 4 stages: a stage
 // is ~1000 cycles of MMAs, so three in flight cover ~3000 cycles of L2 / DRAM latency.
 // wgmma descriptors are those of the 128-wide kernel, 256 rows of B being four boxes back to back:
 // K-major B (forward): 32 core groups of 8 rows, 1024 B apart (SBO), one descriptor; N-major B
@@ -44,11 +45,23 @@
 // up I + j0 + 64, so a thread's accumulator column c < 128 (gate j0 + c) and c + 128 (up) are in
 // the same thread, as in the 128-wide kernel.
 //
-// Epilogues (per consumer warpgroup, independent of the other):
-//   plain store: four rounds of 64 columns: bf16 pairs into the 8 KiB staging (rows of 128 B,
-//     16-byte chunks XOR-swizzled by row % 8: conflict-free both ways), then rows leave as
-//     16-byte stores of 8 consecutive threads;
-//   SwiGLU forward: from the registers, column pairs (as the 128-wide kernel);
+// Epilogues (per consumer warpgroup, independent of the other). The plain store and the SwiGLU
+// forward write staged blocks of the 128-wide kernel's kind: 64 rows x 64 columns (kReduction)
+// or 32 (kRows), bf16 pairs in the layout of a TMA box with the 128- or 64-byte swizzle
+// (conflict-free both ways). A block wholly inside the output leaves by one TMA store
+// (cp.async.bulk.tensor from shared memory, issued by one thread): the warpgroup goes on while
+// TMA reads the staging and the global writes drain. Blocks that are not (the rows of an
+// expert's last tile, kRows; the last SwiGLU columns) or unaligned outputs leave as 16-byte
+// stores of consecutive threads a row. The two buffers alternate: the issuing thread waits for
+// a TMA store's shared-memory read (then the warpgroup meets) only when its buffer comes round
+// again, so one block is written while the previous one's store reads the other buffer, and a
+// tile's last store is waited for in the next tile's epilogue, after its main loop.
+//   plain store: 256 columns in blocks; kReduction (weight gradients: ~4 k-steps a tile at the
+//     35B-A3B sizes, so the epilogue is a large share of a tile) and kRows alike;
+//   SwiGLU forward: 128 act columns in rounds of one block each of gate, up and act (the
+//     arithmetic of the 128-wide kernel's swiglu_pairs). It used to store from the registers in
+//     4-byte column pairs, 8 rows apart: 4x the store instructions, half-used sectors, and it
+//     measured 44% of the matmul rate against 59-66% for the plain-store GEMMs;
 //   SwiGLU backward: eight rounds of 32 columns of d_act in fp32 through the staging, 8 columns
 //     a thread and item; the gate_up lines of the tile are prefetched into L2 four k-steps before
 //     the end of the main loop and each round's 16-byte gate / up loads are issued one round
@@ -81,16 +94,28 @@ constexpr int kABoxes = kBM / kBox, kBBoxes = kBN / kBox;
 constexpr int kStageBytes = (kABoxes + kBBoxes) * kBoxBytes;  // 48 KiB
 constexpr int kStages = 4;
 constexpr int kRingBytes = kStages * kStageBytes;
-constexpr int kStagingBytes = 64 * 128;  // per consumer warpgroup: 64 rows of 128 bytes
-constexpr int kTableOffset = kRingBytes + 2 * kStagingBytes;
 constexpr int kThreads = 3 * 128;
 constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;  // 128 x 40 + 256 x 232 <= 64 K
 constexpr int kPrefetchSteps = 4;  // SwiGLU backward: prefetch gate_up this many k-steps ahead
 
+// Epilogue blocks (staged, then stored by TMA or the threads): 64 rows of 128 bytes (64
+// columns, kReduction) or of 64 bytes (32 columns, kRows), two staging buffers of one block per
+// consumer warpgroup (32 or 16 KiB in all: with kRows's table, 2 x 2 x 8 KiB would not fit).
+__host__ __device__ constexpr int block_row_bytes(Grouping grouping) {
+  return grouping == Grouping::kReduction ? 128 : 64;
+}
+__host__ __device__ constexpr int block_bytes(Grouping grouping) {
+  return 64 * block_row_bytes(grouping);
+}
+constexpr int kBuffers = 2;  // staging buffers per consumer warpgroup
+// The table (kRows) follows the two consumer warpgroups' staging.
+__host__ __device__ constexpr int table_offset(Grouping grouping) {
+  return kRingBytes + 2 * kBuffers * block_bytes(grouping);
+}
 // Dynamic shared memory of one block: slack to align the ring to 1 KiB, ring, staging, table.
 inline int smem_bytes(Grouping grouping, int num_experts) {
   const int table = grouping == Grouping::kRows ? 3 * (num_experts + 1) * 4 : 0;
-  return 1024 + kTableOffset + table;
+  return 1024 + table_offset(grouping) + table;
 }
 
 // ---- PTX wrappers (sm_90a only): those of the 128-wide kernel, and the ones it lacks
@@ -241,9 +266,8 @@ __device__ __forceinline__ void build_row_tile_table(const int32_t* offsets, int
   __syncthreads();
 }
 
-// kTileN: the tile's output columns (the ping-pong kernel's tiles are 128 wide); a SwiGLU
-// tile covers kTileN / 2 act columns (gate and up side by side).
-template <Grouping kGrouping, Epilogue kEpilogue, int kTileN = kBN, typename T>
+// A SwiGLU tile covers kBN / 2 act columns (gate and up side by side).
+template <Grouping kGrouping, Epilogue kEpilogue, typename T>
 __device__ __forceinline__ TileInfo locate_tile(const GroupedGemmParams<T>& p, int64_t tile,
                                                 int64_t n_tiles, const int32_t* first_tile,
                                                 const int32_t* row_begin,
@@ -282,7 +306,7 @@ __device__ __forceinline__ TileInfo locate_tile(const GroupedGemmParams<T>& p, i
     t.row_begin = begin;
     t.k_extent = end - begin;
   }
-  t.n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kTileN / 2) : n_tile * kTileN;
+  t.n_tile_start = kEpilogue == Epilogue::kSwiGLU ? n_tile * (kBN / 2) : n_tile * kBN;
   t.num_k_tiles = static_cast<int>((t.k_extent + kBK - 1) / kBK);
   t.active_groups = t.m_tile_start + kBM / 2 < t.m_limit ? 2 : 1;
   return t;
@@ -294,6 +318,8 @@ template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kThreads, 1)
 grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
                               const __grid_constant__ CUtensorMap tmap_b,
+                              const __grid_constant__ CUtensorMap tmap_c,
+                              const __grid_constant__ CUtensorMap tmap_act,
                               const GroupedGemmParams<T> p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kReduction = kGrouping == Grouping::kReduction;
@@ -307,7 +333,12 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   __shared__ __align__(8) uint64_t empty_bar[kStages];
   const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1 KiB
   uint8_t* const ring_ptr = smem_raw + (ring - smem_u32(smem_raw));
-  int32_t* const first_tile = reinterpret_cast<int32_t*>(ring_ptr + kTableOffset);  // [E + 1]
+  constexpr int kBlockRowBytes = block_row_bytes(kGrouping);
+  constexpr int kBlockBytes = block_bytes(kGrouping);
+  constexpr int kBlockCols = kBlockRowBytes / 2;  // of an epilogue block
+  constexpr int kPairGroups = kBlockCols / 8;     // accumulator column groups of 8 a block
+  int32_t* const first_tile =
+      reinterpret_cast<int32_t*>(ring_ptr + table_offset(kGrouping));  // [E + 1]
   int32_t* const row_begin = first_tile + (p.num_experts + 1);                       // [E]
   int32_t* const row_end = row_begin + (p.num_experts + 1);                          // [E]
 
@@ -329,6 +360,10 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     };
     prefetch(&tmap_a);
     prefetch(&tmap_b);
+    if (p.tma_store_ok) {
+      prefetch(&tmap_c);
+      if constexpr (kEpilogue == Epilogue::kSwiGLU) prefetch(&tmap_act);
+    }
   }
 
   const int64_t n_tiles = kEpilogue == Epilogue::kSwiGLU
@@ -401,7 +436,10 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   const int group = warpgroup - 1;  // output rows [64 group, 64 group + 64) of each tile
   const int row_in_group = (warp % 4) * 16 + lane / 4;  // + 8 i: the accumulator rows
   const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
-  uint8_t* const staging = ring_ptr + kRingBytes + group * kStagingBytes;
+  // The warpgroup's two staging buffers (the SwiGLU backward uses the 8 KiB or more as one).
+  uint8_t* const staging = ring_ptr + kRingBytes + group * kBuffers * kBlockBytes;
+  int staged_blocks = 0;  // blocks this warpgroup has staged: buffer staged_blocks % 2
+  bool last_block_tma = false;  // whether the last one left by TMA (its read may be pending)
   const auto group_barrier = [&]() {
     if (group == 0) {
       named_barrier<2, 128>();
@@ -494,69 +532,108 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
     // ---- epilogue. Thread holds acc[4 j + 2 i + c] (j < 32) for
     //   row  64 group + row_in_group + 8 i,  column  8 j + 2 (lane % 4) + c
+    // Blocks of the warpgroup's 64 rows x kBlockCols columns in the storage dtype leave through
+    // the staging (staged blocks of moe_grouped_gemm_sm90.cuh, the layout of a TMA box with the
+    // kBlockRowBytes swizzle): stage_block writes the thread's pairs pair_at(jj, i) (columns
+    // 8 jj + 2 (lane % 4), + 1 of the block, rows row_in_group + 8 i); store_block sends the
+    // block out. Where the whole block lies inside the output (kRows: its 64 rows are the
+    // expert's; SwiGLU: its columns < I, as gate_up's map spans gate and up) and the host
+    // encoded the output maps, one thread stores it by TMA: the warps go back to work while TMA
+    // reads the staging and the writes drain, instead of issuing the stores themselves.
+    // Elsewhere (an expert's last rows, unaligned outputs) the threads store the rows in 16-byte
+    // pieces.
+    const int64_t block_row0 = t.m_tile_start + group * 64;
+    const bool rows_inside =
+        kReduction ? block_row0 < t.m_limit : block_row0 + 64 <= t.m_limit;  // kReduction: TMA clips m
+    // A block goes to buffer staged_blocks % 2 once that buffer is free: the issuing thread
+    // waits until the TMA store that read it has (older than the last store if the last block
+    // left by TMA, else the last one), and the threads' own stores of it are behind the
+    // barrier. So one block is written while the previous one's store reads the other buffer,
+    // and a tile's last store is waited for in the next tile's epilogue, after its main loop.
+    const auto stage_block = [&](auto pair_at) {
+      const uint32_t buffer = smem_u32(staging) + (staged_blocks % kBuffers) * kBlockBytes;
+      if (thread_in_group == 0) {
+        if (last_block_tma) {
+          sm90::bulk_wait_group_read<kBuffers - 1>();
+        } else {
+          sm90::bulk_wait_group_read<0>();
+        }
+      }
+      group_barrier();
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int jj = 0; jj < kPairGroups; ++jj) {
+          const int offset = sm90::staged_pair_offset<kBlockRowBytes>(row_in_group + 8 * i,
+                                                                      8 * jj + 2 * (lane % 4));
+          const StorePair<T> pair = pair_at(jj, i);
+          uint32_t bits;
+          memcpy(&bits, &pair, sizeof(bits));
+          sm90::st_shared_u32(buffer + offset, bits);
+        }
+      }
+      sm90::fence_proxy_async_shared();  // the buffer is read by TMA (async proxy)
+      group_barrier();
+    };
+    // map / tma_col: the block's first column in the map (the rows are block_row0.., kReduction
+    // the expert t.expert); base / ld / col0 / col_limit: the same place for the threads' stores.
+    const auto store_block = [&](const CUtensorMap* map, int64_t tma_col, bool cols_inside,
+                                 T* base, int64_t ld, int64_t col0, int64_t col_limit) {
+      const uint8_t* const buffer = staging + (staged_blocks % kBuffers) * kBlockBytes;
+      last_block_tma = p.tma_store_ok && rows_inside && cols_inside;  // uniform over the warpgroup
+      if (last_block_tma) {
+        if (thread_in_group == 0) {
+          const uint32_t src = smem_u32(buffer);
+          if constexpr (kReduction) {
+            sm90::tma_store_3d(map, src, static_cast<int32_t>(tma_col),
+                               static_cast<int32_t>(block_row0), t.expert);
+          } else {
+            sm90::tma_store_2d(map, src, static_cast<int32_t>(tma_col),
+                               static_cast<int32_t>(block_row0));
+          }
+          sm90::bulk_commit_group();
+        }
+      } else {
+        sm90::store_staged_block<kBlockRowBytes>(buffer, thread_in_group, base, ld, block_row0,
+                                                 t.m_limit, col0, col_limit, p.vector_store_ok);
+      }
+      ++staged_blocks;
+    };
     if constexpr (kEpilogue == Epilogue::kStore) {
       T* c_base = p.c;
       if constexpr (kReduction) c_base += static_cast<int64_t>(t.expert) * p.c_expert_stride;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // 64 columns a round
-        if (t.n_tile_start + 64 * r >= p.n_size) break;  // uniform
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int row = row_in_group + 8 * i;
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj) {
-            const int j = 8 * r + jj;
-            uint8_t* const dst = staging + row * 128 + ((jj ^ (row % 8)) * 16) + (lane % 4) * 4;
-            *reinterpret_cast<StorePair<T>*>(dst) =
-                StorePair<T>{from_f32<T>(value(4 * j + 2 * i)),
-                             from_f32<T>(value(4 * j + 2 * i + 1))};
-          }
-        }
-        group_barrier();
-#pragma unroll
-        for (int step = 0; step < 4; ++step) {  // 64 rows x 8 chunks of 8 columns
-          const int q = thread_in_group + 128 * step;
-          const int row = q / 8, chunk = q % 8;
-          const uint4 v =
-              *reinterpret_cast<const uint4*>(staging + row * 128 + ((chunk ^ (row % 8)) * 16));
-          const int64_t m = t.m_tile_start + group * 64 + row;
-          const int64_t n = t.n_tile_start + 64 * r + chunk * 8;
-          if (m >= t.m_limit || n >= p.n_size) continue;
-          T* dst = c_base + m * p.ldc + n;
-          if (p.vector_store_ok && n + 8 <= p.n_size) {
-            *reinterpret_cast<uint4*>(dst) = v;
-          } else {  // element by element: the 16 bytes as four pairs
-            const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-              StorePair<T> pair;
-              memcpy(&pair, &words[w], sizeof(pair));
-              if (n + 2 * w < p.n_size) dst[2 * w] = pair.x;
-              if (n + 2 * w + 1 < p.n_size) dst[2 * w + 1] = pair.y;
-            }
-          }
-        }
-        group_barrier();  // the staging is rewritten by the next round (or tile)
+      for (int r = 0; r < kBN / kBlockCols; ++r) {
+        const int64_t col0 = t.n_tile_start + kBlockCols * r;
+        if (col0 >= p.n_size) break;  // uniform
+        stage_block([&](int jj, int i) {
+          const int j = kPairGroups * r + jj;
+          return StorePair<T>{from_f32<T>(value(4 * j + 2 * i)),
+                              from_f32<T>(value(4 * j + 2 * i + 1))};
+        });
+        store_block(&tmap_c, col0, true, c_base, p.ldc, col0, p.n_size);
       }
-    } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {  // straight from the registers
+    } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
+      // Accumulator columns 0-127: gate j0 + c; 128-255: up j0 + c. Rounds of kBlockCols act
+      // columns, each storing its gate, up and act blocks in turn: rows leave whole instead of
+      // in the accumulator layout's 4-byte pairs 8 rows apart.
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t m = t.m_tile_start + group * 64 + row_in_group + 8 * i;
-        if (m >= t.m_limit) continue;
-        // Columns 0-127: gate j0 + col; columns 128-255: the up columns of the same j.
-#pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          const int64_t col = t.n_tile_start + 8 * j + 2 * (lane % 4);
-          if (col >= p.intermediate) continue;
-          const float g0 = value(4 * j + 2 * i), g1 = value(4 * j + 2 * i + 1);
-          const float u0 = value(4 * (j + 16) + 2 * i), u1 = value(4 * (j + 16) + 2 * i + 1);
-          if (p.pair_store_ok && col + 1 < p.intermediate) {
-            store_swiglu_pair(p, m, col, g0, u0, g1, u1);
-          } else {
-            store_swiglu(p, m, col, g0, u0);
-            if (col + 1 < p.intermediate) store_swiglu(p, m, col + 1, g1, u1);
-          }
-        }
+      for (int r = 0; r < kBN / 2 / kBlockCols; ++r) {
+        const int64_t col0 = t.n_tile_start + kBlockCols * r;
+        if (col0 >= p.intermediate) break;  // uniform
+        const auto pairs = [&](int jj, int i) {
+          const int j = kPairGroups * r + jj;
+          return sm90::swiglu_pairs<T>(value(4 * j + 2 * i), value(4 * (j + 16) + 2 * i),
+                                       value(4 * j + 2 * i + 1), value(4 * (j + 16) + 2 * i + 1));
+        };
+        const bool cols_inside = col0 + kBlockCols <= p.intermediate;
+        stage_block([&](int jj, int i) { return pairs(jj, i).gate; });
+        store_block(&tmap_c, col0, cols_inside, p.gate_up, p.ld_gate_up, col0, p.intermediate);
+        stage_block([&](int jj, int i) { return pairs(jj, i).up; });
+        store_block(&tmap_c, p.intermediate + col0, cols_inside, p.gate_up + p.intermediate,
+                    p.ld_gate_up, col0, p.intermediate);
+        stage_block([&](int jj, int i) { return pairs(jj, i).act; });
+        store_block(&tmap_act, col0, cols_inside, p.act, p.ld_act, col0, p.intermediate);
       }
     } else {  // kSwiGLUBackward, acc = d_act
       // Round r: columns [32 r, 32 r + 32) of the warpgroup's 64 rows, in fp32 in the staging
@@ -650,7 +727,15 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
         group_barrier();  // the staging is rewritten by the next round (or tile)
       }
     }
+    // The last TMA store must have read its buffer before the block's shared memory goes.
+    // Inside the loop: any instruction after it made ptxas spill the invariants it hoists out.
+    if constexpr (kEpilogue != Epilogue::kSwiGLUBackward) {  // (which stores no staged blocks)
+      if (tile + gridDim.x >= num_tiles && thread_in_group == 0) {
+        sm90::bulk_wait_group_read<0>();
+      }
+    }
   }
+
 #else
   __trap();  // never launched: the host checks for the sm_90a binary first
 #endif
@@ -686,12 +771,49 @@ bool wide_kernel_ready() {
   return ready;
 }
 
+// The output tensor maps of the TMA-stored epilogues (boxes of one epilogue block: 64 rows of
+// 64 columns, 128-byte swizzle, kReduction; of 32 columns, 64-byte swizzle, kRows): kStore: c,
+// [N][n] (kRows) or [E][m][n] (kReduction); kSwiGLU: gate_up [N][2I] and act [N][I]. False (the threads store instead) for the SwiGLU backward or when a map cannot
+// be encoded (an output or stride not 16-byte aligned).
+template <typename T, Grouping kGrouping, Epilogue kEpilogue>
+bool make_store_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_c,
+                            CUtensorMap* map_act) {
+  const DType dtype = std::is_same_v<T, __nv_bfloat16> ? DType::kBFloat16 : DType::kFloat16;
+  constexpr int kRowBytes = block_row_bytes(kGrouping);
+  const uint32_t box[3] = {static_cast<uint32_t>(kRowBytes / 2), 64, 1};  // an epilogue block
+  const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    if constexpr (kGrouping == Grouping::kReduction) {
+      const uint64_t dims[3] = {u(p.n_size), u(p.m_size), u(p.num_experts)};
+      const uint64_t strides[2] = {u(p.ldc) * 2, u(p.c_expert_stride) * 2};
+      return encode_tensor_map_2byte(map_c, dtype, p.c, 3, dims, strides, box, kRowBytes);
+    } else {
+      const uint64_t dims[2] = {u(p.n_size), u(p.num_rows)};
+      const uint64_t strides[1] = {u(p.ldc) * 2};
+      return encode_tensor_map_2byte(map_c, dtype, p.c, 2, dims, strides, box, kRowBytes);
+    }
+  } else if constexpr (kEpilogue == Epilogue::kSwiGLU) {
+    const uint64_t gate_up_dims[2] = {u(2 * p.intermediate), u(p.num_rows)};
+    const uint64_t gate_up_strides[1] = {u(p.ld_gate_up) * 2};
+    const uint64_t act_dims[2] = {u(p.intermediate), u(p.num_rows)};
+    const uint64_t act_strides[1] = {u(p.ld_act) * 2};
+    return encode_tensor_map_2byte(map_c, dtype, p.gate_up, 2, gate_up_dims, gate_up_strides,
+                                   box, kRowBytes) &&
+           encode_tensor_map_2byte(map_act, dtype, p.act, 2, act_dims, act_strides, box,
+                                   kRowBytes);
+  } else {
+    return false;
+  }
+}
+
 // Launches one grouped GEMM on the wide persistent path; false (nothing launched) when it does
 // not apply: operands not TMA-compatible, nothing to compute (the sm_80 launcher writes the
 // zeros of empty problems), the expert table does not fit, or no sm_90a code for the device.
 // The caller has checked that the device is sm_90.
+// `tma_stores`: false keeps every epilogue block on the threads' stores (a measuring switch).
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
-bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream_t stream) {
+bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream_t stream,
+                                       bool tma_stores) {
   if (!p.vector_ok || p.num_rows == 0 || p.num_experts == 0) return false;
   if (kGrouping == Grouping::kRows && p.k_size == 0) return false;  // the sm_80 path's zeros
   if (!wide_kernel_ready<T, kGrouping, kBKContig, kEpilogue>()) return false;
@@ -713,9 +835,13 @@ bool try_launch_grouped_gemm_sm90_wide(const GroupedGemmParams<T>& p, cudaStream
   if (tiles_bound == 0) return false;
   CUtensorMap map_a, map_b;
   if (!sm90::make_tensor_maps<T, kGrouping, kBKContig, kEpilogue>(p, &map_a, &map_b)) return false;
-  const GroupedGemmParams<T> q = sm90::with_epilogue_flags<kEpilogue>(p);
+  GroupedGemmParams<T> q = sm90::with_epilogue_flags<kEpilogue>(p);
+  CUtensorMap map_c = map_a, map_act = map_a;  // copies of a valid map where unused
+  q.tma_store_ok =
+      tma_stores && make_store_tensor_maps<T, kGrouping, kEpilogue>(q, &map_c, &map_act);
   const int64_t blocks = tiles_bound < info.sm_count ? tiles_bound : info.sm_count;
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(map_a, map_b, q);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(map_a, map_b, map_c, map_act,
+                                                                     q);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   return true;
 }

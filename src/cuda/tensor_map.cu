@@ -29,8 +29,9 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled_entry_point() {
 
 bool encode_tensor_map_2byte(CUtensorMap* map, DType dtype, const void* base, int rank,
                              const uint64_t* dims, const uint64_t* strides_bytes,
-                             const uint32_t* box) {
+                             const uint32_t* box, int swizzle_bytes) {
   if (rank < 2 || rank > 5) return false;
+  if (swizzle_bytes != 128 && swizzle_bytes != 64) return false;
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
   const auto encode = encode_tiled_entry_point();
   if (encode == nullptr) return false;
@@ -49,7 +50,8 @@ bool encode_tensor_map_2byte(CUtensorMap* map, DType dtype, const void* base, in
       map,
       dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
       static_cast<cuuint32_t>(rank), const_cast<void*>(base), global_dims, global_strides,
-      box_dims, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      box_dims, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      swizzle_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_64B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS;
 }

@@ -259,11 +259,12 @@ def test_more_experts_than_threads_per_block(device):
 
 
 # ---- the CUDA GEMM paths (FLASHDELTA_MOE_GEMM): sm80 = mma.sync + cp.async, any device;
-# sm90-pingpong = wgmma + TMA, 128 x 128 tiles, persistent, each consumer warpgroup a whole tile
-# (Hopper only; what auto takes for the two SwiGLU-epilogue GEMMs); sm90-wide = wgmma + TMA,
-# 128 x 256 tiles, persistent (what auto takes for the others, and sm90); sm90-128 = wgmma + TMA,
-# 128 x 128 tiles, one block a tile (sm90-1cta is the same); sm90-2cta / sm90-4cta = sm90-128 in
-# clusters of up to 2 / 4 blocks with TMA multicast where the tile counts allow.
+# sm90-wide = wgmma + TMA, 128 x 256 tiles, persistent (Hopper only; what auto takes for every
+# GEMM but the SwiGLU backward, and sm90); sm90-128 = wgmma + TMA, 128 x 128 tiles, one block a
+# tile (sm90-1cta is the same; auto's SwiGLU backward, its gate_up tile loaded by TMA into the
+# ring); sm90-wide-thread-stores = sm90-wide without its epilogue's TMA stores; sm90-2cta /
+# sm90-4cta = sm90-128 in clusters of up to 2 / 4 blocks with TMA multicast
+# where the tile counts allow.
 
 def _is_sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -273,9 +274,9 @@ GEMM_PATHS = [
     pytest.param("sm80", id="sm80"),
     pytest.param("sm90", id="sm90",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
-    pytest.param("sm90-pingpong", id="sm90-pingpong",
-                 marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
     pytest.param("sm90-wide", id="sm90-wide",
+                 marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
+    pytest.param("sm90-wide-thread-stores", id="sm90-wide-thread-stores",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
     pytest.param("sm90-128", id="sm90-128",
                  marks=pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")),
@@ -360,10 +361,10 @@ def test_gemm_paths_agree_on_the_forward_tensors(monkeypatch):
     permuted, _, _, offsets = moe_permute(hidden.to("cuda", torch.bfloat16), idx.cuda(), E)
     W1, W2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
     results = {}
-    for path in ("sm80", "sm90-128", "sm90-wide", "sm90-pingpong"):
+    for path in ("sm80", "sm90-128", "sm90-wide"):
         monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
         results[path] = moe_experts_fwd(permuted, offsets, W1, W2)
-    for path in ("sm90-128", "sm90-wide", "sm90-pingpong"):
+    for path in ("sm90-128", "sm90-wide"):
         for a, b in zip(results["sm80"], results[path]):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
@@ -424,12 +425,13 @@ def test_gemm_path_setting_errors(monkeypatch):
     hidden = torch.randn(5, 16, device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor([0, 2, 4, 5], dtype=torch.int32, device="cuda")
     args = (hidden, offsets, experts.gate_up_proj.detach(), experts.down_proj.detach())
-    monkeypatch.setenv("FLASHDELTA_MOE_GEMM", "hopper")
-    with pytest.raises(ValueError, match="FLASHDELTA_MOE_GEMM"):
-        moe_experts_fwd(*args)
+    for bad in ("hopper", "sm90-pingpong"):  # sm90-pingpong: a kernel since removed
+        monkeypatch.setenv("FLASHDELTA_MOE_GEMM", bad)
+        with pytest.raises(ValueError, match="FLASHDELTA_MOE_GEMM"):
+            moe_experts_fwd(*args)
     if not _is_sm90():
-        for path in ("sm90", "sm90-pingpong", "sm90-wide", "sm90-128", "sm90-1cta", "sm90-2cta",
-                     "sm90-4cta"):
+        for path in ("sm90", "sm90-wide", "sm90-wide-thread-stores", "sm90-128", "sm90-1cta",
+                     "sm90-2cta", "sm90-4cta"):
             monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
             with pytest.raises(NotImplementedError, match="FLASHDELTA_MOE_GEMM"):
                 moe_experts_fwd(*args)
@@ -437,7 +439,7 @@ def test_gemm_path_setting_errors(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
-@pytest.mark.parametrize("path", ["sm90-pingpong", "sm90-wide", "sm90-128"])
+@pytest.mark.parametrize("path", ["sm90-wide", "sm90-wide-thread-stores", "sm90-128"])
 def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
     """More tiles than an H100/H200 has SMs in every GEMM, so each block of the persistent
     sm90-wide kernel walks several tiles (its ring carries over from one tile's k-steps to the
@@ -446,9 +448,7 @@ def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
     weight gradients, ragged last ones), expert 5 without rows (zero weight gradients written by
     a block between other tiles), H = 512, I = 320 (not a multiple of 128: the last SwiGLU tile
     has 64 act columns, d_act's last 256-column tile 64). Tiles (sm90-wide): x W1 ~216, act W2
-    ~144, d_act ~144, d_hidden ~144, dW2 192, dW1 240; sm90-pingpong (128 x 128 tiles, each
-    consumer warpgroup every other tile of its block, the MMA turn passed between them) about
-    twice as many. Against float64; the same on sm90-128."""
+    ~144, d_act ~144, d_hidden ~144, dW2 192, dW1 240. Against float64; the same on sm90-128."""
     import flashdelta
 
     if not {"moe_experts.forward", "moe_experts.backward"} <= set(
@@ -482,48 +482,91 @@ def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
-def test_gemm_pingpong_is_bitwise_the_128_kernel(monkeypatch):
-    """sm90-pingpong computes each 128 x 128 tile with the MMAs of sm90-128 (m64n128k16 per
-    64-row half, k in the same order) and the same epilogue roundings: outputs and every gradient
-    bitwise equal. The shape makes the ping-pong schedule work: E = 16, 4096 tokens top-4 over
-    15 experts (~1090 rows each: 9 row tiles, ragged last ones), expert 7 without rows; H = 1024
-    (16 k-steps in x W1 and d_out W2: the 6-stage ring wraps around within a tile, so a consumer
-    that overtook the other would read a stale stage), I = 192 (3 SwiGLU tiles of 64 act
-    columns, d_act's second 128-column tile half full); every GEMM has more tiles than an H100
-    has SMs, and the weight gradients 17-18 k-steps a tile."""
+def test_gemm_wide_tma_stores_change_nothing(monkeypatch):
+    """sm90-wide's epilogue blocks leave by TMA stores where they lie wholly inside the output,
+    else by the threads' stores; sm90-wide-thread-stores stores them all by the threads: the
+    same staged values, so outputs and every gradient are bitwise equal (a TMA box layout that
+    did not match the staging's 128- or 64-byte swizzle, or a store clipped wrongly, would show).
+    The persistent shape (several tiles a block; the two staging buffers in turn, a tile's last
+    TMA store waited for in the next tile's epilogue; I = 320: partial column blocks, clipped by
+    TMA or stored by the threads), expert 5 without rows (its zero weight gradients stored by
+    TMA)."""
     import flashdelta
 
     if not {"moe_experts.forward", "moe_experts.backward"} <= set(
             flashdelta.build_info()["cuda_ops"]):
         pytest.skip("this build has no CUDA moe_experts")
-    E, T, k, H, I = 16, 4096, 4, 1024, 192
-    idx, w = random_routing(T, E - 1, k, seed=51)
-    idx[idx >= 7] += 1  # expert 7 receives no rows
-    experts = experts_module(E, H, I, dtype=torch.bfloat16, seed=10).to("cuda")
+    E, T, k, H, I = 24, 2048, 4, 512, 320
+    idx, w = random_routing(T, E - 1, k, seed=43)
+    idx[idx >= 5] += 1  # expert 5 receives no rows
+    experts = experts_module(E, H, I, dtype=torch.bfloat16, seed=12).to("cuda")
     experts.requires_grad_(True)
-    gen = torch.Generator().manual_seed(52)
+    gen = torch.Generator().manual_seed(44)
     hidden = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
     d_out = torch.randn(T, H, generator=gen).to("cuda", torch.bfloat16)
     wb = w.to("cuda", torch.bfloat16)
     results = {}
-    for path in ("sm90-128", "sm90-pingpong"):
+    for path in ("sm90-wide", "sm90-wide-thread-stores"):
         monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
         x = hidden.clone().requires_grad_()
         out = moe_experts(x, idx.cuda(), wb, experts.gate_up_proj, experts.down_proj)
         results[path] = [out.detach(), *torch.autograd.grad(
             out, [x, experts.gate_up_proj, experts.down_proj], d_out)]
     for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"),
-                          results["sm90-pingpong"], results["sm90-128"]):
+                          results["sm90-wide"], results["sm90-wide-thread-stores"]):
         assert torch.equal(a, b), name
-    assert torch.count_nonzero(results["sm90-pingpong"][2][7]) == 0
-    assert torch.count_nonzero(results["sm90-pingpong"][3][7]) == 0
+    assert torch.count_nonzero(results["sm90-wide"][2][5]) == 0
+    assert torch.count_nonzero(results["sm90-wide"][3][5]) == 0
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
-@pytest.mark.parametrize("path", ["sm90-wide", "sm90-pingpong"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("H, I", [(64, 40), (128, 72), (192, 136), (96, 37)],
+                         ids=["k1-half", "k2-partial", "k3-two-tiles", "odd-I"])
+@pytest.mark.parametrize("path", ["sm90-128", "sm90-wide"])
+def test_gemm_swiglu_epilogues_against_float64(monkeypatch, path, H, I, dtype):
+    """The staged SwiGLU epilogues against float64. sm90-128's backward loads its gate_up tile
+    by TMA into the ring as two producer steps after the last k-step, at ring positions that
+    depend on the k-step count: H = 64 / 128 / 192 (1 / 2 / 3 k-steps) puts the two gate_up
+    stages and the act stage at every position of the 3-stage ring. Column edges: I = 40 (the
+    d_act tile's second 64-column half wholly past I: not loaded, not stored), 72 (8 valid
+    columns in that half), 136 (a second d_act tile of 8 valid columns; forward: the last SwiGLU
+    tile 8 columns); I = 37: gate_up and act rows not 16-byte aligned, the SwiGLU forwards store
+    element by element (the backward GEMMs, W2's rows unaligned too, take sm80). Routing at the
+    tile edges, expert 1 without rows; bitwise deterministic."""
+    import flashdelta
+
+    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
+            flashdelta.build_info()["cuda_ops"]):
+        pytest.skip("this build has no CUDA moe_experts")
+    monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
+    idx, w, E = tile_edge_routing()
+    experts = experts_module(E, H, I, dtype=dtype, seed=11).to("cuda")
+    experts.requires_grad_(True)
+    gen = torch.Generator().manual_seed(23)
+    hidden = torch.randn(idx.shape[0], H, generator=gen).to("cuda", dtype)
+    d_out = torch.randn(idx.shape[0], H, generator=gen).to("cuda", dtype)
+    results = []
+    for _ in range(2):
+        x = hidden.clone().requires_grad_()
+        out = moe_experts(x, idx.cuda(), w.to("cuda", dtype), experts.gate_up_proj,
+                          experts.down_proj)
+        results.append([out.detach(), *torch.autograd.grad(
+            out, [x, experts.gate_up_proj, experts.down_proj], d_out)])
+    want = reference_f64(experts, hidden, idx, w.to(dtype), d_out)
+    for name, a, b in zip(("out", "d_hidden", "d_gate_up_proj", "d_down_proj"), results[0], want):
+        assert a.shape == b.shape, name
+        assert rel_l2(a.cpu(), b) < 1e-2, (path, name)
+    assert torch.count_nonzero(results[0][2][1]) == 0 and torch.count_nonzero(results[0][3][1]) == 0
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _is_sm90(), reason="needs an sm_90 device")
+@pytest.mark.parametrize("path", ["sm90-wide"])
 def test_gemm_wide_handles_many_experts(monkeypatch, path):
-    """The persistent kernels keep a table of 3 (E + 1) ints in shared memory: E = 600
+    """The persistent kernel keeps a table of 3 (E + 1) ints in shared memory: E = 600
     (Qwen3-Next has 512) still fits; the block scan reads the offsets in two rounds of 384."""
     import flashdelta
 

@@ -2,7 +2,7 @@
 
     python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
                                    [--intermediate 512] [--json PATH] [--profile]
-                                   [--gemm-paths auto,sm90-pingpong,sm90-wide,sm90-128,sm80]
+                                   [--gemm-paths auto,sm90-wide,sm90-128,sm80]
 
 bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
 
@@ -16,10 +16,10 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
 - grouped GEMMs alone (flashdelta's moe_experts forward and backward custom ops, offsets from a
   real routing): TFLOP/s and their fraction of a torch bf16 8192^3 matmul measured in this run,
   one row per GEMM path of --gemm-paths (FLASHDELTA_MOE_GEMM values; default on sm_90: auto,
-  sm90-pingpong = the persistent 128 x 128 wgmma kernel whose two consumer warpgroups alternate
-  whole tiles, sm90-wide = the persistent 128 x 256 one, sm90-128 = the 128 x 128 one a block a
-  tile, sm80 = the portable mma.sync kernel; elsewhere auto); with --profile, each GEMM's device
-  time and TFLOP/s on each path.
+  sm90-wide = the persistent 128 x 256 wgmma kernel, sm90-128 = the 128 x 128 one a block a
+  tile, sm80 = the portable mma.sync kernel; elsewhere auto; sm90-wide-thread-stores, sm90-wide
+  without its epilogue TMA stores, on request); with --profile, each GEMM's device time and
+  TFLOP/s on each path.
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
 called from Python (host dispatch included); "routing fwd+bwd, kernels" is the same step's GPU
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--gemm-paths", metavar="LIST",
                    help="comma-separated FLASHDELTA_MOE_GEMM values to time the grouped GEMMs on "
-                        "(default on sm_90: auto,sm90-pingpong,sm90-wide,sm90-128,sm80; "
+                        "(default on sm_90: auto,sm90-wide,sm90-128,sm80; "
                         "elsewhere: auto)")
     p.add_argument("--profile", action="store_true",
                    help="also print each section's kernels and each grouped GEMM's time and "
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     if args.gemm_paths:
         paths = [x.strip() for x in args.gemm_paths.split(",") if x.strip()]
     elif torch.cuda.get_device_capability() == (9, 0):
-        paths = ["auto", "sm90-pingpong", "sm90-wide", "sm90-128", "sm80"]
+        paths = ["auto", "sm90-wide", "sm90-128", "sm80"]
     else:
         paths = ["auto"]
     saved_path = os.environ.get("FLASHDELTA_MOE_GEMM")
