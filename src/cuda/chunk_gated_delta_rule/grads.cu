@@ -29,8 +29,11 @@
 // over M, dT's column gates, dA's gates), the row dots dr, de, dKb.k (per column group of warps,
 // summed in a fixed order) and the row and column sums of dM * M, dA * A, dA * KKg that make
 // dgamma and dbeta (per column group, per band of 16 rows) run in the products' epilogues on
-// their registers, and dv is stored from them; the fp32 tile carries only products that a later
-// product accumulates onto (read back by the thread that wrote them: no barrier), and K K^T.
+// their registers, and dv is stored from them. The pairs of products that sum into one result
+// (dVn's, dQ's, dT's) chain in registers: the first's epilogue keeps its (gated) result as a
+// bwd::ChainTile and the second starts its accumulators from it (bwd::gemm_apply_onto), so the
+// fp32 tile holds only K K^T, made once per key head (it does not depend on the value head), and
+// the final dq, dk rows.
 // Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
 // together for the first value head (issued before q and k are loaded, so the two overlap); dO
 // too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is
@@ -41,7 +44,7 @@
 //
 // Launch: grid (slot, key head), 512 threads, <= 128 registers (__launch_bounds__(512, 1)),
 // 222 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
-// version): one block, 16 warps, per SM. Work per chunk and value head: 18 products, ~11.5 M
+// version): one block, 16 warps, per SM. Work per chunk and value head: 17 products (+ K K^T per key head), ~11 M
 // multiply-adds, for ~130 KB read.
 // Why 16 warps in one block rather than two blocks of 8 (bench/NOTES.md, "grads round 3"): the
 // working set of one value head is ~215 KB (q, k, dO/v, W/dVn, U/Vn/dW: 5 x 17 KB; S^T, dS'^T:
@@ -344,6 +347,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
     cp_async_wait<0>();
     __syncthreads();
+    // K K^T, the same for every value head of the key head, into f (fp32 [64, kLdCf]) once: no
+    // other product of a value head goes through f (pairs chain in registers), and dA's epilogue
+    // reads it in this product's layout (GemmLayout<kC>), each thread its own positions.
+    if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
     const float e_last = __expf(sm.gamma[kC - 1]);
     // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
     // warps in order at the end).
@@ -379,9 +386,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
     // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
-    // stores diag(r) K dS'; the second reads back only what the same thread stored (same layout)
-    // and writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band
-    // barrier between them, no block barrier since Vn's.
+    // keeps diag(r) K dS' in registers, which the second starts from (gemm_apply_onto); it
+    // writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band barrier
+    // between them, no block barrier since Vn's.
+    bwd::ChainTile<kD, kThreads> chain_d;
     {
       float dr_lo = 0.f, dr_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, true, kThreads>(
@@ -396,17 +404,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                   *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + (row + 8) * kLdD + c));
               dr_lo += acc[nt][0] * vn_lo.x + acc[nt][1] * vn_lo.y;
               dr_hi += acc[nt][2] * vn_hi.x + acc[nt][3] * vn_hi.y;
-              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
-                  make_float2(r_lo * acc[nt][0], r_lo * acc[nt][1]);
-              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
-                  make_float2(r_hi * acc[nt][2], r_hi * acc[nt][3]);
             }
+            bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.r[r]; },
+                             [](int) { return 1.f; });
           });
       store_row_parts(dr_lo, dr_hi, sm.dr_part);
     }
     band_barrier<kThreads>();  // the band's warps are done with W's rows
-    bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
-        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
+    bwd::gemm_apply_onto<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
+        chain_d, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
         });
     __syncthreads();
@@ -443,12 +449,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         });
 
     // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
-    // same pattern as dVn's: de's partial dots in the first product's epilogue.
+    // same pattern as dVn's: de's partial dots in the first product's epilogue, diag(e) dO S^T
+    // kept in registers for the second to start from.
     {
       float de_lo = 0.f, de_hi = 0.f;
       bwd::gemm_apply<kD, kD, false, false, kThreads>(
           nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
-            const float e_lo = sm.e[row], e_hi = sm.e[row + 8];
 #pragma unroll
             for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
               const int c = col + 8 * nt;
@@ -458,11 +464,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                   *reinterpret_cast<const __nv_bfloat162*>(sm.q + (row + 8) * kLdD + c));
               de_lo += acc[nt][0] * q_lo.x + acc[nt][1] * q_lo.y;
               de_hi += acc[nt][2] * q_hi.x + acc[nt][3] * q_hi.y;
-              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
-                  make_float2(e_lo * acc[nt][0], e_lo * acc[nt][1]);
-              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
-                  make_float2(e_hi * acc[nt][2], e_hi * acc[nt][3]);
             }
+            bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.e[r]; },
+                             [](int) { return 1.f; });
           });
       store_row_parts(de_lo, de_hi, sm.de_part);
     }
@@ -472,8 +476,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       cp_async_commit();
     }
     if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
-    bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
-                                                    add_to(dq_sum, [&](int) { return p.scale; }));
+    bwd::gemm_apply_onto<kD, kC, false, false, kThreads>(
+        chain_d, sm.m, kLdC, sm.k, kLdD, add_to(dq_sum, [&](int) { return p.scale; }));
 
     // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
     bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
@@ -481,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
                                                     add_to(dk_sum, [&](int r) { return sm.r[r]; }));
     // dW replaces Vn, whose rows only the band's warps read since the last block barrier (dK's A
-    // operand), and dT's first product then reuses f, whose rows are the band's in both layouts.
+    // operand).
     band_barrier<kThreads>();
 
     // ---- dW = -dVn S^T (over Vn, done with).
@@ -495,12 +499,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                              false, 1.f, nullptr, sm.dov);
 
     // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
-    // second product reads back only what the same thread wrote in the first.
+    // first product's result stays in registers for the second to start from.
+    bwd::ChainTile<kC, kThreads> chain_t;
     bwd::gemm_apply<kC, kD, false, true, kThreads>(
         nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const auto& acc) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
-          });
+          bwd::keep_scaled(chain_t, row, col, acc, [](int) { return 1.f; },
+                           [&](int c) { return sm.e[c]; });
         });
     if (v_async) cp_async_wait<0>();
     __syncthreads();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
@@ -510,8 +514,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
       cp_async_commit();
     }
-    bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
+    bwd::gemm_apply_onto<kC, kD, false, true, kThreads>(
+        chain_t, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
           bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
             *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
                 pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
@@ -573,14 +577,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
     // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
-    // registers (K K^T at the same positions of f, written by the same thread):
+    // registers (K K^T at the same positions of f, made once for all the value heads):
     // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
     // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
     bwd::gemm_apply<kC, kC, true, false, kThreads>(
         nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
           bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
         });
-    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
     __syncthreads();
     if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
       const size_t next = ws_index(p, slot, hv + 1, kC * kD);
