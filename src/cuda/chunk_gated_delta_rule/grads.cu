@@ -294,23 +294,30 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
                                                const int64_t* dx_s, const float* dy) {
   constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
-  // Not unrolled: every block runs this once, so its code is fetched from L2 by every block;
-  // unrolled eight times over (twice, for dq and dk) it was a quarter of the kernel's code.
-#pragma unroll 1
+  // Every row's x first, all kRowsPerWarp x 4 loads in flight together (the rows were read at the
+  // item's start, so these are L2 hits): one latency per call instead of one per row. Then the
+  // rows one by one, unrolled (4 at 16 warps) so that xs stays in registers; this runs once per
+  // item, twice, a few hundred instructions in all.
+  float xs[kRowsPerWarp][4];
+#pragma unroll
   for (int m = 0; m < kRowsPerWarp; ++m) {
     const int r = warp + kWarps * m;
-    if (r >= ch.len) continue;  // warp-uniform
-    const int64_t t = ch.t0 + r;
-    const T* xr = x + ch.batch * x_s[0] + t * x_s[1] + h * x_s[2];
-    T* out = dx + ch.batch * dx_s[0] + t * dx_s[1] + h * dx_s[2];
-    float g[4], xv[4];
+    const T* xr = x + ch.batch * x_s[0] + (ch.t0 + r) * x_s[1] + h * x_s[2];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;
-      g[j] = dy[r * kLdDf + d];
-      xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
+      xs[m][j] = r < ch.len && d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
     }
-    if (p.l2norm) l2norm_backward_row(xv, g);
+  }
+#pragma unroll
+  for (int m = 0; m < kRowsPerWarp; ++m) {
+    const int r = warp + kWarps * m;
+    if (r >= ch.len) continue;  // warp-uniform
+    T* out = dx + ch.batch * dx_s[0] + (ch.t0 + r) * dx_s[1] + h * dx_s[2];
+    float g[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) g[j] = dy[r * kLdDf + lane + 32 * j];
+    if (p.l2norm) l2norm_backward_row(xs[m], g);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;
