@@ -397,6 +397,28 @@ def test_backward_many_short_sequences():
 
 
 @needs_backward
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16-async-do", "fp16"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["batch", "varlen"])
+def test_backward_persistent_grads_many_items(dtype, varlen):
+    """More (slot, key head) items than the gradient kernel's persistent grid has blocks (one per
+    SM): every block walks several items, prefetching the next item's first value head during its
+    current item's last (group 2; varlen with an empty sequence and empty slots between sequences).
+    Against the CPU op, and bitwise deterministic."""
+    if varlen:
+        cu = [0, 3000, 3000, 3001, 6100, 9050]
+        B, T = 1, cu[-1]
+    else:
+        cu, B, T = None, 2, 4500
+    inputs = make_inputs(B, T, 2, 4, 128, 128, dtype, "cpu", seed=23, cu_seqlens=cu)
+    _, _, grads = run_with_grads(OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+    _, _, grads_ref = run_with_grads(OP, with_grads(inputs, "cpu"), use_qk_l2norm_in_kernel=True)
+    assert_grads_within(grads, grads_ref, 1e-2)
+    _, _, again = run_with_grads(OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+    for n in grads:
+        assert torch.equal(grads[n], again[n]), n
+
+
+@needs_backward
 def test_backward_long_sequence_few_heads():
     """T = 262144 with one head, against the CPU op."""
     inputs = make_inputs(1, 262144, 1, 1, 128, 128, torch.bfloat16, "cpu", seed=9)

@@ -100,12 +100,34 @@ struct GemmLayout {
 template <typename Acc>
 constexpr int kTilesOf = std::extent<std::remove_cv_t<std::remove_reference_t<Acc>>>::value;
 
+// The k loop of one output block of a product: acc += A B over the whole of Kd for the block
+// (band m0, columns n0 ..), operands by ldmatrix, one A fragment per k16 step serving the block's
+// n8 tiles. (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the
+// instructions.)
+template <int Kd, bool kAT, bool kBT, int NT>
+__device__ __forceinline__ void mma_block(float (&acc)[NT][4], const bf16* A, int lda,
+                                          const bf16* B, int ldb, int m0, int n0) {
+  static_assert(Kd % 16 == 0 && NT % 2 == 0, "mma_block shapes");
+#pragma unroll 4
+  for (int k0 = 0; k0 < Kd; k0 += 16) {
+    uint32_t a[4];
+    if constexpr (kAT) load_a_cols(a, A, lda, m0, k0);
+    else load_a_rows(a, A, lda, m0, k0);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      if constexpr (kBT) load_b_rows(b, B, ldb, n0 + np * 16, k0);
+      else load_b_cols(b, B, ldb, n0 + np * 16, k0);
+      mma_bf16(acc[2 * np], a, b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
 // [C +] A B for A 64 x Kd, B Kd x N, bf16 tiles in shared memory (kAT: A stored transposed, as
 // Kd x 64; kBT: B stored as N x Kd; lda, ldb the stored row strides, multiples of 8), C (fp32,
 // row stride ldc) or nothing (C null). Warps split the output as GemmLayout says; each block's
-// accumulators stay in registers over the whole of Kd; operands come by ldmatrix, one A fragment
-// per k16 step serving the block's n8 tiles. (mma_tile's WMMA loads compile to 32-bit shared
-// loads, four to eight times the instructions.)
+// accumulators stay in registers over the whole of Kd (mma_block).
 // Each finished block goes to epilogue(blk, row, col, acc): acc[nt][0..1] are (row, col + 8 nt
 // + 0..1), acc[nt][2..3] the same columns of row + 8; nt < kTilesOf<decltype(acc)>. The block
 // loop is not unrolled: one copy of the main loop and of the epilogue per product, because the
@@ -118,7 +140,6 @@ template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
 __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* A, int lda,
                                            const bf16* B, int ldb, Epilogue&& epilogue) {
   using L = GemmLayout<N, kThreads>;
-  static_assert(Kd % 16 == 0, "gemm_apply shapes");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int m0 = (warp & 3) * 16;
@@ -137,22 +158,54 @@ __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* 
         acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
       }
     }
-#pragma unroll 4
-    for (int k0 = 0; k0 < Kd; k0 += 16) {
-      uint32_t a[4];
-      if constexpr (kAT) load_a_cols(a, A, lda, m0, k0);
-      else load_a_rows(a, A, lda, m0, k0);
-#pragma unroll
-      for (int np = 0; np < L::kTiles / 2; ++np) {
-        uint32_t b[4];
-        if constexpr (kBT) load_b_rows(b, B, ldb, n0 + np * 16, k0);
-        else load_b_cols(b, B, ldb, n0 + np * 16, k0);
-        mma_bf16(acc[2 * np], a, b[0], b[1]);
-        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
-      }
-    }
+    mma_block<Kd, kAT, kBT>(acc, A, lda, B, ldb, m0, n0);
     epilogue(blk, m0 + g, n0 + 2 * t4, acc);
   }
+}
+
+// A product's per-thread result kept in registers for the next product of the same output layout
+// to accumulate onto (gemm_apply_onto), in place of a round trip through an fp32 tile: one block
+// per warp (GemmLayout::kBlocks == 1, true of N = 64 and N = 128 at 16 warps), kTiles x 4 floats.
+template <int N, int kThreads>
+using ChainTile = float[GemmLayout<N, kThreads>::kTiles][4];
+
+// Epilogue helper: a block's results, each row r times row_mul(r) and each column c times
+// col_mul(c), into a ChainTile.
+template <int NT, typename RowMul, typename ColMul>
+__device__ __forceinline__ void keep_scaled(float (&keep)[NT][4], int row, int col,
+                                            const float (&acc)[NT][4], RowMul row_mul,
+                                            ColMul col_mul) {
+  const float lo = row_mul(row), hi = row_mul(row + 8);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const float c0 = col_mul(col + 8 * nt), c1 = col_mul(col + 8 * nt + 1);
+    keep[nt][0] = lo * acc[nt][0] * c0;
+    keep[nt][1] = lo * acc[nt][1] * c1;
+    keep[nt][2] = hi * acc[nt][2] * c0;
+    keep[nt][3] = hi * acc[nt][3] * c1;
+  }
+}
+
+// gemm_apply with the accumulators starting from `init` (a ChainTile the previous product of the
+// same layout left in this thread's registers) instead of an fp32 tile: the products of a pair
+// (dVn's, dT's) chain without writing and reading back 32 KB of shared memory, and need no
+// barrier between them for it.
+template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
+__device__ __forceinline__ void gemm_apply_onto(const ChainTile<N, kThreads>& init, const bf16* A,
+                                                int lda, const bf16* B, int ldb,
+                                                Epilogue&& epilogue) {
+  using L = GemmLayout<N, kThreads>;
+  static_assert(L::kBlocks == 1, "a chained product has one output block per warp");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int m0 = (warp & 3) * 16, n0 = (warp >> 2) * L::kWarpCols;
+  float acc[L::kTiles][4];
+#pragma unroll
+  for (int nt = 0; nt < L::kTiles; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = init[nt][i];
+  }
+  mma_block<Kd, kAT, kBT>(acc, A, lda, B, ldb, m0, n0);
+  epilogue(0, m0 + (lane >> 2), n0 + 2 * (lane & 3), acc);
 }
 
 // Epilogue: the block's results into an fp32 tile (row stride ld).

@@ -3,8 +3,8 @@
 // that chunk alone (launch.cu, above backward(), has the whole picture; the CPU kernel's
 // `backward()` has the derivation, line by line, which this kernel follows in the same order).
 //
-// Per (slot, key head), 512 threads (16 warps), one 64-token chunk; the block walks the HV / H
-// value heads that read this key head, in head order. Operands are bf16 tiles in shared memory,
+// Per work item (slot, key head), one 64-token chunk, 512 threads (16 warps) walk the HV / H
+// value heads that read this key head, in head order; a persistent block takes item after item. Operands are bf16 tiles in shared memory,
 // products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
 // handled in registers by an epilogue); row and column reductions go by shuffles within a warp,
 // then across warps through small per-warp arrays, and the reverse cumsum by a warp scan, all in
@@ -29,20 +29,28 @@
 // over M, dT's column gates, dA's gates), the row dots dr, de, dKb.k (per column group of warps,
 // summed in a fixed order) and the row and column sums of dM * M, dA * A, dA * KKg that make
 // dgamma and dbeta (per column group, per band of 16 rows) run in the products' epilogues on
-// their registers, and dv is stored from them; the fp32 tile carries only products that a later
-// product accumulates onto (read back by the thread that wrote them: no barrier), and K K^T.
-// Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async, all in flight
-// together for the first value head (issued before q and k are loaded, so the two overlap); dO
-// too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is
-// used, converted by the block. The next value head's tiles are copied as soon as this one's last
-// product with each is done (S^T and dS'^T after dW, W, U and bf16 dO after dKb, M and T after
-// dA: about 125 KB of 130), behind the rest of its work. v (bf16, 16-byte rows) likewise streams
-// into dO's buffer once dO is done with, behind dW and dT's first product.
+// their registers, and dv is stored from them. The pairs of products that sum into one result
+// (dVn's, dQ's, dT's) chain in registers: the first's epilogue keeps its (gated) result as a
+// bwd::ChainTile and the second starts its accumulators from it (bwd::gemm_apply_onto), so the
+// fp32 tile holds only K K^T, made once per key head (it does not depend on the value head), and
+// the final dq, dk rows.
+// Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async; dO too when
+// it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is used,
+// converted by the block. The next value head's tiles (this item's next head, or after its last
+// the next item's first) are copied as soon as this one's last product with each is done (S^T and
+// dS'^T after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the
+// rest of its work; only the block's very first head waits for its copies (in flight while q and
+// k load). v (bf16, 16-byte rows) likewise streams into dO's buffer once dO is done with, behind
+// dW and dT's first product.
 //
-// Launch: grid (slot, key head), 512 threads, <= 128 registers (__launch_bounds__(512, 1)),
-// 222 KB of shared memory (Hopper's 227 KB opt-in; an A100's 163 KB is too small for this
-// version): one block, 16 warps, per SM. Work per chunk and value head: 18 products, ~11.5 M
-// multiply-adds, for ~130 KB read.
+// Launch: persistent, as many blocks as the device holds at once (one per SM: 132 on an H100),
+// block b taking items b, b + grid, ... (item = key head * slots + slot; empty varlen slots
+// skipped), so that the next item's first copies run behind the current item's last products
+// (a grid of one block per item exposed them: ~2 us per item, 124 items per SM at 1 x 32768).
+// The static stride keeps the schedule, and every result, independent of timing. 512 threads,
+// <= 128 registers (__launch_bounds__(512, 1)), 222 KB of shared memory (Hopper's 227 KB opt-in;
+// an A100's 163 KB is too small for this version). Work per chunk and value head: 17 products
+// (+ K K^T once per key head), ~11 M multiply-adds, for ~130 KB read.
 // Why 16 warps in one block rather than two blocks of 8 (bench/NOTES.md, "grads round 3"): the
 // working set of one value head is ~215 KB (q, k, dO/v, W/dVn, U/Vn/dW: 5 x 17 KB; S^T, dS'^T:
 // 2 x 34 KB; M, T, X: 3 x 9 KB; the fp32 tile 34 KB), so a second block per SM (<= 113 KB) would
@@ -79,6 +87,40 @@ struct GradShape {
   static constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
 };
 
+// One work item of the persistent grid: a (slot, key head) pair, item = hk * num_slots + slot,
+// with its chunk; slot < 0: none (the block is done).
+struct GradItem {
+  int64_t index, slot;
+  int hk;
+  ChunkRef ch;
+};
+
+// The first item with a non-empty chunk among index, index + gridDim.x, ... (varlen layouts leave
+// up to one empty slot per sequence), or none.
+__device__ inline GradItem live_item_from(const ChunkParams& p, int64_t index) {
+  const int64_t items = p.num_slots * p.num_heads;
+  for (; index < items; index += gridDim.x) {
+    const int64_t slot = index % p.num_slots;
+    const ChunkRef ch = chunk_of_slot(p, slot);
+    if (ch.len > 0) return {index, slot, static_cast<int>(index / p.num_slots), ch};
+  }
+  return {items, -1, 0, ChunkRef{0, 0, 0, 0, 0}};
+}
+
+// The value head whose tiles the block prefetches during the current one: the next of this key
+// head's, or (after the last) the next item's first.
+struct HeadRef {
+  int64_t slot;
+  int hv;
+  ChunkRef ch;
+};
+
+__device__ __forceinline__ HeadRef next_head(const ChunkParams& p, const GradItem& next_item,
+                                             int64_t slot, int hv, const ChunkRef& ch, int rep) {
+  if (rep + 1 < p.group) return {slot, hv + 1, ch};
+  return {next_item.slot, next_item.hk * p.group, next_item.ch};
+}
+
 template <int kThreads>
 struct GradSmem {
   static constexpr int kWarps = GradShape<kThreads>::kWarps;
@@ -97,6 +139,8 @@ struct GradSmem {
   float f[kC * kLdDf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
   float red[kWarps];  // d e_last per warp
+  // The block's current and next work items (grads_kernel's persistent loop).
+  GradItem item[2];
   // Row dot products made in products' epilogues: one partial per column group (the warps that
   // share the rows), added in group order where used (row_part_sum).
   float dr_part[kColGroups][kC], de_part[kColGroups][kC], dkb_part[kColGroups][kC],
@@ -250,23 +294,30 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
                                                const int64_t* dx_s, const float* dy) {
   constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
-  // Not unrolled: every block runs this once, so its code is fetched from L2 by every block;
-  // unrolled eight times over (twice, for dq and dk) it was a quarter of the kernel's code.
-#pragma unroll 1
+  // Every row's x first, all kRowsPerWarp x 4 loads in flight together (the rows were read at the
+  // item's start, so these are L2 hits): one latency per call instead of one per row. Then the
+  // rows one by one, unrolled (4 at 16 warps) so that xs stays in registers; this runs once per
+  // item, twice, a few hundred instructions in all.
+  float xs[kRowsPerWarp][4];
+#pragma unroll
   for (int m = 0; m < kRowsPerWarp; ++m) {
     const int r = warp + kWarps * m;
-    if (r >= ch.len) continue;  // warp-uniform
-    const int64_t t = ch.t0 + r;
-    const T* xr = x + ch.batch * x_s[0] + t * x_s[1] + h * x_s[2];
-    T* out = dx + ch.batch * dx_s[0] + t * dx_s[1] + h * dx_s[2];
-    float g[4], xv[4];
+    const T* xr = x + ch.batch * x_s[0] + (ch.t0 + r) * x_s[1] + h * x_s[2];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;
-      g[j] = dy[r * kLdDf + d];
-      xv[j] = d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
+      xs[m][j] = r < ch.len && d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
     }
-    if (p.l2norm) l2norm_backward_row(xv, g);
+  }
+#pragma unroll
+  for (int m = 0; m < kRowsPerWarp; ++m) {
+    const int r = warp + kWarps * m;
+    if (r >= ch.len) continue;  // warp-uniform
+    T* out = dx + ch.batch * dx_s[0] + (ch.t0 + r) * dx_s[1] + h * dx_s[2];
+    float g[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) g[j] = dy[r * kLdDf + lane + 32 * j];
+    if (p.l2norm) l2norm_backward_row(xs[m], g);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;
@@ -289,411 +340,437 @@ __global__ void __launch_bounds__(kThreads, 1)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   GradSmem<kThreads>& sm = *reinterpret_cast<GradSmem<kThreads>*>(smem_raw);
   const BackwardParams& b = p.bwd;
-  const int64_t slot = blockIdx.x;
-  const int hk = blockIdx.y;
-  const ChunkRef ch = chunk_of_slot(p, slot);
-  if (ch.len == 0) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
   float* const f = sm.f;                  // [64, kLdDf]
-
-  // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
-  // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
-  RegTile dq_sum = {}, dk_sum = {};
   auto add_to = [](RegTile& sum, auto row_mul) {
     return [&sum, row_mul](int blk, int row, int, const auto& acc) {
       bwd::add_rows(sum, blk, row, acc, row_mul);
     };
   };
 
-  for (int rep = 0; rep < p.group; ++rep) {
-    const int hv = hk * p.group + rep;
-    const bool has_next = rep + 1 < p.group;  // block-uniform
-    __syncthreads();  // the previous value head is done with every tile
+  // The persistent loop over the block's items: the current one in sm.item[0], the next in
+  // sm.item[1], read where used (fixed shared addresses: no registers held across the products for
+  // them); thread 0 advances both between two barriers at an item's end.
+  const GradItem& cur = sm.item[0];
+  const GradItem& next_item = sm.item[1];
+  const int64_t& slot = cur.slot;
+  const int& hk = cur.hk;
+  const ChunkRef& ch = cur.ch;
+  if (tid == 0) {
+    const GradItem first = live_item_from(p, blockIdx.x);
+    sm.item[0] = first;
+    sm.item[1] = live_item_from(p, first.index + gridDim.x);
+  }
+  __syncthreads();
+  if (cur.slot < 0) return;
+  {  // ---- the first item's first value head: its workspace tiles (and bf16 dO) by cp.async, in
+     // flight while the block loads q and k (every later head's, the next item's first included,
+     // are started during the previous head, as soon as their buffers are free: below).
+    const int hv = hk * p.group;
+    const size_t tile = ws_index(p, slot, hv, kC * kD);
+    const size_t small = ws_index(p, slot, hv, kC * kC);
+    const size_t state = ws_index(p, slot, hv, kD * kD);
+    copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
+    copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
+    copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
+    copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
+    copy_state_async<kThreads>(b.states + state, V, sm.st);
+    copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
+    if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
+    cp_async_commit();
+  }
+  for (bool more = true; more;) {
+    // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
+    // products' layout (bwd::RegTile): the products add into them straight from their accumulators.
+    RegTile dq_sum = {}, dk_sum = {};
 
-    // ---- loads: workspace tiles (and bf16 dO) by cp.async, the first head's here, in flight
-    // while the block loads q and k (once for all the value heads); a later head's were started
-    // during the previous head, as soon as their buffers were free (below). The gates, and dO of
-    // other layouts, by the block.
-    if (rep == 0) {
-      const size_t tile = ws_index(p, slot, hv, kC * kD);
-      const size_t small = ws_index(p, slot, hv, kC * kC);
-      const size_t state = ws_index(p, slot, hv, kD * kD);
-      copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
-      copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
-      copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
-      copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
-      copy_state_async<kThreads>(b.states + state, V, sm.st);
-      copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
-      if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
-      cp_async_commit();
-      load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
-                             p.l2norm, p.scale, nullptr, sm.q);
-      load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
-                             p.l2norm, 1.f, nullptr, sm.k);
-    }
-    load_gates(p, ch, hv, sm.gamma, sm.beta);
-    if (warp == 0) {  // e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), published with gamma
-      __syncwarp();   // by the barrier below
-      const float last = sm.gamma[kC - 1];
-      for (int i = lane; i < kC; i += 32) {
-        sm.e[i] = __expf(sm.gamma[i]);
-        sm.r[i] = __expf(last - sm.gamma[i]);
+    for (int rep = 0; rep < p.group; ++rep) {
+      __syncthreads();  // the previous value head is done with every tile; the items are published
+      const int hv = hk * p.group + rep;
+      // Whether a value head follows (this key head's next, or the next item's first): block-uniform.
+      const bool has_next = rep + 1 < p.group || next_item.slot >= 0;
+
+      // ---- loads: the workspace tiles (and bf16 dO) are in flight (above, or started during the
+      // previous head); q and k once per key head, the gates, and dO of other layouts, by the block.
+      if (rep == 0) {
+        load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
+                               p.l2norm, p.scale, nullptr, sm.q);
+        load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
+                               p.l2norm, 1.f, nullptr, sm.k);
       }
-    }
-    if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
-    cp_async_wait<0>();
-    __syncthreads();
-    const float e_last = __expf(sm.gamma[kC - 1]);
-    // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
-    // warps in order at the end).
-    {
-      float acc = 0.f;
-      for (int i = tid; i < kD * kD / 8; i += kThreads) {  // eight columns (16 bytes) at a time
-        const int v = i / (kD / 8), k = (i % (kD / 8)) * 8;
-        const uint4 sv = *reinterpret_cast<const uint4*>(sm.st + v * kLdD + k);
-        const uint4 dv = *reinterpret_cast<const uint4*>(sm.dst + v * kLdD + k);
-        const __nv_bfloat162* s2 = reinterpret_cast<const __nv_bfloat162*>(&sv);
-        const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 a = __bfloat1622float2(s2[e]), b = __bfloat1622float2(d2[e]);
-          acc += a.x * b.x;
-          acc += a.y * b.y;
+      load_gates(p, ch, hv, sm.gamma, sm.beta);
+      if (warp == 0) {  // e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), published with gamma
+        __syncwarp();   // by the barrier below
+        const float last = sm.gamma[kC - 1];
+        for (int i = lane; i < kC; i += 32) {
+          sm.e[i] = __expf(sm.gamma[i]);
+          sm.r[i] = __expf(last - sm.gamma[i]);
         }
       }
-      acc = warp_sum(acc);
-      if (lane == 0) sm.red[warp] = acc;  // summed in warp order at the end
-    }
-
-    // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
-    // is read and replaced by the thread that holds its product (U is no operand).
-    bwd::gemm_apply<kD, kD, false, true, kThreads>(
-        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-            uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
-            const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
-            *at = pack_bf16(u.x - x0, u.y - x1);
-          });
-        });
-
-    // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
-    // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
-    // stores diag(r) K dS'; the second reads back only what the same thread stored (same layout)
-    // and writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band
-    // barrier between them, no block barrier since Vn's.
-    {
-      float dr_lo = 0.f, dr_hi = 0.f;
-      bwd::gemm_apply<kD, kD, false, true, kThreads>(
-          nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const auto& acc) {
-            const float r_lo = sm.r[row], r_hi = sm.r[row + 8];
+      if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
+      cp_async_wait<0>();
+      __syncthreads();
+      // K K^T, the same for every value head of the key head, into f (fp32 [64, kLdCf]) once: no
+      // other product of a value head goes through f (pairs chain in registers), and dA's epilogue
+      // reads it in this product's layout (GemmLayout<kC>), each thread its own positions.
+      if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
+      const float e_last = __expf(sm.gamma[kC - 1]);
+      // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
+      // warps in order at the end).
+      {
+        float acc = 0.f;
+        for (int i = tid; i < kD * kD / 8; i += kThreads) {  // eight columns (16 bytes) at a time
+          const int v = i / (kD / 8), k = (i % (kD / 8)) * 8;
+          const uint4 sv = *reinterpret_cast<const uint4*>(sm.st + v * kLdD + k);
+          const uint4 dv = *reinterpret_cast<const uint4*>(sm.dst + v * kLdD + k);
+          const __nv_bfloat162* s2 = reinterpret_cast<const __nv_bfloat162*>(&sv);
+          const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
 #pragma unroll
-            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
-              const int c = col + 8 * nt;
-              const float2 vn_lo = __bfloat1622float2(
-                  *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
-              const float2 vn_hi = __bfloat1622float2(
-                  *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + (row + 8) * kLdD + c));
-              dr_lo += acc[nt][0] * vn_lo.x + acc[nt][1] * vn_lo.y;
-              dr_hi += acc[nt][2] * vn_hi.x + acc[nt][3] * vn_hi.y;
-              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
-                  make_float2(r_lo * acc[nt][0], r_lo * acc[nt][1]);
-              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
-                  make_float2(r_hi * acc[nt][2], r_hi * acc[nt][3]);
-            }
-          });
-      store_row_parts(dr_lo, dr_hi, sm.dr_part);
-    }
-    band_barrier<kThreads>();  // the band's warps are done with W's rows
-    bwd::gemm_apply<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
-        f, kLdDf, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
-          bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
-        });
-    __syncthreads();
-
-    // ---- dM = dO Vn^T (causal part): gamma's share, rows(dM * M) - cols(dM * M), by row and
-    // column parts from the epilogue; dM * Gamma over M (each element of M read and replaced by
-    // the thread that holds its product; M is no operand).
-    static_assert(bwd::GemmLayout<kC, kThreads>::kBlocks == 1, "one 64-column block per warp");
-    bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
-        [&](int, int row, int col, const auto& acc) {
-          constexpr int NT = bwd::kTilesOf<decltype(acc)>;
-          float x[NT][4];  // dM * M
-          float rows[2] = {0.f, 0.f};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
-              const int r = row + 8 * h, c = col + 8 * nt;
-              float dmg[2];
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float dm = acc[nt][2 * h + e];
-                const bool causal = c + e <= r;
-                x[nt][2 * h + e] = causal ? dm * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
-                dmg[e] = causal ? dm * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
-                rows[h] += x[nt][2 * h + e];
-              }
-              *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
-            }
+          for (int e = 0; e < 4; ++e) {
+            const float2 a = __bfloat1622float2(s2[e]), b = __bfloat1622float2(d2[e]);
+            acc += a.x * b.x;
+            acc += a.y * b.y;
           }
-          store_row_parts(rows[0], rows[1], sm.row_part_a);
-          store_col_parts(col, x, sm.col_part);
-        });
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) sm.red[warp] = acc;  // summed in warp order at the end
+      }
 
-    // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
-    // same pattern as dVn's: de's partial dots in the first product's epilogue.
-    {
-      float de_lo = 0.f, de_hi = 0.f;
-      bwd::gemm_apply<kD, kD, false, false, kThreads>(
-          nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
-            const float e_lo = sm.e[row], e_hi = sm.e[row + 8];
-#pragma unroll
-            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
-              const int c = col + 8 * nt;
-              const float2 q_lo = __bfloat1622float2(
-                  *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
-              const float2 q_hi = __bfloat1622float2(
-                  *reinterpret_cast<const __nv_bfloat162*>(sm.q + (row + 8) * kLdD + c));
-              de_lo += acc[nt][0] * q_lo.x + acc[nt][1] * q_lo.y;
-              de_hi += acc[nt][2] * q_hi.x + acc[nt][3] * q_hi.y;
-              *reinterpret_cast<float2*>(f + row * kLdDf + c) =
-                  make_float2(e_lo * acc[nt][0], e_lo * acc[nt][1]);
-              *reinterpret_cast<float2*>(f + (row + 8) * kLdDf + c) =
-                  make_float2(e_hi * acc[nt][2], e_hi * acc[nt][3]);
-            }
+      // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
+      // is read and replaced by the thread that holds its product (U is no operand).
+      bwd::gemm_apply<kD, kD, false, true, kThreads>(
+          nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
+            bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+              uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
+              const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
+              *at = pack_bf16(u.x - x0, u.y - x1);
+            });
           });
-      store_row_parts(de_lo, de_hi, sm.de_part);
-    }
-    __syncthreads();  // dMg (over M) and dM's row and column parts are complete; dO is read
-    if (v_async) {  // v replaces dO, in flight behind dQ, dK, dW and dT's first product
-      copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
-      cp_async_commit();
-    }
-    if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
-    bwd::gemm_apply<kD, kC, false, false, kThreads>(f, kLdDf, sm.m, kLdC, sm.k, kLdD,
-                                                    add_to(dq_sum, [&](int) { return p.scale; }));
 
-    // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
-    bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
-                                                   add_to(dk_sum, [](int) { return 1.f; }));
-    bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
-                                                    add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-    // dW replaces Vn, whose rows only the band's warps read since the last block barrier (dK's A
-    // operand), and dT's first product then reuses f, whose rows are the band's in both layouts.
-    band_barrier<kThreads>();
-
-    // ---- dW = -dVn S^T (over Vn, done with).
-    bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
-        nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
-          bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
-        });
-    band_barrier<kThreads>();  // dT's first product reads only the band's rows of dW
-    if (!v_async)
-      load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
-                             false, 1.f, nullptr, sm.dov);
-
-    // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
-    // second product reads back only what the same thread wrote in the first.
-    bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const auto& acc) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-            *reinterpret_cast<float2*>(f + r * kLdCf + c) = make_float2(x0 * sm.e[c], x1 * sm.e[c + 1]);
-          });
-        });
-    if (v_async) cp_async_wait<0>();
-    __syncthreads();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
-    if (has_next) {  // the next head's states stream in behind the rest of this head's work
-      const size_t next = ws_index(p, slot, hv + 1, kD * kD);
-      copy_state_async<kThreads>(b.states + next, V, sm.st);
-      copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
-      cp_async_commit();
-    }
-    bwd::gemm_apply<kC, kD, false, true, kThreads>(
-        f, kLdCf, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
-          bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-            *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
-                pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
-          });
-        });
-    __syncthreads();
-
-    // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
-    // column-group parts (applied with dA's row sums below).
-    {
-      T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
-      float dvb_lo = 0.f, dvb_hi = 0.f;
-      bwd::gemm_apply<kD, kC, true, false, kThreads>(
-          nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const auto& acc) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
-              const int r = row + 8 * h;
-              const float br = sm.beta[r];
-              float dot = 0.f;
+      // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
+      // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
+      // keeps diag(r) K dS' in registers, which the second starts from (gemm_apply_onto); it
+      // writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band barrier
+      // between them, no block barrier since Vn's.
+      bwd::ChainTile<kD, kThreads> chain_d;
+      {
+        float dr_lo = 0.f, dr_hi = 0.f;
+        bwd::gemm_apply<kD, kD, false, true, kThreads>(
+            nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const auto& acc) {
 #pragma unroll
               for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
                 const int c = col + 8 * nt;
-                const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
-                const float2 vv = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.dov + r * kLdD + c));
-                dot += x0 * vv.x + x1 * vv.y;
-                if (r < ch.len) {
-                  if (c < V) dv[r * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * x0);
-                  if (c + 1 < V) dv[r * b.dv_s[1] + (c + 1) * b.dv_s[3]] = from_f32<T>(br * x1);
-                }
+                const float2 vn_lo = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
+                const float2 vn_hi = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + (row + 8) * kLdD + c));
+                dr_lo += acc[nt][0] * vn_lo.x + acc[nt][1] * vn_lo.y;
+                dr_hi += acc[nt][2] * vn_hi.x + acc[nt][3] * vn_hi.y;
               }
-              (h == 0 ? dvb_lo : dvb_hi) += dot;
-            }
-          });
-      store_row_parts(dvb_lo, dvb_hi, sm.dvb_part);
-    }
-
-    // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' parts
-    // applied with dA's row sums below), all in the epilogue.
-    {
-      float dkb_lo = 0.f, dkb_hi = 0.f;
-      bwd::gemm_apply<kD, kC, true, false, kThreads>(
-          nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
-          [&](int blk, int row, int col, const auto& acc) {
-#pragma unroll
-            for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
-              const int c = col + 8 * nt;
-              const float2 k_lo = __bfloat1622float2(
-                  *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
-              const float2 k_hi = __bfloat1622float2(
-                  *reinterpret_cast<const __nv_bfloat162*>(sm.k + (row + 8) * kLdD + c));
-              dkb_lo += acc[nt][0] * k_lo.x + acc[nt][1] * k_lo.y;
-              dkb_hi += acc[nt][2] * k_hi.x + acc[nt][3] * k_hi.y;
-            }
-            bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
-          });
-      store_row_parts(dkb_lo, dkb_hi, sm.dkb_part);
-    }
-
-    // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
-    // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
-    // registers (K K^T at the same positions of f, written by the same thread):
-    // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
-    // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
-    bwd::gemm_apply<kC, kC, true, false, kThreads>(
-        nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
-          bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
-        });
-    bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
-    __syncthreads();
-    if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
-      const size_t next = ws_index(p, slot, hv + 1, kC * kD);
-      copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
-      copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
-      if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv + 1, sm.dov);
-      cp_async_commit();
-    }
-    bwd::gemm_apply<kC, kC, false, true, kThreads>(
-        nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const auto& acc) {
-          constexpr int NT = bwd::kTilesOf<decltype(acc)>;
-          float dga[NT][4];  // dA * A
-          float db_rows[2] = {0.f, 0.f}, dg_rows[2] = {0.f, 0.f};
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {  // rows row, row + 8
-              const int r = row + 8 * h, c = col + 8 * nt;
-              float dkk[2];
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                float db = 0.f, dg = 0.f;
-                dkk[e] = 0.f;
-                if (c + e < r) {
-                  const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
-                  const float da = -acc[nt][2 * h + e];
-                  const float kkg = gate * f[r * kLdCf + c + e];
-                  db = da * kkg;
-                  dg = db * sm.beta[r];
-                  dkk[e] = da * sm.beta[r] * gate;
-                }
-                dga[nt][2 * h + e] = dg;
-                db_rows[h] += db;
-                dg_rows[h] += dg;
-              }
-              *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
-            }
-          }
-          store_row_parts(db_rows[0], db_rows[1], sm.row_part_a);
-          store_row_parts(dg_rows[0], dg_rows[1], sm.row_part_b);
-          store_col_parts(col, dga, sm.col_part);
-        });
-    __syncthreads();
-    if (has_next) {  // M (now T^T dT) and T are done with
-      const size_t next = ws_index(p, slot, hv + 1, kC * kC);
-      copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
-      copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
-      cp_async_commit();
-    }
-    // The row sums of this head: dbeta, and dgamma before its reverse cumsum (e_i = exp(gamma_i),
-    // r_i = exp(gamma_last - gamma_i): de and dr enter as e de - r dr). Thread i alone reads and
-    // writes row i here (the cumsum below reads them after a barrier).
-    if (tid < kC) {
-      const int i = tid;
-      const float db = row_part_sum(sm.row_part_a, i);
-      const float dg = row_part_sum(sm.row_part_b, i) - band_sum(sm.col_part, i);
-      const float dkb_k = row_part_sum(sm.dkb_part, i);
-      const float dvb_v = row_part_sum(sm.dvb_part, i);
-      const float de = row_part_sum(sm.de_part, i) + sm.beta[i] * dkb_k;
-      const float dr = row_part_sum(sm.dr_part, i);
-      sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
-      sm.dr[i] = dr;
-      sm.dgam[i] = (sm.dgam[i] + dg) + (de * sm.e[i] - dr * sm.r[i]);
-    }
-
-    // ---- dk += dA K + dA^T K
-    bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
-                                                    add_to(dk_sum, [](int) { return 1.f; }));
-    bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
-                                                   add_to(dk_sum, [](int) { return 1.f; }));
-
-    // ---- dg = reverse cumsum of dgamma, the last row also taking e_last's and sum r dr's shares
-    __syncthreads();
-    if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
-      float de_last = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) de_last += sm.red[w];
-      const float dlast =
-          de_last * e_last +
-          warp_sum(sm.dr[2 * lane] * sm.r[2 * lane] + sm.dr[2 * lane + 1] * sm.r[2 * lane + 1]);
-      const float x0 = sm.dgam[2 * lane];
-      const float x1 = sm.dgam[2 * lane + 1] + (lane == 31 ? dlast : 0.f);
-      float suffix = x0 + x1;  // inclusive suffix sum over the lanes' pairs
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const float y = __shfl_down_sync(0xffffffffu, suffix, off);
-        if (lane + off < 32) suffix += y;
+              bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.r[r]; },
+                               [](int) { return 1.f; });
+            });
+        store_row_parts(dr_lo, dr_hi, sm.dr_part);
       }
-      float after = __shfl_down_sync(0xffffffffu, suffix, 1);  // rows past 2 l + 1
-      if (lane == 31) after = 0.f;
-      const float d1 = x1 + after;
-      sm.dgam[2 * lane + 1] = d1;
-      sm.dgam[2 * lane] = x0 + d1;
+      band_barrier<kThreads>();  // the band's warps are done with W's rows
+      bwd::gemm_apply_onto<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
+          chain_d, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
+          });
+      __syncthreads();
+
+      // ---- dM = dO Vn^T (causal part): gamma's share, rows(dM * M) - cols(dM * M), by row and
+      // column parts from the epilogue; dM * Gamma over M (each element of M read and replaced by
+      // the thread that holds its product; M is no operand).
+      static_assert(bwd::GemmLayout<kC, kThreads>::kBlocks == 1, "one 64-column block per warp");
+      bwd::gemm_apply<kC, kD, false, true, kThreads>(
+          nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
+          [&](int, int row, int col, const auto& acc) {
+            constexpr int NT = bwd::kTilesOf<decltype(acc)>;
+            float x[NT][4];  // dM * M
+            float rows[2] = {0.f, 0.f};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+                const int r = row + 8 * h, c = col + 8 * nt;
+                float dmg[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const float dm = acc[nt][2 * h + e];
+                  const bool causal = c + e <= r;
+                  x[nt][2 * h + e] = causal ? dm * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
+                  dmg[e] = causal ? dm * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
+                  rows[h] += x[nt][2 * h + e];
+                }
+                *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
+              }
+            }
+            store_row_parts(rows[0], rows[1], sm.row_part_a);
+            store_col_parts(col, x, sm.col_part);
+          });
+
+      // ---- dQ = diag(e) dO S^T + dMg K;  de_i = (dO S^T)_i . q_i   (B(v, k) = S^T[v][k]), the
+      // same pattern as dVn's: de's partial dots in the first product's epilogue, diag(e) dO S^T
+      // kept in registers for the second to start from.
+      {
+        float de_lo = 0.f, de_hi = 0.f;
+        bwd::gemm_apply<kD, kD, false, false, kThreads>(
+            nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
+#pragma unroll
+              for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
+                const int c = col + 8 * nt;
+                const float2 q_lo = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
+                const float2 q_hi = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.q + (row + 8) * kLdD + c));
+                de_lo += acc[nt][0] * q_lo.x + acc[nt][1] * q_lo.y;
+                de_hi += acc[nt][2] * q_hi.x + acc[nt][3] * q_hi.y;
+              }
+              bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.e[r]; },
+                               [](int) { return 1.f; });
+            });
+        store_row_parts(de_lo, de_hi, sm.de_part);
+      }
+      __syncthreads();  // dMg (over M) and dM's row and column parts are complete; dO is read
+      if (v_async) {  // v replaces dO, in flight behind dQ, dK, dW and dT's first product
+        copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
+        cp_async_commit();
+      }
+      if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
+      bwd::gemm_apply_onto<kD, kC, false, false, kThreads>(
+          chain_d, sm.m, kLdC, sm.k, kLdD, add_to(dq_sum, [&](int) { return p.scale; }));
+
+      // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
+                                                     add_to(dk_sum, [](int) { return 1.f; }));
+      bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
+                                                      add_to(dk_sum, [&](int r) { return sm.r[r]; }));
+      // dW replaces Vn, whose rows only the band's warps read since the last block barrier (dK's A
+      // operand).
+      band_barrier<kThreads>();
+
+      // ---- dW = -dVn S^T (over Vn, done with).
+      bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
+          nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
+          });
+      band_barrier<kThreads>();  // dT's first product reads only the band's rows of dW
+      if (!v_async)
+        load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
+                               false, 1.f, nullptr, sm.dov);
+
+      // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
+      // first product's result stays in registers for the second to start from.
+      bwd::ChainTile<kC, kThreads> chain_t;
+      bwd::gemm_apply<kC, kD, false, true, kThreads>(
+          nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const auto& acc) {
+            bwd::keep_scaled(chain_t, row, col, acc, [](int) { return 1.f; },
+                             [&](int c) { return sm.e[c]; });
+          });
+      if (v_async) cp_async_wait<0>();
+      __syncthreads();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
+      if (has_next) {  // the next head's states stream in behind the rest of this head's work
+        const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
+        const size_t next = ws_index(p, nh.slot, nh.hv, kD * kD);
+        copy_state_async<kThreads>(b.states + next, V, sm.st);
+        copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
+        cp_async_commit();
+      }
+      bwd::gemm_apply_onto<kC, kD, false, true, kThreads>(
+          chain_t, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
+            bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
+              *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
+                  pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
+            });
+          });
+      __syncthreads();
+
+      // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
+      // column-group parts (applied with dA's row sums below).
+      {
+        T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
+        float dvb_lo = 0.f, dvb_hi = 0.f;
+        bwd::gemm_apply<kD, kC, true, false, kThreads>(
+            nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const auto& acc) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+                const int r = row + 8 * h;
+                const float br = sm.beta[r];
+                float dot = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
+                  const int c = col + 8 * nt;
+                  const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
+                  const float2 vv = __bfloat1622float2(
+                      *reinterpret_cast<const __nv_bfloat162*>(sm.dov + r * kLdD + c));
+                  dot += x0 * vv.x + x1 * vv.y;
+                  if (r < ch.len) {
+                    if (c < V) dv[r * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * x0);
+                    if (c + 1 < V) dv[r * b.dv_s[1] + (c + 1) * b.dv_s[3]] = from_f32<T>(br * x1);
+                  }
+                }
+                (h == 0 ? dvb_lo : dvb_hi) += dot;
+              }
+            });
+        store_row_parts(dvb_lo, dvb_hi, sm.dvb_part);
+      }
+
+      // ---- dKb = T^T dW: dk += diag(b e) dKb; dbeta += e dKb.k, de += b dKb.k (the dots' parts
+      // applied with dA's row sums below), all in the epilogue.
+      {
+        float dkb_lo = 0.f, dkb_hi = 0.f;
+        bwd::gemm_apply<kD, kC, true, false, kThreads>(
+            nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
+            [&](int blk, int row, int col, const auto& acc) {
+#pragma unroll
+              for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
+                const int c = col + 8 * nt;
+                const float2 k_lo = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
+                const float2 k_hi = __bfloat1622float2(
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.k + (row + 8) * kLdD + c));
+                dkb_lo += acc[nt][0] * k_lo.x + acc[nt][1] * k_lo.y;
+                dkb_hi += acc[nt][2] * k_hi.x + acc[nt][3] * k_hi.y;
+              }
+              bwd::add_rows(dk_sum, blk, row, acc, [&](int r) { return sm.beta[r] * sm.e[r]; });
+            });
+        store_row_parts(dkb_lo, dkb_hi, sm.dkb_part);
+      }
+
+      // ---- dA = -T^T dT T^T (strictly lower), with KKg = Gamma * K K^T beside it. T^T dT goes to
+      // bf16 over dMg (done with); the second product's epilogue does the element-wise part on its
+      // registers (K K^T at the same positions of f, made once for all the value heads):
+      // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
+      // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
+      bwd::gemm_apply<kC, kC, true, false, kThreads>(
+          nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
+          });
+      __syncthreads();
+      if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
+        const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
+        const size_t next = ws_index(p, nh.slot, nh.hv, kC * kD);
+        copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
+        copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
+        if (d_o_async) copy_d_o_async<kThreads>(p, nh.ch, nh.hv, sm.dov);
+        cp_async_commit();
+      }
+      bwd::gemm_apply<kC, kC, false, true, kThreads>(
+          nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const auto& acc) {
+            constexpr int NT = bwd::kTilesOf<decltype(acc)>;
+            float dga[NT][4];  // dA * A
+            float db_rows[2] = {0.f, 0.f}, dg_rows[2] = {0.f, 0.f};
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {  // rows row, row + 8
+                const int r = row + 8 * h, c = col + 8 * nt;
+                float dkk[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  float db = 0.f, dg = 0.f;
+                  dkk[e] = 0.f;
+                  if (c + e < r) {
+                    const float gate = __expf(sm.gamma[r] - sm.gamma[c + e]);
+                    const float da = -acc[nt][2 * h + e];
+                    const float kkg = gate * f[r * kLdCf + c + e];
+                    db = da * kkg;
+                    dg = db * sm.beta[r];
+                    dkk[e] = da * sm.beta[r] * gate;
+                  }
+                  dga[nt][2 * h + e] = dg;
+                  db_rows[h] += db;
+                  dg_rows[h] += dg;
+                }
+                *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
+              }
+            }
+            store_row_parts(db_rows[0], db_rows[1], sm.row_part_a);
+            store_row_parts(dg_rows[0], dg_rows[1], sm.row_part_b);
+            store_col_parts(col, dga, sm.col_part);
+          });
+      __syncthreads();
+      if (has_next) {  // M (now T^T dT) and T are done with
+        const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
+        const size_t next = ws_index(p, nh.slot, nh.hv, kC * kC);
+        copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
+        copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
+        cp_async_commit();
+      }
+      // The row sums of this head: dbeta, and dgamma before its reverse cumsum (e_i = exp(gamma_i),
+      // r_i = exp(gamma_last - gamma_i): de and dr enter as e de - r dr). Thread i alone reads and
+      // writes row i here (the cumsum below reads them after a barrier).
+      if (tid < kC) {
+        const int i = tid;
+        const float db = row_part_sum(sm.row_part_a, i);
+        const float dg = row_part_sum(sm.row_part_b, i) - band_sum(sm.col_part, i);
+        const float dkb_k = row_part_sum(sm.dkb_part, i);
+        const float dvb_v = row_part_sum(sm.dvb_part, i);
+        const float de = row_part_sum(sm.de_part, i) + sm.beta[i] * dkb_k;
+        const float dr = row_part_sum(sm.dr_part, i);
+        sm.dbeta[i] = (dvb_v + sm.e[i] * dkb_k) + db;
+        sm.dr[i] = dr;
+        sm.dgam[i] = (sm.dgam[i] + dg) + (de * sm.e[i] - dr * sm.r[i]);
+      }
+
+      // ---- dk += dA K + dA^T K
+      bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+                                                      add_to(dk_sum, [](int) { return 1.f; }));
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+                                                     add_to(dk_sum, [](int) { return 1.f; }));
+
+      // ---- dg = reverse cumsum of dgamma, the last row also taking e_last's and sum r dr's shares
+      __syncthreads();
+      if (warp == 0) {  // lane l holds rows 2 l, 2 l + 1; fixed shuffle orders throughout
+        float de_last = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) de_last += sm.red[w];
+        const float dlast =
+            de_last * e_last +
+            warp_sum(sm.dr[2 * lane] * sm.r[2 * lane] + sm.dr[2 * lane + 1] * sm.r[2 * lane + 1]);
+        const float x0 = sm.dgam[2 * lane];
+        const float x1 = sm.dgam[2 * lane + 1] + (lane == 31 ? dlast : 0.f);
+        float suffix = x0 + x1;  // inclusive suffix sum over the lanes' pairs
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const float y = __shfl_down_sync(0xffffffffu, suffix, off);
+          if (lane + off < 32) suffix += y;
+        }
+        float after = __shfl_down_sync(0xffffffffu, suffix, 1);  // rows past 2 l + 1
+        if (lane == 31) after = 0.f;
+        const float d1 = x1 + after;
+        sm.dgam[2 * lane + 1] = d1;
+        sm.dgam[2 * lane] = x0 + d1;
+      }
+      __syncthreads();
+      if (tid < ch.len) {
+        const int64_t row = ch.batch * b.dg_s[0] + (ch.t0 + tid) * b.dg_s[1] + hv * b.dg_s[2];
+        store_float(b.dg, b.dg_dtype, row, sm.dgam[tid]);
+        const int64_t brow =
+            ch.batch * b.dbeta_s[0] + (ch.t0 + tid) * b.dbeta_s[1] + hv * b.dbeta_s[2];
+        store_float(b.dbeta, b.dbeta_dtype, brow, sm.dbeta[tid]);
+      }
     }
+
+    // ---- dq, dk of the key head: through the l2norm, in q's dtype.
+    // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
+    bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
     __syncthreads();
-    if (tid < ch.len) {
-      const int64_t row = ch.batch * b.dg_s[0] + (ch.t0 + tid) * b.dg_s[1] + hv * b.dg_s[2];
-      store_float(b.dg, b.dg_dtype, row, sm.dgam[tid]);
-      const int64_t brow =
-          ch.batch * b.dbeta_s[0] + (ch.t0 + tid) * b.dbeta_s[1] + hv * b.dbeta_s[2];
-      store_float(b.dbeta, b.dbeta_dtype, brow, sm.dbeta[tid]);
+    store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
+    __syncthreads();
+    bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
+    __syncthreads();
+    store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
+    more = next_item.slot >= 0;
+    __syncthreads();  // every thread is done reading the two items
+    if (more && tid == 0) {  // published by the next item's first barrier
+      const GradItem next = sm.item[1];
+      sm.item[0] = next;
+      sm.item[1] = live_item_from(p, next.index + gridDim.x);
     }
   }
-
-  // ---- dq, dk of the key head: through the l2norm, in q's dtype.
-  // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
-  bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
-  __syncthreads();
-  store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
-  __syncthreads();
-  bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
-  __syncthreads();
-  store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
 }
 
 template <typename T, int kThreads>
@@ -702,7 +779,11 @@ void launch_shape(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(grads_kernel<T, kThreads>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
-  const dim3 grid(static_cast<unsigned>(p.num_slots), p.num_heads);
+  // Persistent: as many blocks as the device holds at once (one per SM), each walking its items.
+  const long long items = static_cast<long long>(p.num_slots) * p.num_heads;
+  const long long resident =
+      resident_blocks(reinterpret_cast<const void*>(grads_kernel<T, kThreads>), kThreads, smem);
+  const dim3 grid(static_cast<unsigned>(items < resident ? items : resident));
   const bool native = p.bwd.d_o_dtype == p.dtype;
   const bool vec = native && bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
   const bool v_vec = bwd::rows_vectorisable<T>(p.v, p.v_s, p.head_v_dim);
