@@ -107,10 +107,36 @@ def _rounding_flip_bounds(x, w, b, dy, rounding, cu_seqlens=None):
     may land one ulp away (a pre flip also moves silu(pre) and silu'(pre)). y: the largest move
     of silu under a one-ulp flip of pre. dx = sum_j w[W-1-j] dpre[t+j]: sum_j |w| times the
     largest move of dpre[t+j], plus fp32 summation error (2^-21 of the sum of magnitudes).
-    None for fp32 weights (nothing rounds in between)."""
-    if rounding not in (torch.bfloat16, torch.float16):
-        return None, None
+    fp32 weights (nothing rounds in between): y None (the plain bound), and for bf16 x the CUDA
+    backward's sigmoid from the special-function unit (relative error <= 2^-18 for |pre| < 64):
+    silu'(pre) = s (1 + pre (1 - s)) moves by <= 2^-18 s |1 + pre (1 - 2 s)| <= 2^-18 (1 + |pre|)
+    in absolute terms, which near silu's minimum (silu' = 0) is no small part of a small dpre:
+    dx moves by sum_j |w| |dy[t+j]| (1 + |pre[t+j]|) 2^-17 (a factor 2 of margin), plus the
+    fp32 summation error."""
     W = w.shape[1]
+    T = x.shape[-1]
+    offs = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
+    w_abs = w.cpu().double().abs()
+
+    def spread(move, mag):  # dx[t] gathers the moves of dpre[t + j] within t's sequence
+        dx_move = torch.zeros_like(move)
+        for s, e in zip(offs[:-1], offs[1:]):
+            mv = F.pad(move[..., s:e], (0, W - 1))
+            mg = F.pad(mag[..., s:e], (0, W - 1))
+            for j in range(W):
+                wj = w_abs[:, W - 1 - j].view(1, -1, 1)
+                dx_move[..., s:e] += wj * (mv[..., j:j + e - s] + 2.0 ** -21 * mg[..., j:j + e - s])
+        return dx_move
+
+    if rounding not in (torch.bfloat16, torch.float16):
+        if x.dtype != torch.bfloat16:
+            return None, None
+        pre = _reference(x.cpu().double(), w.cpu().double(),
+                         None if b is None else b.cpu().double(), False, cu_seqlens)
+        dy64 = dy.cpu().double()
+        silu_grad = lambda p: torch.sigmoid(p) * (1 + p * (1 - torch.sigmoid(p)))
+        return None, spread(dy64.abs() * (1 + pre.abs()) * 2.0 ** -17,
+                            (dy64 * silu_grad(pre)).abs())
     x64 = x.cpu().to(rounding).double()
     pre = _reference(x64, w.cpu().double(), None if b is None else b.cpu().double(), False,
                      cu_seqlens).to(rounding).double()
@@ -123,17 +149,7 @@ def _rounding_flip_bounds(x, w, b, dy, rounding, cu_seqlens=None):
     dpre_move = _ulp(dpre, rounding) + torch.maximum(
         (dy64 * (silu_grad(pre + u) - silu_grad(pre))).abs(),
         (dy64 * (silu_grad(pre - u) - silu_grad(pre))).abs())
-    T = x.shape[-1]
-    offs = [0, T] if cu_seqlens is None else cu_seqlens.tolist()
-    w_abs = w.cpu().double().abs()
-    dx_move = torch.zeros_like(pre)
-    for s, e in zip(offs[:-1], offs[1:]):  # dx sees dpre of its own sequence only
-        move = F.pad(dpre_move[..., s:e], (0, W - 1))
-        mag = F.pad(dpre[..., s:e].abs(), (0, W - 1))
-        for j in range(W):
-            wj = w_abs[:, W - 1 - j].view(1, -1, 1)
-            dx_move[..., s:e] += wj * (move[..., j:j + e - s] + 2.0 ** -21 * mag[..., j:j + e - s])
-    return y_move, dx_move
+    return y_move, spread(dpre_move, dpre.abs())
 
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("W", [2, 3, 4])
