@@ -28,6 +28,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from typing import Any, Dict, List, Optional
@@ -71,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each variant's timed steps, profile 3 more steps (torch.profiler, "
+                        "device time) and print the step's time per kernel group and its N "
+                        "largest kernels")
     p.add_argument("--fla-unsafe-bwd", action="store_true",
                    help="run FLA's backward where FLA refuses it (Hopper with Triton 3.4 to "
                         "3.7.0: FLA says its results can be wrong there); the run is labelled")
@@ -154,6 +159,90 @@ def environment(args) -> Dict[str, Any]:
     return info
 
 
+# Kernel name -> group, first match wins; the names are those torch.profiler reports. cuBLAS's
+# GEMMs land in one group whoever calls them: the dense projections, LoRA, and the lm-head
+# products of flashdelta's fused cross-entropy.
+KERNEL_GROUPS = (
+    ("gated delta rule", r"flashdelta.*(chunk::|fused_recurrent)|chunk_gated_delta|chunk_fwd|"
+                         r"chunk_bwd|chunk_local|chunk_scaled|solve_tril|recompute_w_u|l2norm|"
+                         r"chunk_gla|cumsum|wy_repr|merge_16x16|_inverse_kernel"),
+    ("causal conv1d", r"causal_conv1d|conv_depthwise|conv1d"),
+    ("moe", r"flashdelta.*(router|count_kernel|scan_kernel|scatter_kernel|gather_kernel|"
+            r"unpermute|grouped_gemm|zero_dropped)|grouped_mm|Grouped|moe|histc|bincount|topk"),
+    ("cross-entropy", r"flashdelta.*(softmax_gradient|sum_losses|scale_kernel)|cross_entropy|"
+                      r"log_softmax|nll_loss"),
+    ("norms, rope, gates", r"flashdelta.*(rms_norm|reduce_partials|rotary|gated_product)"),
+    ("attention", r"flash_fwd|flash_bwd|fmha|attention|sdpa"),
+    ("gemm (cuBLAS)", r"gemm|nvjet|xmma|cutlass|cublas|splitK"),
+    ("optimizer", r"multi_tensor|adam|Adam"),
+    ("copies, casts", r"Memcpy|Memset|copy_kernel|CatArray|fill_kernel|FillFunctor"),
+    ("other elementwise", r"elementwise|reduce_kernel|Reduce|index|scatter|gather|sort"),
+)
+
+
+def kernel_group(name: str) -> str:
+    for group, pattern in KERNEL_GROUPS:
+        if re.search(pattern, name):
+            return group
+    return "other"
+
+
+def profile_steps(model, batch: torch.Tensor, top: int) -> Dict[str, Any]:
+    """Device time per kernel group and the `top` largest kernels of one training step (forward,
+    backward, AdamW at lr 0 so that the weights stay as they are), averaged over 3 steps."""
+    from flashdelta.bench._profile import kernel_totals
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+
+    def step():
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    totals = kernel_totals(step, repeats=3, warmup=1)
+    groups: Dict[str, float] = {}
+    for name, (us, _) in totals.items():
+        g = kernel_group(name)
+        groups[g] = groups.get(g, 0.0) + us
+    kernels = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"total_ms": sum(us for us, _ in totals.values()) / 1e3,
+            "groups_ms": {g: us / 1e3 for g, us in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "kernels": [{"name": n, "ms": us / 1e3, "calls": c, "group": kernel_group(n)}
+                        for n, (us, c) in kernels]}
+
+
+def short_kernel_name(name: str) -> str:
+    """flashdelta's kernels without namespaces, template and argument lists; others without
+    `void ` and `at::native::`, their template arguments kept (they name the functor)."""
+    name = re.sub(r"^void ", "", name)
+    if not name.startswith("flashdelta::"):
+        return name.replace("at::native::", "")
+    name = name.replace("(anonymous namespace)::", "").replace("detail::cuda::", "")
+    depth, out = 0, []
+    for ch in name:  # drop <...> (nested) and (...) lists
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)" and depth:
+            depth -= 1
+        elif depth == 0:
+            out.append(ch)
+    return "".join(out).strip()
+
+
+def format_profile(label: str, prof: Dict[str, Any]) -> str:
+    total = prof["total_ms"]
+    lines = [f"{label}: device time per step {total:.1f} ms (kernels summed, torch.profiler)",
+             f"  {'group':<22} {'ms':>8} {'share':>6}"]
+    for g, ms in prof["groups_ms"].items():
+        lines.append(f"  {g:<22} {ms:8.2f} {100 * ms / total:5.1f}%")
+    lines.append(f"  {'kernel':<70} {'group':<20} {'ms':>7} {'calls':>6}")
+    for k in prof["kernels"]:
+        lines.append(f"  {short_kernel_name(k['name'])[:70]:<70} {k['group'][:20]:<20} {k['ms']:7.2f} "
+                     f"{k['calls']:6.0f}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -175,6 +264,7 @@ def main(argv=None) -> int:
           f"1 x {args.seq} tokens, {args.steps} steps ({args.warmup} warm-up)\n", flush=True)
 
     runs: List[demo.RunResult] = []
+    profiles: Dict[str, Dict[str, Any]] = {}
     skipped: Dict[str, str] = {}
     report = None
     for variant in args.variants:
@@ -198,18 +288,22 @@ def main(argv=None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
         try:
+            def measure():
+                run = demo.train(model, batches, label=variant, lr=args.lr,
+                                 warmup=args.warmup, progress=not args.no_progress)
+                if args.profile and args.device == "cuda":
+                    profiles[variant] = profile_steps(model, batches[0], args.profile)
+                return run
+
             if variant == "torch":
                 with TorchFallback(modeling):
-                    run = demo.train(model, batches, label=variant, lr=args.lr,
-                                     warmup=args.warmup, progress=not args.no_progress)
+                    run = measure()
             elif variant == "fla":
-                run = demo.train(model, batches, label=variant, lr=args.lr, warmup=args.warmup,
-                                 progress=not args.no_progress)
+                run = measure()
             else:
                 report = flashdelta.patch(model, **(_components_of(variant) or {}))
                 try:
-                    run = demo.train(model, batches, label=variant, lr=args.lr,
-                                     warmup=args.warmup, progress=not args.no_progress)
+                    run = measure()
                 finally:
                     flashdelta.unpatch()
         except torch.cuda.OutOfMemoryError as e:
@@ -225,6 +319,9 @@ def main(argv=None) -> int:
         print(demo.format_runs(runs))
     for variant, why in skipped.items():
         print(f"{variant}: skipped, {why}")
+    for variant, prof in profiles.items():
+        print()
+        print(format_profile(variant, prof))
     fallback_note = None
     if report is not None and any(f"cannot run on {args.device}" in n
                                   for n in report.components["gdn"].notes):
@@ -254,6 +351,7 @@ def main(argv=None) -> int:
                 for r in runs[1:]
             },
             "patch_report": None if report is None else str(report),
+            "profiles": profiles,
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
