@@ -218,6 +218,73 @@ def test_packed_sequences_in_a_model(monkeypatch):
     assert_same(expected, got, "packed")
 
 
+def spy_on_key_heads():
+    """The head count of q in each call reaching a patched chunked rule: flashdelta's op or the
+    function it falls back to."""
+    heads = {"flashdelta": [], "fallback": []}
+    for site in _mechanism._SYMBOLS.values():
+        rep = site.replacement
+        if isinstance(rep, GatedDeltaRuleReplacement) and rep.kind == "chunk":
+            op, fallback = getattr(flashdelta, rep.__name__), rep.fallback
+
+            def on_op(*args, _op=op, **kwargs):
+                heads["flashdelta"].append(kwargs["q"].shape[-2])
+                return _op(*args, **kwargs)
+
+            def on_fallback(*args, _fn=fallback, **kwargs):
+                heads["fallback"].append(args[0].shape[-2])
+                return _fn(*args, **kwargs)
+
+            rep._op, rep.fallback = on_op, on_fallback
+    return heads
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_grouped_heads_reach_the_kernel_unrepeated(model_type, monkeypatch):
+    """qwen3_5 / qwen3_5_moe GatedDeltaNet layers hand q and k to flashdelta on their 2 key
+    heads (transformers repeats them to the 4 value heads first); qwen3_next's layer, whose
+    forward differs, keeps its own; where flashdelta's op does not take the call the repeat
+    stays. Same loss and gradients each way (test_patched_equals_unpatched covers every model)."""
+    model = tiny_model(model_type)
+    batch = inputs()
+    before = run_model(model, *batch)
+    report = flashdelta.patch(model)
+    layer = type(model.model.layers[0].linear_attn)
+    replaced = model_type != "qwen3_next"
+    assert _mechanism.is_replacement(layer) == replaced
+    assert (f"{layer.__name__} passing q / k on their own heads" in str(report)) == replaced
+    heads = spy_on_key_heads()
+    assert_same(before, run_model(model, *batch), model_type)  # a cache is filled (use_cache)
+    assert_same(before, run_model(model, *batch, use_cache=False), f"{model_type}, no cache")
+    assert heads == {"flashdelta": [2 if replaced else 4] * 2, "fallback": []}
+    if replaced:  # the call goes to the fallback: it gets the repeated heads it needs
+        rule = modeling_module(model_type).torch_chunk_gated_delta_rule
+        monkeypatch.setattr(rule, "runs_flashdelta", lambda *a, **k: False)
+        heads["flashdelta"].clear()
+        assert_same(before, run_model(model, *batch), f"{model_type}, fallback")
+        assert heads == {"flashdelta": [], "fallback": [4]}
+    flashdelta.unpatch()
+    assert not _mechanism.is_replacement(type(model.model.layers[0].linear_attn))
+
+
+def test_grouped_heads_only_for_the_forward_read():
+    """A GatedDeltaNet whose forward reads other names (a subclass, another transformers
+    version) is left alone: its gated delta rule calls are still patched, with the heads its
+    forward passes."""
+    mod = modeling_module("qwen3_5")
+    original = mod.Qwen3_5GatedDeltaNet
+
+    class Custom(original):
+        def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
+            return 2 * super().forward(hidden_states, cache_params, attention_mask, **kwargs)
+
+    from flashdelta.patch import gdn
+
+    assert gdn._is_gated_delta_net(mod, original)
+    assert not gdn._is_gated_delta_net(mod, Custom)
+    assert not gdn._is_gated_delta_net(mod, mod.Qwen3_5Attention)
+
+
 def test_conditional_generation_class():
     model = tiny_conditional_generation_model()
     ids, mask, labels = inputs(batch=1, seq=40)

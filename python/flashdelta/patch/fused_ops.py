@@ -235,10 +235,12 @@ def _attention_forward(original: type, info: Dict[str, Any]):
         fd = _flashdelta()
         input_shape = hidden_states.shape[:-1]
         head_dim = self.head_dim
-        # q_proj gives [query | gate] per head: both halves are used as strided views
+        # q_proj gives [query | gate] per head: both halves are used as strided views. split,
+        # not two slices: its backward writes both halves' gradients into one new tensor, where
+        # each slice's backward would zero-fill a full-size gradient and the two be added.
         query_and_gate = self.q_proj(hidden_states).view(*input_shape, -1, 2 * head_dim)
-        query = self.q_norm(query_and_gate[..., :head_dim])
-        gate = query_and_gate[..., head_dim:]
+        query, gate = query_and_gate.split(head_dim, dim=-1)
+        query = self.q_norm(query)
         key = self.k_norm(self.k_proj(hidden_states).view(*input_shape, -1, head_dim))
         value = self.v_proj(hidden_states).view(*input_shape, -1, head_dim).transpose(1, 2)
         if cos.dtype == query.dtype and key.dtype == query.dtype:
