@@ -170,7 +170,7 @@ KERNEL_GROUPS = (
     ("moe", r"flashdelta.*(router|count_kernel|scan_kernel|scatter_kernel|gather_kernel|"
             r"unpermute|grouped_gemm|zero_dropped)|grouped_mm|Grouped|moe|histc|bincount|topk"),
     ("cross-entropy", r"flashdelta.*(softmax_gradient|sum_losses|scale_kernel)|cross_entropy|"
-                      r"log_softmax|nll_loss"),
+                      r"log_softmax|nll_loss|SoftMax"),
     ("norms, rope, gates", r"flashdelta.*(rms_norm|reduce_partials|rotary|gated_product)"),
     ("attention", r"flash_fwd|flash_bwd|fmha|attention|sdpa"),
     ("gemm (cuBLAS)", r"gemm|nvjet|xmma|cutlass|cublas|splitK"),
