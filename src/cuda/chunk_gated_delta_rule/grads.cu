@@ -247,6 +247,23 @@ __device__ __forceinline__ void store_col_parts(int col, const float (&x)[NT][4]
   }
 }
 
+// A product's epilogue: adds the thread's share of the row dots acc_r . x_r (x a bf16 [64, kLdD]
+// tile in shared memory; acc at gemm_apply's positions) for rows row (lo) and row + 8 (hi).
+template <typename Acc>
+__device__ __forceinline__ void add_row_dots(const Acc& acc, const bf16* x, int row, int col,
+                                             float& lo, float& hi) {
+#pragma unroll
+  for (int nt = 0; nt < bwd::kTilesOf<Acc>; ++nt) {
+    const int c = col + 8 * nt;
+    const float2 x_lo =
+        __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + row * kLdD + c));
+    const float2 x_hi =
+        __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + (row + 8) * kLdD + c));
+    lo += acc[nt][0] * x_lo.x + acc[nt][1] * x_lo.y;
+    hi += acc[nt][2] * x_hi.x + acc[nt][3] * x_hi.y;
+  }
+}
+
 // Column i's sum: its four bands' partials in band order (deterministic).
 __device__ __forceinline__ float band_sum(const float (&part)[4][kC], int i) {
   return ((part[0][i] + part[1][i]) + part[2][i]) + part[3][i];
@@ -458,16 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float dr_lo = 0.f, dr_hi = 0.f;
         bwd::gemm_apply<kD, kD, false, true, kThreads>(
             nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const auto& acc) {
-#pragma unroll
-              for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
-                const int c = col + 8 * nt;
-                const float2 vn_lo = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + row * kLdD + c));
-                const float2 vn_hi = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.u_vn_dw + (row + 8) * kLdD + c));
-                dr_lo += acc[nt][0] * vn_lo.x + acc[nt][1] * vn_lo.y;
-                dr_hi += acc[nt][2] * vn_hi.x + acc[nt][3] * vn_hi.y;
-              }
+              add_row_dots(acc, sm.u_vn_dw, row, col, dr_lo, dr_hi);
               bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.r[r]; },
                                [](int) { return 1.f; });
             });
@@ -518,16 +526,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float de_lo = 0.f, de_hi = 0.f;
         bwd::gemm_apply<kD, kD, false, false, kThreads>(
             nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
-#pragma unroll
-              for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
-                const int c = col + 8 * nt;
-                const float2 q_lo = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.q + row * kLdD + c));
-                const float2 q_hi = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.q + (row + 8) * kLdD + c));
-                de_lo += acc[nt][0] * q_lo.x + acc[nt][1] * q_lo.y;
-                de_hi += acc[nt][2] * q_hi.x + acc[nt][3] * q_hi.y;
-              }
+              add_row_dots(acc, sm.q, row, col, de_lo, de_hi);
               bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.e[r]; },
                                [](int) { return 1.f; });
             });
