@@ -31,7 +31,7 @@ import os
 import re
 import subprocess
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="after each variant's timed steps, profile 3 more steps (torch.profiler, "
                         "device time) and print the step's time per kernel group and its N "
                         "largest kernels")
+    p.add_argument("--attribute", type=int, default=0, metavar="N",
+                   help="after each variant's timed steps, one more step under torch.profiler "
+                        "with every module but the lm head marked: prints the N places (innermost "
+                        "two modules, or the autograd node of a backward op) whose aten ops took "
+                        "the most device time (CPU time on --device cpu)")
     p.add_argument("--fla-unsafe-bwd", action="store_true",
                    help="run FLA's backward where FLA refuses it (Hopper with Triton 3.4 to "
                         "3.7.0: FLA says its results can be wrong there); the run is labelled")
@@ -230,6 +235,75 @@ def short_kernel_name(name: str) -> str:
     return "".join(out).strip()
 
 
+def attribute_step(model, batch: torch.Tensor, top: int) -> List[Tuple[str, float, int]]:
+    """[(where, ms, ops)] of one training step (forward, backward, AdamW at lr 0): each aten op's
+    own device time (CPU time for a CPU model; kernels of flashdelta's ops are not aten ops and
+    are not counted) given to the innermost two modules it ran in ("Linear(torch) <
+    Linear(peft)": class and package, marked by forward hooks) or, for backward ops, to their autograd node ("bwd MulBackward0"). The lm head
+    stays unhooked: a hooked lm head keeps transformers' loss (flashdelta.patch.cross_entropy)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    ranges: Dict[int, List[Any]] = {}
+
+    def enter(module, args):
+        cls = type(module)
+        name = f"mod:{cls.__name__}({cls.__module__.split('.')[0]})"
+        ranges.setdefault(id(module), []).append(
+            torch.ops.profiler._record_function_enter_new(name, None))
+
+    def leave(module, args, out):
+        torch.ops.profiler._record_function_exit(ranges[id(module)].pop())
+
+    handles = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] != "lm_head":
+            handles += [module.register_forward_pre_hook(enter),
+                        module.register_forward_hook(leave)]
+    cuda = batch.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize(batch.device)
+    finally:
+        for h in handles:
+            h.remove()
+    totals: Dict[str, List[float]] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CPU or not ev.name.startswith("aten::"):
+            continue
+        t = ev.self_device_time_total if cuda else ev.self_cpu_time_total
+        if t <= 0:
+            continue
+        mods, node = [], None
+        parent = ev.cpu_parent
+        while parent is not None and len(mods) < 2:
+            if parent.name.startswith("mod:"):
+                mods.append(parent.name[4:])
+            elif node is None and parent.name.startswith("autograd::engine::evaluate_function"):
+                node = "bwd " + parent.name.split(": ", 1)[-1]
+            parent = parent.cpu_parent
+        where = " < ".join(mods) if mods else (node or "other (optimizer, top level)")
+        acc = totals.setdefault(where, [0.0, 0])
+        acc[0] += t / 1e3
+        acc[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
+    return [(where, ms, int(n)) for where, (ms, n) in ranked]
+
+
+def format_attribution(label: str, rows: List[Tuple[str, float, int]], cuda: bool) -> str:
+    kind = "device" if cuda else "CPU"
+    lines = [f"{label}: aten ops' own {kind} time of one step, by where they ran",
+             f"  {'ms':>8} {'ops':>5}  where"]
+    lines += [f"  {ms:8.2f} {n:5d}  {where}" for where, ms, n in rows]
+    return "\n".join(lines)
+
+
 def format_profile(label: str, prof: Dict[str, Any]) -> str:
     total = prof["total_ms"]
     lines = [f"{label}: device time per step {total:.1f} ms (kernels summed, torch.profiler)",
@@ -265,6 +339,7 @@ def main(argv=None) -> int:
 
     runs: List[demo.RunResult] = []
     profiles: Dict[str, Dict[str, Any]] = {}
+    attributions: Dict[str, List[Tuple[str, float, int]]] = {}
     skipped: Dict[str, str] = {}
     report = None
     for variant in args.variants:
@@ -293,6 +368,8 @@ def main(argv=None) -> int:
                                  warmup=args.warmup, progress=not args.no_progress)
                 if args.profile and args.device == "cuda":
                     profiles[variant] = profile_steps(model, batches[0], args.profile)
+                if args.attribute:
+                    attributions[variant] = attribute_step(model, batches[0], args.attribute)
                 return run
 
             if variant == "torch":
@@ -322,6 +399,9 @@ def main(argv=None) -> int:
     for variant, prof in profiles.items():
         print()
         print(format_profile(variant, prof))
+    for variant, rows in attributions.items():
+        print()
+        print(format_attribution(variant, rows, args.device == "cuda"))
     fallback_note = None
     if report is not None and any(f"cannot run on {args.device}" in n
                                   for n in report.components["gdn"].notes):
@@ -352,6 +432,7 @@ def main(argv=None) -> int:
             },
             "patch_report": None if report is None else str(report),
             "profiles": profiles,
+            "attributions": attributions,
         }
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2, default=str)
