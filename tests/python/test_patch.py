@@ -241,48 +241,63 @@ def spy_on_key_heads():
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_grouped_heads_reach_the_kernel_unrepeated(model_type, monkeypatch):
-    """qwen3_5 / qwen3_5_moe GatedDeltaNet layers hand q and k to flashdelta on their 2 key
-    heads (transformers repeats them to the 4 value heads first); qwen3_next's layer, whose
-    forward differs, keeps its own; where flashdelta's op does not take the call the repeat
-    stays. Same loss and gradients each way (test_patched_equals_unpatched covers every model)."""
+    """The GatedDeltaNet layers (both forwards: qwen3_5 / qwen3_5_moe's separate projections,
+    qwen3_next's fused ones) hand q and k to flashdelta on their 2 key heads (transformers
+    repeats them to the 4 value heads first), with and without a cache being filled; where
+    flashdelta's op does not take the call the repeat stays. Same loss and gradients each way
+    (test_patched_equals_unpatched covers every model with LoRA and padding)."""
     model = tiny_model(model_type)
     batch = inputs()
     before = run_model(model, *batch)
     report = flashdelta.patch(model)
     layer = type(model.model.layers[0].linear_attn)
-    replaced = model_type != "qwen3_next"
-    assert _mechanism.is_replacement(layer) == replaced
-    assert (f"{layer.__name__} passing q / k on their own heads" in str(report)) == replaced
+    assert _mechanism.is_replacement(layer)
+    assert f"{layer.__name__} passing q / k on their own heads" in str(report)
     heads = spy_on_key_heads()
     assert_same(before, run_model(model, *batch), model_type)  # a cache is filled (use_cache)
     assert_same(before, run_model(model, *batch, use_cache=False), f"{model_type}, no cache")
-    assert heads == {"flashdelta": [2 if replaced else 4] * 2, "fallback": []}
-    if replaced:  # the call goes to the fallback: it gets the repeated heads it needs
-        rule = modeling_module(model_type).torch_chunk_gated_delta_rule
-        monkeypatch.setattr(rule, "runs_flashdelta", lambda *a, **k: False)
-        heads["flashdelta"].clear()
-        assert_same(before, run_model(model, *batch), f"{model_type}, fallback")
-        assert heads == {"flashdelta": [], "fallback": [4]}
+    assert heads == {"flashdelta": [2, 2], "fallback": []}
+    # the call goes to the fallback: it gets the repeated heads it needs
+    rule = modeling_module(model_type).torch_chunk_gated_delta_rule
+    monkeypatch.setattr(rule, "runs_flashdelta", lambda *a, **k: False)
+    heads["flashdelta"].clear()
+    assert_same(before, run_model(model, *batch), f"{model_type}, fallback")
+    assert heads == {"flashdelta": [], "fallback": [4]}
     flashdelta.unpatch()
     assert not _mechanism.is_replacement(type(model.model.layers[0].linear_attn))
 
 
-def test_grouped_heads_only_for_the_forward_read():
+def test_grouped_heads_only_for_the_forwards_read():
     """A GatedDeltaNet whose forward reads other names (a subclass, another transformers
     version) is left alone: its gated delta rule calls are still patched, with the heads its
     forward passes."""
-    mod = modeling_module("qwen3_5")
-    original = mod.Qwen3_5GatedDeltaNet
+    from flashdelta.patch import gdn
 
-    class Custom(original):
+    assert gdn._layer_flavour(modeling_module("qwen3_5"),
+                              modeling_module("qwen3_5").Qwen3_5GatedDeltaNet) == "separate"
+    assert gdn._layer_flavour(modeling_module("qwen3_5_moe"),
+                              modeling_module("qwen3_5_moe").Qwen3_5MoeGatedDeltaNet) == "separate"
+    assert gdn._layer_flavour(modeling_module("qwen3_next"),
+                              modeling_module("qwen3_next").Qwen3NextGatedDeltaNet) == "fused"
+    mod = modeling_module("qwen3_5")
+
+    class Custom(mod.Qwen3_5GatedDeltaNet):
         def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
             return 2 * super().forward(hidden_states, cache_params, attention_mask, **kwargs)
 
-    from flashdelta.patch import gdn
+    assert gdn._layer_flavour(mod, Custom) is None
+    assert gdn._layer_flavour(mod, mod.Qwen3_5Attention) is None
 
-    assert gdn._is_gated_delta_net(mod, original)
-    assert not gdn._is_gated_delta_net(mod, Custom)
-    assert not gdn._is_gated_delta_net(mod, mod.Qwen3_5Attention)
+    model = tiny_model("qwen3_5")
+    layer = model.model.layers[0].linear_attn
+    layer.__class__ = Custom
+    batch = inputs()
+    before = run_model(model, *batch)
+    flashdelta.patch(model)
+    assert type(layer) is Custom
+    heads = spy_on_key_heads()
+    assert_same(before, run_model(model, *batch), "custom layer")
+    assert heads == {"flashdelta": [4], "fallback": []}
 
 
 def test_conditional_generation_class():

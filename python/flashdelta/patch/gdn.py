@@ -44,9 +44,9 @@ Semantics of the gated delta rule replacement (`GatedDeltaRuleReplacement`):
   transformers' hub wrapper, passes on only the keywords flashdelta's op names (plus the ones that
   would change the result, so that those still raise instead of being silently dropped);
 - grouped heads: transformers' code repeats q/k to HV heads before calling (its torch fallbacks
-  need HV == H); flashdelta handles either, so the tensors are passed on as given. The qwen3_5 /
-  qwen3_5_moe GatedDeltaNet layers themselves are replaced too (a subclass, as the fused_ops
-  layers are, see "grouped heads" below) so that q and k reach flashdelta on their H heads;
+  need HV == H); flashdelta handles either, so the tensors are passed on as given. The
+  GatedDeltaNet layers themselves are replaced too (a subclass, as the fused_ops layers are, see
+  "grouped heads" below) so that q and k reach flashdelta on their H heads;
 - `cu_seqlens`: transformers' torch fallbacks ignore it (packed sequences are computed as one
   sequence); flashdelta honours it, as FLA does;
 - `chunk_size` (torch fallback only) is dropped: it does not change the result;
@@ -486,19 +486,25 @@ def _conv_instance_rule(attr: str, kind: str) -> InstanceAttributeRule:
 # the original.
 #
 # The replaced forward is read, not guessed: the class must be a GatedDeltaNet whose forward
-# reads exactly the names transformers 5.x's qwen3_5 / qwen3_5_moe forward reads (any change
-# there, and the class is left alone), behind nothing but transformers' accelerate-hook wrapper
-# for conv1d. Qwen3-Next's forward (in_proj_qkvz / in_proj_ba) differs and keeps the repeat.
+# reads exactly the names one of transformers 5.x's two forwards reads (any change there, and
+# the class is left alone), behind nothing but transformers' accelerate-hook wrapper for conv1d:
+# "separate" (qwen3_5, qwen3_5_moe: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a) or "fused"
+# (qwen3_next: in_proj_qkvz and in_proj_ba, regrouped by the layer's
+# fix_query_key_value_ordering).
 
-_LAYER_FORWARD_NAMES = frozenset({
+_COMMON_FORWARD_NAMES = frozenset({
     "A_log", "F", "activation", "apply_mask_to_padding_states", "bias", "causal_conv1d_fn",
     "causal_conv1d_update", "conv1d", "conv_kernel_size", "conv_states", "dt_bias", "exp",
-    "float", "has_previous_state", "head_k_dim", "head_v_dim", "in_proj_a", "in_proj_b",
-    "in_proj_qkv", "in_proj_z", "key_dim", "layer_idx", "layers", "norm", "num_k_heads",
-    "num_v_heads", "out_proj", "pop", "record_past", "recurrent_states", "repeat_interleave",
-    "reshape", "shape", "sigmoid", "softplus", "split", "squeeze", "torch",
+    "float", "has_previous_state", "head_k_dim", "head_v_dim", "key_dim", "layer_idx", "layers",
+    "norm", "num_k_heads", "num_v_heads", "out_proj", "pop", "record_past", "recurrent_states",
+    "repeat_interleave", "reshape", "shape", "sigmoid", "softplus", "split", "squeeze", "torch",
     "torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "transpose",
     "update_conv_state", "update_recurrent_state", "value_dim", "weight"})
+_LAYER_FORWARD_NAMES = {
+    "separate": _COMMON_FORWARD_NAMES | {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"},
+    "fused": _COMMON_FORWARD_NAMES | {"in_proj_qkvz", "in_proj_ba", "fix_query_key_value_ordering",
+                                      "cat"},
+}
 _LAYER_PARAMS = ("self", "hidden_states", "cache_params", "attention_mask")
 _HOOKED_CHILDREN = ["conv1d"]
 
@@ -521,26 +527,53 @@ def _layer_wrapper(module: ModuleType, forward: Any) -> Optional[Any]:
     return hooks(list(_HOOKED_CHILDREN))
 
 
-def _is_gated_delta_net(module: ModuleType, cls: Any) -> bool:
+def _layer_flavour(module: ModuleType, cls: Any) -> Optional[str]:
+    """"separate" or "fused" where cls is a GatedDeltaNet whose forward is one of the two read
+    (see above), else None."""
     import torch
 
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)) or is_replacement(cls):
-        return False
+        return None
     forward = vars(cls).get("forward")
     if forward is None or _layer_wrapper(module, forward) is None:
-        return False
+        return None
+    if not callable(vars(module).get("apply_mask_to_padding_states")):
+        return None
     inner = inspect.unwrap(forward)
     code = getattr(inner, "__code__", None)
     try:
         params = tuple(inspect.signature(inner).parameters)
     except (TypeError, ValueError):
-        return False
-    return (code is not None and frozenset(code.co_names) == _LAYER_FORWARD_NAMES
-            and params[: len(_LAYER_PARAMS)] == _LAYER_PARAMS
-            and callable(vars(module).get("apply_mask_to_padding_states")))
+        return None
+    if code is None or params[: len(_LAYER_PARAMS)] != _LAYER_PARAMS:
+        return None
+    names = frozenset(code.co_names)
+    return next((f for f, want in _LAYER_FORWARD_NAMES.items() if names == want), None)
 
 
-def _grouped_forward(module: ModuleType):
+def _projections(self, hidden_states, flavour: str):
+    """(mixed_qkv [B, C, T], z [B, T, HV, dv], b, a) as the flavour's forward computes them."""
+    import torch
+
+    batch_size, seq_len, _ = hidden_states.shape
+    if flavour == "separate":
+        mixed_qkv = self.in_proj_qkv(hidden_states).transpose(1, 2)
+        z = self.in_proj_z(hidden_states).reshape(batch_size, seq_len, -1, self.head_v_dim)
+        return mixed_qkv, z, self.in_proj_b(hidden_states), self.in_proj_a(hidden_states)
+    query, key, value, z, b, a = self.fix_query_key_value_ordering(
+        self.in_proj_qkvz(hidden_states), self.in_proj_ba(hidden_states))
+    query, key, value = (x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value))
+    return torch.cat((query, key, value), dim=-1).transpose(1, 2), z, b, a
+
+
+def _has_previous_state(self, cache_params, flavour: str) -> bool:
+    """The flavour's own test (qwen3_5 names the state index, qwen3_next does not)."""
+    if flavour == "separate":
+        return cache_params.has_previous_state(self.layer_idx, state_idx=0)
+    return cache_params.has_previous_state(self.layer_idx)
+
+
+def _grouped_forward(module: ModuleType, flavour: str):
     """transformers' GatedDeltaNet.forward for a call without a previous state (training, or a
     prefill filling a cache), q and k left on their H heads when flashdelta's op takes the call.
     Apart from that it differs in one thing, which changes no value: the slice dropping the conv
@@ -552,10 +585,7 @@ def _grouped_forward(module: ModuleType):
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
         hidden_states = module.apply_mask_to_padding_states(hidden_states, attention_mask)
         batch_size, seq_len, _ = hidden_states.shape
-        mixed_qkv = self.in_proj_qkv(hidden_states).transpose(1, 2)
-        z = self.in_proj_z(hidden_states).reshape(batch_size, seq_len, -1, self.head_v_dim)
-        b = self.in_proj_b(hidden_states)
-        a = self.in_proj_a(hidden_states)
+        mixed_qkv, z, b, a = _projections(self, hidden_states, flavour)
         if cache_params is not None:
             mixed_qkv = cache_params.update_conv_state(mixed_qkv, self.layer_idx,
                                                        conv_kernel_size=self.conv_kernel_size)
@@ -592,19 +622,19 @@ def _grouped_forward(module: ModuleType):
 _LAYER_CACHE: Dict[int, type] = {}
 
 
-def layer_replacement_for(module: ModuleType, original: type) -> type:
+def layer_replacement_for(module: ModuleType, original: type, flavour: str) -> type:
     """The subclass of `original` whose forward passes q / k on their own heads (one per class:
     re-patching reuses it, so instances swapped earlier are recognised)."""
     cls = _LAYER_CACHE.get(id(original))
     if cls is None or getattr(cls, MARKER) is not original:
         wrap = _layer_wrapper(module, vars(original)["forward"])
-        grouped = wrap(_grouped_forward(module))
+        grouped = wrap(_grouped_forward(module, flavour))
 
         def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
             rule = vars(module).get("torch_chunk_gated_delta_rule")
             if (type(self).active and isinstance(rule, GatedDeltaRuleReplacement) and (
                     cache_params is None
-                    or not cache_params.has_previous_state(self.layer_idx, state_idx=0))):
+                    or not _has_previous_state(self, cache_params, flavour))):
                 return grouped(self, hidden_states, cache_params, attention_mask, **kwargs)
             return original.forward(self, hidden_states, cache_params, attention_mask, **kwargs)
 
@@ -625,10 +655,10 @@ def layer_replacement_for(module: ModuleType, original: type) -> type:
 
 def _layer_rule(name: str) -> SymbolRule:
     def recognise(module: ModuleType, value: Any) -> bool:
-        return _is_gated_delta_net(module, value)
+        return _layer_flavour(module, value) is not None
 
     def make(module: ModuleType, value: Any, ctx: Context) -> Any:
-        return layer_replacement_for(module, value)
+        return layer_replacement_for(module, value, _layer_flavour(module, value))
 
     return SymbolRule(name, recognise, make, rebind_instances=True)
 
