@@ -812,22 +812,32 @@ def test_cuda_model():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_cuda_bf16_training_runs_flashdelta_chunk(monkeypatch):
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_cuda_bf16_training_runs_flashdelta_chunk(monkeypatch, model_type):
     """By default (auto) a bf16 model's training step runs flashdelta's chunked kernels on CUDA
-    where the build has both directions, with the loss and gradients of the unpatched model to
-    bf16 accuracy."""
+    where the build has both directions, q and k on their 2 key heads. Against the same model in
+    fp32 (unpatched: transformers' own code), every gradient of the patched bf16 model is within
+    twice the unpatched bf16 model's error (+1e-2): a tiny model's few-element gradients (A_log,
+    dt_bias) are 5-10% off in bf16 either way."""
     from flashdelta.patch import gdn
 
     monkeypatch.delenv(gdn.CHUNK_ENV, raising=False)
-    model = tiny_model("qwen3_5").cuda().to(torch.bfloat16)
     batch = [t.cuda() for t in inputs()]
+    exact = run_model(tiny_model(model_type).cuda(), *batch)
+    model = tiny_model(model_type).cuda().to(torch.bfloat16)
     before = run_model(model, *batch)
     flashdelta.patch(model)
-    calls = spy_on_replacements()
+    heads = spy_on_key_heads()
     after = run_model(model, *batch)
-    assert (calls["chunk"] > 0) == _runs_on_cuda("chunk", torch.bfloat16), calls
+    runs = _runs_on_cuda("chunk", torch.bfloat16)
+    assert heads == ({"flashdelta": [2], "fallback": []} if runs
+                     else {"flashdelta": [], "fallback": [4]}), heads
     torch.testing.assert_close(after[1].float(), before[1].float(), rtol=1e-2, atol=0)
-    for name, ga in before[2].items():
-        gb = after[2][name]
-        err = float((gb.float() - ga.float()).norm() / ga.float().norm().clamp_min(1e-30))
-        assert err <= 5e-2, f"{name}: relative L2 {err:.3g}"
+
+    def rel(a, b):
+        return float((b.float() - a.float()).norm() / a.float().norm().clamp_min(1e-30))
+
+    for name, g in exact[2].items():
+        err, bf16_err = rel(g, after[2][name]), rel(g, before[2][name])
+        assert err <= 2 * bf16_err + 1e-2, (
+            f"{name}: relative L2 {err:.3g} against fp32; unpatched bf16 {bf16_err:.3g}")
