@@ -271,13 +271,13 @@ def test_grouped_heads_only_for_the_forwards_read():
     """A GatedDeltaNet whose forward reads other names (a subclass, another transformers
     version) is left alone: its gated delta rule calls are still patched, with the heads its
     forward passes."""
-    from flashdelta.patch import gdn
+    from flashdelta.patch import gdn_layer
 
-    assert gdn._layer_flavour(modeling_module("qwen3_5"),
+    assert gdn_layer._layer_flavour(modeling_module("qwen3_5"),
                               modeling_module("qwen3_5").Qwen3_5GatedDeltaNet) == "separate"
-    assert gdn._layer_flavour(modeling_module("qwen3_5_moe"),
+    assert gdn_layer._layer_flavour(modeling_module("qwen3_5_moe"),
                               modeling_module("qwen3_5_moe").Qwen3_5MoeGatedDeltaNet) == "separate"
-    assert gdn._layer_flavour(modeling_module("qwen3_next"),
+    assert gdn_layer._layer_flavour(modeling_module("qwen3_next"),
                               modeling_module("qwen3_next").Qwen3NextGatedDeltaNet) == "fused"
     mod = modeling_module("qwen3_5")
 
@@ -285,8 +285,8 @@ def test_grouped_heads_only_for_the_forwards_read():
         def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
             return 2 * super().forward(hidden_states, cache_params, attention_mask, **kwargs)
 
-    assert gdn._layer_flavour(mod, Custom) is None
-    assert gdn._layer_flavour(mod, mod.Qwen3_5Attention) is None
+    assert gdn_layer._layer_flavour(mod, Custom) is None
+    assert gdn_layer._layer_flavour(mod, mod.Qwen3_5Attention) is None
 
     model = tiny_model("qwen3_5")
     layer = model.model.layers[0].linear_attn
