@@ -270,6 +270,16 @@ def _is_sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
+def require_cuda_experts(*directions):
+    """Skips the calling test where this build has no CUDA moe_experts kernel for `directions`
+    (default: forward and backward)."""
+    import flashdelta
+
+    wanted = {f"moe_experts.{d}" for d in directions or ("forward", "backward")}
+    if not wanted <= set(flashdelta.build_info()["cuda_ops"]):
+        pytest.skip("this build has no CUDA moe_experts")
+
+
 GEMM_PATHS = [
     pytest.param("sm80", id="sm80"),
     pytest.param("sm90", id="sm90",
@@ -314,11 +324,7 @@ def test_gemm_path_against_float64(monkeypatch, path, dtype):
     one tile, gate boxes j 0-63 and 64-127, the second mostly up rows), the weight-gradient
     reductions run over 300 / 129 / 65 / 64 / 7 / 1 rows (partial last k-steps, whose rows past
     the expert must be zeroed), and expert 1's weight gradients must be 0."""
-    import flashdelta
-
-    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
-            flashdelta.build_info()["cuda_ops"]):
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts()
     monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
     idx, w, E = tile_edge_routing()
     H, I = 200, 72
@@ -381,11 +387,7 @@ def test_gemm_clusters_change_nothing(monkeypatch, H, I):
     the 1-CTA launch, the others the clusters (2I = 192: dW1's second m-tile has one active
     warpgroup, its peer two). Random routing of 1024 tokens, top-2 over 8 experts (~290 rows
     each: 5 k-steps in the weight gradients, ragged last tiles), expert 3 without rows."""
-    import flashdelta
-
-    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
-            flashdelta.build_info()["cuda_ops"]):
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts()
     E, T, k = 8, 1024, 2
     idx, w = random_routing(T, E - 1, k, seed=31)
     idx[idx >= 3] += 1  # expert 3 receives no rows
@@ -415,10 +417,7 @@ def test_gemm_clusters_change_nothing(monkeypatch, H, I):
 def test_gemm_path_setting_errors(monkeypatch):
     """A misspelt FLASHDELTA_MOE_GEMM is an error naming it; sm90 on a device without it is
     NotImplementedError, never a silent fallback or a wrong answer."""
-    import flashdelta
-
-    if "moe_experts.forward" not in flashdelta.build_info()["cuda_ops"]:
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts("forward")
     from flashdelta.ops.moe_experts import moe_experts_fwd
 
     experts = experts_module(3, 16, 8, dtype=torch.bfloat16).to("cuda")
@@ -449,11 +448,7 @@ def test_gemm_persistent_tiles_against_float64(monkeypatch, path):
     a block between other tiles), H = 512, I = 320 (not a multiple of 128: the last SwiGLU tile
     has 64 act columns, d_act's last 256-column tile 64). Tiles (sm90-wide): x W1 ~216, act W2
     ~144, d_act ~144, d_hidden ~144, dW2 192, dW1 240. Against float64; the same on sm90-128."""
-    import flashdelta
-
-    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
-            flashdelta.build_info()["cuda_ops"]):
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts()
     monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
     E, T, k, H, I = 24, 2048, 4, 512, 320
     idx, w = random_routing(T, E - 1, k, seed=41)
@@ -491,11 +486,7 @@ def test_gemm_wide_tma_stores_change_nothing(monkeypatch):
     TMA store waited for in the next tile's epilogue; I = 320: partial column blocks, clipped by
     TMA or stored by the threads), expert 5 without rows (its zero weight gradients stored by
     TMA)."""
-    import flashdelta
-
-    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
-            flashdelta.build_info()["cuda_ops"]):
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts()
     E, T, k, H, I = 24, 2048, 4, 512, 320
     idx, w = random_routing(T, E - 1, k, seed=43)
     idx[idx >= 5] += 1  # expert 5 receives no rows
@@ -535,11 +526,7 @@ def test_gemm_swiglu_epilogues_against_float64(monkeypatch, path, H, I, dtype):
     tile 8 columns); I = 37: gate_up and act rows not 16-byte aligned, the SwiGLU forwards store
     element by element (the backward GEMMs, W2's rows unaligned too, take sm80). Routing at the
     tile edges, expert 1 without rows; bitwise deterministic."""
-    import flashdelta
-
-    if not {"moe_experts.forward", "moe_experts.backward"} <= set(
-            flashdelta.build_info()["cuda_ops"]):
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts()
     monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
     idx, w, E = tile_edge_routing()
     experts = experts_module(E, H, I, dtype=dtype, seed=11).to("cuda")
@@ -568,10 +555,7 @@ def test_gemm_swiglu_epilogues_against_float64(monkeypatch, path, H, I, dtype):
 def test_gemm_wide_handles_many_experts(monkeypatch, path):
     """The persistent kernel keeps a table of 3 (E + 1) ints in shared memory: E = 600
     (Qwen3-Next has 512) still fits; the block scan reads the offsets in two rounds of 384."""
-    import flashdelta
-
-    if "moe_experts.forward" not in flashdelta.build_info()["cuda_ops"]:
-        pytest.skip("this build has no CUDA moe_experts")
+    require_cuda_experts("forward")
     monkeypatch.setenv("FLASHDELTA_MOE_GEMM", path)
     T, E, H, I, k = 400, 600, 64, 32, 4
     idx, w = random_routing(T, E, k, seed=13)
