@@ -150,20 +150,14 @@ def _grouped_forward(module: ModuleType, flavour: str):
     return forward
 
 
-def _is_gated_delta_rule_replacement(rule: Any) -> bool:
-    """The module's chunked rule is gdn.py's replacement (which says, per call, whether
-    flashdelta's op takes it)."""
-    from .gdn import GatedDeltaRuleReplacement
-
-    return isinstance(rule, GatedDeltaRuleReplacement)
-
-
 _LAYER_CACHE: Dict[int, type] = {}
 
 
 def layer_replacement_for(module: ModuleType, original: type, flavour: str) -> type:
     """The subclass of `original` whose forward passes q / k on their own heads (one per class:
     re-patching reuses it, so instances swapped earlier are recognised)."""
+    from .gdn import GatedDeltaRuleReplacement  # (gdn imports this module)
+
     cls = _LAYER_CACHE.get(id(original))
     if cls is None or getattr(cls, MARKER) is not original:
         wrap = _layer_wrapper(module, vars(original)["forward"])
@@ -171,7 +165,7 @@ def layer_replacement_for(module: ModuleType, original: type, flavour: str) -> t
 
         def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
             rule = vars(module).get("torch_chunk_gated_delta_rule")
-            if (type(self).active and _is_gated_delta_rule_replacement(rule) and (
+            if (type(self).active and isinstance(rule, GatedDeltaRuleReplacement) and (
                     cache_params is None
                     or not _has_previous_state(self, cache_params, flavour))):
                 return grouped(self, hidden_states, cache_params, attention_mask, **kwargs)
