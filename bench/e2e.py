@@ -192,11 +192,9 @@ def kernel_group(name: str) -> str:
     return "other"
 
 
-def profile_steps(model, batch: torch.Tensor, top: int) -> Dict[str, Any]:
-    """Device time per kernel group and the `top` largest kernels of one training step (forward,
-    backward, AdamW at lr 0 so that the weights stay as they are), averaged over 3 steps."""
-    from flashdelta.bench._profile import kernel_totals
-
+def weightless_step(model, batch: torch.Tensor):
+    """A training step on `batch` (forward, backward, AdamW) at lr 0: the weights stay as they
+    are, so it can be profiled after the timed steps without changing what follows."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
 
@@ -205,7 +203,15 @@ def profile_steps(model, batch: torch.Tensor, top: int) -> Dict[str, Any]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    totals = kernel_totals(step, repeats=3, warmup=1)
+    return step
+
+
+def profile_steps(model, batch: torch.Tensor, top: int) -> Dict[str, Any]:
+    """Device time per kernel group and the `top` largest kernels of one training step (forward,
+    backward, AdamW at lr 0 so that the weights stay as they are), averaged over 3 steps."""
+    from flashdelta.bench._profile import kernel_totals
+
+    totals = kernel_totals(weightless_step(model, batch), repeats=3, warmup=1)
     groups: Dict[str, float] = {}
     for name, (us, _) in totals.items():
         g = kernel_group(name)
@@ -239,10 +245,10 @@ def attribute_step(model, batch: torch.Tensor, top: int) -> List[Tuple[str, floa
     """[(where, ms, ops)] of one training step (forward, backward, AdamW at lr 0): each aten op's
     own device time (CPU time for a CPU model; kernels of flashdelta's ops are not aten ops and
     are not counted) given to the innermost two modules it ran in ("Linear(torch) <
-    Linear(peft)": class and package, marked by forward hooks) or, for backward ops, to their autograd node ("bwd MulBackward0"). The lm head
-    stays unhooked: a hooked lm head keeps transformers' loss (flashdelta.patch.cross_entropy)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    Linear(peft)": class and package, marked by forward hooks) or, for backward ops, to their
+    autograd node ("bwd MulBackward0"). The lm head stays unhooked: a hooked lm head keeps
+    transformers' loss (flashdelta.patch.cross_entropy)."""
+    step = weightless_step(model, batch)
     ranges: Dict[int, List[Any]] = {}
 
     def enter(module, args):
@@ -265,9 +271,7 @@ def attribute_step(model, batch: torch.Tensor, top: int) -> List[Tuple[str, floa
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     try:
         with torch.profiler.profile(activities=activities) as prof:
-            model(input_ids=batch, labels=batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step()
             if cuda:
                 torch.cuda.synchronize(batch.device)
     finally:
