@@ -110,6 +110,23 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Named barrier `id` over `threads` threads (0 is __syncthreads; immediate ids keep ptxas from
+// reserving them all).
+template <int kId, int kCount>
+__device__ __forceinline__ void named_barrier() {
+  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
+}
+
+// The 128 threads of consumer warpgroup `group` only (named barriers 2 and 3; 1 is both
+// consumer warpgroups').
+__device__ __forceinline__ void warpgroup_barrier(int group) {
+  if (group == 0) {
+    named_barrier<2, 128>();
+  } else {
+    named_barrier<3, 128>();
+  }
+}
+
 __device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
@@ -686,12 +703,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
             StorePair<T>{from_f32<T>(acc[4 * j + 2 * i]), from_f32<T>(acc[4 * j + 2 * i + 1])};
       }
     }
-    // This warpgroup only (named barriers 2 and 3; immediate ids keep ptxas from reserving all).
-    if (group == 0) {
-      asm volatile("bar.sync 2, 128;\n" ::: "memory");
-    } else {
-      asm volatile("bar.sync 3, 128;\n" ::: "memory");
-    }
+    warpgroup_barrier(group);
     const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
 #pragma unroll
     for (int it = 0; it < 8; ++it) {  // 64 rows x 16 chunks of 8 columns, 8 per thread
@@ -737,11 +749,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         *reinterpret_cast<StorePair<T>*>(blocks + 2 * kBoxBytes + offset) = v.act;
       }
     }
-    if (group == 0) {  // this warpgroup only (named barriers 2 and 3, as the plain stores)
-      asm volatile("bar.sync 2, 128;\n" ::: "memory");
-    } else {
-      asm volatile("bar.sync 3, 128;\n" ::: "memory");
-    }
+    warpgroup_barrier(group);
     const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
     const int64_t row0 = m_tile_start + group * 64;
     store_staged_block(blocks, thread_in_group, p.gate_up, p.ld_gate_up, row0, m_limit,
@@ -796,11 +804,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
     }
-    if (group == 0) {  // this warpgroup only (named barriers 2 and 3, as the plain stores)
-      asm volatile("bar.sync 2, 128;\n" ::: "memory");
-    } else {
-      asm volatile("bar.sync 3, 128;\n" ::: "memory");
-    }
+    warpgroup_barrier(group);
     const int thread_in_group = static_cast<int>(threadIdx.x) % 128;
     const int64_t row0 = m_tile_start + group * 64;
 #pragma unroll 1

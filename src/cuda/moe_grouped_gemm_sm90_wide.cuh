@@ -124,6 +124,8 @@ using sm90::mbarrier_arrive;
 using sm90::mbarrier_arrive_expect_tx;
 using sm90::mbarrier_init;
 using sm90::mbarrier_wait;
+using sm90::named_barrier;
+using sm90::warpgroup_barrier;
 using sm90::smem_descriptor;
 using sm90::smem_u32;
 using sm90::tma_load_2d;
@@ -141,12 +143,6 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
-// Named barrier `id` over `threads` threads (0 is __syncthreads; immediate ids keep ptxas from
-// reserving them all).
-template <int kId, int kCount>
-__device__ __forceinline__ void named_barrier() {
-  asm volatile("bar.sync %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
-}
 
 // Keeps the compiler from moving accumulator reads/writes across the asynchronous MMAs.
 __device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
@@ -440,13 +436,6 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   uint8_t* const staging = ring_ptr + kRingBytes + group * kBuffers * kBlockBytes;
   int staged_blocks = 0;  // blocks this warpgroup has staged: buffer staged_blocks % 2
   bool last_block_tma = false;  // whether the last one left by TMA (its read may be pending)
-  const auto group_barrier = [&]() {
-    if (group == 0) {
-      named_barrier<2, 128>();
-    } else {
-      named_barrier<3, 128>();
-    }
-  };
 
   int it = 0;  // k-steps consumed, over all tiles: the ring position (the producer's sequence)
   for (int64_t tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
@@ -559,7 +548,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           sm90::bulk_wait_group_read<0>();
         }
       }
-      group_barrier();
+      warpgroup_barrier(group);
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -573,7 +562,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
       sm90::fence_proxy_async_shared();  // the buffer is read by TMA (async proxy)
-      group_barrier();
+      warpgroup_barrier(group);
     };
     // map / tma_col: the block's first column in the map (the rows are block_row0.., kReduction
     // the expert t.expert); base / ld / col0 / col_limit: the same place for the threads' stores.
@@ -680,7 +669,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
                 make_float2(value(4 * j + 2 * i), value(4 * j + 2 * i + 1));
           }
         }
-        group_barrier();
+        warpgroup_barrier(group);
         const int64_t n = t.n_tile_start + 32 * r + item_col;
         const bool vector = p.vector_store_ok && n + 8 <= p.n_size;  // as load_round
 #pragma unroll
@@ -724,7 +713,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
             }
           }
         }
-        group_barrier();  // the staging is rewritten by the next round (or tile)
+        warpgroup_barrier(group);  // the staging is rewritten by the next round (or tile)
       }
     }
     // The last TMA store must have read its buffer before the block's shared memory goes.

@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int l = 0; l < kKB; ++l) {
       pack_a_from_c(dsc, l, own_da[l]);
-      sm.ds_frag[warp][l][lane] = make_uint4(own_da[l][0], own_da[l][1], own_da[l][2], own_da[l][3]);
+      sm.ds_frag[warp][l][lane] = as_uint4(own_da[l]);
     }
   };
   publish_dstate();
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int l = 0; l < kTB; ++l) {
       pack_a_from_c(dvn, l, own_dvn[l]);
-      sm.dvn_frag[warp][l][lane] = make_uint4(own_dvn[l][0], own_dvn[l][1], own_dvn[l][2], own_dvn[l][3]);
+      sm.dvn_frag[warp][l][lane] = as_uint4(own_dvn[l]);
     }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)

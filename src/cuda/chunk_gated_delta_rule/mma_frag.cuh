@@ -27,6 +27,15 @@ __device__ __forceinline__ void pack_a_from_c(const float (&c)[kTiles][4], int k
   a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// A fragments shared within a warp group (the state passes): a warp keeps its own in registers
+// and publishes them, one uint4 per lane, for the other warps to read from shared memory.
+__device__ __forceinline__ uint4 as_uint4(const uint32_t (&a)[4]) {
+  return make_uint4(a[0], a[1], a[2], a[3]);
+}
+__device__ __forceinline__ void to_regs(const uint4& x, uint32_t (&a)[4]) {
+  a[0] = x.x, a[1] = x.y, a[2] = x.z, a[3] = x.w;
+}
+
 // Stores the warp's 16 x 128 fp32 C fragments (n8 tiles 0..15) as bf16 rows dst[0..15][0..127]
 // (row stride 128, 16-byte aligned): the fragments go to `stage` (this warp's own bf16 [16, kLdD]
 // buffer; the kLdD stride makes the 4-byte writes conflict-free), then each lane copies eight

@@ -111,10 +111,6 @@ struct StateSmem {
   T o[2][kStagedO ? kC * S::kLdO : 8];  // o of chunk c in o[c & 1], [t][v]
 };
 
-__device__ __forceinline__ void to_regs(const uint4& x, uint32_t (&a)[4]) {
-  a[0] = x.x, a[1] = x.y, a[2] = x.z, a[3] = x.w;
-}
-
 template <typename T, bool kReplay, int kRowGroups, int kSplit>
 __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     state_kernel(const ChunkParams p) {
@@ -166,7 +162,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
     for (int l = 0; l < kKB; ++l) {
       pack_a_from_c(sc, l, own_sa[l]);
-      sm.s_frag[warp][l][lane] = make_uint4(own_sa[l][0], own_sa[l][1], own_sa[l][2], own_sa[l][3]);
+      sm.s_frag[warp][l][lane] = as_uint4(own_sa[l]);
     }
   };
   publish_state();
@@ -323,11 +319,8 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     // warps with later tokens (the causal M needs no later tokens: the last split gives none).
 #pragma unroll
     for (int l = 0; l < kTB; ++l) {
-      sm.vn_frag[warp][0][l][lane] =
-          make_uint4(own_state[l][0], own_state[l][1], own_state[l][2], own_state[l][3]);
-      if (!kReplay && split + 1 < kSplit)
-        sm.vn_frag[warp][1][l][lane] =
-            make_uint4(own_plain[l][0], own_plain[l][1], own_plain[l][2], own_plain[l][3]);
+      sm.vn_frag[warp][0][l][lane] = as_uint4(own_state[l]);
+      if (!kReplay && split + 1 < kSplit) sm.vn_frag[warp][1][l][lane] = as_uint4(own_plain[l]);
     }
     named_barrier(1 + row_group, 32 * kSplit);
     // (A warp rewrites its exchange slots only after the next chunk's block barriers.)
