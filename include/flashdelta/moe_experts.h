@@ -38,6 +38,9 @@ struct MoeExpertsBackwardArgs {
 };
 
 void moe_experts_forward(const MoeExpertsInputs& in, const MoeExpertsForwardOutputs& out);
+// The backward reads hidden's elements only for d_gate_up_proj; without it, hidden gives the
+// shape, dtype and device alone (frozen experts need not keep the forward's rows: any [N, H]
+// tensor of hidden's dtype and device will do, e.g. d_out).
 void moe_experts_backward(const MoeExpertsInputs& in, const MoeExpertsBackwardArgs& args);
 
 }  // namespace flashdelta

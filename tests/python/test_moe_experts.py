@@ -87,6 +87,58 @@ def test_dtypes_and_frozen_weights(device, dtype, trainable):
     check(run_both(experts, hidden, idx.to(device), w.to(device, dtype), trainable), dtype)
 
 
+@pytest.mark.parametrize("trainable", [True, False], ids=["trainable", "frozen"])
+def test_frozen_experts_keep_no_forward_rows(device, trainable):
+    """The backward reads the forward's rows only for the weight gradients: frozen experts (the
+    LoRA case) must not keep them alive, and the input gradient is the same either way."""
+    from flashdelta.ops.moe_experts import moe_grouped_experts
+
+    dtype = kernel_dtype(device)
+    T, E, H, I, k = 64, 8, 64, 32, 3
+    idx, _ = random_routing(T, E, k, seed=5)
+    experts = experts_module(E, H, I, dtype=dtype).to(device).requires_grad_(trainable)
+    hidden = torch.randn(T, H, device=device, dtype=dtype)
+    permuted, _, _, offsets = moe_permute(hidden, idx.to(device), E)
+    rows = permuted.detach().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = moe_grouped_experts(rows, offsets, experts.gate_up_proj, experts.down_proj)
+    kept = any(t.data_ptr() == rows.data_ptr() for t in saved)
+    assert kept == trainable
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(out)
+    (d_rows,) = torch.autograd.grad(out, [rows], g, retain_graph=trainable)
+    experts.requires_grad_(not trainable)
+    out2 = moe_grouped_experts(rows, offsets, experts.gate_up_proj, experts.down_proj)
+    (d_rows2,) = torch.autograd.grad(out2, [rows], g)
+    assert torch.equal(d_rows, d_rows2)
+
+
+def test_frozen_backward_op_takes_no_rows(device):
+    """moe_experts_bwd(None, ...) with frozen weights equals the call with the rows; asking for
+    weight gradients without them is an error naming hidden."""
+    from flashdelta.ops.moe_experts import moe_experts_bwd
+
+    dtype = kernel_dtype(device)
+    T, E, H, I, k = 40, 5, 64, 32, 2
+    idx, _ = random_routing(T, E, k, seed=6)
+    experts = experts_module(E, H, I, dtype=dtype).to(device)
+    hidden = torch.randn(T, H, device=device, dtype=dtype)
+    permuted, _, _, offsets = moe_permute(hidden, idx.to(device), E)
+    W1, W2 = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    out, gate_up = moe_experts_fwd(permuted, offsets, W1, W2)
+    d_out = torch.randn_like(out)
+    with_rows = moe_experts_bwd(permuted, offsets, W1, W2, d_out, gate_up, False)
+    without = moe_experts_bwd(None, offsets, W1, W2, d_out, gate_up, False)
+    assert torch.equal(with_rows[0], without[0])
+    with pytest.raises(ValueError, match="hidden"):
+        moe_experts_bwd(None, offsets, W1, W2, d_out, gate_up, True)
+
+
 def test_unaligned_sizes(device):
     """H, I not multiples of 8 (element-wise loads on CUDA)."""
     T, E, H, I, k = 21, 3, 13, 7, 2
