@@ -2,7 +2,7 @@
 
     python -m flashdelta.bench moe [--tokens 8192] [--experts 256] [--top-k 8] [--hidden 2048]
                                    [--intermediate 512] [--json PATH] [--profile]
-                                   [--gemm-paths auto,sm90-wide,sm90-128,sm80]
+                                   [--gemm-paths auto,sm90-wide,sm90-128,sm80] [--balanced]
 
 bf16 on one CUDA device. Three comparisons, each measured in this run on the same inputs:
 
@@ -19,7 +19,8 @@ bf16 on one CUDA device. Three comparisons, each measured in this run on the sam
   sm90-wide = the persistent 128 x 256 wgmma kernel, sm90-128 = the 128 x 128 one a block a
   tile, sm80 = the portable mma.sync kernel; elsewhere auto; sm90-wide-thread-stores, sm90-wide
   without its epilogue TMA stores, on request); with --profile, each GEMM's device time and
-  TFLOP/s on each path.
+  TFLOP/s on each path; with --balanced, the default paths once more with every expert at the
+  same number of rows (no partly filled row tile: what the real routing's padding costs).
 
 Times are CUDA-event medians after warm-up (triton.testing.do_bench, return_mode="median"),
 called from Python (host dispatch included); "routing fwd+bwd, kernels" is the same step's GPU
@@ -209,6 +210,9 @@ def main(argv=None) -> int:
                    help="comma-separated FLASHDELTA_MOE_GEMM values to time the grouped GEMMs on "
                         "(default on sm_90: auto,sm90-wide,sm90-128,sm80; "
                         "elsewhere: auto)")
+    p.add_argument("--balanced", action="store_true",
+                   help="also time the grouped GEMMs with every expert at tokens * top_k / "
+                        "experts rows (no partly filled row tiles), on the default paths")
     p.add_argument("--profile", action="store_true",
                    help="also print each section's kernels and each grouped GEMM's time and "
                         "TFLOP/s (torch.profiler device time)")
@@ -306,15 +310,20 @@ def main(argv=None) -> int:
     peak = matmul_tflops()
     bandwidth = copy_bandwidth()
     dram_bytes = gemm_dram_bytes(permuted.shape[0], E, H, I)
-    gemm = {
-        "forward (2 GEMMs + SwiGLU)": (lambda: moe_experts_fwd(permuted, offsets, W1, W2),
-                                       6 * N * H * I),
-        "backward frozen (2 GEMMs)": (lambda: moe_experts_bwd(permuted, offsets, W1, W2, d_out,
-                                                              gate_up, False), 6 * N * H * I),
-        "backward trainable (4 GEMMs)": (lambda: moe_experts_bwd(permuted, offsets, W1, W2,
-                                                                 d_out, gate_up, True),
-                                         12 * N * H * I),
-    }
+
+    def gemm_steps(offs):
+        """{direction: (step, FLOPs)} of the grouped GEMMs on rows grouped by `offs`."""
+        return {
+            "forward (2 GEMMs + SwiGLU)": (lambda: moe_experts_fwd(permuted, offs, W1, W2),
+                                           6 * N * H * I),
+            "backward frozen (2 GEMMs)": (lambda: moe_experts_bwd(permuted, offs, W1, W2, d_out,
+                                                                  gate_up, False), 6 * N * H * I),
+            "backward trainable (4 GEMMs)": (lambda: moe_experts_bwd(permuted, offs, W1, W2,
+                                                                     d_out, gate_up, True),
+                                             12 * N * H * I),
+        }
+
+    gemm = gemm_steps(offsets)
     # Every CUDA path where the device has the Hopper ones: "auto" is what users get.
     if args.gemm_paths:
         paths = [x.strip() for x in args.gemm_paths.split(",") if x.strip()]
@@ -363,6 +372,16 @@ def main(argv=None) -> int:
             os.environ.pop("FLASHDELTA_MOE_GEMM", None)
         else:
             os.environ["FLASHDELTA_MOE_GEMM"] = saved_path
+    if args.balanced:
+        # The default paths with every expert at N / E rows: no row tile partly filled. Against
+        # the real routing's rows this is what the padding of the experts' last row tiles costs.
+        balanced = torch.arange(E + 1, device=offsets.device, dtype=offsets.dtype) * (N // E)
+        balanced[-1] = N
+        for name, (fn, flops) in gemm_steps(balanced).items():
+            ms = _bench(fn)
+            tflops = flops / (ms * 1e-3) / 1e12
+            record("grouped GEMMs", f"{name} [balanced routing]", ms, tflops=tflops,
+                   fraction_of_matmul=tflops / peak, gemm_path="auto")
 
     print(f"moe: T={T} E={E} top_k={k} H={H} I={I} bf16; {torch.cuda.get_device_name()}; "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
