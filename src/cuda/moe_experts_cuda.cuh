@@ -27,9 +27,10 @@
 // =sm90-wide-thread-stores is sm90-wide with every epilogue block stored by the threads instead
 // of TMA (a measuring and testing switch: what the TMA stores gain, per GEMM, in one bench run);
 // =sm90-2cta / sm90-4cta are sm90-128 in clusters of up to 2 or 4 blocks that multicast
-// their shared operand (on the H100 they measured slower, 30-34% of the matmul rate against
-// 35-47% without, bench moe --profile, 2026-11-24: tuning and testing switches; the results are
-// bitwise those of sm90-128).
+// their shared operand (on the H100 they measured slower: 30-34% of the matmul rate against
+// 35-47% without in session 3, and 5-20% slower per GEMM than sm90-128 in session 8 after the
+// remote stage releases became CTA-scope, bench moe --profile: tuning and testing switches; the
+// results are bitwise those of sm90-128).
 #pragma once
 
 #include <cstdint>

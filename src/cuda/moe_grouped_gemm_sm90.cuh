@@ -17,7 +17,9 @@
 //     with the zeroing, ptxas serialised every MMA of the plain-store instantiations (C7515).
 //
 // Clusters (FLASHDELTA_MOE_GEMM=sm90-2cta / sm90-4cta; off by default: on the H100 they measured
-// slower than single blocks, 30-34% of the matmul rate against 35-47%). At 128 x 128
+// slower than single blocks, first 30-34% of the matmul rate against 35-47% with cluster-scope
+// releases of the remote stages, then, with CTA-scope ones (session 8), 5-10% (2) and 8-20% (4)
+// slower per GEMM; the wide kernel in 2-block clusters, on branch wide-2cta, 3-8%). At 128 x 128
 // tiles a block reads 32 KiB per 64-deep k-step from L2 for 2 MFLOP of MMAs; summed over the
 // GPU that is ~5-7 TB/s of L2-to-SM traffic at the measured 33-54% of the MMA rate (by count,
 // each GEMM's tiles x k-steps x 32 KiB over its time), about what H100's L2 delivers, while
@@ -231,11 +233,15 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
-// The mbarrier at the same offset in CTA `rank`'s shared memory, arrived on from this CTA.
+// The mbarrier at the same offset in CTA `rank`'s shared memory, arrived on from this CTA, with
+// the default semantics (release at CTA scope). What a consumer's arrive must order is its reads
+// of the stage, complete by wgmma.wait_group before it. A release at cluster scope
+// (`.release.cluster`) measured 1.5x the wide kernel's time in 2-block clusters (2026-11-24,
+// session 8), and was what the clusters of this kernel ran with when session 3 measured them.
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar, uint32_t rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote)
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote)
                : "memory");
 }
 
