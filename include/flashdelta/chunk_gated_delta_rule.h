@@ -8,14 +8,20 @@ namespace flashdelta {
 
 constexpr int64_t kGdnChunkSize = 64;
 
-// Bytes of workspace the forward / backward need for these inputs (on their device).
+// Bytes of workspace the forward / backward need for these inputs (on their device); the
+// backward needs less when it is given the forward's `saved` (with_saved).
 size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in);
-size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in);
+size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                       bool with_saved = false);
+// Bytes of the forward's optional `saved` output (gated_delta_rule.h): on CUDA the state entering
+// every chunk (bf16), which the backward then does not recompute; 0 on the CPU.
+size_t chunk_gated_delta_rule_saved_bytes(const GatedDeltaRuleInputs& in);
 
 void chunk_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,
                                     const GatedDeltaRuleForwardOutputs& out);
 
-// Recomputes what it needs from the inputs; d_final_state may be absent (zero).
+// Recomputes what it needs from the inputs (what grad_in.saved holds, if given, excepted);
+// d_final_state may be absent (zero).
 void chunk_gated_delta_rule_backward(const GatedDeltaRuleInputs& in,
                                      const GatedDeltaRuleBackwardInputs& grad_in,
                                      const GatedDeltaRuleBackwardOutputs& grad_out);

@@ -7,7 +7,10 @@
 namespace flashdelta {
 
 size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in);
-size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in);
+size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                                 bool with_saved = false);
+// 0: this op keeps nothing for its backward (its forward ignores `saved`).
+size_t fused_recurrent_gated_delta_rule_saved_bytes(const GatedDeltaRuleInputs& in);
 
 void fused_recurrent_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,
                                               const GatedDeltaRuleForwardOutputs& out);

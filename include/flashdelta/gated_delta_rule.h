@@ -28,11 +28,16 @@ struct GatedDeltaRuleForwardOutputs {
   TensorRef o;            // [B, T, HV, V] q's dtype
   TensorRef final_state;  // optional [N, HV, K, V] initial_state's dtype (f32, f64 for f64 q)
   TensorRef workspace;    // uint8 [workspace bytes] on the inputs' device
+  // Optional, for training: uint8 [saved bytes] (the op's *_saved_bytes; 0 where the op keeps
+  // nothing on that device, and then `saved` is ignored). The forward writes into it what the
+  // backward would otherwise recompute; hand it to the backward of the same inputs.
+  TensorRef saved;
 };
 
 struct GatedDeltaRuleBackwardInputs {
   TensorRef d_o;            // [B, T, HV, V] q's dtype (any strides)
   TensorRef d_final_state;  // optional [N, HV, K, V]
+  TensorRef saved;          // optional: the forward's `saved` for these same inputs
 };
 
 struct GatedDeltaRuleBackwardOutputs {

@@ -76,19 +76,20 @@ void check_shape(const TensorRef& t, std::initializer_list<int64_t> expected, co
   }
 }
 
-void check_workspace(const TensorRef& t, size_t bytes, const Device& device, const char* op) {
+void check_workspace(const TensorRef& t, size_t bytes, const Device& device, const char* op,
+                     const char* name) {
   if (bytes == 0) return;
-  check_present(t, op, "workspace");
+  check_present(t, op, name);
   if (t.dtype != DType::kUInt8 || t.rank != 1 || !t.is_contiguous()) {
-    fail(Error::Kind::kType, op, ": workspace must be a contiguous 1-d uint8 tensor, got ",
+    fail(Error::Kind::kType, op, ": ", name, " must be a contiguous 1-d uint8 tensor, got ",
          dtype_name(t.dtype), " with shape ", shape_string(t));
   }
   if (static_cast<size_t>(t.shape[0]) < bytes) {
-    fail(Error::Kind::kValue, op, ": workspace must hold at least ", bytes, " bytes, got ",
+    fail(Error::Kind::kValue, op, ": ", name, " must hold at least ", bytes, " bytes, got ",
          t.shape[0]);
   }
   if (t.device != device) {
-    fail(Error::Kind::kValue, op, ": workspace is on ", device_name(t.device),
+    fail(Error::Kind::kValue, op, ": ", name, " is on ", device_name(t.device),
          " but the inputs are on ", device_name(device));
   }
 }

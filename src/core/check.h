@@ -35,7 +35,10 @@ void check_same_device(const TensorRef& t, const TensorRef& ref, const char* op,
 void check_shape(const TensorRef& t, std::initializer_list<int64_t> expected, const char* op,
                  const char* name, const char* layout);
 // Workspace: a uint8 tensor on `device` with at least `bytes` bytes, contiguous.
-void check_workspace(const TensorRef& t, size_t bytes, const Device& device, const char* op);
+// A uint8 buffer of at least `bytes` on `device` (nothing is checked when bytes is 0); `name`
+// is the argument the errors name.
+void check_workspace(const TensorRef& t, size_t bytes, const Device& device, const char* op,
+                     const char* name = "workspace");
 
 std::string shape_of(std::initializer_list<int64_t> dims);
 

@@ -123,7 +123,7 @@ namespace detail {
 
 void check_forward_outputs(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
                            const GatedDeltaRuleForwardOutputs& out, size_t workspace_bytes,
-                           const char* op) {
+                           size_t saved_bytes, const char* op) {
   check_shape(out.o, {s.batch, s.seq_len, s.num_v_heads, s.head_v_dim}, op, "o",
               "[B, T, HV, V]");
   check_same_dtype(out.o, in.q, op, "o", "q");
@@ -137,12 +137,13 @@ void check_forward_outputs(const GatedDeltaRuleShape& s, const GatedDeltaRuleInp
     check_same_device(out.final_state, in.q, op, "final_state", "q");
   }
   check_workspace(out.workspace, workspace_bytes, in.q.device, op);
+  if (out.saved.defined()) check_workspace(out.saved, saved_bytes, in.q.device, op, "saved");
 }
 
 void check_backward_args(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
                          const GatedDeltaRuleBackwardInputs& gin,
                          const GatedDeltaRuleBackwardOutputs& gout, size_t workspace_bytes,
-                         const char* op) {
+                         size_t saved_bytes, const char* op) {
   check_shape(gin.d_o, {s.batch, s.seq_len, s.num_v_heads, s.head_v_dim}, op, "d_o",
               "[B, T, HV, V]");
   check_same_device(gin.d_o, in.q, op, "d_o", "q");
@@ -182,6 +183,7 @@ void check_backward_args(const GatedDeltaRuleShape& s, const GatedDeltaRuleInput
     check_same_device(gout.d_initial_state, in.q, op, "d_initial_state", "q");
   }
   check_workspace(gout.workspace, workspace_bytes, in.q.device, op);
+  if (gin.saved.defined()) check_workspace(gin.saved, saved_bytes, in.q.device, op, "saved");
 }
 
 }  // namespace detail

@@ -15,6 +15,11 @@ struct GatedDeltaRuleBackend {
                   const GatedDeltaRuleForwardOutputs&);
   void (*backward)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&,
                    const GatedDeltaRuleBackwardInputs&, const GatedDeltaRuleBackwardOutputs&);
+  // Optional (nullptr: the forward keeps nothing for the backward): the bytes of the forward's
+  // `saved`, and the backward's workspace when it is given them.
+  size_t (*saved_bytes)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&) = nullptr;
+  size_t (*backward_workspace_bytes_with_saved)(const GatedDeltaRuleShape&,
+                                                const GatedDeltaRuleInputs&) = nullptr;
 };
 
 enum class GatedDeltaRuleKind { kChunk, kFusedRecurrent };
@@ -30,7 +35,8 @@ const GatedDeltaRuleBackend* gated_delta_rule_backend(GatedDeltaRuleKind kind);
 
 // Entry points shared by both ops (src/core/gated_delta_rule_dispatch.cpp).
 size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
-                                        bool backward);
+                                        bool backward, bool with_saved = false);
+size_t gated_delta_rule_saved_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in);
 void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
                               const GatedDeltaRuleForwardOutputs& out);
 void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,

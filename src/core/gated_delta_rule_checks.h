@@ -8,10 +8,10 @@ namespace flashdelta::detail {
 
 void check_forward_outputs(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
                            const GatedDeltaRuleForwardOutputs& out, size_t workspace_bytes,
-                           const char* op);
+                           size_t saved_bytes, const char* op);
 void check_backward_args(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
                          const GatedDeltaRuleBackwardInputs& gin,
                          const GatedDeltaRuleBackwardOutputs& gout, size_t workspace_bytes,
-                         const char* op);
+                         size_t saved_bytes, const char* op);
 
 }  // namespace flashdelta::detail

@@ -36,14 +36,35 @@ void require_direction(const GatedDeltaRuleBackend& b, GatedDeltaRuleKind kind,
   }
 }
 
+size_t saved_bytes(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& shape,
+                   const GatedDeltaRuleInputs& in) {
+  return b.saved_bytes != nullptr ? b.saved_bytes(shape, in) : 0;
+}
+
+// The backward's workspace, smaller where the forward's `saved` replaces a recomputation.
+size_t backward_workspace(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& shape,
+                          const GatedDeltaRuleInputs& in, bool with_saved) {
+  return with_saved && saved_bytes(b, shape, in) > 0
+             ? b.backward_workspace_bytes_with_saved(shape, in)
+             : b.backward_workspace_bytes(shape, in);
+}
+
 }  // namespace
 
 size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
-                                        bool backward) {
+                                        bool backward, bool with_saved) {
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, backward);
-  return backward ? b.backward_workspace_bytes(shape, in) : b.forward_workspace_bytes(shape, in);
+  return backward ? backward_workspace(b, shape, in, with_saved)
+                  : b.forward_workspace_bytes(shape, in);
+}
+
+size_t gated_delta_rule_saved_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in) {
+  const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
+  const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
+  require_direction(b, kind, in.q.device, false);
+  return saved_bytes(b, shape, in);
 }
 
 void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
@@ -51,7 +72,8 @@ void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInput
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, false);
-  check_forward_outputs(shape, in, out, b.forward_workspace_bytes(shape, in), op_name(kind));
+  check_forward_outputs(shape, in, out, b.forward_workspace_bytes(shape, in),
+                        saved_bytes(b, shape, in), op_name(kind));
   b.forward(shape, in, out);
 }
 
@@ -61,8 +83,16 @@ void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInpu
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, true);
-  check_backward_args(shape, in, gin, gout, b.backward_workspace_bytes(shape, in),
+  const size_t saved = saved_bytes(b, shape, in);
+  check_backward_args(shape, in, gin, gout,
+                      backward_workspace(b, shape, in, gin.saved.defined()), saved,
                       op_name(kind));
+  if (saved == 0 && gin.saved.defined()) {  // nothing was kept: the backend recomputes
+    GatedDeltaRuleBackwardInputs without = gin;
+    without.saved = TensorRef{};
+    b.backward(shape, in, without, gout);
+    return;
+  }
   b.backward(shape, in, gin, gout);
 }
 
@@ -73,8 +103,13 @@ using detail::GatedDeltaRuleKind;
 size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in) {
   return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, false);
 }
-size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in) {
-  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, true);
+size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                       bool with_saved) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, true,
+                                                  with_saved);
+}
+size_t chunk_gated_delta_rule_saved_bytes(const GatedDeltaRuleInputs& in) {
+  return detail::gated_delta_rule_saved_bytes(GatedDeltaRuleKind::kChunk, in);
 }
 void chunk_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,
                                     const GatedDeltaRuleForwardOutputs& out) {
@@ -89,8 +124,13 @@ void chunk_gated_delta_rule_backward(const GatedDeltaRuleInputs& in,
 size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in) {
   return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, false);
 }
-size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in) {
-  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, true);
+size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                                 bool with_saved) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, true,
+                                                  with_saved);
+}
+size_t fused_recurrent_gated_delta_rule_saved_bytes(const GatedDeltaRuleInputs& in) {
+  return detail::gated_delta_rule_saved_bytes(GatedDeltaRuleKind::kFusedRecurrent, in);
 }
 void fused_recurrent_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,
                                               const GatedDeltaRuleForwardOutputs& out) {

@@ -2,13 +2,14 @@
 //
 // For P in chunk_gated_delta_rule, fused_recurrent_gated_delta_rule:
 //   P_forward_workspace_bytes(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm)
-//   P_backward_workspace_bytes(...the same 9 arguments...) -> int
+//   P_backward_workspace_bytes(...the same 9 arguments..., with_saved=False) -> int
+//   P_saved_bytes(...the same 9 arguments...) -> int
 //   P_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
-//             o, final_state, workspace, stream) -> None
+//             o, final_state, workspace, stream, saved=None) -> None
 //   P_backward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
 //              d_o, d_final_state, dq, dk, dv, dg, dbeta, d_initial_state, workspace,
-//              stream) -> None
-// initial_state, cu_seqlens, final_state, d_final_state, d_initial_state may be None;
+//              stream, saved=None) -> None
+// initial_state, cu_seqlens, final_state, d_final_state, d_initial_state, saved may be None;
 // stream is a cudaStream_t as an integer (0: the legacy default stream; ignored on CPU).
 #include <tuple>
 
@@ -46,6 +47,7 @@ flashdelta::GatedDeltaRuleInputs make_inputs(const TensorConverter& convert, con
 }
 
 using WorkspaceFn = size_t (*)(const flashdelta::GatedDeltaRuleInputs&);
+using BackwardWorkspaceFn = size_t (*)(const flashdelta::GatedDeltaRuleInputs&, bool);
 using ForwardFn = void (*)(const flashdelta::GatedDeltaRuleInputs&,
                            const flashdelta::GatedDeltaRuleForwardOutputs&);
 using BackwardFn = void (*)(const flashdelta::GatedDeltaRuleInputs&,
@@ -54,25 +56,31 @@ using BackwardFn = void (*)(const flashdelta::GatedDeltaRuleInputs&,
 
 struct GdrOp {
   const char* name;  // e.g. "chunk_gated_delta_rule"
-  WorkspaceFn forward_workspace_bytes, backward_workspace_bytes;
+  WorkspaceFn forward_workspace_bytes;
+  BackwardWorkspaceFn backward_workspace_bytes;
+  WorkspaceFn saved_bytes;
   ForwardFn forward;
   BackwardFn backward;
 };
 
-// Binds <name>_forward_workspace_bytes, <name>_backward_workspace_bytes, <name>_forward and
-// <name>_backward for one op.
+// Binds <name>_forward_workspace_bytes, <name>_backward_workspace_bytes, <name>_saved_bytes,
+// <name>_forward and <name>_backward for one op.
 void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
   using namespace nb::literals;
   const std::string base = op.name;
   // nanobind copies the function names; the lambdas keep their own copy for error messages.
   const std::string fwd_ws = base + "_forward_workspace_bytes";
   const std::string bwd_ws = base + "_backward_workspace_bytes";
+  const std::string saved_name = base + "_saved_bytes";
   const std::string fwd = base + "_forward";
   const std::string bwd = base + "_backward";
 
-  for (const auto& [fn_name, fn, is_backward] :
-       {std::tuple{fwd_ws, op.forward_workspace_bytes, false},
-        std::tuple{bwd_ws, op.backward_workspace_bytes, true}}) {
+  for (const auto& [fn_name, fn, doc] :
+       {std::tuple{fwd_ws, op.forward_workspace_bytes,
+                   "Workspace bytes the forward needs for these inputs."},
+        std::tuple{saved_name, op.saved_bytes,
+                   "Bytes of the forward's optional `saved` output for these inputs (0: the op "
+                   "keeps nothing for its backward on this device)."}}) {
     m.def(
         fn_name.c_str(),
         [fn = fn, fn_name = fn_name](InArray q, InArray k, InArray v, InArray g, InArray beta,
@@ -85,17 +93,30 @@ void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
           return fn(in);
         },
         "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
-        "scale"_a, "use_qk_l2norm"_a,
-        is_backward ? "Workspace bytes the backward needs for these inputs."
-                    : "Workspace bytes the forward needs for these inputs.");
+        "scale"_a, "use_qk_l2norm"_a, doc);
   }
+  m.def(
+      bwd_ws.c_str(),
+      [fn = op.backward_workspace_bytes, bwd_ws](
+          InArray q, InArray k, InArray v, InArray g, InArray beta, OptInArray initial_state,
+          OptInArray cu_seqlens, double scale, bool use_qk_l2norm, bool with_saved) -> size_t {
+        const TensorConverter convert{bwd_ws.c_str()};
+        const auto in = make_inputs(
+            convert, {q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm}, 0);
+        nb::gil_scoped_release release;
+        return fn(in, with_saved);
+      },
+      "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
+      "scale"_a, "use_qk_l2norm"_a, "with_saved"_a = false,
+      "Workspace bytes the backward needs for these inputs (with_saved: when it is given the "
+      "forward's `saved`).");
 
   m.def(
       fwd.c_str(),
       [fn = op.forward, fwd](InArray q, InArray k, InArray v, InArray g, InArray beta,
                              OptInArray initial_state, OptInArray cu_seqlens, double scale,
                              bool use_qk_l2norm, OutArray o, OptOutArray final_state,
-                             OptOutArray workspace, uintptr_t stream) {
+                             OptOutArray workspace, uintptr_t stream, OptOutArray saved) {
         const TensorConverter convert{fwd.c_str()};
         const auto in = make_inputs(
             convert, {q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm}, stream);
@@ -103,14 +124,16 @@ void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
         out.o = convert(o, "o");
         out.final_state = convert(final_state, "final_state");
         out.workspace = convert(workspace, "workspace");
+        out.saved = convert(saved, "saved");
         nb::gil_scoped_release release;
         fn(in, out);
       },
       "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
       "scale"_a, "use_qk_l2norm"_a, "o"_a, "final_state"_a.none(), "workspace"_a.none(),
-      "stream"_a,
+      "stream"_a, "saved"_a.none() = nb::none(),
       "Forward: writes o (and final_state when given). workspace: uint8, at least "
-      "*_forward_workspace_bytes bytes (None when that is 0).");
+      "*_forward_workspace_bytes bytes (None when that is 0). saved (training, optional): uint8, "
+      "*_saved_bytes bytes, for the backward of the same inputs.");
 
   m.def(
       bwd.c_str(),
@@ -119,13 +142,14 @@ void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
                               bool use_qk_l2norm, InArray d_o, OptInArray d_final_state,
                               OutArray dq, OutArray dk, OutArray dv, OutArray dg, OutArray dbeta,
                               OptOutArray d_initial_state, OptOutArray workspace,
-                              uintptr_t stream) {
+                              uintptr_t stream, OptInArray saved) {
         const TensorConverter convert{bwd.c_str()};
         const auto in = make_inputs(
             convert, {q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm}, stream);
         flashdelta::GatedDeltaRuleBackwardInputs grad_in;
         grad_in.d_o = convert(d_o, "d_o");
         grad_in.d_final_state = convert(d_final_state, "d_final_state");
+        grad_in.saved = convert(saved, "saved");
         flashdelta::GatedDeltaRuleBackwardOutputs grad_out;
         grad_out.dq = convert(dq, "dq");
         grad_out.dk = convert(dk, "dk");
@@ -140,8 +164,10 @@ void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
       "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
       "scale"_a, "use_qk_l2norm"_a, "d_o"_a, "d_final_state"_a.none(), "dq"_a, "dk"_a, "dv"_a,
       "dg"_a, "dbeta"_a, "d_initial_state"_a.none(), "workspace"_a.none(), "stream"_a,
+      "saved"_a.none() = nb::none(),
       "Backward: writes dq, dk, dv, dg, dbeta (and d_initial_state, required exactly when "
-      "initial_state is given). workspace: uint8, at least *_backward_workspace_bytes bytes.");
+      "initial_state is given). workspace: uint8, at least *_backward_workspace_bytes bytes "
+      "(with_saved=True when saved, the forward's, is given).");
 }
 
 }  // namespace
@@ -150,11 +176,13 @@ void bind_gated_delta_rule_ops(nb::module_& m) {
   bind_gated_delta_rule(
       m, {"chunk_gated_delta_rule", flashdelta::chunk_gated_delta_rule_forward_workspace_bytes,
           flashdelta::chunk_gated_delta_rule_backward_workspace_bytes,
+          flashdelta::chunk_gated_delta_rule_saved_bytes,
           flashdelta::chunk_gated_delta_rule_forward, flashdelta::chunk_gated_delta_rule_backward});
   bind_gated_delta_rule(
       m, {"fused_recurrent_gated_delta_rule",
           flashdelta::fused_recurrent_gated_delta_rule_forward_workspace_bytes,
           flashdelta::fused_recurrent_gated_delta_rule_backward_workspace_bytes,
+          flashdelta::fused_recurrent_gated_delta_rule_saved_bytes,
           flashdelta::fused_recurrent_gated_delta_rule_forward,
           flashdelta::fused_recurrent_gated_delta_rule_backward});
 }

@@ -500,6 +500,25 @@ TEST_F(GatedDeltaRuleChecks, WorkspaceWrongDtype) {
   }
 }
 
+// The CPU kernels keep nothing for the backward: 0 saved bytes, and a `saved` given to either
+// direction changes nothing (the backward recomputes).
+TEST_F(GatedDeltaRuleChecks, CpuKeepsNothingForTheBackward) {
+  EXPECT_EQ(flashdelta::chunk_gated_delta_rule_saved_bytes(in), 0u);
+  EXPECT_EQ(flashdelta::fused_recurrent_gated_delta_rule_saved_bytes(in), 0u);
+  EXPECT_EQ(flashdelta::chunk_gated_delta_rule_backward_workspace_bytes(in, true),
+            flashdelta::chunk_gated_delta_rule_backward_workspace_bytes(in, false));
+  HostTensor saved(DType::kUInt8, {1});
+  GatedDeltaRuleForwardOutputs with_saved = out;
+  with_saved.saved = saved.ref();
+  GatedDeltaRuleBackwardInputs gin_saved = gin;
+  gin_saved.saved = saved.ref();
+  for (const OpTable* op : {&kChunkOp, &kFusedRecurrentOp}) {
+    SCOPED_TRACE(op->name);
+    EXPECT_NO_THROW(op->forward(in, with_saved));
+    EXPECT_NO_THROW(op->backward(in, gin_saved, gout));
+  }
+}
+
 // --- backward arguments ---------------------------------------------------------------------
 
 TEST_F(GatedDeltaRuleChecks, MissingDInitialState) {

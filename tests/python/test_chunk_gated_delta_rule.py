@@ -244,7 +244,7 @@ def test_without_final_state(device):
     assert all(inputs[n].grad is not None for n in leaves(inputs))
     # the custom op hands back a 0-element stand-in, not a full state
     args = [inputs[n].detach() for n in ("q", "k", "v", "g", "beta")]
-    _, stand_in = FWD_OP(*args, None, None, 0.5, False, False)
+    _, stand_in, _ = FWD_OP(*args, None, None, 0.5, False, False)
     assert stand_in.numel() == 0
 
 
@@ -327,11 +327,16 @@ def test_opcheck(variant):
     for x in args + ([h0] if h0 is not None else []):
         x.requires_grad_(True)
     torch.library.opcheck(FWD_OP, (*args, h0, cu_t, 0.5, True, output_final_state))
+    # asked to keep its states for the backward, the CPU kernel keeps nothing (0 bytes)
+    torch.library.opcheck(FWD_OP, (*args, h0, cu_t, 0.5, True, output_final_state, True))
+    assert FWD_OP(*args, h0, cu_t, 0.5, True, output_final_state, True)[2].numel() == 0
     d_o = torch.randn_like(inputs["v"])
     d_state = torch.randn_like(h0) if output_final_state else None
     plain = [x.detach() for x in args]
-    torch.library.opcheck(
-        BWD_OP, (*plain, None if h0 is None else h0.detach(), cu_t, 0.5, True, d_o, d_state))
+    h0_plain = None if h0 is None else h0.detach()
+    torch.library.opcheck(BWD_OP, (*plain, h0_plain, cu_t, 0.5, True, d_o, d_state))
+    nothing = torch.empty(0, dtype=torch.uint8)
+    torch.library.opcheck(BWD_OP, (*plain, h0_plain, cu_t, 0.5, True, d_o, d_state, nothing))
 
 
 def test_exports():

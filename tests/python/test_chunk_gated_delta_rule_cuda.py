@@ -566,3 +566,87 @@ def test_backward_opcheck():
     d_state = torch.randn_like(inputs["initial_state"])
     torch.library.opcheck(torch.ops.flashdelta.chunk_gated_delta_rule_bwd,
                           (*args, inputs["cu_seqlens"], 0.5, True, d_o, d_state))
+
+
+# ---- the states a training forward keeps for the backward (FLASHDELTA_GDN_KEEP_STATES)
+
+
+@needs_backward
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=2, T=200, H=2, HV=4, K=128, V=128),
+        dict(B=1, T=300, H=1, HV=2, K=48, V=40, cu_seqlens=[0, 0, 1, 64, 65, 200, 300]),
+        dict(B=1, T=190, H=2, HV=8, K=64, V=128, gate="mild"),
+    ],
+    ids=["qwen", "varlen-odd-dims", "group4-mild"],
+)
+def test_backward_with_kept_states(monkeypatch, case):
+    """A training forward keeps the state entering every chunk and the backward skips its replay
+    (the default). The forward's results are bitwise those of a forward that keeps nothing; the
+    gradients hold the float64 bar, stay within bf16 noise of the recomputing backward's (the kept
+    states come from the forward's own pass, rounded from its operands, the replayed ones from
+    the backward's) and are bitwise deterministic."""
+    inputs = make_inputs(**case, dtype=torch.bfloat16, device="cpu", seed=31)
+
+    def run(keep):
+        monkeypatch.setenv("FLASHDELTA_GDN_KEEP_STATES", keep)
+        return run_with_grads(OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+
+    (o1, s1, kept), (o0, s0, recomputed) = run("1"), run("0")
+    assert torch.equal(o1, o0) and torch.equal(s1, s0)
+    _, _, grads_ref = run_with_grads(reference_gated_delta_rule,
+                                     with_grads(inputs, "cpu", torch.float64),
+                                     use_qk_l2norm_in_kernel=True)
+    assert_grads_within(kept, grads_ref, REL_L2[torch.bfloat16])
+    for n in kept:
+        assert rel_l2(kept[n], recomputed[n]) <= 5e-3, n
+    _, _, again = run("1")
+    for n in kept:
+        assert torch.equal(kept[n], again[n]), n
+
+
+@needs_backward
+@pytest.mark.parametrize("cu", [None, [0, 5, 70], [0, 0, 64, 64, 129]],
+                         ids=["dense", "varlen", "varlen-empty"])
+def test_kept_states_sizes_and_ops(cu):
+    """The forward op's kept states: as many bytes as _C says and the fake implementation
+    allocates (opcheck compares them), handed to the backward op they give the gradients of the
+    recomputing backward within bf16 noise; a `saved` too small is a ValueError naming it."""
+    from flashdelta.ops._extension import load_extension
+    from flashdelta.ops._gated_delta_rule import saved_nbytes
+
+    T = 70 if cu is None or cu[-1] == 70 else 129
+    inputs = make_inputs(2 if cu is None else 1, T, 2, 4, 128, 128, torch.bfloat16, "cuda",
+                         seed=9, cu_seqlens=cu)
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state")]
+    cu_t = inputs.get("cu_seqlens")
+    fwd, bwd = (torch.ops.flashdelta.chunk_gated_delta_rule_fwd,
+                torch.ops.flashdelta.chunk_gated_delta_rule_bwd)
+    o, s, saved = fwd(*args, cu_t, 0.5, True, True, True)
+    nbytes = load_extension().chunk_gated_delta_rule_saved_bytes(*args, cu_t, 0.5, True)
+    assert saved.dtype == torch.uint8 and saved.numel() == nbytes > 0
+    assert saved_nbytes("chunk", args[0], args[2], cu_t) == nbytes
+    o0, s0, nothing = fwd(*args, cu_t, 0.5, True, True, False)
+    assert nothing.numel() == 0 and torch.equal(o, o0) and torch.equal(s, s0)
+    d_o, d_s = torch.randn_like(o), torch.randn_like(s)
+    with_kept = bwd(*args, cu_t, 0.5, True, d_o, d_s, saved)
+    without = bwd(*args, cu_t, 0.5, True, d_o, d_s)
+    for a, b in zip(with_kept, without):
+        assert rel_l2(a, b) <= 5e-3
+    # The kept states are an opaque buffer: slots of empty sequences and rows past V are never
+    # written, so two runs need not agree there (no aot_dispatch comparison of the outputs).
+    torch.library.opcheck(fwd, (*args, cu_t, 0.5, True, True, True),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+    torch.library.opcheck(bwd, (*args, cu_t, 0.5, True, d_o, d_s, saved))
+    with pytest.raises(ValueError, match="saved"):
+        bwd(*args, cu_t, 0.5, True, d_o, d_s, saved[: nbytes // 2])
+
+
+@needs_backward
+def test_keep_states_switch_rejects_unknown_values(monkeypatch):
+    inputs = with_grads(make_inputs(1, 64, 1, 2, 64, 64, torch.bfloat16, "cpu", seed=4), "cuda")
+    monkeypatch.setenv("FLASHDELTA_GDN_KEEP_STATES", "yes")
+    with pytest.raises(ValueError, match="FLASHDELTA_GDN_KEEP_STATES"):
+        OP(**inputs, use_qk_l2norm_in_kernel=True)

@@ -17,7 +17,16 @@ only in their prefix. This module holds, once for both:
 Custom ops cannot return None: when no final state is asked for, the forward op returns a
 0-element tensor in its place (and allocates no full state); without an initial state the backward
 op returns a 0-element tensor as its gradient. `GatedDeltaRuleOps.apply` maps them back to None.
+
+Training: when autograd will need the backward, `apply` asks the forward op to keep what the
+backward would otherwise recompute (`save_states`; on CUDA the chunked op keeps the state entering
+every chunk, bf16, and its backward skips the replay of the recurrence). The forward op then
+returns it as a third, uint8 output (0 elements where nothing is kept), which autograd hands to
+the backward op. FLASHDELTA_GDN_KEEP_STATES=0 turns this off (recompute: less memory between the
+forward and the backward, more time).
 """
+
+import os
 
 import math
 from dataclasses import dataclass, field
@@ -369,14 +378,38 @@ def _empty_gradients(q, k, v, g, beta, initial_state):
 
 _FORWARD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, "
-    "Tensor? cu_seqlens, float scale, bool use_qk_l2norm, bool output_final_state) "
-    "-> (Tensor, Tensor)"
+    "Tensor? cu_seqlens, float scale, bool use_qk_l2norm, bool output_final_state, "
+    "bool save_states=False) -> (Tensor, Tensor, Tensor)"
 )
 _BACKWARD_SCHEMA = (
     "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor? initial_state, "
-    "Tensor? cu_seqlens, float scale, bool use_qk_l2norm, Tensor d_o, Tensor? d_final_state) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? cu_seqlens, float scale, bool use_qk_l2norm, Tensor d_o, Tensor? d_final_state, "
+    "Tensor? saved=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + 255) // 256 * 256
+
+
+def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) -> int:
+    """Bytes of the forward's kept states (what _C's {kind}_gated_delta_rule_saved_bytes
+    returns, from shapes alone, for the fake implementation): the CUDA chunked kernels keep S^T
+    entering each 64-token chunk slot, bf16 [slots, HV, 128, 128]; nothing elsewhere."""
+    if kind != "chunk" or q.device.type != "cuda":
+        return 0
+    B, T = q.shape[0], q.shape[1]
+    slots = (T // 64 + cu_seqlens.shape[0] - 1) if cu_seqlens is not None else B * -(-T // 64)
+    return _align(slots * v.shape[2] * 128 * 128 * 2)
+
+
+def keep_states() -> bool:
+    """FLASHDELTA_GDN_KEEP_STATES: 1 (default) keeps the forward's states for the backward, 0
+    recomputes them."""
+    value = os.environ.get("FLASHDELTA_GDN_KEEP_STATES", "1").strip()
+    if value not in ("0", "1", ""):
+        raise ValueError(f"FLASHDELTA_GDN_KEEP_STATES must be 0 or 1, got {value!r}")
+    return value != "0"
 
 
 @dataclass(frozen=True)
@@ -399,9 +432,13 @@ class GatedDeltaRuleOps:
         use_qk_l2norm: bool,
         cu_seqlens: Optional[Tensor],
     ) -> Tuple[Tensor, Optional[Tensor]]:
-        o, final_state = self.forward(
+        save = (torch.is_grad_enabled()
+                and any(x is not None and x.requires_grad
+                        for x in (q, k, v, g, beta, initial_state))
+                and keep_states())
+        o, final_state, _ = self.forward(
             q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
-            output_final_state,
+            output_final_state, save,
         )
         return o, (final_state if output_final_state else None)
 
@@ -416,62 +453,74 @@ def define_ops(kind: str) -> GatedDeltaRuleOps:
 
     @torch.library.custom_op(f"flashdelta::{prefix}_fwd", mutates_args=(), schema=_FORWARD_SCHEMA)
     def forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
-                output_final_state):
+                output_final_state, save_states=False):
         o, final_state = _empty_forward_outputs(q, v, cu_seqlens, output_final_state)
         args = (*_detached(q, k, v, g, beta, initial_state, cu_seqlens), scale, use_qk_l2norm)
         workspace = _workspace(entry("forward_workspace_bytes")(*args), q.device)
+        saved = _workspace(entry("saved_bytes")(*args) if save_states else 0, q.device)
         entry("forward")(
-            *args, o, final_state if output_final_state else None, workspace, _stream(q.device)
+            *args, o, final_state if output_final_state else None, workspace, _stream(q.device),
+            saved if saved.numel() else None,
         )
-        return o, final_state
+        return o, final_state, saved
 
     @forward.register_fake
-    def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, output_final_state):
-        return _empty_forward_outputs(q, v, cu_seqlens, output_final_state)
+    def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, output_final_state,
+          save_states=False):
+        nbytes = saved_nbytes(kind, q, v, cu_seqlens) if save_states else 0
+        return (*_empty_forward_outputs(q, v, cu_seqlens, output_final_state),
+                q.new_empty((nbytes,), dtype=torch.uint8))
 
     @torch.library.custom_op(
         f"flashdelta::{prefix}_bwd", mutates_args=(), schema=_BACKWARD_SCHEMA
     )
     def backward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, d_o,
-                 d_final_state):
+                 d_final_state, saved=None):
         grads = _empty_gradients(q, k, v, g, beta, initial_state)
         dq, dk, dv, dg, dbeta, d_initial_state = grads
         args = (*_detached(q, k, v, g, beta, initial_state, cu_seqlens), scale, use_qk_l2norm)
-        workspace = _workspace(entry("backward_workspace_bytes")(*args), q.device)
+        if saved is not None and saved.numel() == 0:  # the forward kept nothing
+            saved = None
+        workspace = _workspace(
+            entry("backward_workspace_bytes")(*args, saved is not None), q.device)
         entry("backward")(
             *args, *_detached(d_o, d_final_state), dq, dk, dv, dg, dbeta,
             d_initial_state if initial_state is not None else None, workspace,
-            _stream(q.device),
+            _stream(q.device), saved,
         )
         return grads
 
     @backward.register_fake
     def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, d_o,
-          d_final_state):
+          d_final_state, saved=None):
         return _empty_gradients(q, k, v, g, beta, initial_state)
 
     def setup_context(ctx, inputs, output):
         q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, output_final_state = (
-            inputs
+            inputs[:10]
         )
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, output[2])
+        ctx.mark_non_differentiable(output[2])
+        # Absent cotangents stay None (backward_rule handles them): else autograd zero-fills one
+        # for the kept states, as large as they are, at every backward.
+        ctx.set_materialize_grads(False)
         ctx.scale = scale
         ctx.use_qk_l2norm = use_qk_l2norm
         ctx.output_final_state = output_final_state
 
-    def backward_rule(ctx, d_o, d_final_state):
-        q, k, v, g, beta, initial_state, cu_seqlens = ctx.saved_tensors
+    def backward_rule(ctx, d_o, d_final_state, _d_saved):
+        q, k, v, g, beta, initial_state, cu_seqlens, saved = ctx.saved_tensors
         if d_o is None:  # only the final state was used
             d_o = torch.zeros(v.shape, dtype=q.dtype, device=q.device)
         if not ctx.output_final_state:  # the 0-element stand-in has no gradient to give
             d_final_state = None
         dq, dk, dv, dg, dbeta, d_initial_state = backward(
             q, k, v, g, beta, initial_state, cu_seqlens, ctx.scale, ctx.use_qk_l2norm, d_o,
-            d_final_state,
+            d_final_state, saved,
         )
         if initial_state is None:
             d_initial_state = None
-        return dq, dk, dv, dg, dbeta, d_initial_state, None, None, None, None
+        return dq, dk, dv, dg, dbeta, d_initial_state, None, None, None, None, None
 
     forward.register_autograd(backward_rule, setup_context=setup_context)
     return GatedDeltaRuleOps(forward=forward, backward=backward)

@@ -114,6 +114,9 @@ struct ChunkParams {
   float* final_state;          // or nullptr (not written)
   void* o;                     // or nullptr: the backward's replay writes no output
   int64_t h0_s[4], ht_s[4], o_s[4];
+  // The forward's `saved` (training): S^T entering each chunk, as bwd.states, for the backward;
+  // nullptr: not kept.
+  bf16* saved_states;
   BackwardParams bwd;          // zero in the forward
 };
 

@@ -60,12 +60,28 @@ size_t backward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRu
   return layout(s, true).total();
 }
 
+// A training forward keeps the states entering every chunk (bf16, the backward's layout); the
+// backward given them skips its replay and carves no states of its own.
+size_t saved_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
+  check_supported(s);
+  return layout(s, true).states;
+}
+
+size_t backward_workspace_bytes_with_saved(const GatedDeltaRuleShape& s,
+                                           const GatedDeltaRuleInputs&) {
+  check_supported(s);
+  WorkspaceLayout l = layout(s, true);
+  l.states = 0;
+  return l.total();
+}
+
 void copy_strides(const TensorRef& t, int64_t* dst) {
   for (int d = 0; d < t.rank; ++d) dst[d] = t.strides[d];
 }
 
+// `saved_states`: the forward's kept states, which the backward's workspace then has no room for.
 ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-                        void* workspace, bool backward) {
+                        void* workspace, bool backward, bf16* saved_states = nullptr) {
   ChunkParams p{};
   p.q = in.q.data, p.k = in.k.data, p.v = in.v.data, p.g = in.g.data, p.beta = in.beta.data;
   p.dtype = in.q.dtype, p.g_dtype = in.g.dtype, p.beta_dtype = in.beta.dtype;
@@ -84,7 +100,8 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.scale = static_cast<float>(s.scale);
   p.l2norm = in.use_qk_l2norm;
 
-  const WorkspaceLayout l = layout(s, backward);
+  WorkspaceLayout l = layout(s, backward);
+  if (saved_states != nullptr) l.states = 0;
   auto* base = static_cast<unsigned char*>(workspace);
   size_t off = 0;
   auto take = [&](size_t bytes) {
@@ -100,7 +117,7 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.ws.gamma = static_cast<float*>(take(l.gamma));
   if (backward) {
     p.ws.t = static_cast<bf16*>(take(l.t));
-    p.bwd.states = static_cast<bf16*>(take(l.states));
+    p.bwd.states = saved_states != nullptr ? saved_states : static_cast<bf16*>(take(l.states));
     p.bwd.dstates = static_cast<bf16*>(take(l.dstates));
   }
   return p;
@@ -116,6 +133,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
                                                : nullptr;
   p.final_state = out.final_state.defined() ? static_cast<float*>(out.final_state.data) : nullptr;
   p.o = out.o.data;
+  p.saved_states = out.saved.defined() ? static_cast<bf16*>(out.saved.data) : nullptr;
   if (in.initial_state.defined()) copy_strides(in.initial_state, p.h0_s);
   if (out.final_state.defined()) copy_strides(out.final_state, p.ht_s);
   copy_strides(out.o, p.o_s);
@@ -132,7 +150,8 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 // parallelises):
 //   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
-//                                               chunk (bf16), writes no output
+//                                               chunk (bf16), writes no output (skipped when the
+//                                               forward kept them: grad_in.saved)
 //   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k and the
 //                                               tokens split in halves or quarters over the
 //                                               warps of a row group); stores dS'^T leaving
@@ -154,7 +173,8 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
     fail(Error::Kind::kType, "chunk_gated_delta_rule: d_o must be float32, float16 or bfloat16 "
                              "for the CUDA kernels, got float64");
   if (s.num_seqs == 0) return;
-  ChunkParams p = make_params(s, in, gout.workspace.data, true);
+  bf16* const saved = gin.saved.defined() ? static_cast<bf16*>(gin.saved.data) : nullptr;
+  ChunkParams p = make_params(s, in, gout.workspace.data, true, saved);
   p.initial_state = in.initial_state.defined() ? static_cast<const float*>(in.initial_state.data)
                                                : nullptr;
   if (in.initial_state.defined()) copy_strides(in.initial_state, p.h0_s);
@@ -184,14 +204,15 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   chunk::check_state_switches();
   chunk::check_dstate_switches();
   if (p.num_slots > 0) chunk::launch_intra(p, stream);
-  chunk::launch_state(p, stream);
+  if (saved == nullptr) chunk::launch_state(p, stream);  // else the forward kept the states
   chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences
   if (p.num_slots > 0) chunk::launch_grads(p, stream);
 }
 
 }  // namespace
 
-const GatedDeltaRuleBackend kChunkGatedDeltaRule = {forward_workspace_bytes,
-                                                     backward_workspace_bytes, forward, backward};
+const GatedDeltaRuleBackend kChunkGatedDeltaRule = {
+    forward_workspace_bytes, backward_workspace_bytes, forward, backward, saved_bytes,
+    backward_workspace_bytes_with_saved};
 
 }  // namespace flashdelta::detail::cuda
