@@ -29,10 +29,10 @@ def _permute_outputs(hidden: Tensor, indices: Tensor, num_experts: int):
     P = indices.shape[0] * indices.shape[1]
     dev = hidden.device
     return (
-        torch.empty((P, hidden.shape[1]), dtype=hidden.dtype, device=dev),
-        torch.empty((P,), dtype=torch.int32, device=dev),
-        torch.empty((P,), dtype=torch.int32, device=dev),
-        torch.empty((num_experts + 1,), dtype=torch.int32, device=dev),
+        torch.empty(P, hidden.shape[1], dtype=hidden.dtype, device=dev),
+        torch.empty(P, dtype=torch.int32, device=dev),
+        torch.empty(P, dtype=torch.int32, device=dev),
+        torch.empty(num_experts + 1, dtype=torch.int32, device=dev),
     )
 
 
@@ -42,7 +42,7 @@ def _permute_forward(
     C = load_extension()
     outputs = _permute_outputs(hidden, indices, num_experts)
     nbytes = C.moe_permute_workspace_bytes(hidden, indices, num_experts)
-    workspace = torch.empty((nbytes,), dtype=torch.uint8, device=hidden.device) if nbytes else None
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=hidden.device) if nbytes else None
     C.moe_permute(hidden, indices, num_experts, *outputs, workspace, current_stream(hidden.device))
     return outputs
 
@@ -77,7 +77,7 @@ def _permute_backward_with(unpermute):
 def _unpermute_forward(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
 ) -> Tensor:
-    out = torch.empty((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+    out = torch.empty(num_tokens, rows.shape[1], dtype=rows.dtype, device=rows.device)
     load_extension().moe_unpermute_forward(
         rows, weights, pair_position, out, current_stream(rows.device)
     )
@@ -96,11 +96,11 @@ def _(rows, weights, pair_position, num_tokens):
 def _unpermute_backward_impl(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, d_out: Tensor
 ) -> Tuple[Tensor, Tensor]:
-    d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    d_rows = torch.empty_like(rows, memory_format=torch.contiguous_format)
     if weights is not None:
-        d_weights = torch.empty(weights.shape, dtype=weights.dtype, device=rows.device)
+        d_weights = torch.empty(*weights.shape, dtype=weights.dtype, device=rows.device)
     else:
-        d_weights = torch.empty((0,), dtype=rows.dtype, device=rows.device)
+        d_weights = torch.empty(0, dtype=rows.dtype, device=rows.device)
     load_extension().moe_unpermute_backward(
         rows, weights, pair_position, d_out, d_rows,
         d_weights if weights is not None else None, current_stream(rows.device),

@@ -24,8 +24,8 @@ Tensor = torch.Tensor
 
 def _router_forward(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor, Tensor]:
     T = logits.shape[0]
-    weights = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
-    indices = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty(T, top_k, dtype=logits.dtype, device=logits.device)
+    indices = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
     load_extension().moe_router_forward(
         logits, top_k, normalize, weights, indices, current_stream(logits.device)
     )
@@ -48,7 +48,7 @@ def _(logits, top_k, normalize):
 def _router_backward(
     logits: Tensor, indices: Tensor, d_weights: Tensor, top_k: int, normalize: bool
 ) -> Tensor:
-    d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     load_extension().moe_router_backward(
         logits, top_k, normalize, indices, d_weights, d_logits,
         current_stream(logits.device),
