@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 
 from . import _eager
-from ._moe_common import FLOAT_DTYPES, load_extension, current_stream
+from ._moe_common import FLOAT_DTYPES, extension_module, stream_of, to_dlpack
 
 Tensor = torch.Tensor
 
@@ -26,8 +26,9 @@ def _router_forward(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor
     T = logits.shape[0]
     weights = torch.empty(T, top_k, dtype=logits.dtype, device=logits.device)
     indices = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
-    load_extension().moe_router_forward(
-        logits, top_k, normalize, weights, indices, current_stream(logits.device)
+    extension_module().moe_router_forward(
+        to_dlpack(logits), top_k, normalize, to_dlpack(weights), to_dlpack(indices),
+        stream_of(logits),
     )
     return weights, indices
 
@@ -49,9 +50,9 @@ def _router_backward(
     logits: Tensor, indices: Tensor, d_weights: Tensor, top_k: int, normalize: bool
 ) -> Tensor:
     d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    load_extension().moe_router_backward(
-        logits, top_k, normalize, indices, d_weights, d_logits,
-        current_stream(logits.device),
+    extension_module().moe_router_backward(
+        to_dlpack(logits), top_k, normalize, to_dlpack(indices), to_dlpack(d_weights),
+        to_dlpack(d_logits), stream_of(logits),
     )
     return d_logits
 
