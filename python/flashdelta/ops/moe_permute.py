@@ -174,6 +174,9 @@ def moe_permute(
                          f"{list(hidden.shape)} and {list(indices.shape)}")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
+    if _eager.plain():
+        return _EagerPermute.apply_plain(_eager.unwrap(hidden), _eager.unwrap(indices),
+                                         int(num_experts))
     if _eager.eager():
         return _EagerPermute.apply(hidden, indices, int(num_experts))
     return moe_permute_fwd(hidden, indices, int(num_experts))
@@ -183,6 +186,10 @@ def moe_unpermute(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
 ) -> Tensor:
     """Weighted combine of sorted rows back to tokens. See the module docstring."""
+    if _eager.plain():
+        return _EagerUnpermute.apply_plain(_eager.unwrap(rows.contiguous()),
+                                           _eager.unwrap(weights), _eager.unwrap(pair_position),
+                                           int(num_tokens))
     if _eager.eager():
         return _EagerUnpermute.apply(rows.contiguous(), weights, pair_position, int(num_tokens))
     return moe_unpermute_fwd(rows.contiguous(), weights, pair_position, int(num_tokens))
