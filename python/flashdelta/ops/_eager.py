@@ -14,6 +14,7 @@ Two more host costs are trimmed the same way (both behave as before):
   that unwraps dead functorch wrappers) before the C apply: ~7 us a call. Where no functorch
   transform is active (`plain()`), the public functions call the twin's `apply_plain` (the C
   apply itself) on `unwrap(t)` of each tensor argument: what the preamble does there.
+- The outputs marked non-differentiable get no zero-filled gradients (see twin()).
 - `once_differentiable` enters `torch.no_grad()` (~5 us) around every backward, though the
   engine runs backward with grad mode off unless create_graph=True; the twin's backward takes
   once_differentiable's path only when grad mode is on.
@@ -61,6 +62,10 @@ def twin(name: str, forward: Callable, setup_context: Callable,
     unwrapped tensors)."""
 
     def fwd(ctx, *args):
+        # No zero-filled gradients for the outputs marked non-differentiable (backward ignores
+        # them): the engine would otherwise allocate and fill one per such output (the
+        # permutation's three index tensors, the router's indices) every backward.
+        ctx._materialize_non_diff_grads = False
         output = forward(*args)
         setup_context(ctx, args, output)
         return output
