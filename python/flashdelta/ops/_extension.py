@@ -95,5 +95,10 @@ def current_stream(device: torch.device) -> int:
 
 
 def stream_of(t: Tensor) -> int:
-    """current_stream(t.device), with the CPU answered without touching t.device."""
-    return current_stream(t.device) if t.is_cuda else 0
+    """current_stream(t.device), without building t.device (~1 us with its .type): the CPU
+    answered from t.is_cuda, a CUDA tensor's device index from t.get_device()."""
+    if not t.is_cuda:
+        return 0
+    if _current_raw_stream is not None:
+        return _current_raw_stream(t.get_device())
+    return torch.cuda.current_stream(t.device).cuda_stream
