@@ -14,6 +14,9 @@ Two more host costs are trimmed the same way (both behave as before):
   that unwraps dead functorch wrappers) before the C apply: ~7 us a call. Where no functorch
   transform is active (`plain()`), the public functions call the twin's `apply_plain` (the C
   apply itself) on `unwrap(t)` of each tensor argument: what the preamble does there.
+- Where no graph would be recorded (`untracked`: grad mode off, as in the first pass of activation
+  checkpointing, or no input requiring grad; and no forward-AD level open), the public
+  functions call the implementation itself: Function.apply would only wrap its outputs (~10 us).
 - The outputs marked non-differentiable get no zero-filled gradients (see twin()).
 - `once_differentiable` enters `torch.no_grad()` (~5 us) around every backward, though the
   engine runs backward with grad mode off unless create_graph=True; the twin's backward takes
@@ -23,8 +26,9 @@ Two more host costs are trimmed the same way (both behave as before):
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
-__all__ = ["eager", "plain", "twin", "unwrap"]
+__all__ = ["eager", "plain", "twin", "untracked", "unwrap"]
 
 _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
@@ -51,6 +55,16 @@ def plain() -> bool:
     """True when a public function may take the twin's apply_plain: not tracing, and no
     functorch transform (vmap, grad, ...) active."""
     return not _is_compiling() and not _functorch_active()
+
+
+def untracked(t, u=None) -> bool:
+    """True when a twin's apply would record nothing for inputs t (and u): grad mode off or
+    neither requires grad, and no forward-AD level open (a dual tensor needs the Function, which
+    raises that it has no jvp)."""
+    if _forward_ad._current_level >= 0:
+        return False
+    return not _grad_enabled() or not (getattr(t, "requires_grad", False)
+                                       or getattr(u, "requires_grad", False))
 
 
 def twin(name: str, forward: Callable, setup_context: Callable,

@@ -175,8 +175,10 @@ def moe_permute(
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
     if _eager.plain():
-        return _EagerPermute.apply_plain(_eager.unwrap(hidden), _eager.unwrap(indices),
-                                         int(num_experts))
+        hidden, indices = _eager.unwrap(hidden), _eager.unwrap(indices)
+        if _eager.untracked(hidden):
+            return _permute_forward(hidden, indices, int(num_experts))
+        return _EagerPermute.apply_plain(hidden, indices, int(num_experts))
     if _eager.eager():
         return _EagerPermute.apply(hidden, indices, int(num_experts))
     return moe_permute_fwd(hidden, indices, int(num_experts))
@@ -187,9 +189,11 @@ def moe_unpermute(
 ) -> Tensor:
     """Weighted combine of sorted rows back to tokens. See the module docstring."""
     if _eager.plain():
-        return _EagerUnpermute.apply_plain(_eager.unwrap(rows.contiguous()),
-                                           _eager.unwrap(weights), _eager.unwrap(pair_position),
-                                           int(num_tokens))
+        rows, weights = _eager.unwrap(rows.contiguous()), _eager.unwrap(weights)
+        pair_position = _eager.unwrap(pair_position)
+        if _eager.untracked(rows, weights):
+            return _unpermute_forward(rows, weights, pair_position, int(num_tokens))
+        return _EagerUnpermute.apply_plain(rows, weights, pair_position, int(num_tokens))
     if _eager.eager():
         return _EagerUnpermute.apply(rows.contiguous(), weights, pair_position, int(num_tokens))
     return moe_unpermute_fwd(rows.contiguous(), weights, pair_position, int(num_tokens))

@@ -110,7 +110,10 @@ def moe_router(router_logits: Tensor, top_k: int, normalize: bool = True) -> Tup
         raise ValueError(f"moe_router: top_k must be in [1, E = {router_logits.shape[1]}], "
                          f"got {top_k}")
     if _eager.plain():
-        return _EagerRouter.apply_plain(_eager.unwrap(router_logits), top_k, bool(normalize))
+        router_logits = _eager.unwrap(router_logits)
+        if _eager.untracked(router_logits):
+            return _router_forward(router_logits, top_k, bool(normalize))
+        return _EagerRouter.apply_plain(router_logits, top_k, bool(normalize))
     if _eager.eager():
         return _EagerRouter.apply(router_logits, top_k, bool(normalize))
     return moe_router_fwd(router_logits, top_k, bool(normalize))
