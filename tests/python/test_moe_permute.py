@@ -10,6 +10,7 @@ from flashdelta.ops.moe_permute import (  # noqa: E402
     moe_unpermute,
     moe_unpermute_fwd,
 )
+from flashdelta.ops.moe_router import moe_router, moe_router_fwd  # noqa: E402
 
 from moe_reference import random_routing, rel_l2  # noqa: E402
 
@@ -133,3 +134,69 @@ def test_opcheck(device):
     torch.library.opcheck(moe_permute_fwd, (hidden, idx.to(device), 4))
     permuted, _, pos, _ = moe_permute(hidden.detach(), idx.to(device), 4)
     torch.library.opcheck(moe_unpermute_fwd, (permuted.requires_grad_(), w.to(device), pos, 10))
+
+
+def _routing_step(router, permute, unpermute, x, w, g, rows_grad=True, weights_grad=True):
+    """Outputs and gradients (to whichever of x, w require grad) of router + permute + combine."""
+    weights, indices = router(torch.nn.functional.linear(x, w), 3, True)
+    permuted, sorted_pairs, pos, offsets = permute(x, indices, 12)
+    rows = permuted if rows_grad else permuted.detach()
+    out = unpermute(rows, weights if weights_grad else weights.detach(), pos, x.shape[0])
+    leaves = [t for t in (x, w) if t.requires_grad]
+    grads = (list(torch.autograd.grad(out, leaves, g, allow_unused=True))
+             if out.requires_grad else [])
+    return [out, weights, indices, permuted, sorted_pairs, pos, offsets] + grads
+
+
+@pytest.mark.parametrize("x_grad,w_grad,rows_grad,weights_grad", [
+    (True, True, True, True), (True, False, True, True), (False, True, True, True),
+    (True, True, False, True), (True, True, True, False), (False, False, True, True)])
+def test_eager_path_matches_custom_ops(device, x_grad, w_grad, rows_grad, weights_grad):
+    """The public functions' eager path (plain autograd.Functions, or the implementation itself
+    where nothing requires grad) gives the custom ops' outputs and gradients bitwise, whichever
+    inputs require grad."""
+    torch.manual_seed(3)
+    x = torch.randn(9, 16, device=device).requires_grad_(x_grad)
+    w = torch.randn(12, 16, device=device).requires_grad_(w_grad)
+    g = torch.randn(9, 16, device=device)
+    got = _routing_step(moe_router, moe_permute, moe_unpermute, x, w, g, rows_grad, weights_grad)
+    ref = _routing_step(moe_router_fwd, moe_permute_fwd, moe_unpermute_fwd, x, w, g, rows_grad,
+                        weights_grad)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.requires_grad == b.requires_grad
+            assert torch.equal(a, b)
+    with torch.no_grad():
+        plain = _routing_step(moe_router, moe_permute, moe_unpermute, x, w, g)
+    for a, b in zip(plain, got[:7]):
+        assert not a.requires_grad and torch.equal(a, b)
+
+
+def test_eager_path_double_backward_raises():
+    """create_graph=True takes once_differentiable's path: a second backward raises."""
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(12, 8, requires_grad=True)
+    weights, indices = moe_router(torch.nn.functional.linear(x, w), 3, True)
+    permuted, _, pos, _ = moe_permute(x, indices, 12)
+    out = moe_unpermute(permuted * 2, weights, pos, 6)
+    grads = torch.autograd.grad((out * out).sum(), [x, w], create_graph=True)
+    assert all(t.requires_grad for t in grads)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        sum(t.sum() for t in grads).backward()
+
+
+def test_compile_routing_fullgraph():
+    def step(x, w):
+        weights, indices = moe_router(torch.nn.functional.linear(x, w), 3, True)
+        permuted, _, pos, offsets = moe_permute(x, indices, 12)
+        return moe_unpermute(permuted, weights, pos, x.shape[0]), offsets
+
+    x, w = torch.randn(7, 16, requires_grad=True), torch.randn(12, 16, requires_grad=True)
+    out, offsets = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w)
+    out_ref, offsets_ref = step(x, w)
+    assert torch.equal(out, out_ref) and torch.equal(offsets, offsets_ref)
+    g = torch.randn_like(out)
+    assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(out, [x, w], g),
+                                                torch.autograd.grad(out_ref, [x, w], g)))

@@ -10,6 +10,10 @@ takes tensors that require grad (no detach needed): the binding only reads their
 
 The streams are passed explicitly to every binding (`current_stream`), so the capsule's lack of
 stream negotiation changes nothing.
+
+Hot paths whose host time is the step's time (the routing ops, called once per MoE layer and
+pass) take the module itself (`extension_module()`) and make the capsules at the call site
+(`to_dlpack`): the wrapper's generic argument loop costs ~4 us a call there.
 """
 
 from typing import Any, Callable
@@ -19,7 +23,9 @@ import torch
 Tensor = torch.Tensor
 _to_dlpack = torch.utils.dlpack.to_dlpack
 
-__all__ = ["load_extension", "current_stream"]
+__all__ = ["load_extension", "extension_module", "to_dlpack", "current_stream", "stream_of"]
+
+to_dlpack = _to_dlpack
 
 
 def _with_capsules(fn: Callable) -> Callable:
@@ -67,6 +73,12 @@ def load_extension() -> _Extension:
     return _extension
 
 
+def extension_module():
+    """flashdelta._C itself, unwrapped: its bindings take DLPack capsules (`to_dlpack(t)`), not
+    tensors (see the module note)."""
+    return (_extension or load_extension())._module
+
+
 # torch's raw current-stream query: an int, without building a torch.cuda.Stream object per call
 # (the public spelling where it is absent).
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -80,3 +92,13 @@ def current_stream(device: torch.device) -> int:
     if _current_raw_stream is not None:
         return _current_raw_stream(index)
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def stream_of(t: Tensor) -> int:
+    """current_stream(t.device), without building t.device (~1 us with its .type): the CPU
+    answered from t.is_cuda, a CUDA tensor's device index from t.get_device()."""
+    if not t.is_cuda:
+        return 0
+    if _current_raw_stream is not None:
+        return _current_raw_stream(t.get_device())
+    return torch.cuda.current_stream(t.device).cuda_stream

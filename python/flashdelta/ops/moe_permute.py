@@ -20,30 +20,50 @@ from typing import Optional, Tuple
 import torch
 
 from . import _eager
-from ._moe_common import load_extension, current_stream
+from ._moe_common import extension_module, stream_of, to_dlpack
 
 Tensor = torch.Tensor
+
+
+def _opt_dlpack(t):
+    """to_dlpack for an optional tensor argument (None, and anything not a tensor, as is)."""
+    return to_dlpack(t) if isinstance(t, Tensor) else t
+
+
+# moe_permute's workspace bytes by (on cuda, T, top_k, E): all they depend on. Filled from the
+# extension's answer (which also checks the arguments) the first time a key is seen.
+_permute_workspace_bytes = {}
 
 
 def _permute_outputs(hidden: Tensor, indices: Tensor, num_experts: int):
     P = indices.shape[0] * indices.shape[1]
     dev = hidden.device
     return (
-        torch.empty((P, hidden.shape[1]), dtype=hidden.dtype, device=dev),
-        torch.empty((P,), dtype=torch.int32, device=dev),
-        torch.empty((P,), dtype=torch.int32, device=dev),
-        torch.empty((num_experts + 1,), dtype=torch.int32, device=dev),
+        torch.empty(P, hidden.shape[1], dtype=hidden.dtype, device=dev),
+        torch.empty(P, dtype=torch.int32, device=dev),
+        torch.empty(P, dtype=torch.int32, device=dev),
+        torch.empty(num_experts + 1, dtype=torch.int32, device=dev),
     )
 
 
 def _permute_forward(
     hidden: Tensor, indices: Tensor, num_experts: int
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    C = load_extension()
+    C = extension_module()
     outputs = _permute_outputs(hidden, indices, num_experts)
-    nbytes = C.moe_permute_workspace_bytes(hidden, indices, num_experts)
-    workspace = torch.empty((nbytes,), dtype=torch.uint8, device=hidden.device) if nbytes else None
-    C.moe_permute(hidden, indices, num_experts, *outputs, workspace, current_stream(hidden.device))
+    permuted, sorted_pairs, pair_position, expert_offsets = outputs
+    key = (hidden.is_cuda, hidden.shape[0], indices.shape[-1], num_experts)
+    nbytes = _permute_workspace_bytes.get(key)
+    if nbytes is None:
+        nbytes = C.moe_permute_workspace_bytes(to_dlpack(hidden), to_dlpack(indices), num_experts)
+        if len(_permute_workspace_bytes) >= 4096:  # token counts that vary step to step
+            _permute_workspace_bytes.clear()
+        _permute_workspace_bytes[key] = nbytes
+    workspace = (to_dlpack(torch.empty(nbytes, dtype=torch.uint8, device=hidden.device))
+                 if nbytes else None)
+    C.moe_permute(to_dlpack(hidden), to_dlpack(indices), num_experts, to_dlpack(permuted),
+                  to_dlpack(sorted_pairs), to_dlpack(pair_position), to_dlpack(expert_offsets),
+                  workspace, stream_of(hidden))
     return outputs
 
 
@@ -77,9 +97,10 @@ def _permute_backward_with(unpermute):
 def _unpermute_forward(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
 ) -> Tensor:
-    out = torch.empty((num_tokens, rows.shape[1]), dtype=rows.dtype, device=rows.device)
-    load_extension().moe_unpermute_forward(
-        rows, weights, pair_position, out, current_stream(rows.device)
+    out = torch.empty(num_tokens, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    extension_module().moe_unpermute_forward(
+        to_dlpack(rows), _opt_dlpack(weights), _opt_dlpack(pair_position), to_dlpack(out),
+        stream_of(rows),
     )
     return out
 
@@ -96,14 +117,15 @@ def _(rows, weights, pair_position, num_tokens):
 def _unpermute_backward_impl(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, d_out: Tensor
 ) -> Tuple[Tensor, Tensor]:
-    d_rows = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+    d_rows = torch.empty_like(rows, memory_format=torch.contiguous_format)
     if weights is not None:
-        d_weights = torch.empty(weights.shape, dtype=weights.dtype, device=rows.device)
+        d_weights = torch.empty(*weights.shape, dtype=weights.dtype, device=rows.device)
     else:
-        d_weights = torch.empty((0,), dtype=rows.dtype, device=rows.device)
-    load_extension().moe_unpermute_backward(
-        rows, weights, pair_position, d_out, d_rows,
-        d_weights if weights is not None else None, current_stream(rows.device),
+        d_weights = torch.empty(0, dtype=rows.dtype, device=rows.device)
+    extension_module().moe_unpermute_backward(
+        to_dlpack(rows), _opt_dlpack(weights), to_dlpack(pair_position), to_dlpack(d_out),
+        to_dlpack(d_rows), to_dlpack(d_weights) if weights is not None else None,
+        stream_of(rows),
     )
     return d_rows, d_weights
 
@@ -152,6 +174,11 @@ def moe_permute(
                          f"{list(hidden.shape)} and {list(indices.shape)}")
     if hidden.stride(-1) != 1:
         hidden = hidden.contiguous()
+    if _eager.plain():
+        hidden, indices = _eager.unwrap(hidden), _eager.unwrap(indices)
+        if _eager.untracked(hidden):
+            return _permute_forward(hidden, indices, int(num_experts))
+        return _EagerPermute.apply_plain(hidden, indices, int(num_experts))
     if _eager.eager():
         return _EagerPermute.apply(hidden, indices, int(num_experts))
     return moe_permute_fwd(hidden, indices, int(num_experts))
@@ -161,6 +188,12 @@ def moe_unpermute(
     rows: Tensor, weights: Optional[Tensor], pair_position: Tensor, num_tokens: int
 ) -> Tensor:
     """Weighted combine of sorted rows back to tokens. See the module docstring."""
+    if _eager.plain():
+        rows, weights = _eager.unwrap(rows.contiguous()), _eager.unwrap(weights)
+        pair_position = _eager.unwrap(pair_position)
+        if _eager.untracked(rows, weights):
+            return _unpermute_forward(rows, weights, pair_position, int(num_tokens))
+        return _EagerUnpermute.apply_plain(rows, weights, pair_position, int(num_tokens))
     if _eager.eager():
         return _EagerUnpermute.apply(rows.contiguous(), weights, pair_position, int(num_tokens))
     return moe_unpermute_fwd(rows.contiguous(), weights, pair_position, int(num_tokens))

@@ -17,17 +17,18 @@ from typing import Tuple
 import torch
 
 from . import _eager
-from ._moe_common import FLOAT_DTYPES, load_extension, current_stream
+from ._moe_common import FLOAT_DTYPES, extension_module, stream_of, to_dlpack
 
 Tensor = torch.Tensor
 
 
 def _router_forward(logits: Tensor, top_k: int, normalize: bool) -> Tuple[Tensor, Tensor]:
     T = logits.shape[0]
-    weights = torch.empty((T, top_k), dtype=logits.dtype, device=logits.device)
-    indices = torch.empty((T, top_k), dtype=torch.int64, device=logits.device)
-    load_extension().moe_router_forward(
-        logits, top_k, normalize, weights, indices, current_stream(logits.device)
+    weights = torch.empty(T, top_k, dtype=logits.dtype, device=logits.device)
+    indices = torch.empty(T, top_k, dtype=torch.int64, device=logits.device)
+    extension_module().moe_router_forward(
+        to_dlpack(logits), top_k, normalize, to_dlpack(weights), to_dlpack(indices),
+        stream_of(logits),
     )
     return weights, indices
 
@@ -48,10 +49,10 @@ def _(logits, top_k, normalize):
 def _router_backward(
     logits: Tensor, indices: Tensor, d_weights: Tensor, top_k: int, normalize: bool
 ) -> Tensor:
-    d_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    load_extension().moe_router_backward(
-        logits, top_k, normalize, indices, d_weights, d_logits,
-        current_stream(logits.device),
+    d_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    extension_module().moe_router_backward(
+        to_dlpack(logits), top_k, normalize, to_dlpack(indices), to_dlpack(d_weights),
+        to_dlpack(d_logits), stream_of(logits),
     )
     return d_logits
 
@@ -108,6 +109,11 @@ def moe_router(router_logits: Tensor, top_k: int, normalize: bool = True) -> Tup
     if not 1 <= top_k <= router_logits.shape[1]:
         raise ValueError(f"moe_router: top_k must be in [1, E = {router_logits.shape[1]}], "
                          f"got {top_k}")
+    if _eager.plain():
+        router_logits = _eager.unwrap(router_logits)
+        if _eager.untracked(router_logits):
+            return _router_forward(router_logits, top_k, bool(normalize))
+        return _EagerRouter.apply_plain(router_logits, top_k, bool(normalize))
     if _eager.eager():
         return _EagerRouter.apply(router_logits, top_k, bool(normalize))
     return moe_router_fwd(router_logits, top_k, bool(normalize))
