@@ -31,18 +31,20 @@ import torch.autograd.forward_ad as _forward_ad
 __all__ = ["eager", "plain", "twin", "untracked", "unwrap"]
 
 _is_compiling = torch.compiler.is_compiling
-_functorch_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
+# torch internals the shortcuts rely on (torch 2.4 to 2.11 have them). Where one is missing the
+# shortcuts are off: plain() is False and the public functions take Function.apply as before.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
 # Function.apply's C half (THPFunction_apply), bound per class in twin(); None where a torch
 # version does not expose it, and apply_plain is then Function.apply.
 _c_apply = torch._C._FunctionBase.__dict__.get("apply")
-
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_shortcuts = _functorch_active is not None and _unwrap_if_dead is not None
 
 
 def unwrap(arg):
     """A tensor argument with its dead functorch wrappers removed, as Function.apply passes it
-    on; anything else as is."""
+    on; anything else as is (only called where plain() holds)."""
     return _unwrap_if_dead(arg) if isinstance(arg, torch.Tensor) else arg
 
 
@@ -54,14 +56,14 @@ def eager() -> bool:
 def plain() -> bool:
     """True when a public function may take the twin's apply_plain: not tracing, and no
     functorch transform (vmap, grad, ...) active."""
-    return not _is_compiling() and not _functorch_active()
+    return _shortcuts and not _is_compiling() and not _functorch_active()
 
 
 def untracked(t, u=None) -> bool:
     """True when a twin's apply would record nothing for inputs t (and u): grad mode off or
     neither requires grad, and no forward-AD level open (a dual tensor needs the Function, which
     raises that it has no jvp)."""
-    if _forward_ad._current_level >= 0:
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
         return False
     return not _grad_enabled() or not (getattr(t, "requires_grad", False)
                                        or getattr(u, "requires_grad", False))
