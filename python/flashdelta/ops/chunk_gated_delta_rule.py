@@ -65,6 +65,11 @@ def chunk_gated_delta_rule(
 
     Returns:
         (o, final_state): o [B, T, HV, V] in q's dtype; final_state or None.
+
+    Memory: when autograd records the call (grad enabled and an input requiring grad), the CUDA
+    kernels keep the state entering every 64-token chunk for the backward, bf16, 32 KiB per chunk
+    and value head (the backward then does not replay the recurrence);
+    FLASHDELTA_GDN_KEEP_STATES=0 recomputes them instead.
     """
     return _gdn.run(
         _OPS, "chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
