@@ -8,7 +8,8 @@
 //   S' = e^gamma_last S + K^T diag(e^(gamma_last - gamma)) Vn
 // Every exponent is of a difference gamma_i - gamma_j with i >= j or of gamma itself, so
 // nothing overflows for g <= 0. The backward first replays the chunk recurrence to store each
-// chunk's incoming state (workspace "slots"), then walks the chunks in reverse carrying dS,
+// chunk's incoming state (workspace "slots"; a training forward keeps them in the op's `saved`
+// instead, and the backward then skips the replay), then walks the chunks in reverse carrying dS,
 // recomputing A, T, W, U, Vn for one chunk at a time; each line below cites the forward line it
 // differentiates. Products run through gemm.h on per-worker scratch carved from the caller's
 // workspace; dq/dk are reduced over value heads afterwards (gated_delta_rule_common.h).
@@ -287,6 +288,7 @@ struct ChunkRunner {
 template <typename Acc>
 struct ChunkOp {
   static constexpr int64_t kBlock = C;
+  static constexpr bool kKeepsStates = true;  // the forward's chunk states spare the replay
 
   static int64_t scratch_elems(int64_t K, int64_t V, bool backward) {
     Arena<Acc> counter;
@@ -295,7 +297,8 @@ struct ChunkOp {
   }
 
   static void forward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
-                      const GatedDeltaRuleForwardOutputs& out, const GdnWorkspace<Acc>& ws) {
+                      const GatedDeltaRuleForwardOutputs& out, const GdnWorkspace<Acc>& ws,
+                      const KeptStates<Acc>& kept) {
     const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, V = geo.s.head_v_dim;
     parallel_for(geo.s.num_seqs * HV, [&](int64_t task, int worker) {
       const int64_t n = task / HV, hv = task % HV;
@@ -306,6 +309,7 @@ struct ChunkOp {
       load_state_or_zero(in.initial_state, n, hv, K, V, s.S);
       const auto seq = geo.seq(n);
       for (int64_t t0 = seq.begin; t0 < seq.end; t0 += C) {
+        if (kept.base) std::copy(s.S, s.S + K * V, kept.state(n, (t0 - seq.begin) / C, hv));
         run.load(seq.batch, t0, std::min(C, seq.end - t0), hv, true);
         run.prepare();
         run.new_values(s.S);
@@ -314,6 +318,7 @@ struct ChunkOp {
         run.advance_state(s.S);
       }
       if (out.final_state.defined()) store_state(out.final_state, n, hv, s.S);
+      if (kept.base) kept.zero_unused(n, hv, (seq.end - seq.begin + C - 1) / C);
     });
   }
 
@@ -329,9 +334,10 @@ struct ChunkOp {
       ChunkRunner<Acc> run(geo, in, s);
       const auto seq = geo.seq(n);
       const int64_t num_chunks = (seq.end - seq.begin + C - 1) / C;
-      // Replay the recurrence, keeping every chunk's incoming state.
+      // Replay the recurrence, keeping every chunk's incoming state (unless the forward kept
+      // them: the same states, bitwise, from the same steps).
       load_state_or_zero(in.initial_state, n, hv, K, V, s.S);
-      for (int64_t c = 0; c < num_chunks; ++c) {
+      for (int64_t c = 0; c < (ws.kept_states != nullptr ? 0 : num_chunks); ++c) {
         std::copy(s.S, s.S + K * V, ws.state(n, c, hv));
         if (c + 1 == num_chunks) break;  // the last chunk's outgoing state is not needed
         const int64_t t0 = seq.begin + c * C;

@@ -151,6 +151,7 @@ struct Runner {
 template <typename Acc>
 struct FusedRecurrentOp {
   static constexpr int64_t kBlock = kTokensPerState;
+  static constexpr bool kKeepsStates = false;  // the decode path: its backward replays
 
   static int64_t scratch_elems(int64_t K, int64_t V, bool backward) {
     Scratch<Acc> counter;
@@ -158,7 +159,8 @@ struct FusedRecurrentOp {
   }
 
   static void forward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
-                      const GatedDeltaRuleForwardOutputs& out, const GdnWorkspace<Acc>& ws) {
+                      const GatedDeltaRuleForwardOutputs& out, const GdnWorkspace<Acc>& ws,
+                      const KeptStates<Acc>&) {
     const int64_t HV = geo.s.num_v_heads, K = geo.s.head_k_dim, V = geo.s.head_v_dim;
     parallel_for(geo.s.num_seqs * HV, [&](int64_t task, int worker) {
       const int64_t n = task / HV, hv = task % HV;

@@ -158,32 +158,63 @@ struct GdnWorkspace {
   int64_t block;     // tokens per stored state
   int64_t scratch;   // per worker
   int64_t workers;
-  int64_t states;
+  int64_t states;    // elements of the stored states (in the workspace unless kept_states)
   int64_t qk_grads;
   Acc* base;
+  Acc* kept_states;  // the forward's kept states (the op's `saved`), or nullptr: in the workspace
+
+  // Elements of the states stored every `tokens_per_state` tokens.
+  static int64_t state_elems(const GdnGeometry& g, int64_t tokens_per_state) {
+    return g.num_slots(tokens_per_state) * g.s.num_v_heads * g.s.head_k_dim * g.s.head_v_dim;
+  }
 
   GdnWorkspace(const GdnGeometry& g, int64_t scratch_per_worker, int64_t tokens_per_state,
-               bool backward, void* data = nullptr)
+               bool backward, void* data = nullptr, void* kept = nullptr)
       : geo(g), block(tokens_per_state), scratch(scratch_per_worker),
         workers(std::min<int64_t>(num_threads(),
                                   std::max<int64_t>(1, g.s.num_seqs * g.s.num_v_heads))),
-        states(backward ? g.num_slots(tokens_per_state) * g.s.num_v_heads * g.s.head_k_dim *
-                              g.s.head_v_dim
-                        : 0),
+        states(backward ? state_elems(g, tokens_per_state) : 0),
         qk_grads(backward ? g.s.batch * g.s.seq_len * g.s.num_v_heads * g.s.head_k_dim : 0),
-        base(static_cast<Acc*>(data)) {}
+        base(static_cast<Acc*>(data)), kept_states(static_cast<Acc*>(kept)) {}
 
+  int64_t own_states() const { return kept_states != nullptr ? 0 : states; }
   size_t bytes() const {
-    return static_cast<size_t>(scratch * workers + states + 2 * qk_grads) * sizeof(Acc);
+    return static_cast<size_t>(scratch * workers + own_states() + 2 * qk_grads) * sizeof(Acc);
   }
   Acc* worker_scratch(int worker) const { return base + worker * scratch; }
   // The state stored before block c of sequence n, value head hv.
   Acc* state(int64_t n, int64_t c, int64_t hv) const {
     const int64_t KV = geo.s.head_k_dim * geo.s.head_v_dim;
-    return base + scratch * workers + ((geo.slot_begin(n, block) + c) * geo.s.num_v_heads + hv) * KV;
+    Acc* const first = kept_states != nullptr ? kept_states : base + scratch * workers;
+    return first + ((geo.slot_begin(n, block) + c) * geo.s.num_v_heads + hv) * KV;
   }
-  Acc* dq_heads() const { return base + scratch * workers + states; }
+  Acc* dq_heads() const { return base + scratch * workers + own_states(); }
   Acc* dk_heads() const { return dq_heads() + qk_grads; }
+};
+
+// Where a forward that keeps its states (the op's `saved`) writes them: the backward's layout
+// (GdnWorkspace::state), every `block` tokens. Slots between one sequence's last and the next
+// sequence's first (varlen) are zeroed, so that the kept bytes are all written.
+template <typename Acc>
+struct KeptStates {
+  const GdnGeometry& geo;
+  int64_t block;
+  Acc* base;  // nullptr: not kept
+
+  Acc* state(int64_t n, int64_t c, int64_t hv) const {
+    const int64_t KV = geo.s.head_k_dim * geo.s.head_v_dim;
+    return base + ((geo.slot_begin(n, block) + c) * geo.s.num_v_heads + hv) * KV;
+  }
+  // Zeroes value head hv's slots of sequence n past its num_chunks used ones.
+  void zero_unused(int64_t n, int64_t hv, int64_t num_chunks) const {
+    const int64_t end = n + 1 < geo.s.num_seqs ? geo.slot_begin(n + 1, block)
+                                                : geo.num_slots(block);
+    const int64_t KV = geo.s.head_k_dim * geo.s.head_v_dim;
+    for (int64_t slot = geo.slot_begin(n, block) + num_chunks; slot < end; ++slot) {
+      Acc* p = base + (slot * geo.s.num_v_heads + hv) * KV;
+      std::fill(p, p + KV, Acc(0));
+    }
+  }
 };
 
 // Gradients of rows [t0, t0 + L) of value head hv: dq (w.r.t. the scaled, normalised q: times
@@ -254,39 +285,63 @@ void reduce_qk_grad(const GdnGeometry& geo, const TensorRef& input, Acc* ws, boo
 }
 
 // A backend table from an op class template Op<Acc> (Acc = float for f32/f16/bf16 inputs,
-// double for f64) providing: kBlock (tokens per stored state), scratch_elems(K, V, backward),
-// forward(geo, in, out, ws) and backward(geo, in, gin, gout, ws).
+// double for f64) providing: kBlock (tokens per stored state), kKeepsStates (whether its forward
+// can keep the states for the backward: then forward's KeptStates may be set, and backward's
+// ws.kept_states means they were), scratch_elems(K, V, backward), forward(geo, in, out, ws,
+// kept) and backward(geo, in, gin, gout, ws).
 template <template <typename> class Op>
 struct GdnCpuBackend {
+  static constexpr bool kKeepsStates = Op<float>::kKeepsStates;
+
   template <typename Acc>
-  static GdnWorkspace<Acc> workspace(const GdnGeometry& geo, bool backward, void* data) {
+  static GdnWorkspace<Acc> workspace(const GdnGeometry& geo, bool backward, void* data,
+                                     void* kept = nullptr) {
     return GdnWorkspace<Acc>(geo, Op<Acc>::scratch_elems(geo.s.head_k_dim, geo.s.head_v_dim, backward),
-                             Op<Acc>::kBlock, backward, data);
+                             Op<Acc>::kBlock, backward, data, kept);
   }
   static bool f64(const GatedDeltaRuleInputs& in) { return in.q.dtype == DType::kFloat64; }
-  static size_t bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in, bool backward) {
+  // with_saved: the backward's workspace when the states come from the forward's `saved`.
+  template <typename Acc>
+  static size_t bytes_of(const GdnGeometry& geo, bool backward, bool with_saved) {
+    const GdnWorkspace<Acc> ws = workspace<Acc>(geo, backward, nullptr);
+    return ws.bytes() - (with_saved ? static_cast<size_t>(ws.states) * sizeof(Acc) : 0);
+  }
+  static size_t bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in, bool backward,
+                      bool with_saved = false) {
     const GdnGeometry geo(s, in);
-    return f64(in) ? workspace<double>(geo, backward, nullptr).bytes()
-                   : workspace<float>(geo, backward, nullptr).bytes();
+    return f64(in) ? bytes_of<double>(geo, backward, with_saved)
+                   : bytes_of<float>(geo, backward, with_saved);
+  }
+  static size_t saved_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) {
+    const GdnGeometry geo(s, in);
+    const int64_t elems = GdnWorkspace<float>::state_elems(geo, Op<float>::kBlock);
+    return static_cast<size_t>(elems) * (f64(in) ? sizeof(double) : sizeof(float));
   }
   template <typename Acc>
   static void run_forward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
                           const GatedDeltaRuleForwardOutputs& out) {
-    Op<Acc>::forward(geo, in, out, workspace<Acc>(geo, false, out.workspace.data));
+    const KeptStates<Acc> kept{geo, Op<Acc>::kBlock,
+                               kKeepsStates && out.saved.defined()
+                                   ? static_cast<Acc*>(out.saved.data)
+                                   : nullptr};
+    Op<Acc>::forward(geo, in, out, workspace<Acc>(geo, false, out.workspace.data), kept);
   }
   template <typename Acc>
   static void run_backward(const GdnGeometry& geo, const GatedDeltaRuleInputs& in,
                            const GatedDeltaRuleBackwardInputs& gin,
                            const GatedDeltaRuleBackwardOutputs& gout) {
-    const GdnWorkspace<Acc> ws = workspace<Acc>(geo, true, gout.workspace.data);
+    void* const kept = kKeepsStates && gin.saved.defined() ? gin.saved.data : nullptr;
+    const GdnWorkspace<Acc> ws = workspace<Acc>(geo, true, gout.workspace.data, kept);
     Op<Acc>::backward(geo, in, gin, gout, ws);
     reduce_qk_grad(geo, in.q, ws.dq_heads(), in.use_qk_l2norm, gout.dq);
     reduce_qk_grad(geo, in.k, ws.dk_heads(), in.use_qk_l2norm, gout.dk);
   }
   static constexpr ::flashdelta::detail::GatedDeltaRuleBackend table() {
+    using Shape = GatedDeltaRuleShape;
+    using Inputs = GatedDeltaRuleInputs;
     return {
-        [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) { return bytes(s, in, false); },
-        [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in) { return bytes(s, in, true); },
+        [](const Shape& s, const Inputs& in) { return bytes(s, in, false); },
+        [](const Shape& s, const Inputs& in) { return bytes(s, in, true); },
         [](const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
            const GatedDeltaRuleForwardOutputs& out) {
           const GdnGeometry geo(s, in);
@@ -297,7 +352,10 @@ struct GdnCpuBackend {
           const GdnGeometry geo(s, in);
           f64(in) ? run_backward<double>(geo, in, gin, gout)
                   : run_backward<float>(geo, in, gin, gout);
-        }};
+        },
+        kKeepsStates ? saved_bytes : nullptr,
+        kKeepsStates ? +[](const Shape& s, const Inputs& in) { return bytes(s, in, true, true); }
+                     : nullptr};
   }
 };
 

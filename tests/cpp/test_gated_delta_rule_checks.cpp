@@ -500,23 +500,30 @@ TEST_F(GatedDeltaRuleChecks, WorkspaceWrongDtype) {
   }
 }
 
-// The CPU kernels keep nothing for the backward: 0 saved bytes, and a `saved` given to either
-// direction changes nothing (the backward recomputes).
-TEST_F(GatedDeltaRuleChecks, CpuKeepsNothingForTheBackward) {
-  EXPECT_EQ(flashdelta::chunk_gated_delta_rule_saved_bytes(in), 0u);
+// The CPU chunked forward keeps its chunk states for the backward when given `saved` (fp32
+// [slots, HV, K, V]: 2 slots here), and the backward given them needs that much less workspace;
+// the recurrent op keeps nothing. A `saved` too small is an error naming it.
+TEST_F(GatedDeltaRuleChecks, KeptStatesSizesOnTheCpu) {
+  const size_t kept = size_t(2 * HV * K * V) * sizeof(float);
+  EXPECT_EQ(flashdelta::chunk_gated_delta_rule_saved_bytes(in), kept);
   EXPECT_EQ(flashdelta::fused_recurrent_gated_delta_rule_saved_bytes(in), 0u);
   EXPECT_EQ(flashdelta::chunk_gated_delta_rule_backward_workspace_bytes(in, true),
-            flashdelta::chunk_gated_delta_rule_backward_workspace_bytes(in, false));
-  HostTensor saved(DType::kUInt8, {1});
+            flashdelta::chunk_gated_delta_rule_backward_workspace_bytes(in, false) - kept);
+  EXPECT_EQ(flashdelta::fused_recurrent_gated_delta_rule_backward_workspace_bytes(in, true),
+            flashdelta::fused_recurrent_gated_delta_rule_backward_workspace_bytes(in, false));
+  HostTensor small(DType::kUInt8, {int64_t(kept) - 1});
+  GatedDeltaRuleForwardOutputs with_small = out;
+  with_small.saved = small.ref();
+  EXPECT_TRUE(raises([&] { kChunkOp.forward(in, with_small); }, Kind::kValue,
+                     {"saved must hold at least " + std::to_string(kept) + " bytes"}));
+  GatedDeltaRuleBackwardInputs gin_small = gin;
+  gin_small.saved = small.ref();
+  EXPECT_TRUE(raises([&] { kChunkOp.backward(in, gin_small, gout); }, Kind::kValue,
+                     {"saved must hold at least"}));
+  // the recurrent op ignores a `saved` (it keeps nothing)
   GatedDeltaRuleForwardOutputs with_saved = out;
-  with_saved.saved = saved.ref();
-  GatedDeltaRuleBackwardInputs gin_saved = gin;
-  gin_saved.saved = saved.ref();
-  for (const OpTable* op : {&kChunkOp, &kFusedRecurrentOp}) {
-    SCOPED_TRACE(op->name);
-    EXPECT_NO_THROW(op->forward(in, with_saved));
-    EXPECT_NO_THROW(op->backward(in, gin_saved, gout));
-  }
+  with_saved.saved = small.ref();
+  EXPECT_NO_THROW(kFusedRecurrentOp.forward(in, with_saved));
 }
 
 // --- backward arguments ---------------------------------------------------------------------

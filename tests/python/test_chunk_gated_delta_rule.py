@@ -327,9 +327,8 @@ def test_opcheck(variant):
     for x in args + ([h0] if h0 is not None else []):
         x.requires_grad_(True)
     torch.library.opcheck(FWD_OP, (*args, h0, cu_t, 0.5, True, output_final_state))
-    # asked to keep its states for the backward, the CPU kernel keeps nothing (0 bytes)
+    # asked to keep its states for the backward (the fake implementation sizes them)
     torch.library.opcheck(FWD_OP, (*args, h0, cu_t, 0.5, True, output_final_state, True))
-    assert FWD_OP(*args, h0, cu_t, 0.5, True, output_final_state, True)[2].numel() == 0
     d_o = torch.randn_like(inputs["v"])
     d_state = torch.randn_like(h0) if output_final_state else None
     plain = [x.detach() for x in args]
@@ -428,3 +427,47 @@ def test_inputs_unmodified(device):
     inputs = make_inputs(1, 70, 2, 4, 8, 8, torch.bfloat16, device, cu_seqlens=[0, 5, 70],
                          requires_grad=True)
     check_inputs_unmodified(OP, inputs)
+
+
+def test_kept_states_change_no_bit_on_the_cpu(monkeypatch):
+    """The CPU forward keeps the chunk states when autograd records the call, and the backward
+    then skips its replay: the same states from the same steps, so every gradient is bitwise
+    the recomputing backward's (FLASHDELTA_GDN_KEEP_STATES=0), for dense and varlen inputs with
+    an empty sequence and chunk-straddling lengths."""
+    for cu in (None, [0, 0, 70, 75, 200]):
+        inputs = make_inputs(2 if cu is None else 1, 200, 2, 4, 16, 8, cu_seqlens=cu)
+        runs = []
+        for keep in ("1", "0"):
+            monkeypatch.setenv("FLASHDELTA_GDN_KEEP_STATES", keep)
+            leaves_ = {n: (x.clone().requires_grad_(True)
+                           if x is not None and x.is_floating_point() else x)
+                       for n, x in inputs.items()}
+            o, state = chunk_gated_delta_rule(**leaves_, output_final_state=True,
+                                              use_qk_l2norm_in_kernel=True)
+            names = [n for n in ("q", "k", "v", "g", "beta", "initial_state")
+                     if leaves_.get(n) is not None]
+            grads = torch.autograd.grad((o.square().sum() + state.sin().sum()),
+                                        [leaves_[n] for n in names])
+            runs.append((o, state, *grads))
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+
+
+def test_kept_states_through_the_ops_on_the_cpu():
+    """The forward op asked to keep its states returns them (as many bytes as _C and the fake
+    implementation say), and the backward op given them returns bitwise the gradients of the
+    backward that replays the recurrence itself."""
+    from flashdelta.ops._extension import load_extension
+    from flashdelta.ops._gated_delta_rule import saved_nbytes
+
+    inputs = make_inputs(1, 150, 2, 4, 16, 8, cu_seqlens=[0, 64, 64, 150])
+    args = [inputs[n] for n in ("q", "k", "v", "g", "beta", "initial_state")]
+    cu_t = inputs["cu_seqlens"]
+    o, state, saved = FWD_OP(*args, cu_t, 0.5, True, True, True)
+    nbytes = load_extension().chunk_gated_delta_rule_saved_bytes(*args, cu_t, 0.5, True)
+    assert saved.numel() == nbytes == saved_nbytes("chunk", args[0], args[2], cu_t) > 0
+    d_o, d_state = torch.randn_like(o), torch.randn_like(state)
+    kept = BWD_OP(*args, cu_t, 0.5, True, d_o, d_state, saved)
+    replayed = BWD_OP(*args, cu_t, 0.5, True, d_o, d_state)
+    for a, b in zip(kept, replayed):
+        assert torch.equal(a, b)

@@ -19,8 +19,9 @@ Custom ops cannot return None: when no final state is asked for, the forward op 
 op returns a 0-element tensor as its gradient. `GatedDeltaRuleOps.apply` maps them back to None.
 
 Training: when autograd will need the backward, `apply` asks the forward op to keep what the
-backward would otherwise recompute (`save_states`; on CUDA the chunked op keeps the state entering
-every chunk, bf16, and its backward skips the replay of the recurrence). The forward op then
+backward would otherwise recompute (`save_states`: the chunked op keeps the state entering every
+chunk, bf16 on CUDA, fp32 / fp64 on the CPU, and its backward skips the replay of the
+recurrence). The forward op then
 returns it as a third, uint8 output (0 elements where nothing is kept), which autograd hands to
 the backward op. FLASHDELTA_GDN_KEEP_STATES=0 turns this off (recompute: less memory between the
 forward and the backward, more time).
@@ -394,13 +395,17 @@ def _align(nbytes: int) -> int:
 
 def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) -> int:
     """Bytes of the forward's kept states (what _C's {kind}_gated_delta_rule_saved_bytes
-    returns, from shapes alone, for the fake implementation): the CUDA chunked kernels keep S^T
-    entering each 64-token chunk slot, bf16 [slots, HV, 128, 128]; nothing elsewhere."""
-    if kind != "chunk" or q.device.type != "cuda":
+    returns, from shapes alone, for the fake implementation): the chunked op keeps the state
+    entering each 64-token chunk slot, on CUDA S^T in bf16 [slots, HV, 128, 128], on the CPU
+    [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The recurrent op
+    keeps nothing."""
+    if kind != "chunk":
         return 0
-    B, T = q.shape[0], q.shape[1]
+    B, T, HV = q.shape[0], q.shape[1], v.shape[2]
     slots = (T // 64 + cu_seqlens.shape[0] - 1) if cu_seqlens is not None else B * -(-T // 64)
-    return _align(slots * v.shape[2] * 128 * 128 * 2)
+    if q.device.type == "cuda":
+        return _align(slots * HV * 128 * 128 * 2)
+    return slots * HV * q.shape[3] * v.shape[3] * (8 if q.dtype == torch.float64 else 4)
 
 
 def keep_states() -> bool:
