@@ -58,8 +58,12 @@
 // with phase 1's KR per value head in place of the gated Vn and K (the reverse pass reads KR):
 // it stores S^T entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (each
 // warp its k slice). A training forward (p.saved_states set) stores the same S^T from its own
-// pass, and the backward then skips the replay: the stores leave by the same 4-byte writes, off
-// the chain (1 x 32768: 537 MB, against the replay's 858 us).
+// pass, and the backward then skips the replay (1 x 32768: 537 MB, against the replay's 858 us).
+// On sm_90 each warp's slice leaves by stmatrix into a swizzled shared tile and one TMA tensor
+// store per chunk (StateTile), elsewhere by 4-byte stores; FLASHDELTA_GDN_TMA_STATES=0 forces the
+// latter (for A/B). H100, forward state pass keeping the states, 4-byte -> TMA: 8 x 4096
+// 1029 -> 939 us (the no-keep pass is ~735 us; 537 MB of stores at 3 TB/s is ~180 us),
+// 1 x 32768 1224 -> 1213 us.
 #include <cuda.h>  // CUtensorMap (type only)
 
 #include <cstdint>
@@ -532,7 +536,9 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   CUtensorMap map{};
   bool tma_states = false;
   const uint64_t rows = static_cast<uint64_t>(p.num_slots) * p.num_v_heads * kD;
+  const char* tma_env = std::getenv("FLASHDELTA_GDN_TMA_STATES");  // "0": 4-byte stores (A/B)
   if (states != nullptr && device_info().is_sm90 && rows > 0 && rows < (uint64_t{1} << 31) &&
+      !(tma_env != nullptr && std::strcmp(tma_env, "0") == 0) &&
       smem + state_tile_bytes<kRowGroups, kSplit>() <=
           static_cast<size_t>(device_info().max_smem_per_block_optin)) {
     const uint64_t dims[2] = {kD, rows};
