@@ -8,13 +8,16 @@ namespace flashdelta {
 
 constexpr int64_t kGdnChunkSize = 64;
 
-// Bytes of workspace the forward / backward need for these inputs (on their device); the
-// backward needs less when it is given the forward's `saved` (with_saved).
-size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in);
+// Bytes of workspace the forward / backward need for these inputs (on their device); both need
+// less when the forward writes `saved` and the backward is given it (with_saved): what the
+// forward keeps lives there instead.
+size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                      bool with_saved = false);
 size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
                                                        bool with_saved = false);
 // Bytes of the forward's optional `saved` output (gated_delta_rule.h): on CUDA the state entering
-// every chunk (bf16), which the backward then does not recompute; 0 on the CPU.
+// every chunk (bf16) and the intra-chunk products (W, U, M, T and the gates' cumsum), which the
+// backward then does not recompute; 0 on the CPU.
 size_t chunk_gated_delta_rule_saved_bytes(const GatedDeltaRuleInputs& in);
 
 void chunk_gated_delta_rule_forward(const GatedDeltaRuleInputs& in,

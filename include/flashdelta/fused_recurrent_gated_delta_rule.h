@@ -6,7 +6,8 @@
 
 namespace flashdelta {
 
-size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in);
+size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                                bool with_saved = false);
 size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
                                                                  bool with_saved = false);
 // 0: this op keeps nothing for its backward (its forward ignores `saved`).

@@ -20,6 +20,9 @@ struct GatedDeltaRuleBackend {
   size_t (*saved_bytes)(const GatedDeltaRuleShape&, const GatedDeltaRuleInputs&) = nullptr;
   size_t (*backward_workspace_bytes_with_saved)(const GatedDeltaRuleShape&,
                                                 const GatedDeltaRuleInputs&) = nullptr;
+  // Optional (nullptr: forward_workspace_bytes): the forward's workspace when it writes `saved`.
+  size_t (*forward_workspace_bytes_with_saved)(const GatedDeltaRuleShape&,
+                                               const GatedDeltaRuleInputs&) = nullptr;
 };
 
 enum class GatedDeltaRuleKind { kChunk, kFusedRecurrent };

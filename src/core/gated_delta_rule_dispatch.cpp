@@ -49,6 +49,15 @@ size_t backward_workspace(const GatedDeltaRuleBackend& b, const GatedDeltaRuleSh
              : b.backward_workspace_bytes(shape, in);
 }
 
+// The forward's workspace, smaller where what it keeps goes to `saved` instead.
+size_t forward_workspace(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& shape,
+                         const GatedDeltaRuleInputs& in, bool with_saved) {
+  return with_saved && saved_bytes(b, shape, in) > 0 &&
+                 b.forward_workspace_bytes_with_saved != nullptr
+             ? b.forward_workspace_bytes_with_saved(shape, in)
+             : b.forward_workspace_bytes(shape, in);
+}
+
 }  // namespace
 
 size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in,
@@ -57,7 +66,7 @@ size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDelt
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, backward);
   return backward ? backward_workspace(b, shape, in, with_saved)
-                  : b.forward_workspace_bytes(shape, in);
+                  : forward_workspace(b, shape, in, with_saved);
 }
 
 size_t gated_delta_rule_saved_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in) {
@@ -72,8 +81,15 @@ void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInput
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, false);
-  check_forward_outputs(shape, in, out, b.forward_workspace_bytes(shape, in),
-                        saved_bytes(b, shape, in), op_name(kind));
+  const size_t saved = saved_bytes(b, shape, in);
+  check_forward_outputs(shape, in, out, forward_workspace(b, shape, in, out.saved.defined()),
+                        saved, op_name(kind));
+  if (saved == 0 && out.saved.defined()) {  // nothing to keep: the backend ignores it
+    GatedDeltaRuleForwardOutputs without = out;
+    without.saved = TensorRef{};
+    b.forward(shape, in, without);
+    return;
+  }
   b.forward(shape, in, out);
 }
 
@@ -100,8 +116,10 @@ void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInpu
 
 using detail::GatedDeltaRuleKind;
 
-size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in) {
-  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, false);
+size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                      bool with_saved) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kChunk, in, false,
+                                                  with_saved);
 }
 size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
                                                        bool with_saved) {
@@ -121,8 +139,10 @@ void chunk_gated_delta_rule_backward(const GatedDeltaRuleInputs& in,
   detail::gated_delta_rule_backward(GatedDeltaRuleKind::kChunk, in, gin, gout);
 }
 
-size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in) {
-  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, false);
+size_t fused_recurrent_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs& in,
+                                                                bool with_saved) {
+  return detail::gated_delta_rule_workspace_bytes(GatedDeltaRuleKind::kFusedRecurrent, in, false,
+                                                  with_saved);
 }
 size_t fused_recurrent_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
                                                                  bool with_saved) {

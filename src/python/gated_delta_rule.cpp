@@ -1,7 +1,8 @@
 // Bindings of the gated delta rule ops (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule).
 //
 // For P in chunk_gated_delta_rule, fused_recurrent_gated_delta_rule:
-//   P_forward_workspace_bytes(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm)
+//   P_forward_workspace_bytes(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
+//                             with_saved=False) -> int
 //   P_backward_workspace_bytes(...the same 9 arguments..., with_saved=False) -> int
 //   P_saved_bytes(...the same 9 arguments...) -> int
 //   P_forward(q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm,
@@ -47,7 +48,7 @@ flashdelta::GatedDeltaRuleInputs make_inputs(const TensorConverter& convert, con
 }
 
 using WorkspaceFn = size_t (*)(const flashdelta::GatedDeltaRuleInputs&);
-using BackwardWorkspaceFn = size_t (*)(const flashdelta::GatedDeltaRuleInputs&, bool);
+using WorkspaceWithSavedFn = size_t (*)(const flashdelta::GatedDeltaRuleInputs&, bool);
 using ForwardFn = void (*)(const flashdelta::GatedDeltaRuleInputs&,
                            const flashdelta::GatedDeltaRuleForwardOutputs&);
 using BackwardFn = void (*)(const flashdelta::GatedDeltaRuleInputs&,
@@ -56,8 +57,8 @@ using BackwardFn = void (*)(const flashdelta::GatedDeltaRuleInputs&,
 
 struct GdrOp {
   const char* name;  // e.g. "chunk_gated_delta_rule"
-  WorkspaceFn forward_workspace_bytes;
-  BackwardWorkspaceFn backward_workspace_bytes;
+  WorkspaceWithSavedFn forward_workspace_bytes;
+  WorkspaceWithSavedFn backward_workspace_bytes;
   WorkspaceFn saved_bytes;
   ForwardFn forward;
   BackwardFn backward;
@@ -75,41 +76,43 @@ void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
   const std::string fwd = base + "_forward";
   const std::string bwd = base + "_backward";
 
+  m.def(
+      saved_name.c_str(),
+      [fn = op.saved_bytes, saved_name](InArray q, InArray k, InArray v, InArray g, InArray beta,
+                                        OptInArray initial_state, OptInArray cu_seqlens,
+                                        double scale, bool use_qk_l2norm) -> size_t {
+        const TensorConverter convert{saved_name.c_str()};
+        const auto in = make_inputs(
+            convert, {q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm}, 0);
+        nb::gil_scoped_release release;
+        return fn(in);
+      },
+      "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
+      "scale"_a, "use_qk_l2norm"_a,
+      "Bytes of the forward's optional `saved` output for these inputs (0: the op keeps nothing "
+      "for its backward on this device).");
   for (const auto& [fn_name, fn, doc] :
        {std::tuple{fwd_ws, op.forward_workspace_bytes,
-                   "Workspace bytes the forward needs for these inputs."},
-        std::tuple{saved_name, op.saved_bytes,
-                   "Bytes of the forward's optional `saved` output for these inputs (0: the op "
-                   "keeps nothing for its backward on this device)."}}) {
+                   "Workspace bytes the forward needs for these inputs (with_saved: when it "
+                   "writes `saved`)."},
+        std::tuple{bwd_ws, op.backward_workspace_bytes,
+                   "Workspace bytes the backward needs for these inputs (with_saved: when it is "
+                   "given the forward's `saved`)."}}) {
     m.def(
         fn_name.c_str(),
         [fn = fn, fn_name = fn_name](InArray q, InArray k, InArray v, InArray g, InArray beta,
                                      OptInArray initial_state, OptInArray cu_seqlens,
-                                     double scale, bool use_qk_l2norm) -> size_t {
+                                     double scale, bool use_qk_l2norm,
+                                     bool with_saved) -> size_t {
           const TensorConverter convert{fn_name.c_str()};
           const auto in = make_inputs(
               convert, {q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm}, 0);
           nb::gil_scoped_release release;
-          return fn(in);
+          return fn(in, with_saved);
         },
         "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
-        "scale"_a, "use_qk_l2norm"_a, doc);
+        "scale"_a, "use_qk_l2norm"_a, "with_saved"_a = false, doc);
   }
-  m.def(
-      bwd_ws.c_str(),
-      [fn = op.backward_workspace_bytes, bwd_ws](
-          InArray q, InArray k, InArray v, InArray g, InArray beta, OptInArray initial_state,
-          OptInArray cu_seqlens, double scale, bool use_qk_l2norm, bool with_saved) -> size_t {
-        const TensorConverter convert{bwd_ws.c_str()};
-        const auto in = make_inputs(
-            convert, {q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm}, 0);
-        nb::gil_scoped_release release;
-        return fn(in, with_saved);
-      },
-      "q"_a, "k"_a, "v"_a, "g"_a, "beta"_a, "initial_state"_a.none(), "cu_seqlens"_a.none(),
-      "scale"_a, "use_qk_l2norm"_a, "with_saved"_a = false,
-      "Workspace bytes the backward needs for these inputs (with_saved: when it is given the "
-      "forward's `saved`).");
 
   m.def(
       fwd.c_str(),
@@ -132,7 +135,8 @@ void bind_gated_delta_rule(nb::module_& m, const GdrOp& op) {
       "scale"_a, "use_qk_l2norm"_a, "o"_a, "final_state"_a.none(), "workspace"_a.none(),
       "stream"_a, "saved"_a.none() = nb::none(),
       "Forward: writes o (and final_state when given). workspace: uint8, at least "
-      "*_forward_workspace_bytes bytes (None when that is 0). saved (training, optional): uint8, "
+      "*_forward_workspace_bytes bytes (with_saved=True when saved is given; None when that is "
+      "0). saved (training, optional): uint8, "
       "*_saved_bytes bytes, for the backward of the same inputs.");
 
   m.def(

@@ -566,7 +566,9 @@ double reference_loss(const RefProblem& p, const std::vector<double>& w_o,
 
 const OpTable kChunkOp = {
     "chunk_gated_delta_rule",
-    flashdelta::chunk_gated_delta_rule_forward_workspace_bytes,
+    [](const GatedDeltaRuleInputs& in) {
+      return flashdelta::chunk_gated_delta_rule_forward_workspace_bytes(in);
+    },
     [](const GatedDeltaRuleInputs& in) {
       return flashdelta::chunk_gated_delta_rule_backward_workspace_bytes(in);
     },
@@ -576,7 +578,9 @@ const OpTable kChunkOp = {
 
 const OpTable kFusedRecurrentOp = {
     "fused_recurrent_gated_delta_rule",
-    flashdelta::fused_recurrent_gated_delta_rule_forward_workspace_bytes,
+    [](const GatedDeltaRuleInputs& in) {
+      return flashdelta::fused_recurrent_gated_delta_rule_forward_workspace_bytes(in);
+    },
     [](const GatedDeltaRuleInputs& in) {
       return flashdelta::fused_recurrent_gated_delta_rule_backward_workspace_bytes(in);
     },

@@ -643,6 +643,31 @@ def test_kept_states_sizes_and_ops(cu):
     with pytest.raises(ValueError, match="saved"):
         bwd(*args, cu_t, 0.5, True, d_o, d_s, saved[: nbytes // 2])
 
+    # What the forward keeps (the chunk states and phase 1's products) is what both directions'
+    # workspaces need no more: the sums agree. The smaller forward workspace is enough with
+    # `saved` and a ValueError without it.
+    C = load_extension()
+    ws = {(d, w): getattr(C, f"chunk_gated_delta_rule_{d}_workspace_bytes")(*args, cu_t, 0.5,
+                                                                            True, w)
+          for d in ("forward", "backward") for w in (False, True)}
+    assert ws["backward", False] == ws["backward", True] + nbytes
+    assert 0 < ws["forward", True] < ws["forward", False] < nbytes
+    o_out, s_out = torch.empty_like(o), torch.empty_like(s)
+    kept_again = torch.empty_like(saved)
+    small_ws = torch.empty(ws["forward", True], dtype=torch.uint8, device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    with pytest.raises(ValueError, match="workspace"):
+        C.chunk_gated_delta_rule_forward(*args, cu_t, 0.5, True, o_out, s_out, small_ws, stream)
+    C.chunk_gated_delta_rule_forward(*args, cu_t, 0.5, True, o_out, s_out, small_ws, stream,
+                                     kept_again)
+    assert torch.equal(o_out, o) and torch.equal(s_out, s)
+    # The backward reads the kept products: spoil the second half of `saved` (past the states,
+    # which take 40% of it) and the gradients change.
+    spoiled = saved.clone()
+    spoiled[nbytes // 2:] = 0x7f  # bf16 0x7f7f: 3.4e38
+    assert not all(torch.equal(a, b) for a, b in
+                   zip(with_kept, bwd(*args, cu_t, 0.5, True, d_o, d_s, spoiled)))
+
 
 @needs_backward
 def test_keep_states_switch_rejects_unknown_values(monkeypatch):

@@ -20,8 +20,9 @@ op returns a 0-element tensor as its gradient. `GatedDeltaRuleOps.apply` maps th
 
 Training: when autograd will need the backward, `apply` asks the forward op to keep what the
 backward would otherwise recompute (`save_states`: the chunked op keeps the state entering every
-chunk, bf16 on CUDA, fp32 / fp64 on the CPU, and its backward skips the replay of the
-recurrence). The forward op then
+chunk, bf16 on CUDA, fp32 / fp64 on the CPU, and on CUDA the intra-chunk products W, U, M, T and
+the gates' cumsum; its backward skips the replay of the recurrence and, on CUDA, all of the
+intra-chunk phase but the gated K and Q). The forward op then
 returns it as a third, uint8 output (0 elements where nothing is kept), which autograd hands to
 the backward op. FLASHDELTA_GDN_KEEP_STATES=0 turns this off (recompute: less memory between the
 forward and the backward, more time).
@@ -394,23 +395,27 @@ def _align(nbytes: int) -> int:
 
 
 def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) -> int:
-    """Bytes of the forward's kept states (what _C's {kind}_gated_delta_rule_saved_bytes
-    returns, from shapes alone, for the fake implementation): the chunked op keeps the state
-    entering each 64-token chunk slot, on CUDA S^T in bf16 [slots, HV, 128, 128], on the CPU
-    [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The recurrent op
-    keeps nothing."""
+    """Bytes of what the forward keeps for the backward (what _C's
+    {kind}_gated_delta_rule_saved_bytes returns, from shapes alone, for the fake implementation).
+    The chunked op on CUDA keeps, per 64-token chunk slot and value head, the state entering the
+    chunk (S^T, bf16 [128, 128]) and phase 1's products: W and U (bf16 [64, 128]), M and T (bf16
+    [64, 64]) and the gates' cumsum (fp32 [64]), each array 256-byte aligned; on the CPU the
+    states alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
+    recurrent op keeps nothing."""
     if kind != "chunk":
         return 0
     B, T, HV = q.shape[0], q.shape[1], v.shape[2]
     slots = (T // 64 + cu_seqlens.shape[0] - 1) if cu_seqlens is not None else B * -(-T // 64)
+    blocks = slots * HV
     if q.device.type == "cuda":
-        return _align(slots * HV * 128 * 128 * 2)
-    return slots * HV * q.shape[3] * v.shape[3] * (8 if q.dtype == torch.float64 else 4)
+        return (_align(blocks * 128 * 128 * 2) + 2 * _align(blocks * 64 * 128 * 2)
+                + 2 * _align(blocks * 64 * 64 * 2) + _align(blocks * 64 * 4))
+    return blocks * q.shape[3] * v.shape[3] * (8 if q.dtype == torch.float64 else 4)
 
 
 def keep_states() -> bool:
-    """FLASHDELTA_GDN_KEEP_STATES: 1 (default) keeps the forward's states for the backward, 0
-    recomputes them."""
+    """FLASHDELTA_GDN_KEEP_STATES: 1 (default) keeps the forward's states (and on CUDA its
+    intra-chunk products) for the backward, 0 recomputes them."""
     value = os.environ.get("FLASHDELTA_GDN_KEEP_STATES", "1").strip()
     if value not in ("0", "1", ""):
         raise ValueError(f"FLASHDELTA_GDN_KEEP_STATES must be 0 or 1, got {value!r}")
@@ -461,8 +466,9 @@ def define_ops(kind: str) -> GatedDeltaRuleOps:
                 output_final_state, save_states=False):
         o, final_state = _empty_forward_outputs(q, v, cu_seqlens, output_final_state)
         args = (*_detached(q, k, v, g, beta, initial_state, cu_seqlens), scale, use_qk_l2norm)
-        workspace = _workspace(entry("forward_workspace_bytes")(*args), q.device)
         saved = _workspace(entry("saved_bytes")(*args) if save_states else 0, q.device)
+        workspace = _workspace(
+            entry("forward_workspace_bytes")(*args, saved.numel() > 0), q.device)
         entry("forward")(
             *args, o, final_state if output_final_state else None, workspace, _stream(q.device),
             saved if saved.numel() else None,

@@ -73,7 +73,7 @@ struct Workspace {
   bf16* qe;      // diag(e^gamma) Q (normalised, scaled)
   bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
-  bf16* t;       // T = (I + A)^-1, backward only (else null) [num_slots, HV, 64, 64]
+  bf16* t;       // T = (I + A)^-1, where wanted (else null)  [num_slots, HV, 64, 64]
 };
 
 // What the backward adds (launch.cu, above backward(), has the whole picture). Chunk states are
@@ -109,13 +109,16 @@ struct ChunkParams {
   float scale;
   bool l2norm;
   Workspace ws;
+  // intra.cu writes KR and Qe per value head (the backward's) rather than the normalised K and Q
+  // per key head in their space (the forward's state pass gates them in registers).
+  bool gated_kq;
   // forward
   const float* initial_state;  // [N, HV, K, V] or nullptr (zeros)
   float* final_state;          // or nullptr (not written)
   void* o;                     // or nullptr: the backward's replay writes no output
   int64_t h0_s[4], ht_s[4], o_s[4];
   // The forward's `saved` (training): S^T entering each chunk, as bwd.states, for the backward;
-  // nullptr: not kept.
+  // nullptr: not kept. (W, U, M, gamma and T are kept too: ws points into `saved` then.)
   bf16* saved_states;
   BackwardParams bwd;          // zero in the forward
 };

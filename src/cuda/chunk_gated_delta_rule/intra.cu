@@ -17,11 +17,14 @@
 // Products take bf16 operands and accumulate in fp32; results are packed to bf16 from the
 // accumulators and leave through a warp-private staging tile as 16-byte stores. Only the lower
 // triangle is computed: warp w needs columns < 16 (w + 1) of K K^T, Q K^T and T.
-// Writes W, U, M (bf16), gamma (fp32) to the workspace; for the backward (p.ws.t set) also T,
-// KR and Qe (bf16), in the layouts of common.cuh's Workspace; for the forward, instead of KR and
-// Qe, the normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
+// Writes W, U, M (bf16), gamma (fp32) to the workspace, T (bf16) where p.ws.t is set (the
+// backward, and a training forward that keeps it for the backward), in the layouts of common.cuh's
+// Workspace; and KR and Qe (bf16) for the backward (p.gated_kq), or for the forward, instead, the
+// normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
 // ([num_slots, H, 64, 128], ws_key_index), written by the key head's first value head: the
 // state pass scales by the gates in registers.
+// kGatesOnly (launch_intra_gates): KR and Qe alone, for the backward of a forward that kept W,
+// U, M, gamma and T. Same loads and arithmetic, so the same bits as the whole kernel's.
 //
 // Why a block per value head (v4; v3 had one per key head looping over its value heads): the
 // kernel is latency-bound (the inverse's dependent chains, the loads, the barriers), not
@@ -229,7 +232,7 @@ __device__ __forceinline__ void scale_row8(const bf16* src, float mul, bf16* dst
   *reinterpret_cast<uint4*>(dst) = out;
 }
 
-template <typename T>
+template <typename T, bool kGatesOnly>
 __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   IntraSmem& sm = *reinterpret_cast<IntraSmem*>(smem_raw);
@@ -246,7 +249,7 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   bf16* const qn = reinterpret_cast<bf16*>(sm.qa);
   float* const a_tile = reinterpret_cast<float*>(sm.qa);
 
-  const bool v_async = v_is_async<T>(p);
+  const bool v_async = !kGatesOnly && v_is_async<T>(p);
   if (v_async) {  // v is in flight while q and k are loaded and multiplied
     load_v_async(p, ch, hv, sm.v);
     cp_async_commit();
@@ -255,10 +258,22 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
             p.l2norm, 1.f, sm.kn);
   load_rows(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
             p.l2norm, p.scale, qn);
-  if (!v_async)
+  if (!kGatesOnly && !v_async)
     load_rows(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, p.head_v_dim, false,
               1.f, sm.v);
   load_gates(p, ch, hv, sm.gamma, sm.beta);
+  if (kGatesOnly) {
+    __syncthreads();  // k, q, gates
+    const size_t base = ws_index(p, slot, hv, kC * kD);
+    const float last = sm.gamma[kC - 1];
+    for (int e = threadIdx.x; e < kC * kD / 8; e += kThreads) {
+      const int r = e >> 4, c = (e & 15) * 8;
+      const float gr = sm.gamma[r];
+      scale_row8(sm.kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
+      scale_row8(qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
+    }
+    return;
+  }
   if (threadIdx.x < 32) {  // the lanes of load_gates, reading back what each wrote
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -293,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   // itself (state.cu). The backward gets KR and Qe per value head, which its reverse pass
   // reads. Each warp reads its own rows of q here, before its A overwrites them.
   const size_t base = ws_index(p, slot, hv, kC * kD);
-  if (p.ws.t == nullptr) {
+  if (!p.gated_kq) {
     if (hv % p.group == 0) {
       const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
 #pragma unroll
@@ -354,7 +369,7 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   // T = (I + A)^-1; its last barrier also frees A's space for the staging tiles.
   invert_unit_lower_by_warps(a_tile, sm.tf, sm.x);
 
-  if (p.ws.t) {  // the backward reuses T, bf16 as the products take it; zero above the diagonal
+  if (p.ws.t) {  // the backward uses T, bf16 as the products take it; zero above the diagonal
     bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
     for (int e = threadIdx.x; e < kC * kC / 8; e += kThreads) {
       const int r = e >> 3, c = (e & 7) * 8;
@@ -410,31 +425,38 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
     p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
 }
 
-template <typename T>
+template <typename T, bool kGatesOnly>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(IntraSmem);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+  auto* kernel = intra_kernel<T, kGatesOnly>;
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
   // Three blocks per SM need all of the unified L1 as shared memory: ask for it, rather than
   // leave the split to the driver's heuristic.
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel,
                                              cudaFuncAttributePreferredSharedMemoryCarveout,
                                              cudaSharedmemCarveoutMaxShared));
   const int64_t blocks = p.num_slots * p.num_v_heads;
   check_value(blocks <= 0x7fffffff, "chunk_gated_delta_rule: too many chunks x value heads");
-  intra_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <bool kGatesOnly>
+void launch_for_dtype(const ChunkParams& p, cudaStream_t stream) {
+  switch (p.dtype) {
+    case DType::kFloat32: launch<float, kGatesOnly>(p, stream); break;
+    case DType::kFloat16: launch<__half, kGatesOnly>(p, stream); break;
+    default: launch<bf16, kGatesOnly>(p, stream); break;
+  }
 }
 
 }  // namespace
 
-void launch_intra(const ChunkParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: launch<float>(p, stream); break;
-    case DType::kFloat16: launch<__half>(p, stream); break;
-    default: launch<bf16>(p, stream); break;
-  }
+void launch_intra(const ChunkParams& p, cudaStream_t stream) { launch_for_dtype<false>(p, stream); }
+
+void launch_intra_gates(const ChunkParams& p, cudaStream_t stream) {
+  launch_for_dtype<true>(p, stream);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk

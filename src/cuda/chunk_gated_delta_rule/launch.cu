@@ -21,24 +21,30 @@ int64_t num_slots(const GatedDeltaRuleShape& s) {
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
-// Byte sizes of the workspace tensors (in Workspace's order; then the backward's own, zero in
-// the forward).
+// Byte sizes of the tensors between the phases (in Workspace's order; then the backward's own).
+// Where they live:
+//   kept by a training forward (`saved`)   states, W, U, M, gamma, T   (what the backward reads
+//                                                                      and would recompute)
+//   workspace of that forward              KR, Qe (there: K and Q per key head, for the state pass)
+//   workspace of its backward              KR, Qe (per value head), dstates
+// and without `saved` each direction's workspace holds all it uses (the forward: no T, no states).
 struct WorkspaceLayout {
-  size_t w, u, kr, qe, m, gamma;
-  size_t t = 0, states = 0, dstates = 0;
-  size_t total() const { return w + u + kr + qe + m + gamma + t + states + dstates; }
+  size_t w, u, kr, qe, m, gamma, t, states, dstates;
+
+  size_t kept() const { return states + w + u + m + gamma + t; }
+  size_t forward() const { return w + u + kr + qe + m + gamma; }
+  size_t forward_with_saved() const { return kr + qe; }
+  size_t backward() const { return kept() + kr + qe + dstates; }
+  size_t backward_with_saved() const { return kr + qe + dstates; }
 };
 
-WorkspaceLayout layout(const GatedDeltaRuleShape& s, bool backward) {
+WorkspaceLayout layout(const GatedDeltaRuleShape& s) {
   const size_t blocks = static_cast<size_t>(num_slots(s)) * s.num_v_heads;
   const size_t chunk_tile = align_up(blocks * kC * kD * sizeof(bf16));
-  WorkspaceLayout l{chunk_tile, chunk_tile, chunk_tile, chunk_tile,
-                    align_up(blocks * kC * kC * sizeof(bf16)), align_up(blocks * kC * sizeof(float))};
-  if (backward) {
-    l.t = l.m;
-    l.states = l.dstates = align_up(blocks * kD * kD * sizeof(bf16));
-  }
-  return l;
+  const size_t chunk_square = align_up(blocks * kC * kC * sizeof(bf16));
+  const size_t state = align_up(blocks * kD * kD * sizeof(bf16));
+  return {chunk_tile, chunk_tile, chunk_tile, chunk_tile, chunk_square,
+          align_up(blocks * kC * sizeof(float)), chunk_square, state, state};
 }
 
 void check_supported(const GatedDeltaRuleShape& s) {
@@ -52,36 +58,42 @@ void check_supported(const GatedDeltaRuleShape& s) {
 
 size_t forward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
   check_supported(s);
-  return layout(s, false).total();
+  return layout(s).forward();
 }
 
 size_t backward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
   check_supported(s);
-  return layout(s, true).total();
+  return layout(s).backward();
 }
 
-// A training forward keeps the states entering every chunk (bf16, the backward's layout); the
-// backward given them skips its replay and carves no states of its own.
+// A training forward keeps the states entering every chunk (bf16, the backward's layout) and its
+// intra-chunk products with T; the backward given them skips its replay and all of phase 1 but
+// KR and Qe (launch_intra_gates).
 size_t saved_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
   check_supported(s);
-  return layout(s, true).states;
+  return layout(s).kept();
+}
+
+size_t forward_workspace_bytes_with_saved(const GatedDeltaRuleShape& s,
+                                          const GatedDeltaRuleInputs&) {
+  check_supported(s);
+  return layout(s).forward_with_saved();
 }
 
 size_t backward_workspace_bytes_with_saved(const GatedDeltaRuleShape& s,
                                            const GatedDeltaRuleInputs&) {
   check_supported(s);
-  WorkspaceLayout l = layout(s, true);
-  l.states = 0;
-  return l.total();
+  return layout(s).backward_with_saved();
 }
 
 void copy_strides(const TensorRef& t, int64_t* dst) {
   for (int d = 0; d < t.rank; ++d) dst[d] = t.strides[d];
 }
 
-// `saved_states`: the forward's kept states, which the backward's workspace then has no room for.
+// `saved`: what a training forward keeps (WorkspaceLayout::kept), written by the forward and read
+// by the backward; the workspace then holds only the rest.
 ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
-                        void* workspace, bool backward, bf16* saved_states = nullptr) {
+                        void* workspace, bool backward, void* saved = nullptr) {
   ChunkParams p{};
   p.q = in.q.data, p.k = in.k.data, p.v = in.v.data, p.g = in.g.data, p.beta = in.beta.data;
   p.dtype = in.q.dtype, p.g_dtype = in.g.dtype, p.beta_dtype = in.beta.dtype;
@@ -100,25 +112,34 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.scale = static_cast<float>(s.scale);
   p.l2norm = in.use_qk_l2norm;
 
-  WorkspaceLayout l = layout(s, backward);
-  if (saved_states != nullptr) l.states = 0;
-  auto* base = static_cast<unsigned char*>(workspace);
-  size_t off = 0;
-  auto take = [&](size_t bytes) {
-    void* ptr = base + off;
-    off += bytes;
-    return ptr;
+  const WorkspaceLayout l = layout(s);
+  // Carves consecutive tensors out of one buffer.
+  struct Carver {
+    unsigned char* next;
+    void* take(size_t bytes) {
+      void* ptr = next;
+      next += bytes;
+      return ptr;
+    }
   };
-  p.ws.w = static_cast<bf16*>(take(l.w));
-  p.ws.u = static_cast<bf16*>(take(l.u));
-  p.ws.kr = static_cast<bf16*>(take(l.kr));
-  p.ws.qe = static_cast<bf16*>(take(l.qe));
-  p.ws.m = static_cast<bf16*>(take(l.m));
-  p.ws.gamma = static_cast<float*>(take(l.gamma));
+  Carver ws{static_cast<unsigned char*>(workspace)};
+  Carver kept{static_cast<unsigned char*>(saved)};
+  Carver& k = saved != nullptr ? kept : ws;  // where the kept tensors go
+  bf16* states = nullptr;
+  if (saved != nullptr || backward) states = static_cast<bf16*>(k.take(l.states));
+  p.ws.w = static_cast<bf16*>(k.take(l.w));
+  p.ws.u = static_cast<bf16*>(k.take(l.u));
+  p.ws.m = static_cast<bf16*>(k.take(l.m));
+  p.ws.gamma = static_cast<float*>(k.take(l.gamma));
+  if (saved != nullptr || backward) p.ws.t = static_cast<bf16*>(k.take(l.t));
+  p.ws.kr = static_cast<bf16*>(ws.take(l.kr));
+  p.ws.qe = static_cast<bf16*>(ws.take(l.qe));
+  p.gated_kq = backward;
   if (backward) {
-    p.ws.t = static_cast<bf16*>(take(l.t));
-    p.bwd.states = saved_states != nullptr ? saved_states : static_cast<bf16*>(take(l.states));
-    p.bwd.dstates = static_cast<bf16*>(take(l.dstates));
+    p.bwd.states = states;
+    p.bwd.dstates = static_cast<bf16*>(ws.take(l.dstates));
+  } else {
+    p.saved_states = states;
   }
   return p;
 }
@@ -128,12 +149,12 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   check_supported(s);
   check_value(s.num_seqs <= 0x7fffffff, "chunk_gated_delta_rule: too many sequences");
   if (s.num_seqs == 0) return;
-  ChunkParams p = make_params(s, in, out.workspace.data, false);
+  ChunkParams p = make_params(s, in, out.workspace.data, false,
+                              out.saved.defined() ? out.saved.data : nullptr);
   p.initial_state = in.initial_state.defined() ? static_cast<const float*>(in.initial_state.data)
                                                : nullptr;
   p.final_state = out.final_state.defined() ? static_cast<float*>(out.final_state.data) : nullptr;
   p.o = out.o.data;
-  p.saved_states = out.saved.defined() ? static_cast<bf16*>(out.saved.data) : nullptr;
   if (in.initial_state.defined()) copy_strides(in.initial_state, p.h0_s);
   if (out.final_state.defined()) copy_strides(out.final_state, p.ht_s);
   copy_strides(out.o, p.o_s);
@@ -149,9 +170,11 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 // The backward, four launches on the caller's stream (the CPU kernel's derivation, split by what
 // parallelises):
 //   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
+//                                               (KR and Qe alone when the forward kept the rest:
+//                                               grad_in.saved)
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16), writes no output (skipped when the
-//                                               forward kept them: grad_in.saved)
+//                                               forward kept them)
 //   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k and the
 //                                               tokens split in halves or quarters over the
 //                                               warps of a row group); stores dS'^T leaving
@@ -164,7 +187,8 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 // state (replay, per 64-column tile) ~1 M and 40 KB read + 16 KB of state written, dstate (per
 // tile) ~1.6 M and 48 KB read + 16 KB written, grads ~11.5 M and ~130 KB read per value head.
 // The states (2 x 32 KB per chunk and head in bf16) dominate the workspace: storing them for
-// every other chunk is the next saving.
+// every other chunk is the next saving. A training forward keeps the states and phase 1's
+// products (saved_bytes): the backward then runs phase 1's gated K and Q, dstate and grads.
 void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
               const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
   check_supported(s);
@@ -173,7 +197,7 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
     fail(Error::Kind::kType, "chunk_gated_delta_rule: d_o must be float32, float16 or bfloat16 "
                              "for the CUDA kernels, got float64");
   if (s.num_seqs == 0) return;
-  bf16* const saved = gin.saved.defined() ? static_cast<bf16*>(gin.saved.data) : nullptr;
+  void* const saved = gin.saved.defined() ? gin.saved.data : nullptr;
   ChunkParams p = make_params(s, in, gout.workspace.data, true, saved);
   p.initial_state = in.initial_state.defined() ? static_cast<const float*>(in.initial_state.data)
                                                : nullptr;
@@ -203,8 +227,12 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   chunk::check_grads_device();  // before any launch
   chunk::check_state_switches();
   chunk::check_dstate_switches();
-  if (p.num_slots > 0) chunk::launch_intra(p, stream);
-  if (saved == nullptr) chunk::launch_state(p, stream);  // else the forward kept the states
+  if (saved == nullptr) {
+    if (p.num_slots > 0) chunk::launch_intra(p, stream);
+    chunk::launch_state(p, stream);
+  } else if (p.num_slots > 0) {  // the forward kept the states and phase 1's products
+    chunk::launch_intra_gates(p, stream);
+  }
   chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences
   if (p.num_slots > 0) chunk::launch_grads(p, stream);
 }
@@ -213,6 +241,6 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
 const GatedDeltaRuleBackend kChunkGatedDeltaRule = {
     forward_workspace_bytes, backward_workspace_bytes, forward, backward, saved_bytes,
-    backward_workspace_bytes_with_saved};
+    backward_workspace_bytes_with_saved, forward_workspace_bytes_with_saved};
 
 }  // namespace flashdelta::detail::cuda
