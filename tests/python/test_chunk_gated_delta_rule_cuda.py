@@ -578,8 +578,9 @@ def test_backward_opcheck():
         dict(B=2, T=200, H=2, HV=4, K=128, V=128),
         dict(B=1, T=300, H=1, HV=2, K=48, V=40, cu_seqlens=[0, 0, 1, 64, 65, 200, 300]),
         dict(B=1, T=190, H=2, HV=8, K=64, V=128, gate="mild"),
+        dict(B=2, T=130, H=1, HV=10, K=64, V=64),
     ],
-    ids=["qwen", "varlen-odd-dims", "group4-mild"],
+    ids=["qwen", "varlen-odd-dims", "group4-mild", "group10"],
 )
 def test_backward_with_kept_states(monkeypatch, case):
     """A training forward keeps the state entering every chunk and the backward skips its replay

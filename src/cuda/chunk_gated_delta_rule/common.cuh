@@ -251,10 +251,10 @@ __device__ __forceinline__ void copy_in_async(const bf16* src, int ld_src, int r
 }
 
 // gamma (cumsum of g, floored), beta of one chunk into shared memory; zero past len. Warp 0.
-__device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int hv, float* gamma,
-                                  float* beta) {
-  if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x;
+// gamma = cumsum(g) and beta of value head hv over the chunk's 64 tokens, by the 32 lanes of one
+// warp (load_gates: warp 0 of the block).
+__device__ inline void load_gates_by_warp(const ChunkParams& p, const ChunkRef& ch, int hv,
+                                          float* gamma, float* beta, int lane) {
   const int64_t gb = ch.batch * p.g_s[0] + ch.t0 * p.g_s[1] + hv * p.g_s[2];
   const int64_t bb = ch.batch * p.beta_s[0] + ch.t0 * p.beta_s[1] + hv * p.beta_s[2];
   float g[2], b[2];
@@ -282,6 +282,11 @@ __device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int 
   gamma[lane * 2 + 1] = run;
   beta[lane * 2] = b[0];
   beta[lane * 2 + 1] = b[1];
+}
+
+__device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int hv, float* gamma,
+                                  float* beta) {
+  if (threadIdx.x < 32) load_gates_by_warp(p, ch, hv, gamma, beta, threadIdx.x);
 }
 
 // ---------------------------------------------------------------------------------- tiles

@@ -23,8 +23,9 @@
 // normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
 // ([num_slots, H, 64, 128], ws_key_index), written by the key head's first value head: the
 // state pass scales by the gates in registers.
-// kGatesOnly (launch_intra_gates): KR and Qe alone, for the backward of a forward that kept W,
-// U, M, gamma and T. Same loads and arithmetic, so the same bits as the whole kernel's.
+// gates_kernel (launch_intra_gates): KR and Qe alone, for the backward of a forward that kept W,
+// U, M, gamma and T; a block per (slot, key head), its value heads in turn (q and k loaded and
+// normalised once). The same loads and arithmetic as intra_kernel's, so the same bits.
 //
 // Why a block per value head (v4; v3 had one per key head looping over its value heads): the
 // kernel is latency-bound (the inverse's dependent chains, the loads, the barriers), not
@@ -232,7 +233,23 @@ __device__ __forceinline__ void scale_row8(const bf16* src, float mul, bf16* dst
   *reinterpret_cast<uint4*>(dst) = out;
 }
 
-template <typename T, bool kGatesOnly>
+// KR = diag(exp(gamma_last - gamma)) K and Qe = diag(e^gamma) Q of one value head, from the
+// normalised bf16 tiles kn and qn (row stride kLdD): 16-byte chunks e = first, first + stride,
+// ... below end of the tile's 64 x 16 (chunk e: row e / 16, columns 8 (e % 16) ..).
+__device__ __forceinline__ void store_gated_kq(const ChunkParams& p, int64_t slot, int hv,
+                                               const bf16* kn, const bf16* qn, const float* gamma,
+                                               int first, int end, int stride) {
+  const size_t base = ws_index(p, slot, hv, kC * kD);
+  const float last = gamma[kC - 1];
+  for (int e = first; e < end; e += stride) {
+    const int r = e >> 4, c = (e & 15) * 8;
+    const float gr = gamma[r];
+    scale_row8(kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
+    scale_row8(qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
+  }
+}
+
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   IntraSmem& sm = *reinterpret_cast<IntraSmem*>(smem_raw);
@@ -249,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   bf16* const qn = reinterpret_cast<bf16*>(sm.qa);
   float* const a_tile = reinterpret_cast<float*>(sm.qa);
 
-  const bool v_async = !kGatesOnly && v_is_async<T>(p);
+  const bool v_async = v_is_async<T>(p);
   if (v_async) {  // v is in flight while q and k are loaded and multiplied
     load_v_async(p, ch, hv, sm.v);
     cp_async_commit();
@@ -258,22 +275,10 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
             p.l2norm, 1.f, sm.kn);
   load_rows(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
             p.l2norm, p.scale, qn);
-  if (!kGatesOnly && !v_async)
+  if (!v_async)
     load_rows(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, p.head_v_dim, false,
               1.f, sm.v);
   load_gates(p, ch, hv, sm.gamma, sm.beta);
-  if (kGatesOnly) {
-    __syncthreads();  // k, q, gates
-    const size_t base = ws_index(p, slot, hv, kC * kD);
-    const float last = sm.gamma[kC - 1];
-    for (int e = threadIdx.x; e < kC * kD / 8; e += kThreads) {
-      const int r = e >> 4, c = (e & 15) * 8;
-      const float gr = sm.gamma[r];
-      scale_row8(sm.kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
-      scale_row8(qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
-    }
-    return;
-  }
   if (threadIdx.x < 32) {  // the lanes of load_gates, reading back what each wrote
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
@@ -320,15 +325,8 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
             *reinterpret_cast<const uint4*>(qn + r * kLdD + c);
       }
     }
-  } else {
-    const float last = sm.gamma[kC - 1];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
-      const float gr = sm.gamma[r];
-      scale_row8(sm.kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
-      scale_row8(qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
-    }
+  } else {  // this warp's 16 rows
+    store_gated_kq(p, slot, hv, sm.kn, qn, sm.gamma, 16 * r0 + lane, 16 * (r0 + 16), 32);
   }
   // The warp's lanes have read their rows of q (ldmatrix, the copies above): A may overwrite
   // them. No other warp touches these rows until the inverse's first barrier.
@@ -425,10 +423,55 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
     p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
 }
 
-template <typename T, bool kGatesOnly>
+// The backward's KR and Qe when the forward kept the rest: per (slot, key head) q and k loaded
+// and normalised as intra_kernel does, then each value head's gates and gated rows. 35 KB of
+// shared memory plus the gates (6 blocks an SM), against intra_kernel's 73 KB.
+struct GatesSmem {
+  bf16 kn[kC * kLdD];
+  bf16 qn[kC * kLdD];
+  float gamma[kWarps][kC], beta[kWarps][kC];  // value heads j, j + kWarps, ... of the group
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gates_kernel(const ChunkParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  GatesSmem& sm = *reinterpret_cast<GatesSmem*>(smem_raw);
+  const int64_t slot = blockIdx.x / p.num_heads;
+  const int hk = static_cast<int>(blockIdx.x % p.num_heads);
+  const ChunkRef ch = chunk_of_slot(p, slot);
+  if (ch.len == 0) return;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  load_rows(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
+            p.l2norm, 1.f, sm.kn);
+  load_rows(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
+            p.l2norm, p.scale, sm.qn);
+  for (int j0 = 0; j0 < p.group; j0 += kWarps) {  // kWarps value heads at a time
+    if (j0 > 0) __syncthreads();                  // the previous heads' gates are read
+    if (j0 + warp < p.group)
+      load_gates_by_warp(p, ch, hk * p.group + j0 + warp, sm.gamma[warp], sm.beta[warp], lane);
+    __syncthreads();  // q, k (first round), the gates
+    for (int j = 0; j < kWarps && j0 + j < p.group; ++j)
+      store_gated_kq(p, slot, hk * p.group + j0 + j, sm.kn, sm.qn, sm.gamma[j], threadIdx.x,
+                     kC * kD / 8, kThreads);
+  }
+}
+
+template <typename T>
+void launch_gates(const ChunkParams& p, cudaStream_t stream) {
+  const size_t smem = sizeof(GatesSmem);
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(gates_kernel<T>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+  const int64_t blocks = p.num_slots * p.num_heads;
+  check_value(blocks <= 0x7fffffff, "chunk_gated_delta_rule: too many chunks x key heads");
+  gates_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(IntraSmem);
-  auto* kernel = intra_kernel<T, kGatesOnly>;
+  auto* kernel = intra_kernel<T>;
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
   // Three blocks per SM need all of the unified L1 as shared memory: ask for it, rather than
@@ -442,21 +485,22 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
-template <bool kGatesOnly>
-void launch_for_dtype(const ChunkParams& p, cudaStream_t stream) {
+}  // namespace
+
+void launch_intra(const ChunkParams& p, cudaStream_t stream) {
   switch (p.dtype) {
-    case DType::kFloat32: launch<float, kGatesOnly>(p, stream); break;
-    case DType::kFloat16: launch<__half, kGatesOnly>(p, stream); break;
-    default: launch<bf16, kGatesOnly>(p, stream); break;
+    case DType::kFloat32: launch<float>(p, stream); break;
+    case DType::kFloat16: launch<__half>(p, stream); break;
+    default: launch<bf16>(p, stream); break;
   }
 }
 
-}  // namespace
-
-void launch_intra(const ChunkParams& p, cudaStream_t stream) { launch_for_dtype<false>(p, stream); }
-
 void launch_intra_gates(const ChunkParams& p, cudaStream_t stream) {
-  launch_for_dtype<true>(p, stream);
+  switch (p.dtype) {
+    case DType::kFloat32: launch_gates<float>(p, stream); break;
+    case DType::kFloat16: launch_gates<__half>(p, stream); break;
+    default: launch_gates<bf16>(p, stream); break;
+  }
 }
 
 }  // namespace flashdelta::detail::cuda::chunk
