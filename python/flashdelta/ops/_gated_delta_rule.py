@@ -20,9 +20,9 @@ op returns a 0-element tensor as its gradient. `GatedDeltaRuleOps.apply` maps th
 
 Training: when autograd will need the backward, `apply` asks the forward op to keep what the
 backward would otherwise recompute (`save_states`: the chunked op keeps the state entering every
-chunk, bf16 on CUDA, fp32 / fp64 on the CPU, and on CUDA the intra-chunk products W, U, M, T and
-the gates' cumsum; its backward skips the replay of the recurrence and, on CUDA, all of the
-intra-chunk phase but the gated K and Q). The forward op then
+chunk, bf16 on CUDA, fp32 / fp64 on the CPU, and on CUDA the intra-chunk products W, U, M, T,
+the gates' cumsum and the normalised K and Q; its backward skips the replay of the recurrence
+and, on CUDA, the intra-chunk phase: the same bits as recomputing them). The forward op then
 returns it as a third, uint8 output (0 elements where nothing is kept), which autograd hands to
 the backward op. FLASHDELTA_GDN_KEEP_STATES=0 turns this off (recompute: less memory between the
 forward and the backward, more time).
@@ -399,7 +399,8 @@ def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) 
     {kind}_gated_delta_rule_saved_bytes returns, from shapes alone, for the fake implementation).
     The chunked op on CUDA keeps, per 64-token chunk slot and value head, the state entering the
     chunk (S^T, bf16 [128, 128]) and phase 1's products: W and U (bf16 [64, 128]), M and T (bf16
-    [64, 64]) and the gates' cumsum (fp32 [64]), each array 256-byte aligned; on the CPU the
+    [64, 64]) and the gates' cumsum (fp32 [64]); and per slot and key head the normalised K and Q
+    (bf16 [64, 128]); each array 256-byte aligned. On the CPU the
     states alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
     recurrent op keeps nothing."""
     if kind != "chunk":
@@ -409,7 +410,8 @@ def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) 
     blocks = slots * HV
     if q.device.type == "cuda":
         return (_align(blocks * 128 * 128 * 2) + 2 * _align(blocks * 64 * 128 * 2)
-                + 2 * _align(blocks * 64 * 64 * 2) + _align(blocks * 64 * 4))
+                + 2 * _align(blocks * 64 * 64 * 2) + _align(blocks * 64 * 4)
+                + 2 * _align(slots * q.shape[2] * 64 * 128 * 2))
     return blocks * q.shape[3] * v.shape[3] * (8 if q.dtype == torch.float64 else 4)
 
 

@@ -69,8 +69,8 @@ constexpr float kMinLogDecay = -1e4f;  // g is floored here (exp underflows to 0
 struct Workspace {
   bf16* w;       // W = T diag(b e) K
   bf16* u;       // U = T diag(b) V
-  bf16* kr;      // diag(exp(gamma_last - gamma)) K
-  bf16* qe;      // diag(e^gamma) Q (normalised, scaled)
+  bf16* kr;      // K, normalised, per key head                [num_slots, H, 64, 128]
+  bf16* qe;      // Q, normalised and scaled, per key head      (the passes apply the gates)
   bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
   bf16* t;       // T = (I + A)^-1, where wanted (else null)  [num_slots, HV, 64, 64]
@@ -109,16 +109,13 @@ struct ChunkParams {
   float scale;
   bool l2norm;
   Workspace ws;
-  // intra.cu writes KR and Qe per value head (the backward's) rather than the normalised K and Q
-  // per key head in their space (the forward's state pass gates them in registers).
-  bool gated_kq;
   // forward
   const float* initial_state;  // [N, HV, K, V] or nullptr (zeros)
   float* final_state;          // or nullptr (not written)
   void* o;                     // or nullptr: the backward's replay writes no output
   int64_t h0_s[4], ht_s[4], o_s[4];
   // The forward's `saved` (training): S^T entering each chunk, as bwd.states, for the backward;
-  // nullptr: not kept. (W, U, M, gamma and T are kept too: ws points into `saved` then.)
+  // nullptr: not kept. (Phase 1's products are kept too: ws points into `saved` then.)
   bf16* saved_states;
   BackwardParams bwd;          // zero in the forward
 };
@@ -251,10 +248,10 @@ __device__ __forceinline__ void copy_in_async(const bf16* src, int ld_src, int r
 }
 
 // gamma (cumsum of g, floored), beta of one chunk into shared memory; zero past len. Warp 0.
-// gamma = cumsum(g) and beta of value head hv over the chunk's 64 tokens, by the 32 lanes of one
-// warp (load_gates: warp 0 of the block).
-__device__ inline void load_gates_by_warp(const ChunkParams& p, const ChunkRef& ch, int hv,
-                                          float* gamma, float* beta, int lane) {
+__device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int hv, float* gamma,
+                                  float* beta) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
   const int64_t gb = ch.batch * p.g_s[0] + ch.t0 * p.g_s[1] + hv * p.g_s[2];
   const int64_t bb = ch.batch * p.beta_s[0] + ch.t0 * p.beta_s[1] + hv * p.beta_s[2];
   float g[2], b[2];
@@ -282,11 +279,6 @@ __device__ inline void load_gates_by_warp(const ChunkParams& p, const ChunkRef& 
   gamma[lane * 2 + 1] = run;
   beta[lane * 2] = b[0];
   beta[lane * 2 + 1] = b[1];
-}
-
-__device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int hv, float* gamma,
-                                  float* beta) {
-  if (threadIdx.x < 32) load_gates_by_warp(p, ch, hv, gamma, beta, threadIdx.x);
 }
 
 // ---------------------------------------------------------------------------------- tiles
@@ -389,6 +381,10 @@ __device__ inline void invert_unit_lower(const float* A, float* Tf, float* X, bf
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
 }
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,

@@ -1,12 +1,16 @@
 // Chunked gated delta rule, CUDA backward, the reverse state pass: the gradient dS of the state,
 // carried backwards through the chunks (launch.cu, above backward(), has the whole picture).
 //
-// Per chunk, last to first, with W, KR, Qe, M from the forward's intra pass and dO from the
-// caller (the CPU kernel's "dS_in" line: S' = e_last S + KR^T Vn, O = Qe S + M Vn, Vn = U - W S
-// differentiated with respect to S):
+// Per chunk, last to first, with W, M, gamma (per value head) and K, Q (per key head) from the
+// intra pass and dO from the caller (the CPU kernel's "dS_in" line: S' = e_last S + KR^T Vn,
+// O = Qe S + M Vn, Vn = U - W S differentiated with respect to S, where KR = diag(exp(gamma_last
+// - gamma)) K and Qe = diag(e^gamma) Q):
 //   store dS^T (bf16): the gradient of the state leaving this chunk, for the gradient kernel
-//   dVn^T = dS^T KR^T + dO^T M                          [v, t]
-//   dS^T <- e_last dS^T + dO^T Qe - dVn^T W             [v, k]
+//   dVn^T = (dS^T K^T) diag(exp(gamma_last - gamma)) + dO^T M        [v, t]
+//   dS^T <- e_last dS^T + (dO^T diag(e^gamma)) Q - dVn^T W           [v, k]
+// The gates go on the registers, as in the forward's state pass: on dS^T K^T's accumulator
+// columns, and on dO^T's A fragments (columns t) before the product with Q, so K and Q are read
+// once per key head rather than gated per value head.
 // Column v of dS depends only on column v of dS' and dO, so column tiles of V are independent
 // blocks: (sequence, value head, V tile). The chain of dependent products per chunk is what bounds
 // this pass, so each block splits it over 8 warps in kRowGroups x kSplit: row group r owns rows
@@ -23,14 +27,15 @@
 // Per chunk, warp s:
 //   1. gathers dS^T's bf16 A fragments over all of k: its own k16 blocks from its registers, the
 //      group's other warps' from shared memory (stored there at the end of the previous chunk)
-//   2. dVn^T over its tokens: dS^T KR^T (K = 128) + dO^T M (the causal M: t blocks from its own)
+//   2. dVn^T over its tokens: dS^T K^T (K = 128), gated, + dO^T M (the causal M: t blocks from
+//      its own)
 //   3. gives dVn^T (negated, bf16 A fragments) to the group; meanwhile (no dependency on dVn^T)
-//      dS^T[:, k slice] <- e_last dS^T + dO^T Qe[:, k slice], which covers the wait at the
-//      group's named barrier
+//      dS^T[:, k slice] <- e_last dS^T + (gated dO^T) Q[:, k slice], which covers the wait at
+//      the group's named barrier
 //   4. dS^T[:, k slice] -= dVn^T W[:, k slice] over all 64 tokens (the group's dVn^T blocks)
 //   5. its dS^T k16 blocks, packed to bf16, out to the group for the next chunk.
-// Counting (m16n8k16 mma per 16 columns and chunk): dS KR^T 64, dO M 20 (the causal blocks),
-// dO Qe 64, dVn W 64: 212, against 224 before. What crosses between warps is bf16 operands: per warp
+// Counting (m16n8k16 mma per 16 columns and chunk): dS K^T 64, dO M 20 (the causal blocks),
+// dO Q 64, dVn W 64: 212, against 224 before. What crosses between warps is bf16 operands: per warp
 // and chunk 2 KB (halves) or 3 KB (quarters) of dS^T fragments and 0.5 or 1.5 KB of dVn^T read
 // from shared memory. The previous version split the contraction over k instead, so the warps
 // of a group exchanged fp32 partial sums of dVn^T [16 x 64]: 4 KB written and 4 (halves) or
@@ -38,7 +43,7 @@
 // square (32 mma). Each dVn^T element is now one accumulation chain over k (the k16 blocks in
 // order) and then the t blocks of dO M, in the same order in every shape: no cross-warp sums,
 // so the bits do not depend on the shape (or the run).
-// Streaming: W, KR, Qe, M of chunk c - 1 are copied by cp.async into the other half of a double
+// Streaming: W, K, Q, M, gamma of chunk c - 1 are copied by cp.async into the other half of a double
 // buffer while chunk c is computed, and dO of chunk c - 1 (strided, any float dtype) is loaded
 // into registers at the same time, converted to bf16 and stored to shared memory at the top of
 // the next step. One block barrier per chunk (it both publishes chunk c's tiles and the group's
@@ -80,9 +85,10 @@ template <int kRowGroups, int kSplit>
 struct DStateSmem {
   using S = Shape<kRowGroups, kSplit>;
   bf16 w[2][kC * kLdD];
-  bf16 kr[2][kC * kLdD];
-  bf16 qe[2][kC * kLdD];
+  bf16 k[2][kC * kLdD];  // of the key head
+  bf16 q[2][kC * kLdD];
   bf16 m[2][kC * kLdC];
+  float gamma[2][kC];
   bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
   // Per warp, as bf16 A fragments (8 bf16 pairs per lane): its k16 blocks of dS^T (step 5, read
   // at the next chunk's step 1) and its k16 blocks of -dVn^T over its tokens (step 3).
@@ -150,12 +156,15 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   auto prefetch_tiles = [&](int64_t c) {
     const int64_t slot = first_slot + c;
     const size_t base = ws_index(p, slot, hv, kC * kD);
+    const size_t key_base = ws_key_index(p, slot, hv / p.group, kC * kD);
     const int buf = c & 1;
     copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.kr + base, kD, kC, kD, sm.kr[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.qe + base, kD, kC, kD, sm.qe[buf], kLdD);
+    copy_in_async<kThreads>(p.ws.kr + key_base, kD, kC, kD, sm.k[buf], kLdD);
+    copy_in_async<kThreads>(p.ws.qe + key_base, kD, kC, kD, sm.q[buf], kLdD);
     copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
                             kLdC);
+    if (tid < kC / 4)
+      cp_async16(sm.gamma[buf] + 4 * tid, p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * tid);
     cp_async_commit();
   };
   // dO of chunk c, rows t < len, columns v < V of this tile, as bf16 groups of 8 columns:
@@ -219,8 +228,25 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     uint32_t doa[4][4];  // dO^T's A fragments: rows v of this warp, columns t (k16 blocks)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) load_a_cols(doa[kk], sm.d_o[buf], kLdO, row_group * 16, kk * 16);
+    // The gates of the chunk's tokens: e^gamma on dO^T's columns t (A fragment registers 0, 1:
+    // columns 16 kk + 2 t4 + (0, 1); 2, 3: + 8), exp(gamma_last - gamma) on dVn^T's columns.
+    const float* gamma = sm.gamma[buf];
+    uint32_t doa_gated[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int t = kk * 16 + 8 * h + 2 * t4;
+        const float e0 = __expf(gamma[t]), e1 = __expf(gamma[t + 1]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const float2 f = unpack_bf16(doa[kk][2 * h + r]);
+          doa_gated[kk][2 * h + r] = pack_bf16(f.x * e0, f.y * e1);
+        }
+      }
+    }
 
-    // 1, 2. dVn^T over this warp's tokens (n8 tiles tw + 8 nt) = dS^T KR^T, dS^T's k16 block kk
+    // 1, 2. dVn^T over this warp's tokens (n8 tiles tw + 8 nt) = dS^T K^T, dS^T's k16 block kk
     // from the warp that holds it (kk / kKB: a constant; whether it is this warp is warp-uniform),
     // then + dO^T M: M[t][t'] is zero for t' > t, so token block kb meets the warp's n8 tile pair
     // np (tokens tw + 16 np ..) only where kb >= tw / 16 + np.
@@ -238,9 +264,18 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kTB; ++np) {
         uint32_t bb[4];
-        load_b_rows(bb, sm.kr[buf], kLdD, tw + np * 16, kk * 16);
+        load_b_rows(bb, sm.k[buf], kLdD, tw + np * 16, kk * 16);
         mma_bf16(dvn[2 * np], a, bb[0], bb[1]);
         mma_bf16(dvn[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    {  // columns t = tw + 8 nt + 2 t4 + (e & 1)
+      const float last = gamma[kC - 1];
+#pragma unroll
+      for (int nt = 0; nt < kTN; ++nt) {
+        const int t = tw + nt * 8 + 2 * t4;
+        const float e0 = __expf(last - gamma[t]), e1 = __expf(last - gamma[t + 1]);
+        dvn[nt][0] *= e0, dvn[nt][1] *= e1, dvn[nt][2] *= e0, dvn[nt][3] *= e1;
       }
     }
 #pragma unroll
@@ -256,7 +291,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     }
 
     // 3. -dVn^T out to the group as bf16 A fragments; dS^T[:, k slice] <- e_last dS^T +
-    // dO^T Qe[:, k slice] while the other warps of the group finish theirs.
+    // (gated dO^T) Q[:, k slice] while the other warps of the group finish theirs.
     uint32_t own_dvn[kTB][4];
 #pragma unroll
     for (int nt = 0; nt < kTN; ++nt)
@@ -276,9 +311,9 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kKB; ++np) {
         uint32_t bb[4];
-        load_b_cols(bb, sm.qe[buf], kLdD, k_base + np * 16, kk * 16);
-        mma_bf16(dsc[2 * np], doa[kk], bb[0], bb[1]);
-        mma_bf16(dsc[2 * np + 1], doa[kk], bb[2], bb[3]);
+        load_b_cols(bb, sm.q[buf], kLdD, k_base + np * 16, kk * 16);
+        mma_bf16(dsc[2 * np], doa_gated[kk], bb[0], bb[1]);
+        mma_bf16(dsc[2 * np + 1], doa_gated[kk], bb[2], bb[3]);
       }
     }
 

@@ -12,20 +12,13 @@
 //   W  = (T diag(be)) K,  U = (T diag(b)) V                     the row scalings of K and V are
 //                                                               column scalings of T, applied
 //                                                               while T's rows become A fragments
-//   KR = diag(exp(gamma_last - gamma)) K,  Qe = diag(e^gamma) Q   (backward only; the forward
-//                                                               stores K, Q per key head)
 // Products take bf16 operands and accumulate in fp32; results are packed to bf16 from the
 // accumulators and leave through a warp-private staging tile as 16-byte stores. Only the lower
 // triangle is computed: warp w needs columns < 16 (w + 1) of K K^T, Q K^T and T.
-// Writes W, U, M (bf16), gamma (fp32) to the workspace, T (bf16) where p.ws.t is set (the
-// backward, and a training forward that keeps it for the backward), in the layouts of common.cuh's
-// Workspace; and KR and Qe (bf16) for the backward (p.gated_kq), or for the forward, instead, the
-// normalised K and Q of each (slot, key head) at the start of KR's and Qe's space
-// ([num_slots, H, 64, 128], ws_key_index), written by the key head's first value head: the
-// state pass scales by the gates in registers.
-// gates_kernel (launch_intra_gates): KR and Qe alone, for the backward of a forward that kept W,
-// U, M, gamma and T; a block per (slot, key head), its value heads in turn (q and k loaded and
-// normalised once). The same loads and arithmetic as intra_kernel's, so the same bits.
+// Writes W, U, M (bf16), gamma (fp32) and, where p.ws.t is set (the backward, or a training
+// forward that keeps it for the backward), T (bf16), in the layouts of common.cuh's Workspace;
+// and the normalised K and Q of each (slot, key head) ([num_slots, H, 64, 128], ws_key_index),
+// written by the key head's first value head: the state passes scale by the gates in registers.
 //
 // Why a block per value head (v4; v3 had one per key head looping over its value heads): the
 // kernel is latency-bound (the inverse's dependent chains, the loads, the barriers), not
@@ -218,37 +211,6 @@ __device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) 
   }
 }
 
-// Row r of a [64, 128] bf16 tile in shared memory, columns col .. col + 7, each times `mul`,
-// to dst (global, 16 bytes).
-__device__ __forceinline__ void scale_row8(const bf16* src, float mul, bf16* dst) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const auto* x = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  uint4 out;
-  uint32_t* o = reinterpret_cast<uint32_t*>(&out);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 f = __bfloat1622float2(x[j]);
-    o[j] = pack_bf16(mul * f.x, mul * f.y);
-  }
-  *reinterpret_cast<uint4*>(dst) = out;
-}
-
-// KR = diag(exp(gamma_last - gamma)) K and Qe = diag(e^gamma) Q of one value head, from the
-// normalised bf16 tiles kn and qn (row stride kLdD): 16-byte chunks e = first, first + stride,
-// ... below end of the tile's 64 x 16 (chunk e: row e / 16, columns 8 (e % 16) ..).
-__device__ __forceinline__ void store_gated_kq(const ChunkParams& p, int64_t slot, int hv,
-                                               const bf16* kn, const bf16* qn, const float* gamma,
-                                               int first, int end, int stride) {
-  const size_t base = ws_index(p, slot, hv, kC * kD);
-  const float last = gamma[kC - 1];
-  for (int e = first; e < end; e += stride) {
-    const int r = e >> 4, c = (e & 15) * 8;
-    const float gr = gamma[r];
-    scale_row8(kn + r * kLdD + c, __expf(last - gr), p.ws.kr + base + r * kD + c);
-    scale_row8(qn + r * kLdD + c, __expf(gr), p.ws.qe + base + r * kD + c);
-  }
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -308,25 +270,20 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
     }
   }
 
-  // The forward (no T wanted: p.ws.t null) keeps K and Q once per key head in KR's and Qe's
-  // space (written by the key head's first value head); the state pass applies the gates
-  // itself (state.cu). The backward gets KR and Qe per value head, which its reverse pass
-  // reads. Each warp reads its own rows of q here, before its A overwrites them.
+  // K and Q once per key head (written by the key head's first value head); the state passes
+  // (state.cu, dstate.cu) apply the gates themselves. Each warp reads its own rows of q here,
+  // before its A overwrites them.
   const size_t base = ws_index(p, slot, hv, kC * kD);
-  if (!p.gated_kq) {
-    if (hv % p.group == 0) {
-      const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
+  if (hv % p.group == 0) {
+    const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
-        *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
-            *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
-        *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
-            *reinterpret_cast<const uint4*>(qn + r * kLdD + c);
-      }
+    for (int j = 0; j < 8; ++j) {
+      const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
+      *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
+          *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
+      *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
+          *reinterpret_cast<const uint4*>(qn + r * kLdD + c);
     }
-  } else {  // this warp's 16 rows
-    store_gated_kq(p, slot, hv, sm.kn, qn, sm.gamma, 16 * r0 + lane, 16 * (r0 + 16), 32);
   }
   // The warp's lanes have read their rows of q (ldmatrix, the copies above): A may overwrite
   // them. No other warp touches these rows until the inverse's first barrier.
@@ -423,65 +380,20 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
     p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
 }
 
-// The backward's KR and Qe when the forward kept the rest: per (slot, key head) q and k loaded
-// and normalised as intra_kernel does, then each value head's gates and gated rows. 35 KB of
-// shared memory plus the gates (6 blocks an SM), against intra_kernel's 73 KB.
-struct GatesSmem {
-  bf16 kn[kC * kLdD];
-  bf16 qn[kC * kLdD];
-  float gamma[kWarps][kC], beta[kWarps][kC];  // value heads j, j + kWarps, ... of the group
-};
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) gates_kernel(const ChunkParams p) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  GatesSmem& sm = *reinterpret_cast<GatesSmem*>(smem_raw);
-  const int64_t slot = blockIdx.x / p.num_heads;
-  const int hk = static_cast<int>(blockIdx.x % p.num_heads);
-  const ChunkRef ch = chunk_of_slot(p, slot);
-  if (ch.len == 0) return;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  load_rows(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
-            p.l2norm, 1.f, sm.kn);
-  load_rows(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
-            p.l2norm, p.scale, sm.qn);
-  for (int j0 = 0; j0 < p.group; j0 += kWarps) {  // kWarps value heads at a time
-    if (j0 > 0) __syncthreads();                  // the previous heads' gates are read
-    if (j0 + warp < p.group)
-      load_gates_by_warp(p, ch, hk * p.group + j0 + warp, sm.gamma[warp], sm.beta[warp], lane);
-    __syncthreads();  // q, k (first round), the gates
-    for (int j = 0; j < kWarps && j0 + j < p.group; ++j)
-      store_gated_kq(p, slot, hk * p.group + j0 + j, sm.kn, sm.qn, sm.gamma[j], threadIdx.x,
-                     kC * kD / 8, kThreads);
-  }
-}
-
-template <typename T>
-void launch_gates(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(GatesSmem);
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(gates_kernel<T>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem)));
-  const int64_t blocks = p.num_slots * p.num_heads;
-  check_value(blocks <= 0x7fffffff, "chunk_gated_delta_rule: too many chunks x key heads");
-  gates_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
-  FLASHDELTA_CUDA_CHECK(cudaGetLastError());
-}
-
 template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(IntraSmem);
-  auto* kernel = intra_kernel<T>;
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
   // Three blocks per SM need all of the unified L1 as shared memory: ask for it, rather than
   // leave the split to the driver's heuristic.
-  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel,
+  FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(intra_kernel<T>,
                                              cudaFuncAttributePreferredSharedMemoryCarveout,
                                              cudaSharedmemCarveoutMaxShared));
   const int64_t blocks = p.num_slots * p.num_v_heads;
   check_value(blocks <= 0x7fffffff, "chunk_gated_delta_rule: too many chunks x value heads");
-  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  intra_kernel<T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -492,14 +404,6 @@ void launch_intra(const ChunkParams& p, cudaStream_t stream) {
     case DType::kFloat32: launch<float>(p, stream); break;
     case DType::kFloat16: launch<__half>(p, stream); break;
     default: launch<bf16>(p, stream); break;
-  }
-}
-
-void launch_intra_gates(const ChunkParams& p, cudaStream_t stream) {
-  switch (p.dtype) {
-    case DType::kFloat32: launch_gates<float>(p, stream); break;
-    case DType::kFloat16: launch_gates<__half>(p, stream); break;
-    default: launch_gates<bf16>(p, stream); break;
   }
 }
 

@@ -9,8 +9,6 @@
 namespace flashdelta::detail::cuda::chunk {
 
 void launch_intra(const ChunkParams& p, cudaStream_t stream);   // intra.cu
-// intra.cu's KR and Qe alone (p.gated_kq): the backward of a forward that kept the rest
-void launch_intra_gates(const ChunkParams& p, cudaStream_t stream);
 void launch_state(const ChunkParams& p, cudaStream_t stream);   // state.cu
 // backward (launch.cu has the picture); launch_intra and launch_state replay the forward first
 void launch_dstate(const ChunkParams& p, cudaStream_t stream);  // dstate.cu

@@ -21,29 +21,28 @@ int64_t num_slots(const GatedDeltaRuleShape& s) {
 
 size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
-// Byte sizes of the tensors between the phases (in Workspace's order; then the backward's own).
-// Where they live:
-//   kept by a training forward (`saved`)   states, W, U, M, gamma, T   (what the backward reads
-//                                                                      and would recompute)
-//   workspace of that forward              KR, Qe (there: K and Q per key head, for the state pass)
-//   workspace of its backward              KR, Qe (per value head), dstates
-// and without `saved` each direction's workspace holds all it uses (the forward: no T, no states).
+// Byte sizes of the tensors between the phases (Workspace's, then the backward's own). A training
+// forward keeps in `saved` everything the backward reads and would recompute (kept(): the states
+// entering each chunk, W, U, M, gamma, T and the key heads' K and Q); its backward's workspace is
+// then dstates alone, and the forward needs none. Without `saved` each direction's workspace holds
+// all it uses (the forward: no T, no states).
 struct WorkspaceLayout {
   size_t w, u, kr, qe, m, gamma, t, states, dstates;
 
-  size_t kept() const { return states + w + u + m + gamma + t; }
-  size_t forward() const { return w + u + kr + qe + m + gamma; }
-  size_t forward_with_saved() const { return kr + qe; }
-  size_t backward() const { return kept() + kr + qe + dstates; }
-  size_t backward_with_saved() const { return kr + qe + dstates; }
+  size_t kept() const { return states + w + u + m + gamma + t + kr + qe; }
+  size_t forward() const { return w + u + m + gamma + kr + qe; }
+  size_t backward() const { return kept() + dstates; }
+  size_t backward_with_saved() const { return dstates; }
 };
 
 WorkspaceLayout layout(const GatedDeltaRuleShape& s) {
   const size_t blocks = static_cast<size_t>(num_slots(s)) * s.num_v_heads;
+  const size_t key_tile = align_up(static_cast<size_t>(num_slots(s)) * s.num_heads * kC * kD *
+                                   sizeof(bf16));
   const size_t chunk_tile = align_up(blocks * kC * kD * sizeof(bf16));
   const size_t chunk_square = align_up(blocks * kC * kC * sizeof(bf16));
   const size_t state = align_up(blocks * kD * kD * sizeof(bf16));
-  return {chunk_tile, chunk_tile, chunk_tile, chunk_tile, chunk_square,
+  return {chunk_tile, chunk_tile, key_tile, key_tile, chunk_square,
           align_up(blocks * kC * sizeof(float)), chunk_square, state, state};
 }
 
@@ -66,9 +65,8 @@ size_t backward_workspace_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRu
   return layout(s).backward();
 }
 
-// A training forward keeps the states entering every chunk (bf16, the backward's layout) and its
-// intra-chunk products with T; the backward given them skips its replay and all of phase 1 but
-// KR and Qe (launch_intra_gates).
+// A training forward keeps the states entering every chunk (bf16, the backward's layout) and
+// phase 1's products with T; the backward given them skips its replay and phase 1.
 size_t saved_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
   check_supported(s);
   return layout(s).kept();
@@ -77,7 +75,7 @@ size_t saved_bytes(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs&) {
 size_t forward_workspace_bytes_with_saved(const GatedDeltaRuleShape& s,
                                           const GatedDeltaRuleInputs&) {
   check_supported(s);
-  return layout(s).forward_with_saved();
+  return 0;
 }
 
 size_t backward_workspace_bytes_with_saved(const GatedDeltaRuleShape& s,
@@ -132,9 +130,8 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.ws.m = static_cast<bf16*>(k.take(l.m));
   p.ws.gamma = static_cast<float*>(k.take(l.gamma));
   if (saved != nullptr || backward) p.ws.t = static_cast<bf16*>(k.take(l.t));
-  p.ws.kr = static_cast<bf16*>(ws.take(l.kr));
-  p.ws.qe = static_cast<bf16*>(ws.take(l.qe));
-  p.gated_kq = backward;
+  p.ws.kr = static_cast<bf16*>(k.take(l.kr));
+  p.ws.qe = static_cast<bf16*>(k.take(l.qe));
   if (backward) {
     p.bwd.states = states;
     p.bwd.dstates = static_cast<bf16*>(ws.take(l.dstates));
@@ -169,12 +166,10 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
 // The backward, four launches on the caller's stream (the CPU kernel's derivation, split by what
 // parallelises):
-//   intra   (slot, value head)                  the forward's W, U, KR, Qe, M, gamma, and T
-//                                               (KR and Qe alone when the forward kept the rest:
-//                                               grad_in.saved)
+//   intra   (slot, value head)                  the forward's W, U, K, Q, M, gamma, and T
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
-//                                               chunk (bf16), writes no output (skipped when the
-//                                               forward kept them)
+//                                               chunk (bf16: the forward's bits), writes no output
+//   (both skipped when the forward kept what they write: grad_in.saved)
 //   dstate  (sequence, value head, V tile)      chunks in reverse, dS in registers (k and the
 //                                               tokens split in halves or quarters over the
 //                                               warps of a row group); stores dS'^T leaving
@@ -188,7 +183,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 // tile) ~1.6 M and 48 KB read + 16 KB written, grads ~11.5 M and ~130 KB read per value head.
 // The states (2 x 32 KB per chunk and head in bf16) dominate the workspace: storing them for
 // every other chunk is the next saving. A training forward keeps the states and phase 1's
-// products (saved_bytes): the backward then runs phase 1's gated K and Q, dstate and grads.
+// products (saved_bytes): the backward then runs dstate and grads alone, on the same bits.
 void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
               const GatedDeltaRuleBackwardInputs& gin, const GatedDeltaRuleBackwardOutputs& gout) {
   check_supported(s);
@@ -227,11 +222,9 @@ void backward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
   chunk::check_grads_device();  // before any launch
   chunk::check_state_switches();
   chunk::check_dstate_switches();
-  if (saved == nullptr) {
+  if (saved == nullptr) {  // else the forward kept the states and phase 1's products
     if (p.num_slots > 0) chunk::launch_intra(p, stream);
     chunk::launch_state(p, stream);
-  } else if (p.num_slots > 0) {  // the forward kept the states and phase 1's products
-    chunk::launch_intra_gates(p, stream);
   }
   chunk::launch_dstate(p, stream);  // also d_initial_state of empty sequences
   if (p.num_slots > 0) chunk::launch_grads(p, stream);

@@ -54,10 +54,10 @@
 // from the fragments and copied out as 16-byte stores after the next chunk's barrier. One block
 // barrier and one row-group barrier per chunk (there were two block barriers: the copies were
 // issued and o stored between them, on every warp's path).
-// The backward's replay (kReplay: p.bwd.states set, p.o null) is the same pass without O, and
-// with phase 1's KR per value head in place of the gated Vn and K (the reverse pass reads KR):
-// it stores S^T entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (each
-// warp its k slice). A training forward (p.saved_states set) stores the same S^T from its own
+// The backward's replay (kReplay: p.bwd.states set, p.o null) is the same pass without O (the
+// same operands and products for S, so the same bits as the forward's states): it stores S^T
+// entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (each warp its k
+// slice). A training forward (p.saved_states set) stores the same S^T from its own
 // pass, and the backward then skips the replay (1 x 32768: 537 MB, against the replay's 858 us).
 // On sm_90 each warp's slice leaves by stmatrix into a swizzled shared tile and one TMA tensor
 // store per chunk (StateTile), elsewhere by 4-byte stores; FLASHDELTA_GDN_TMA_STATES=0 forces the
@@ -244,18 +244,17 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const int buf = c & 1;
     copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
-    if constexpr (kReplay) {
-      copy_in_async<kThreads>(p.ws.kr + base, kD, kC, kD, sm.k[buf], kLdD);
-    } else {  // K and Q of the key head (intra.cu), gamma for the gates
-      const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
-      copy_in_async<kThreads>(p.ws.kr + key_base, kD, kC, kD, sm.k[buf], kLdD);
+    // K (and for O, Q) of the key head (intra.cu), gamma for the gates
+    const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
+    copy_in_async<kThreads>(p.ws.kr + key_base, kD, kC, kD, sm.k[buf], kLdD);
+    if constexpr (!kReplay) {
       copy_in_async<kThreads>(p.ws.qe + key_base, kD, kC, kD, sm.q[buf], kLdD);
       copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
                               kLdC);
-      if (threadIdx.x < kC / 4)
-        cp_async16(sm.gamma[buf] + 4 * threadIdx.x,
-                   p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
     }
+    if (threadIdx.x < kC / 4)
+      cp_async16(sm.gamma[buf] + 4 * threadIdx.x,
+                 p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
     copy_in_async<kThreads>(p.ws.u + base + col0, kD, kC, kVT, sm.u[buf], kLdU);
     cp_async_commit();
   };
@@ -369,18 +368,21 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       }
     }
     // The gates of this thread's tokens t = tw + 8 nt + 2 t4 + j: O^T = (S^T Q^T) diag(e^gamma)
-    // and S' = e_last S + K^T diag(exp(gamma_last - gamma)) Vn (forward; the replay has KR).
+    // and S' = e_last S + K^T diag(exp(gamma_last - gamma)) Vn (the replay the same: its states
+    // are bitwise the forward's).
     float gate_kr[kTN][2];
-    if constexpr (!kReplay) {
+    {
       const float* gamma = sm.gamma[buf];
 #pragma unroll
       for (int nt = 0; nt < kTN; ++nt) {
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           const float gt = gamma[tw + nt * 8 + 2 * t4 + j];
-          const float eq = __expf(gt);
-          oc[nt][j] *= eq;
-          oc[nt][2 + j] *= eq;
+          if constexpr (!kReplay) {
+            const float eq = __expf(gt);
+            oc[nt][j] *= eq;
+            oc[nt][2 + j] *= eq;
+          }
           gate_kr[nt][j] = __expf(gamma[kC - 1] - gt);
         }
       }
@@ -398,21 +400,16 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       }
     }
     uint32_t own_plain[kTB][4], own_state[kTB][4];
+    if constexpr (!kReplay) {
 #pragma unroll
-    for (int l = 0; l < kTB; ++l) pack_a_from_c(pc, l, own_plain[l]);
-    if constexpr (kReplay) {
-#pragma unroll
-      for (int l = 0; l < kTB; ++l)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) own_state[l][e] = own_plain[l][e];
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < kTN; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) pc[nt][e] *= gate_kr[nt][e & 1];
-#pragma unroll
-      for (int l = 0; l < kTB; ++l) pack_a_from_c(pc, l, own_state[l]);
+      for (int l = 0; l < kTB; ++l) pack_a_from_c(pc, l, own_plain[l]);
     }
+#pragma unroll
+    for (int nt = 0; nt < kTN; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) pc[nt][e] *= gate_kr[nt][e & 1];
+#pragma unroll
+    for (int l = 0; l < kTB; ++l) pack_a_from_c(pc, l, own_state[l]);
     // Out to the group: the state operand for every warp, the plain blocks for the O of the
     // warps with later tokens (the causal M needs no later tokens: the last split gives none).
 #pragma unroll
