@@ -4,12 +4,15 @@
 //
 // The algorithm is the CPU kernel's (src/cpu/chunk_gated_delta_rule.cpp, with the derivation);
 // here it is split into two kernels by what parallelises (DESIGN.md, bench/NOTES.md):
-//   intra  (slot, value head)             A, T = (I + A)^-1, W, U, KR, Qe, M  -> workspace
+//   intra  (slot, value head)             A, T = (I + A)^-1, W, U, M; K, Q   -> workspace
 //   state  (sequence, value head, V tile) chunks in order, S in registers:
 //                                         Vn = U - W S, O = Qe S + M Vn, S' = e_last S + KR^T Vn
-// The backward (launch.cu) replays both, keeping each chunk's incoming state, then walks the
-// chunks in reverse for dS (dstate.cu) and computes each chunk's gradients (grads.cu, a block per
-// key head summing dq, dk over its value heads in registers, the l2norm backward fused).
+//                                         (KR = diag(exp(gamma_last - gamma)) K, Qe = diag(e^gamma)
+//                                         Q: the gates applied on the registers)
+// The backward (launch.cu) replays both, keeping each chunk's incoming state (or takes what a
+// training forward kept), then walks the chunks in reverse for dS (dstate.cu) and computes each
+// chunk's gradients (grads.cu, a block per key head summing dq, dk over its value heads in
+// registers, the l2norm backward fused).
 // reduce.cu's per-value-head reduction serves the token-by-token op's backward.
 // Chunks are C = 64 tokens. Head dimensions are padded to 128 in shared memory and in the
 // workspace (K, V <= 128): padding rows/columns are zero and contribute nothing. A chunk shorter

@@ -44,7 +44,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 struct IntraSmem {
   bf16 kn[kC * kLdD];  // normalised k
-  // Normalised, scaled q until Q K^T (and the forward's Q or the backward's Qe) is done; then
+  // Normalised, scaled q until Q K^T (and Q's copy to the workspace) is done; then
   // the gated A for the inverse (fp32); then, after the inverse, the warps' staging tiles.
   // Row r of A occupies exactly the bytes of row r of q (kLdD bf16 = kLdCf fp32 = 272 bytes).
   alignas(16) unsigned char qa[kC * kLdCf * sizeof(float)];

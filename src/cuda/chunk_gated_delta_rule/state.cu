@@ -107,7 +107,7 @@ struct StateSmem {
   using S = Shape<kRowGroups, kSplit>;
   static constexpr bool kStagedO = sizeof(T) == 2;
   bf16 w[2][kC * kLdD];
-  bf16 k[2][kC * kLdD];  // K of the key head (forward), KR of the value head (replay)
+  bf16 k[2][kC * kLdD];  // K of the key head
   bf16 q[2][kC * kLdD];  // Q of the key head (forward only)
   bf16 m[2][kC * kLdC];
   bf16 u[2][kC * S::kLdU];
@@ -470,8 +470,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       }
     }
 
-    // 5. S^T[:, k slice] = e_last S^T + Vn^T KR (replay)
-    //                    = e_last S^T + (Vn^T diag(exp(gamma_last - gamma))) K (forward),
+    // 5. S^T[:, k slice] = e_last S^T + (Vn^T diag(exp(gamma_last - gamma))) K,
     // over all 64 tokens: k16 block kb of Vn^T is split kb / kTB's.
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
