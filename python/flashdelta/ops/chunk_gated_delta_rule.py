@@ -68,9 +68,10 @@ def chunk_gated_delta_rule(
 
     Memory: when autograd records the call (grad enabled and an input requiring grad), the
     forward keeps the state entering every 64-token chunk for the backward, and on CUDA the
-    intra-chunk products too (CUDA: bf16, 80 KiB per chunk and value head; CPU: the states, K x V
-    fp32, fp64 for fp64 inputs), and the backward then does not replay the recurrence;
-    FLASHDELTA_GDN_KEEP_STATES=0 recomputes them instead.
+    intra-chunk products too (CUDA: bf16, 80 KiB per chunk and value head and 32 KiB per chunk
+    and key head; CPU: the states, K x V fp32, fp64 for fp64 inputs), and the backward then does
+    not replay the recurrence (the same gradients, bit for bit); FLASHDELTA_GDN_KEEP_STATES=0
+    recomputes them instead.
     """
     return _gdn.run(
         _OPS, "chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
