@@ -9,8 +9,11 @@
 //   dVn^T = (dS^T K^T) diag(exp(gamma_last - gamma)) + dO^T M        [v, t]
 //   dS^T <- e_last dS^T + (dO^T diag(e^gamma)) Q - dVn^T W           [v, k]
 // The gates go on the registers, as in the forward's state pass: on dS^T K^T's accumulator
-// columns, and on dO^T's A fragments (columns t) before the product with Q, so K and Q are read
-// once per key head rather than gated per value head.
+// columns, and on dO's rows as they are stored to shared memory (a second, gated copy, which
+// the product with Q takes its A fragments from), so K and Q are read once per key head rather
+// than gated per value head. The rows' gates are loaded with dO, a chunk ahead: off the chain.
+// (Gating dO^T's A fragments in registers after the barrier put 16 unpack-multiply-repacks a
+// warp and chunk on the chain of the 32-column shape: 1 x 32768, 1766 against 1600 us.)
 // Column v of dS depends only on column v of dS' and dO, so column tiles of V are independent
 // blocks: (sequence, value head, V tile). The chain of dependent products per chunk is what bounds
 // this pass, so each block splits it over 8 warps in kRowGroups x kSplit: row group r owns rows
@@ -48,7 +51,7 @@
 // into registers at the same time, converted to bf16 and stored to shared memory at the top of
 // the next step. One block barrier per chunk (it both publishes chunk c's tiles and the group's
 // dS^T fragments, and retires the buffers of chunk c + 1), one row-group barrier.
-// Shared memory: 162 KB with 64-column tiles, 142 KB with 32 (Hopper; the backward's gradient
+// Shared memory: ~181 KB with 64-column tiles, ~153 KB with 32 (Hopper; the backward's gradient
 // kernel needs Hopper's shared memory anyway, check_grads_device()).
 #include <cstdlib>
 #include <cstring>
@@ -90,6 +93,7 @@ struct DStateSmem {
   bf16 m[2][kC * kLdC];
   float gamma[2][kC];
   bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
+  bf16 d_og[2][kC * S::kLdO];         // the same rows times e^gamma_t
   // Per warp, as bf16 A fragments (8 bf16 pairs per lane): its k16 blocks of dS^T (step 5, read
   // at the next chunk's step 1) and its k16 blocks of -dVn^T over its tokens (step 3).
   uint4 ds_frag[S::kWarps][S::kKB][32];
@@ -171,9 +175,11 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   // group i = tid + j * kThreads is row i / kGroupsPerRow, columns 8 (i % kGroupsPerRow) ..
   const T* d_o = static_cast<const T*>(b.d_o) + seq.batch * b.d_o_s[0] + hv * b.d_o_s[2];
   uint4 d_o_next[kGroupsPerThread];
+  float gamma_next[kGroupsPerThread];  // gamma of each group's row
   auto load_d_o = [&](int64_t c) {
     const int64_t t0 = seq.begin + c * kC;
     const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
+    const float* gamma_c = p.ws.gamma + ws_index(p, first_slot + c, hv, kC);
 #pragma unroll
     for (int j = 0; j < kGroupsPerThread; ++j) {
       const int i = tid + j * kThreads, t = i / kGroupsPerRow, v = col0 + (i % kGroupsPerRow) * 8;
@@ -181,6 +187,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       d_o_next[j] = valid > 0 ? bwd::load8_bf16<T>(d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3],
                                                    b.d_o_s[3], valid, d_o_vec)
                               : make_uint4(0u, 0u, 0u, 0u);
+      gamma_next[j] = gamma_c[t];
     }
   };
   auto gamma_last = [&](int64_t c) {
@@ -208,12 +215,23 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       *reinterpret_cast<uint32_t*>(dst + v_hi * kD + k) = pack_bf16(dsc[nt][2], dsc[nt][3]);
     }
 
-    // Chunk c's dO, loaded during the previous step, into its buffer (last read two steps ago).
+    // Chunk c's dO, loaded during the previous step, into its buffer (last read two steps ago),
+    // and gated by its rows' e^gamma into d_og.
 #pragma unroll
     for (int j = 0; j < kGroupsPerThread; ++j) {
       const int i = tid + j * kThreads;
-      *reinterpret_cast<uint4*>(&sm.d_o[buf][(i / kGroupsPerRow) * kLdO + (i % kGroupsPerRow) * 8]) =
-          d_o_next[j];
+      const int at = (i / kGroupsPerRow) * kLdO + (i % kGroupsPerRow) * 8;
+      *reinterpret_cast<uint4*>(&sm.d_o[buf][at]) = d_o_next[j];
+      const float e = __expf(gamma_next[j]);
+      const uint32_t* x = reinterpret_cast<const uint32_t*>(&d_o_next[j]);
+      uint4 gated;
+      uint32_t* y = reinterpret_cast<uint32_t*>(&gated);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float2 f = unpack_bf16(x[r]);
+        y[r] = pack_bf16(f.x * e, f.y * e);
+      }
+      *reinterpret_cast<uint4*>(&sm.d_og[buf][at]) = gated;
     }
     cp_async_wait<0>();  // this thread's copies of chunk c's tiles
     // Chunk c's tiles and dO are visible to all warps; every warp is done with chunk c + 1, whose
@@ -225,26 +243,14 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       next_gamma_last = gamma_last(c - 1);
     }
 
-    uint32_t doa[4][4];  // dO^T's A fragments: rows v of this warp, columns t (k16 blocks)
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) load_a_cols(doa[kk], sm.d_o[buf], kLdO, row_group * 16, kk * 16);
-    // The gates of the chunk's tokens: e^gamma on dO^T's columns t (A fragment registers 0, 1:
-    // columns 16 kk + 2 t4 + (0, 1); 2, 3: + 8), exp(gamma_last - gamma) on dVn^T's columns.
-    const float* gamma = sm.gamma[buf];
-    uint32_t doa_gated[4][4];
+    // dO^T's A fragments and the gated ones: rows v of this warp, columns t (k16 blocks)
+    uint32_t doa[4][4], doa_gated[4][4];
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int t = kk * 16 + 8 * h + 2 * t4;
-        const float e0 = __expf(gamma[t]), e1 = __expf(gamma[t + 1]);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const float2 f = unpack_bf16(doa[kk][2 * h + r]);
-          doa_gated[kk][2 * h + r] = pack_bf16(f.x * e0, f.y * e1);
-        }
-      }
+      load_a_cols(doa[kk], sm.d_o[buf], kLdO, row_group * 16, kk * 16);
+      load_a_cols(doa_gated[kk], sm.d_og[buf], kLdO, row_group * 16, kk * 16);
     }
+    const float* gamma = sm.gamma[buf];  // for exp(gamma_last - gamma) on dVn^T's columns
 
     // 1, 2. dVn^T over this warp's tokens (n8 tiles tw + 8 nt) = dS^T K^T, dS^T's k16 block kk
     // from the warp that holds it (kk / kKB: a constant; whether it is this warp is warp-uniform),
