@@ -66,17 +66,17 @@ __device__ __forceinline__ void l2norm_backward_row(const float (&x)[4], float (
 }
 constexpr float kMinLogDecay = -1e4f;  // g is floored here (exp underflows to 0 long before)
 
-// Workspace tensors from phase 1, slot-major: [num_slots, HV, 64, 128] bf16 unless noted.
-// The forward (t null) keeps normalised K and Q per key head ([num_slots, H, 64, 128]) in kr's
-// and qe's space instead, the state pass applying the gates in registers (intra.cu, state.cu).
+// Workspace tensors from phase 1, slot-major: [num_slots, HV, 64, 128] bf16 unless noted. K and
+// Q are kept per key head, ungated: the state passes apply the gates in registers (state.cu,
+// dstate.cu).
 struct Workspace {
   bf16* w;       // W = T diag(b e) K
   bf16* u;       // U = T diag(b) V
-  bf16* kr;      // K, normalised, per key head                [num_slots, H, 64, 128]
-  bf16* qe;      // Q, normalised and scaled, per key head      (the passes apply the gates)
+  bf16* kn;      // K, normalised, per key head              [num_slots, H, 64, 128]
+  bf16* qn;      // Q, normalised and scaled, per key head   [num_slots, H, 64, 128]
   bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
-  bf16* t;       // T = (I + A)^-1, where wanted (else null)  [num_slots, HV, 64, 64]
+  bf16* t;       // T = (I + A)^-1, where wanted (else null) [num_slots, HV, 64, 64]
 };
 
 // What the backward adds (launch.cu, above backward(), has the whole picture). Chunk states are

@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const size_t key_base = ws_key_index(p, slot, hv / p.group, kC * kD);
     const int buf = c & 1;
     copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.kr + key_base, kD, kC, kD, sm.k[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.qe + key_base, kD, kC, kD, sm.q[buf], kLdD);
+    copy_in_async<kThreads>(p.ws.kn + key_base, kD, kC, kD, sm.k[buf], kLdD);
+    copy_in_async<kThreads>(p.ws.qn + key_base, kD, kC, kD, sm.q[buf], kLdD);
     copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
                             kLdC);
     if (tid < kC / 4)

@@ -279,9 +279,9 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;
-      *reinterpret_cast<uint4*>(p.ws.kr + key_base + r * kD + c) =
+      *reinterpret_cast<uint4*>(p.ws.kn + key_base + r * kD + c) =
           *reinterpret_cast<const uint4*>(sm.kn + r * kLdD + c);
-      *reinterpret_cast<uint4*>(p.ws.qe + key_base + r * kD + c) =
+      *reinterpret_cast<uint4*>(p.ws.qn + key_base + r * kD + c) =
           *reinterpret_cast<const uint4*>(qn + r * kLdD + c);
     }
   }

@@ -27,10 +27,10 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 // then dstates alone, and the forward needs none. Without `saved` each direction's workspace holds
 // all it uses (the forward: no T, no states).
 struct WorkspaceLayout {
-  size_t w, u, kr, qe, m, gamma, t, states, dstates;
+  size_t w, u, kn, qn, m, gamma, t, states, dstates;
 
-  size_t kept() const { return states + w + u + m + gamma + t + kr + qe; }
-  size_t forward() const { return w + u + m + gamma + kr + qe; }
+  size_t kept() const { return states + w + u + m + gamma + t + kn + qn; }
+  size_t forward() const { return w + u + m + gamma + kn + qn; }
   size_t backward() const { return kept() + dstates; }
   size_t backward_with_saved() const { return dstates; }
 };
@@ -130,8 +130,8 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.ws.m = static_cast<bf16*>(k.take(l.m));
   p.ws.gamma = static_cast<float*>(k.take(l.gamma));
   if (saved != nullptr || backward) p.ws.t = static_cast<bf16*>(k.take(l.t));
-  p.ws.kr = static_cast<bf16*>(k.take(l.kr));
-  p.ws.qe = static_cast<bf16*>(k.take(l.qe));
+  p.ws.kn = static_cast<bf16*>(k.take(l.kn));
+  p.ws.qn = static_cast<bf16*>(k.take(l.qn));
   if (backward) {
     p.bwd.states = states;
     p.bwd.dstates = static_cast<bf16*>(ws.take(l.dstates));

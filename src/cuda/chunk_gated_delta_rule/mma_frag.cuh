@@ -60,7 +60,7 @@ __device__ __forceinline__ void store_rows16x128(const float (&c)[16][4], bf16* 
 }
 
 // Offset of (slot, key head hk)'s block of `elems` elements in a per-key-head workspace tensor
-// (K and Q: Workspace::kr, qe).
+// (K and Q: Workspace::kn, qn).
 __device__ __forceinline__ size_t ws_key_index(const ChunkParams& p, int64_t slot, int hk,
                                                int elems) {
   return (static_cast<size_t>(slot) * p.num_heads + hk) * elems;
