@@ -34,7 +34,6 @@ void check_same_device(const TensorRef& t, const TensorRef& ref, const char* op,
 // t must have exactly `expected` as shape (layout names the dims, e.g. "[B, T, HV]").
 void check_shape(const TensorRef& t, std::initializer_list<int64_t> expected, const char* op,
                  const char* name, const char* layout);
-// Workspace: a uint8 tensor on `device` with at least `bytes` bytes, contiguous.
 // A uint8 buffer of at least `bytes` on `device` (nothing is checked when bytes is 0); `name`
 // is the argument the errors name.
 void check_workspace(const TensorRef& t, size_t bytes, const Device& device, const char* op,

@@ -41,21 +41,16 @@ size_t saved_bytes(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& sh
   return b.saved_bytes != nullptr ? b.saved_bytes(shape, in) : 0;
 }
 
-// The backward's workspace, smaller where the forward's `saved` replaces a recomputation.
-size_t backward_workspace(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& shape,
-                          const GatedDeltaRuleInputs& in, bool with_saved) {
-  return with_saved && saved_bytes(b, shape, in) > 0
-             ? b.backward_workspace_bytes_with_saved(shape, in)
-             : b.backward_workspace_bytes(shape, in);
-}
-
-// The forward's workspace, smaller where what it keeps goes to `saved` instead.
-size_t forward_workspace(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& shape,
-                         const GatedDeltaRuleInputs& in, bool with_saved) {
-  return with_saved && saved_bytes(b, shape, in) > 0 &&
-                 b.forward_workspace_bytes_with_saved != nullptr
-             ? b.forward_workspace_bytes_with_saved(shape, in)
-             : b.forward_workspace_bytes(shape, in);
+// A direction's workspace, smaller where what the forward keeps lives in `saved` (with_saved:
+// the forward writes it / the backward is given it) and the backend sizes that case.
+size_t workspace(const GatedDeltaRuleBackend& b, const GatedDeltaRuleShape& shape,
+                 const GatedDeltaRuleInputs& in, bool backward, bool with_saved) {
+  const auto bytes = backward ? b.backward_workspace_bytes : b.forward_workspace_bytes;
+  const auto bytes_with_saved = backward ? b.backward_workspace_bytes_with_saved
+                                         : b.forward_workspace_bytes_with_saved;
+  return with_saved && bytes_with_saved != nullptr && saved_bytes(b, shape, in) > 0
+             ? bytes_with_saved(shape, in)
+             : bytes(shape, in);
 }
 
 }  // namespace
@@ -65,8 +60,7 @@ size_t gated_delta_rule_workspace_bytes(GatedDeltaRuleKind kind, const GatedDelt
   const GatedDeltaRuleShape shape = check_gated_delta_rule_inputs(in);
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, backward);
-  return backward ? backward_workspace(b, shape, in, with_saved)
-                  : forward_workspace(b, shape, in, with_saved);
+  return workspace(b, shape, in, backward, with_saved);
 }
 
 size_t gated_delta_rule_saved_bytes(GatedDeltaRuleKind kind, const GatedDeltaRuleInputs& in) {
@@ -82,7 +76,7 @@ void gated_delta_rule_forward(GatedDeltaRuleKind kind, const GatedDeltaRuleInput
   const GatedDeltaRuleBackend& b = backend_for(kind, in.q.device);
   require_direction(b, kind, in.q.device, false);
   const size_t saved = saved_bytes(b, shape, in);
-  check_forward_outputs(shape, in, out, forward_workspace(b, shape, in, out.saved.defined()),
+  check_forward_outputs(shape, in, out, workspace(b, shape, in, false, out.saved.defined()),
                         saved, op_name(kind));
   if (saved == 0 && out.saved.defined()) {  // nothing to keep: the backend ignores it
     GatedDeltaRuleForwardOutputs without = out;
@@ -101,7 +95,7 @@ void gated_delta_rule_backward(GatedDeltaRuleKind kind, const GatedDeltaRuleInpu
   require_direction(b, kind, in.q.device, true);
   const size_t saved = saved_bytes(b, shape, in);
   check_backward_args(shape, in, gin, gout,
-                      backward_workspace(b, shape, in, gin.saved.defined()), saved,
+                      workspace(b, shape, in, true, gin.saved.defined()), saved,
                       op_name(kind));
   if (saved == 0 && gin.saved.defined()) {  // nothing was kept: the backend recomputes
     GatedDeltaRuleBackwardInputs without = gin;
