@@ -29,6 +29,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/convert.cuh"
 #include "flashdelta/tensor.h"
@@ -186,42 +187,62 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 
 // Loads rows [t0, t0 + len) of head h of a [B, T, H, D] tensor into a bf16 [64, kLdD] tile,
 // zero past len and past D; optionally l2-normalises each row (fp32), multiplies it by `mul`.
-// row_mul (shared memory, may be nullptr) multiplies row r after the normalisation.
-// Warp w owns rows w, w + nwarps, ...; a lane owns 4 of the 128 columns. All of a thread's loads
-// are issued before any is used, so their latencies overlap.
+// row_inv (shared memory, may be nullptr) receives each row's 1 / |x| when l2norm is set (what
+// the l2norm's backward needs besides the tile: grads.cu, store_key_grad).
+// Warp w owns rows w, w + nwarps, ...; a lane owns 4 of the 128 columns, read in one 8-byte
+// (16-byte for fp32) access where the rows allow it (D = 128, unit stride, 4-element aligned:
+// the usual layout and projection views), else one by one. All of a thread's loads are issued before any
+// is used, so their latencies overlap; they are held in T until then (half the registers of
+// fp32 for 2-byte T: intra.cu's 4-warp blocks hold 16 rows a warp).
 template <typename T, int kThreads>
 __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_t t0, int len,
-                          int h, int D, bool l2norm, float mul, const float* row_mul,
-                          bf16* tile) {
+                          int h, int D, bool l2norm, float mul, float* row_inv, bf16* tile) {
   constexpr int kWarps = kThreads / 32, kRows = kC / kWarps;
+  using Vec = std::conditional_t<sizeof(T) == 4, uint4, uint2>;  // four elements
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const T* src = base + batch * s[0] + t0 * s[1] + h * s[2];
-  float x[kRows][4];
+  const bool vec = D == kD && s[3] == 1 && s[0] % 4 == 0 && s[1] % 4 == 0 && s[2] % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(base) % sizeof(Vec) == 0;
+  Vec raw[kRows];
+  if (vec) {  // whole rows: no column bound
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + i * kWarps;
+    for (int i = 0; i < kRows; ++i) {
+      const int r = warp + i * kWarps;
+      raw[i] = r < len ? *reinterpret_cast<const Vec*>(src + r * s[1] + lane * 4) : Vec{};
+    }
+  } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int d = lane * 4 + j;
-      x[i][j] = (r < len && d < D) ? to_f32(src[r * s[1] + d * s[3]]) : 0.f;
+    for (int i = 0; i < kRows; ++i) {
+      const int r = warp + i * kWarps;
+      T* e = reinterpret_cast<T*>(&raw[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int d = lane * 4 + j;
+        e[j] = (r < len && d < D) ? src[r * s[1] + d * s[3]] : from_f32<T>(0.f);
+      }
     }
   }
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int r = warp + i * kWarps;
+    const T* e = reinterpret_cast<const T*>(&raw[i]);
+    float x[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x[j] = to_f32(e[j]);
     float m = mul;
     if (l2norm) {
       float sq = 0.f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sq += x[i][j] * x[i][j];
+      for (int j = 0; j < 4; ++j) sq += x[j] * x[j];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-      m *= rsqrtf(sq + kL2NormEps);
+      const float inv = rsqrtf(sq + kL2NormEps);
+      if (row_inv != nullptr && lane == 0) row_inv[r] = inv;
+      m *= inv;
     }
-    if (row_mul) m *= row_mul[r];
     alignas(8) bf16 hx[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) hx[j] = __float2bfloat16_rn(x[i][j] * m);
+    for (int j = 0; j < 4; ++j) hx[j] = __float2bfloat16_rn(x[j] * m);
     *reinterpret_cast<uint2*>(tile + r * kLdD + lane * 4) = *reinterpret_cast<const uint2*>(hx);
   }
 }

@@ -47,16 +47,22 @@
 // order) and then the t blocks of dO M, in the same order in every shape: no cross-warp sums,
 // so the bits do not depend on the shape (or the run).
 // Streaming: W, K, Q, M, gamma of chunk c - 1 are copied by cp.async into the other half of a double
-// buffer while chunk c is computed, and dO of chunk c - 1 (strided, any float dtype) is loaded
-// into registers at the same time, converted to bf16 and stored to shared memory at the top of
-// the next step. One block barrier per chunk (it both publishes chunk c's tiles and the group's
+// buffer while chunk c is computed, and so is dO of chunk c - 1 when it is bf16 with 16-byte rows;
+// the gamma of the thread's dO rows and the chunk's gamma_last come by 4-byte cp.async into
+// per-thread slots, and the thread gates its dO rows at the top of the next step. dO of other
+// dtypes or layouts is loaded into registers a chunk ahead instead and converted to bf16; but
+// ptxas may sink such loads to their first use (it did: ncu put 25% of this kernel's stall
+// samples, H100 1 x 32768, on the first use of a register loaded from dO, with nothing between
+// the load and the use; and more on gamma_last's), which cp.async rules out. One block barrier per chunk (it both publishes chunk c's tiles and the group's
 // dS^T fragments, and retires the buffers of chunk c + 1), one row-group barrier.
 // Shared memory: ~181 KB with 64-column tiles, ~153 KB with 32 (Hopper; the backward's gradient
 // kernel needs Hopper's shared memory anyway, check_grads_device()).
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "core/check.h"
+#include "cuda/cp_async.cuh"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/device_info.cuh"
@@ -94,6 +100,9 @@ struct DStateSmem {
   float gamma[2][kC];
   bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
   bf16 d_og[2][kC * S::kLdO];         // the same rows times e^gamma_t
+  // Per thread, by cp.async with dO: gamma_t of its dO groups' rows, and the chunk's gamma_last.
+  float d_o_gamma[2][S::kThreads * S::kGroupsPerThread];
+  float gamma_last[2][S::kThreads];
   // Per warp, as bf16 A fragments (8 bf16 pairs per lane): its k16 blocks of dS^T (step 5, read
   // at the next chunk's step 1) and its k16 blocks of -dVn^T over its tokens (step 3).
   uint4 ds_frag[S::kWarps][S::kKB][32];
@@ -174,8 +183,9 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   // dO of chunk c, rows t < len, columns v < V of this tile, as bf16 groups of 8 columns:
   // group i = tid + j * kThreads is row i / kGroupsPerRow, columns 8 (i % kGroupsPerRow) ..
   const T* d_o = static_cast<const T*>(b.d_o) + seq.batch * b.d_o_s[0] + hv * b.d_o_s[2];
+  // bf16 dO with 16-byte rows (then V % 8 == 0: a group is all in or all out) by cp.async.
+  const bool d_o_async = std::is_same<T, bf16>::value && d_o_vec;
   uint4 d_o_next[kGroupsPerThread];
-  float gamma_next[kGroupsPerThread];  // gamma of each group's row
   auto load_d_o = [&](int64_t c) {
     const int64_t t0 = seq.begin + c * kC;
     const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
@@ -184,27 +194,28 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     for (int j = 0; j < kGroupsPerThread; ++j) {
       const int i = tid + j * kThreads, t = i / kGroupsPerRow, v = col0 + (i % kGroupsPerRow) * 8;
       const int valid = t < len ? min(max(V - v, 0), 8) : 0;
-      d_o_next[j] = valid > 0 ? bwd::load8_bf16<T>(d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3],
-                                                   b.d_o_s[3], valid, d_o_vec)
-                              : make_uint4(0u, 0u, 0u, 0u);
-      gamma_next[j] = gamma_c[t];
+      const T* src = d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3];
+      if (d_o_async) {
+        const int at = t * kLdO + (i % kGroupsPerRow) * 8;
+        bwd::cp_async16_or_zero(&sm.d_o[c & 1][at], valid > 0 ? src : d_o, valid > 0);
+      } else {
+        d_o_next[j] = valid > 0 ? bwd::load8_bf16<T>(src, b.d_o_s[3], valid, d_o_vec)
+                                : make_uint4(0u, 0u, 0u, 0u);
+      }
+      cp_async_4(&sm.d_o_gamma[c & 1][i], gamma_c + t);
     }
-  };
-  auto gamma_last = [&](int64_t c) {
-    return p.ws.gamma[ws_index(p, first_slot + c, hv, kC) + kC - 1];
+    cp_async_4(&sm.gamma_last[c & 1][tid], gamma_c + kC - 1);
+    cp_async_commit();
   };
 
-  float next_gamma_last = 0.f;
   if (num_chunks > 0) {
     prefetch_tiles(num_chunks - 1);
     load_d_o(num_chunks - 1);
-    next_gamma_last = gamma_last(num_chunks - 1);
   }
 
   for (int64_t c = num_chunks - 1; c >= 0; --c) {
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
-    const float e_last = __expf(next_gamma_last);
 
     // dS^T here is the gradient of the state leaving chunk c: this warp's slice.
     bf16* dst = b.dstates + ws_index(p, slot, hv, kD * kD);
@@ -215,15 +226,23 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       *reinterpret_cast<uint32_t*>(dst + v_hi * kD + k) = pack_bf16(dsc[nt][2], dsc[nt][3]);
     }
 
-    // Chunk c's dO, loaded during the previous step, into its buffer (last read two steps ago),
-    // and gated by its rows' e^gamma into d_og.
+    cp_async_wait<0>();  // this thread's copies of chunk c's tiles (and of its dO groups)
+    const float e_last = __expf(sm.gamma_last[buf][tid]);
+    // Chunk c's dO, copied or loaded during the previous step, into its buffer (last read two
+    // steps ago), and gated by its rows' e^gamma into d_og: each thread its own groups.
 #pragma unroll
     for (int j = 0; j < kGroupsPerThread; ++j) {
       const int i = tid + j * kThreads;
       const int at = (i / kGroupsPerRow) * kLdO + (i % kGroupsPerRow) * 8;
-      *reinterpret_cast<uint4*>(&sm.d_o[buf][at]) = d_o_next[j];
-      const float e = __expf(gamma_next[j]);
-      const uint32_t* x = reinterpret_cast<const uint32_t*>(&d_o_next[j]);
+      uint4 x4;
+      if (d_o_async) {
+        x4 = *reinterpret_cast<const uint4*>(&sm.d_o[buf][at]);
+      } else {
+        x4 = d_o_next[j];
+        *reinterpret_cast<uint4*>(&sm.d_o[buf][at]) = x4;
+      }
+      const float e = __expf(sm.d_o_gamma[buf][i]);
+      const uint32_t* x = reinterpret_cast<const uint32_t*>(&x4);
       uint4 gated;
       uint32_t* y = reinterpret_cast<uint32_t*>(&gated);
 #pragma unroll
@@ -233,14 +252,12 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       }
       *reinterpret_cast<uint4*>(&sm.d_og[buf][at]) = gated;
     }
-    cp_async_wait<0>();  // this thread's copies of chunk c's tiles
     // Chunk c's tiles and dO are visible to all warps; every warp is done with chunk c + 1, whose
     // buffers (and the exchange slots) are free; the group's dS^T fragments are visible.
     __syncthreads();
     if (c > 0) {
       prefetch_tiles(c - 1);
       load_d_o(c - 1);
-      next_gamma_last = gamma_last(c - 1);
     }
 
     // dO^T's A fragments and the gated ones: rows v of this warp, columns t (k16 blocks)

@@ -138,6 +138,7 @@ struct GradSmem {
   // One fp32 product tile, [64, kLdDf] or [64, kLdCf].
   float f[kC * kLdDf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
+  float q_inv[kC], k_inv[kC];  // 1 / |x| of the key head's q and k rows (l2norm)
   float red[kWarps];  // d e_last per warp
   // The block's current and next work items (grads_kernel's persistent loop).
   GradItem item[2];
@@ -304,28 +305,18 @@ __device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const Chunk
 
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
 // shared memory; warp w takes rows w + kWarps m, lane l columns l + 32 j), through the l2norm when it
-// was applied; stored in x's dtype.
+// was applied: dx = inv (dy - y (y . dy)), with y the normalised row as the products took it (the
+// bf16 tile, times 1 / mul: q's tile is scaled) and inv = 1 / |x| from load_tile, as FLA's l2norm
+// backward takes y in the input's dtype. (Reading x again here instead, scalar loads at the item's
+// end that the next head's prefetches had queued behind, took 16.6% of this kernel's stall
+// samples: H100, 1 x 32768.) Stored in dx's dtype.
 template <typename T, int kThreads>
 __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
-                                               const T* x, const int64_t* x_s, T* dx,
-                                               const int64_t* dx_s, const float* dy) {
+                                               const bf16* tile, const float* row_inv, float mul,
+                                               T* dx, const int64_t* dx_s, const float* dy) {
   constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
-  // Every row's x first, all kRowsPerWarp x 4 loads in flight together (the rows were read at the
-  // item's start, so these are L2 hits): one latency per call instead of one per row. Then the
-  // rows one by one, unrolled (4 at 16 warps) so that xs stays in registers; this runs once per
-  // item, twice, a few hundred instructions in all.
-  float xs[kRowsPerWarp][4];
-#pragma unroll
-  for (int m = 0; m < kRowsPerWarp; ++m) {
-    const int r = warp + kWarps * m;
-    const T* xr = x + ch.batch * x_s[0] + (ch.t0 + r) * x_s[1] + h * x_s[2];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int d = lane + 32 * j;
-      xs[m][j] = r < ch.len && d < K ? to_f32(xr[d * x_s[3]]) : 0.f;
-    }
-  }
+  const float unscale = 1.f / mul;
 #pragma unroll
   for (int m = 0; m < kRowsPerWarp; ++m) {
     const int r = warp + kWarps * m;
@@ -334,7 +325,18 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
     float g[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) g[j] = dy[r * kLdDf + lane + 32 * j];
-    if (p.l2norm) l2norm_backward_row(xs[m], g);
+    if (p.l2norm) {
+      float y[4], ydot = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        y[j] = __bfloat162float(tile[r * kLdD + lane + 32 * j]) * unscale;
+        ydot += y[j] * g[j];
+      }
+      ydot = warp_sum(ydot);
+      const float inv = row_inv[r];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) g[j] = inv * (g[j] - y[j] * ydot);
+    }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int d = lane + 32 * j;
@@ -412,9 +414,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // previous head); q and k once per key head, the gates, and dO of other layouts, by the block.
       if (rep == 0) {
         load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
-                               p.l2norm, p.scale, nullptr, sm.q);
+                               p.l2norm, p.scale, sm.q_inv, sm.q);
         load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
-                               p.l2norm, 1.f, nullptr, sm.k);
+                               p.l2norm, 1.f, sm.k_inv, sm.k);
       }
       load_gates(p, ch, hv, sm.gamma, sm.beta);
       if (warp == 0) {  // e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), published with gamma
@@ -757,11 +759,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
     bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
     __syncthreads();
-    store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.q), p.q_s, static_cast<T*>(b.dq), b.dq_s, f);
+    store_key_grad<T, kThreads>(p, ch, hk, sm.q, sm.q_inv, p.scale, static_cast<T*>(b.dq), b.dq_s, f);
     __syncthreads();
     bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
     __syncthreads();
-    store_key_grad<T, kThreads>(p, ch, hk, static_cast<const T*>(p.k), p.k_s, static_cast<T*>(b.dk), b.dk_s, f);
+    store_key_grad<T, kThreads>(p, ch, hk, sm.k, sm.k_inv, 1.f, static_cast<T*>(b.dk), b.dk_s, f);
     more = next_item.slot >= 0;
     __syncthreads();  // every thread is done reading the two items
     if (more && tid == 0) {  // published by the next item's first barrier

@@ -72,57 +72,6 @@ __device__ __forceinline__ bool v_is_async(const ChunkParams& p) {
   }
 }
 
-// q, k (and v where it is not copied asynchronously) as bf16 tiles: load_tile, whose column
-// stride is a runtime value (four 2-byte loads per row and lane), unless the rows are contiguous
-// 2-byte runs of 128 with 8-byte alignment (the usual layout, or projection views with such
-// strides): then one 8-byte load per row and lane, a quarter of the load instructions of the
-// phase every warp waits on. The same arithmetic as load_tile (same values, same sum order), so
-// both paths give the same bits.
-template <typename T>
-__device__ __forceinline__ void load_rows(const T* base, const int64_t* s, int64_t batch,
-                                          int64_t t0, int len, int h, int D, bool l2norm,
-                                          float mul, bf16* tile) {
-  bool vec = false;
-  if constexpr (sizeof(T) == 2) {
-    vec = D == kD && s[3] == 1 && s[0] % 4 == 0 && s[1] % 4 == 0 && s[2] % 4 == 0 &&
-          reinterpret_cast<uintptr_t>(base) % 8 == 0;
-  }
-  if (!vec) {
-    load_tile<T, kThreads>(base, s, batch, t0, len, h, D, l2norm, mul, nullptr, tile);
-    return;
-  }
-  constexpr int kRows = kC / kWarps;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const T* src = base + batch * s[0] + t0 * s[1] + h * s[2] + lane * 4;
-  uint2 raw[kRows];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + i * kWarps;
-    raw[i] = r < len ? *reinterpret_cast<const uint2*>(src + r * s[1]) : make_uint2(0u, 0u);
-  }
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + i * kWarps;
-    const T* e = reinterpret_cast<const T*>(&raw[i]);
-    float x[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) x[j] = to_f32(e[j]);
-    float m = mul;
-    if (l2norm) {
-      float sq = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sq += x[j] * x[j];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-      m *= rsqrtf(sq + kL2NormEps);
-    }
-    alignas(8) bf16 hx[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) hx[j] = __float2bfloat16_rn(x[j] * m);
-    *reinterpret_cast<uint2*>(tile + r * kLdD + lane * 4) = *reinterpret_cast<const uint2*>(hx);
-  }
-}
-
 // Starts copying value head hv's v rows of the chunk into `tile` (bf16 [64, kLdD]); commit is
 // the caller's. Rows >= len are zeroed.
 __device__ __forceinline__ void load_v_async(const ChunkParams& p, const ChunkRef& ch, int hv,
@@ -233,13 +182,15 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
     load_v_async(p, ch, hv, sm.v);
     cp_async_commit();
   }
-  load_rows(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
-            p.l2norm, 1.f, sm.kn);
-  load_rows(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, p.head_k_dim,
-            p.l2norm, p.scale, qn);
+  // q, k (and v where it is not copied asynchronously): one 8-byte load per row and lane for the
+  // usual layout (common.cuh's load_tile)
+  load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk,
+                         p.head_k_dim, p.l2norm, 1.f, nullptr, sm.kn);
+  load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk,
+                         p.head_k_dim, p.l2norm, p.scale, nullptr, qn);
   if (!v_async)
-    load_rows(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, p.head_v_dim, false,
-              1.f, sm.v);
+    load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
+                           p.head_v_dim, false, 1.f, nullptr, sm.v);
   load_gates(p, ch, hv, sm.gamma, sm.beta);
   if (threadIdx.x < 32) {  // the lanes of load_gates, reading back what each wrote
 #pragma unroll
