@@ -78,6 +78,7 @@ struct Workspace {
   bf16* m;       // M = Gamma * causal(Q K^T)                [num_slots, HV, 64, 64]
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
   bf16* t;       // T = (I + A)^-1, where wanted (else null) [num_slots, HV, 64, 64]
+  float* beta;   // beta (fp32, 0 past the chunk), with T    [num_slots, HV, 64]
 };
 
 // What the backward adds (launch.cu, above backward(), has the whole picture). Chunk states are

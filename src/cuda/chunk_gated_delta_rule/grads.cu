@@ -34,9 +34,9 @@
 // bwd::ChainTile and the second starts its accumulators from it (bwd::gemm_apply_onto), so the
 // fp32 tile holds only K K^T, made once per key head (it does not depend on the value head), and
 // the final dq, dk rows.
-// Every workspace tile (W, U, M, T, S^T, dS'^T) of a value head comes by cp.async; dO too when
-// it is bf16 with 16-byte rows, else by 16-byte (or element) loads issued before any is used,
-// converted by the block. The next value head's tiles (this item's next head, or after its last
+// Every workspace tile (W, U, M, T, S^T, dS'^T, and the gates gamma, beta) of a value head comes
+// by cp.async; dO too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads
+// issued before any is used, converted by the block. The next value head's tiles (this item's next head, or after its last
 // the next item's first) are copied as soon as this one's last product with each is done (S^T and
 // dS'^T after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the
 // rest of its work; only the block's very first head waits for its copies (in flight while q and
@@ -139,6 +139,7 @@ struct GradSmem {
   float f[kC * kLdDf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
   float q_inv[kC], k_inv[kC];  // 1 / |x| of the key head's q and k rows (l2norm)
+  float next_gates[2][kC];     // the next value head's gamma, beta, copied by warp 0 (below)
   float red[kWarps];  // d e_last per warp
   // The block's current and next work items (grads_kernel's persistent loop).
   GradItem item[2];
@@ -303,6 +304,19 @@ __device__ __forceinline__ void copy_d_o_async(const ChunkParams& p, const Chunk
                             p.head_v_dim, tile);
 }
 
+// The gates of value head hv (gamma and beta, fp32, from the intra pass) into `gates` by warp 0's
+// cp.async: started a head ahead with the head's tiles, moved into place by warp 0 itself at the
+// head's start (no block barrier of their own). Loading and scanning g and beta there instead
+// kept the other 15 warps at the head's first barrier for 8% of this kernel's stall samples (H100,
+// 1 x 32768). Commit and wait are the caller's.
+__device__ __forceinline__ void copy_gates_async(const ChunkParams& p, int64_t slot, int hv,
+                                                 float (&gates)[2][kC]) {
+  const int lane = threadIdx.x;
+  if (lane >= 32) return;
+  const size_t at = ws_index(p, slot, hv, kC) + 4 * (lane % 16);
+  cp_async16(&gates[lane / 16][4 * (lane % 16)], (lane < 16 ? p.ws.gamma : p.ws.beta) + at);
+}
+
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
 // shared memory; warp w takes rows w + kWarps m, lane l columns l + 32 j), through the l2norm when it
 // was applied: dx = inv (dy - y (y . dy)), with y the normalised row as the products took it (the
@@ -397,6 +411,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     copy_state_async<kThreads>(b.states + state, V, sm.st);
     copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
     if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
+    copy_gates_async(p, slot, hv, sm.next_gates);
     cp_async_commit();
   }
   for (bool more = true; more;) {
@@ -411,16 +426,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool has_next = rep + 1 < p.group || next_item.slot >= 0;
 
       // ---- loads: the workspace tiles (and bf16 dO) are in flight (above, or started during the
-      // previous head); q and k once per key head, the gates, and dO of other layouts, by the block.
+      // previous head); q and k once per key head, and dO of other layouts, by the block.
       if (rep == 0) {
         load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
                                p.l2norm, p.scale, sm.q_inv, sm.q);
         load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
                                p.l2norm, 1.f, sm.k_inv, sm.k);
       }
-      load_gates(p, ch, hv, sm.gamma, sm.beta);
-      if (warp == 0) {  // e_i = exp(gamma_i), r_i = exp(gamma_last - gamma_i), published with gamma
-        __syncwarp();   // by the barrier below
+      if (warp == 0) {  // the gates, copied a head ahead by this warp; e_i = exp(gamma_i),
+                        // r_i = exp(gamma_last - gamma_i); published by the barrier below
+        cp_async_wait<0>();
+        __syncwarp();
+        for (int i = lane; i < kC; i += 32) {
+          sm.gamma[i] = sm.next_gates[0][i];
+          sm.beta[i] = sm.next_gates[1][i];
+        }
+        __syncwarp();
         const float last = sm.gamma[kC - 1];
         for (int i = lane; i < kC; i += 32) {
           sm.e[i] = __expf(sm.gamma[i]);
@@ -656,6 +677,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
         copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
         if (d_o_async) copy_d_o_async<kThreads>(p, nh.ch, nh.hv, sm.dov);
+        copy_gates_async(p, nh.slot, nh.hv, sm.next_gates);  // read at this head's start
         cp_async_commit();
       }
       bwd::gemm_apply<kC, kC, false, true, kThreads>(

@@ -16,7 +16,8 @@
 // accumulators and leave through a warp-private staging tile as 16-byte stores. Only the lower
 // triangle is computed: warp w needs columns < 16 (w + 1) of K K^T, Q K^T and T.
 // Writes W, U, M (bf16), gamma (fp32) and, where p.ws.t is set (the backward, or a training
-// forward that keeps it for the backward), T (bf16), in the layouts of common.cuh's Workspace;
+// forward that keeps it for the backward), T (bf16) and beta (fp32, for the backward's gradient
+// kernel to copy a head ahead), in the layouts of common.cuh's Workspace;
 // and the normalised K and Q of each (slot, key head) ([num_slots, H, 64, 128], ws_key_index),
 // written by the key head's first value head: the state passes scale by the gates in registers.
 //
@@ -327,8 +328,10 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
     }
     store_rows16x128(acc, stage, (which == 0 ? p.ws.w : p.ws.u) + base + r0 * kD);
   }
-  if (threadIdx.x < kC)
+  if (threadIdx.x < kC) {
     p.ws.gamma[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.gamma[threadIdx.x];
+    if (p.ws.beta) p.ws.beta[ws_index(p, slot, hv, kC) + threadIdx.x] = sm.beta[threadIdx.x];
+  }
 }
 
 template <typename T>

@@ -23,13 +23,13 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
 // Byte sizes of the tensors between the phases (Workspace's, then the backward's own). A training
 // forward keeps in `saved` everything the backward reads and would recompute (kept(): the states
-// entering each chunk, W, U, M, gamma, T and the key heads' K and Q); its backward's workspace is
+// entering each chunk, W, U, M, gamma, T, beta and the key heads' K and Q); its backward's workspace is
 // then dstates alone, and the forward needs none. Without `saved` each direction's workspace holds
-// all it uses (the forward: no T, no states).
+// all it uses (the forward: no T, beta or states).
 struct WorkspaceLayout {
-  size_t w, u, kn, qn, m, gamma, t, states, dstates;
+  size_t w, u, kn, qn, m, gamma, t, beta, states, dstates;
 
-  size_t kept() const { return states + w + u + m + gamma + t + kn + qn; }
+  size_t kept() const { return states + w + u + m + gamma + t + beta + kn + qn; }
   size_t forward() const { return w + u + m + gamma + kn + qn; }
   size_t backward() const { return kept() + dstates; }
   size_t backward_with_saved() const { return dstates; }
@@ -42,8 +42,9 @@ WorkspaceLayout layout(const GatedDeltaRuleShape& s) {
   const size_t chunk_tile = align_up(blocks * kC * kD * sizeof(bf16));
   const size_t chunk_square = align_up(blocks * kC * kC * sizeof(bf16));
   const size_t state = align_up(blocks * kD * kD * sizeof(bf16));
-  return {chunk_tile, chunk_tile, key_tile, key_tile, chunk_square,
-          align_up(blocks * kC * sizeof(float)), chunk_square, state, state};
+  const size_t chunk_row = align_up(blocks * kC * sizeof(float));
+  return {chunk_tile, chunk_tile, key_tile, key_tile, chunk_square, chunk_row, chunk_square,
+          chunk_row, state, state};
 }
 
 void check_supported(const GatedDeltaRuleShape& s) {
@@ -129,7 +130,10 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   p.ws.u = static_cast<bf16*>(k.take(l.u));
   p.ws.m = static_cast<bf16*>(k.take(l.m));
   p.ws.gamma = static_cast<float*>(k.take(l.gamma));
-  if (saved != nullptr || backward) p.ws.t = static_cast<bf16*>(k.take(l.t));
+  if (saved != nullptr || backward) {
+    p.ws.t = static_cast<bf16*>(k.take(l.t));
+    p.ws.beta = static_cast<float*>(k.take(l.beta));
+  }
   p.ws.kn = static_cast<bf16*>(k.take(l.kn));
   p.ws.qn = static_cast<bf16*>(k.take(l.qn));
   if (backward) {
@@ -166,7 +170,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
 // The backward, four launches on the caller's stream (the CPU kernel's derivation, split by what
 // parallelises):
-//   intra   (slot, value head)                  the forward's W, U, K, Q, M, gamma, and T
+//   intra   (slot, value head)                  the forward's W, U, K, Q, M, gamma, and T, beta
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16: the forward's bits), writes no output
 //   (both skipped when the forward kept what they write: grad_in.saved)
