@@ -272,39 +272,44 @@ __device__ __forceinline__ void copy_in_async(const bf16* src, int ld_src, int r
   }
 }
 
-// gamma (cumsum of g, floored), beta of one chunk into shared memory; zero past len. Warp 0.
-__device__ inline void load_gates(const ChunkParams& p, const ChunkRef& ch, int hv, float* gamma,
-                                  float* beta) {
-  if (threadIdx.x >= 32) return;
-  const int lane = threadIdx.x;
-  const int64_t gb = ch.batch * p.g_s[0] + ch.t0 * p.g_s[1] + hv * p.g_s[2];
-  const int64_t bb = ch.batch * p.beta_s[0] + ch.t0 * p.beta_s[1] + hv * p.beta_s[2];
+// gamma (cumsum of g, floored), beta of one chunk, by the 32 lanes of one warp (rows 2 lane,
+// 2 lane + 1), in two steps so that the loads' latency overlaps the caller's other loads: load()
+// issues them, store() scans and writes to shared memory; zero past len.
+struct ChunkGates {
   float g[2], b[2];
+
+  __device__ __forceinline__ void load(const ChunkParams& p, const ChunkRef& ch, int hv) {
+    const int lane = threadIdx.x & 31;
+    const int64_t gb = ch.batch * p.g_s[0] + ch.t0 * p.g_s[1] + hv * p.g_s[2];
+    const int64_t bb = ch.batch * p.beta_s[0] + ch.t0 * p.beta_s[1] + hv * p.beta_s[2];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    const int r = lane * 2 + j;
-    g[j] = r < ch.len ? fmaxf(load_float(p.g, p.g_dtype, gb + r * p.g_s[1]), kMinLogDecay) : 0.f;
-    // NaN in g must propagate: fmaxf drops it, so put it back.
-    if (r < ch.len) {
-      const float raw = load_float(p.g, p.g_dtype, gb + r * p.g_s[1]);
-      if (raw != raw) g[j] = raw;
+    for (int j = 0; j < 2; ++j) {
+      const int r = lane * 2 + j;
+      g[j] = r < ch.len ? load_float(p.g, p.g_dtype, gb + r * p.g_s[1]) : 0.f;
+      b[j] = r < ch.len ? load_float(p.beta, p.beta_dtype, bb + r * p.beta_s[1]) : 0.f;
     }
-    b[j] = r < ch.len ? load_float(p.beta, p.beta_dtype, bb + r * p.beta_s[1]) : 0.f;
   }
-  // inclusive scan over 64 values: pairs within a lane, then across lanes
-  g[1] += g[0];
-  float run = g[1];
+
+  __device__ __forceinline__ void store(float* gamma, float* beta) {
+    const int lane = threadIdx.x & 31;
+    float x[2];
 #pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const float y = __shfl_up_sync(0xffffffffu, run, off);
-    if (lane >= off) run += y;
+    for (int j = 0; j < 2; ++j) x[j] = g[j] != g[j] ? g[j] : fmaxf(g[j], kMinLogDecay);  // NaN stays
+    // inclusive scan over 64 values: pairs within a lane, then across lanes
+    x[1] += x[0];
+    float run = x[1];
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const float y = __shfl_up_sync(0xffffffffu, run, off);
+      if (lane >= off) run += y;
+    }
+    const float before = run - x[1];
+    gamma[lane * 2] = before + x[0];
+    gamma[lane * 2 + 1] = run;
+    beta[lane * 2] = b[0];
+    beta[lane * 2 + 1] = b[1];
   }
-  const float before = run - g[1];
-  gamma[lane * 2] = before + g[0];
-  gamma[lane * 2 + 1] = run;
-  beta[lane * 2] = b[0];
-  beta[lane * 2 + 1] = b[1];
-}
+};
 
 // ---------------------------------------------------------------------------------- tiles
 

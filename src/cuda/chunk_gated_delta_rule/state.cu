@@ -290,7 +290,6 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   for (int64_t c = 0; c < num_chunks; ++c) {
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
-    const float e_last = __expf(p.ws.gamma[ws_index(p, slot, hv, kC) + kC - 1]);
     // The backward's replay, and the forward when it keeps them for the backward, store S^T
     // entering every chunk: rows v, this warp's k slice; before the barrier, so that the stores
     // leave while the warp waits for the others.
@@ -334,6 +333,9 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     // tile buffers are refilled now. The copies are issued and the o rows stored after it, so
     // a warp that gets there first starts computing instead of waiting for the others' issue.
     __syncthreads();
+    // gamma_last from the chunk's gamma tile (a global load here stalled on its first use:
+    // ptxas keeps such loads next to it)
+    const float e_last = __expf(sm.gamma[buf][kC - 1]);
     if (c + 1 < num_chunks) prefetch(c + 1);
     if constexpr (!kReplay && Smem::kStagedO) {
       // o[(c - 1) & 1] is rewritten at chunk c + 1, after its barrier, which this warp reaches
