@@ -171,11 +171,11 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const size_t key_base = ws_key_index(p, slot, hv / p.group, kC * kD);
     const int buf = c & 1;
-    copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.kn + key_base, kD, kC, kD, sm.k[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.qn + key_base, kD, kC, kD, sm.q[buf], kLdD);
-    copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
-                            kLdC);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
+    copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
+                                                sm.m[buf]);
     if (tid < kC / 4)
       cp_async16(sm.gamma[buf] + 4 * tid, p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * tid);
     cp_async_commit();

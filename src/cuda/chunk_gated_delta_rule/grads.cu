@@ -173,12 +173,17 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Starts copying S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a
 // tile; rows v >= V are zero-filled (rows past the state kernels' column tiles are never written;
 // columns k >= K are written, zero, by them). Commit and wait are the caller's.
+// (As common.cuh's copy_tile_async: a thread's copies are one base plus constant offsets.)
 template <int kThreads>
 __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
-  constexpr int kPerRow = kD / 8;
-  for (int i = threadIdx.x; i < kD * kPerRow; i += kThreads) {
-    const int v = i / kPerRow, c = (i % kPerRow) * 8;
-    bwd::cp_async16_or_zero(tile + v * kLdD + c, src + v * kD + c, v < V);
+  constexpr int kPerRow = kD / 8, kRowsPerPass = kThreads / kPerRow;
+  static_assert(kD % kRowsPerPass == 0, "whole passes");
+  const int v0 = threadIdx.x / kPerRow, c = (threadIdx.x % kPerRow) * 8;
+  const bf16* from = src + v0 * kD + c;
+  bf16* to = tile + v0 * kLdD + c;
+#pragma unroll
+  for (int v = 0; v < kD; v += kRowsPerPass) {
+    bwd::cp_async16_or_zero(to + v * kLdD, from + v * kD, v0 + v < V);
   }
 }
 
@@ -404,10 +409,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const size_t tile = ws_index(p, slot, hv, kC * kD);
     const size_t small = ws_index(p, slot, hv, kC * kC);
     const size_t state = ws_index(p, slot, hv, kD * kD);
-    copy_in_async<kThreads>(p.ws.w + tile, kD, kC, kD, sm.w_dvn, kLdD);
-    copy_in_async<kThreads>(p.ws.u + tile, kD, kC, kD, sm.u_vn_dw, kLdD);
-    copy_in_async<kThreads>(p.ws.m + small, kC, kC, kC, sm.m, kLdC);
-    copy_in_async<kThreads>(p.ws.t + small, kC, kC, kC, sm.t, kLdC);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + tile, sm.w_dvn);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.u + tile, sm.u_vn_dw);
+    copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + small, sm.m);
+    copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.t + small, sm.t);
     copy_state_async<kThreads>(b.states + state, V, sm.st);
     copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
     if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
@@ -674,8 +679,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kC * kD);
-        copy_in_async<kThreads>(p.ws.w + next, kD, kC, kD, sm.w_dvn, kLdD);
-        copy_in_async<kThreads>(p.ws.u + next, kD, kC, kD, sm.u_vn_dw, kLdD);
+        copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + next, sm.w_dvn);
+        copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.u + next, sm.u_vn_dw);
         if (d_o_async) copy_d_o_async<kThreads>(p, nh.ch, nh.hv, sm.dov);
         copy_gates_async(p, nh.slot, nh.hv, sm.next_gates);  // read at this head's start
         cp_async_commit();
@@ -718,8 +723,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (has_next) {  // M (now T^T dT) and T are done with
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kC * kC);
-        copy_in_async<kThreads>(p.ws.m + next, kC, kC, kC, sm.m, kLdC);
-        copy_in_async<kThreads>(p.ws.t + next, kC, kC, kC, sm.t, kLdC);
+        copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + next, sm.m);
+        copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.t + next, sm.t);
         cp_async_commit();
       }
       // The row sums of this head: dbeta, and dgamma before its reverse cumsum (e_i = exp(gamma_i),

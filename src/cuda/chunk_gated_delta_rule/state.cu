@@ -243,19 +243,19 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const int64_t slot = first_slot + c;
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const int buf = c & 1;
-    copy_in_async<kThreads>(p.ws.w + base, kD, kC, kD, sm.w[buf], kLdD);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
     // K (and for O, Q) of the key head (intra.cu), gamma for the gates
     const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
-    copy_in_async<kThreads>(p.ws.kn + key_base, kD, kC, kD, sm.k[buf], kLdD);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
     if constexpr (!kReplay) {
-      copy_in_async<kThreads>(p.ws.qn + key_base, kD, kC, kD, sm.q[buf], kLdD);
-      copy_in_async<kThreads>(p.ws.m + ws_index(p, slot, hv, kC * kC), kC, kC, kC, sm.m[buf],
-                              kLdC);
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
+      copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
+                                                  sm.m[buf]);
     }
     if (threadIdx.x < kC / 4)
       cp_async16(sm.gamma[buf] + 4 * threadIdx.x,
                  p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
-    copy_in_async<kThreads>(p.ws.u + base + col0, kD, kC, kVT, sm.u[buf], kLdU);
+    copy_tile_async<kThreads, kC, kVT, kD, kLdU>(p.ws.u + base + col0, sm.u[buf]);
     cp_async_commit();
   };
   if (num_chunks > 0) prefetch(0);
