@@ -192,9 +192,9 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 // the l2norm's backward needs besides the tile: grads.cu, store_key_grad).
 // Warp w owns rows w, w + nwarps, ...; a lane owns 4 of the 128 columns, read in one 8-byte
 // (16-byte for fp32) access where the rows allow it (D = 128, unit stride, 4-element aligned:
-// the usual layout and projection views), else one by one. All of a thread's loads are issued before any
-// is used, so their latencies overlap; they are held in T until then (half the registers of
-// fp32 for 2-byte T: intra.cu's 4-warp blocks hold 16 rows a warp).
+// the usual layout and projection views), else one by one. All of a thread's loads are issued
+// before any is used, so their latencies overlap; they are held in T until then (half the
+// registers of fp32 for 2-byte T: intra.cu's 4-warp blocks hold 16 rows a warp).
 template <typename T, int kThreads>
 __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_t t0, int len,
                           int h, int D, bool l2norm, float mul, float* row_inv, bf16* tile) {
@@ -301,7 +301,7 @@ struct ChunkGates {
     const int lane = threadIdx.x & 31;
     float x[2];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) x[j] = g[j] != g[j] ? g[j] : fmaxf(g[j], kMinLogDecay);  // NaN stays
+    for (int j = 0; j < 2; ++j) x[j] = g[j] != g[j] ? g[j] : fmaxf(g[j], kMinLogDecay);  // NaN kept
     // inclusive scan over 64 values: pairs within a lane, then across lanes
     x[1] += x[0];
     float run = x[1];

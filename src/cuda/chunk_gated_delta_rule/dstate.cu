@@ -53,8 +53,9 @@
 // dtypes or layouts is loaded into registers a chunk ahead instead and converted to bf16; but
 // ptxas may sink such loads to their first use (it did: ncu put 25% of this kernel's stall
 // samples, H100 1 x 32768, on the first use of a register loaded from dO, with nothing between
-// the load and the use; and more on gamma_last's), which cp.async rules out. One block barrier per chunk (it both publishes chunk c's tiles and the group's
-// dS^T fragments, and retires the buffers of chunk c + 1), one row-group barrier.
+// the load and the use), which cp.async rules out. One block barrier per chunk (it both
+// publishes chunk c's tiles and the group's dS^T fragments, and retires the buffers of chunk
+// c + 1), one row-group barrier.
 // Shared memory: ~181 KB with 64-column tiles, ~153 KB with 32 (Hopper; the backward's gradient
 // kernel needs Hopper's shared memory anyway, check_grads_device()).
 #include <cstdlib>

@@ -36,12 +36,12 @@
 // the final dq, dk rows.
 // Every workspace tile (W, U, M, T, S^T, dS'^T, and the gates gamma, beta) of a value head comes
 // by cp.async; dO too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads
-// issued before any is used, converted by the block. The next value head's tiles (this item's next head, or after its last
-// the next item's first) are copied as soon as this one's last product with each is done (S^T and
-// dS'^T after dW, W, U and bf16 dO after dKb, M and T after dA: about 125 KB of 130), behind the
-// rest of its work; only the block's very first head waits for its copies (in flight while q and
-// k load). v (bf16, 16-byte rows) likewise streams into dO's buffer once dO is done with, behind
-// dW and dT's first product.
+// issued before any is used, converted by the block. The next value head's tiles (this item's
+// next head, or after its last the next item's first) are copied as soon as this one's last
+// product with each is done (S^T and dS'^T after dW; W, U, bf16 dO and the gates after dKb; M and
+// T after dA: about 125 KB of 130), behind the rest of its work; only the block's very first
+// head waits for its copies (in flight while q and k load). v (bf16, 16-byte rows) likewise
+// streams into dO's buffer once dO is done with, behind dW and dT's first product.
 //
 // Launch: persistent, as many blocks as the device holds at once (one per SM: 132 on an H100),
 // block b taking items b, b + grid, ... (item = key head * slots + slot; empty varlen slots
@@ -786,11 +786,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
     bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
     __syncthreads();
-    store_key_grad<T, kThreads>(p, ch, hk, sm.q, sm.q_inv, p.scale, static_cast<T*>(b.dq), b.dq_s, f);
+    store_key_grad<T, kThreads>(p, ch, hk, sm.q, sm.q_inv, p.scale, static_cast<T*>(b.dq),
+                                b.dq_s, f);
     __syncthreads();
     bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
     __syncthreads();
-    store_key_grad<T, kThreads>(p, ch, hk, sm.k, sm.k_inv, 1.f, static_cast<T*>(b.dk), b.dk_s, f);
+    store_key_grad<T, kThreads>(p, ch, hk, sm.k, sm.k_inv, 1.f, static_cast<T*>(b.dk), b.dk_s,
+                                f);
     more = next_item.slot >= 0;
     __syncthreads();  // every thread is done reading the two items
     if (more && tid == 0) {  // published by the next item's first barrier

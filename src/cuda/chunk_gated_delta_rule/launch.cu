@@ -23,9 +23,9 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
 // Byte sizes of the tensors between the phases (Workspace's, then the backward's own). A training
 // forward keeps in `saved` everything the backward reads and would recompute (kept(): the states
-// entering each chunk, W, U, M, gamma, T, beta and the key heads' K and Q); its backward's workspace is
-// then dstates alone, and the forward needs none. Without `saved` each direction's workspace holds
-// all it uses (the forward: no T, beta or states).
+// entering each chunk, W, U, M, gamma, T, beta and the key heads' K and Q); its backward's
+// workspace is then dstates alone, and the forward needs none. Without `saved` each direction's
+// workspace holds all it uses (the forward: no T, beta or states).
 struct WorkspaceLayout {
   size_t w, u, kn, qn, m, gamma, t, beta, states, dstates;
 
@@ -170,7 +170,7 @@ void forward(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs& in,
 
 // The backward, four launches on the caller's stream (the CPU kernel's derivation, split by what
 // parallelises):
-//   intra   (slot, value head)                  the forward's W, U, K, Q, M, gamma, and T, beta
+//   intra   (slot, value head)                  the forward's W, U, K, Q, M, gamma, and T and beta
 //   state   (sequence, value head, V tile)      replays the recurrence; stores S^T entering each
 //                                               chunk (bf16: the forward's bits), writes no output
 //   (both skipped when the forward kept what they write: grad_in.saved)

@@ -333,8 +333,8 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     // tile buffers are refilled now. The copies are issued and the o rows stored after it, so
     // a warp that gets there first starts computing instead of waiting for the others' issue.
     __syncthreads();
-    // gamma_last from the chunk's gamma tile (a global load here stalled on its first use:
-    // ptxas keeps such loads next to it)
+    // gamma_last from the chunk's gamma tile, in shared memory since this barrier (it was a
+    // global load a chunk)
     const float e_last = __expf(sm.gamma[buf][kC - 1]);
     if (c + 1 < num_chunks) prefetch(c + 1);
     if constexpr (!kReplay && Smem::kStagedO) {
