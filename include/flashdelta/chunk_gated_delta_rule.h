@@ -16,7 +16,7 @@ size_t chunk_gated_delta_rule_forward_workspace_bytes(const GatedDeltaRuleInputs
 size_t chunk_gated_delta_rule_backward_workspace_bytes(const GatedDeltaRuleInputs& in,
                                                        bool with_saved = false);
 // Bytes of the forward's optional `saved` output (gated_delta_rule.h): on CUDA the state entering
-// every chunk (bf16), the intra-chunk products (W, U, M, T and the gates' cumsum) and the
+// every chunk (bf16), the intra-chunk products (W, U, M, T, the gates' cumsum and beta) and the
 // normalised K and Q; on the CPU the states alone (K x V in fp32, fp64 for fp64 inputs). The
 // backward given them does not recompute them.
 size_t chunk_gated_delta_rule_saved_bytes(const GatedDeltaRuleInputs& in);

@@ -21,7 +21,7 @@ op returns a 0-element tensor as its gradient. `GatedDeltaRuleOps.apply` maps th
 Training: when autograd will need the backward, `apply` asks the forward op to keep what the
 backward would otherwise recompute (`save_states`: the chunked op keeps the state entering every
 chunk, bf16 on CUDA, fp32 / fp64 on the CPU, and on CUDA the intra-chunk products W, U, M, T,
-the gates' cumsum and the normalised K and Q; its backward skips the replay of the recurrence
+the gates' cumsum, beta and the normalised K and Q; its backward skips the replay of the recurrence
 and, on CUDA, the intra-chunk phase: the same bits as recomputing them). The forward op then
 returns it as a third, uint8 output (0 elements where nothing is kept), which autograd hands to
 the backward op. FLASHDELTA_GDN_KEEP_STATES=0 turns this off (recompute: less memory between the
@@ -399,9 +399,8 @@ def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) 
     {kind}_gated_delta_rule_saved_bytes returns, from shapes alone, for the fake implementation).
     The chunked op on CUDA keeps, per 64-token chunk slot and value head, the state entering the
     chunk (S^T, bf16 [128, 128]) and phase 1's products: W and U (bf16 [64, 128]), M and T (bf16
-    [64, 64]), the gates' cumsum and beta (fp32 [64] each); and per slot and key head the normalised K and Q
-    (bf16 [64, 128]); each array 256-byte aligned. On the CPU the
-    states alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
+    [64, 64]), the gates' cumsum and beta (fp32 [64] each); and per slot and key head the
+    normalised K and Q (bf16 [64, 128]); each array 256-byte aligned. On the CPU the states alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
     recurrent op keeps nothing."""
     if kind != "chunk":
         return 0

@@ -68,7 +68,7 @@ def chunk_gated_delta_rule(
 
     Memory: when autograd records the call (grad enabled and an input requiring grad), the
     forward keeps the state entering every 64-token chunk for the backward, and on CUDA the
-    intra-chunk products too (CUDA: bf16, 80 KiB per chunk and value head and 32 KiB per chunk
+    intra-chunk products too (CUDA: 80.5 KiB per chunk and value head and 32 KiB per chunk
     and key head; CPU: the states, K x V fp32, fp64 for fp64 inputs), and the backward then does
     not replay the recurrence (the same gradients, bit for bit); FLASHDELTA_GDN_KEEP_STATES=0
     recomputes them instead.
