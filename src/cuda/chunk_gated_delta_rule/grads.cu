@@ -65,6 +65,7 @@
 // the previous product's epilogue wrote (or whose rows it overwrites), and rows belong to the same
 // band of 16 (warp % 4) in every product's layout, only the band's warps sync (band_barrier): 10
 // block barriers and 3 band barriers per value head (the round-2 kernel had ~15 block barriers).
+#include <cfloat>
 #include <type_traits>
 
 #include "core/check.h"
@@ -335,7 +336,9 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
                                                T* dx, const int64_t* dx_s, const float* dy) {
   constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
-  const float unscale = 1.f / mul;
+  // mul (q's scale) is positive; below FLT_MIN (absurd, but allowed) 1 / mul overflows and the
+  // tile holds denormals or zeros: y is taken as 0 there, the radial term dropped, not NaN.
+  const float unscale = mul >= FLT_MIN ? 1.f / mul : 0.f;
 #pragma unroll
   for (int m = 0; m < kRowsPerWarp; ++m) {
     const int r = warp + kWarps * m;
