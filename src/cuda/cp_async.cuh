@@ -35,6 +35,13 @@ __device__ __forceinline__ void cp_async_zfill(unsigned smem_addr, const void* g
   }
 }
 
+// 16 bytes, or 16 zero bytes without reading global memory when `valid` is false (gmem may then
+// point anywhere).
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool valid) {
+  cp_async_zfill<16>(static_cast<unsigned>(__cvta_generic_to_shared(smem)), gmem,
+                     valid ? 16 : 0);
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 
 template <int N>

@@ -53,15 +53,6 @@ inline bool rows_vectorisable(const void* data, const int64_t* s, int D) {
 
 namespace flashdelta::detail::cuda::chunk::bwd {
 
-// cp.async of 16 bytes that writes zeros instead of reading when `valid` is false (src-size 0:
-// nothing is read from gmem, which may then point anywhere mapped).
-__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_size = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
-               "r"(src_size));
-}
-
 // Eight consecutive elements (stride `stride`) of a tensor whose float dtype is known only at
 // run time, as packed bf16; `valid` of them are read, the rest are zero.
 __device__ __forceinline__ uint4 load8_bf16_any(const void* base, DType dtype, int64_t offset,

@@ -32,6 +32,7 @@
 #include <type_traits>
 
 #include "cuda/convert.cuh"
+#include "cuda/cp_async.cuh"
 #include "flashdelta/tensor.h"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -248,26 +249,16 @@ __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_
   }
 }
 
-// cp.async (sm_80+): 16-byte global -> shared copies that do not hold registers or block the
-// thread; wait_group<N> waits until at most N committed groups are still in flight.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 // Starts copying a [kRows, kCols] bf16 block (row stride kLdSrc elements) into a tile of row
-// stride kLdDst, 16 bytes a cp.async; commit and wait are the caller's. A thread copies one
+// stride kLdDst, 16 bytes a cp.async (cuda/cp_async.cuh); with kRowBound, rows >= valid_rows
+// are zero-filled without being read. Commit and wait are the caller's. A thread copies one
 // column group of rows r0, r0 + kThreads / (kCols / 8), ...: its addresses are one base plus
 // constant offsets, a few instructions a copy. (A flat loop over the block's copies, i / per_row
 // and i % per_row each time, spent most of the forward state pass's issue slots outside its
 // products: ncu, H100 1 x 32768.)
-template <int kThreads, int kRows, int kCols, int kLdSrc, int kLdDst>
-__device__ __forceinline__ void copy_tile_async(const bf16* src, bf16* tile) {
+template <int kThreads, int kRows, int kCols, int kLdSrc, int kLdDst, bool kRowBound = false>
+__device__ __forceinline__ void copy_tile_async(const bf16* src, bf16* tile,
+                                                int valid_rows = kRows) {
   constexpr int kPerRow = kCols / 8, kRowsPerPass = kThreads / kPerRow;
   static_assert(kCols % 8 == 0 && kThreads % kPerRow == 0, "whole rows a pass");
   const int r0 = threadIdx.x / kPerRow, c = (threadIdx.x % kPerRow) * 8;
@@ -275,7 +266,12 @@ __device__ __forceinline__ void copy_tile_async(const bf16* src, bf16* tile) {
   bf16* to = tile + r0 * kLdDst + c;
 #pragma unroll
   for (int r = 0; r < kRows; r += kRowsPerPass) {
-    if (kRows % kRowsPerPass == 0 || r0 + r < kRows) cp_async16(to + r * kLdDst, from + r * kLdSrc);
+    if (kRows % kRowsPerPass != 0 && r0 + r >= kRows) continue;
+    if constexpr (kRowBound) {
+      cp_async_16_or_zero(to + r * kLdDst, from + r * kLdSrc, r0 + r < valid_rows);
+    } else {
+      cp_async_16(to + r * kLdDst, from + r * kLdSrc);
+    }
   }
 }
 

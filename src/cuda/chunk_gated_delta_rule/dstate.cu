@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
                                                 sm.m[buf]);
     if (tid < kC / 4)
-      cp_async16(sm.gamma[buf] + 4 * tid, p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * tid);
+      cp_async_16(sm.gamma[buf] + 4 * tid, p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * tid);
     cp_async_commit();
   };
   // dO of chunk c, rows t < len, columns v < V of this tile, as bf16 groups of 8 columns:
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       const T* src = d_o + (t0 + t) * b.d_o_s[1] + v * b.d_o_s[3];
       if (d_o_async) {
         const int at = t * kLdO + (i % kGroupsPerRow) * 8;
-        bwd::cp_async16_or_zero(&sm.d_o[c & 1][at], valid > 0 ? src : d_o, valid > 0);
+        cp_async_16_or_zero(&sm.d_o[c & 1][at], valid > 0 ? src : d_o, valid > 0);
       } else {
         d_o_next[j] = valid > 0 ? bwd::load8_bf16<T>(src, b.d_o_s[3], valid, d_o_vec)
                                 : make_uint4(0u, 0u, 0u, 0u);

@@ -174,18 +174,9 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Starts copying S^T or dS'^T of (slot, hv) from the workspace (bf16 [128, 128], rows v) into a
 // tile; rows v >= V are zero-filled (rows past the state kernels' column tiles are never written;
 // columns k >= K are written, zero, by them). Commit and wait are the caller's.
-// (As common.cuh's copy_tile_async: a thread's copies are one base plus constant offsets.)
 template <int kThreads>
 __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
-  constexpr int kPerRow = kD / 8, kRowsPerPass = kThreads / kPerRow;
-  static_assert(kD % kRowsPerPass == 0, "whole passes");
-  const int v0 = threadIdx.x / kPerRow, c = (threadIdx.x % kPerRow) * 8;
-  const bf16* from = src + v0 * kD + c;
-  bf16* to = tile + v0 * kLdD + c;
-#pragma unroll
-  for (int v = 0; v < kD; v += kRowsPerPass) {
-    bwd::cp_async16_or_zero(to + v * kLdD, from + v * kD, v0 + v < V);
-  }
+  copy_tile_async<kThreads, kD, kD, kD, kLdD, true>(src, tile, V);
 }
 
 // dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V:
@@ -298,7 +289,7 @@ __device__ __forceinline__ void copy_rows_async(const bf16* base, const int64_t*
   for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * 8;
     const bool valid = r < ch.len && c < D;
-    bwd::cp_async16_or_zero(tile + r * kLdD + c, valid ? src + r * s[1] + c : src, valid);
+    cp_async_16_or_zero(tile + r * kLdD + c, valid ? src + r * s[1] + c : src, valid);
   }
 }
 
@@ -320,7 +311,7 @@ __device__ __forceinline__ void copy_gates_async(const ChunkParams& p, int64_t s
   const int lane = threadIdx.x;
   if (lane >= 32) return;
   const size_t at = ws_index(p, slot, hv, kC) + 4 * (lane % 16);
-  cp_async16(&gates[lane / 16][4 * (lane % 16)], (lane < 16 ? p.ws.gamma : p.ws.beta) + at);
+  cp_async_16(&gates[lane / 16][4 * (lane % 16)], (lane < 16 ? p.ws.gamma : p.ws.beta) + at);
 }
 
 // dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in

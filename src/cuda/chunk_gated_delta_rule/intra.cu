@@ -81,7 +81,7 @@ __device__ __forceinline__ void load_v_async(const ChunkParams& p, const ChunkRe
                     hv * p.v_s[2];
   for (int i = threadIdx.x; i < kC * (kD / 8); i += kThreads) {
     const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
-    if (r < ch.len) cp_async16(tile + r * kLdD + c, src + r * p.v_s[1] + c);
+    if (r < ch.len) cp_async_16(tile + r * kLdD + c, src + r * p.v_s[1] + c);
     else *reinterpret_cast<uint4*>(tile + r * kLdD + c) = make_uint4(0u, 0u, 0u, 0u);
   }
 }
