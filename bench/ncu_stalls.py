@@ -44,6 +44,11 @@ class Kernel:
     def total(self) -> int:
         return sum(self.samples(r) for r in self.rows)
 
+    def by_reason(self, rows: list[dict[str, str]]) -> collections.Counter:
+        """The samples of `rows` by stall reason ("stall_" dropped)."""
+        return collections.Counter(
+            {r[len("stall_"):]: sum(_int(row.get(r)) for row in rows) for r in self.reasons})
+
 
 def _int(text: str | None) -> int:
     try:
@@ -101,12 +106,10 @@ def summary(kernel: Kernel, top: int = 20, region: int = 250) -> str:
     lines = [f"{kernel.name[:150]}", f"  instructions {len(kernel.rows)}, samples {total}"]
     if total == 0:
         return "\n".join(lines + ["  (no samples: was SourceCounters collected?)"])
-    by_reason = collections.Counter(
-        {r[len("stall_"):]: sum(_int(row.get(r)) for row in kernel.rows) for r in kernel.reasons})
     by_opcode: collections.Counter = collections.Counter()
     for row in kernel.rows:
         by_opcode[opcode(row.get("Source", ""))] += kernel.samples(row)
-    lines.append("  by reason: " + _shares(by_reason, total, 9))
+    lines.append("  by reason: " + _shares(kernel.by_reason(kernel.rows), total, 9))
     lines.append("  by opcode: " + _shares(by_opcode, total, 12))
     lines.append(f"  top {top} instructions (index, share, executed, source, main reasons):")
     ranked = sorted(enumerate(kernel.rows), key=lambda ir: -kernel.samples(ir[1]))[:top]
@@ -123,10 +126,8 @@ def summary(kernel: Kernel, top: int = 20, region: int = 250) -> str:
         share = sum(kernel.samples(r) for r in part)
         if share == 0:
             continue
-        reasons = collections.Counter(
-            {r[len("stall_"):]: sum(_int(row.get(r)) for row in part) for r in kernel.reasons})
         lines.append(f"  {start:6d}-{start + len(part) - 1:<6d} {100 * share / total:5.1f}%  "
-                     + _shares(reasons, total, 4))
+                     + _shares(kernel.by_reason(part), total, 4))
     return "\n".join(lines)
 
 
