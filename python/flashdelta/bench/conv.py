@@ -13,9 +13,9 @@ run (bytes read + written over its time). Forward: read x, write y (2 * B*T*C el
 forward + backward: that plus read x and dy, write dx (5 * B*T*C elements; the weight and its
 gradient are negligible). Decode: read and write the [B, C, S=W] state, read x, write y.
 Times, medians of CUDA-event timings after warm-up, two per implementation:
-- device: the step captured once in a CUDA graph and replayed, each replay after a 256 MB write
-  that flushes L2 (fused_ops.device_time_ms): the GPU time of the kernels alone, what the floor
-  bars are about (in training the host runs ahead and launch costs hide).
+- device: the step captured once in a CUDA graph and replayed, each replay after a 256 MB read
+  that empties L2 (fused_ops.device_time_ms and evict_l2): the GPU time of the kernels alone,
+  what the floor bars are about (in training the host runs ahead and launch costs hide).
 - eager: the step called from Python each time (triton.testing.do_bench, which also flushes L2):
   host dispatch included. At 1 x 8192 the eager forward + backward of flashdelta once read
   774 us against 490 us of kernels (torch.profiler): presumably the GPU waiting on the custom
