@@ -37,11 +37,11 @@
 // (a warp-uniform branch), not a per-tap select.
 //
 // Launch shape (forward and backward): a block is 32 x 4 threads and owns a tile of 32 * VEC
-// channels by 4 runs of R tokens (R = 32 forward, 56 to 112 backward); grid (channel tiles, token tiles,
-// B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and tensor (4 bf16
-// channels), when the channel stride is 1 and the strides and address are aligned (the layout
-// of transformers' transposed [B, T, C] view); VEC = 1 and any strides otherwise. A warp reads
-// 32 * VEC contiguous channels of a token per access (256 bytes: whole sectors). Why not
+// channels by 4 runs of R tokens (R = 32 forward, 56 to 256 backward); grid (channel tiles,
+// token tiles, B). Thread (x, y) owns VEC adjacent channels: one 8-byte access per token and
+// tensor (4 bf16 channels), when the channel stride is 1 and the strides and address are aligned
+// (the layout of transformers' transposed [B, T, C] view); VEC = 1 and any strides otherwise. A
+// warp reads 32 * VEC contiguous channels of a token per access (256 bytes: whole sectors). Why not
 // 16-byte packs: the per-channel state a thread keeps (W weights, the bias, W - 1 inputs; in the
 // backward also W + 1 gradient sums and W - 1 dpre values) grows with VEC; bytes in flight per
 // SM do not depend on VEC (more threads with fewer channels each).
@@ -55,9 +55,9 @@
 // 9.1 and 5.7 cycles per issued instruction. H100, graph replay, 1 x 8192: forward 125.3 ->
 // 113.1 us, forward + backward 330.9 -> 313.7; 8 x 4096: 444.6 -> 390.4, 1158 -> 1032.) 2-byte
 // packs (VEC = 1 in 16-bit dtypes, the generic path; cp.async copies 4 bytes or more) keep a ring
-// of registers. The backward lengthens its runs to end the grid on a whole wave (see
-// balanced_run_tokens). x is read once plus a
-// W - 1 token halo per run (an L2 hit: the neighbouring run).
+// of registers. The backward lengthens its runs to fit the grid in one wave where it can (see
+// backward_run_tokens). x is read once plus a W - 1 token halo per run (an L2 hit: the
+// neighbouring run).
 //
 // Backward, one pass over x and dy: the thread recomputes pre and dpre for its run plus a W - 1
 // token look-ahead and emits dx[t - (W - 1)] and the weight-gradient terms x[t - (W - 1)] *
@@ -65,7 +65,7 @@
 // thread, over the block's 4 runs in shared memory (fixed order), and written as one fp32
 // partial per (b, token tile, tap, channel): [B * tiles, W + 1, C], 20 bytes per channel per
 // 224 tokens against the kernel's 6 per channel per token (1.5%). A second kernel sums the
-// partials over (b, tile) in a fixed order, 8 loads ahead: deterministic, no atomics.
+// partials over (b, tile) in a fixed order (column_sums.cuh): deterministic, no atomics.
 //
 // Update (decode): one thread per 16 bytes of conv_state in the decode case (L = 1, S = 4, state
 // [B, C, 4] contiguous in x's dtype: two bf16 rows, one fp32 row), which reads its rows and the
@@ -82,9 +82,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
+#include "cuda/column_sums.cuh"
 #include "cuda/convert.cuh"
 #include "cuda/cp_async.cuh"
 #include "core/causal_conv1d_backend.h"
@@ -109,9 +112,11 @@ constexpr int kForwardPackBytes = 8;
 constexpr int kBackwardPackBytes = 8;
 constexpr int kMaxGridYZ = 65535;
 static_assert(kBackwardRunTokens + 2 * (kCausalConv1dCudaMaxWidth - 1) <= 64, "start mask");
-static_assert((2 * kBackwardRunTokens + kCausalConv1dCudaMaxWidth - 1) * (int64_t{1} << 24) <
+// Without cu_seqlens the backward takes longer runs, up to this (backward_run_tokens).
+constexpr int kMaxBackwardRunTokens = 256;
+static_assert((kBackwardRunTokens + kCausalConv1dCudaMaxWidth - 1) * (int64_t{1} << 24) <
                   (int64_t{1} << 31),
-              "32-bit run offsets (balanced runs are at most twice the default)");
+              "32-bit run offsets at the default run length (longer runs: max_backward_run)");
 
 // Where transformers holds a value in weight's dtype: no rounding (fp32 weight), to bf16, to
 // fp16, or by the runtime dtype (the generic kernels, any dtype mix).
@@ -131,7 +136,7 @@ struct ConvParams {
   int64_t cu_seqlens_stride, num_offsets;  // N + 1
   int64_t channels, seq_len;
   int64_t num_tiles;  // token tiles per sequence row (grid.y)
-  int run_tokens;     // tokens per run (a tile is kRuns runs): see balanced_run_tokens
+  int run_tokens;     // tokens per run (a tile is kRuns runs): see backward_run_tokens
   float* partials;    // backward: [B * num_tiles, W + 1, C]
   bool silu;
 };
@@ -810,40 +815,25 @@ __global__ void __launch_bounds__(kThreads, 3) causal_conv1d_backward_kernel(con
   }
 }
 
-// dweight[c, k] (k < W) and dbias[c] (k = W): the partials of all (b, tile), summed in order.
-struct ReduceParams {
-  const float* partials;  // [P, W + 1, C]
-  int64_t num_partials, channels;
+// dweight[c, k] (k < W) and dbias[c] (k = W): column j = k C + c of the partials [P, W + 1, C]
+// of all (b, tile), summed by column_sums.cuh in a fixed order.
+struct StoreConvGradients {
+  int64_t channels;
   int width;
   void* dweight;
   void* dbias;  // nullptr: no bias
   DType param_dtype;
   int64_t dweight_s[2], dbias_s;
-};
 
-__global__ void __launch_bounds__(256) causal_conv1d_reduce_kernel(const ReduceParams p) {
-  constexpr int kAhead = 8;  // independent loads in flight per thread; the sum stays in order
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t per_partial = (p.width + 1) * p.channels;
-  if (i >= per_partial) return;
-  const int64_t k = i / p.channels, c = i % p.channels;
-  const float* src = p.partials + i;
-  float s = 0.f;
-  int64_t q = 0;
-  for (; q + kAhead <= p.num_partials; q += kAhead) {
-    float v[kAhead];
-#pragma unroll
-    for (int a = 0; a < kAhead; ++a) v[a] = src[(q + a) * per_partial];
-#pragma unroll
-    for (int a = 0; a < kAhead; ++a) s += v[a];
+  __device__ void operator()(int64_t j, float sum) const {
+    const int64_t k = j / channels, c = j % channels;
+    if (k < width) {
+      store_any(dweight, param_dtype, c * dweight_s[0] + k * dweight_s[1], sum);
+    } else if (dbias) {
+      store_any(dbias, param_dtype, c * dbias_s, sum);
+    }
   }
-  for (; q < p.num_partials; ++q) s += src[q * per_partial];
-  if (k < p.width) {
-    store_any(p.dweight, p.param_dtype, c * p.dweight_s[0] + k * p.dweight_s[1], s);
-  } else if (p.dbias) {
-    store_any(p.dbias, p.param_dtype, c * p.dbias_s, s);
-  }
-}
+};
 
 // ----------------------------------------------------------------------------- decode update
 
@@ -991,30 +981,41 @@ struct BF16 { using type = __nv_bfloat16; static constexpr int kRound = kRoundBF
 
 struct ForwardKernel {
   static constexpr int kRunTokens = kForwardRunTokens;
-  static constexpr bool kBalanceWaves = false;  // measured slower with longer runs (below)
+  static constexpr bool kLongRuns = false;  // measured slower with longer runs (below)
   template <typename T, int kRound, int W, int VEC>
   static auto function() { return causal_conv1d_forward_kernel<T, kRound, W, VEC>; }
 };
 struct BackwardKernel {
   static constexpr int kRunTokens = kBackwardRunTokens;
-  static constexpr bool kBalanceWaves = true;
+  static constexpr bool kLongRuns = true;
   template <typename T, int kRound, int W, int VEC>
   static auto function() { return causal_conv1d_backward_kernel<T, kRound, W, VEC>; }
 };
 
-// Tokens per run of the backward without cu_seqlens: the default, or longer, up to 2x, so that
-// the grid ends on a whole wave of resident blocks rather than a fraction of one (H100, 1 x 8192 x
-// 8192 channels: 4.5 waves at the default; 170.8 us against 180.9 balanced to 4). The forward
-// measured the other way (113 -> 119 us at 1 x 8192, 390 -> 417 at 8 x 4096 with runs balanced
-// from 32 to ~36 tokens) and keeps its runs. Longer runs only ever reduce the tile count, so the
-// workspace, sized for the default, always suffices. With cu_seqlens the runs keep the default:
-// the sequence-start mask covers a run and its halos in 64 bits.
-int balanced_run_tokens(int64_t seq_len, int run_tokens, int64_t rows, int64_t resident) {
-  const int64_t blocks = num_tiles(seq_len, run_tokens) * rows;
-  if (blocks <= resident) return run_tokens;  // one partial wave either way
-  const int64_t tiles = std::max<int64_t>(1, blocks / resident * resident / rows);
+// Tokens per run of the backward without cu_seqlens: as many as put the grid in one wave of
+// resident blocks, between the default and max_run. Longer runs mean fewer weight-gradient
+// partials and less halo, and one wave means no block waits for a slot and the grid ends with
+// every SM busy. H100, 8192 channels, fwd + bwd (graph replay, session 11): 1 x 8192 302.5 ->
+// 298.0 us (runs 63 -> 256: 4 whole waves -> 0.97 of one), 8 x 4096 1011.2 -> 1001.2 us (runs 57
+// -> 256: 17.5 waves -> 3.9; no single wave is in reach there). (Session 5 balanced the runs to
+// whole waves, up to twice the default.) The forward measured the other way, longer or shorter
+// runs alike (1 x 8192: 112.5 us at 32 tokens; 113.7 at 24, 119.5 at 16, 116.6 at 48, 135.4 at
+// 144) and keeps its runs. Longer runs only ever reduce the tile count, so the workspace, sized
+// for the default, always suffices. With cu_seqlens the runs keep the default: the
+// sequence-start mask covers a run and its halos in 64 bits.
+int backward_run_tokens(int64_t seq_len, int64_t rows, int64_t resident, int max_run) {
+  const int64_t tiles = std::max<int64_t>(1, resident / rows);  // token tiles a row, one wave
   const int64_t run = (seq_len + kRuns * tiles - 1) / (kRuns * tiles);
-  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(run, run_tokens), 2 * run_tokens));
+  return static_cast<int>(std::clamp<int64_t>(run, kBackwardRunTokens, max_run));
+}
+
+// The longest backward run whose token offsets stay 32-bit (TokenOffset): a run reads its tokens
+// and W - 1 beyond them, the token stride apart (the largest of x's, dy's and dx's).
+int max_backward_run(const ConvParams& p) {
+  const int64_t stride = std::max({std::abs(p.x_s[2]), std::abs(p.dy_s[2]), std::abs(p.out_s[2]),
+                                   int64_t{1}});
+  const int64_t fit = ((int64_t{1} << 31) - 1) / stride - (kCausalConv1dCudaMaxWidth - 1);
+  return static_cast<int>(std::clamp<int64_t>(fit, kBackwardRunTokens, kMaxBackwardRunTokens));
 }
 
 // Launches Kernel<T, kRound, W, VEC> with p's run length and tile count set (returns the tile
@@ -1029,12 +1030,14 @@ int64_t dispatch(ConvParams p, DType x_dtype, int64_t width, bool packed, int64_
     constexpr int VEC = decltype(vec_tag)::value;
     const auto kernel = Kernel::template function<T, decltype(round_tag)::value,
                                                   decltype(width_tag)::value, VEC>();
-    const int64_t channel_tiles = (p.channels + kChannelThreads * VEC - 1) / (kChannelThreads * VEC);
+    const int64_t channel_tiles =
+        (p.channels + kChannelThreads * VEC - 1) / (kChannelThreads * VEC);
     p.run_tokens = Kernel::kRunTokens;
-    if (Kernel::kBalanceWaves && p.cu_seqlens == nullptr) {
-      p.run_tokens = balanced_run_tokens(
-          p.seq_len, Kernel::kRunTokens, channel_tiles * batch,
-          resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, 0));
+    if (Kernel::kLongRuns && p.cu_seqlens == nullptr) {
+      p.run_tokens = backward_run_tokens(
+          p.seq_len, channel_tiles * batch,
+          resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, 0),
+          max_backward_run(p));
     }
     p.num_tiles = num_tiles(p.seq_len, p.run_tokens);
     const dim3 grid(static_cast<unsigned>(channel_tiles), static_cast<unsigned>(p.num_tiles),
@@ -1117,18 +1120,15 @@ void causal_conv1d_backward(const CausalConv1dShape& s, const CausalConv1dInputs
                                                                s.batch, stream);
     FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   }
-  ReduceParams r{};
-  r.partials = p.partials;
-  r.num_partials = s.batch * p.num_tiles;
-  r.channels = s.channels;
-  r.width = static_cast<int>(s.width);
-  r.dweight = gout.dweight.data;
-  r.dbias = gout.dbias.defined() ? gout.dbias.data : nullptr;
-  r.param_dtype = gout.dweight.dtype;
-  copy_strides(gout.dweight, r.dweight_s);
-  r.dbias_s = gout.dbias.defined() ? gout.dbias.strides[0] : 0;
-  const int64_t n = (s.width + 1) * s.channels;
-  causal_conv1d_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(r);
+  StoreConvGradients store{};
+  store.channels = s.channels;
+  store.width = static_cast<int>(s.width);
+  store.dweight = gout.dweight.data;
+  store.dbias = gout.dbias.defined() ? gout.dbias.data : nullptr;
+  store.param_dtype = gout.dweight.dtype;
+  copy_strides(gout.dweight, store.dweight_s);
+  store.dbias_s = gout.dbias.defined() ? gout.dbias.strides[0] : 0;
+  launch_column_sums(p.partials, s.batch * p.num_tiles, (s.width + 1) * s.channels, store, stream);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
