@@ -16,27 +16,28 @@
 // of the row gets bitwise the same total.
 //
 // Streaming path (16-byte vectors, D / N <= 256: every Qwen3.5 norm in bf16): one vector per
-// thread, persistent blocks (as many as fit on the device) walking rows. The rows stream through a
-// per-thread ring of cp.async copies in shared memory, kStages rows ahead: a thread copies and
-// later reads only its own slots, so the ring needs no barrier, and the bytes in flight (3 to 5
-// rows a thread) cost no registers. The first version loaded rows into registers, one row in
-// flight per warp; with more rows per thread in registers the occupancy fell instead
-// (rms_norm backward at D = 2048 went from 84 us to 51 us with one row prefetched, and back to
-// 88 us with four vectors a thread). The thread's weights and weight-gradient sums stay in
-// registers.
+// thread, persistent blocks (as many as fit on the device; at most 2 an SM in the backward, see
+// kStages) walking rows. The rows stream through a per-thread ring of cp.async copies in shared
+// memory, kStages rows ahead: a thread copies and later reads only its own slots, so the ring
+// needs no barrier, and the bytes in flight (2 to 4 rows a thread) cost no registers. The first
+// version loaded rows into registers, one row in flight per warp; with more rows per thread in
+// registers the occupancy fell instead (rms_norm backward at D = 2048 went from 84 us to 51 us
+// with one row prefetched, and back to 88 us with four vectors a thread). The thread's weights
+// and weight-gradient sums stay in registers.
 // General path (anything else): rows re-read by the second pass (from L1 / L2), the weight read
 // per use, the backward's weight-gradient sums in shared memory per row group.
 //
 // Backward, per row: pass 1 computes dn (the gradient reaching n = x r), sum(dn n), the gate
 // gradient and the weight-gradient terms; pass 2 writes dx = r (dn - n mean(dn n)). At the end a
-// block adds its row groups' weight gradients in order into workspace[block, :], and a second
-// kernel adds the blocks per column in a fixed order: deterministic for a given device (the
-// persistent grid is sized from the device's multiprocessor count), no float atomics.
+// block adds its row groups' weight gradients in order into workspace[block, :], and
+// column_sums.cuh adds the blocks per column in a fixed order: deterministic for a given device
+// (the persistent grid is sized from the device's multiprocessor count), no float atomics.
 // Assumes: backward D <= 12288 (shared memory of the general path).
 #include <algorithm>
 
 #include "core/check.h"
 #include "core/fused_ops_backend.h"
+#include "cuda/column_sums.cuh"
 #include "cuda/cp_async.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_info.cuh"
@@ -204,6 +205,17 @@ struct Ring {
     rstd = reinterpret_cast<float*>(z + (kGated ? kStages * kBlockThreads : 0));
   }
 
+  // This thread's pack of `slot` in one 16-byte shared-memory load. (Unpacked through a reference
+  // into the ring, the packs were read element by element: eight LDS.U16 a vector, whose
+  // latencies the row sums then waited on.)
+  __device__ __forceinline__ static V load(const V* ring, int slot) {
+    static_assert(sizeof(V) == 16, "the ring holds 16-byte vectors");
+    const uint4 bits = reinterpret_cast<const uint4*>(ring)[slot];
+    V v;
+    memcpy(&v, &bits, sizeof(V));
+    return v;
+  }
+
   // Copies row `row`'s vector t of every tensor into this thread's slot of stage `stage` (nothing
   // for rows past the end or threads without a vector), then commits one group either way.
   __device__ __forceinline__ void fetch(const RmsNormParams& p, int64_t row, int stage, int64_t t,
@@ -223,10 +235,19 @@ struct Ring {
   }
 };
 
-// Stages in flight: enough that a thread has 3 to 5 rows' copies pending (the next rows are
-// issued while the current one is computed), within 48 KiB of shared memory a block.
+// Rows in flight: kStages a thread (the next rows are issued while the current one is computed)
+// and, in the backward, at most kStreamBackwardBlocksPerSm blocks an SM. Fewer rows in flight
+// measured faster, not slower (H100, bf16, 8192 rows, fwd + bwd as a graph replayed after an L2
+// eviction by reading, session 11): the hidden norm (D = 2048) took 79.0 us with 6 forward and 4
+// backward stages and 4 backward blocks an SM (all that fit), 76.6 with 2 forward stages, 76.3
+// with 2 blocks, 73.4 with both, 72.8 with 3 backward stages as well; 1 block an SM gave 75.3.
+// The per-head norms moved by under 2% (q_norm 130.8 -> 128.8 us, rms_norm_gated within 0.5%).
+// Session 6 had seen the same upwards (5 backward blocks an SM 53.2 us, 6 with 3 stages 61.1,
+// against 48.7). Why is not measured yet: the rows in flight across the GPU (2 blocks x 132 SMs x
+// 3 stages x 8 KB = 6 MB at D = 2048) still far exceed what the DRAM latency needs.
 template <bool kGated, bool kBackward>
-constexpr int kStages = kBackward ? (kGated ? 3 : 4) : (kGated ? 4 : 6);
+constexpr int kStages = kBackward ? 3 : (kGated ? 4 : 2);
+constexpr int kStreamBackwardBlocksPerSm = 2;
 
 template <typename T, int N, bool kGated>
 __global__ void __launch_bounds__(kBlockThreads)
@@ -251,8 +272,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     const bool valid = has_vec && row < p.rows;
     float a[N] = {}, z[N] = {};
     if (valid) {
-      unpack(ring.x[slot], a);
-      if constexpr (kGated) unpack(ring.z[slot], z);
+      unpack(ring.load(ring.x, slot), a);
+      if constexpr (kGated) unpack(ring.load(ring.z, slot), z);
     }
     float sum_sq = 0.f;
 #pragma unroll
@@ -296,11 +317,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     float a[N] = {}, g[N] = {}, z[N] = {}, sig[N] = {}, dz[N];
     float r = 0.f;
     if (valid) {
-      unpack(ring.x[slot], a);
-      unpack(ring.dy[slot], g);
+      unpack(ring.load(ring.x, slot), a);
+      unpack(ring.load(ring.dy, slot), g);
       r = ring.rstd[slot];
       if constexpr (kGated) {
-        unpack(ring.z[slot], z);
+        unpack(ring.load(ring.z, slot), z);
 #pragma unroll
         for (int i = 0; i < N; ++i) sig[i] = fast_sigmoid(z[i]);
       }
@@ -460,35 +481,12 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
-// dweight[j] = sum over the backward's blocks b of partials[b, j], in an order fixed by the shape
-// (deterministic). A block of kReduceGroups warps owns 32 columns: lane c of warp g sums rows
-// g, g + kReduceGroups, ... of column c (each warp load is 128 contiguous bytes of one row, and
-// a thread has blocks / kReduceGroups loads to make, unrolled to keep several in flight), then
-// warp 0 adds the kReduceGroups sums of its column in warp order. One thread per column walking
-// all 1024 rows (the first version) took tens of microseconds on its own.
-constexpr int kReduceGroups = 32;
-
-__global__ void __launch_bounds__(kReduceGroups * 32)
-    reduce_partials_kernel(const float* __restrict__ partials, int64_t blocks, int64_t dim,
-                           void* dweight, DType dtype) {
-  __shared__ float group_sums[kReduceGroups][33];  // +1: column reads of warp 0 hit 32 banks
-  const int lane = threadIdx.x & 31;
-  const int group = threadIdx.x >> 5;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * 32 + lane;
-  float total = 0.f;
-  if (j < dim) {
-#pragma unroll 8
-    for (int64_t b = group; b < blocks; b += kReduceGroups) total += partials[b * dim + j];
-  }
-  group_sums[group][lane] = total;
-  __syncthreads();
-  if (group == 0 && j < dim) {
-    float sum = 0.f;
-#pragma unroll
-    for (int g = 0; g < kReduceGroups; ++g) sum += group_sums[g][lane];
-    store_any(dweight, dtype, j, sum);
-  }
-}
+// dweight[j] = sum over the backward's blocks of partials[b, j] (column_sums.cuh).
+struct StoreWeightGradient {
+  void* dweight;
+  DType dtype;
+  __device__ void operator()(int64_t j, float sum) const { store_any(dweight, dtype, j, sum); }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Host side.
@@ -542,8 +540,17 @@ Launch plan(const RowsShape& s, bool vector, int device) {
     cap = vector ? resident_blocks(rms_norm_backward_kernel<T, n, kGated>, l.smem, device)
                  : resident_blocks(rms_norm_backward_kernel<T, 1, kGated>, l.smem, device);
   }
+  if (l.stream && kBackward) {
+    cap = std::min<int64_t>(cap, int64_t{kStreamBackwardBlocksPerSm} *
+                                     device_info(device).sm_count);
+  }
   if (kBackward) cap = std::min(cap, kMaxBackwardBlocks);
-  l.blocks = static_cast<unsigned>(std::min(needed, cap));
+  cap = std::max<int64_t>(cap, 1);
+  // As many row groups a block as the cap needs, split evenly: the grid ends with every block
+  // done at once (the backward's 8192 rows on 264 blocks would be 31 or 32 a block; 256 blocks
+  // take 32 each).
+  const int64_t per_block = (needed + cap - 1) / cap;
+  l.blocks = static_cast<unsigned>((needed + per_block - 1) / per_block);
   return l;
 }
 
@@ -633,9 +640,8 @@ void rms_norm_backward(const RmsNormInputs& in, const RmsNormBackwardArgs& a, co
     });
     FLASHDELTA_CUDA_CHECK(cudaGetLastError());
   }
-  const unsigned reduce_blocks = static_cast<unsigned>((s.dim + 31) / 32);
-  reduce_partials_kernel<<<reduce_blocks, kReduceGroups * 32, 0, stream>>>(
-      p.partials, blocks, s.dim, a.dweight.data, a.dweight.dtype);
+  launch_column_sums(p.partials, blocks, s.dim,
+                     StoreWeightGradient{a.dweight.data, a.dweight.dtype}, stream);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
