@@ -5,14 +5,16 @@
 //
 // The sum is latency-bound (a few MB read once), so the layout is about loads in flight. A block
 // of 256 threads owns 256 / S columns and splits the rows into S streams (S a power of two, the
-// fewest that leave a stream at most kAhead rows, and at most 32): thread (s, c) adds rows s,
-// s + S, s + 2 S, ... of column c with all its loads issued before the first add (rows past the
-// end read as 0, which changes no sum), then thread c of stream 0 adds the S stream sums in
-// stream order. A warp reads at least 32 contiguous bytes of a row. The kernels this replaces
-// gave a block 32 columns and kept 8 loads in flight: rms_norm's 2048 columns made 64 blocks
-// for 132 SMs, and the conv's 33 rows at 1 x 8192 took 5 load latencies in a row (5.9 us under
-// ncu for 5.4 MB).
+// fewest that leave a stream at most kColumnSumAhead rows, and at most 32): thread (s, c) adds
+// rows s, s + S, s + 2 S, ... of column c with all its loads issued before the first add (rows
+// past the end read as 0, which changes no sum), then thread c of stream 0 adds the S stream
+// sums in stream order. A warp reads at least 32 contiguous bytes of a row. The kernels this
+// replaces gave a block 32 columns and kept 8 loads in flight: rms_norm's 2048 columns made 64
+// blocks for 132 SMs, and the conv's 33 rows at 1 x 8192 took 5 load latencies in a row (5.9 us
+// under ncu for 5.4 MB).
 #pragma once
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
