@@ -141,16 +141,6 @@ struct ConvParams {
   bool silu;
 };
 
-
-
-__device__ __forceinline__ void store_any(void* p, DType dtype, int64_t i, float v) {
-  switch (dtype) {
-    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
 // v rounded to `dtype` and back (identity for fp32).
 __device__ __forceinline__ float round_to(DType dtype, float v) {
   switch (dtype) {
@@ -828,9 +818,9 @@ struct StoreConvGradients {
   __device__ void operator()(int64_t j, float sum) const {
     const int64_t k = j / channels, c = j % channels;
     if (k < width) {
-      store_any(dweight, param_dtype, c * dweight_s[0] + k * dweight_s[1], sum);
+      store_float(dweight, param_dtype, c * dweight_s[0] + k * dweight_s[1], sum);
     } else if (dbias) {
-      store_any(dbias, param_dtype, c * dbias_s, sum);
+      store_float(dbias, param_dtype, c * dbias_s, sum);
     }
   }
 };
@@ -921,7 +911,7 @@ __global__ void __launch_bounds__(256) causal_conv1d_update_kernel(const UpdateP
     y[l * p.y_s[2]] = from_f32<T>(p.silu ? round_to(p.param_dtype, silu_f(acc)) : acc);
   }
   for (int64_t j = 0; j < S; ++j)
-    store_any(p.state, p.state_dtype, state_base + j * p.state_s[2], column(L + j));
+    store_float(p.state, p.state_dtype, state_base + j * p.state_s[2], column(L + j));
 }
 
 // ----------------------------------------------------------------------------- host side

@@ -53,6 +53,7 @@
 
 #include "core/check.h"
 #include "core/fused_linear_cross_entropy_backend.h"
+#include "cuda/convert.cuh"
 #include "cuda/cublas.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
@@ -82,28 +83,6 @@ WorkspaceLayout workspace_layout(const FusedLinearCrossEntropyShape& s, DType dt
   l.total = l.cublas + align_up(kCublasWorkspaceBytes);
   return l;
 }
-
-template <typename T>
-__device__ __forceinline__ float load_float(T x);
-template <>
-__device__ __forceinline__ float load_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float load_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
-template <>
-__device__ __forceinline__ float load_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T store_float(float x);
-template <>
-__device__ __forceinline__ float store_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 store_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-template <>
-__device__ __forceinline__ __half store_float<__half>(float x) { return __float2half_rn(x); }
 
 // Running (max, sum of exp(x - max)) of a set of logits; empty: (-inf, 0).
 struct MaxSum {
@@ -177,7 +156,7 @@ __global__ void __launch_bounds__(kRowThreads)
   if (t == ignore_index) {  // no loss, no gradient
     P zero;
 #pragma unroll
-    for (int e = 0; e < kPack; ++e) zero.v[e] = store_float<T>(0.0f);
+    for (int e = 0; e < kPack; ++e) zero.v[e] = from_f32<T>(0.0f);
     for (int64_t p = threadIdx.x; p < num_packs; p += kRowThreads) zp[p] = zero;
     if (threadIdx.x == 0) row_loss[row] = 0.0f;
     return;
@@ -187,12 +166,12 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t p = threadIdx.x; p < num_packs; p += kRowThreads) {
     const P pack = zp[p];
 #pragma unroll
-    for (int e = 0; e < kPack; ++e) add_logit(ms, load_float(pack.v[e]));
+    for (int e = 0; e < kPack; ++e) add_logit(ms, to_f32(pack.v[e]));
   }
   ms = block_combine<kRowThreads>(ms);
   const float lse = ms.max + logf(ms.sum);
   const bool valid = t >= 0 && t < vocab_size;
-  if (threadIdx.x == 0) row_loss[row] = valid ? lse - load_float(z[t]) : NAN;
+  if (threadIdx.x == 0) row_loss[row] = valid ? lse - to_f32(z[t]) : NAN;
   // Every thread has read its logits (and thread 0 z[t]) before anyone overwrites: the reads
   // above precede block_combine's barriers, and z[t] is read by thread 0 before the barrier here.
   __syncthreads();
@@ -203,8 +182,8 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
     for (int e = 0; e < kPack; ++e) {
       const int64_t j = p * kPack + e;
-      const float prob = __expf(load_float(pack.v[e]) - lse);
-      pack.v[e] = store_float<T>(prob - (j == t ? 1.0f : 0.0f) + bad);
+      const float prob = __expf(to_f32(pack.v[e]) - lse);
+      pack.v[e] = from_f32<T>(prob - (j == t ? 1.0f : 0.0f) + bad);
     }
     zp[p] = pack;
   }
@@ -253,8 +232,8 @@ __global__ void scale_kernel(const Src* src, const float* __restrict__ scale, Ds
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < count;
        e += stride) {
-    const float x = load_float(src[e]);
-    dst[e] = store_float<Dst>(x == 0.0f ? 0.0f : s * x);
+    const float x = to_f32(src[e]);
+    dst[e] = from_f32<Dst>(x == 0.0f ? 0.0f : s * x);
   }
 }
 

@@ -46,15 +46,6 @@ __device__ __forceinline__ void store_pack(T* p, const float (&in)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pack;
 }
 
-
-__device__ __forceinline__ void store_any(void* p, DType dtype, int64_t i, float v) {
-  switch (dtype) {
-    case DType::kFloat16: static_cast<__half*>(p)[i] = __float2half_rn(v); break;
-    case DType::kBFloat16: static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[i] = v; break;
-  }
-}
-
 // torch's formulas for the activations, operation for operation (expf, not __expf).
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }

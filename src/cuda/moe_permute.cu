@@ -24,6 +24,7 @@
 #include <cuda_fp16.h>
 
 #include "core/moe_backend.h"
+#include "cuda/convert.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
 #include "cuda/moe_common.cuh"
 
@@ -238,7 +239,7 @@ unpermute_kernel(const T* rows, const void* weights, DType weights_dtype, int64_
                  bool vector_ok, T* out) {
   const int64_t t = blockIdx.x;
   auto weight = [&](int64_t j) {
-    return weights ? moe::load_float(weights, weights_dtype, t * w_stride_t + j * w_stride_k)
+    return weights ? load_float(weights, weights_dtype, t * w_stride_t + j * w_stride_k)
                    : 1.0f;
   };
   if (vector_ok) {
@@ -286,7 +287,7 @@ unpermute_backward_kernel(const T* rows, const void* weights, DType weights_dtyp
   for (int64_t j0 = 0; j0 < top_k; j0 += kSlotGroup) {
     const int64_t j1 = j0 + kSlotGroup < top_k ? j0 + kSlotGroup : top_k;
     for (int64_t j = j0; j < j1; ++j) {
-      const float w = weights ? moe::load_float(weights, weights_dtype, t * w_stride_t + j * w_stride_k)
+      const float w = weights ? load_float(weights, weights_dtype, t * w_stride_t + j * w_stride_k)
                               : 1.0f;
       const int64_t q = position[t * top_k + j];
       float dot = 0.0f;
@@ -323,7 +324,7 @@ unpermute_backward_kernel(const T* rows, const void* weights, DType weights_dtyp
         float total = 0.0f;
 #pragma unroll
         for (int i = 0; i < kWarps; ++i) total += partials[threadIdx.x][i];
-        moe::store_float(d_weights, weights_dtype, t * top_k + j0 + threadIdx.x, total);
+        store_float(d_weights, weights_dtype, t * top_k + j0 + threadIdx.x, total);
       }
       __syncthreads();  // partials free for the next group
     }

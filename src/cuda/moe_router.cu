@@ -14,6 +14,7 @@
 #include <climits>
 
 #include "core/moe_backend.h"
+#include "cuda/convert.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
 #include "cuda/moe_common.cuh"
 
@@ -21,8 +22,6 @@ namespace flashdelta::detail::cuda {
 
 namespace {
 
-using moe::load_float;
-using moe::store_float;
 using moe::warp_max;
 using moe::warp_sum;
 

@@ -485,7 +485,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 struct StoreWeightGradient {
   void* dweight;
   DType dtype;
-  __device__ void operator()(int64_t j, float sum) const { store_any(dweight, dtype, j, sum); }
+  __device__ void operator()(int64_t j, float sum) const { store_float(dweight, dtype, j, sum); }
 };
 
 // ---------------------------------------------------------------------------------------------
