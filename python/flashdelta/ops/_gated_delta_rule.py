@@ -400,7 +400,8 @@ def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) 
     The chunked op on CUDA keeps, per 64-token chunk slot and value head, the state entering the
     chunk (S^T, bf16 [128, 128]) and phase 1's products: W and U (bf16 [64, 128]), M and T (bf16
     [64, 64]), the gates' cumsum and beta (fp32 [64] each); and per slot and key head the
-    normalised K and Q (bf16 [64, 128]); each array 256-byte aligned. On the CPU the states alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
+    normalised K and Q (bf16 [64, 128]); each array 256-byte aligned. On the CPU the states
+    alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
     recurrent op keeps nothing."""
     if kind != "chunk":
         return 0
