@@ -99,6 +99,7 @@
 #include "core/check.h"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_info.cuh"
+#include "cuda/pdl.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
 
 namespace flashdelta::detail::cuda {
@@ -790,6 +791,7 @@ __global__ void __launch_bounds__(kThreads, 3) causal_conv1d_backward_kernel(con
     else backward_run<T, kRound, W, VEC, false, false>(p, dw, ring_smem);
   }
 
+  allow_dependents();  // the column sums' blocks may take the SMs (they wait for the partials)
   // Weight and bias gradients: the block's 4 runs in a fixed order, one partial per tile.
 #pragma unroll
   for (int k = 0; k <= W; ++k)

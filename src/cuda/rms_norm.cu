@@ -41,6 +41,7 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_info.cuh"
+#include "cuda/pdl.cuh"
 #include "cuda/fused_ops_common.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
 
@@ -341,6 +342,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     stage = stage + 1 == S ? 0 : stage + 1;
   }
   cp_async_wait<0>();
+  allow_dependents();  // the column sums' blocks may take the SMs (they wait for the partials)
 
   // The block's weight gradient: its row groups' sums added in group order (rows past the end
   // added zeros), through the ring's shared memory (groups * D <= 256 N floats: width >= D / N).

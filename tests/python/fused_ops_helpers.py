@@ -57,3 +57,40 @@ def assert_grad_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, 
     scale = float(ref.abs().max()) or 1.0
     err = float((out - ref).abs().max()) / scale
     assert err <= GRAD_TOLERANCE[dtype], f"{what}: max error {err:.3g} of the largest value"
+
+
+def assert_graph_replay_equals_eager(fn, inputs, dy) -> None:
+    """fn(*inputs) and its gradients for the cotangent dy, captured in a CUDA graph and replayed,
+    give the eager results bit for bit. The graph's output and gradients are filled with NaN
+    before the checked replay, so a replay that skipped a kernel (or read a buffer before its
+    writer had finished) cannot pass. Each run gets its own leaves, so the captured graph's
+    AccumulateGrad nodes are made inside the capture (one made eagerly on the default stream and
+    still alive makes the capture fail: it did under compute-sanitizer)."""
+
+    def fresh():
+        return [x.detach().clone().requires_grad_(True) for x in inputs]
+
+    def step(leaves):
+        out = fn(*leaves)
+        return out.detach(), torch.autograd.grad(out, leaves, dy)
+
+    eager_out, eager_grads = step(fresh())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        step(fresh())
+    torch.cuda.current_stream().wait_stream(side)
+    leaves = fresh()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, grads = step(leaves)
+    graph.replay()
+    with torch.no_grad():
+        out.fill_(float("nan"))
+        for g in grads:
+            g.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_out), "output"
+    for i, (g, want) in enumerate(zip(grads, eager_grads)):
+        assert torch.equal(g, want), f"gradient of input {i}"

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import flashdelta
+from fused_ops_helpers import assert_graph_replay_equals_eager
+
 conv_ops = importlib.import_module("flashdelta.ops.causal_conv1d")  # the module, not the function
 
 OP = flashdelta.causal_conv1d  # conftest: skip CUDA while the build lacks the kernels
@@ -255,6 +257,17 @@ def test_weight_gradient_is_deterministic(device):
         flashdelta.causal_conv1d(x, wg, b, activation="silu").sum().backward()
         grads.append(wg.grad)
     assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_graph_replay_equals_eager():
+    """Forward + backward replayed from a CUDA graph: the weight gradient's column sums are a
+    programmatic dependent launch of the backward kernel (sm_90), kept as such by the graph."""
+    x, w, b = _make(2, 512, 700, 4, torch.bfloat16, "cuda")
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(x)
+    assert_graph_replay_equals_eager(
+        lambda x, w, b: flashdelta.causal_conv1d(x, w, b, activation="silu"), [x, w, b], dy)
 
 
 def test_large_magnitudes(device):
