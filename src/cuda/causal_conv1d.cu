@@ -49,19 +49,20 @@
 // taken and its slot refilled with token t + depth at once. Packs of 4 bytes or more sit in
 // shared memory, copied by cp.async, which holds no register while in flight, 8 tokens deep:
 // forward 72 registers and 8 KB a block, 7 blocks per SM: 7 x 128 x 8 x 8 B = 56 KB in flight
-// per SM; backward two rings (x, dy), 128 registers and 27 KB, 4 blocks: 64 KB. (The register
-// rings of session 4, 8 tokens forward at 5 blocks per SM and 6 + 6 backward at 3, had 32 and
-// 36 KB in flight: under ncu at 1 x 8192 they ran at 49% and 59% of the DRAM bandwidth,
-// latency-bound at 9.1 and 5.7 cycles per issued instruction. Session 5's rings, 16 deep (112
-// and 128 KB in flight), took 1 x 8192 from 330.9 to 313.7 us forward + backward. Session 12
-// measured 8 deep faster again, in both directions and at every size: 1 x 8192 forward 120.9 ->
-// 115.0 us, forward + backward 294.2 -> 279.8; 8 x 4096 397.7 -> 395.2 and 999.8 -> 986.7 (4
-// deep: as fast forward, slower backward; 32 deep forward: 144.5 us. H100, graph replay after
-// the read flush.) More requests in flight than the DRAM latency needs cost bandwidth here, as
-// they do in rms_norm (its kStages).) 2-byte
-// packs (VEC = 1 in 16-bit dtypes, the generic path; cp.async copies 4 bytes or more) keep a ring
-// of registers. The backward lengthens its runs to fit the grid in one wave where it can (see
-// backward_run_tokens). x is read once plus a W - 1 token halo per run (an L2 hit: the
+// per SM; backward two rings (x, dy), 128 registers and 27 KB, 4 blocks: 64 KB. Both too few and
+// too many bytes in flight cost bandwidth (H100, graph replay):
+// - session 4's register rings, 8 tokens forward at 5 blocks per SM and 6 + 6 backward at 3 (32
+//   and 36 KB in flight), ran at 49% and 59% of the DRAM bandwidth under ncu at 1 x 8192,
+//   latency-bound at 9.1 and 5.7 cycles per issued instruction;
+// - session 5's shared rings, 16 deep (112 and 128 KB in flight), took 1 x 8192 from 330.9 to
+//   313.7 us forward + backward;
+// - 8 deep (session 12) was faster again, in both directions and at every size: 1 x 8192
+//   forward 120.9 -> 115.0 us, forward + backward 294.2 -> 279.8; 8 x 4096 397.7 -> 395.2 and
+//   999.8 -> 986.7 (4 deep: as fast forward, slower backward; 32 deep: 144.5 us forward). So
+//   does rms_norm with fewer rows in flight (its kStages).
+// 2-byte packs (VEC = 1 in 16-bit dtypes, the generic path; cp.async copies 4 bytes or more) keep
+// a ring of registers. The backward lengthens its runs to fit the grid in one wave where it can
+// (see backward_run_tokens). x is read once plus a W - 1 token halo per run (an L2 hit: the
 // neighbouring run).
 //
 // Backward, one pass over x and dy: the thread recomputes pre and dpre for its run plus a W - 1
@@ -99,8 +100,8 @@
 #include "core/check.h"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_info.cuh"
-#include "cuda/pdl.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
+#include "cuda/pdl.cuh"
 
 namespace flashdelta::detail::cuda {
 namespace {

@@ -41,9 +41,9 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/cuda_check.cuh"
 #include "cuda/device_info.cuh"
-#include "cuda/pdl.cuh"
 #include "cuda/fused_ops_common.cuh"
 #include "cuda/gated_delta_rule_cuda.h"
+#include "cuda/pdl.cuh"
 
 namespace flashdelta::detail::cuda {
 namespace {
