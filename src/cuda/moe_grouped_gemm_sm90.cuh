@@ -93,6 +93,7 @@
 
 #include "cuda/moe_grouped_gemm.cuh"
 #include "cuda/tensor_map.cuh"
+#include "cuda/tma.cuh"
 
 namespace flashdelta::detail::cuda::moe::sm90 {
 
@@ -129,47 +130,12 @@ __device__ __forceinline__ void warpgroup_barrier(int group) {
   }
 }
 
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-// Blocks until the phase of parity `parity` of the barrier has completed. A phase that never
-// completes (a TMA transaction count that cannot be met: a bug) traps after 2^26 polls
-// (seconds at least; a legitimate wait is microseconds) instead of hanging the device.
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  uint32_t polls = 0;
-  do {
-    if (++polls == (1u << 26)) __trap();
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n"
-        "}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (done == 0);
-}
-
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
-                                            int32_t c0, int32_t c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
-      : "memory");
-}
+// The mbarrier wrappers and the 2D TMA load are the library's (tma.cuh).
+using cuda::mbarrier_arrive;
+using cuda::mbarrier_arrive_expect_tx;
+using cuda::mbarrier_init;
+using cuda::mbarrier_wait;
+using cuda::tma_load_2d;
 
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
                                             int32_t c0, int32_t c1, int32_t c2) {

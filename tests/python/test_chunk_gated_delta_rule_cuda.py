@@ -9,7 +9,7 @@ import torch
 
 import flashdelta
 from flashdelta import chunk_gated_delta_rule as OP
-from gdn_reference import (cotangents, gradients, leaves, loss_of, make_inputs,
+from gdn_reference import (cotangents, gradients, leaves, make_inputs,
                            reference_gated_delta_rule, run_with_grads)
 
 
@@ -281,9 +281,13 @@ def test_backward_both_dstate_shapes(B, HV):
 
 # The launch shapes of the state pass (state.cu: FLASHDELTA_GDN_STATE_SHAPE) and of the reverse
 # pass (dstate.cu: FLASHDELTA_GDN_DSTATE_SHAPE). The warps of a row group split k and the tokens
-# and exchange bf16 operands, never fp32 partial sums, so every shape gives the same bits.
+# and exchange bf16 operands, never fp32 partial sums, so every shape gives the same bits. Both
+# passes read their chunk tiles by TMA into swizzled shared memory on sm_90 and by cp.async into
+# padded rows elsewhere (FLASHDELTA_GDN_TMA_TILES=0 forces the latter): the same operands, so the
+# same bits too.
 STATE_SHAPES = ["wide", "narrow", "narrow2"]
 DSTATE_SHAPES = ["wide", "narrow"]
+TILE_PATHS = ["1", "0"]
 
 
 def shape_test_inputs(dtype, seed):
@@ -311,11 +315,14 @@ def test_forward_state_shapes_agree_bitwise(monkeypatch, dtype):
     cuda_inputs = {n: x.cuda() for n, x in inputs.items()}
     results = {}
     for shape in STATE_SHAPES:
-        monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", shape)
-        results[shape] = OP(**cuda_inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    o, s = results["wide"]
-    for shape, (o_x, s_x) in results.items():
-        assert torch.equal(o_x, o) and torch.equal(s_x, s), shape
+        for tiles in TILE_PATHS:
+            monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", shape)
+            monkeypatch.setenv("FLASHDELTA_GDN_TMA_TILES", tiles)
+            results[shape, tiles] = OP(**cuda_inputs, output_final_state=True,
+                                       use_qk_l2norm_in_kernel=True)
+    o, s = results["wide", "0"]
+    for key, (o_x, s_x) in results.items():
+        assert torch.equal(o_x, o) and torch.equal(s_x, s), key
     assert rel_l2(o, o_ref) <= 1e-2 and rel_l2(s, s_ref) <= 1e-2, (rel_l2(o, o_ref), rel_l2(s, s_ref))
 
 
@@ -328,11 +335,13 @@ def test_backward_state_and_dstate_shapes_agree_bitwise(monkeypatch):
     results = {}
     for state_shape in STATE_SHAPES:
         for dstate_shape in DSTATE_SHAPES:
-            monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", state_shape)
-            monkeypatch.setenv("FLASHDELTA_GDN_DSTATE_SHAPE", dstate_shape)
-            results[state_shape, dstate_shape] = run_with_grads(
-                OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
-    o, s, grads = results["wide", "wide"]
+            for tiles in TILE_PATHS:
+                monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", state_shape)
+                monkeypatch.setenv("FLASHDELTA_GDN_DSTATE_SHAPE", dstate_shape)
+                monkeypatch.setenv("FLASHDELTA_GDN_TMA_TILES", tiles)
+                results[state_shape, dstate_shape, tiles] = run_with_grads(
+                    OP, with_grads(inputs, "cuda"), use_qk_l2norm_in_kernel=True)
+    o, s, grads = results["wide", "wide", "0"]
     for key, (o_x, s_x, grads_x) in results.items():
         assert torch.equal(o_x, o) and torch.equal(s_x, s), key
         for name in grads:

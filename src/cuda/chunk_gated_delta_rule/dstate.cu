@@ -46,10 +46,13 @@
 // square (32 mma). Each dVn^T element is now one accumulation chain over k (the k16 blocks in
 // order) and then the t blocks of dO M, in the same order in every shape: no cross-warp sums,
 // so the bits do not depend on the shape (or the run).
-// Streaming: W, K, Q, M, gamma of chunk c - 1 are copied by cp.async into the other half of a double
-// buffer while chunk c is computed, and so is dO of chunk c - 1 when it is bf16 with 16-byte rows;
-// the gamma of the thread's dO rows and the chunk's gamma_last come by 4-byte cp.async into
-// per-thread slots, and the thread gates its dO rows at the top of the next step. dO of other
+// Streaming: W, K, Q, M, gamma of chunk c - 1 are copied into the other half of a double buffer
+// while chunk c is computed (on sm_90 W, K, Q, M by TMA into swizzled tiles, as state.cu does:
+// H100, us, cp.async -> TMA: 1 x 32768 1234 -> 935, 8 x 4096 969 -> 858, 1 x 8192 317 -> 235;
+// FLASHDELTA_GDN_TMA_TILES=0 forces cp.async), and so is dO of chunk c - 1 (by cp.async) when
+// it is bf16 with 16-byte rows; the gamma of the thread's dO rows and the chunk's gamma_last come
+// by 4-byte cp.async into per-thread slots, and the thread gates its dO rows at the top of the
+// next step. dO of other
 // dtypes or layouts is loaded into registers a chunk ahead instead and converted to bf16; but
 // ptxas may sink such loads to their first use (it did: ncu put 25% of this kernel's stall
 // samples, H100 1 x 32768, on the first use of a register loaded from dO, with nothing between
@@ -66,6 +69,7 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
+#include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -91,13 +95,17 @@ struct Shape {
   static_assert(kGroupsPerThread * kThreads == kC * kGroupsPerRow, "dO tile split evenly");
 };
 
-template <int kRowGroups, int kSplit>
+// kTma: W, K, Q, M come by TMA into swizzled 1 KB-aligned tiles without padding (tiles.cuh);
+// the struct then starts 1024-byte aligned.
+template <int kRowGroups, int kSplit, bool kTma>
 struct DStateSmem {
   using S = Shape<kRowGroups, kSplit>;
-  bf16 w[2][kC * kLdD];
-  bf16 k[2][kC * kLdD];  // of the key head
-  bf16 q[2][kC * kLdD];
-  bf16 m[2][kC * kLdC];
+  static constexpr int kLdT = kTma ? kD : kLdD;  // row strides of the tiles W, K, Q
+  static constexpr int kLdM = kTma ? kC : kLdC;  // and M
+  bf16 w[2][kC * kLdT];
+  bf16 k[2][kC * kLdT];  // of the key head
+  bf16 q[2][kC * kLdT];
+  bf16 m[2][kC * kLdM];
   float gamma[2][kC];
   bf16 d_o[2][kC * S::kLdO];          // dO rows t, columns v of this tile
   bf16 d_og[2][kC * S::kLdO];         // the same rows times e^gamma_t
@@ -108,17 +116,27 @@ struct DStateSmem {
   // at the next chunk's step 1) and its k16 blocks of -dVn^T over its tokens (step 3).
   uint4 ds_frag[S::kWarps][S::kKB][32];
   uint4 dvn_frag[S::kWarps][S::kTB][32];
+  // kTma: chunk c's W, K, Q, M have landed in buffer c & 1 once full[c & 1] completes its phase
+  // ((chunks - 1 - c) / 2) & 1 (the chunks go last to first)
+  uint64_t full[2];
 };
 
-template <typename T, int kRowGroups, int kSplit>
+template <typename T, int kRowGroups, int kSplit, bool kTma>
 __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
-    dstate_kernel(const ChunkParams p, bool d_o_vec) {
+    dstate_kernel(const ChunkParams p, const __grid_constant__ ChunkTileMaps tile_maps,
+                  bool d_o_vec) {
   using S = Shape<kRowGroups, kSplit>;
   constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdO = S::kLdO;
   constexpr int kGroupsPerRow = S::kGroupsPerRow, kGroupsPerThread = S::kGroupsPerThread;
   constexpr int kNT = S::kNT, kTB = S::kTB, kTN = S::kTN, kKB = S::kKB;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  DStateSmem<kRowGroups, kSplit>& sm = *reinterpret_cast<DStateSmem<kRowGroups, kSplit>*>(smem_raw);
+  using Smem = DStateSmem<kRowGroups, kSplit, kTma>;
+  using TileD = SmemTile<Smem::kLdT, kTma>;
+  using TileC = SmemTile<Smem::kLdM, kTma>;
+  // The swizzled tiles want 1 KB alignment (the launch allows for the shift).
+  unsigned char* const smem_base =
+      smem_raw + (kTma ? (1024u - (shared_address(smem_raw) & 1023u)) & 1023u : 0u);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_base);
   const BackwardParams& b = p.bwd;
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
@@ -167,16 +185,37 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   };
   publish_dstate();
 
+  if constexpr (kTma) {
+    if (tid == 0) {
+      mbarrier_init(shared_address(&sm.full[0]), 1);
+      mbarrier_init(shared_address(&sm.full[1]), 1);
+      fence_mbarrier_init();
+    }
+    __syncthreads();  // the barriers initialised before the first copies count on them
+  }
   auto prefetch_tiles = [&](int64_t c) {
     const int64_t slot = first_slot + c;
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const size_t key_base = ws_key_index(p, slot, hv / p.group, kC * kD);
     const int buf = c & 1;
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
-    copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
-                                                sm.m[buf]);
+    if constexpr (kTma) {
+      if (tid == 0) {  // 7 boxes of 8 KB
+        const uint32_t bar = shared_address(&sm.full[buf]);
+        mbarrier_arrive_expect_tx(bar, 3 * kTileBytes64x128 + kTileBytes64x64);
+        const int64_t value_row = static_cast<int64_t>(base / kD), key_row = key_base / kD;
+        tma_load_tile64x128(shared_address(sm.w[buf]), &tile_maps.w, bar, value_row);
+        tma_load_tile64x128(shared_address(sm.k[buf]), &tile_maps.kn, bar, key_row);
+        tma_load_tile64x128(shared_address(sm.q[buf]), &tile_maps.qn, bar, key_row);
+        tma_load_2d(shared_address(sm.m[buf]), &tile_maps.m, bar, 0,
+                    static_cast<int32_t>(value_row));
+      }
+    } else {
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
+      copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
+                                                  sm.m[buf]);
+    }
     if (tid < kC / 4)
       cp_async_16(sm.gamma[buf] + 4 * tid, p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * tid);
     cp_async_commit();
@@ -260,6 +299,11 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       prefetch_tiles(c - 1);
       load_d_o(c - 1);
     }
+    if constexpr (kTma)
+      mbarrier_wait(shared_address(&sm.full[buf]), ((num_chunks - 1 - c) >> 1) & 1);
+    const TileD w_tile{shared_address(sm.w[buf])}, k_tile{shared_address(sm.k[buf])},
+        q_tile{shared_address(sm.q[buf])};
+    const TileC m_tile{shared_address(sm.m[buf])};
 
     // dO^T's A fragments and the gated ones: rows v of this warp, columns t (k16 blocks)
     uint32_t doa[4][4], doa_gated[4][4];
@@ -288,7 +332,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kTB; ++np) {
         uint32_t bb[4];
-        load_b_rows(bb, sm.k[buf], kLdD, tw + np * 16, kk * 16);
+        load_b_rows(bb, k_tile, tw + np * 16, kk * 16);
         mma_bf16(dvn[2 * np], a, bb[0], bb[1]);
         mma_bf16(dvn[2 * np + 1], a, bb[2], bb[3]);
       }
@@ -308,7 +352,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
       for (int np = 0; np < kTB; ++np) {
         if (kb < split * kTB + np) continue;  // warp-uniform
         uint32_t bb[4];
-        load_b_cols(bb, sm.m[buf], kLdC, tw + np * 16, kb * 16);
+        load_b_cols(bb, m_tile, tw + np * 16, kb * 16);
         mma_bf16(dvn[2 * np], doa[kb], bb[0], bb[1]);
         mma_bf16(dvn[2 * np + 1], doa[kb], bb[2], bb[3]);
       }
@@ -335,7 +379,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kKB; ++np) {
         uint32_t bb[4];
-        load_b_cols(bb, sm.q[buf], kLdD, k_base + np * 16, kk * 16);
+        load_b_cols(bb, q_tile, k_base + np * 16, kk * 16);
         mma_bf16(dsc[2 * np], doa_gated[kk], bb[0], bb[1]);
         mma_bf16(dsc[2 * np + 1], doa_gated[kk], bb[2], bb[3]);
       }
@@ -357,7 +401,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kKB; ++np) {
         uint32_t bb[4];
-        load_b_cols(bb, sm.w[buf], kLdD, k_base + np * 16, kb * 16);
+        load_b_cols(bb, w_tile, k_base + np * 16, kb * 16);
         mma_bf16(dsc[2 * np], va, bb[0], bb[1]);
         mma_bf16(dsc[2 * np + 1], va, bb[2], bb[3]);
       }
@@ -383,17 +427,17 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   }
 }
 
-template <typename T, int kRowGroups, int kSplit>
-void launch(const ChunkParams& p, cudaStream_t stream) {
+template <typename T, int kRowGroups, int kSplit, bool kTma>
+void launch(const ChunkParams& p, const ChunkTileMaps& tile_maps, cudaStream_t stream) {
   using S = Shape<kRowGroups, kSplit>;
-  const size_t smem = sizeof(DStateSmem<kRowGroups, kSplit>);
-  auto* kernel = dstate_kernel<T, kRowGroups, kSplit>;
+  const size_t smem = sizeof(DStateSmem<kRowGroups, kSplit, kTma>) + (kTma ? 1024 : 0);
+  auto* kernel = dstate_kernel<T, kRowGroups, kSplit, kTma>;
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + S::kVT - 1) / S::kVT);
   const bool vec = bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
-  kernel<<<grid, S::kThreads, smem, stream>>>(p, vec);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p, tile_maps, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -418,8 +462,17 @@ bool narrow_shape(const ChunkParams& p) {
 
 template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
-  if (narrow_shape(p)) launch<T, 2, 4>(p, stream);
-  else launch<T, 4, 2>(p, stream);
+  ChunkTileMaps maps{};
+  const char* tma_env = std::getenv("FLASHDELTA_GDN_TMA_TILES");  // "0": cp.async (A/B)
+  const bool tma = !(tma_env != nullptr && std::strcmp(tma_env, "0") == 0) &&
+                   encode_chunk_tile_maps(&maps, p, device_info().is_sm90);
+  if (narrow_shape(p)) {
+    if (tma) launch<T, 2, 4, true>(p, maps, stream);
+    else launch<T, 2, 4, false>(p, maps, stream);
+  } else {
+    if (tma) launch<T, 4, 2, true>(p, maps, stream);
+    else launch<T, 4, 2, false>(p, maps, stream);
+  }
 }
 
 }  // namespace
@@ -427,7 +480,7 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
 void check_dstate_switches() { (void)getenv_narrow_shape(); }
 
 size_t dstate_smem_bytes() {
-  const size_t wide = sizeof(DStateSmem<4, 2>), narrow = sizeof(DStateSmem<2, 4>);
+  const size_t wide = sizeof(DStateSmem<4, 2, false>), narrow = sizeof(DStateSmem<2, 4, false>);
   return wide > narrow ? wide : narrow;
 }
 

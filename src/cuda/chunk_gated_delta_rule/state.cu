@@ -49,8 +49,14 @@
 // Q once per key head instead of KR and Qe per value head.
 // Working on the transposes is what lets every product take its A operand from the previous
 // product's accumulators (common.cuh, mma.sync section).
-// B operands come from shared memory by ldmatrix; the next chunk's tiles stream in by cp.async
-// while this one is computed. 2-byte o leaves through a double-buffered staging tile, written
+// B operands come from shared memory by ldmatrix; the next chunk's tiles stream in while this
+// one is computed: on sm_90 W, K, Q, M by TMA (7 boxes of 8 KB issued by one thread into
+// 128-byte-swizzled tiles, completion on an mbarrier: tiles.cuh), U and gamma by cp.async;
+// elsewhere all of them by cp.async into padded rows. The TMA path took the ~30 cp.async a thread
+// per chunk off the narrow shapes' 4-warp chains (H100, forward keeping the states, us, cp.async
+// -> TMA: 1 x 32768 1097 -> 861, 1 x 8192 280 -> 219; 8 x 4096 on the 8-warp wide shape 933 ->
+// 911). FLASHDELTA_GDN_TMA_TILES=0 forces cp.async (A/B; the tests compare both paths bitwise).
+// 2-byte o leaves through a double-buffered staging tile, written
 // from the fragments and copied out as 16-byte stores after the next chunk's barrier. One block
 // barrier and one row-group barrier per chunk (there were two block barriers: the copies were
 // issued and o stored between them, on every warp's path).
@@ -74,6 +80,7 @@
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
+#include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
 #include "cuda/tensor_map.cuh"
 
@@ -102,14 +109,18 @@ struct Shape {
 // Wide (4 x 2): 189 KB for 2-byte o (171 KB for fp32 o), over sm_80's 163 KB
 // per block: launch() takes the narrow shape where a device offers less. Narrow (2 x 4) and
 // narrow2 (2 x 2): 157 KB (147 KB).
-template <typename T, int kRowGroups, int kSplit>
+// kTma: W, K, Q, M come by TMA into swizzled 1 KB-aligned tiles without padding (tiles.cuh);
+// the struct then starts 1024-byte aligned.
+template <typename T, int kRowGroups, int kSplit, bool kTma>
 struct StateSmem {
   using S = Shape<kRowGroups, kSplit>;
   static constexpr bool kStagedO = sizeof(T) == 2;
-  bf16 w[2][kC * kLdD];
-  bf16 k[2][kC * kLdD];  // K of the key head
-  bf16 q[2][kC * kLdD];  // Q of the key head (forward only)
-  bf16 m[2][kC * kLdC];
+  static constexpr int kLdT = kTma ? kD : kLdD;  // row strides of the tiles W, K, Q
+  static constexpr int kLdM = kTma ? kC : kLdC;  // and M
+  bf16 w[2][kC * kLdT];
+  bf16 k[2][kC * kLdT];  // K of the key head
+  bf16 q[2][kC * kLdT];  // Q of the key head (forward only)
+  bf16 m[2][kC * kLdM];
   bf16 u[2][kC * S::kLdU];
   float gamma[2][kC];
   // Per warp, as bf16 A fragments (8 bf16 pairs per lane): its k16 blocks of S^T (step 6, read
@@ -118,6 +129,9 @@ struct StateSmem {
   uint4 s_frag[S::kWarps][S::kKB][32];
   uint4 vn_frag[S::kWarps][2][S::kTB][32];
   T o[2][kStagedO ? kC * S::kLdO : 8];  // o of chunk c in o[c & 1], [t][v]
+  // kTma: chunk c's W, K (Q, M) have landed in buffer c & 1 once full[c & 1] completes its
+  // phase (c / 2) & 1
+  uint64_t full[2];
 };
 
 // ---- the kept states' stores on sm_90: each warp's S^T slice [16 rows v x kKS k] goes by
@@ -182,16 +196,21 @@ __device__ __forceinline__ void tma_store_wait() {
 #endif
 }
 
-template <typename T, bool kReplay, int kRowGroups, int kSplit>
+template <typename T, bool kReplay, int kRowGroups, int kSplit, bool kTma>
 __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     state_kernel(const ChunkParams p, const __grid_constant__ CUtensorMap states_map,
-                 bool tma_states) {
+                 const __grid_constant__ ChunkTileMaps tile_maps, bool tma_states) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   using S = Shape<kRowGroups, kSplit>;
-  using Smem = StateSmem<T, kRowGroups, kSplit>;
+  using Smem = StateSmem<T, kRowGroups, kSplit, kTma>;
   constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdU = S::kLdU, kLdO = S::kLdO;
   constexpr int kTN = S::kTN, kTB = S::kTB, kNT = S::kNT, kKB = S::kKB;
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  using TileD = SmemTile<Smem::kLdT, kTma>;
+  using TileC = SmemTile<Smem::kLdM, kTma>;
+  // The swizzled tiles want 1 KB alignment (the launch allows for the shift).
+  unsigned char* const smem_base =
+      smem_raw + (kTma ? (1024u - (shared_address(smem_raw) & 1023u)) & 1023u : 0u);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_base);
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -239,19 +258,44 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   };
   publish_state();
 
+  if constexpr (kTma) {
+    if (threadIdx.x == 0) {
+      mbarrier_init(shared_address(&sm.full[0]), 1);
+      mbarrier_init(shared_address(&sm.full[1]), 1);
+      fence_mbarrier_init();
+    }
+    __syncthreads();  // the barriers initialised before the first copies count on them
+  }
   auto prefetch = [&](int64_t c) {
     const int64_t slot = first_slot + c;
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const int buf = c & 1;
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
-    // K (and for O, Q) of the key head (intra.cu), gamma for the gates
+    // W, and K (and for O, Q) of the key head (intra.cu), M for O
     const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
-    if constexpr (!kReplay) {
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
-      copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
-                                                  sm.m[buf]);
+    if constexpr (kTma) {
+      if (threadIdx.x == 0) {  // 4 or 7 boxes of 8 KB
+        const uint32_t bar = shared_address(&sm.full[buf]);
+        mbarrier_arrive_expect_tx(bar, kReplay ? 2 * kTileBytes64x128
+                                               : 3 * kTileBytes64x128 + kTileBytes64x64);
+        const int64_t value_row = static_cast<int64_t>(base / kD), key_row = key_base / kD;
+        tma_load_tile64x128(shared_address(sm.w[buf]), &tile_maps.w, bar, value_row);
+        tma_load_tile64x128(shared_address(sm.k[buf]), &tile_maps.kn, bar, key_row);
+        if constexpr (!kReplay) {
+          tma_load_tile64x128(shared_address(sm.q[buf]), &tile_maps.qn, bar, key_row);
+          tma_load_2d(shared_address(sm.m[buf]), &tile_maps.m, bar, 0,
+                      static_cast<int32_t>(value_row));
+        }
+      }
+    } else {
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
+      if constexpr (!kReplay) {
+        copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
+        copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
+                                                    sm.m[buf]);
+      }
     }
+    // U (this block's columns) and gamma for the gates
     if (threadIdx.x < kC / 4)
       cp_async_16(sm.gamma[buf] + 4 * threadIdx.x,
                  p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
@@ -296,7 +340,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     if (tma_states) {  // sm_90 (the host's choice): stmatrix into the warp's tile, one TMA store
       using Tile = StateTile<S::kKS>;
       const uint32_t tile =
-          ((static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) +
+          ((static_cast<uint32_t>(__cvta_generic_to_shared(smem_base)) +
             static_cast<uint32_t>(sizeof(Smem)) + 1023u) & ~1023u) +
           static_cast<uint32_t>(warp * Tile::kBytes);
       if (c > 0) {  // the previous chunk's store has read the tile
@@ -333,10 +377,14 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     // tile buffers are refilled now. The copies are issued and the o rows stored after it, so
     // a warp that gets there first starts computing instead of waiting for the others' issue.
     __syncthreads();
+    if (c + 1 < num_chunks) prefetch(c + 1);
+    if constexpr (kTma) mbarrier_wait(shared_address(&sm.full[buf]), (c >> 1) & 1);
+    const TileD w_tile{shared_address(sm.w[buf])}, k_tile{shared_address(sm.k[buf])},
+        q_tile{shared_address(sm.q[buf])};
+    const TileC m_tile{shared_address(sm.m[buf])};
     // gamma_last from the chunk's gamma tile, in shared memory since this barrier (it was a
     // global load a chunk)
     const float e_last = __expf(sm.gamma[buf][kC - 1]);
-    if (c + 1 < num_chunks) prefetch(c + 1);
     if constexpr (!kReplay && Smem::kStagedO) {
       // o[(c - 1) & 1] is rewritten at chunk c + 1, after its barrier, which this warp reaches
       // only once these stores are issued.
@@ -359,11 +407,11 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kTB; ++np) {
         uint32_t b[4];
-        load_b_rows(b, sm.w[buf], kLdD, tw + np * 16, kk * 16);
+        load_b_rows(b, w_tile, tw + np * 16, kk * 16);
         mma_bf16(pc[2 * np], a, b[0], b[1]);
         mma_bf16(pc[2 * np + 1], a, b[2], b[3]);
         if constexpr (!kReplay) {
-          load_b_rows(b, sm.q[buf], kLdD, tw + np * 16, kk * 16);
+          load_b_rows(b, q_tile, tw + np * 16, kk * 16);
           mma_bf16(oc[2 * np], a, b[0], b[1]);
           mma_bf16(oc[2 * np + 1], a, b[2], b[3]);
         }
@@ -438,7 +486,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
         for (int np = 0; np < kTB; ++np) {
           uint32_t b[4];
-          load_b_rows(b, sm.m[buf], kLdC, tw + np * 16, kb * 16);
+          load_b_rows(b, m_tile, tw + np * 16, kb * 16);
           mma_bf16(oc[2 * np], va, b[0], b[1]);
           mma_bf16(oc[2 * np + 1], va, b[2], b[3]);
         }
@@ -490,7 +538,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 #pragma unroll
       for (int np = 0; np < kKB; ++np) {
         uint32_t b[4];
-        load_b_cols(b, sm.k[buf], kLdD, k_base + np * 16, kb * 16);
+        load_b_cols(b, k_tile, k_base + np * 16, kb * 16);
         mma_bf16(sc[2 * np], vs, b[0], b[1]);
         mma_bf16(sc[2 * np + 1], vs, b[2], b[3]);
       }
@@ -523,11 +571,11 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   }
 }
 
-template <typename T, bool kReplay, int kRowGroups, int kSplit>
-void launch(const ChunkParams& p, cudaStream_t stream) {
+template <typename T, bool kReplay, int kRowGroups, int kSplit, bool kTma>
+void launch(const ChunkParams& p, const ChunkTileMaps& tile_maps, cudaStream_t stream) {
   using S = Shape<kRowGroups, kSplit>;
-  size_t smem = sizeof(StateSmem<T, kRowGroups, kSplit>);
-  auto* kernel = state_kernel<T, kReplay, kRowGroups, kSplit>;
+  size_t smem = sizeof(StateSmem<T, kRowGroups, kSplit, kTma>) + (kTma ? 1024 : 0);
+  auto* kernel = state_kernel<T, kReplay, kRowGroups, kSplit, kTma>;
   // The states' TMA stores (see StateTile): on sm_90, where the tiles fit, the states buffer's
   // rows fit the map's int32 coordinates and the map can be encoded; else 4-byte stores.
   bf16* const states = kReplay ? p.bwd.states : p.saved_states;
@@ -550,7 +598,7 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
                                              static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + S::kVT - 1) / S::kVT);
-  kernel<<<grid, S::kThreads, smem, stream>>>(p, map, tma_states);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p, map, tile_maps, tma_states);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -580,11 +628,25 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
     const StateShape narrow = kReplay ? StateShape::kNarrow : StateShape::kNarrow2;
     shape = 2 * wide_blocks <= device_info().sm_count ? narrow : StateShape::kWide;
   }
-  if (shape == StateShape::kWide && sizeof(StateSmem<T, 4, 2>) > optin) shape = StateShape::kNarrow;
+  if (shape == StateShape::kWide && sizeof(StateSmem<T, 4, 2, false>) > optin)
+    shape = StateShape::kNarrow;
+  ChunkTileMaps maps{};
+  const char* tma_env = std::getenv("FLASHDELTA_GDN_TMA_TILES");  // "0": cp.async (A/B)
+  const bool tma = !(tma_env != nullptr && std::strcmp(tma_env, "0") == 0) &&
+                   encode_chunk_tile_maps(&maps, p, device_info().is_sm90);
   switch (shape) {
-    case StateShape::kWide: launch<T, kReplay, 4, 2>(p, stream); break;
-    case StateShape::kNarrow2: launch<T, kReplay, 2, 2>(p, stream); break;
-    default: launch<T, kReplay, 2, 4>(p, stream); break;
+    case StateShape::kWide:
+      if (tma) launch<T, kReplay, 4, 2, true>(p, maps, stream);
+      else launch<T, kReplay, 4, 2, false>(p, maps, stream);
+      break;
+    case StateShape::kNarrow2:
+      if (tma) launch<T, kReplay, 2, 2, true>(p, maps, stream);
+      else launch<T, kReplay, 2, 2, false>(p, maps, stream);
+      break;
+    default:
+      if (tma) launch<T, kReplay, 2, 4, true>(p, maps, stream);
+      else launch<T, kReplay, 2, 4, false>(p, maps, stream);
+      break;
   }
 }
 

@@ -1,0 +1,102 @@
+// The state passes' chunk tiles (state.cu, dstate.cu): W, K, Q (64 x 128) and M (64 x 64) of
+// one chunk, read by ldmatrix as B operands. Two ways in:
+//   cp.async (any device): 16-byte copies by every thread into rows padded to kLdD / kLdC
+//     elements, so that ldmatrix's 8 rows of one 16-byte piece hit distinct banks;
+//   TMA (sm_90): one thread loads each tile as 64 x 64 boxes of a tensor map over the workspace,
+//     with the 128-byte swizzle (piece j of a 128-byte box row r stored at piece j ^ (r % 8):
+//     conflict-free for ldmatrix too), completion counted in bytes on an mbarrier.
+// Why TMA: at 1 x 32768 the forward's state pass runs one block of 4 warps per SM, and its
+// ~30 cp.async a thread per chunk (60 KB) sat on the recurrence's chain: ncu put ~26% of the
+// pass's stall samples on the integer work between them (bench/NOTES.md, session 12). With TMA a
+// chunk is 7 box loads from one thread (plus U and gamma by cp.async: 2 or 3 a thread). One
+// bulk copy per row instead (321 a chunk, the padded layout kept) measured 2x slower: the TMA
+// unit takes small copies one at a time.
+// SmemTile hides the layout from the products: the kernels address pieces by (row, column).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (type only)
+
+#include <cstdint>
+
+#include "cuda/chunk_gated_delta_rule/common.cuh"
+#include "cuda/tensor_map.cuh"
+#include "cuda/tma.cuh"
+
+namespace flashdelta::detail::cuda::chunk {
+
+// A bf16 tile of kC rows in shared memory at `base` (a shared-memory address), addressed by the
+// 16-byte piece holding columns col .. col + 7 (col a multiple of 8) of a row: padded rows kLd
+// elements apart, or (kSwizzled) TMA's 128-byte swizzle over 64-column boxes of kC rows stored
+// one after the other (base 1024-byte aligned).
+template <int kLd, bool kSwizzled>
+struct SmemTile {
+  uint32_t base;
+  __device__ __forceinline__ uint32_t at(int row, int col) const {
+    if constexpr (kSwizzled) {
+      return base + static_cast<uint32_t>((col >> 6) * (kC * 128) + row * 128 +
+                                          ((((col >> 3) & 7) ^ (row & 7)) << 4));
+    } else {
+      return base + static_cast<uint32_t>((row * kLd + col) * 2);
+    }
+  }
+};
+
+__device__ __forceinline__ void ldmatrix_x4_at(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans_at(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// load_b_rows / load_b_cols of common.cuh (the same fragments) from a SmemTile.
+template <class Tile>
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[4], const Tile& x, int n0, int k0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+  ldmatrix_x4_at(b, x.at(n0 + (j >> 1) * 8 + r, k0 + (j & 1) * 8));
+}
+template <class Tile>
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const Tile& x, int n0, int k0) {
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
+  ldmatrix_x4_trans_at(b, x.at(k0 + (j & 1) * 8 + r, n0 + (j >> 1) * 8));
+}
+
+// Tensor maps over the workspace tiles the state passes read: [rows, 128] (W, K, Q) and
+// [rows, 64] (M) bf16, boxes of 64 x 64, 128-byte swizzle.
+struct ChunkTileMaps {
+  CUtensorMap w, kn, qn, m;
+};
+
+// Encodes them (host); false where TMA cannot serve (not sm_90, a row count past int32
+// coordinates, a driver that refuses): the caller then takes the cp.async path.
+inline bool encode_chunk_tile_maps(ChunkTileMaps* maps, const ChunkParams& p, bool is_sm90) {
+  const uint64_t value_rows = static_cast<uint64_t>(p.num_slots) * p.num_v_heads * kC;
+  const uint64_t key_rows = static_cast<uint64_t>(p.num_slots) * p.num_heads * kC;
+  if (!is_sm90 || value_rows == 0 || value_rows >= (uint64_t{1} << 31) ||
+      key_rows >= (uint64_t{1} << 31))
+    return false;
+  const uint32_t box[2] = {64, 64};
+  auto encode = [&](CUtensorMap* map, const bf16* base, uint64_t cols, uint64_t rows) {
+    const uint64_t dims[2] = {cols, rows};
+    const uint64_t strides[1] = {cols * sizeof(bf16)};
+    return encode_tensor_map_2byte(map, DType::kBFloat16, base, 2, dims, strides, box, 128);
+  };
+  return encode(&maps->w, p.ws.w, kD, value_rows) && encode(&maps->kn, p.ws.kn, kD, key_rows) &&
+         encode(&maps->qn, p.ws.qn, kD, key_rows) && encode(&maps->m, p.ws.m, kC, value_rows);
+}
+
+constexpr uint32_t kTileBytes64x128 = kC * kD * sizeof(bf16);
+constexpr uint32_t kTileBytes64x64 = kC * kC * sizeof(bf16);
+
+// A 64 x 128 tile (rows row0 .. row0 + 63 of the map) as two boxes into `dst` (16 KB, 1024-byte
+// aligned), by one thread, counted on `bar`.
+__device__ __forceinline__ void tma_load_tile64x128(uint32_t dst, const CUtensorMap* map,
+                                                    uint32_t bar, int64_t row0) {
+  tma_load_2d(dst, map, bar, 0, static_cast<int32_t>(row0));
+  tma_load_2d(dst + kC * 128, map, bar, 64, static_cast<int32_t>(row0));
+}
+
+}  // namespace flashdelta::detail::cuda::chunk
