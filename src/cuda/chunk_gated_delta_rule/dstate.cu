@@ -198,24 +198,10 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const size_t key_base = ws_key_index(p, slot, hv / p.group, kC * kD);
     const int buf = c & 1;
-    if constexpr (kTma) {
-      if (tid == 0) {  // 7 boxes of 8 KB
-        const uint32_t bar = shared_address(&sm.full[buf]);
-        mbarrier_arrive_expect_tx(bar, 3 * kTileBytes64x128 + kTileBytes64x64);
-        const int64_t value_row = static_cast<int64_t>(base / kD), key_row = key_base / kD;
-        tma_load_tile64x128(shared_address(sm.w[buf]), &tile_maps.w, bar, value_row);
-        tma_load_tile64x128(shared_address(sm.k[buf]), &tile_maps.kn, bar, key_row);
-        tma_load_tile64x128(shared_address(sm.q[buf]), &tile_maps.qn, bar, key_row);
-        tma_load_2d(shared_address(sm.m[buf]), &tile_maps.m, bar, 0,
-                    static_cast<int32_t>(value_row));
-      }
-    } else {
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
-      copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
-                                                  sm.m[buf]);
-    }
+    load_chunk_tiles<kTma, true, kThreads>(p, tile_maps, static_cast<int64_t>(base / kD),
+                                           static_cast<int64_t>(key_base / kD), sm.w[buf],
+                                           sm.k[buf], sm.q[buf], sm.m[buf],
+                                           shared_address(&sm.full[buf]));
     if (tid < kC / 4)
       cp_async_16(sm.gamma[buf] + 4 * tid, p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * tid);
     cp_async_commit();

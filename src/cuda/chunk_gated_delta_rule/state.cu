@@ -271,30 +271,10 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const size_t base = ws_index(p, slot, hv, kC * kD);
     const int buf = c & 1;
     // W, and K (and for O, Q) of the key head (intra.cu), M for O
-    const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
-    if constexpr (kTma) {
-      if (threadIdx.x == 0) {  // 4 or 7 boxes of 8 KB
-        const uint32_t bar = shared_address(&sm.full[buf]);
-        mbarrier_arrive_expect_tx(bar, kReplay ? 2 * kTileBytes64x128
-                                               : 3 * kTileBytes64x128 + kTileBytes64x64);
-        const int64_t value_row = static_cast<int64_t>(base / kD), key_row = key_base / kD;
-        tma_load_tile64x128(shared_address(sm.w[buf]), &tile_maps.w, bar, value_row);
-        tma_load_tile64x128(shared_address(sm.k[buf]), &tile_maps.kn, bar, key_row);
-        if constexpr (!kReplay) {
-          tma_load_tile64x128(shared_address(sm.q[buf]), &tile_maps.qn, bar, key_row);
-          tma_load_2d(shared_address(sm.m[buf]), &tile_maps.m, bar, 0,
-                      static_cast<int32_t>(value_row));
-        }
-      }
-    } else {
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + base, sm.w[buf]);
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_base, sm.k[buf]);
-      if constexpr (!kReplay) {
-        copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_base, sm.q[buf]);
-        copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + ws_index(p, slot, hv, kC * kC),
-                                                    sm.m[buf]);
-      }
-    }
+    load_chunk_tiles<kTma, !kReplay, kThreads>(
+        p, tile_maps, static_cast<int64_t>(base / kD),
+        static_cast<int64_t>(ws_key_index(p, slot, hk, kC)), sm.w[buf], sm.k[buf], sm.q[buf],
+        sm.m[buf], shared_address(&sm.full[buf]));
     // U (this block's columns) and gamma for the gates
     if (threadIdx.x < kC / 4)
       cp_async_16(sm.gamma[buf] + 4 * threadIdx.x,

@@ -99,4 +99,33 @@ __device__ __forceinline__ void tma_load_tile64x128(uint32_t dst, const CUtensor
   tma_load_2d(dst + kC * 128, map, bar, 64, static_cast<int32_t>(row0));
 }
 
+// The tiles of one chunk that the state passes read, into the shared tiles w, k (and q, m where
+// kWithQM): rows value_row .. + 63 of W and M (the (slot, value head) block), key_row .. + 63 of
+// K and Q (the (slot, key head) block). kTma: thread 0 announces the bytes on `bar` and loads
+// the boxes; else every thread issues its cp.async copies into padded rows (to be committed by
+// the caller with its other copies).
+template <bool kTma, bool kWithQM, int kThreads>
+__device__ __forceinline__ void load_chunk_tiles(const ChunkParams& p, const ChunkTileMaps& maps,
+                                                 int64_t value_row, int64_t key_row, bf16* w,
+                                                 bf16* k, bf16* q, bf16* m, uint32_t bar) {
+  if constexpr (kTma) {
+    if (threadIdx.x != 0) return;
+    mbarrier_arrive_expect_tx(bar, kWithQM ? 3 * kTileBytes64x128 + kTileBytes64x64
+                                           : 2 * kTileBytes64x128);
+    tma_load_tile64x128(shared_address(w), &maps.w, bar, value_row);
+    tma_load_tile64x128(shared_address(k), &maps.kn, bar, key_row);
+    if constexpr (kWithQM) {
+      tma_load_tile64x128(shared_address(q), &maps.qn, bar, key_row);
+      tma_load_2d(shared_address(m), &maps.m, bar, 0, static_cast<int32_t>(value_row));
+    }
+  } else {
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + value_row * kD, w);
+    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_row * kD, k);
+    if constexpr (kWithQM) {
+      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_row * kD, q);
+      copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + value_row * kC, m);
+    }
+  }
+}
+
 }  // namespace flashdelta::detail::cuda::chunk
