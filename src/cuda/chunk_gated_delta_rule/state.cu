@@ -56,10 +56,10 @@
 // per chunk off the narrow shapes' 4-warp chains (H100, forward keeping the states, us, cp.async
 // -> TMA: 1 x 32768 1097 -> 861, 1 x 8192 280 -> 219; 8 x 4096 on the 8-warp wide shape 933 ->
 // 911). FLASHDELTA_GDN_TMA_TILES=0 forces cp.async (A/B; the tests compare both paths bitwise).
-// 2-byte o leaves through a double-buffered staging tile, written
-// from the fragments and copied out as 16-byte stores after the next chunk's barrier. One block
-// barrier and one row-group barrier per chunk (there were two block barriers: the copies were
-// issued and o stored between them, on every warp's path).
+// 2-byte o leaves through a double-buffered staging tile, written from the fragments and copied
+// out as 16-byte stores after the next chunk's barrier. One block barrier and one row-group
+// barrier per chunk (there were two block barriers: the copies were issued and o stored between
+// them, on every warp's path).
 // The backward's replay (kReplay: p.bwd.states set, p.o null) is the same pass without O (the
 // same operands and products for S, so the same bits as the forward's states): it stores S^T
 // entering each chunk, bf16 [slot, hv, v, k], rows v of this block's tile (each warp its k
