@@ -109,10 +109,6 @@ constexpr int kProducerWarp = kConsumerWarps;
 
 // ---- PTX wrappers (sm_90a only)
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Named barrier `id` over `threads` threads (0 is __syncthreads; immediate ids keep ptxas from
 // reserving them all).
 template <int kId, int kCount>
@@ -130,11 +126,12 @@ __device__ __forceinline__ void warpgroup_barrier(int group) {
   }
 }
 
-// The mbarrier wrappers and the 2D TMA load are the library's (tma.cuh).
+// The mbarrier wrappers, the 2D TMA load and shared addresses are the library's (tma.cuh).
 using cuda::mbarrier_arrive;
 using cuda::mbarrier_arrive_expect_tx;
 using cuda::mbarrier_init;
 using cuda::mbarrier_wait;
+using cuda::shared_address;
 using cuda::tma_load_2d;
 
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
@@ -352,7 +349,7 @@ __device__ __forceinline__ void store_staged_block(const uint8_t* block, int thr
   for (int step = 0; step < 64 * kChunks / 128; ++step) {
     const int q = thread_in_group + 128 * step;
     const int row = q / kChunks, chunk = q % kChunks;
-    const uint4 v = ld_shared_v4(smem_u32(block) + staged_pair_offset<kRowBytes>(row, 8 * chunk));
+    const uint4 v = ld_shared_v4(shared_address(block) + staged_pair_offset<kRowBytes>(row, 8 * chunk));
     const int64_t m = row0 + row;
     const int64_t n = col0 + chunk * 8;
     if (m >= row_limit || n >= col_limit) continue;
@@ -410,8 +407,8 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
   __shared__ __align__(8) uint64_t empty_bar[kStages];
   // The ring starts at the first 1024-byte boundary of the dynamic allocation (the swizzle
   // pattern is a function of the address bits 4-9).
-  const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  uint8_t* const ring_ptr = smem_raw + (ring - smem_u32(smem_raw));
+  const uint32_t ring = (shared_address(smem_raw) + 1023u) & ~1023u;
+  uint8_t* const ring_ptr = smem_raw + (ring - shared_address(smem_raw));
 
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
@@ -469,9 +466,9 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(smem_u32(&full_bar[s]), 1);  // the producer's arrive (+ the TMA bytes)
+      mbarrier_init(shared_address(&full_bar[s]), 1);  // the producer's arrive (+ the TMA bytes)
       // One arrive per consumer warp of this block and of its peers.
-      mbarrier_init(smem_u32(&empty_bar[s]), 4 * (active_groups + peer_groups));
+      mbarrier_init(shared_address(&empty_bar[s]), 4 * (active_groups + peer_groups));
     }
     // Make the initialised barriers visible to the async proxy (TMA), the other threads and
     // the peer block.
@@ -495,8 +492,8 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const uint32_t stage_bytes = static_cast<uint32_t>((active_groups + b_boxes) * kBoxBytes);
       for (int kt = 0; kt < num_k_tiles; ++kt) {
         const int s = kt % kStages;
-        if (kt >= kStages) mbarrier_wait(smem_u32(&empty_bar[s]), ((kt / kStages) - 1) & 1);
-        const uint32_t bar = smem_u32(&full_bar[s]);
+        if (kt >= kStages) mbarrier_wait(shared_address(&empty_bar[s]), ((kt / kStages) - 1) & 1);
+        const uint32_t bar = shared_address(&full_bar[s]);
         mbarrier_arrive_expect_tx(bar, stage_bytes);
         const uint32_t sa = ring + static_cast<uint32_t>(s * kStageBytes);
         const uint32_t sb = sa + 2 * kBoxBytes;
@@ -550,8 +547,8 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         for (int h = 0; h < 2; ++h) {
           const int kt = num_k_tiles + h;
           const int s = kt % kStages;
-          if (kt >= kStages) mbarrier_wait(smem_u32(&empty_bar[s]), ((kt / kStages) - 1) & 1);
-          const uint32_t bar = smem_u32(&full_bar[s]);
+          if (kt >= kStages) mbarrier_wait(shared_address(&empty_bar[s]), ((kt / kStages) - 1) & 1);
+          const uint32_t bar = shared_address(&full_bar[s]);
           const int64_t n0 = n_tile_start + h * kBox;
           const bool load = n0 < p.n_size;
           mbarrier_arrive_expect_tx(bar, load ? static_cast<uint32_t>(2 * active_groups * kBoxBytes) : 0u);
@@ -592,7 +589,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
   for (int kt = 0; kt < num_k_tiles; ++kt) {
     const int s = kt % kStages;
-    mbarrier_wait(smem_u32(&full_bar[s]), (kt / kStages) & 1);
+    mbarrier_wait(shared_address(&full_bar[s]), (kt / kStages) & 1);
     const uint32_t sa = ring + static_cast<uint32_t>(s * kStageBytes);
     const uint32_t sb = sa + 2 * kBoxBytes;
     if constexpr (kReduction) {
@@ -635,7 +632,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     wgmma_wait<1>();
     fence_accumulators(acc);
     if (kt > 0 && lane == 0) {
-      const uint32_t empty = smem_u32(&empty_bar[(kt - 1) % kStages]);
+      const uint32_t empty = shared_address(&empty_bar[(kt - 1) % kStages]);
       mbarrier_arrive(empty);
       for (int r = 0; r < cluster_size; ++r) {
         if (r != static_cast<int>(rank)) mbarrier_arrive_cluster(empty, static_cast<uint32_t>(r));
@@ -754,7 +751,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     for (int h = 0; h < 2; ++h) {
       if (n_tile_start + h * kBox >= p.n_size) break;  // uniform: nothing loaded for this half
       const int kt = num_k_tiles + h;
-      mbarrier_wait(smem_u32(&full_bar[kt % kStages]), (kt / kStages) & 1);
+      mbarrier_wait(shared_address(&full_bar[kt % kStages]), (kt / kStages) & 1);
       uint8_t* const gate_block = half_blocks(h, 0);
       uint8_t* const up_block = half_blocks(h, 1);
       uint8_t* const act_block = half_blocks(h, 2);

@@ -127,7 +127,7 @@ using sm90::mbarrier_wait;
 using sm90::named_barrier;
 using sm90::warpgroup_barrier;
 using sm90::smem_descriptor;
-using sm90::smem_u32;
+using sm90::shared_address;
 using sm90::tma_load_2d;
 using sm90::tma_load_3d;
 using sm90::wgmma_commit;
@@ -327,8 +327,8 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
   extern __shared__ uint8_t smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[kStages];
   __shared__ __align__(8) uint64_t empty_bar[kStages];
-  const uint32_t ring = (smem_u32(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1 KiB
-  uint8_t* const ring_ptr = smem_raw + (ring - smem_u32(smem_raw));
+  const uint32_t ring = (shared_address(smem_raw) + 1023u) & ~1023u;  // the swizzle needs 1 KiB
+  uint8_t* const ring_ptr = smem_raw + (ring - shared_address(smem_raw));
   constexpr int kBlockRowBytes = block_row_bytes(kGrouping);
   constexpr int kBlockBytes = block_bytes(kGrouping);
   constexpr int kBlockCols = kBlockRowBytes / 2;  // of an epilogue block
@@ -346,8 +346,8 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(smem_u32(&full_bar[s]), 1);   // the producer's arrive (+ the TMA bytes)
-      mbarrier_init(smem_u32(&empty_bar[s]), 8);  // one arrive per consumer warp
+      mbarrier_init(shared_address(&full_bar[s]), 1);   // the producer's arrive (+ the TMA bytes)
+      mbarrier_init(shared_address(&empty_bar[s]), 8);  // one arrive per consumer warp
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   } else if (threadIdx.x == 32) {
@@ -392,8 +392,8 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
       const auto e = static_cast<int32_t>(t.expert);
       for (int kt = 0; kt < t.num_k_tiles; ++kt, ++it) {
         const int s = it % kStages;
-        if (it >= kStages) mbarrier_wait(smem_u32(&empty_bar[s]), ((it / kStages) - 1) & 1);
-        const uint32_t bar = smem_u32(&full_bar[s]);
+        if (it >= kStages) mbarrier_wait(shared_address(&empty_bar[s]), ((it / kStages) - 1) & 1);
+        const uint32_t bar = shared_address(&full_bar[s]);
         mbarrier_arrive_expect_tx(bar, stage_bytes);
         const uint32_t sa = ring + static_cast<uint32_t>(s * kStageBytes);
         const uint32_t sb = sa + kABoxes * kBoxBytes;
@@ -445,7 +445,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     float acc[128];
     for (int kt = 0; kt < t.num_k_tiles; ++kt, ++it) {
       const int s = it % kStages;
-      mbarrier_wait(smem_u32(&full_bar[s]), (it / kStages) & 1);
+      mbarrier_wait(shared_address(&full_bar[s]), (it / kStages) & 1);
       const uint32_t sa = ring + static_cast<uint32_t>(s * kStageBytes);
       const uint32_t sb = sa + kABoxes * kBoxBytes;
       if constexpr (kReduction) {
@@ -469,7 +469,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
       }
       if (!active) {  // no rows in this warpgroup's half of the tile: release the stage as is
-        if (lane == 0) mbarrier_arrive(smem_u32(&empty_bar[s]));
+        if (lane == 0) mbarrier_arrive(shared_address(&empty_bar[s]));
         continue;
       }
       fence_accumulators(acc);
@@ -504,12 +504,12 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
       // Keep this k-step's MMAs in flight; the previous step's have completed: release its stage.
       wgmma_wait<1>();
       fence_accumulators(acc);
-      if (kt > 0 && lane == 0) mbarrier_arrive(smem_u32(&empty_bar[(it - 1) % kStages]));
+      if (kt > 0 && lane == 0) mbarrier_arrive(shared_address(&empty_bar[(it - 1) % kStages]));
     }
     wgmma_wait<0>();  // (nothing pending without k-steps; unconditional: see below)
     fence_accumulators(acc);
     if (t.num_k_tiles > 0 && active && lane == 0) {
-      mbarrier_arrive(smem_u32(&empty_bar[(it - 1) % kStages]));
+      mbarrier_arrive(shared_address(&empty_bar[(it - 1) % kStages]));
     }
     // An idle warpgroup runs the epilogue too and stores nothing (its rows are all past
     // m_limit): skipping it by a branch here put the MMAs on what ptxas takes for a divergent
@@ -540,7 +540,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // barrier. So one block is written while the previous one's store reads the other buffer,
     // and a tile's last store is waited for in the next tile's epilogue, after its main loop.
     const auto stage_block = [&](auto pair_at) {
-      const uint32_t buffer = smem_u32(staging) + (staged_blocks % kBuffers) * kBlockBytes;
+      const uint32_t buffer = shared_address(staging) + (staged_blocks % kBuffers) * kBlockBytes;
       if (thread_in_group == 0) {
         if (last_block_tma) {
           sm90::bulk_wait_group_read<kBuffers - 1>();
@@ -572,7 +572,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
       last_block_tma = p.tma_store_ok && rows_inside && cols_inside;  // uniform over the warpgroup
       if (last_block_tma) {
         if (thread_in_group == 0) {
-          const uint32_t src = smem_u32(buffer);
+          const uint32_t src = shared_address(buffer);
           if constexpr (kReduction) {
             sm90::tma_store_3d(map, src, static_cast<int32_t>(tma_col),
                                static_cast<int32_t>(block_row0), t.expert);
