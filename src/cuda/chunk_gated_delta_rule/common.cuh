@@ -184,6 +184,17 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 
 // ---------------------------------------------------------------------------------- loads
 
+// Two floats as a bf16 pair (round to nearest even), low half first; and back.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+}
+
+
 
 
 
@@ -191,61 +202,75 @@ __device__ __forceinline__ size_t ws_index(const ChunkParams& p, int64_t slot, i
 // zero past len and past D; optionally l2-normalises each row (fp32), multiplies it by `mul`.
 // row_inv (shared memory, may be nullptr) receives each row's 1 / |x| when l2norm is set (what
 // the l2norm's backward needs besides the tile: grads.cu, store_key_grad).
-// Warp w owns rows w, w + nwarps, ...; a lane owns 4 of the 128 columns, read in one 8-byte
-// (16-byte for fp32) access where the rows allow it (D = 128, unit stride, 4-element aligned:
-// the usual layout and projection views), else one by one. All of a thread's loads are issued
-// before any is used, so their latencies overlap; they are held in T until then (half the
-// registers of fp32 for 2-byte T: intra.cu's 4-warp blocks hold 16 rows a warp).
+// A row is 8 lanes' work: lane j of the 8 holds columns 8 j .. 8 j + 7 and 64 + 8 j .. + 7, read
+// as 16-byte accesses where the rows allow it (D = 128, unit stride, 8-element aligned: the usual
+// layout and projection views), else one by one; its |x|^2 takes three shuffles. Warp w owns
+// rows 4 (w + i nwarps) .. + 3. All of a thread's loads are issued before any is used, so their
+// latencies overlap; they are held raw until then. (The previous layout, a row per warp and 4
+// columns a lane, spent five dependent shuffles a row: ~35% of the intra kernel's stall samples
+// sat in its two l2-normalised loads, H100 1 x 32768.)
 template <typename T, int kThreads>
 __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_t t0, int len,
                           int h, int D, bool l2norm, float mul, float* row_inv, bf16* tile) {
-  constexpr int kWarps = kThreads / 32, kRows = kC / kWarps;
-  using Vec = std::conditional_t<sizeof(T) == 4, uint4, uint2>;  // four elements
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  constexpr int kWarps = kThreads / 32, kPasses = kC / (4 * kWarps);
+  static_assert(kPasses * 4 * kWarps == kC, "whole rows a warp");
+  constexpr int kVecs = sizeof(T) / 2;  // 16-byte pieces per 8 elements
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = lane & 7;
   const T* src = base + batch * s[0] + t0 * s[1] + h * s[2];
-  const bool vec = D == kD && s[3] == 1 && s[0] % 4 == 0 && s[1] % 4 == 0 && s[2] % 4 == 0 &&
-                   reinterpret_cast<uintptr_t>(base) % sizeof(Vec) == 0;
-  Vec raw[kRows];
-  if (vec) {  // whole rows: no column bound
+  const bool vec = D == kD && s[3] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0 &&
+                   reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  uint4 raw[kPasses][2][kVecs];  // 8 elements of T per [pass][half]
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int r = warp + i * kWarps;
-      raw[i] = r < len ? *reinterpret_cast<const Vec*>(src + r * s[1] + lane * 4) : Vec{};
-    }
-  } else {
+  for (int i = 0; i < kPasses; ++i) {
+    const int r = 4 * (warp + i * kWarps) + (lane >> 3);
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int r = warp + i * kWarps;
-      T* e = reinterpret_cast<T*>(&raw[i]);
+    for (int half = 0; half < 2; ++half) {
+      const int c = 64 * half + 8 * j;
+      if (vec) {  // whole rows: no column bound
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int d = lane * 4 + j;
-        e[j] = (r < len && d < D) ? src[r * s[1] + d * s[3]] : from_f32<T>(0.f);
+        for (int v = 0; v < kVecs; ++v)
+          raw[i][half][v] = r < len ? *reinterpret_cast<const uint4*>(src + r * s[1] + c + 4 * v)
+                                    : make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        T* e = reinterpret_cast<T*>(raw[i][half]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          const int d = c + k;
+          e[k] = (r < len && d < D) ? src[r * s[1] + d * s[3]] : from_f32<T>(0.f);
+        }
       }
     }
   }
 #pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int r = warp + i * kWarps;
-    const T* e = reinterpret_cast<const T*>(&raw[i]);
-    float x[4];
+  for (int i = 0; i < kPasses; ++i) {
+    const int r = 4 * (warp + i * kWarps) + (lane >> 3);
+    float x[16];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) x[j] = to_f32(e[j]);
+    for (int half = 0; half < 2; ++half) {
+      const T* e = reinterpret_cast<const T*>(raw[i][half]);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) x[8 * half + k] = to_f32(e[k]);
+    }
     float m = mul;
     if (l2norm) {
       float sq = 0.f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) sq += x[j] * x[j];
+      for (int k = 0; k < 16; ++k) sq = fmaf(x[k], x[k], sq);
 #pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+      for (int off = 4; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
       const float inv = rsqrtf(sq + kL2NormEps);
-      if (row_inv != nullptr && lane == 0) row_inv[r] = inv;
+      if (row_inv != nullptr && j == 0) row_inv[r] = inv;
       m *= inv;
     }
-    alignas(8) bf16 hx[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) hx[j] = __float2bfloat16_rn(x[j] * m);
-    *reinterpret_cast<uint2*>(tile + r * kLdD + lane * 4) = *reinterpret_cast<const uint2*>(hx);
+    for (int half = 0; half < 2; ++half) {
+      uint4 out;
+      out.x = pack_bf16(x[8 * half] * m, x[8 * half + 1] * m);
+      out.y = pack_bf16(x[8 * half + 2] * m, x[8 * half + 3] * m);
+      out.z = pack_bf16(x[8 * half + 4] * m, x[8 * half + 5] * m);
+      out.w = pack_bf16(x[8 * half + 6] * m, x[8 * half + 7] * m);
+      *reinterpret_cast<uint4*>(tile + r * kLdD + 64 * half + 8 * j) = out;
+    }
   }
 }
 
@@ -410,15 +435,6 @@ __device__ inline void invert_unit_lower(const float* A, float* Tf, float* X, bf
 //   C 16x8:  c0 c1 (g, 2t..2t+1), c2 c3 (g+8, 2t..2t+1)
 // The C fragments of two adjacent n8 tiles are, packed to bf16 pairs, the A fragment of one k16
 // block: the product of one mma feeds the next without leaving registers.
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
-}
 
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
