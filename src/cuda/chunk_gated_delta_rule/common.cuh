@@ -194,31 +194,28 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
 }
 
-
-
-
-
 // Loads rows [t0, t0 + len) of head h of a [B, T, H, D] tensor into a bf16 [64, kLdD] tile,
 // zero past len and past D; optionally l2-normalises each row (fp32), multiplies it by `mul`.
 // row_inv (shared memory, may be nullptr) receives each row's 1 / |x| when l2norm is set (what
 // the l2norm's backward needs besides the tile: grads.cu, store_key_grad).
 // A row is 8 lanes' work: lane j of the 8 holds columns 8 j .. 8 j + 7 and 64 + 8 j .. + 7, read
-// as 16-byte accesses where the rows allow it (D = 128, unit stride, 8-element aligned: the usual
-// layout and projection views), else one by one; its |x|^2 takes three shuffles. Warp w owns
-// rows 4 (w + i nwarps) .. + 3. All of a thread's loads are issued before any is used, so their
-// latencies overlap; they are held raw until then. (The previous layout, a row per warp and 4
-// columns a lane, spent five dependent shuffles a row: ~35% of the intra kernel's stall samples
-// sat in its two l2-normalised loads, H100 1 x 32768.)
+// as 16-byte accesses where the rows allow it (D = 128, unit stride, 16-byte aligned rows: the
+// usual layout and projection views), else one by one; its |x|^2 takes three shuffles. Warp w
+// owns rows 4 (w + i nwarps) .. + 3. All of a thread's loads are issued before any is used, so
+// their latencies overlap; they are held raw until then. (The previous layout, a row per warp
+// and 4 columns a lane, spent five dependent shuffles a row: ~35% of the intra kernel's stall
+// samples sat in its two l2-normalised loads, H100 1 x 32768.)
 template <typename T, int kThreads>
 __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_t t0, int len,
                           int h, int D, bool l2norm, float mul, float* row_inv, bf16* tile) {
   constexpr int kWarps = kThreads / 32, kPasses = kC / (4 * kWarps);
   static_assert(kPasses * 4 * kWarps == kC, "whole rows a warp");
-  constexpr int kVecs = sizeof(T) / 2;  // 16-byte pieces per 8 elements
+  constexpr int kVecs = sizeof(T) / 2;                       // 16-byte pieces per 8 elements
+  constexpr int kAlign = 16 / static_cast<int>(sizeof(T));  // elements per 16 bytes
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, j = lane & 7;
   const T* src = base + batch * s[0] + t0 * s[1] + h * s[2];
-  const bool vec = D == kD && s[3] == 1 && s[0] % 8 == 0 && s[1] % 8 == 0 && s[2] % 8 == 0 &&
-                   reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  const bool vec = D == kD && s[3] == 1 && s[0] % kAlign == 0 && s[1] % kAlign == 0 &&
+                   s[2] % kAlign == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
   uint4 raw[kPasses][2][kVecs];  // 8 elements of T per [pass][half]
 #pragma unroll
   for (int i = 0; i < kPasses; ++i) {
