@@ -133,10 +133,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   using Smem = DStateSmem<kRowGroups, kSplit, kTma>;
   using TileD = SmemTile<Smem::kLdT, kTma>;
   using TileC = SmemTile<Smem::kLdM, kTma>;
-  // The swizzled tiles want 1 KB alignment (the launch allows for the shift).
-  unsigned char* const smem_base =
-      smem_raw + (kTma ? (1024u - (shared_address(smem_raw) & 1023u)) & 1023u : 0u);
-  Smem& sm = *reinterpret_cast<Smem*>(smem_base);
+  Smem& sm = *reinterpret_cast<Smem*>(tile_smem_base<kTma>(smem_raw));
   const BackwardParams& b = p.bwd;
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
@@ -185,14 +182,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   };
   publish_dstate();
 
-  if constexpr (kTma) {
-    if (tid == 0) {
-      mbarrier_init(shared_address(&sm.full[0]), 1);
-      mbarrier_init(shared_address(&sm.full[1]), 1);
-      fence_mbarrier_init();
-    }
-    __syncthreads();  // the barriers initialised before the first copies count on them
-  }
+  init_tile_barriers<kTma>(sm.full);
   auto prefetch_tiles = [&](int64_t c) {
     const int64_t slot = first_slot + c;
     const size_t base = ws_index(p, slot, hv, kC * kD);
@@ -449,9 +439,7 @@ bool narrow_shape(const ChunkParams& p) {
 template <typename T>
 void launch(const ChunkParams& p, cudaStream_t stream) {
   ChunkTileMaps maps{};
-  const char* tma_env = std::getenv("FLASHDELTA_GDN_TMA_TILES");  // "0": cp.async (A/B)
-  const bool tma = !(tma_env != nullptr && std::strcmp(tma_env, "0") == 0) &&
-                   encode_chunk_tile_maps(&maps, p, device_info().is_sm90);
+  const bool tma = chunk_tiles_by_tma(&maps, p, device_info().is_sm90);
   if (narrow_shape(p)) {
     if (tma) launch<T, 2, 4, true>(p, maps, stream);
     else launch<T, 2, 4, false>(p, maps, stream);

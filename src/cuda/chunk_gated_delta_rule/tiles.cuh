@@ -17,6 +17,8 @@
 #include <cuda.h>  // CUtensorMap (type only)
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "cuda/chunk_gated_delta_rule/common.cuh"
 #include "cuda/tensor_map.cuh"
@@ -53,6 +55,29 @@ __device__ __forceinline__ void load_b_cols(uint32_t (&b)[4], const Tile& x, int
   ldmatrix_x4_trans_at(b, x.at(k0 + (j & 1) * 8 + r, n0 + (j >> 1) * 8));
 }
 
+// The shared-memory struct of a state pass: at `smem_raw`, or (kTma) at the next 1 KB boundary,
+// which the swizzled tiles need (the launch allocates 1 KB more for the shift).
+template <bool kTma>
+__device__ __forceinline__ unsigned char* tile_smem_base(unsigned char* smem_raw) {
+  if constexpr (!kTma) return smem_raw;
+  return smem_raw + ((1024u - (shared_address(smem_raw) & 1023u)) & 1023u);
+}
+
+// kTma: thread 0 initialises the two buffers' full barriers (one arrival a phase: the loading
+// thread's, with the bytes), and the block barrier publishes them before any copy counts on them.
+// Every thread calls it.
+template <bool kTma>
+__device__ __forceinline__ void init_tile_barriers(uint64_t (&full)[2]) {
+  if constexpr (kTma) {
+    if (threadIdx.x == 0) {
+      mbarrier_init(shared_address(&full[0]), 1);
+      mbarrier_init(shared_address(&full[1]), 1);
+      fence_mbarrier_init();
+    }
+    __syncthreads();
+  }
+}
+
 // Tensor maps over the workspace tiles the state passes read: [rows, 128] (W, K, Q) and
 // [rows, 64] (M) bf16, boxes of 64 x 64, 128-byte swizzle.
 struct ChunkTileMaps {
@@ -75,6 +100,14 @@ inline bool encode_chunk_tile_maps(ChunkTileMaps* maps, const ChunkParams& p, bo
   };
   return encode(&maps->w, p.ws.w, kD, value_rows) && encode(&maps->kn, p.ws.kn, kD, key_rows) &&
          encode(&maps->qn, p.ws.qn, kD, key_rows) && encode(&maps->m, p.ws.m, kC, value_rows);
+}
+
+// Host, per launch: whether a state pass takes its tiles by TMA (sm_90, the maps encoded into
+// `maps`, and not FLASHDELTA_GDN_TMA_TILES=0, which forces cp.async for A/B).
+inline bool chunk_tiles_by_tma(ChunkTileMaps* maps, const ChunkParams& p, bool is_sm90) {
+  const char* env = std::getenv("FLASHDELTA_GDN_TMA_TILES");
+  return !(env != nullptr && std::strcmp(env, "0") == 0) &&
+         encode_chunk_tile_maps(maps, p, is_sm90);
 }
 
 constexpr uint32_t kTileBytes64x128 = kC * kD * sizeof(bf16);
