@@ -94,6 +94,7 @@
 #include "cuda/moe_grouped_gemm.cuh"
 #include "cuda/tensor_map.cuh"
 #include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace flashdelta::detail::cuda::moe::sm90 {
 
@@ -133,6 +134,11 @@ using cuda::mbarrier_init;
 using cuda::mbarrier_wait;
 using cuda::shared_address;
 using cuda::tma_load_2d;
+// The descriptor and wgmma fences are the library's too (wgmma.cuh).
+using cuda::smem_descriptor;
+using cuda::wgmma_commit;
+using cuda::wgmma_fence;
+using cuda::wgmma_wait;
 
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
                                             int32_t c0, int32_t c1, int32_t c2) {
@@ -228,26 +234,6 @@ __device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const CUtens
       ".multicast::cluster [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask)
       : "memory");
-}
-
-// A shared-memory matrix descriptor for the 128-byte swizzle (layout type 1 in bits 62-63),
-// base offset 0 (every box is 1024-byte aligned). Byte offsets are encoded >> 4.
-__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_bytes,
-                                                    uint32_t sbo_bytes) {
-  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) |
-         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
-         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() {
-  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_commit() {
-  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
 // Keeps the compiler from moving accumulator reads/writes across the asynchronous MMAs.

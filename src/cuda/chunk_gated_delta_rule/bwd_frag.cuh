@@ -9,6 +9,8 @@
 
 #include "cuda/chunk_gated_delta_rule/common.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
+#include "cuda/tma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace flashdelta::detail::cuda::chunk::bwd {
 
@@ -91,25 +93,64 @@ struct GemmLayout {
 template <typename Acc>
 constexpr int kTilesOf = std::extent<std::remove_cv_t<std::remove_reference_t<Acc>>>::value;
 
-// The k loop of one output block of a product: acc += A B over the whole of Kd for the block
-// (band m0, columns n0 ..), operands by ldmatrix, one A fragment per k16 step serving the block's
-// n8 tiles. (mma_tile's WMMA loads compile to 32-bit shared loads, four to eight times the
-// instructions.) The next k16 step's fragments are loaded before this step's products issue
-// (ncu had a third of the gradient kernel's stalls on ldmatrix -> mma): H100, grads kernel, us,
-// two rounds each, 1 x 32768 2908 -> 2862 / 2853, 8 x 4096 2901 -> 2868 / 2849, for ~12 more
-// live registers at the 128 cap (the bf16 instance's spills 20 -> 136 bytes of loads).
-template <int Kd, bool kAT, bool kBT, int NT>
-__device__ __forceinline__ void mma_block(float (&acc)[NT][4], const bf16* A, int lda,
-                                          const bf16* B, int ldb, int m0, int n0) {
+// The operands of a product A B (A 64 x Kd, B Kd x N) are bf16 tiles in shared memory in the
+// 128-byte swizzled layout (SwzTile, every tile 1024-byte aligned), stored as A [64][Kd] or, with
+// kAT, A^T [Kd][64]; B [Kd][N] or, with kBT, B^T [N][Kd].
+template <int N, int Kd, bool kAT, bool kBT>
+struct Operands {
+  using LA = SwzTile<kAT ? Kd : kC>;
+  using LB = SwzTile<kBT ? N : Kd>;
+};
+
+// The k loop of one output block of a product on Hopper: acc (+)= A B over the whole of Kd for
+// the columns n0 .. n0 + 8 NT of the warp's warpgroup (warps 4 g .. 4 g + 3 share n0; warp w % 4
+// holds rows 16 (w % 4) ..), as Kd / 16 wgmma m64n(8 NT)k16 issued back to back, then waited for.
+// Descriptors (cuda/wgmma.cuh): a K-major operand ([rows][k]: A, or B^T with kBT) advances 32
+// bytes a k16 step within a box and a box (rows x 128 bytes) every four; an MN-major one ([k][..]:
+// A^T, or B) advances 16 rows (2048 bytes) a step, its n0 a column offset inside a box. (The
+// mma.sync version, mma_block below, loads every fragment by ldmatrix into registers: A four
+// times over, once per warp of a band, and the fragments held ~24 registers at the 128 cap.)
+template <int N, int Kd, bool kAT, bool kBT, int NT>
+__device__ __forceinline__ void wgmma_block(float (&acc)[NT][4], const bf16* A, const bf16* B,
+                                            int n0, bool accumulate) {
+  static_assert(Kd % 64 == 0 && (kBT || 8 * NT <= 64), "wgmma_block shapes");
+  const uint32_t a = shared_address(A), b = shared_address(B);
+  fence_accumulators(acc);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < Kd / 16; ++kk) {
+    const uint32_t box = kk / 4, step = (kk % 4) * 32;
+    const uint64_t da = kAT ? smem_descriptor(a + kk * 2048, 16, 1024)
+                            : smem_descriptor(a + box * (kC * 128) + step, 16, 1024);
+    const uint64_t db =
+        kBT ? smem_descriptor(b + box * (N * 128) + n0 * 128 + step, 16, 1024)
+            : smem_descriptor(b + (n0 / 64) * (Kd * 128) + kk * 2048 + (n0 % 64) * 2, 16, 1024);
+    wgmma_bf16<NT, kAT, !kBT>(acc, da, db, accumulate || kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_accumulators(acc);
+}
+
+// The same on mma.sync (devices before sm_90a, where this kernel does not launch for want of
+// shared memory, and FLASHDELTA_GRADS_MMA_SYNC builds, to compare): rows m0 .. m0 + 15, operands
+// by ldmatrix from the swizzled tiles, one A fragment per k16 step serving the block's n8 tiles,
+// the next step's fragments loaded before this step's products issue.
+template <int N, int Kd, bool kAT, bool kBT, int NT>
+__device__ __forceinline__ void mma_block(float (&acc)[NT][4], const bf16* A, const bf16* B,
+                                          int m0, int n0) {
   static_assert(Kd % 32 == 0 && NT % 2 == 0, "mma_block shapes");
-  // The fragments of k16 step k0 + 16 load while step k0's products issue (two register sets).
+  using LA = typename Operands<N, Kd, kAT, kBT>::LA;
+  using LB = typename Operands<N, Kd, kAT, kBT>::LB;
+  const int lane = threadIdx.x & 31, j = lane >> 3, r = lane & 7;
   auto load = [&](uint32_t (&a)[4], uint32_t (&b)[NT / 2][4], int k0) {
-    if constexpr (kAT) load_a_cols(a, A, lda, m0, k0);
-    else load_a_rows(a, A, lda, m0, k0);
+    if constexpr (kAT) ldmatrix_x4_trans(a, A + LA::at(k0 + (j >> 1) * 8 + r, m0 + (j & 1) * 8));
+    else ldmatrix_x4(a, A + LA::at(m0 + (j & 1) * 8 + r, k0 + (j >> 1) * 8));
 #pragma unroll
     for (int np = 0; np < NT / 2; ++np) {
-      if constexpr (kBT) load_b_rows(b[np], B, ldb, n0 + np * 16, k0);
-      else load_b_cols(b[np], B, ldb, n0 + np * 16, k0);
+      const int n = n0 + np * 16;
+      if constexpr (kBT) ldmatrix_x4(b[np], B + LB::at(n + (j >> 1) * 8 + r, k0 + (j & 1) * 8));
+      else ldmatrix_x4_trans(b[np], B + LB::at(k0 + (j & 1) * 8 + r, n + (j >> 1) * 8));
     }
   };
   auto mma = [&](const uint32_t (&a)[4], const uint32_t (&b)[NT / 2][4]) {
@@ -130,10 +171,25 @@ __device__ __forceinline__ void mma_block(float (&acc)[NT][4], const bf16* A, in
   }
 }
 
-// [C +] A B for A 64 x Kd, B Kd x N, bf16 tiles in shared memory (kAT: A stored transposed, as
-// Kd x 64; kBT: B stored as N x Kd; lda, ldb the stored row strides, multiples of 8), C (fp32,
-// row stride ldc) or nothing (C null). Warps split the output as GemmLayout says; each block's
-// accumulators stay in registers over the whole of Kd (mma_block).
+// acc (+)= A B for the warp's output block (rows of band m0, columns n0 ..): wgmma where the
+// build targets sm_90a, else mma.sync. accumulate: acc holds a starting value (else ignored).
+template <int N, int Kd, bool kAT, bool kBT, int NT>
+__device__ __forceinline__ void product_block(float (&acc)[NT][4], const bf16* A, const bf16* B,
+                                              int m0, int n0, bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) && !defined(FLASHDELTA_GRADS_MMA_SYNC)
+  wgmma_block<N, Kd, kAT, kBT>(acc, A, B, n0, accumulate);
+#else
+  if (!accumulate) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+  }
+  mma_block<N, Kd, kAT, kBT>(acc, A, B, m0, n0);
+#endif
+}
+
+// A B for A 64 x Kd, B Kd x N (Operands: bf16 swizzled tiles in shared memory). Warps split the
+// output as GemmLayout says (a warpgroup, warps 4 g .. 4 g + 3, takes column group g, its warps
+// the four bands of 16 rows); each block's accumulators stay in registers over the whole of Kd.
 // Each finished block goes to epilogue(blk, row, col, acc): acc[nt][0..1] are (row, col + 8 nt
 // + 0..1), acc[nt][2..3] the same columns of row + 8; nt < kTilesOf<decltype(acc)>. The block
 // loop is not unrolled: one copy of the main loop and of the epilogue per product, because the
@@ -141,10 +197,10 @@ __device__ __forceinline__ void mma_block(float (&acc)[NT][4], const bf16* A, in
 // third of its stalls were instruction fetches). So blk is a run-time value: epilogues that keep
 // results in registers across products select by it with a branch (add_rows), never index a
 // register array with it.
-// No synchronisation inside: callers sync before (operands written) and after (results read).
+// No synchronisation inside: callers sync before (operands written, and fenced for the async
+// proxy: grads.cu's publish_tiles) and after (results read). Every warp of a warpgroup calls it.
 template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
-__device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* A, int lda,
-                                           const bf16* B, int ldb, Epilogue&& epilogue) {
+__device__ __forceinline__ void gemm_apply(const bf16* A, const bf16* B, Epilogue&& epilogue) {
   using L = GemmLayout<N, kThreads>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
@@ -153,18 +209,7 @@ __device__ __forceinline__ void gemm_apply(const float* C, int ldc, const bf16* 
   for (int blk = 0; blk < L::kBlocks; ++blk) {
     const int n0 = (warp >> 2) * L::kWarpCols + blk * L::kBlockCols;
     float acc[L::kTiles][4];
-#pragma unroll
-    for (int nt = 0; nt < L::kTiles; ++nt) {
-      if (C) {
-        const float* c_lo = C + (m0 + g) * ldc + n0 + 8 * nt + 2 * t4;
-        const float2 lo = *reinterpret_cast<const float2*>(c_lo);
-        const float2 hi = *reinterpret_cast<const float2*>(c_lo + 8 * ldc);
-        acc[nt][0] = lo.x, acc[nt][1] = lo.y, acc[nt][2] = hi.x, acc[nt][3] = hi.y;
-      } else {
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-      }
-    }
-    mma_block<Kd, kAT, kBT>(acc, A, lda, B, ldb, m0, n0);
+    product_block<N, Kd, kAT, kBT>(acc, A, B, m0, n0, false);
     epilogue(blk, m0 + g, n0 + 2 * t4, acc);
   }
 }
@@ -198,8 +243,7 @@ __device__ __forceinline__ void keep_scaled(float (&keep)[NT][4], int row, int c
 // barrier between them for it.
 template <int N, int Kd, bool kAT, bool kBT, int kThreads, typename Epilogue>
 __device__ __forceinline__ void gemm_apply_onto(const ChainTile<N, kThreads>& init, const bf16* A,
-                                                int lda, const bf16* B, int ldb,
-                                                Epilogue&& epilogue) {
+                                                const bf16* B, Epilogue&& epilogue) {
   using L = GemmLayout<N, kThreads>;
   static_assert(L::kBlocks == 1, "a chained product has one output block per warp");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -210,7 +254,7 @@ __device__ __forceinline__ void gemm_apply_onto(const ChainTile<N, kThreads>& in
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = init[nt][i];
   }
-  mma_block<Kd, kAT, kBT>(acc, A, lda, B, ldb, m0, n0);
+  product_block<N, Kd, kAT, kBT>(acc, A, B, m0, n0, true);
   epilogue(0, m0 + (lane >> 2), n0 + 2 * (lane & 3), acc);
 }
 
@@ -226,15 +270,16 @@ __device__ __forceinline__ void store_f32(float* tile, int ld, int row, int col,
   }
 }
 
-// Epilogue: the block's results times `mul` into a bf16 tile (row stride ld).
+// Epilogue: the block's results times `mul` into a bf16 swizzled tile of 64 rows (SwzTile<kC>).
 template <int NT>
-__device__ __forceinline__ void store_bf16(bf16* tile, int ld, int row, int col,
-                                           const float (&acc)[NT][4], float mul) {
+__device__ __forceinline__ void store_bf16(bf16* tile, int row, int col, const float (&acc)[NT][4],
+                                           float mul) {
+  using L = SwzTile<kC>;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
-    *reinterpret_cast<uint32_t*>(tile + row * ld + col + 8 * nt) =
+    *reinterpret_cast<uint32_t*>(tile + L::at(row, col + 8 * nt)) =
         pack_bf16(mul * acc[nt][0], mul * acc[nt][1]);
-    *reinterpret_cast<uint32_t*>(tile + (row + 8) * ld + col + 8 * nt) =
+    *reinterpret_cast<uint32_t*>(tile + L::at(row + 8, col + 8 * nt)) =
         pack_bf16(mul * acc[nt][2], mul * acc[nt][3]);
   }
 }
@@ -251,13 +296,11 @@ __device__ __forceinline__ void for_each_pair(int row, int col, const float (&ac
   }
 }
 
-// C (fp32 [64, N], row stride ldc) = [C +] A B (gemm_apply's operands).
+// C (fp32 [64, N], row stride ldc) = A B (gemm_apply's operands).
 template <int N, int Kd, bool kAT, bool kBT, int kThreads>
-__device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
-                                          int ldb, bool accumulate) {
+__device__ __forceinline__ void gemm_tile(float* C, int ldc, const bf16* A, const bf16* B) {
   gemm_apply<N, Kd, kAT, kBT, kThreads>(
-      accumulate ? C : nullptr, ldc, A, lda, B, ldb,
-      [&](int, int row, int col, const auto& acc) { store_f32(C, ldc, row, col, acc); });
+      A, B, [&](int, int row, int col, const auto& acc) { store_f32(C, ldc, row, col, acc); });
 }
 
 // A 64 x 128 fp32 result kept in registers across products, in gemm_apply's layout for N = 128

@@ -47,6 +47,25 @@ constexpr int kLdDf = kD + 4;  // fp32 row stride of a [*, 128] tile
 constexpr int kLdCf = kC + 4;  // fp32 row stride of a [*, 64] tile
 constexpr float kL2NormEps = 1e-6f;
 
+// Where element (r, c) of a bf16 shared-memory tile lies, for the loaders that serve tiles of
+// either layout (load_tile, copy_tile_async): RowTile<kLd>, rows of stride kLd (padded: the
+// forward's and the state passes' tiles, read by ldmatrix); SwzTile<kRows>, the 128-byte
+// swizzled layout that wgmma reads (cuda/wgmma.cuh; grads.cu's tiles): 64-column boxes of kRows
+// rows x 128 bytes, box b at b kRows 64 elements, the 16-byte chunk j of a row (its columns
+// 8 j .. 8 j + 7) at chunk j ^ (r % 8). The swizzle also keeps ldmatrix, whole-chunk accesses
+// and the accumulator layout's 4-byte column pairs (8 rows of one chunk) free of bank conflicts.
+template <int kLd>
+struct RowTile {
+  __device__ __forceinline__ static int at(int r, int c) { return r * kLd + c; }
+};
+template <int kRows>
+struct SwzTile {
+  static_assert(kRows % 8 == 0, "whole 8-row swizzle groups");
+  __device__ __forceinline__ static int at(int r, int c) {
+    return (c >> 6) * (kRows * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+  }
+};
+
 // The l2norm backward of one K <= 128 row held by a warp (lane owns dims lane + 32 j): g, the
 // gradient with respect to x / |x|, becomes the gradient with respect to x. Sums by butterfly
 // shuffles (every lane gets the same totals).
@@ -194,7 +213,7 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
 }
 
-// Loads rows [t0, t0 + len) of head h of a [B, T, H, D] tensor into a bf16 [64, kLdD] tile,
+// Loads rows [t0, t0 + len) of head h of a [B, T, H, D] tensor into a bf16 [64, 128] tile (Layout),
 // zero past len and past D; optionally l2-normalises each row (fp32), multiplies it by `mul`.
 // row_inv (shared memory, may be nullptr) receives each row's 1 / |x| when l2norm is set (what
 // the l2norm's backward needs besides the tile: grads.cu, store_key_grad).
@@ -205,7 +224,7 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t x) {
 // their latencies overlap; they are held raw until then. (The previous layout, a row per warp
 // and 4 columns a lane, spent five dependent shuffles a row: ~35% of the intra kernel's stall
 // samples sat in its two l2-normalised loads, H100 1 x 32768.)
-template <typename T, int kThreads>
+template <typename T, int kThreads, typename Layout = RowTile<kLdD>>
 __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_t t0, int len,
                           int h, int D, bool l2norm, float mul, float* row_inv, bf16* tile) {
   constexpr int kWarps = kThreads / 32, kPasses = kC / (4 * kWarps);
@@ -266,33 +285,33 @@ __device__ void load_tile(const T* base, const int64_t* s, int64_t batch, int64_
       out.y = pack_bf16(x[8 * half + 2] * m, x[8 * half + 3] * m);
       out.z = pack_bf16(x[8 * half + 4] * m, x[8 * half + 5] * m);
       out.w = pack_bf16(x[8 * half + 6] * m, x[8 * half + 7] * m);
-      *reinterpret_cast<uint4*>(tile + r * kLdD + 64 * half + 8 * j) = out;
+      *reinterpret_cast<uint4*>(tile + Layout::at(r, 64 * half + 8 * j)) = out;
     }
   }
 }
 
-// Starts copying a [kRows, kCols] bf16 block (row stride kLdSrc elements) into a tile of row
-// stride kLdDst, 16 bytes a cp.async (cuda/cp_async.cuh); with kRowBound, rows >= valid_rows
+// Starts copying a [kRows, kCols] bf16 block (row stride kLdSrc elements) into a tile of layout
+// Dst (RowTile or SwzTile), 16 bytes a cp.async (cuda/cp_async.cuh); with kRowBound, rows >= valid_rows
 // are zero-filled without being read. Commit and wait are the caller's. A thread copies one
 // column group of rows r0, r0 + kThreads / (kCols / 8), ...: its addresses are one base plus
 // constant offsets, a few instructions a copy. (A flat loop over the block's copies, i / per_row
 // and i % per_row each time, spent most of the forward state pass's issue slots outside its
 // products: ncu, H100 1 x 32768.)
-template <int kThreads, int kRows, int kCols, int kLdSrc, int kLdDst, bool kRowBound = false>
+template <int kThreads, int kRows, int kCols, int kLdSrc, typename Dst, bool kRowBound = false>
 __device__ __forceinline__ void copy_tile_async(const bf16* src, bf16* tile,
                                                 int valid_rows = kRows) {
   constexpr int kPerRow = kCols / 8, kRowsPerPass = kThreads / kPerRow;
   static_assert(kCols % 8 == 0 && kThreads % kPerRow == 0, "whole rows a pass");
   const int r0 = threadIdx.x / kPerRow, c = (threadIdx.x % kPerRow) * 8;
   const bf16* from = src + r0 * kLdSrc + c;
-  bf16* to = tile + r0 * kLdDst + c;
 #pragma unroll
   for (int r = 0; r < kRows; r += kRowsPerPass) {
     if (kRows % kRowsPerPass != 0 && r0 + r >= kRows) continue;
+    bf16* to = tile + Dst::at(r0 + r, c);
     if constexpr (kRowBound) {
-      cp_async_16_or_zero(to + r * kLdDst, from + r * kLdSrc, r0 + r < valid_rows);
+      cp_async_16_or_zero(to, from + r * kLdSrc, r0 + r < valid_rows);
     } else {
-      cp_async_16(to + r * kLdDst, from + r * kLdSrc);
+      cp_async_16(to, from + r * kLdSrc);
     }
   }
 }

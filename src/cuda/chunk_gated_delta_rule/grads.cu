@@ -71,10 +71,15 @@
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
+#include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
 namespace {
+
+// The layout of every 64-row operand tile (q, k, dO / v, W, U, M, T, X): 128-byte swizzled, as
+// wgmma reads it (common.cuh's SwzTile); S^T and dS'^T are SwzTile<kD>.
+using Tile = SwzTile<kC>;
 
 // What depends on the block's size: 512 threads (16 warps). The code takes 256 too (8 warps, the
 // previous shape: H100, 1 x 32768, 4864 us against 3958 at 16 warps; 8 x 4096 4825 against 3965),
@@ -126,16 +131,18 @@ template <int kThreads>
 struct GradSmem {
   static constexpr int kWarps = GradShape<kThreads>::kWarps;
   static constexpr int kColGroups = GradShape<kThreads>::kColGroups;
-  bf16 q[kC * kLdD];    // normalised, scaled q
-  bf16 k[kC * kLdD];    // normalised k
-  bf16 dov[kC * kLdD];  // dO, then v
-  bf16 w_dvn[kC * kLdD];     // W, then dVn
-  bf16 u_vn_dw[kC * kLdD];  // U, then Vn (formed in place), then dW
-  bf16 st[kD * kLdD];   // S^T entering the chunk   [v][k]
-  bf16 dst[kD * kLdD];  // dS'^T leaving the chunk  [v][k]
-  bf16 m[kC * kLdC];    // M, then dM * Gamma
-  bf16 t[kC * kLdC];    // T
-  bf16 x[kC * kLdC];    // dT, then T^T dT, then dA * b * Gamma
+  // The products' operands: bf16 tiles in the 128-byte swizzled layout (SwzTile; each a whole
+  // number of 1 KB swizzle groups, the first at the block's 1 KB-aligned base).
+  bf16 q[kC * kD];        // normalised, scaled q
+  bf16 k[kC * kD];        // normalised k
+  bf16 dov[kC * kD];      // dO, then v
+  bf16 w_dvn[kC * kD];    // W, then dVn
+  bf16 u_vn_dw[kC * kD];  // U, then Vn (formed in place), then dW
+  bf16 st[kD * kD];       // S^T entering the chunk   [v][k]
+  bf16 dst[kD * kD];      // dS'^T leaving the chunk  [v][k]
+  bf16 m[kC * kC];        // M, then dM * Gamma
+  bf16 t[kC * kC];        // T
+  bf16 x[kC * kC];        // dT, then T^T dT, then dA * b * Gamma
   // One fp32 product tile, [64, kLdDf] or [64, kLdCf].
   float f[kC * kLdDf];
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
@@ -156,12 +163,12 @@ struct GradSmem {
 static_assert(sizeof(GradSmem<256>) <= 227 * 1024 && sizeof(GradSmem<512>) <= 227 * 1024,
               "over Hopper's shared memory per block");
 
-// Synchronises the warps of this thread's band of 16 rows (warp % 4; bwd::GemmLayout), for a
-// product whose A operand is rows of the band's own, written in the previous product's epilogue
-// by the band's warps alone: named barrier 1 + band, kThreads / 4 threads.
-template <int kThreads>
-__device__ __forceinline__ void band_barrier() {
-  named_barrier(1 + ((threadIdx.x >> 5) & 3), kThreads / 4);
+// The block barrier that publishes tiles written since the last one (stores, cp.async) to the
+// products: a warpgroup's wgmma reads whole operand tiles through the async proxy, so every
+// writer fences first (cuda/wgmma.cuh).
+__device__ __forceinline__ void publish_tiles() {
+  fence_proxy_async();
+  __syncthreads();
 }
 
 // Sum over a warp, the same butterfly order on every lane (deterministic).
@@ -176,10 +183,10 @@ __device__ __forceinline__ float warp_sum(float x) {
 // columns k >= K are written, zero, by them). Commit and wait are the caller's.
 template <int kThreads>
 __device__ __forceinline__ void copy_state_async(const bf16* src, int V, bf16* tile) {
-  copy_tile_async<kThreads, kD, kD, kD, kLdD, true>(src, tile, V);
+  copy_tile_async<kThreads, kD, kD, kD, SwzTile<kD>, true>(src, tile, V);
 }
 
-// dO rows [t0, t0 + len) of value head hv into a bf16 [64, kLdD] tile, zero past len and V:
+// dO rows [t0, t0 + len) of value head hv into a bf16 [64, 128] tile (Tile), zero past len and V:
 // 1024 / kThreads groups of eight columns per thread, all loads issued before the first store. `native`: dO has
 // q's dtype T; `vec`: its rows also allow 16-byte loads (bwd::rows_vectorisable).
 template <typename T, int kThreads>
@@ -201,7 +208,7 @@ __device__ __forceinline__ void load_d_o_tile(const ChunkParams& p, const ChunkR
 #pragma unroll
   for (int j = 0; j < kGroups; ++j) {
     const int i = threadIdx.x + j * kThreads;
-    *reinterpret_cast<uint4*>(tile + (i / kPerRow) * kLdD + (i % kPerRow) * 8) = x[j];
+    *reinterpret_cast<uint4*>(tile + Tile::at(i / kPerRow, (i % kPerRow) * 8)) = x[j];
   }
 }
 
@@ -246,7 +253,7 @@ __device__ __forceinline__ void store_col_parts(int col, const float (&x)[NT][4]
   }
 }
 
-// A product's epilogue: adds the thread's share of the row dots acc_r . x_r (x a bf16 [64, kLdD]
+// A product's epilogue: adds the thread's share of the row dots acc_r . x_r (x a bf16 [64, 128]
 // tile in shared memory; acc at gemm_apply's positions) for rows row (lo) and row + 8 (hi).
 template <typename Acc>
 __device__ __forceinline__ void add_row_dots(const Acc& acc, const bf16* x, int row, int col,
@@ -255,9 +262,9 @@ __device__ __forceinline__ void add_row_dots(const Acc& acc, const bf16* x, int 
   for (int nt = 0; nt < bwd::kTilesOf<Acc>; ++nt) {
     const int c = col + 8 * nt;
     const float2 x_lo =
-        __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + row * kLdD + c));
+        __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + Tile::at(row, c)));
     const float2 x_hi =
-        __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + (row + 8) * kLdD + c));
+        __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + Tile::at(row + 8, c)));
     lo += acc[nt][0] * x_lo.x + acc[nt][1] * x_lo.y;
     hi += acc[nt][2] * x_hi.x + acc[nt][3] * x_hi.y;
   }
@@ -278,7 +285,7 @@ __device__ __forceinline__ float row_part_sum(const float (&part)[kColGroups][kC
 }
 
 // Starts copying rows [t0, t0 + len) of head h of a bf16 [B, T, H, D] tensor (strides s) into a
-// bf16 [64, kLdD] tile by cp.async, zero-filled past len and D: for rows that allow 16-byte reads
+// bf16 [64, 128] tile (Tile) by cp.async, zero-filled past len and D: for rows that allow 16-byte reads
 // (bwd::rows_vectorisable: D a multiple of 8), so that dO and v stream in behind other work
 // instead of stalling the block at their first use. Commit and wait are the caller's.
 template <int kThreads>
@@ -289,7 +296,7 @@ __device__ __forceinline__ void copy_rows_async(const bf16* base, const int64_t*
   for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * 8;
     const bool valid = r < ch.len && c < D;
-    cp_async_16_or_zero(tile + r * kLdD + c, valid ? src + r * s[1] + c : src, valid);
+    cp_async_16_or_zero(tile + Tile::at(r, c), valid ? src + r * s[1] + c : src, valid);
   }
 }
 
@@ -342,7 +349,7 @@ __device__ __forceinline__ void store_key_grad(const ChunkParams& p, const Chunk
       float y[4], ydot = 0.f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        y[j] = __bfloat162float(tile[r * kLdD + lane + 32 * j]) * unscale;
+        y[j] = __bfloat162float(tile[Tile::at(r, lane + 32 * j)]) * unscale;
         ydot += y[j] * g[j];
       }
       ydot = warp_sum(ydot);
@@ -370,7 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool d_o_async = kBf16 && d_o_native && d_o_vec;
   const bool v_async = kBf16 && v_vec;
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  GradSmem<kThreads>& sm = *reinterpret_cast<GradSmem<kThreads>*>(smem_raw);
+  GradSmem<kThreads>& sm = *reinterpret_cast<GradSmem<kThreads>*>(tile_smem_base<true>(smem_raw));
   const BackwardParams& b = p.bwd;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
@@ -403,10 +410,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const size_t tile = ws_index(p, slot, hv, kC * kD);
     const size_t small = ws_index(p, slot, hv, kC * kC);
     const size_t state = ws_index(p, slot, hv, kD * kD);
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + tile, sm.w_dvn);
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.u + tile, sm.u_vn_dw);
-    copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + small, sm.m);
-    copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.t + small, sm.t);
+    copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.w + tile, sm.w_dvn);
+    copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.u + tile, sm.u_vn_dw);
+    copy_tile_async<kThreads, kC, kC, kC, Tile>(p.ws.m + small, sm.m);
+    copy_tile_async<kThreads, kC, kC, kC, Tile>(p.ws.t + small, sm.t);
     copy_state_async<kThreads>(b.states + state, V, sm.st);
     copy_state_async<kThreads>(b.dstates + state, V, sm.dst);
     if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
@@ -427,9 +434,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- loads: the workspace tiles (and bf16 dO) are in flight (above, or started during the
       // previous head); q and k once per key head, and dO of other layouts, by the block.
       if (rep == 0) {
-        load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
+        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
                                p.l2norm, p.scale, sm.q_inv, sm.q);
-        load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
+        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
                                p.l2norm, 1.f, sm.k_inv, sm.k);
       }
       if (warp == 0) {  // the gates, copied a head ahead by this warp; e_i = exp(gamma_i),
@@ -449,20 +456,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
       cp_async_wait<0>();
-      __syncthreads();
+      publish_tiles();
       // K K^T, the same for every value head of the key head, into f (fp32 [64, kLdCf]) once: no
       // other product of a value head goes through f (pairs chain in registers), and dA's epilogue
       // reads it in this product's layout (GemmLayout<kC>), each thread its own positions.
-      if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, kLdD, sm.k, kLdD, false);
+      if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, sm.k);
       const float e_last = __expf(sm.gamma[kC - 1]);
       // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
       // warps in order at the end).
       {
         float acc = 0.f;
-        for (int i = tid; i < kD * kD / 8; i += kThreads) {  // eight columns (16 bytes) at a time
-          const int v = i / (kD / 8), k = (i % (kD / 8)) * 8;
-          const uint4 sv = *reinterpret_cast<const uint4*>(sm.st + v * kLdD + k);
-          const uint4 dv = *reinterpret_cast<const uint4*>(sm.dst + v * kLdD + k);
+        // Eight elements (16 bytes) at a time, at the same places of the two tiles (one layout).
+        for (int i = tid; i < kD * kD / 8; i += kThreads) {
+          const uint4 sv = reinterpret_cast<const uint4*>(sm.st)[i];
+          const uint4 dv = reinterpret_cast<const uint4*>(sm.dst)[i];
           const __nv_bfloat162* s2 = reinterpret_cast<const __nv_bfloat162*>(&sv);
           const __nv_bfloat162* d2 = reinterpret_cast<const __nv_bfloat162*>(&dv);
 #pragma unroll
@@ -478,10 +485,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
       // is read and replaced by the thread that holds its product (U is no operand).
-      bwd::gemm_apply<kD, kD, false, true, kThreads>(
-          nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
+      bwd::gemm_apply<kD, kD, false, true, kThreads>(sm.w_dvn, sm.st, [&](int, int row, int col, const auto& acc) {
             bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-              uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + r * kLdD + c);
+              uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + Tile::at(r, c));
               const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
               *at = pack_bf16(u.x - x0, u.y - x1);
             });
@@ -495,27 +501,25 @@ __global__ void __launch_bounds__(kThreads, 1)
       bwd::ChainTile<kD, kThreads> chain_d;
       {
         float dr_lo = 0.f, dr_hi = 0.f;
-        bwd::gemm_apply<kD, kD, false, true, kThreads>(
-            nullptr, 0, sm.k, kLdD, sm.dst, kLdD, [&](int, int row, int col, const auto& acc) {
+        bwd::gemm_apply<kD, kD, false, true, kThreads>(sm.k, sm.dst, [&](int, int row, int col, const auto& acc) {
               add_row_dots(acc, sm.u_vn_dw, row, col, dr_lo, dr_hi);
               bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.r[r]; },
                                [](int) { return 1.f; });
             });
         store_row_parts(dr_lo, dr_hi, sm.dr_part);
       }
-      band_barrier<kThreads>();  // the band's warps are done with W's rows
+      publish_tiles();  // every warpgroup is done with W (Vn's A operand)
       bwd::gemm_apply_onto<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
-          chain_d, sm.m, kLdC, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
-            bwd::store_bf16(sm.w_dvn, kLdD, row, col, acc, 1.f);
+          chain_d, sm.m, sm.dov, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.w_dvn, row, col, acc, 1.f);
           });
-      __syncthreads();
+      publish_tiles();
 
       // ---- dM = dO Vn^T (causal part): gamma's share, rows(dM * M) - cols(dM * M), by row and
       // column parts from the epilogue; dM * Gamma over M (each element of M read and replaced by
       // the thread that holds its product; M is no operand).
       static_assert(bwd::GemmLayout<kC, kThreads>::kBlocks == 1, "one 64-column block per warp");
-      bwd::gemm_apply<kC, kD, false, true, kThreads>(
-          nullptr, 0, sm.dov, kLdD, sm.u_vn_dw, kLdD,
+      bwd::gemm_apply<kC, kD, false, true, kThreads>(sm.dov, sm.u_vn_dw,
           [&](int, int row, int col, const auto& acc) {
             constexpr int NT = bwd::kTilesOf<decltype(acc)>;
             float x[NT][4];  // dM * M
@@ -530,11 +534,11 @@ __global__ void __launch_bounds__(kThreads, 1)
                 for (int e = 0; e < 2; ++e) {
                   const float dm = acc[nt][2 * h + e];
                   const bool causal = c + e <= r;
-                  x[nt][2 * h + e] = causal ? dm * __bfloat162float(sm.m[r * kLdC + c + e]) : 0.f;
+                  x[nt][2 * h + e] = causal ? dm * __bfloat162float(sm.m[Tile::at(r, c) + e]) : 0.f;
                   dmg[e] = causal ? dm * __expf(sm.gamma[r] - sm.gamma[c + e]) : 0.f;
                   rows[h] += x[nt][2 * h + e];
                 }
-                *reinterpret_cast<uint32_t*>(sm.m + r * kLdC + c) = pack_bf16(dmg[0], dmg[1]);
+                *reinterpret_cast<uint32_t*>(sm.m + Tile::at(r, c)) = pack_bf16(dmg[0], dmg[1]);
               }
             }
             store_row_parts(rows[0], rows[1], sm.row_part_a);
@@ -546,52 +550,48 @@ __global__ void __launch_bounds__(kThreads, 1)
       // kept in registers for the second to start from.
       {
         float de_lo = 0.f, de_hi = 0.f;
-        bwd::gemm_apply<kD, kD, false, false, kThreads>(
-            nullptr, 0, sm.dov, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
+        bwd::gemm_apply<kD, kD, false, false, kThreads>(sm.dov, sm.st, [&](int, int row, int col, const auto& acc) {
               add_row_dots(acc, sm.q, row, col, de_lo, de_hi);
               bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.e[r]; },
                                [](int) { return 1.f; });
             });
         store_row_parts(de_lo, de_hi, sm.de_part);
       }
-      __syncthreads();  // dMg (over M) and dM's row and column parts are complete; dO is read
+      publish_tiles();  // dMg (over M) and dM's row and column parts are complete; dO is read
       if (v_async) {  // v replaces dO, in flight behind dQ, dK, dW and dT's first product
         copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
         cp_async_commit();
       }
       if (tid < kC) sm.dgam[tid] = row_part_sum(sm.row_part_a, tid) - band_sum(sm.col_part, tid);
       bwd::gemm_apply_onto<kD, kC, false, false, kThreads>(
-          chain_d, sm.m, kLdC, sm.k, kLdD, add_to(dq_sum, [&](int) { return p.scale; }));
+          chain_d, sm.m, sm.k, add_to(dq_sum, [&](int) { return p.scale; }));
 
       // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
-      bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.m, kLdC, sm.q, kLdD,
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.m, sm.q,
                                                      add_to(dk_sum, [](int) { return 1.f; }));
-      bwd::gemm_apply<kD, kD, false, false, kThreads>(nullptr, 0, sm.u_vn_dw, kLdD, sm.dst, kLdD,
+      bwd::gemm_apply<kD, kD, false, false, kThreads>(sm.u_vn_dw, sm.dst,
                                                       add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-      // dW replaces Vn, whose rows only the band's warps read since the last block barrier (dK's A
-      // operand).
-      band_barrier<kThreads>();
+      publish_tiles();  // dW replaces Vn (dK's A operand)
 
       // ---- dW = -dVn S^T (over Vn, done with).
       bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
-          nullptr, 0, sm.w_dvn, kLdD, sm.st, kLdD, [&](int, int row, int col, const auto& acc) {
-            bwd::store_bf16(sm.u_vn_dw, kLdD, row, col, acc, -1.f);
+          sm.w_dvn, sm.st, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.u_vn_dw, row, col, acc, -1.f);
           });
-      band_barrier<kThreads>();  // dT's first product reads only the band's rows of dW
+      publish_tiles();  // dT's first product reads dW
       if (!v_async)
-        load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
+        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
                                false, 1.f, nullptr, sm.dov);
 
       // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
       // first product's result stays in registers for the second to start from.
       bwd::ChainTile<kC, kThreads> chain_t;
-      bwd::gemm_apply<kC, kD, false, true, kThreads>(
-          nullptr, 0, sm.u_vn_dw, kLdD, sm.k, kLdD, [&](int, int row, int col, const auto& acc) {
+      bwd::gemm_apply<kC, kD, false, true, kThreads>(sm.u_vn_dw, sm.k, [&](int, int row, int col, const auto& acc) {
             bwd::keep_scaled(chain_t, row, col, acc, [](int) { return 1.f; },
                              [&](int c) { return sm.e[c]; });
           });
       if (v_async) cp_async_wait<0>();
-      __syncthreads();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
+      publish_tiles();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
       if (has_next) {  // the next head's states stream in behind the rest of this head's work
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kD * kD);
@@ -600,21 +600,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         cp_async_commit();
       }
       bwd::gemm_apply_onto<kC, kD, false, true, kThreads>(
-          chain_t, sm.w_dvn, kLdD, sm.dov, kLdD, [&](int, int row, int col, const auto& acc) {
+          chain_t, sm.w_dvn, sm.dov, [&](int, int row, int col, const auto& acc) {
             bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-              *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) =
+              *reinterpret_cast<uint32_t*>(sm.x + Tile::at(r, c)) =
                   pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
             });
           });
-      __syncthreads();
+      publish_tiles();
 
       // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
       // column-group parts (applied with dA's row sums below).
       {
         T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
         float dvb_lo = 0.f, dvb_hi = 0.f;
-        bwd::gemm_apply<kD, kC, true, false, kThreads>(
-            nullptr, 0, sm.t, kLdC, sm.w_dvn, kLdD, [&](int, int row, int col, const auto& acc) {
+        bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.t, sm.w_dvn, [&](int, int row, int col, const auto& acc) {
 #pragma unroll
               for (int h = 0; h < 2; ++h) {  // rows row, row + 8
                 const int r = row + 8 * h;
@@ -625,7 +624,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                   const int c = col + 8 * nt;
                   const float x0 = acc[nt][2 * h], x1 = acc[nt][2 * h + 1];
                   const float2 vv = __bfloat1622float2(
-                      *reinterpret_cast<const __nv_bfloat162*>(sm.dov + r * kLdD + c));
+                      *reinterpret_cast<const __nv_bfloat162*>(sm.dov + Tile::at(r, c)));
                   dot += x0 * vv.x + x1 * vv.y;
                   if (r < ch.len) {
                     if (c < V) dv[r * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * x0);
@@ -642,16 +641,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       // applied with dA's row sums below), all in the epilogue.
       {
         float dkb_lo = 0.f, dkb_hi = 0.f;
-        bwd::gemm_apply<kD, kC, true, false, kThreads>(
-            nullptr, 0, sm.t, kLdC, sm.u_vn_dw, kLdD,
+        bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.t, sm.u_vn_dw,
             [&](int blk, int row, int col, const auto& acc) {
 #pragma unroll
               for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
                 const int c = col + 8 * nt;
                 const float2 k_lo = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.k + row * kLdD + c));
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.k + Tile::at(row, c)));
                 const float2 k_hi = __bfloat1622float2(
-                    *reinterpret_cast<const __nv_bfloat162*>(sm.k + (row + 8) * kLdD + c));
+                    *reinterpret_cast<const __nv_bfloat162*>(sm.k + Tile::at(row + 8, c)));
                 dkb_lo += acc[nt][0] * k_lo.x + acc[nt][1] * k_lo.y;
                 dkb_hi += acc[nt][2] * k_hi.x + acc[nt][3] * k_hi.y;
               }
@@ -665,22 +663,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       // registers (K K^T at the same positions of f, made once for all the value heads):
       // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
       // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
-      bwd::gemm_apply<kC, kC, true, false, kThreads>(
-          nullptr, 0, sm.t, kLdC, sm.x, kLdC, [&](int, int row, int col, const auto& acc) {
-            bwd::store_bf16(sm.m, kLdC, row, col, acc, 1.f);
+      bwd::gemm_apply<kC, kC, true, false, kThreads>(sm.t, sm.x, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.m, row, col, acc, 1.f);
           });
-      __syncthreads();
+      publish_tiles();
       if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kC * kD);
-        copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + next, sm.w_dvn);
-        copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.u + next, sm.u_vn_dw);
+        copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.w + next, sm.w_dvn);
+        copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.u + next, sm.u_vn_dw);
         if (d_o_async) copy_d_o_async<kThreads>(p, nh.ch, nh.hv, sm.dov);
         copy_gates_async(p, nh.slot, nh.hv, sm.next_gates);  // read at this head's start
         cp_async_commit();
       }
-      bwd::gemm_apply<kC, kC, false, true, kThreads>(
-          nullptr, 0, sm.m, kLdC, sm.t, kLdC, [&](int, int row, int col, const auto& acc) {
+      bwd::gemm_apply<kC, kC, false, true, kThreads>(sm.m, sm.t, [&](int, int row, int col, const auto& acc) {
             constexpr int NT = bwd::kTilesOf<decltype(acc)>;
             float dga[NT][4];  // dA * A
             float db_rows[2] = {0.f, 0.f}, dg_rows[2] = {0.f, 0.f};
@@ -706,19 +702,19 @@ __global__ void __launch_bounds__(kThreads, 1)
                   db_rows[h] += db;
                   dg_rows[h] += dg;
                 }
-                *reinterpret_cast<uint32_t*>(sm.x + r * kLdC + c) = pack_bf16(dkk[0], dkk[1]);
+                *reinterpret_cast<uint32_t*>(sm.x + Tile::at(r, c)) = pack_bf16(dkk[0], dkk[1]);
               }
             }
             store_row_parts(db_rows[0], db_rows[1], sm.row_part_a);
             store_row_parts(dg_rows[0], dg_rows[1], sm.row_part_b);
             store_col_parts(col, dga, sm.col_part);
           });
-      __syncthreads();
+      publish_tiles();
       if (has_next) {  // M (now T^T dT) and T are done with
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kC * kC);
-        copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + next, sm.m);
-        copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.t + next, sm.t);
+        copy_tile_async<kThreads, kC, kC, kC, Tile>(p.ws.m + next, sm.m);
+        copy_tile_async<kThreads, kC, kC, kC, Tile>(p.ws.t + next, sm.t);
         cp_async_commit();
       }
       // The row sums of this head: dbeta, and dgamma before its reverse cumsum (e_i = exp(gamma_i),
@@ -738,9 +734,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
 
       // ---- dk += dA K + dA^T K
-      bwd::gemm_apply<kD, kC, false, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+      bwd::gemm_apply<kD, kC, false, false, kThreads>(sm.x, sm.k,
                                                       add_to(dk_sum, [](int) { return 1.f; }));
-      bwd::gemm_apply<kD, kC, true, false, kThreads>(nullptr, 0, sm.x, kLdC, sm.k, kLdD,
+      bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.x, sm.k,
                                                      add_to(dk_sum, [](int) { return 1.f; }));
 
       // ---- dg = reverse cumsum of dgamma, the last row also taking e_last's and sum r dr's shares
@@ -799,7 +795,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <typename T, int kThreads>
 void launch_shape(const ChunkParams& p, cudaStream_t stream) {
-  const size_t smem = sizeof(GradSmem<kThreads>);
+  const size_t smem = sizeof(GradSmem<kThreads>) + 1024;  // + the shift to a 1 KB boundary
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(grads_kernel<T, kThreads>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
@@ -826,7 +822,7 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
 
 void check_grads_device() {
   const int optin = device_info().max_smem_per_block_optin;
-  const size_t grads = sizeof(GradSmem<kGradThreads>);
+  const size_t grads = sizeof(GradSmem<kGradThreads>) + 1024;
   const size_t need = grads > dstate_smem_bytes() ? grads : dstate_smem_bytes();
   if (static_cast<size_t>(optin) < need)
     fail(Error::Kind::kNotImplemented, "chunk_gated_delta_rule: the CUDA backward needs ", need,

@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     if (threadIdx.x < kC / 4)
       cp_async_16(sm.gamma[buf] + 4 * threadIdx.x,
                  p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
-    copy_tile_async<kThreads, kC, kVT, kD, kLdU>(p.ws.u + base + col0, sm.u[buf]);
+    copy_tile_async<kThreads, kC, kVT, kD, RowTile<kLdU>>(p.ws.u + base + col0, sm.u[buf]);
     cp_async_commit();
   };
   if (num_chunks > 0) prefetch(0);

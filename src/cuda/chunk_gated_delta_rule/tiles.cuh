@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "cuda/chunk_gated_delta_rule/common.cuh"
 #include "cuda/tensor_map.cuh"
@@ -34,12 +35,8 @@ template <int kLd, bool kSwizzled>
 struct SmemTile {
   uint32_t base;
   __device__ __forceinline__ uint32_t at(int row, int col) const {
-    if constexpr (kSwizzled) {
-      return base + static_cast<uint32_t>((col >> 6) * (kC * 128) + row * 128 +
-                                          ((((col >> 3) & 7) ^ (row & 7)) << 4));
-    } else {
-      return base + static_cast<uint32_t>((row * kLd + col) * 2);
-    }
+    using Layout = std::conditional_t<kSwizzled, SwzTile<kC>, RowTile<kLd>>;
+    return base + static_cast<uint32_t>(Layout::at(row, col) * 2);
   }
 };
 
@@ -141,11 +138,11 @@ __device__ __forceinline__ void load_chunk_tiles(const ChunkParams& p, const Chu
       tma_load_2d(shared_address(m), &maps.m, bar, 0, static_cast<int32_t>(value_row));
     }
   } else {
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.w + value_row * kD, w);
-    copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.kn + key_row * kD, k);
+    copy_tile_async<kThreads, kC, kD, kD, RowTile<kLdD>>(p.ws.w + value_row * kD, w);
+    copy_tile_async<kThreads, kC, kD, kD, RowTile<kLdD>>(p.ws.kn + key_row * kD, k);
     if constexpr (kWithQM) {
-      copy_tile_async<kThreads, kC, kD, kD, kLdD>(p.ws.qn + key_row * kD, q);
-      copy_tile_async<kThreads, kC, kC, kC, kLdC>(p.ws.m + value_row * kC, m);
+      copy_tile_async<kThreads, kC, kD, kD, RowTile<kLdD>>(p.ws.qn + key_row * kD, q);
+      copy_tile_async<kThreads, kC, kC, kC, RowTile<kLdC>>(p.ws.m + value_row * kC, m);
     }
   }
 }

@@ -1,0 +1,108 @@
+// Hopper warpgroup MMAs (wgmma.mma_async, sm_90a) on shared-memory operands, shared by the MoE
+// grouped GEMM (moe_grouped_gemm_sm90*.cuh: m64n128 / m64n256 per warpgroup) and the gated delta
+// rule's gradient kernel (chunk_gated_delta_rule/grads.cu: m64n32 / m64n16 per warpgroup).
+//
+// Operands live in shared memory in the 128-byte swizzled layout (what TMA writes with
+// CU_TENSOR_MAP_SWIZZLE_128B): rows of 64 two-byte elements (128 bytes), 16-byte chunk j of row
+// r at chunk j ^ (r % 8), 8-row groups of 1024 bytes, each 1024-byte aligned. A descriptor names
+// a start address, the stride between 8-row groups (SBO) and, for MN-major operands, the stride
+// between 64-element column boxes (LBO); the hardware applies the swizzle to the final address,
+// so a start inside a row (the k16 step of a K-major operand, the column offset of an MN-major
+// one) needs no other change.
+//
+// Ordering: the MMAs read shared memory through the async proxy. Shared-memory writes of the
+// generic proxy (stores, cp.async) must be followed by fence_proxy_async() in the writing
+// threads before the barrier that publishes them to the MMAs. Accumulator registers written by
+// ordinary instructions need wgmma_fence() before the first MMA that reads them, and results
+// are valid only after wgmma_commit() and wgmma_wait<0>().
+//
+// Everything here compiles to nothing outside sm_90a; callers guard their use with
+// __CUDA_ARCH_FEAT_SM90_ALL.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace flashdelta::detail::cuda {
+
+// A shared-memory matrix descriptor for the 128-byte swizzle (layout type 1 in bits 62-63),
+// base offset 0 (every 8-row group is 1024-byte aligned). Byte offsets are encoded >> 4.
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t addr, uint32_t lbo_bytes,
+                                                    uint32_t sbo_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFFu) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma,
+// TMA stores) that a barrier makes wait for them.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving accumulator reads and writes across the asynchronous MMAs.
+template <int NT>
+__device__ __forceinline__ void fence_accumulators(float (&d)[NT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[nt][i])::"memory");
+  }
+}
+
+// D[64 x 8 NT] (+)= A[64 x 16] B[16 x 8 NT], bf16 operands from shared memory (descriptors),
+// fp32 accumulators in the m16n8 layout of mma.sync per warp (warp w % 4 of the warpgroup holds
+// rows 16 (w % 4) + lane / 4 and + 8; d[nt] covers columns 8 nt + 2 (lane % 4) + 0..1): the
+// layout the chunk kernels' epilogues take. kTransA / kTransB: the operand is MN-major.
+// accumulate = 0 makes it D = A B, ignoring D's contents. NT = 2 (m64n16) or 4 (m64n32).
+template <int NT, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_bf16(float (&d)[NT][4], uint64_t desc_a, uint64_t desc_b,
+                                           int accumulate) {
+  static_assert(NT == 2 || NT == 4, "wgmma_bf16: m64n16 or m64n32");
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (NT == 4) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+        "%16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+          "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+          "+f"(d[3][3])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA ? 1 : 0),
+          "n"(kTransB ? 1 : 0));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, %11, %12;\n}\n"
+        : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+          "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3])
+        : "l"(desc_a), "l"(desc_b), "r"(accumulate), "n"(kTransA ? 1 : 0),
+          "n"(kTransB ? 1 : 0));
+  }
+#endif
+}
+
+}  // namespace flashdelta::detail::cuda
