@@ -45,7 +45,7 @@ __device__ __forceinline__ uint4 load8_bf16(const T* src, int64_t stride, int va
 // Whether rows of a [B, T, H, D] tensor can be read eight elements at a time by 16-byte loads:
 // unit last stride, the other strides and the pointer 16-byte aligned, D a multiple of 8.
 template <typename T>
-inline bool rows_vectorisable(const void* data, const int64_t* s, int D) {
+__host__ __device__ inline bool rows_vectorisable(const void* data, const int64_t* s, int D) {
   constexpr int64_t kPerVec = 16 / static_cast<int64_t>(sizeof(T));
   return s[3] == 1 && s[0] % kPerVec == 0 && s[1] % kPerVec == 0 && s[2] % kPerVec == 0 &&
          reinterpret_cast<uintptr_t>(data) % 16 == 0 && D % 8 == 0;
@@ -335,18 +335,6 @@ __device__ __forceinline__ void add_rows(float (&sum)[NB][NT][4], int blk, int r
     if (blk == 0) add_scaled(sum[0], acc, lo, hi);
     else add_scaled(sum[1], acc, lo, hi);
   }
-}
-
-// A RegTile into an fp32 [64, 128] tile (row stride ld), every thread its own elements.
-template <int kThreads>
-__device__ __forceinline__ void store_reg_tile(const RegTile<kThreads>& sum, float* tile, int ld) {
-  using L = GemmLayout<kD, kThreads>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int row = (warp & 3) * 16 + (lane >> 2);
-#pragma unroll
-  for (int blk = 0; blk < L::kBlocks; ++blk)
-    store_f32(tile, ld, row, (warp >> 2) * L::kWarpCols + blk * L::kBlockCols + 2 * (lane & 3),
-              sum[blk]);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk::bwd

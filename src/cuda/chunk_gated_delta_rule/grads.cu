@@ -4,11 +4,12 @@
 // `backward()` has the derivation, line by line, which this kernel follows in the same order).
 //
 // Per work item (slot, key head), one 64-token chunk, 512 threads (16 warps) walk the HV / H
-// value heads that read this key head, in head order; a persistent block takes item after item. Operands are bf16 tiles in shared memory,
-// products run on the tensor cores (bwd::gemm_apply: mma.sync on ldmatrix fragments, results
-// handled in registers by an epilogue); row and column reductions go by shuffles within a warp,
-// then across warps through small per-warp arrays, and the reverse cumsum by a warp scan, all in
-// fixed orders: deterministic. Per value head:
+// value heads that read this key head, in head order; a persistent block takes item after item.
+// Operands are bf16 tiles in shared memory in the 128-byte swizzled layout (SwzTile), products
+// run on the tensor cores (bwd::gemm_apply: wgmma, each warpgroup a quarter of the columns,
+// results handled in registers by an epilogue); row and column reductions go by shuffles within
+// a warp, then across warps through small per-warp arrays, and the reverse cumsum by a warp scan,
+// all in fixed orders: deterministic. Per value head:
 //   Vn  = U - W S                               (W, U, M, T, gamma from the forward's intra pass)
 //   dVn = M^T dO + diag(r) K dS',   dr_i = (K dS')_i . Vn_i
 //   dM  = dO Vn^T: dgamma += rows(dM * M) - cols(dM * M);   dMg = dM * Gamma
@@ -20,11 +21,11 @@
 //   dg  = reverse cumsum of dgamma (+ e de - r dr, + the last row's e_last S.dS' + sum r dr)
 // dv, dg, dbeta are stored per value head in their tensors' dtypes. dQ and dK (with respect to
 // the normalised q and k) are summed over the value heads in registers, in the products' fragment
-// layout (bwd::RegTile, 16 registers each at 16 warps): the products that make them add their accumulators
-// (times the row gates) straight in, with no fp32 tile and no barrier. At the end the sums pass
-// through the fp32 tile to one row per warp, where the l2norm backward (dx = inv (dy - y (y . dy)),
-// inv = (|x|^2 + eps)^-1/2) is a shuffle reduction; dq, dk are stored once, in q's dtype. No fp32
-// per-value-head rows, no atomics, no reduction kernel.
+// layout (bwd::RegTile, 16 registers each at 16 warps): the products that make them add their
+// accumulators (times the row gates) straight in, with no fp32 tile and no barrier. At the end
+// the l2norm backward (dx = inv (dy - y (y . dy)), inv = (|x|^2 + eps)^-1/2) runs on those
+// registers, its row dots by shuffles and per-column-group parts; dq, dk are stored once, in q's
+// dtype (store_key_grad). No fp32 per-value-head rows, no atomics, no reduction kernel.
 // Element-wise work that follows a product element by element (Vn = U - W S over U, dM's gates
 // over M, dT's column gates, dA's gates), the row dots dr, de, dKb.k (per column group of warps,
 // summed in a fixed order) and the row and column sums of dM * M, dA * A, dA * KKg that make
@@ -32,8 +33,7 @@
 // their registers, and dv is stored from them. The pairs of products that sum into one result
 // (dVn's, dQ's, dT's) chain in registers: the first's epilogue keeps its (gated) result as a
 // bwd::ChainTile and the second starts its accumulators from it (bwd::gemm_apply_onto), so the
-// fp32 tile holds only K K^T, made once per key head (it does not depend on the value head), and
-// the final dq, dk rows.
+// one fp32 tile holds only K K^T, made once per key head (it does not depend on the value head).
 // Every workspace tile (W, U, M, T, S^T, dS'^T, and the gates gamma, beta) of a value head comes
 // by cp.async; dO too when it is bf16 with 16-byte rows, else by 16-byte (or element) loads
 // issued before any is used, converted by the block. The next value head's tiles (this item's
@@ -41,30 +41,33 @@
 // product with each is done (S^T and dS'^T after dW; W, U, bf16 dO and the gates after dKb; M and
 // T after dA: about 125 KB of 130), behind the rest of its work; only the block's very first
 // head waits for its copies (in flight while q and k load). v (bf16, 16-byte rows) likewise
-// streams into dO's buffer once dO is done with, behind dW and dT's first product.
+// streams into dO's buffer once dO is done with, behind dQ's second product, dK and dW.
 //
 // Launch: persistent, as many blocks as the device holds at once (one per SM: 132 on an H100),
 // block b taking items b, b + grid, ... (item = key head * slots + slot; empty varlen slots
 // skipped), so that the next item's first copies run behind the current item's last products
 // (a grid of one block per item exposed them: ~2 us per item, 124 items per SM at 1 x 32768).
 // The static stride keeps the schedule, and every result, independent of timing. 512 threads,
-// <= 128 registers (__launch_bounds__(512, 1)), 222 KB of shared memory (Hopper's 227 KB opt-in;
+// <= 128 registers (__launch_bounds__(512, 1)), 212 KB of shared memory (Hopper's 227 KB opt-in;
 // an A100's 163 KB is too small for this version). Work per chunk and value head: 17 products
 // (+ K K^T once per key head), ~11 M multiply-adds, for ~130 KB read.
 // Why 16 warps in one block rather than two blocks of 8 (bench/NOTES.md, "grads round 3"): the
-// working set of one value head is ~215 KB (q, k, dO/v, W/dVn, U/Vn/dW: 5 x 17 KB; S^T, dS'^T:
-// 2 x 34 KB; M, T, X: 3 x 9 KB; the fp32 tile 34 KB), so a second block per SM (<= 113 KB) would
+// working set of one value head is ~210 KB (q, k, dO/v, W/dW, U/Vn, dVn: 6 x 16 KB; S^T, dS'^T:
+// 2 x 32 KB; M, T, X: 3 x 8 KB; K K^T in fp32 17 KB), so a second block per SM (<= 113 KB) would
 // need the states streamed and products split across kernels with their intermediates in global
 // memory. Doubling the warps of the one block gives the same 16 warps per SM (the latency cover
 // that 2 blocks would) at the same bytes: each product's output is split over 4 bands of 16 rows
-// x 4 column groups (bwd::GemmLayout), so every warp's mma chain per product halves, and the dq,
+// x 4 column groups (bwd::GemmLayout), so every warp's share of a product halves, and the dq,
 // dk register sums halve (16 + 16 registers), which is what brings the kernel to 128 registers.
-// The cost: B fragments are loaded by 4 warps per band as before, A fragments by 4 instead of 2
-// (shared-memory reads per 64 x 128 x 128 product: 192 KB instead of 160 KB), and 16 warps meet
-// at each block barrier. So barriers are few: where a product's A operand is rows of a tile that
-// the previous product's epilogue wrote (or whose rows it overwrites), and rows belong to the same
-// band of 16 (warp % 4) in every product's layout, only the band's warps sync (band_barrier): 10
-// block barriers and 3 band barriers per value head (the round-2 kernel had ~15 block barriers).
+// The cost: 16 warps meet at each block barrier, so barriers are few: 10 per value head, each
+// where a product reads a tile that an epilogue or a copy wrote since the last (publish_tiles:
+// with the proxy fence that wgmma's reads need), or where a copy overwrites a tile that products
+// read. Products on wgmma (session 15) instead of mma.sync on ldmatrix fragments: every
+// warpgroup reads whole operand tiles (A four times over, as with ldmatrix at 16 warps) but
+// without fragment registers or load instructions: grads 2800 -> 2454 us (H100, 1 x 32768).
+// With them went the band barriers of the mma.sync version (a band's warps syncing for rows that
+// only they read: under wgmma every warpgroup reads all rows), and dVn got its own buffer (16 KB,
+// freed by the fp32 tile's shrinking to K K^T), which saves three barriers a head.
 #include <cfloat>
 #include <type_traits>
 
@@ -87,7 +90,6 @@ using Tile = SwzTile<kC>;
 template <int kThreads>
 struct GradShape {
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kRowsPerWarp = kC / kWarps;  // store_key_grad: rows warp + kWarps m
   // The warps of a 16-row band of a 128-column product (bwd::GemmLayout): row dots made in
   // epilogues come as one partial per group, added in group order.
   static constexpr int kColGroups = bwd::GemmLayout<kD, kThreads>::kColGroups;
@@ -136,15 +138,15 @@ struct GradSmem {
   bf16 q[kC * kD];        // normalised, scaled q
   bf16 k[kC * kD];        // normalised k
   bf16 dov[kC * kD];      // dO, then v
-  bf16 w_dvn[kC * kD];    // W, then dVn
-  bf16 u_vn_dw[kC * kD];  // U, then Vn (formed in place), then dW
+  bf16 w_dw[kC * kD];     // W, then dW
+  bf16 u_vn[kC * kD];     // U, then Vn (formed in place)
+  bf16 dvn[kC * kD];      // dVn
   bf16 st[kD * kD];       // S^T entering the chunk   [v][k]
   bf16 dst[kD * kD];      // dS'^T leaving the chunk  [v][k]
   bf16 m[kC * kC];        // M, then dM * Gamma
   bf16 t[kC * kC];        // T
   bf16 x[kC * kC];        // dT, then T^T dT, then dA * b * Gamma
-  // One fp32 product tile, [64, kLdDf] or [64, kLdCf].
-  float f[kC * kLdDf];
+  float f[kC * kLdCf];  // K K^T (fp32 [64, kLdCf]), made once per key head
   float gamma[kC], beta[kC], e[kC], r[kC], dgam[kC], dr[kC], dbeta[kC];
   float q_inv[kC], k_inv[kC];  // 1 / |x| of the key head's q and k rows (l2norm)
   float next_gates[2][kC];     // the next value head's gamma, beta, copied by warp 0 (below)
@@ -160,8 +162,9 @@ struct GradSmem {
   // columns per band of 16 rows (col_part[band][column]).
   float row_part_a[kColGroups][kC], row_part_b[kColGroups][kC], col_part[4][kC];
 };
-static_assert(sizeof(GradSmem<256>) <= 227 * 1024 && sizeof(GradSmem<512>) <= 227 * 1024,
-              "over Hopper's shared memory per block");
+static_assert(sizeof(GradSmem<256>) + 1024 <= 227 * 1024 &&
+                  sizeof(GradSmem<512>) + 1024 <= 227 * 1024,
+              "over Hopper's shared memory per block (with the shift to a 1 KB boundary)");
 
 // The block barrier that publishes tiles written since the last one (stores, cp.async) to the
 // products: a warpgroup's wgmma reads whole operand tiles through the async proxy, so every
@@ -285,8 +288,8 @@ __device__ __forceinline__ float row_part_sum(const float (&part)[kColGroups][kC
 }
 
 // Starts copying rows [t0, t0 + len) of head h of a bf16 [B, T, H, D] tensor (strides s) into a
-// bf16 [64, 128] tile (Tile) by cp.async, zero-filled past len and D: for rows that allow 16-byte reads
-// (bwd::rows_vectorisable: D a multiple of 8), so that dO and v stream in behind other work
+// bf16 [64, 128] tile (Tile) by cp.async, zero-filled past len and D: for rows that allow 16-byte
+// reads (bwd::rows_vectorisable: D a multiple of 8), so that dO and v stream in behind other work
 // instead of stalling the block at their first use. Commit and wait are the caller's.
 template <int kThreads>
 __device__ __forceinline__ void copy_rows_async(const bf16* base, const int64_t* s,
@@ -321,46 +324,95 @@ __device__ __forceinline__ void copy_gates_async(const ChunkParams& p, int64_t s
   cp_async_16(&gates[lane / 16][4 * (lane % 16)], (lane < 16 ? p.ws.gamma : p.ws.beta) + at);
 }
 
-// dx of one tensor (q or k, key head h) from dy summed over the value heads (fp32 [64, kLdDf] in
-// shared memory; warp w takes rows w + kWarps m, lane l columns l + 32 j), through the l2norm when it
-// was applied: dx = inv (dy - y (y . dy)), with y the normalised row as the products took it (the
-// bf16 tile, times 1 / mul: q's tile is scaled) and inv = 1 / |x| from load_tile, as FLA's l2norm
-// backward takes y in the input's dtype. (Reading x again here instead, scalar loads at the item's
-// end that the next head's prefetches had queued behind, took 16.6% of this kernel's stall
-// samples: H100, 1 x 32768.) Stored in dx's dtype.
+// dx of one tensor (q or k, key head h) from dy, its sum over the value heads, held in registers
+// in the products' layout (bwd::RegTile: rows 16 (w % 4) + lane / 4 and + 8, columns
+// 32 (w / 4) + 8 nt + 2 (lane % 4) + 0..1), through the l2norm when it was applied:
+// dx = inv (dy - y (y . dy)), with y the normalised row as the products took it (the bf16 tile,
+// times 1 / mul: q's tile is scaled) and inv = 1 / |x| from load_tile, as FLA's l2norm backward
+// takes y in the input's dtype. Steps between block barriers: key_grad_dots leaves each warp's
+// share of the row dots y . dy in `part` (per column group, store_row_parts); store_key_grad
+// finishes the rows and, for a 2-byte dtype, writes them over the tile in that dtype (each
+// thread at the positions it alone read y from), which copy_key_grad_out then stores as whole
+// rows (16-byte pieces); an fp32 dx is stored from the registers. (Every dtype stored straight
+// from the registers, 8 rows of 4 bytes an instruction, took this kernel to 2636 us against
+// 2405 so: H100, 1 x 32768. Through an fp32 tile, a row per warp, as before session 15, it took
+// 32 KB of shared memory. Reading x again instead of the tile, scalar loads at the item's end
+// that the next head's prefetches had queued behind, took 16.6% of the stall samples.)
+// mul (q's scale) is positive; below FLT_MIN (absurd, but allowed) 1 / mul overflows and the tile
+// holds denormals or zeros: y is taken as 0 there, the radial term dropped, not NaN.
+__device__ __forceinline__ float unscale_of(float mul) { return mul >= FLT_MIN ? 1.f / mul : 0.f; }
+
+template <int kThreads>
+__device__ __forceinline__ void key_grad_dots(const bwd::RegTile<kThreads>& dy, const bf16* tile,
+                                              float mul,
+                                              float (&part)[GradShape<kThreads>::kColGroups][kC]) {
+  using L = bwd::GemmLayout<kD, kThreads>;
+  static_assert(L::kBlocks == 1, "one output block per warp");
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row = (warp & 3) * 16 + (lane >> 2), col = (warp >> 2) * L::kWarpCols + 2 * (lane & 3);
+  float lo = 0.f, hi = 0.f;
+  add_row_dots(dy[0], tile, row, col, lo, hi);
+  const float unscale = unscale_of(mul);
+  store_row_parts(lo * unscale, hi * unscale, part);
+}
+
 template <typename T, int kThreads>
-__device__ __forceinline__ void store_key_grad(const ChunkParams& p, const ChunkRef& ch, int h,
-                                               const bf16* tile, const float* row_inv, float mul,
-                                               T* dx, const int64_t* dx_s, const float* dy) {
-  constexpr int kWarps = GradShape<kThreads>::kWarps, kRowsPerWarp = GradShape<kThreads>::kRowsPerWarp;
+__device__ __forceinline__ void store_key_grad(
+    const ChunkParams& p, const ChunkRef& ch, int h, const bwd::RegTile<kThreads>& dy,
+    bf16* tile, const float* row_inv, float mul,
+    const float (&part)[GradShape<kThreads>::kColGroups][kC], T* dx, const int64_t* dx_s) {
+  constexpr bool kInTile = sizeof(T) == 2;
+  using L = bwd::GemmLayout<kD, kThreads>;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, K = p.head_k_dim;
-  // mul (q's scale) is positive; below FLT_MIN (absurd, but allowed) 1 / mul overflows and the
-  // tile holds denormals or zeros: y is taken as 0 there, the radial term dropped, not NaN.
-  const float unscale = mul >= FLT_MIN ? 1.f / mul : 0.f;
+  const int row = (warp & 3) * 16 + (lane >> 2), col = (warp >> 2) * L::kWarpCols + 2 * (lane & 3);
+  const float unscale = unscale_of(mul);
 #pragma unroll
-  for (int m = 0; m < kRowsPerWarp; ++m) {
-    const int r = warp + kWarps * m;
-    if (r >= ch.len) continue;  // warp-uniform
+  for (int hh = 0; hh < 2; ++hh) {  // rows row, row + 8
+    const int r = row + 8 * hh;
+    if (r >= ch.len) continue;
     T* out = dx + ch.batch * dx_s[0] + (ch.t0 + r) * dx_s[1] + h * dx_s[2];
-    float g[4];
+    const float ydot = p.l2norm ? row_part_sum(part, r) : 0.f;
+    const float inv = p.l2norm ? row_inv[r] : 1.f;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) g[j] = dy[r * kLdDf + lane + 32 * j];
-    if (p.l2norm) {
-      float y[4], ydot = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        y[j] = __bfloat162float(tile[Tile::at(r, lane + 32 * j)]) * unscale;
-        ydot += y[j] * g[j];
+    for (int nt = 0; nt < L::kTiles; ++nt) {
+      const int c = col + 8 * nt;
+      float g0 = dy[0][nt][2 * hh], g1 = dy[0][nt][2 * hh + 1];
+      if (p.l2norm) {
+        const float2 y = unpack_bf16(*reinterpret_cast<const uint32_t*>(tile + Tile::at(r, c)));
+        g0 = inv * (g0 - y.x * unscale * ydot);
+        g1 = inv * (g1 - y.y * unscale * ydot);
       }
-      ydot = warp_sum(ydot);
-      const float inv = row_inv[r];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) g[j] = inv * (g[j] - y[j] * ydot);
+      if constexpr (kInTile) {
+        const T pair[2] = {from_f32<T>(g0), from_f32<T>(g1)};
+        *reinterpret_cast<uint32_t*>(tile + Tile::at(r, c)) =
+            *reinterpret_cast<const uint32_t*>(pair);
+      } else {
+        if (c < K) out[c * dx_s[3]] = from_f32<T>(g0);
+        if (c + 1 < K) out[(c + 1) * dx_s[3]] = from_f32<T>(g1);
+      }
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int d = lane + 32 * j;
-      if (d < K) out[d * dx_s[3]] = from_f32<T>(g[j]);
+  }
+}
+
+// The rows [0, len) of dx (2-byte T) that store_key_grad left in the tile, to memory: 16-byte
+// pieces where dx's rows allow (bwd::rows_vectorisable), else element by element.
+template <typename T, int kThreads>
+__device__ __forceinline__ void copy_key_grad_out(const ChunkParams& p, const ChunkRef& ch, int h,
+                                                  const bf16* tile, T* dx, const int64_t* dx_s) {
+  constexpr int kPerRow = kD / 8;
+  const int K = p.head_k_dim;
+  const bool vec = bwd::rows_vectorisable<T>(dx, dx_s, K);
+  T* const base = dx + ch.batch * dx_s[0] + ch.t0 * dx_s[1] + h * dx_s[2];
+  for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
+    const int r = i / kPerRow, c = (i % kPerRow) * 8;
+    if (r >= ch.len || c >= K) continue;
+    const uint4 x = *reinterpret_cast<const uint4*>(tile + Tile::at(r, c));
+    T* const out = base + r * dx_s[1];
+    if (vec) {
+      *reinterpret_cast<uint4*>(out + c) = x;
+    } else {
+      const T* e = reinterpret_cast<const T*>(&x);
+      for (int j = 0; j < 8 && c + j < K; ++j) out[(c + j) * dx_s[3]] = e[j];
     }
   }
 }
@@ -381,7 +433,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const BackwardParams& b = p.bwd;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int K = p.head_k_dim, V = p.head_v_dim;
-  float* const f = sm.f;                  // [64, kLdDf]
+  const float* const f = sm.f;  // K K^T, [64, kLdCf]
   auto add_to = [](RegTile& sum, auto row_mul) {
     return [&sum, row_mul](int blk, int row, int, const auto& acc) {
       bwd::add_rows(sum, blk, row, acc, row_mul);
@@ -410,8 +462,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     const size_t tile = ws_index(p, slot, hv, kC * kD);
     const size_t small = ws_index(p, slot, hv, kC * kC);
     const size_t state = ws_index(p, slot, hv, kD * kD);
-    copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.w + tile, sm.w_dvn);
-    copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.u + tile, sm.u_vn_dw);
+    copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.w + tile, sm.w_dw);
+    copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.u + tile, sm.u_vn);
     copy_tile_async<kThreads, kC, kC, kC, Tile>(p.ws.m + small, sm.m);
     copy_tile_async<kThreads, kC, kC, kC, Tile>(p.ws.t + small, sm.t);
     copy_state_async<kThreads>(b.states + state, V, sm.st);
@@ -428,16 +480,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int rep = 0; rep < p.group; ++rep) {
       __syncthreads();  // the previous value head is done with every tile; the items are published
       const int hv = hk * p.group + rep;
-      // Whether a value head follows (this key head's next, or the next item's first): block-uniform.
+      // Whether a value head follows (this key head's next, or the next item's first):
+      // block-uniform.
       const bool has_next = rep + 1 < p.group || next_item.slot >= 0;
 
       // ---- loads: the workspace tiles (and bf16 dO) are in flight (above, or started during the
       // previous head); q and k once per key head, and dO of other layouts, by the block.
       if (rep == 0) {
-        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk, K,
-                               p.l2norm, p.scale, sm.q_inv, sm.q);
-        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk, K,
-                               p.l2norm, 1.f, sm.k_inv, sm.k);
+        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0,
+                                     ch.len, hk, K, p.l2norm, p.scale, sm.q_inv, sm.q);
+        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0,
+                                     ch.len, hk, K, p.l2norm, 1.f, sm.k_inv, sm.k);
       }
       if (warp == 0) {  // the gates, copied a head ahead by this warp; e_i = exp(gamma_i),
                         // r_i = exp(gamma_last - gamma_i); published by the barrier below
@@ -460,7 +513,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // K K^T, the same for every value head of the key head, into f (fp32 [64, kLdCf]) once: no
       // other product of a value head goes through f (pairs chain in registers), and dA's epilogue
       // reads it in this product's layout (GemmLayout<kC>), each thread its own positions.
-      if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(f, kLdCf, sm.k, sm.k);
+      if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(sm.f, kLdCf, sm.k, sm.k);
       const float e_last = __expf(sm.gamma[kC - 1]);
       // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
       // warps in order at the end).
@@ -485,9 +538,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // ---- Vn = U - W S   (B(k, v) = S^T[v][k]: stored transposed), over U: each element of U
       // is read and replaced by the thread that holds its product (U is no operand).
-      bwd::gemm_apply<kD, kD, false, true, kThreads>(sm.w_dvn, sm.st, [&](int, int row, int col, const auto& acc) {
+      bwd::gemm_apply<kD, kD, false, true, kThreads>(
+          sm.w_dw, sm.st, [&](int, int row, int col, const auto& acc) {
             bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
-              uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn_dw + Tile::at(r, c));
+              uint32_t* at = reinterpret_cast<uint32_t*>(sm.u_vn + Tile::at(r, c));
               const float2 u = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(at));
               *at = pack_bf16(u.x - x0, u.y - x1);
             });
@@ -495,23 +549,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 
       // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
       // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
-      // keeps diag(r) K dS' in registers, which the second starts from (gemm_apply_onto); it
-      // writes dVn over W, whose rows only the band's warps read (Vn's A operand): a band barrier
-      // between them, no block barrier since Vn's.
+      // keeps diag(r) K dS' in registers, which the second starts from (gemm_apply_onto), with
+      // no barrier between them: dVn has a buffer of its own.
       bwd::ChainTile<kD, kThreads> chain_d;
       {
         float dr_lo = 0.f, dr_hi = 0.f;
-        bwd::gemm_apply<kD, kD, false, true, kThreads>(sm.k, sm.dst, [&](int, int row, int col, const auto& acc) {
-              add_row_dots(acc, sm.u_vn_dw, row, col, dr_lo, dr_hi);
+        bwd::gemm_apply<kD, kD, false, true, kThreads>(
+            sm.k, sm.dst, [&](int, int row, int col, const auto& acc) {
+              add_row_dots(acc, sm.u_vn, row, col, dr_lo, dr_hi);
               bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.r[r]; },
                                [](int) { return 1.f; });
             });
         store_row_parts(dr_lo, dr_hi, sm.dr_part);
       }
-      publish_tiles();  // every warpgroup is done with W (Vn's A operand)
-      bwd::gemm_apply_onto<kD, kC, true, false, kThreads>(  // dVn, in bf16, over W (done with)
+      bwd::gemm_apply_onto<kD, kC, true, false, kThreads>(  // dVn, in bf16
           chain_d, sm.m, sm.dov, [&](int, int row, int col, const auto& acc) {
-            bwd::store_bf16(sm.w_dvn, row, col, acc, 1.f);
+            bwd::store_bf16(sm.dvn, row, col, acc, 1.f);
           });
       publish_tiles();
 
@@ -519,7 +572,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // column parts from the epilogue; dM * Gamma over M (each element of M read and replaced by
       // the thread that holds its product; M is no operand).
       static_assert(bwd::GemmLayout<kC, kThreads>::kBlocks == 1, "one 64-column block per warp");
-      bwd::gemm_apply<kC, kD, false, true, kThreads>(sm.dov, sm.u_vn_dw,
+      bwd::gemm_apply<kC, kD, false, true, kThreads>(sm.dov, sm.u_vn,
           [&](int, int row, int col, const auto& acc) {
             constexpr int NT = bwd::kTilesOf<decltype(acc)>;
             float x[NT][4];  // dM * M
@@ -550,7 +603,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // kept in registers for the second to start from.
       {
         float de_lo = 0.f, de_hi = 0.f;
-        bwd::gemm_apply<kD, kD, false, false, kThreads>(sm.dov, sm.st, [&](int, int row, int col, const auto& acc) {
+        bwd::gemm_apply<kD, kD, false, false, kThreads>(
+            sm.dov, sm.st, [&](int, int row, int col, const auto& acc) {
               add_row_dots(acc, sm.q, row, col, de_lo, de_hi);
               bwd::keep_scaled(chain_d, row, col, acc, [&](int r) { return sm.e[r]; },
                                [](int) { return 1.f; });
@@ -558,7 +612,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         store_row_parts(de_lo, de_hi, sm.de_part);
       }
       publish_tiles();  // dMg (over M) and dM's row and column parts are complete; dO is read
-      if (v_async) {  // v replaces dO, in flight behind dQ, dK, dW and dT's first product
+      if (v_async) {  // v replaces dO, in flight behind dQ, dK and dW
         copy_rows_async<kThreads>(static_cast<const bf16*>(p.v), p.v_s, ch, hv, V, sm.dov);
         cp_async_commit();
       }
@@ -569,29 +623,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       // ---- dK = dMg^T Q + diag(r) Vn dS'^T   (B(v, k) = dS'^T[v][k])
       bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.m, sm.q,
                                                      add_to(dk_sum, [](int) { return 1.f; }));
-      bwd::gemm_apply<kD, kD, false, false, kThreads>(sm.u_vn_dw, sm.dst,
-                                                      add_to(dk_sum, [&](int r) { return sm.r[r]; }));
-      publish_tiles();  // dW replaces Vn (dK's A operand)
+      bwd::gemm_apply<kD, kD, false, false, kThreads>(
+          sm.u_vn, sm.dst, add_to(dk_sum, [&](int r) { return sm.r[r]; }));
 
-      // ---- dW = -dVn S^T (over Vn, done with).
+      // ---- dW = -dVn S^T, over W (done with since Vn: barriers since).
       bwd::gemm_apply<kD, kD, false, false, kThreads>(  // -dVn S^T, in bf16
-          sm.w_dvn, sm.st, [&](int, int row, int col, const auto& acc) {
-            bwd::store_bf16(sm.u_vn_dw, row, col, acc, -1.f);
+          sm.dvn, sm.st, [&](int, int row, int col, const auto& acc) {
+            bwd::store_bf16(sm.w_dw, row, col, acc, -1.f);
           });
-      publish_tiles();  // dT's first product reads dW
       if (!v_async)
-        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv, V,
-                               false, 1.f, nullptr, sm.dov);
+        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0,
+                                     ch.len, hv, V, false, 1.f, nullptr, sm.dov);
 
-      // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
-      // first product's result stays in registers for the second to start from.
-      bwd::ChainTile<kC, kThreads> chain_t;
-      bwd::gemm_apply<kC, kD, false, true, kThreads>(sm.u_vn_dw, sm.k, [&](int, int row, int col, const auto& acc) {
-            bwd::keep_scaled(chain_t, row, col, acc, [](int) { return 1.f; },
-                             [&](int c) { return sm.e[c]; });
-          });
       if (v_async) cp_async_wait<0>();
-      publish_tiles();  // v is in dov; every warp is done with S^T (dW) and dS'^T (dK)
+      publish_tiles();  // v is in dov, dW in w_dw; every warp is done with S^T and dS'^T
       if (has_next) {  // the next head's states stream in behind the rest of this head's work
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kD * kD);
@@ -599,8 +644,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         copy_state_async<kThreads>(b.dstates + next, V, sm.dst);
         cp_async_commit();
       }
+      // ---- dT = (dW K^T) diag(b e) + (dVn V^T) diag(b): the column gates in the epilogues; the
+      // first product's result stays in registers for the second to start from.
+      bwd::ChainTile<kC, kThreads> chain_t;
+      bwd::gemm_apply<kC, kD, false, true, kThreads>(
+          sm.w_dw, sm.k, [&](int, int row, int col, const auto& acc) {
+            bwd::keep_scaled(chain_t, row, col, acc, [](int) { return 1.f; },
+                             [&](int c) { return sm.e[c]; });
+          });
       bwd::gemm_apply_onto<kC, kD, false, true, kThreads>(
-          chain_t, sm.w_dvn, sm.dov, [&](int, int row, int col, const auto& acc) {
+          chain_t, sm.dvn, sm.dov, [&](int, int row, int col, const auto& acc) {
             bwd::for_each_pair(row, col, acc, [&](int r, int c, float x0, float x1) {
               *reinterpret_cast<uint32_t*>(sm.x + Tile::at(r, c)) =
                   pack_bf16(x0 * sm.beta[c], x1 * sm.beta[c + 1]);
@@ -613,7 +666,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       {
         T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
         float dvb_lo = 0.f, dvb_hi = 0.f;
-        bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.t, sm.w_dvn, [&](int, int row, int col, const auto& acc) {
+        bwd::gemm_apply<kD, kC, true, false, kThreads>(
+            sm.t, sm.dvn, [&](int, int row, int col, const auto& acc) {
 #pragma unroll
               for (int h = 0; h < 2; ++h) {  // rows row, row + 8
                 const int r = row + 8 * h;
@@ -641,7 +695,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // applied with dA's row sums below), all in the epilogue.
       {
         float dkb_lo = 0.f, dkb_hi = 0.f;
-        bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.t, sm.u_vn_dw,
+        bwd::gemm_apply<kD, kC, true, false, kThreads>(sm.t, sm.w_dw,
             [&](int blk, int row, int col, const auto& acc) {
 #pragma unroll
               for (int nt = 0; nt < bwd::kTilesOf<decltype(acc)>; ++nt) {
@@ -663,20 +717,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       // registers (K K^T at the same positions of f, made once for all the value heads):
       // A_ij = b_i Gamma_ij k_i.k_j: rows(dA * KKg) (beta's share) and rows - cols of dA * A
       // (gamma's share) by parts, x <- dA b_i Gamma_ij (the gradient of k_i.k_j).
-      bwd::gemm_apply<kC, kC, true, false, kThreads>(sm.t, sm.x, [&](int, int row, int col, const auto& acc) {
+      bwd::gemm_apply<kC, kC, true, false, kThreads>(
+          sm.t, sm.x, [&](int, int row, int col, const auto& acc) {
             bwd::store_bf16(sm.m, row, col, acc, 1.f);
           });
       publish_tiles();
       if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kC * kD);
-        copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.w + next, sm.w_dvn);
-        copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.u + next, sm.u_vn_dw);
+        copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.w + next, sm.w_dw);
+        copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.u + next, sm.u_vn);
         if (d_o_async) copy_d_o_async<kThreads>(p, nh.ch, nh.hv, sm.dov);
         copy_gates_async(p, nh.slot, nh.hv, sm.next_gates);  // read at this head's start
         cp_async_commit();
       }
-      bwd::gemm_apply<kC, kC, false, true, kThreads>(sm.m, sm.t, [&](int, int row, int col, const auto& acc) {
+      bwd::gemm_apply<kC, kC, false, true, kThreads>(
+          sm.m, sm.t, [&](int, int row, int col, const auto& acc) {
             constexpr int NT = bwd::kTilesOf<decltype(acc)>;
             float dga[NT][4];  // dA * A
             float db_rows[2] = {0.f, 0.f}, dg_rows[2] = {0.f, 0.f};
@@ -772,17 +828,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // ---- dq, dk of the key head: through the l2norm, in q's dtype.
-    // (The last head ended on a barrier after its last read of f.) Rows to warps by way of f.
-    bwd::store_reg_tile<kThreads>(dq_sum, f, kLdDf);
+    // ---- dq, dk of the key head: through the l2norm, in q's dtype, from the registers. The
+    // row parts reuse dr's and de's (last read before the last head's final barriers).
+    if (p.l2norm) {
+      key_grad_dots<kThreads>(dq_sum, sm.q, p.scale, sm.dr_part);
+      key_grad_dots<kThreads>(dk_sum, sm.k, 1.f, sm.de_part);
+    }
     __syncthreads();
-    store_key_grad<T, kThreads>(p, ch, hk, sm.q, sm.q_inv, p.scale, static_cast<T*>(b.dq),
-                                b.dq_s, f);
-    __syncthreads();
-    bwd::store_reg_tile<kThreads>(dk_sum, f, kLdDf);
-    __syncthreads();
-    store_key_grad<T, kThreads>(p, ch, hk, sm.k, sm.k_inv, 1.f, static_cast<T*>(b.dk), b.dk_s,
-                                f);
+    store_key_grad<T, kThreads>(p, ch, hk, dq_sum, sm.q, sm.q_inv, p.scale, sm.dr_part,
+                                static_cast<T*>(b.dq), b.dq_s);
+    store_key_grad<T, kThreads>(p, ch, hk, dk_sum, sm.k, sm.k_inv, 1.f, sm.de_part,
+                                static_cast<T*>(b.dk), b.dk_s);
+    if constexpr (sizeof(T) == 2) {
+      __syncthreads();
+      copy_key_grad_out<T, kThreads>(p, ch, hk, sm.q, static_cast<T*>(b.dq), b.dq_s);
+      copy_key_grad_out<T, kThreads>(p, ch, hk, sm.k, static_cast<T*>(b.dk), b.dk_s);
+    }
     more = next_item.slot >= 0;
     __syncthreads();  // every thread is done reading the two items
     if (more && tid == 0) {  // published by the next item's first barrier
