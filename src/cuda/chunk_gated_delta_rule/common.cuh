@@ -20,13 +20,12 @@
 // flat past the end, so gamma[63] is the last real token's and every formula holds unchanged.
 //
 // Products take bf16 operands (q, k, v, W, U, S, Vn rounded to bf16, as FLA does) and
-// accumulate in fp32 on the tensor cores (WMMA 16x16x16 on shared-memory tiles in phase 1,
-// mma.sync on register fragments in phase 2); the triangular inverse is fp32.
+// accumulate in fp32 on the tensor cores (mma.sync on register fragments; the backward's
+// per-chunk gradients, grads.cu, on Hopper's wgmma); the triangular inverse is fp32.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -356,37 +355,6 @@ struct ChunkGates {
 };
 
 // ---------------------------------------------------------------------------------- tiles
-
-namespace wmma = nvcuda::wmma;
-
-// C (fp32 tile, row stride ldc) = [C +] A B over 16x16 output tiles shared round-robin by the
-// block's warps. A is M x Kd (kAT: stored transposed, i.e. as Kd x M row-major); B is Kd x N
-// (kBT: stored as N x Kd row-major). Operands are bf16 tiles in shared memory; lda/ldb are their
-// stored row strides. No synchronisation inside: callers sync before (operands written) and
-// after (C read).
-template <int M, int N, int Kd, bool kAT, bool kBT, int kThreads>
-__device__ __forceinline__ void mma_tile(float* C, int ldc, const bf16* A, int lda, const bf16* B,
-                                         int ldb, bool accumulate) {
-  using LayoutA = typename std::conditional<kAT, wmma::col_major, wmma::row_major>::type;
-  using LayoutB = typename std::conditional<kBT, wmma::col_major, wmma::row_major>::type;
-  constexpr int kTilesM = M / 16, kTilesN = N / 16;
-  const int warp = threadIdx.x >> 5;
-  for (int t = warp; t < kTilesM * kTilesN; t += kThreads / 32) {
-    const int i0 = (t / kTilesN) * 16, j0 = (t % kTilesN) * 16;
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-    if (accumulate) wmma::load_matrix_sync(acc, C + i0 * ldc + j0, ldc, wmma::mem_row_major);
-    else wmma::fill_fragment(acc, 0.f);
-#pragma unroll 4
-    for (int k0 = 0; k0 < Kd; k0 += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LayoutA> a;
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LayoutB> b;
-      wmma::load_matrix_sync(a, kAT ? A + k0 * lda + i0 : A + i0 * lda + k0, lda);
-      wmma::load_matrix_sync(b, kBT ? B + j0 * ldb + k0 : B + k0 * ldb + j0, ldb);
-      wmma::mma_sync(acc, a, b, acc);
-    }
-    wmma::store_matrix_sync(C + i0 * ldc + j0, acc, ldc, wmma::mem_row_major);
-  }
-}
 
 // T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf]), by 16 x 16 blocks, all threads of the
 // block taking part (it contains __syncthreads: call it from every thread). Tf (fp32 [64, kLdCf])
