@@ -61,7 +61,7 @@
 // Epilogues. Every epilogue writes through shared memory, so that rows leave as 16-byte
 // stores of 8 consecutive threads (whole 128-byte lines) rather than the accumulator layout's
 // 4-byte column pairs 8 rows apart: "staged blocks" of 64 rows x 64 columns in the 128-byte
-// swizzled layout of a TMA box (staged_pair_offset, store_staged_block; the wide kernel uses
+// swizzled layout of a TMA box (tma_swizzle_offset, store_staged_block; the wide kernel uses
 // them too).
 //   plain store: the warpgroup's own A boxes of stages 0 and 1 (free once its MMAs are done);
 //   SwiGLU forward: gate, up and act blocks in boxes 0-2 of stage `group` (the ring is free once
@@ -130,11 +130,15 @@ __device__ __forceinline__ void warpgroup_barrier(int group) {
 // The mbarrier wrappers, the 2D TMA load and shared addresses are the library's (tma.cuh).
 using cuda::mbarrier_arrive;
 using cuda::mbarrier_arrive_expect_tx;
+using cuda::fence_mbarrier_init;
+using cuda::fence_proxy_async;
 using cuda::mbarrier_init;
 using cuda::mbarrier_wait;
 using cuda::shared_address;
 using cuda::tma_load_2d;
+using cuda::tma_swizzle_offset;
 // The descriptor and wgmma fences are the library's too (wgmma.cuh).
+using cuda::fence_accumulators;
 using cuda::smem_descriptor;
 using cuda::wgmma_commit;
 using cuda::wgmma_fence;
@@ -180,9 +184,6 @@ __device__ __forceinline__ void bulk_wait_group_read() {
 // Returns once every committed bulk group of this thread is complete (writes performed).
 __device__ __forceinline__ void bulk_wait_group_all() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-}
-__device__ __forceinline__ void fence_proxy_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 // ---- clusters (TMA multicast of the operand every block of a cluster reads)
@@ -236,11 +237,6 @@ __device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const CUtens
       : "memory");
 }
 
-// Keeps the compiler from moving accumulator reads/writes across the asynchronous MMAs.
-__device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
 
 #define FLASHDELTA_WGMMA_D_OPERANDS                                                             \
   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),           \
@@ -291,19 +287,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
 //
 // A block is 64 rows of kRowBytes (128: 64 columns; 64: 32 columns) of the storage dtype in
 // shared memory, in the layout TMA uses with the kRowBytes-byte swizzle (a box at an address
-// aligned to 8 rows): 16-byte chunk c of row r at (c ^ s(r)) * 16, s(r) = (r * kRowBytes / 128)
-// mod the row's chunk count (r % 8 for 128-byte rows, (r / 2) % 4 for 64-byte ones). Both are
-// conflict-free for the accumulator layout (a warp's 8 rows x 4 column pairs of one chunk) and
-// for whole-chunk reads.
-
-// Byte offset of the column pair (col, col + 1) (col even) of row `row` in a block.
-template <int kRowBytes = 128>
-__device__ __forceinline__ int staged_pair_offset(int row, int col) {
-  static_assert(kRowBytes == 128 || kRowBytes == 64, "128- or 64-byte swizzle");
-  constexpr int kChunks = kRowBytes / 16;
-  const int key = (row * kRowBytes / 128) % kChunks;
-  return row * kRowBytes + (((col / 8) ^ key) * 16) + (col % 8) * 2;
-}
+// aligned to 8 rows), addressed by tma_swizzle_offset (tma.cuh).
 
 // Shared-memory accesses by 32-bit shared-window address: a block's per-thread addresses are
 // loop invariants that ptxas may hoist out of the persistent tile loop, and a 64-bit generic
@@ -335,7 +319,8 @@ __device__ __forceinline__ void store_staged_block(const uint8_t* block, int thr
   for (int step = 0; step < 64 * kChunks / 128; ++step) {
     const int q = thread_in_group + 128 * step;
     const int row = q / kChunks, chunk = q % kChunks;
-    const uint4 v = ld_shared_v4(shared_address(block) + staged_pair_offset<kRowBytes>(row, 8 * chunk));
+    const uint4 v =
+        ld_shared_v4(shared_address(block) + tma_swizzle_offset<kRowBytes>(row, 8 * chunk));
     const int64_t m = row0 + row;
     const int64_t n = col0 + chunk * 8;
     if (m >= row_limit || n >= col_limit) continue;
@@ -458,7 +443,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     }
     // Make the initialised barriers visible to the async proxy (TMA), the other threads and
     // the peer block.
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_mbarrier_init();
   }
   // The last block-wide barrier: producer and consumers part ways below. In a cluster, also
   // the point after which the peers may multicast into this block and arrive on its barriers.
@@ -597,7 +582,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         }
         // Generic-proxy writes, then wgmma (async proxy) reads: fence, then meet the other
         // consumers (named barrier 1; barrier 0 is __syncthreads).
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        fence_proxy_async();
         asm volatile("bar.sync 1, %0;\n" ::"r"(consumer_threads) : "memory");
       }
     }
@@ -698,7 +683,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
         const SwiGLUPairs<T> v =
             swiglu_pairs<T>(acc[4 * j + 2 * i], acc[4 * (j + 8) + 2 * i],
                             acc[4 * j + 2 * i + 1], acc[4 * (j + 8) + 2 * i + 1]);
-        const int offset = staged_pair_offset(row, 8 * j + 2 * (lane % 4));
+        const int offset = tma_swizzle_offset(row, 8 * j + 2 * (lane % 4));
         *reinterpret_cast<StorePair<T>*>(blocks + offset) = v.gate;
         *reinterpret_cast<StorePair<T>*>(blocks + kBoxBytes + offset) = v.up;
         *reinterpret_cast<StorePair<T>*>(blocks + 2 * kBoxBytes + offset) = v.act;
@@ -718,7 +703,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
     // The gate_up tile is in the ring (the producer's steps num_k_tiles + h, see above): column
     // half h in stage S_h = (num_k_tiles + h) % 3, this warpgroup's gate rows in box `group`,
     // its up rows in box 2 + group, in the layout of a staged block. Each thread reads the gate
-    // and up pairs of its accumulator positions (conflict-free: see staged_pair_offset) and
+    // and up pairs of its accumulator positions (conflict-free: see tma_swizzle_offset) and
     // writes d_gate and d_up back over exactly the bytes it read (no other thread touches them:
     // no barrier between the reads and the writes), and act into box 2 h + group of the third
     // stage F = (num_k_tiles + 2) % 3, which held the last k-step's operands: free once both
@@ -747,7 +732,7 @@ grouped_gemm_sm90_kernel(const __grid_constant__ CUtensorMap tmap_a,
 #pragma unroll
         for (int jj = 0; jj < 8; ++jj) {
           const int j = 8 * h + jj;
-          const int offset = staged_pair_offset(row, 8 * jj + 2 * (lane % 4));
+          const int offset = tma_swizzle_offset(row, 8 * jj + 2 * (lane % 4));
           const StorePair<T> g = *reinterpret_cast<const StorePair<T>*>(gate_block + offset);
           const StorePair<T> u = *reinterpret_cast<const StorePair<T>*>(up_block + offset);
           StorePair<T> d_g, d_u, a;

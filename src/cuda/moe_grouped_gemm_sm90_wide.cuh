@@ -144,11 +144,6 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 }
 
 
-// Keeps the compiler from moving accumulator reads/writes across the asynchronous MMAs.
-__device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
-#pragma unroll
-  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
 
 #define FLASHDELTA_WGMMA_D128(X)                                                                  \
   X(0), X(1), X(2), X(3), X(4), X(5), X(6), X(7), X(8), X(9), X(10), X(11), X(12), X(13), X(14), \
@@ -349,7 +344,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
       mbarrier_init(shared_address(&full_bar[s]), 1);   // the producer's arrive (+ the TMA bytes)
       mbarrier_init(shared_address(&empty_bar[s]), 8);  // one arrive per consumer warp
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    fence_mbarrier_init();
   } else if (threadIdx.x == 32) {
     const auto prefetch = [](const CUtensorMap* map) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
@@ -464,7 +459,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
                 make_uint4(0u, 0u, 0u, 0u);
           }
           // Generic-proxy writes before async-proxy (wgmma) reads: fence, then meet.
-          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          fence_proxy_async();
           named_barrier<1, 256>();
         }
       }
@@ -553,7 +548,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
       for (int i = 0; i < 2; ++i) {
 #pragma unroll
         for (int jj = 0; jj < kPairGroups; ++jj) {
-          const int offset = sm90::staged_pair_offset<kBlockRowBytes>(row_in_group + 8 * i,
+          const int offset = tma_swizzle_offset<kBlockRowBytes>(row_in_group + 8 * i,
                                                                       8 * jj + 2 * (lane % 4));
           const StorePair<T> pair = pair_at(jj, i);
           uint32_t bits;
@@ -561,7 +556,7 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
           sm90::st_shared_u32(buffer + offset, bits);
         }
       }
-      sm90::fence_proxy_async_shared();  // the buffer is read by TMA (async proxy)
+      fence_proxy_async();  // the buffer is read by TMA (async proxy)
       warpgroup_barrier(group);
     };
     // map / tma_col: the block's first column in the map (the rows are block_row0.., kReduction

@@ -32,6 +32,28 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 #endif
 }
 
+// Orders this thread's generic-proxy shared-memory writes (stores, cp.async) before later
+// async-proxy accesses (wgmma reads, TMA stores) that a barrier makes wait for them.
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Byte offset of the element pair (col, col + 1) (col even; 2-byte elements) of row `row` in
+// shared memory laid out as TMA writes a box of kRowBytes-byte rows with the kRowBytes-byte
+// swizzle (the box 8-row aligned): 16-byte chunk c of row r at (c ^ s(r)) * 16, s(r) =
+// (r * kRowBytes / 128) mod the row's chunk count (r % 8 for 128-byte rows, (r / 2) % 4 for
+// 64-byte ones). Both are conflict-free for the mma accumulator layout (a warp's 8 rows x 4 column
+// pairs of one chunk) and for whole-chunk accesses.
+template <int kRowBytes = 128>
+__device__ __forceinline__ int tma_swizzle_offset(int row, int col) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64, "128- or 64-byte swizzle");
+  constexpr int kChunks = kRowBytes / 16;
+  const int key = (row * kRowBytes / 128) % kChunks;
+  return row * kRowBytes + (((col / 8) ^ key) * 16) + (col % 8) * 2;
+}
+
 // One arrival, and `bytes` more expected in the current phase.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -11,7 +11,7 @@
 // one) needs no other change.
 //
 // Ordering: the MMAs read shared memory through the async proxy. Shared-memory writes of the
-// generic proxy (stores, cp.async) must be followed by fence_proxy_async() in the writing
+// generic proxy (stores, cp.async) must be followed by fence_proxy_async() (tma.cuh) in the writing
 // threads before the barrier that publishes them to the MMAs. Accumulator registers written by
 // ordinary instructions need wgmma_fence() before the first MMA that reads them, and results
 // are valid only after wgmma_commit() and wgmma_wait<0>().
@@ -23,6 +23,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "cuda/tma.cuh"  // fence_proxy_async
 
 namespace flashdelta::detail::cuda {
 
@@ -52,22 +54,17 @@ __device__ __forceinline__ void wgmma_wait() {
 #endif
 }
 
-// Orders this thread's generic-proxy shared-memory writes before later async-proxy reads (wgmma,
-// TMA stores) that a barrier makes wait for them.
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
+// Keeps the compiler from moving accumulator reads and writes across the asynchronous MMAs
+// (the MoE kernels' flat accumulator arrays, the chunk kernels' [n8 tile][4] ones).
+template <int N>
+__device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-
-// Keeps the compiler from moving accumulator reads and writes across the asynchronous MMAs.
 template <int NT>
 __device__ __forceinline__ void fence_accumulators(float (&d)[NT][4]) {
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[nt][i])::"memory");
-  }
+  for (int nt = 0; nt < NT; ++nt) fence_accumulators(d[nt]);
 }
 
 // D[64 x 8 NT] (+)= A[64 x 16] B[16 x 8 NT], bf16 operands from shared memory (descriptors),

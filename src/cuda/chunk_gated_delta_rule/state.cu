@@ -143,9 +143,8 @@ template <int kKS>
 struct StateTile {
   static constexpr int kRowBytes = kKS * 2;
   static constexpr int kBytes = 16 * kRowBytes;
-  __device__ static uint32_t offset(int r, int j) {
-    const int swizzle = kRowBytes == 128 ? (r & 7) : ((r >> 1) & 3);
-    return static_cast<uint32_t>(r * kRowBytes + ((j ^ swizzle) << 4));
+  __device__ static uint32_t offset(int r, int j) {  // chunk j of row r
+    return static_cast<uint32_t>(tma_swizzle_offset<kRowBytes>(r, 8 * j));
   }
 };
 // Shared memory the staging tiles take past the kernel's own (1 KiB aligned for the swizzle).
@@ -161,14 +160,6 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
   asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
                "r"(r0), "r"(r1), "r"(r2), "r"(r3)
                : "memory");
-#endif
-}
-
-// Every thread that wrote the tile, before the warp meets and one lane stores it: the generic
-// proxy's writes made visible to the async proxy (TMA).
-__device__ __forceinline__ void fence_tile_for_tma() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
 
@@ -325,7 +316,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
                     pack_bf16(sc[nt][2], sc[nt][3]), pack_bf16(sc[nt + 1][0], sc[nt + 1][1]),
                     pack_bf16(sc[nt + 1][2], sc[nt + 1][3]));
       }
-      fence_tile_for_tma();
+      fence_proxy_async();
       __syncwarp();
       if (lane == 0) {  // rows (slot, hv, col0 + 16 row_group ..) of the [rows, 128] map
         const int64_t row0 = static_cast<int64_t>(ws_index(p, slot, hv, kD)) + col0 +
