@@ -400,7 +400,8 @@ def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) 
     The chunked op on CUDA keeps, per 64-token chunk slot and value head, the state entering the
     chunk (S^T, bf16 [128, 128]) and phase 1's products: W and U (bf16 [64, 128]), M and T (bf16
     [64, 64]), the gates' cumsum and beta (fp32 [64] each); and per slot and key head the
-    normalised K and Q (bf16 [64, 128]); each array 256-byte aligned. On the CPU the states
+    normalised K and Q (bf16 [64, 128]) and their rows' inverse norms (fp32 [64] each); each
+    array 256-byte aligned. On the CPU the states
     alone, [slots, HV, K, V] in the accumulation type (fp32; fp64 for fp64 inputs). The
     recurrent op keeps nothing."""
     if kind != "chunk":
@@ -411,7 +412,8 @@ def saved_nbytes(kind: str, q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor]) 
     if q.device.type == "cuda":
         return (_align(blocks * 128 * 128 * 2) + 2 * _align(blocks * 64 * 128 * 2)
                 + 2 * _align(blocks * 64 * 64 * 2) + 2 * _align(blocks * 64 * 4)
-                + 2 * _align(slots * q.shape[2] * 64 * 128 * 2))
+                + 2 * _align(slots * q.shape[2] * 64 * 128 * 2)
+                + 2 * _align(slots * q.shape[2] * 64 * 4))
     return blocks * q.shape[3] * v.shape[3] * (8 if q.dtype == torch.float64 else 4)
 
 

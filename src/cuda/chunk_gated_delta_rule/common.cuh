@@ -98,6 +98,10 @@ struct Workspace {
   float* gamma;  // within-chunk cumsum of g                 [num_slots, HV, 64]
   bf16* t;       // T = (I + A)^-1, where wanted (else null) [num_slots, HV, 64, 64]
   float* beta;   // beta (fp32, 0 past the chunk), with T    [num_slots, HV, 64]
+  // 1 / |x| of K's and Q's rows before the l2norm, with T     [num_slots, H, 64]
+  // (the backward's l2norm gradient; written only where use_qk_l2norm)
+  float* k_inv;
+  float* q_inv;
 };
 
 // What the backward adds (launch.cu, above backward(), has the whole picture). Chunk states are

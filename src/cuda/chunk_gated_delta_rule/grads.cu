@@ -69,6 +69,7 @@
 // only they read: under wgmma every warpgroup reads all rows), and dVn got its own buffer (16 KB,
 // freed by the fp32 tile's shrinking to K K^T), which saves three barriers a head.
 #include <cfloat>
+#include <cstddef>
 #include <type_traits>
 
 #include "core/check.h"
@@ -165,6 +166,8 @@ struct GradSmem {
 static_assert(sizeof(GradSmem<256>) + 1024 <= 227 * 1024 &&
                   sizeof(GradSmem<512>) + 1024 <= 227 * 1024,
               "over Hopper's shared memory per block (with the shift to a 1 KB boundary)");
+static_assert(offsetof(GradSmem<512>, q_inv) % 16 == 0 && offsetof(GradSmem<512>, k_inv) % 16 == 0,
+              "the inverse norms arrive by 16-byte cp.async");
 
 // The block barrier that publishes tiles written since the last one (stores, cp.async) to the
 // products: a warpgroup's wgmma reads whole operand tiles through the async proxy, so every
@@ -324,6 +327,33 @@ __device__ __forceinline__ void copy_gates_async(const ChunkParams& p, int64_t s
   cp_async_16(&gates[lane / 16][4 * (lane % 16)], (lane < 16 ? p.ws.gamma : p.ws.beta) + at);
 }
 
+// Two results of a 2-byte dtype T at one 4-byte place of a bf16 tile (the tile as staging).
+template <typename T>
+__device__ __forceinline__ void stage_pair(bf16* at, float x0, float x1) {
+  static_assert(sizeof(T) == 2, "2-byte results");
+  const T pair[2] = {from_f32<T>(x0), from_f32<T>(x1)};
+  *reinterpret_cast<uint32_t*>(at) = *reinterpret_cast<const uint32_t*>(pair);
+}
+
+// Starts copying the key head's normalised K and Q tiles and their rows' inverse norms (where
+// use_qk_l2norm), as the intra pass stored them: bitwise what load_tile makes of k and q, without
+// the block's waiting on the loads. Issued a whole item ahead of use (at the previous item's end:
+// the tiles are read until then), so that they land behind the first value head's Vn product
+// rather than in front of it. Commit and wait are the caller's.
+template <int kThreads, typename Smem>
+__device__ __forceinline__ void copy_key_tiles_async(const ChunkParams& p, int64_t slot, int hk,
+                                                     Smem& sm) {
+  const size_t key = ws_key_index(p, slot, hk, kC * kD);
+  copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.qn + key, sm.q);
+  copy_tile_async<kThreads, kC, kD, kD, Tile>(p.ws.kn + key, sm.k);
+  if (p.l2norm && threadIdx.x < 32) {  // 16 pieces of 4 rows each
+    const int i = threadIdx.x % 16;
+    const size_t at = ws_key_index(p, slot, hk, kC) + 4 * i;
+    if (threadIdx.x < 16) cp_async_16(sm.q_inv + 4 * i, p.ws.q_inv + at);
+    else cp_async_16(sm.k_inv + 4 * i, p.ws.k_inv + at);
+  }
+}
+
 // dx of one tensor (q or k, key head h) from dy, its sum over the value heads, held in registers
 // in the products' layout (bwd::RegTile: rows 16 (w % 4) + lane / 4 and + 8, columns
 // 32 (w / 4) + 8 nt + 2 (lane % 4) + 0..1), through the l2norm when it was applied:
@@ -332,7 +362,7 @@ __device__ __forceinline__ void copy_gates_async(const ChunkParams& p, int64_t s
 // takes y in the input's dtype. Steps between block barriers: key_grad_dots leaves each warp's
 // share of the row dots y . dy in `part` (per column group, store_row_parts); store_key_grad
 // finishes the rows and, for a 2-byte dtype, writes them over the tile in that dtype (each
-// thread at the positions it alone read y from), which copy_key_grad_out then stores as whole
+// thread at the positions it alone read y from), which copy_rows_out then stores as whole
 // rows (16-byte pieces); an fp32 dx is stored from the registers. (Every dtype stored straight
 // from the registers, 8 rows of 4 bytes an instruction, took this kernel to 2636 us against
 // 2405 so: H100, 1 x 32768. Through an fp32 tile, a row per warp, as before session 15, it took
@@ -383,9 +413,7 @@ __device__ __forceinline__ void store_key_grad(
         g1 = inv * (g1 - y.y * unscale * ydot);
       }
       if constexpr (kInTile) {
-        const T pair[2] = {from_f32<T>(g0), from_f32<T>(g1)};
-        *reinterpret_cast<uint32_t*>(tile + Tile::at(r, c)) =
-            *reinterpret_cast<const uint32_t*>(pair);
+        stage_pair<T>(tile + Tile::at(r, c), g0, g1);
       } else {
         if (c < K) out[c * dx_s[3]] = from_f32<T>(g0);
         if (c + 1 < K) out[(c + 1) * dx_s[3]] = from_f32<T>(g1);
@@ -394,25 +422,27 @@ __device__ __forceinline__ void store_key_grad(
   }
 }
 
-// The rows [0, len) of dx (2-byte T) that store_key_grad left in the tile, to memory: 16-byte
-// pieces where dx's rows allow (bwd::rows_vectorisable), else element by element.
+// Rows [0, len) and columns [0, D) of a 2-byte-T result left in a bf16 [64, 128] tile (Tile) to
+// head h of a [B, T, H, D] tensor: 16-byte pieces where its rows allow (bwd::rows_vectorisable),
+// else element by element. Thread t takes the pieces that copy_tile_async<kThreads, kC, kD, kD>
+// gives it, so a copy into the tile issued after this by the same threads needs no barrier.
+// (Why through a tile at all: store_key_grad's note.)
 template <typename T, int kThreads>
-__device__ __forceinline__ void copy_key_grad_out(const ChunkParams& p, const ChunkRef& ch, int h,
-                                                  const bf16* tile, T* dx, const int64_t* dx_s) {
+__device__ __forceinline__ void copy_rows_out(const ChunkRef& ch, int h, int D, const bf16* tile,
+                                              T* x, const int64_t* s) {
   constexpr int kPerRow = kD / 8;
-  const int K = p.head_k_dim;
-  const bool vec = bwd::rows_vectorisable<T>(dx, dx_s, K);
-  T* const base = dx + ch.batch * dx_s[0] + ch.t0 * dx_s[1] + h * dx_s[2];
+  const bool vec = bwd::rows_vectorisable<T>(x, s, D);
+  T* const base = x + ch.batch * s[0] + ch.t0 * s[1] + h * s[2];
   for (int i = threadIdx.x; i < kC * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * 8;
-    if (r >= ch.len || c >= K) continue;
-    const uint4 x = *reinterpret_cast<const uint4*>(tile + Tile::at(r, c));
-    T* const out = base + r * dx_s[1];
+    if (r >= ch.len || c >= D) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(tile + Tile::at(r, c));
+    T* const out = base + r * s[1];
     if (vec) {
-      *reinterpret_cast<uint4*>(out + c) = x;
+      *reinterpret_cast<uint4*>(out + c) = v;
     } else {
-      const T* e = reinterpret_cast<const T*>(&x);
-      for (int j = 0; j < 8 && c + j < K; ++j) out[(c + j) * dx_s[3]] = e[j];
+      const T* e = reinterpret_cast<const T*>(&v);
+      for (int j = 0; j < 8 && c + j < D; ++j) out[(c + j) * s[3]] = e[j];
     }
   }
 }
@@ -426,6 +456,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // work); otherwise the block loads and converts it at the head's start. Likewise bf16 v with
   // 16-byte rows streams in behind dW (else the block loads it after dW).
   constexpr bool kBf16 = std::is_same<T, bf16>::value;
+  constexpr bool kStagedDv = sizeof(T) == 2;  // dv through a tile (dVb's epilogue)
   const bool d_o_async = kBf16 && d_o_native && d_o_vec;
   const bool v_async = kBf16 && v_vec;
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -471,6 +502,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (d_o_async) copy_d_o_async<kThreads>(p, ch, hv, sm.dov);
     copy_gates_async(p, slot, hv, sm.next_gates);
     cp_async_commit();
+    copy_key_tiles_async<kThreads>(p, slot, hk, sm);  // its own group: waited for after Vn
+    cp_async_commit();
   }
   for (bool more = true; more;) {
     // dL/d(normalised q), dL/d(normalised k), summed over the value heads in registers, in the
@@ -485,16 +518,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       const bool has_next = rep + 1 < p.group || next_item.slot >= 0;
 
       // ---- loads: the workspace tiles (and bf16 dO) are in flight (above, or started during the
-      // previous head); q and k once per key head, and dO of other layouts, by the block.
-      if (rep == 0) {
-        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0,
-                                     ch.len, hk, K, p.l2norm, p.scale, sm.q_inv, sm.q);
-        load_tile<T, kThreads, Tile>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0,
-                                     ch.len, hk, K, p.l2norm, 1.f, sm.k_inv, sm.k);
-      }
+      // previous head), and at the first head the key head's q and k tiles, in the most recent
+      // group (waited for after Vn); dO of other layouts is loaded by the block.
       if (warp == 0) {  // the gates, copied a head ahead by this warp; e_i = exp(gamma_i),
                         // r_i = exp(gamma_last - gamma_i); published by the barrier below
-        cp_async_wait<0>();
+        if (rep == 0) cp_async_wait<1>();
+        else cp_async_wait<0>();
         __syncwarp();
         for (int i = lane; i < kC; i += 32) {
           sm.gamma[i] = sm.next_gates[0][i];
@@ -508,12 +537,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       if (!d_o_async) load_d_o_tile<T, kThreads>(p, ch, hv, d_o_native, d_o_vec, sm.dov);
-      cp_async_wait<0>();
+      if (rep == 0) cp_async_wait<1>();
+      else cp_async_wait<0>();
       publish_tiles();
-      // K K^T, the same for every value head of the key head, into f (fp32 [64, kLdCf]) once: no
-      // other product of a value head goes through f (pairs chain in registers), and dA's epilogue
-      // reads it in this product's layout (GemmLayout<kC>), each thread its own positions.
-      if (rep == 0) bwd::gemm_tile<kC, kD, false, true, kThreads>(sm.f, kLdCf, sm.k, sm.k);
       const float e_last = __expf(sm.gamma[kC - 1]);
       // S' = e_last S + ...: d e_last = S . dS' (fixed per-thread pattern, warp sums, then the
       // warps in order at the end).
@@ -546,6 +572,15 @@ __global__ void __launch_bounds__(kThreads, 1)
               *at = pack_bf16(u.x - x0, u.y - x1);
             });
           });
+      if (rep == 0) {  // the key head's q and k tiles have landed behind Vn's product
+        cp_async_wait<0>();
+        publish_tiles();
+        // K K^T, the same for every value head of the key head, into f (fp32 [64, kLdCf]) once:
+        // no other product of a value head goes through f (pairs chain in registers), and dA's
+        // epilogue reads it in this product's layout (GemmLayout<kC>), each thread its own
+        // positions.
+        bwd::gemm_tile<kC, kD, false, true, kThreads>(sm.f, kLdCf, sm.k, sm.k);
+      }
 
       // ---- dVn = diag(r) K dS' + M^T dO;  dr_i = (K dS')_i . Vn_i. The first product's epilogue
       // takes dr's partial dots (Vn at the thread's own positions: written by it just above) and
@@ -661,8 +696,10 @@ __global__ void __launch_bounds__(kThreads, 1)
           });
       publish_tiles();
 
-      // ---- dVb = T^T dVn: dv = diag(b) dVb stored from the epilogue, dbeta_i = dVb_i . v_i by
-      // column-group parts (applied with dA's row sums below).
+      // ---- dVb = T^T dVn: dv = diag(b) dVb from the epilogue, dbeta_i = dVb_i . v_i by
+      // column-group parts (applied with dA's row sums below). A 2-byte dv goes over Vn (its last
+      // product, dK's, was before dW's barrier) and out as whole rows after dA's first barrier;
+      // fp32 dv is stored from the registers.
       {
         T* dv = static_cast<T*>(b.dv) + ch.batch * b.dv_s[0] + ch.t0 * b.dv_s[1] + hv * b.dv_s[2];
         float dvb_lo = 0.f, dvb_hi = 0.f;
@@ -680,7 +717,9 @@ __global__ void __launch_bounds__(kThreads, 1)
                   const float2 vv = __bfloat1622float2(
                       *reinterpret_cast<const __nv_bfloat162*>(sm.dov + Tile::at(r, c)));
                   dot += x0 * vv.x + x1 * vv.y;
-                  if (r < ch.len) {
+                  if constexpr (kStagedDv) {
+                    stage_pair<T>(sm.u_vn + Tile::at(r, c), br * x0, br * x1);
+                  } else if (r < ch.len) {
                     if (c < V) dv[r * b.dv_s[1] + c * b.dv_s[3]] = from_f32<T>(br * x0);
                     if (c + 1 < V) dv[r * b.dv_s[1] + (c + 1) * b.dv_s[3]] = from_f32<T>(br * x1);
                   }
@@ -722,6 +761,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             bwd::store_bf16(sm.m, row, col, acc, 1.f);
           });
       publish_tiles();
+      if constexpr (kStagedDv)  // before U's copy over it: each thread its own pieces
+        copy_rows_out<T, kThreads>(ch, hv, V, sm.u_vn, static_cast<T*>(b.dv), b.dv_s);
       if (has_next) {  // dVn, dW (dKb was their last product) and v are done with
         const HeadRef nh = next_head(p, next_item, slot, hv, ch, rep);
         const size_t next = ws_index(p, nh.slot, nh.hv, kC * kD);
@@ -841,11 +882,17 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 static_cast<T*>(b.dk), b.dk_s);
     if constexpr (sizeof(T) == 2) {
       __syncthreads();
-      copy_key_grad_out<T, kThreads>(p, ch, hk, sm.q, static_cast<T*>(b.dq), b.dq_s);
-      copy_key_grad_out<T, kThreads>(p, ch, hk, sm.k, static_cast<T*>(b.dk), b.dk_s);
+      copy_rows_out<T, kThreads>(ch, hk, K, sm.q, static_cast<T*>(b.dq), b.dq_s);
+      copy_rows_out<T, kThreads>(ch, hk, K, sm.k, static_cast<T*>(b.dk), b.dk_s);
     }
     more = next_item.slot >= 0;
-    __syncthreads();  // every thread is done reading the two items
+    const int64_t next_slot = next_item.slot;
+    const int next_hk = next_item.hk;
+    __syncthreads();  // every thread is done reading the two items and the q, k tiles
+    if (more) {  // the next item's q and k, in a group of their own (the most recent)
+      copy_key_tiles_async<kThreads>(p, next_slot, next_hk, sm);
+      cp_async_commit();
+    }
     if (more && tid == 0) {  // published by the next item's first barrier
       const GradItem next = sm.item[1];
       sm.item[0] = next;

@@ -53,6 +53,7 @@ struct IntraSmem {
   float tf[kC * kLdCf];   // T in fp32 (its blocks above the diagonal are never written)
   float x[kWarps * 256];  // the inverse's per-warp 16 x 16 scratch
   float gamma[kC], beta[kC], be[kC];
+  float k_inv[kC], q_inv[kC];  // 1 / |x| of k's and q's rows (l2norm), for the backward
 };
 static_assert(kLdD * sizeof(bf16) == kLdCf * sizeof(float) &&
                   kC * kLdD * sizeof(bf16) == sizeof(IntraSmem::qa),
@@ -191,9 +192,9 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   // q, k (and v where it is not copied asynchronously): one 8-byte load per row and lane for the
   // usual layout (common.cuh's load_tile)
   load_tile<T, kThreads>(static_cast<const T*>(p.k), p.k_s, ch.batch, ch.t0, ch.len, hk,
-                         p.head_k_dim, p.l2norm, 1.f, nullptr, sm.kn);
+                         p.head_k_dim, p.l2norm, 1.f, sm.k_inv, sm.kn);
   load_tile<T, kThreads>(static_cast<const T*>(p.q), p.q_s, ch.batch, ch.t0, ch.len, hk,
-                         p.head_k_dim, p.l2norm, p.scale, nullptr, qn);
+                         p.head_k_dim, p.l2norm, p.scale, sm.q_inv, qn);
   if (!v_async)
     load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
                            p.head_v_dim, false, 1.f, nullptr, sm.v);
@@ -228,11 +229,17 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   }
 
   // K and Q once per key head (written by the key head's first value head); the state passes
-  // (state.cu, dstate.cu) apply the gates themselves. Each warp reads its own rows of q here,
-  // before its A overwrites them.
+  // (state.cu, dstate.cu) apply the gates themselves, the backward's gradient kernel takes them
+  // with their rows' inverse norms. Each warp reads its own rows of q here, before its A
+  // overwrites them.
   const size_t base = ws_index(p, slot, hv, kC * kD);
   if (hv % p.group == 0) {
     const size_t key_base = ws_key_index(p, slot, hk, kC * kD);
+    if (p.ws.k_inv != nullptr && p.l2norm) {
+      const size_t at = ws_key_index(p, slot, hk, kC) + (threadIdx.x & (kC - 1));
+      if (threadIdx.x < kC) p.ws.k_inv[at] = sm.k_inv[threadIdx.x];
+      else p.ws.q_inv[at] = sm.q_inv[threadIdx.x - kC];
+    }
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int e = j * 32 + lane, r = r0 + (e >> 4), c = (e & 15) * 8;

@@ -23,13 +23,14 @@ size_t align_up(size_t x) { return (x + 255) / 256 * 256; }
 
 // Byte sizes of the tensors between the phases (Workspace's, then the backward's own). A training
 // forward keeps in `saved` everything the backward reads and would recompute (kept(): the states
-// entering each chunk, W, U, M, gamma, T, beta and the key heads' K and Q); its backward's
-// workspace is then dstates alone, and the forward needs none. Without `saved` each direction's
-// workspace holds all it uses (the forward: no T, beta or states).
+// entering each chunk, W, U, M, gamma, T, beta, and the key heads' K and Q with their rows'
+// inverse norms); its backward's workspace is then dstates alone, and the forward needs none.
+// Without `saved` each direction's workspace holds all it uses (the forward: no T, beta, norms or
+// states).
 struct WorkspaceLayout {
-  size_t w, u, kn, qn, m, gamma, t, beta, states, dstates;
+  size_t w, u, kn, qn, m, gamma, t, beta, key_inv, states, dstates;
 
-  size_t kept() const { return states + w + u + m + gamma + t + beta + kn + qn; }
+  size_t kept() const { return states + w + u + m + gamma + t + beta + kn + qn + 2 * key_inv; }
   size_t forward() const { return w + u + m + gamma + kn + qn; }
   size_t backward() const { return kept() + dstates; }
   size_t backward_with_saved() const { return dstates; }
@@ -43,8 +44,10 @@ WorkspaceLayout layout(const GatedDeltaRuleShape& s) {
   const size_t chunk_square = align_up(blocks * kC * kC * sizeof(bf16));
   const size_t state = align_up(blocks * kD * kD * sizeof(bf16));
   const size_t chunk_row = align_up(blocks * kC * sizeof(float));
+  const size_t key_row = align_up(static_cast<size_t>(num_slots(s)) * s.num_heads * kC *
+                                  sizeof(float));
   return {chunk_tile, chunk_tile, key_tile, key_tile, chunk_square, chunk_row, chunk_square,
-          chunk_row, state, state};
+          chunk_row, key_row, state, state};
 }
 
 void check_supported(const GatedDeltaRuleShape& s) {
@@ -133,6 +136,8 @@ ChunkParams make_params(const GatedDeltaRuleShape& s, const GatedDeltaRuleInputs
   if (saved != nullptr || backward) {
     p.ws.t = static_cast<bf16*>(k.take(l.t));
     p.ws.beta = static_cast<float*>(k.take(l.beta));
+    p.ws.k_inv = static_cast<float*>(k.take(l.key_inv));
+    p.ws.q_inv = static_cast<float*>(k.take(l.key_inv));
   }
   p.ws.kn = static_cast<bf16*>(k.take(l.kn));
   p.ws.qn = static_cast<bf16*>(k.take(l.qn));
