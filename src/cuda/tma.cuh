@@ -103,4 +103,42 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// stmatrix (sm_90): a warp's four 8 x 8 bf16 matrices from mma accumulator fragments (r0..r3,
+// a pair of columns per lane) to shared memory, lanes 8 i .. 8 i + 7 giving matrix i's row
+// addresses.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
+                                            uint32_t r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+#endif
+}
+
+// A box of shared memory at `src` to a 2D tensor map at coordinates (c0, c1), as a bulk group of
+// its own (tma_store_wait waits for it).
+__device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, uint32_t src, int32_t c0,
+                                               int32_t c1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
+      "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(src), "r"(c0), "r"(c1)
+      : "memory");
+#endif
+}
+
+// kRead: until the stores' shared-memory reads are done (the tile may be rewritten); else until
+// the stores are complete.
+template <bool kRead>
+__device__ __forceinline__ void tma_store_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if constexpr (kRead) {
+    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+  } else {
+    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+  }
+#endif
+}
+
 }  // namespace flashdelta::detail::cuda

@@ -284,7 +284,8 @@ def test_backward_both_dstate_shapes(B, HV):
 # and exchange bf16 operands, never fp32 partial sums, so every shape gives the same bits. Both
 # passes read their chunk tiles by TMA into swizzled shared memory on sm_90 and by cp.async into
 # padded rows elsewhere (FLASHDELTA_GDN_TMA_TILES=0 forces the latter): the same operands, so the
-# same bits too.
+# same bits too. On sm_90 the reverse pass stores dS' by TMA in the wide shape and by 4-byte
+# stores in the narrow one, which the backward's comparison covers as well.
 STATE_SHAPES = ["wide", "narrow", "narrow2"]
 DSTATE_SHAPES = ["wide", "narrow"]
 TILE_PATHS = ["1", "0"]

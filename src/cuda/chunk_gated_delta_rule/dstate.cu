@@ -6,6 +6,8 @@
 // O = Qe S + M Vn, Vn = U - W S differentiated with respect to S, where KR = diag(exp(gamma_last
 // - gamma)) K and Qe = diag(e^gamma) Q):
 //   store dS^T (bf16): the gradient of the state leaving this chunk, for the gradient kernel
+//   (tiles.cuh's store_state_slice: on sm_90 in the wide shape by stmatrix and a TMA store per
+//   warp, as the forward's state pass stores S^T; else 4-byte stores from the registers)
 //   dVn^T = (dS^T K^T) diag(exp(gamma_last - gamma)) + dO^T M        [v, t]
 //   dS^T <- e_last dS^T + (dO^T diag(e^gamma)) Q - dVn^T W           [v, k]
 // The gates go on the registers, as in the forward's state pass: on dS^T K^T's accumulator
@@ -124,7 +126,7 @@ struct DStateSmem {
 template <typename T, int kRowGroups, int kSplit, bool kTma>
 __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     dstate_kernel(const ChunkParams p, const __grid_constant__ ChunkTileMaps tile_maps,
-                  bool d_o_vec) {
+                  const __grid_constant__ CUtensorMap states_map, bool tma_states, bool d_o_vec) {
   using S = Shape<kRowGroups, kSplit>;
   constexpr int kThreads = S::kThreads, kVT = S::kVT, kLdO = S::kLdO;
   constexpr int kGroupsPerRow = S::kGroupsPerRow, kGroupsPerThread = S::kGroupsPerThread;
@@ -133,7 +135,8 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   using Smem = DStateSmem<kRowGroups, kSplit, kTma>;
   using TileD = SmemTile<Smem::kLdT, kTma>;
   using TileC = SmemTile<Smem::kLdM, kTma>;
-  Smem& sm = *reinterpret_cast<Smem*>(tile_smem_base<kTma>(smem_raw));
+  unsigned char* const smem_base = tile_smem_base<kTma>(smem_raw);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_base);
   const BackwardParams& b = p.bwd;
   const int64_t n = blockIdx.x;
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
@@ -233,13 +236,13 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     const int64_t slot = first_slot + c;
     const int buf = c & 1;
 
-    // dS^T here is the gradient of the state leaving chunk c: this warp's slice.
-    bf16* dst = b.dstates + ws_index(p, slot, hv, kD * kD);
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      const int k = k_base + nt * 8 + 2 * t4;
-      *reinterpret_cast<uint32_t*>(dst + v_lo * kD + k) = pack_bf16(dsc[nt][0], dsc[nt][1]);
-      *reinterpret_cast<uint32_t*>(dst + v_hi * kD + k) = pack_bf16(dsc[nt][2], dsc[nt][3]);
+    // dS^T here is the gradient of the state leaving chunk c: this warp's slice (tiles.cuh).
+    {
+      const size_t block = ws_index(p, slot, hv, kD * kD);
+      store_state_slice<S::kKSlice>(
+          dsc, tma_states, &states_map,
+          state_tile_address<S::kKSlice>(smem_base, sizeof(Smem), warp), c < num_chunks - 1,
+          static_cast<int64_t>(block / kD), b.dstates + block, col0 + row_group * 16, k_base);
     }
 
     cp_async_wait<0>();  // this thread's copies of chunk c's tiles (and of its dO groups)
@@ -388,6 +391,9 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     publish_dstate();
   }
 
+  // The warp's last state store must be complete before the block's shared memory goes.
+  if (tma_states && lane == 0) tma_store_wait<false>();
+
   if (b.d_initial_state) {
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -406,14 +412,21 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
 template <typename T, int kRowGroups, int kSplit, bool kTma>
 void launch(const ChunkParams& p, const ChunkTileMaps& tile_maps, cudaStream_t stream) {
   using S = Shape<kRowGroups, kSplit>;
-  const size_t smem = sizeof(DStateSmem<kRowGroups, kSplit, kTma>) + (kTma ? 1024 : 0);
+  size_t smem = sizeof(DStateSmem<kRowGroups, kSplit, kTma>) + (kTma ? 1024 : 0);
   auto* kernel = dstate_kernel<T, kRowGroups, kSplit, kTma>;
+  // dS^T's stores by TMA where the device allows (tiles.cuh), in the wide shape: H100, 8 x 4096,
+  // 869 -> 776 us; the narrow shape's 64-byte rows measured 902 -> 915 at 1 x 32768 and keep the
+  // 4-byte stores.
+  CUtensorMap map{};
+  const bool tma_states =
+      kRowGroups == 4 && encode_states_map<S::kWarps, S::kKSlice>(&map, p.bwd.dstates, p, smem);
+  if (tma_states) smem += state_tiles_bytes<S::kWarps, S::kKSlice>();
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
       kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,
                   (p.head_v_dim + S::kVT - 1) / S::kVT);
   const bool vec = bwd::rows_vectorisable<T>(p.bwd.d_o, p.bwd.d_o_s, p.head_v_dim);
-  kernel<<<grid, S::kThreads, smem, stream>>>(p, tile_maps, vec);
+  kernel<<<grid, S::kThreads, smem, stream>>>(p, tile_maps, map, tma_states, vec);
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 

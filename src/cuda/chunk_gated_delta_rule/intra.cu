@@ -254,9 +254,14 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   __syncwarp();
 
   // A (fp32, to shared memory for the inverse) and M (bf16, to the workspace) from the
-  // accumulators. M is written whole: zeros above the diagonal.
+  // accumulators. M is written whole, zeros above the diagonal: each warp stages its 16 rows in
+  // its own rows of T's tile (free until the inverse's first barrier) and stores them as 16-byte
+  // pieces (from the accumulators, 8 rows of 4 bytes an instruction, such stores cost the
+  // gradient kernel ~230 us for 2 x 134 MB: bench/NOTES.md, session 15).
   {
-    bf16* m_out = p.ws.m + ws_index(p, slot, hv, kC * kC);
+    constexpr int kLdStage = kC + 8;  // bf16 row stride: conflict-free 4-byte writes
+    static_assert(16 * kLdStage * sizeof(bf16) <= 16 * kLdCf * sizeof(float), "a warp's rows");
+    bf16* const m_stage = reinterpret_cast<bf16*>(sm.tf + r0 * kLdCf);
     const float gr[2] = {sm.gamma[rows[0]], sm.gamma[rows[1]]};
     const float br[2] = {sm.beta[rows[0]], sm.beta[rows[1]]};
 #pragma unroll
@@ -275,12 +280,21 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
             mv[j] = c + j <= r ? decay * qk[nt][2 * h + j] : 0.f;
           }
           *reinterpret_cast<float2*>(a_tile + r * kLdCf + c) = make_float2(av[0], av[1]);
-          *reinterpret_cast<uint32_t*>(m_out + r * kC + c) = pack_bf16(mv[0], mv[1]);
+          *reinterpret_cast<uint32_t*>(m_stage + (r - r0) * kLdStage + c) =
+              pack_bf16(mv[0], mv[1]);
         }
       } else {
-        *reinterpret_cast<uint32_t*>(m_out + rows[0] * kC + c) = 0u;
-        *reinterpret_cast<uint32_t*>(m_out + rows[1] * kC + c) = 0u;
+        *reinterpret_cast<uint32_t*>(m_stage + g * kLdStage + c) = 0u;
+        *reinterpret_cast<uint32_t*>(m_stage + (g + 8) * kLdStage + c) = 0u;
       }
+    }
+    __syncwarp();
+    bf16* const m_out = p.ws.m + ws_index(p, slot, hv, kC * kC) + r0 * kC;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // 16 rows x 8 pieces
+      const int e = j * 32 + lane, r = e >> 3, c = (e & 7) * 8;
+      *reinterpret_cast<uint4*>(m_out + r * kC + c) =
+          *reinterpret_cast<const uint4*>(m_stage + r * kLdStage + c);
     }
   }
 

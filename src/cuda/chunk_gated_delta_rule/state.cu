@@ -66,8 +66,8 @@
 // slice). A training forward (p.saved_states set) stores the same S^T from its own
 // pass, and the backward then skips the replay (1 x 32768: 537 MB, against the replay's 858 us).
 // On sm_90 each warp's slice leaves by stmatrix into a swizzled shared tile and one TMA tensor
-// store per chunk (StateTile), elsewhere by 4-byte stores; FLASHDELTA_GDN_TMA_STATES=0 forces the
-// latter (for A/B). H100, forward state pass keeping the states, 4-byte -> TMA: 8 x 4096
+// store per chunk (tiles.cuh's store_state_slice, which dstate.cu shares), elsewhere by 4-byte
+// stores; FLASHDELTA_GDN_TMA_STATES=0 forces the latter (for A/B). H100, forward state pass keeping the states, 4-byte -> TMA: 8 x 4096
 // 1029 -> 939 us (the no-keep pass is ~735 us; 537 MB of stores at 3 TB/s is ~180 us),
 // 1 x 32768 1224 -> 1213 us.
 #include <cuda.h>  // CUtensorMap (type only)
@@ -133,59 +133,6 @@ struct StateSmem {
   // phase (c / 2) & 1
   uint64_t full[2];
 };
-
-// ---- the kept states' stores on sm_90: each warp's S^T slice [16 rows v x kKS k] goes by
-// stmatrix into a per-warp shared tile with the TMA swizzle of its row length (128 bytes: the
-// 128-byte swizzle, 16-byte chunk j of row r at j ^ (r % 8); 64 bytes: the 64-byte swizzle,
-// j ^ ((r / 2) % 4)) and leaves by one TMA tensor store per warp and chunk, instead of
-// 2 x kNT 4-byte stores a lane (8 rows x 16 bytes an instruction).
-template <int kKS>
-struct StateTile {
-  static constexpr int kRowBytes = kKS * 2;
-  static constexpr int kBytes = 16 * kRowBytes;
-  __device__ static uint32_t offset(int r, int j) {  // chunk j of row r
-    return static_cast<uint32_t>(tma_swizzle_offset<kRowBytes>(r, 8 * j));
-  }
-};
-// Shared memory the staging tiles take past the kernel's own (1 KiB aligned for the swizzle).
-template <int kRowGroups, int kSplit>
-constexpr size_t state_tile_bytes() {
-  using S = Shape<kRowGroups, kSplit>;
-  return 1024 + static_cast<size_t>(S::kWarps) * StateTile<S::kKS>::kBytes;
-}
-
-__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2,
-                                            uint32_t r3) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
-               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
-               : "memory");
-#endif
-}
-
-__device__ __forceinline__ void tma_store_tile(const CUtensorMap* map, uint32_t src, int32_t c0,
-                                               int32_t c1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n"
-      "cp.async.bulk.commit_group;\n" ::"l"(reinterpret_cast<uint64_t>(map)),
-      "r"(src), "r"(c0), "r"(c1)
-      : "memory");
-#endif
-}
-
-// kRead: until the stores' shared-memory reads are done (the tile may be rewritten); else until
-// the stores are complete.
-template <bool kRead>
-__device__ __forceinline__ void tma_store_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if constexpr (kRead) {
-    asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-  } else {
-    asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
-  }
-#endif
-}
 
 template <typename T, bool kReplay, int kRowGroups, int kSplit, bool kTma>
 __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
@@ -299,38 +246,13 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
     // The backward's replay, and the forward when it keeps them for the backward, store S^T
     // entering every chunk: rows v, this warp's k slice; before the barrier, so that the stores
     // leave while the warp waits for the others.
-    if (tma_states) {  // sm_90 (the host's choice): stmatrix into the warp's tile, one TMA store
-      using Tile = StateTile<S::kKS>;
-      const uint32_t tile =
-          ((static_cast<uint32_t>(__cvta_generic_to_shared(smem_base)) +
-            static_cast<uint32_t>(sizeof(Smem)) + 1023u) & ~1023u) +
-          static_cast<uint32_t>(warp * Tile::kBytes);
-      if (c > 0) {  // the previous chunk's store has read the tile
-        if (lane == 0) tma_store_wait<true>();
-        __syncwarp();
-      }
-      const int m = lane >> 3, r = (lane & 7) + 8 * (m & 1);  // this lane's row address
-#pragma unroll
-      for (int nt = 0; nt < kNT; nt += 2) {
-        stmatrix_x4(tile + Tile::offset(r, nt + (m >> 1)), pack_bf16(sc[nt][0], sc[nt][1]),
-                    pack_bf16(sc[nt][2], sc[nt][3]), pack_bf16(sc[nt + 1][0], sc[nt + 1][1]),
-                    pack_bf16(sc[nt + 1][2], sc[nt + 1][3]));
-      }
-      fence_proxy_async();
-      __syncwarp();
-      if (lane == 0) {  // rows (slot, hv, col0 + 16 row_group ..) of the [rows, 128] map
-        const int64_t row0 = static_cast<int64_t>(ws_index(p, slot, hv, kD)) + col0 +
-                             row_group * 16;
-        tma_store_tile(&states_map, tile, k_base, static_cast<int32_t>(row0));
-      }
-    } else if (kReplay || p.saved_states != nullptr) {
-      bf16* st = (kReplay ? p.bwd.states : p.saved_states) + ws_index(p, slot, hv, kD * kD);
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) {
-        const int k = k_base + nt * 8 + 2 * t4;
-        *reinterpret_cast<uint32_t*>(st + v_lo * kD + k) = pack_bf16(sc[nt][0], sc[nt][1]);
-        *reinterpret_cast<uint32_t*>(st + v_hi * kD + k) = pack_bf16(sc[nt][2], sc[nt][3]);
-      }
+    if (kReplay || p.saved_states != nullptr) {
+      const size_t block = ws_index(p, slot, hv, kD * kD);
+      store_state_slice<S::kKS>(
+          sc, tma_states, &states_map,
+          state_tile_address<S::kKS>(smem_base, sizeof(Smem), warp), c > 0,
+          static_cast<int64_t>(block / kD),
+          (kReplay ? p.bwd.states : p.saved_states) + block, col0 + row_group * 16, k_base);
     }
 
     cp_async_wait<0>();  // this thread's copies of chunk c's tiles (issued a chunk ago)
@@ -540,22 +462,10 @@ void launch(const ChunkParams& p, const ChunkTileMaps& tile_maps, cudaStream_t s
   auto* kernel = state_kernel<T, kReplay, kRowGroups, kSplit, kTma>;
   // The states' TMA stores (see StateTile): on sm_90, where the tiles fit, the states buffer's
   // rows fit the map's int32 coordinates and the map can be encoded; else 4-byte stores.
-  bf16* const states = kReplay ? p.bwd.states : p.saved_states;
   CUtensorMap map{};
-  bool tma_states = false;
-  const uint64_t rows = static_cast<uint64_t>(p.num_slots) * p.num_v_heads * kD;
-  const char* tma_env = std::getenv("FLASHDELTA_GDN_TMA_STATES");  // "0": 4-byte stores (A/B)
-  if (states != nullptr && device_info().is_sm90 && rows > 0 && rows < (uint64_t{1} << 31) &&
-      !(tma_env != nullptr && std::strcmp(tma_env, "0") == 0) &&
-      smem + state_tile_bytes<kRowGroups, kSplit>() <=
-          static_cast<size_t>(device_info().max_smem_per_block_optin)) {
-    const uint64_t dims[2] = {kD, rows};
-    const uint64_t strides[1] = {kD * sizeof(bf16)};
-    const uint32_t box[2] = {static_cast<uint32_t>(S::kKS), 16};
-    tma_states = encode_tensor_map_2byte(&map, DType::kBFloat16, states, 2, dims, strides, box,
-                                         StateTile<S::kKS>::kRowBytes);
-    if (tma_states) smem += state_tile_bytes<kRowGroups, kSplit>();
-  }
+  const bool tma_states = encode_states_map<S::kWarps, S::kKS>(
+      &map, kReplay ? p.bwd.states : p.saved_states, p, smem);
+  if (tma_states) smem += state_tiles_bytes<S::kWarps, S::kKS>();
   FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              static_cast<int>(smem)));
   const dim3 grid(static_cast<unsigned>(p.num_seqs), p.num_v_heads,

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "cuda/chunk_gated_delta_rule/common.cuh"
+#include "cuda/device_info.cuh"
 #include "cuda/tensor_map.cuh"
 #include "cuda/tma.cuh"
 
@@ -145,6 +146,97 @@ __device__ __forceinline__ void load_chunk_tiles(const ChunkParams& p, const Chu
       copy_tile_async<kThreads, kC, kC, kC, RowTile<kLdC>>(p.ws.m + value_row * kC, m);
     }
   }
+}
+
+// ---- The stored states: S^T entering each chunk (state.cu) and dS'^T leaving it (dstate.cu),
+// bf16 [slot, hv, 128 rows v, 128 k]. A state pass's warp holds its slice [16 rows v x kKS k] in
+// the mma accumulator layout, x[nt] = (v, k), (v, k + 1), (v + 8, k), (v + 8, k + 1) with
+// v = v0 + lane / 4 and k = k_base + 8 nt + 2 (lane % 4). On sm_90 the slice goes by stmatrix
+// into a per-warp shared tile with the TMA swizzle of its row length (128 bytes: the 128-byte
+// swizzle, 16-byte chunk j of row r at j ^ (r % 8); 64 bytes: the 64-byte swizzle,
+// j ^ ((r / 2) % 4)) and leaves by one TMA tensor store per warp and chunk; elsewhere by
+// 2 x kNT 4-byte stores a lane (8 rows x 16 bytes an instruction). (H100, 8 x 4096, forward state
+// pass keeping the states, 4-byte -> TMA: 1029 -> 939 us.)
+template <int kKS>
+struct StateTile {
+  static constexpr int kRowBytes = kKS * 2;
+  static constexpr int kBytes = 16 * kRowBytes;
+  __device__ static uint32_t offset(int r, int j) {  // chunk j of row r
+    return static_cast<uint32_t>(tma_swizzle_offset<kRowBytes>(r, 8 * j));
+  }
+};
+
+// Shared memory the warps' staging tiles take past a kernel's own (1 KB aligned: the swizzle).
+template <int kWarps, int kKS>
+constexpr size_t state_tiles_bytes() {
+  return 1024 + static_cast<size_t>(kWarps) * StateTile<kKS>::kBytes;
+}
+
+// Host: the tensor map over a states buffer ([rows, 128], boxes of kKS x 16 with the swizzle of
+// the row length) for a kernel of `smem` bytes of its own; false, for the 4-byte path, where there
+// is no buffer, off sm_90, past int32 row coordinates, where the tiles do not fit beside `smem`,
+// under FLASHDELTA_GDN_TMA_STATES=0 (A/B) or where the driver refuses.
+template <int kWarps, int kKS>
+inline bool encode_states_map(CUtensorMap* map, const bf16* states, const ChunkParams& p,
+                              size_t smem) {
+  const uint64_t rows = static_cast<uint64_t>(p.num_slots) * p.num_v_heads * kD;
+  const char* env = std::getenv("FLASHDELTA_GDN_TMA_STATES");
+  if (states == nullptr || !device_info().is_sm90 || rows == 0 || rows >= (uint64_t{1} << 31) ||
+      (env != nullptr && std::strcmp(env, "0") == 0) ||
+      smem + state_tiles_bytes<kWarps, kKS>() >
+          static_cast<size_t>(device_info().max_smem_per_block_optin))
+    return false;
+  const uint64_t dims[2] = {kD, rows};
+  const uint64_t strides[1] = {kD * sizeof(bf16)};
+  const uint32_t box[2] = {static_cast<uint32_t>(kKS), 16};
+  return encode_tensor_map_2byte(map, DType::kBFloat16, states, 2, dims, strides, box,
+                                 StateTile<kKS>::kRowBytes);
+}
+
+// A warp's slice x to rows v0 .. v0 + 15 (of state block (slot, hv): `state_row` is its row 0 in
+// the map, `state` its first element), columns k_base .. k_base + kKS - 1. TMA path (tma: the
+// host's choice): through the warp's staging tile at shared address `tile`, waiting first for
+// the previous store's reads where the tile holds one (`reuse`). The caller waits for the last
+// store (tma_store_wait<false>) before the block exits.
+template <int kKS, int kNT>
+__device__ __forceinline__ void store_state_slice(const float (&x)[kNT][4], bool tma,
+                                                  const CUtensorMap* map, uint32_t tile,
+                                                  bool reuse, int64_t state_row, bf16* state,
+                                                  int v0, int k_base) {
+  static_assert(kNT * 8 == kKS && kNT % 2 == 0, "the slice's n8 tiles, in pairs");
+  const int lane = threadIdx.x & 31;
+  if (tma) {
+    if (reuse) {
+      if (lane == 0) tma_store_wait<true>();
+      __syncwarp();
+    }
+    const int m = lane >> 3, r = (lane & 7) + 8 * (m & 1);  // this lane's row address
+#pragma unroll
+    for (int nt = 0; nt < kNT; nt += 2) {
+      stmatrix_x4(tile + StateTile<kKS>::offset(r, nt + (m >> 1)), pack_bf16(x[nt][0], x[nt][1]),
+                  pack_bf16(x[nt][2], x[nt][3]), pack_bf16(x[nt + 1][0], x[nt + 1][1]),
+                  pack_bf16(x[nt + 1][2], x[nt + 1][3]));
+    }
+    fence_proxy_async();
+    __syncwarp();
+    if (lane == 0) tma_store_tile(map, tile, k_base, static_cast<int32_t>(state_row + v0));
+  } else {
+    const int v_lo = v0 + (lane >> 2);
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+      const int k = k_base + nt * 8 + 2 * (lane & 3);
+      *reinterpret_cast<uint32_t*>(state + v_lo * kD + k) = pack_bf16(x[nt][0], x[nt][1]);
+      *reinterpret_cast<uint32_t*>(state + (v_lo + 8) * kD + k) = pack_bf16(x[nt][2], x[nt][3]);
+    }
+  }
+}
+
+// The shared address of warp `warp`'s staging tile: past a kernel's `bytes` of shared memory
+// from `base`, at the next 1 KB boundary.
+template <int kKS>
+__device__ __forceinline__ uint32_t state_tile_address(const void* base, size_t bytes, int warp) {
+  return ((shared_address(base) + static_cast<uint32_t>(bytes) + 1023u) & ~1023u) +
+         static_cast<uint32_t>(warp * StateTile<kKS>::kBytes);
 }
 
 }  // namespace flashdelta::detail::cuda::chunk
