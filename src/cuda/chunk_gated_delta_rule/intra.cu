@@ -19,7 +19,8 @@
 // forward that keeps it for the backward), T (bf16) and beta (fp32, for the backward's gradient
 // kernel to copy a head ahead), in the layouts of common.cuh's Workspace;
 // and the normalised K and Q of each (slot, key head) ([num_slots, H, 64, 128], ws_key_index),
-// written by the key head's first value head: the state passes scale by the gates in registers.
+// written by the key head's first value head: the state passes scale by the gates in registers
+// (with T, for the backward's gradient kernel, also their rows' inverse norms).
 //
 // Why a block per value head (v4; v3 had one per key head looping over its value heads): the
 // kernel is latency-bound (the inverse's dependent chains, the loads, the barriers), not
