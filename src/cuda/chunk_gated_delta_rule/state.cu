@@ -67,9 +67,9 @@
 // pass, and the backward then skips the replay (1 x 32768: 537 MB, against the replay's 858 us).
 // On sm_90 each warp's slice leaves by stmatrix into a swizzled shared tile and one TMA tensor
 // store per chunk (tiles.cuh's store_state_slice, which dstate.cu shares), elsewhere by 4-byte
-// stores; FLASHDELTA_GDN_TMA_STATES=0 forces the latter (for A/B). H100, forward state pass keeping the states, 4-byte -> TMA: 8 x 4096
-// 1029 -> 939 us (the no-keep pass is ~735 us; 537 MB of stores at 3 TB/s is ~180 us),
-// 1 x 32768 1224 -> 1213 us.
+// stores; FLASHDELTA_GDN_TMA_STATES=0 forces the latter (for A/B). H100, forward state pass
+// keeping the states, 4-byte -> TMA: 8 x 4096 1029 -> 939 us (the no-keep pass is ~735 us; 537 MB
+// of stores at 3 TB/s is ~180 us), 1 x 32768 1224 -> 1213 us.
 #include <cuda.h>  // CUtensorMap (type only)
 
 #include <cstdint>
