@@ -460,8 +460,7 @@ void launch(const ChunkParams& p, const ChunkTileMaps& tile_maps, cudaStream_t s
   using S = Shape<kRowGroups, kSplit>;
   size_t smem = sizeof(StateSmem<T, kRowGroups, kSplit, kTma>) + (kTma ? 1024 : 0);
   auto* kernel = state_kernel<T, kReplay, kRowGroups, kSplit, kTma>;
-  // The states' TMA stores (see StateTile): on sm_90, where the tiles fit, the states buffer's
-  // rows fit the map's int32 coordinates and the map can be encoded; else 4-byte stores.
+  // The states' stores by TMA where the device allows (tiles.cuh's encode_states_map).
   CUtensorMap map{};
   const bool tma_states = encode_states_map<S::kWarps, S::kKS>(
       &map, kReplay ? p.bwd.states : p.saved_states, p, smem);
