@@ -351,6 +351,54 @@ def test_backward_state_and_dstate_shapes_agree_bitwise(monkeypatch):
     assert_grads_within(grads, grads_ref, 1e-2)
 
 
+# FLASHDELTA_GDN_STATE_SHAPE=wgmma: the state pass on warpgroup MMAs (state_wgmma.cu, sm_90a;
+# elsewhere the switch falls back to the automatic shapes). wgmma sums a k16 step in its own
+# order, so its bits differ from the mma.sync shapes' by rounding; it is deterministic, and the
+# backward reads the states it kept.
+def _close(a, b, tol):
+    assert rel_l2(a, b) <= tol, rel_l2(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-staged-o", "fp32-o"])
+def test_forward_wgmma_state_pass(monkeypatch, dtype):
+    inputs = shape_test_inputs(dtype, seed=25)
+    o_ref, s_ref = reference_gated_delta_rule(**as_float64(inputs), output_final_state=True,
+                                              use_qk_l2norm_in_kernel=True)
+    cuda_inputs = {n: x.cuda() for n, x in inputs.items()}
+    runs = {}
+    for shape in ["wgmma", "wgmma", "narrow2"]:
+        monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", shape)
+        runs.setdefault(shape, []).append(OP(**cuda_inputs, output_final_state=True,
+                                             use_qk_l2norm_in_kernel=True))
+    (o, s), (o2, s2) = runs["wgmma"]
+    assert torch.equal(o, o2) and torch.equal(s, s2)
+    _close(o, runs["narrow2"][0][0], 5e-3)
+    _close(s, runs["narrow2"][0][1], 5e-3)
+    _close(o, o_ref, 1e-2)
+    _close(s, s_ref, 1e-2)
+
+
+@needs_backward
+def test_backward_wgmma_state_pass(monkeypatch):
+    inputs = shape_test_inputs(torch.bfloat16, seed=27)
+    o_ref, s_ref, grads_ref = run_with_grads(reference_gated_delta_rule,
+                                             with_grads(inputs, "cpu", torch.float64),
+                                             use_qk_l2norm_in_kernel=True)
+    runs = {}
+    for shape in ["wgmma", "wgmma", "narrow2"]:
+        monkeypatch.setenv("FLASHDELTA_GDN_STATE_SHAPE", shape)
+        runs.setdefault(shape, []).append(run_with_grads(OP, with_grads(inputs, "cuda"),
+                                                         use_qk_l2norm_in_kernel=True))
+    (o, s, grads), (o2, s2, grads2) = runs["wgmma"]
+    assert torch.equal(o, o2) and torch.equal(s, s2)
+    for name in grads:
+        assert torch.equal(grads[name], grads2[name]), name
+        _close(grads[name], runs["narrow2"][0][2][name], 5e-3)
+    _close(o, o_ref, 1e-2)
+    _close(s, s_ref, 1e-2)
+    assert_grads_within(grads, grads_ref, 1e-2)
+
+
 @needs_backward
 @pytest.mark.parametrize("switch", ["FLASHDELTA_GDN_STATE_SHAPE", "FLASHDELTA_GDN_DSTATE_SHAPE"])
 def test_shape_switches_reject_unknown_values(monkeypatch, switch):

@@ -1,7 +1,7 @@
 """Where the time of flashdelta's chunk_gated_delta_rule goes on CUDA, kernel by kernel.
 
     python -m flashdelta.bench gdn_kernels [--shape B,T,H,HV,K,V] [--repeats N] [--forward-only]
-        [--state-shape auto,wide,narrow,narrow2] [--dstate-shape auto,wide,narrow]
+        [--state-shape auto,wgmma,wide,narrow,narrow2] [--dstate-shape auto,wide,narrow]
         [--json PATH]
 
 Runs the forward (and, unless --forward-only, the backward where the build has it) under torch.profiler after a warm-up
@@ -39,8 +39,11 @@ def state_pass(name: str):
         return "dstate"
     if "grads_kernel" in name:
         return "grads"
-    if "state_kernel" in name:
-        return "state replay" if ", true," in name.replace("(bool)1", "true") else "state"
+    args = name.replace("(bool)1", "true")
+    if "state_wgmma_kernel" in name:  # <T, kReplay>
+        return "state replay" if ", true>" in args else "state"
+    if "state_kernel" in name:  # <T, kReplay, kRowGroups, kSplit, kTma>
+        return "state replay" if ", true," in args else "state"
     return None
 
 

@@ -10,6 +10,11 @@ namespace flashdelta::detail::cuda::chunk {
 
 void launch_intra(const ChunkParams& p, cudaStream_t stream);   // intra.cu
 void launch_state(const ChunkParams& p, cudaStream_t stream);   // state.cu
+// The state pass on wgmma (sm_90a, tiles by TMA); false, launching nothing, where this build or
+// device cannot run it. state.cu chooses.
+struct ChunkTileMaps;
+bool launch_state_wgmma(const ChunkParams& p, const ChunkTileMaps& maps,
+                        cudaStream_t stream);  // state_wgmma.cu
 // backward (launch.cu has the picture); launch_intra and launch_state replay the forward first
 void launch_dstate(const ChunkParams& p, cudaStream_t stream);  // dstate.cu
 size_t dstate_smem_bytes();                                      // dstate.cu

@@ -14,7 +14,8 @@
 // and a third, narrow2: 32-column tiles of 2 x 2 warps (k halves, token halves), which small
 // grids take for the forward (H100, 1 x 32768: forward 1053 us against narrow's 1133; the
 // backward's replay 854 with narrow against 872). FLASHDELTA_GDN_STATE_SHAPE=wide|narrow|narrow2
-// forces one (a shape the device cannot hold falls back to narrow). A 64-column 4 x 4 shape
+// forces one (a shape the device cannot hold falls back to narrow); =wgmma the warpgroup
+// version of state_wgmma.cu (sm_90a; the automatic choice elsewhere). A 64-column 4 x 4 shape
 // (16 warps, half the L2 reads per column) measured slower than the others at both protocol
 // shapes (1 x 32768: 1462 us forward; 8 x 4096: 748 against wide's 729) and was dropped.
 // Per chunk, with W, U, M, gamma (per value head) and K, Q (per key head) from phase 1, warp s:
@@ -473,17 +474,19 @@ void launch(const ChunkParams& p, const ChunkTileMaps& tile_maps, cudaStream_t s
   FLASHDELTA_CUDA_CHECK(cudaGetLastError());
 }
 
-enum class StateShape { kAuto, kWide, kNarrow, kNarrow2 };
+enum class StateShape { kAuto, kWgmma, kWide, kNarrow, kNarrow2 };
 
 // FLASHDELTA_GDN_STATE_SHAPE, read at every launch (a getenv: cheap, and tests may switch it).
 StateShape requested_shape() {
   const char* v = std::getenv("FLASHDELTA_GDN_STATE_SHAPE");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return StateShape::kAuto;
+  if (std::strcmp(v, "wgmma") == 0) return StateShape::kWgmma;
   if (std::strcmp(v, "wide") == 0) return StateShape::kWide;
   if (std::strcmp(v, "narrow") == 0) return StateShape::kNarrow;
   if (std::strcmp(v, "narrow2") == 0) return StateShape::kNarrow2;
   fail(Error::Kind::kValue,
-       "FLASHDELTA_GDN_STATE_SHAPE must be auto, wide, narrow or narrow2, got '", v, "'");
+       "FLASHDELTA_GDN_STATE_SHAPE must be auto, wgmma, wide, narrow or narrow2, got '", v,
+       "'");
 }
 
 template <typename T, bool kReplay>
@@ -492,6 +495,15 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   // half of the multiprocessors (split 2 x 2 in the forward, 2 x 4 in the replay: measured), or
   // where the device cannot give a block the wide shape's shared memory (sm_80).
   StateShape shape = requested_shape();
+  ChunkTileMaps maps{};
+  const bool tma = chunk_tiles_by_tma(&maps, p, device_info().is_sm90);
+  // The warpgroup version (state_wgmma.cu) on request, where it can run (sm_90a, tiles by TMA);
+  // else the automatic choice. Not automatic: slower at 1 x 32768 (H100, bench/NOTES.md,
+  // session 17), the same at 8 x 4096.
+  if (shape == StateShape::kWgmma) {
+    if (tma && launch_state_wgmma(p, maps, stream)) return;
+    shape = StateShape::kAuto;
+  }
   const size_t optin = static_cast<size_t>(device_info().max_smem_per_block_optin);
   if (shape == StateShape::kAuto) {
     const int64_t wide_blocks = static_cast<int64_t>(p.num_seqs) * p.num_v_heads *
@@ -501,8 +513,6 @@ void launch(const ChunkParams& p, cudaStream_t stream) {
   }
   if (shape == StateShape::kWide && sizeof(StateSmem<T, 4, 2, false>) > optin)
     shape = StateShape::kNarrow;
-  ChunkTileMaps maps{};
-  const bool tma = chunk_tiles_by_tma(&maps, p, device_info().is_sm90);
   switch (shape) {
     case StateShape::kWide:
       if (tma) launch<T, kReplay, 4, 2, true>(p, maps, stream);

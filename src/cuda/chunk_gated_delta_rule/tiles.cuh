@@ -193,17 +193,17 @@ inline bool encode_states_map(CUtensorMap* map, const bf16* states, const ChunkP
                                  StateTile<kKS>::kRowBytes);
 }
 
-// A warp's slice x to rows v0 .. v0 + 15 (of state block (slot, hv): `state_row` is its row 0 in
-// the map, `state` its first element), columns k_base .. k_base + kKS - 1. TMA path (tma: the
-// host's choice): through the warp's staging tile at shared address `tile`, waiting first for
-// the previous store's reads where the tile holds one (`reuse`). The caller waits for the last
-// store (tma_store_wait<false>) before the block exits.
-template <int kKS, int kNT>
-__device__ __forceinline__ void store_state_slice(const float (&x)[kNT][4], bool tma,
-                                                  const CUtensorMap* map, uint32_t tile,
-                                                  bool reuse, int64_t state_row, bf16* state,
-                                                  int v0, int k_base) {
-  static_assert(kNT * 8 == kKS && kNT % 2 == 0, "the slice's n8 tiles, in pairs");
+// A warp's slice to rows v0 .. v0 + 15 (of state block (slot, hv): `state_row` is its row 0 in
+// the map, `state` its first element), columns k_base .. k_base + kKS - 1, given as the bf16 A
+// fragments of its k16 blocks (a[kb] = pack_a_from_c(x, kb) of the accumulators x). TMA path
+// (tma: the host's choice): through the warp's staging tile at shared address `tile`, waiting
+// first for the previous store's reads where the tile holds one (`reuse`). The caller waits for
+// the last store (tma_store_wait<false>) before the block exits.
+template <int kKS>
+__device__ __forceinline__ void store_state_fragments(const uint32_t (&a)[kKS / 16][4], bool tma,
+                                                      const CUtensorMap* map, uint32_t tile,
+                                                      bool reuse, int64_t state_row, bf16* state,
+                                                      int v0, int k_base) {
   const int lane = threadIdx.x & 31;
   if (tma) {
     if (reuse) {
@@ -212,23 +212,42 @@ __device__ __forceinline__ void store_state_slice(const float (&x)[kNT][4], bool
     }
     const int m = lane >> 3, r = (lane & 7) + 8 * (m & 1);  // this lane's row address
 #pragma unroll
-    for (int nt = 0; nt < kNT; nt += 2) {
-      stmatrix_x4(tile + StateTile<kKS>::offset(r, nt + (m >> 1)), pack_bf16(x[nt][0], x[nt][1]),
-                  pack_bf16(x[nt][2], x[nt][3]), pack_bf16(x[nt + 1][0], x[nt + 1][1]),
-                  pack_bf16(x[nt + 1][2], x[nt + 1][3]));
-    }
+    for (int kb = 0; kb < kKS / 16; ++kb)  // n8 tiles 2 kb, 2 kb + 1
+      stmatrix_x4(tile + StateTile<kKS>::offset(r, 2 * kb + (m >> 1)), a[kb][0], a[kb][1],
+                  a[kb][2], a[kb][3]);
     fence_proxy_async();
     __syncwarp();
     if (lane == 0) tma_store_tile(map, tile, k_base, static_cast<int32_t>(state_row + v0));
   } else {
     const int v_lo = v0 + (lane >> 2);
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      const int k = k_base + nt * 8 + 2 * (lane & 3);
-      *reinterpret_cast<uint32_t*>(state + v_lo * kD + k) = pack_bf16(x[nt][0], x[nt][1]);
-      *reinterpret_cast<uint32_t*>(state + (v_lo + 8) * kD + k) = pack_bf16(x[nt][2], x[nt][3]);
+    for (int kb = 0; kb < kKS / 16; ++kb) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // n8 tile 2 kb + h
+        const int k = k_base + (2 * kb + h) * 8 + 2 * (lane & 3);
+        *reinterpret_cast<uint32_t*>(state + v_lo * kD + k) = a[kb][2 * h];
+        *reinterpret_cast<uint32_t*>(state + (v_lo + 8) * kD + k) = a[kb][2 * h + 1];
+      }
     }
   }
+}
+
+// The same from the fp32 accumulators x[nt] = (v, k), (v, k + 1), (v + 8, k), (v + 8, k + 1).
+template <int kKS, int kNT>
+__device__ __forceinline__ void store_state_slice(const float (&x)[kNT][4], bool tma,
+                                                  const CUtensorMap* map, uint32_t tile,
+                                                  bool reuse, int64_t state_row, bf16* state,
+                                                  int v0, int k_base) {
+  static_assert(kNT * 8 == kKS && kNT % 2 == 0, "the slice's n8 tiles, in pairs");
+  uint32_t a[kKS / 16][4];
+#pragma unroll
+  for (int kb = 0; kb < kKS / 16; ++kb) {
+    a[kb][0] = pack_bf16(x[2 * kb][0], x[2 * kb][1]);
+    a[kb][1] = pack_bf16(x[2 * kb][2], x[2 * kb][3]);
+    a[kb][2] = pack_bf16(x[2 * kb + 1][0], x[2 * kb + 1][1]);
+    a[kb][3] = pack_bf16(x[2 * kb + 1][2], x[2 * kb + 1][3]);
+  }
+  store_state_fragments<kKS>(a, tma, map, tile, reuse, state_row, state, v0, k_base);
 }
 
 // The shared address of warp `warp`'s staging tile: past a kernel's `bytes` of shared memory
