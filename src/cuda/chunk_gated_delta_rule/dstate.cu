@@ -71,6 +71,7 @@
 #include "cuda/cp_async.cuh"
 #include "cuda/chunk_gated_delta_rule/bwd_frag.cuh"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
+#include "cuda/chunk_gated_delta_rule/state_pass.cuh"
 #include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
 
@@ -148,30 +149,16 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   const int tw = split * S::kTW;  // this warp's first token of dVn^T
   // The warp of this row group that holds split s (k slice s, tokens s).
   auto group_warp = [&](int s) { return row_group + s * kRowGroups; };
-  const int K = p.head_k_dim, V = p.head_v_dim;
+  const int V = p.head_v_dim;
   const int vl = row_group * 16 + g;  // this thread's rows of dS^T, within the tile
-  const int v_lo = col0 + vl, v_hi = v_lo + 8;
+  const int v_lo = col0 + vl;
   const Seq seq = sequence(p, n);
   const int64_t num_chunks = (seq.end - seq.begin + kC - 1) / kC;
   const int64_t first_slot = slot_begin(p, n);
 
   // dS^T: n8 tile nt covers k = k_base + 8 nt .. + 7 (as sc in state.cu, over a slice of k).
   float dsc[kNT][4];
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int k = k_base + nt * 8 + 2 * t4 + j;
-      float lo = 0.f, hi = 0.f;
-      if (b.d_final_state && k < K) {
-        const float* dht = b.d_final_state + n * b.dht_s[0] + hv * b.dht_s[1] + k * b.dht_s[2];
-        if (v_lo < V) lo = dht[v_lo * b.dht_s[3]];
-        if (v_hi < V) hi = dht[v_hi * b.dht_s[3]];
-      }
-      dsc[nt][j] = lo;
-      dsc[nt][2 + j] = hi;
-    }
-  }
+  load_state_part(b.d_final_state, b.dht_s, p, n, hv, v_lo, k_base, dsc);
 
   // Step 5: the slice's k16 blocks as bf16 A fragments, kept for this warp's own next step 1 and
   // given to the group (published by the next chunk's block barrier).
@@ -394,19 +381,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   // The warp's last state store must be complete before the block's shared memory goes.
   if (tma_states && lane == 0) tma_store_wait<false>();
 
-  if (b.d_initial_state) {
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int k = k_base + nt * 8 + 2 * t4 + j;
-        if (k >= K) continue;
-        float* dh0 = b.d_initial_state + n * b.dh0_s[0] + hv * b.dh0_s[1] + k * b.dh0_s[2];
-        if (v_lo < V) dh0[v_lo * b.dh0_s[3]] = dsc[nt][j];
-        if (v_hi < V) dh0[v_hi * b.dh0_s[3]] = dsc[nt][2 + j];
-      }
-    }
-  }
+  store_state_part(b.d_initial_state, b.dh0_s, p, n, hv, v_lo, k_base, dsc);
 }
 
 template <typename T, int kRowGroups, int kSplit, bool kTma>

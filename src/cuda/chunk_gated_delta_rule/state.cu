@@ -81,6 +81,7 @@
 #include "core/check.h"
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
+#include "cuda/chunk_gated_delta_rule/state_pass.cuh"
 #include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
 #include "cuda/tensor_map.cuh"
@@ -153,7 +154,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row_group = warp % kRowGroups, split = warp / kRowGroups;
   const int g = lane >> 2, t4 = lane & 3;
-  const int K = p.head_k_dim, V = p.head_v_dim;
+  const int V = p.head_v_dim;
   const int vl = row_group * 16 + g;  // this thread's rows of S^T, within the tile
   const int v_lo = col0 + vl, v_hi = v_lo + 8;
   const int tw = split * S::kTW;       // this warp's first token
@@ -168,21 +169,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   // This warp's k slice of S^T: n8 tile nt covers k = k_base + 8 nt .. + 7;
   // sc[nt] = (v_lo, k), (v_lo, k + 1), (v_hi, k), (v_hi, k + 1).
   float sc[kNT][4];
-#pragma unroll
-  for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int k = k_base + nt * 8 + 2 * t4 + j;
-      float lo = 0.f, hi = 0.f;
-      if (p.initial_state && k < K) {
-        const float* h0 = p.initial_state + n * p.h0_s[0] + hv * p.h0_s[1] + k * p.h0_s[2];
-        if (v_lo < V) lo = h0[v_lo * p.h0_s[3]];
-        if (v_hi < V) hi = h0[v_hi * p.h0_s[3]];
-      }
-      sc[nt][j] = lo;
-      sc[nt][2 + j] = hi;
-    }
-  }
+  load_state_part(p.initial_state, p.h0_s, p, n, hv, v_lo, k_base, sc);
   // Step 6: the slice's k16 blocks as bf16 A fragments, kept for this warp's own next step 1 and
   // given to the group (published by the next chunk's block barriers).
   uint32_t own_sa[kKB][4];
@@ -196,49 +183,20 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   publish_state();
 
   init_tile_barriers<kTma>(sm.full);
+  // W, and K (and for O, Q) of the key head (intra.cu), M for O; U (this block's columns) and
+  // gamma for the gates
   auto prefetch = [&](int64_t c) {
-    const int64_t slot = first_slot + c;
-    const size_t base = ws_index(p, slot, hv, kC * kD);
-    const int buf = c & 1;
-    // W, and K (and for O, Q) of the key head (intra.cu), M for O
-    load_chunk_tiles<kTma, !kReplay, kThreads>(
-        p, tile_maps, static_cast<int64_t>(base / kD),
-        static_cast<int64_t>(ws_key_index(p, slot, hk, kC)), sm.w[buf], sm.k[buf], sm.q[buf],
-        sm.m[buf], shared_address(&sm.full[buf]));
-    // U (this block's columns) and gamma for the gates
-    if (threadIdx.x < kC / 4)
-      cp_async_16(sm.gamma[buf] + 4 * threadIdx.x,
-                 p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
-    copy_tile_async<kThreads, kC, kVT, kD, RowTile<kLdU>>(p.ws.u + base + col0, sm.u[buf]);
-    cp_async_commit();
+    prefetch_chunk<kTma, !kReplay, kThreads, kVT, kLdU>(p, tile_maps, sm, first_slot + c, hv, hk,
+                                                        col0, c & 1);
   };
   if (num_chunks > 0) prefetch(0);
 
-  T* const o_base =
-      kReplay ? nullptr : static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2];
-  // 16-byte stores of o where its rows allow them (the usual contiguous [B, T, HV, V] output).
-  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
-  const bool o_vec = !kReplay && p.o_s[3] == 1 &&
-                     (p.o_s[1] * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(o_base) % 16 == 0;
+  const OutputRows<T, kThreads, kVT, kLdO> o_rows(p, seq, hv, col0);
   // o rows of chunk c from the staging tile (after a block barrier that follows its writes);
   // 2-byte o only (Smem::kStagedO).
   auto store_o = [&](int64_t c) {
     const int64_t t0 = seq.begin + c * kC;
-    const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
-    for (int i = threadIdx.x; i < kC * (kVT / kPer); i += kThreads) {
-      const int t = i / (kVT / kPer), v = (i % (kVT / kPer)) * kPer;
-      if (t >= len) continue;
-      const T* src = sm.o[c & 1] + t * kLdO + v;
-      T* dst = o_base + (t0 + t) * p.o_s[1] + static_cast<int64_t>(col0 + v) * p.o_s[3];
-      if (o_vec && col0 + v + kPer <= V) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kPer; ++j)
-          if (col0 + v + j < V) dst[j * p.o_s[3]] = src[j];
-      }
-    }
+    o_rows.store(sm.o[c & 1], t0, static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC));
   };
 
   for (int64_t c = 0; c < num_chunks; ++c) {
@@ -397,7 +355,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
           for (int j = 0; j < 2; ++j) {
             const int t = tw + nt * 8 + 2 * t4 + j;
             if (t >= len) continue;
-            T* row = o_base + (t0 + t) * p.o_s[1];
+            T* row = o_rows.base + (t0 + t) * p.o_s[1];
             if (v_lo < V) row[v_lo * p.o_s[3]] = from_f32<T>(oc[nt][j]);
             if (v_hi < V) row[v_hi * p.o_s[3]] = from_f32<T>(oc[nt][2 + j]);
           }
@@ -441,19 +399,7 @@ __global__ void __launch_bounds__(Shape<kRowGroups, kSplit>::kThreads, 1)
   // The warp's last tile store must be complete before the block's shared memory goes.
   if (tma_states && lane == 0) tma_store_wait<false>();
 
-  if (p.final_state) {  // this warp's k slice
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int k = k_base + nt * 8 + 2 * t4 + j;
-        if (k >= K) continue;
-        float* ht = p.final_state + n * p.ht_s[0] + hv * p.ht_s[1] + k * p.ht_s[2];
-        if (v_lo < V) ht[v_lo * p.ht_s[3]] = sc[nt][j];
-        if (v_hi < V) ht[v_hi * p.ht_s[3]] = sc[nt][2 + j];
-      }
-    }
-  }
+  store_state_part(p.final_state, p.ht_s, p, n, hv, v_lo, k_base, sc);  // this warp's k slice
 }
 
 template <typename T, bool kReplay, int kRowGroups, int kSplit, bool kTma>

@@ -46,6 +46,7 @@
 
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
 #include "cuda/chunk_gated_delta_rule/mma_frag.cuh"
+#include "cuda/chunk_gated_delta_rule/state_pass.cuh"
 #include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
 #include "cuda/wgmma.cuh"
@@ -97,73 +98,28 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int hv = blockIdx.y, col0 = blockIdx.z * kVT;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int K = p.head_k_dim, V = p.head_v_dim;
   const int vl = warp * 16 + g;  // this thread's rows of S^T within the tile: vl, vl + 8
-  const int v_lo = col0 + vl, v_hi = v_lo + 8;
+  const int v_lo = col0 + vl;
   const int hk = hv / p.group;
   const Seq seq = sequence(p, n);
   const int64_t num_chunks = (seq.end - seq.begin + kC - 1) / kC;
   const int64_t first_slot = slot_begin(p, n);
 
-  // S^T, rows v_lo / v_hi, n8 tile nt covering k = 8 nt + 2 t4 + {0, 1}
+  // S^T, rows v_lo / v_lo + 8, n8 tile nt covering k = 8 nt + 2 t4 + {0, 1}
   float sc[16][4];
-#pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int k = nt * 8 + 2 * t4 + j;
-      float lo = 0.f, hi = 0.f;
-      if (p.initial_state && k < K) {
-        const float* h0 = p.initial_state + n * p.h0_s[0] + hv * p.h0_s[1] + k * p.h0_s[2];
-        if (v_lo < V) lo = h0[v_lo * p.h0_s[3]];
-        if (v_hi < V) hi = h0[v_hi * p.h0_s[3]];
-      }
-      sc[nt][j] = lo;
-      sc[nt][2 + j] = hi;
-    }
-  }
+  load_state_part(p.initial_state, p.h0_s, p, n, hv, v_lo, 0, sc);
 
   init_tile_barriers<true>(sm.full);
   auto prefetch = [&](int64_t c) {
-    const int64_t slot = first_slot + c;
-    const size_t base = ws_index(p, slot, hv, kC * kD);
-    const int buf = c & 1;
-    load_chunk_tiles<true, !kReplay, kThreads>(
-        p, tile_maps, static_cast<int64_t>(base / kD),
-        static_cast<int64_t>(ws_key_index(p, slot, hk, kC)), sm.w[buf], sm.k[buf], sm.q[buf],
-        sm.m[buf], shared_address(&sm.full[buf]));
-    if (threadIdx.x < kC / 4)
-      cp_async_16(sm.gamma[buf] + 4 * threadIdx.x,
-                  p.ws.gamma + ws_index(p, slot, hv, kC) + 4 * threadIdx.x);
-    copy_tile_async<kThreads, kC, kVT, kD, RowTile<kLdU>>(p.ws.u + base + col0, sm.u[buf]);
-    cp_async_commit();
+    prefetch_chunk<true, !kReplay, kThreads, kVT, kLdU>(p, tile_maps, sm, first_slot + c, hv, hk,
+                                                       col0, c & 1);
   };
   if (num_chunks > 0) prefetch(0);
 
-  T* const o_base =
-      kReplay ? nullptr : static_cast<T*>(p.o) + seq.batch * p.o_s[0] + hv * p.o_s[2];
-  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
-  const bool o_vec = !kReplay && p.o_s[3] == 1 &&
-                     (p.o_s[1] * static_cast<int64_t>(sizeof(T))) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(o_base) % 16 == 0;
-  // o rows of chunk c from the staging tile, after a block barrier that follows its writes
-  auto store_o = [&](int64_t c) {
+  const OutputRows<T, kThreads, kVT, kLdO> o_rows(p, seq, hv, col0);
+  auto store_o = [&](int64_t c) {  // after a block barrier that follows its staging
     const int64_t t0 = seq.begin + c * kC;
-    const int len = static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC);
-#pragma unroll 4
-    for (int i = threadIdx.x; i < kC * (kVT / kPer); i += kThreads) {
-      const int t = i / (kVT / kPer), v = (i % (kVT / kPer)) * kPer;
-      if (t >= len) continue;
-      const T* src = sm.o[c & 1] + t * kLdO + v;
-      T* dst = o_base + (t0 + t) * p.o_s[1] + static_cast<int64_t>(col0 + v) * p.o_s[3];
-      if (o_vec && col0 + v + kPer <= V) {
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-      } else {
-#pragma unroll
-        for (int j = 0; j < kPer; ++j)
-          if (col0 + v + j < V) dst[j * p.o_s[3]] = src[j];
-      }
-    }
+    o_rows.store(sm.o[c & 1], t0, static_cast<int>(seq.end - t0 < kC ? seq.end - t0 : kC));
   };
 
   // o^T of a chunk (accumulators oc, valid once its last MMA group is waited for) into
@@ -313,19 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The warp's last state stores must have read their tiles before the block's memory goes.
   if (tma_states && lane == 0) tma_store_wait<false>();
 
-  if (p.final_state) {
-#pragma unroll
-    for (int nt = 0; nt < 16; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int k = nt * 8 + 2 * t4 + j;
-        if (k >= K) continue;
-        float* ht = p.final_state + n * p.ht_s[0] + hv * p.ht_s[1] + k * p.ht_s[2];
-        if (v_lo < V) ht[v_lo * p.ht_s[3]] = sc[nt][j];
-        if (v_hi < V) ht[v_hi * p.ht_s[3]] = sc[nt][2 + j];
-      }
-    }
-  }
+  store_state_part(p.final_state, p.ht_s, p, n, hv, v_lo, 0, sc);
 #else
   __trap();  // launched only where the device runs this build's sm_90a code
 #endif
@@ -348,7 +292,9 @@ bool kernel_ready(size_t smem) {
   FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   const size_t most = static_cast<size_t>(device_info(device).max_smem_per_block_optin);
   const size_t full = smem + state_tiles_bytes<8, 64>();  // with the states' tiles
-  const bool ready = device_info(device).is_sm90 && attr.binaryVersion == 90 && full <= most;
+  // sm_90a SASS from compute_90a PTX (a JIT of the sm_80 PTX would report ptxVersion 80)
+  const bool ready = device_info(device).is_sm90 && attr.binaryVersion == 90 &&
+                     attr.ptxVersion >= 90 && full <= most;
   if (ready)
     FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(full)));
