@@ -88,10 +88,10 @@
 
 #include <cuda.h>  // CUtensorMap (type only)
 
-#include <atomic>
 #include <cstdint>
 
 #include "cuda/moe_grouped_gemm.cuh"
+#include "cuda/sm90a_ready.cuh"
 #include "cuda/tensor_map.cuh"
 #include "cuda/tma.cuh"
 #include "cuda/wgmma.cuh"
@@ -799,32 +799,21 @@ bool make_tensor_maps(const GroupedGemmParams<T>& p, CUtensorMap* map_a, CUtenso
   }
 }
 
-// Whether this instantiation's sm_90a code is what the current device runs (and not a trap
-// compiled from another architecture's PTX): checked once per device and instantiation (the
-// state is per template instance: the kernels share one function type). Also opts in to the
-// shared memory and the carve-out for two blocks per SM.
+// Whether this instantiation's sm_90a code is what the current device runs
+// (sm90a_kernel_ready); also opts in to the shared memory and the carve-out for two blocks per
+// SM.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 bool sm90_kernel_ready() {
-  auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
-  static std::atomic<int> state[kMaxDevices] = {};  // 0 unknown, 1 ready, 2 unavailable
-  int device = 0;
-  FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < kMaxDevices) {
-    const int known = state[device].load(std::memory_order_acquire);
-    if (known != 0) return known == 1;
-  }
-  cudaFuncAttributes attr{};
-  FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  // sm_90a SASS from compute_90a PTX; a JIT of the sm_80 PTX would report ptxVersion 80.
-  const bool ready = attr.binaryVersion == 90 && attr.ptxVersion >= 90;
-  if (ready) {
-    FLASHDELTA_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  }
-  if (device < kMaxDevices) state[device].store(ready ? 1 : 2, std::memory_order_release);
-  return ready;
+  return sm90a_kernel_ready<grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>>(
+      [](const cudaFuncAttributes&, int) {
+        auto* kernel = grouped_gemm_sm90_kernel<T, kGrouping, kBKContig, kEpilogue>;
+        FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+        FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+            cudaSharedmemCarveoutMaxShared));
+        return true;
+      });
 }
 
 // p with the epilogue's access flags set from its pointers and strides: vector_store_ok

@@ -78,7 +78,6 @@
 
 #include <cuda.h>  // CUtensorMap (type only)
 
-#include <atomic>
 #include <cstdint>
 
 #include "cuda/device_info.cuh"
@@ -727,32 +726,23 @@ grouped_gemm_sm90_wide_kernel(const __grid_constant__ CUtensorMap tmap_a,
 
 // ---- host side
 
-// Whether this instantiation's sm_90a code is what the current device runs (see
-// sm90::sm90_kernel_ready); also opts in to the device's largest shared-memory allocation.
+// Whether this instantiation's sm_90a code is what the current device runs
+// (sm90a_kernel_ready); also opts in to the device's largest shared-memory allocation.
 template <typename T, Grouping kGrouping, bool kBKContig, Epilogue kEpilogue>
 bool wide_kernel_ready() {
-  auto* kernel = grouped_gemm_sm90_wide_kernel<T, kGrouping, kBKContig, kEpilogue>;
-  static std::atomic<int> state[kMaxDevices] = {};  // 0 unknown, 1 ready, 2 unavailable
-  int device = 0;
-  FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < kMaxDevices) {
-    const int known = state[device].load(std::memory_order_acquire);
-    if (known != 0) return known == 1;
-  }
-  cudaFuncAttributes attr{};
-  FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const int optin =
-      device_info(device).max_smem_per_block_optin - static_cast<int>(attr.sharedSizeBytes);
-  const bool ready = attr.binaryVersion == 90 && attr.ptxVersion >= 90 &&
-                     optin >= smem_bytes(kGrouping, 0);
-  if (ready) {
-    FLASHDELTA_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
-  }
-  if (device < kMaxDevices) state[device].store(ready ? 1 : 2, std::memory_order_release);
-  return ready;
+  return sm90a_kernel_ready<grouped_gemm_sm90_wide_kernel<T, kGrouping, kBKContig, kEpilogue>>(
+      [](const cudaFuncAttributes& attr, int device) {
+        auto* kernel = grouped_gemm_sm90_wide_kernel<T, kGrouping, kBKContig, kEpilogue>;
+        const int optin = device_info(device).max_smem_per_block_optin -
+                          static_cast<int>(attr.sharedSizeBytes);
+        if (optin < smem_bytes(kGrouping, 0)) return false;
+        FLASHDELTA_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+        FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
+            kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+            cudaSharedmemCarveoutMaxShared));
+        return true;
+      });
 }
 
 // The output tensor maps of the TMA-stored epilogues (boxes of one epilogue block: 64 rows of

@@ -41,7 +41,6 @@
 // code and has the shared memory.
 #include <cuda.h>  // CUtensorMap (type only)
 
-#include <atomic>
 #include <cstdint>
 
 #include "cuda/chunk_gated_delta_rule/kernels.cuh"
@@ -49,6 +48,7 @@
 #include "cuda/chunk_gated_delta_rule/state_pass.cuh"
 #include "cuda/chunk_gated_delta_rule/tiles.cuh"
 #include "cuda/device_info.cuh"
+#include "cuda/sm90a_ready.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace flashdelta::detail::cuda::chunk {
@@ -275,31 +275,21 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// Whether the current device runs this instantiation's sm_90a code with its shared memory;
-// opts the kernel in to that memory. Cached per device.
+// Whether the current device runs this instantiation's sm_90a code (sm90a_kernel_ready) with
+// `smem` bytes and the states' tiles; opts the kernel in to them.
 template <typename T, bool kReplay>
 bool kernel_ready(size_t smem) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> state[kMaxDevices] = {};  // 0 unknown, 1 ready, 2 unavailable
-  int device = 0;
-  FLASHDELTA_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < kMaxDevices) {
-    const int known = state[device].load(std::memory_order_acquire);
-    if (known != 0) return known == 1;
-  }
-  auto* kernel = state_wgmma_kernel<T, kReplay>;
-  cudaFuncAttributes attr{};
-  FLASHDELTA_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-  const size_t most = static_cast<size_t>(device_info(device).max_smem_per_block_optin);
-  const size_t full = smem + state_tiles_bytes<8, 64>();  // with the states' tiles
-  // sm_90a SASS from compute_90a PTX (a JIT of the sm_80 PTX would report ptxVersion 80)
-  const bool ready = device_info(device).is_sm90 && attr.binaryVersion == 90 &&
-                     attr.ptxVersion >= 90 && full <= most;
-  if (ready)
-    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(full)));
-  if (device < kMaxDevices) state[device].store(ready ? 1 : 2, std::memory_order_release);
-  return ready;
+  return sm90a_kernel_ready<state_wgmma_kernel<T, kReplay>>([smem](const cudaFuncAttributes&,
+                                                                     int device) {
+    const size_t full = smem + state_tiles_bytes<8, 64>();
+    if (!device_info(device).is_sm90 ||
+        full > static_cast<size_t>(device_info(device).max_smem_per_block_optin))
+      return false;
+    FLASHDELTA_CUDA_CHECK(cudaFuncSetAttribute(state_wgmma_kernel<T, kReplay>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(full)));
+    return true;
+  });
 }
 
 template <typename T, bool kReplay>
