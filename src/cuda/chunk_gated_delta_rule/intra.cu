@@ -92,15 +92,52 @@ static_assert(offsetof(IntraSmem, qa) % 16 == 0 && offsetof(IntraSmem, tf) % 16 
                   offsetof(IntraSmem, x) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
               "16-byte accesses");
 
-// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf], complete below the diagonal), in fp32
-// by 16 x 16 blocks; every thread of the block calls it (it synchronises the block, first so
-// that A's writes are visible). Tf receives T's blocks on and below the diagonal.
-//   diagonal blocks: D_i = (I + A_ii)^-1, substitution down each column (64 threads, 16 steps)
-//   round d = 1, 2, 3: warp j < 4 - d computes block (i, j) = (j + d, j):
-//     X = sum_{m=j}^{i-1} A_im T_mj   (inner length 16 d),   T_ij = -D_i X
-// Each lane owns one row and eight columns of X and T_ij: per inner step one broadcast load of
-// A, two 16-byte loads of T (shared by 16 lanes) and eight FMAs. X stays in the warp's scratch,
-// so a round needs one block barrier. Longest chain: 16 + 3 x 16 + 6 x 16 dependent steps.
+// out[c] = sum_{q < len} l_row[q] r[q][c], c < kN: one row of a product of fp32 blocks in shared
+// memory (r: kN columns of a block, row stride ldr; len a multiple of 16), one FMA chain per
+// output in order of q. Per step one load of l_row (lanes of a row share it) and kN / 4 16-byte
+// loads of r (lanes with the same columns share them).
+template <int kN>
+__device__ __forceinline__ void row_times_block(const float* l_row, const float* r, int ldr,
+                                                int len, float (&out)[kN]) {
+#pragma unroll
+  for (int c = 0; c < kN; ++c) out[c] = 0.f;
+  for (int q0 = 0; q0 < len; q0 += 16) {
+#pragma unroll
+    for (int qq = 0; qq < 16; ++qq) {
+      const int q = q0 + qq;
+      const float a = l_row[q];
+#pragma unroll
+      for (int c4 = 0; c4 < kN / 4; ++c4) {
+        const float4 t = *reinterpret_cast<const float4*>(r + q * ldr + 4 * c4);
+        out[4 * c4] = fmaf(a, t.x, out[4 * c4]), out[4 * c4 + 1] = fmaf(a, t.y, out[4 * c4 + 1]);
+        out[4 * c4 + 2] = fmaf(a, t.z, out[4 * c4 + 2]);
+        out[4 * c4 + 3] = fmaf(a, t.w, out[4 * c4 + 3]);
+      }
+    }
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ void store_negated(float* dst, const float (&x)[kN]) {
+#pragma unroll
+  for (int c4 = 0; c4 < kN / 4; ++c4)
+    *reinterpret_cast<float4*>(dst + 4 * c4) =
+        make_float4(-x[4 * c4], -x[4 * c4 + 1], -x[4 * c4 + 2], -x[4 * c4 + 3]);
+}
+
+// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf], complete below the diagonal), in fp32,
+// by 2 x 2 block recursion (T = [[T1, 0], [-T2 A21 T1, T2]] for halves T1, T2): every thread of
+// the block calls it (it synchronises the block, first so that A's writes are visible); X is the
+// block's 4 KB of scratch. Tf receives T's 16 x 16 blocks on and below the diagonal.
+//   1. D_i = (I + A_ii)^-1, i < 4: substitution down each column (64 threads, 16 steps)
+//   2. the 32-row halves: T_(i+1)i = -D_(i+1) (A_(i+1)i D_i), i = 0, 2 (warps 2i/2, 2i/2 + 1, 8
+//      columns each: a lane one row and 4 columns; the product in between in the warp's
+//      scratch)
+//   3. Y = A21 T1 ([32 x 32], T1 lower: block column c sums from row block c): warp w, block
+//      (w / 2, w % 2), a lane one row and 8 columns; Y in the scratch
+//   4. T21 = -T2 Y (T2 lower: block row r sums up to block r), the same blocks
+// Longest chain 16 + 2 x 16 + 2 x 32 inner steps (the previous column-by-column rounds: 16 +
+// 144, with one warp of four busy in the last), every warp busy in 2 to 4.
 __device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   __syncthreads();  // A complete
@@ -118,49 +155,31 @@ __device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) 
     for (int i = 0; i < 16; ++i) Tf[(o + i) * kLdCf + o + j] = t[i];
   }
   __syncthreads();
-  const int r = lane >> 1, c0 = (lane & 1) * 8;
-  float* x = X + warp * 256;
-#pragma unroll
-  for (int d = 1; d < 4; ++d) {
-    if (warp < 4 - d) {
-      const int j = warp, i = j + d;
-      const float* a_row = A + (16 * i + r) * kLdCf;
-      float acc[8] = {};
-      for (int m = j; m < i; ++m) {
-#pragma unroll
-        for (int qq = 0; qq < 16; ++qq) {
-          const int q = 16 * m + qq;
-          const float a = a_row[q];
-          const float4 t0 = *reinterpret_cast<const float4*>(Tf + q * kLdCf + 16 * j + c0);
-          const float4 t1 = *reinterpret_cast<const float4*>(Tf + q * kLdCf + 16 * j + c0 + 4);
-          acc[0] = fmaf(a, t0.x, acc[0]), acc[1] = fmaf(a, t0.y, acc[1]);
-          acc[2] = fmaf(a, t0.z, acc[2]), acc[3] = fmaf(a, t0.w, acc[3]);
-          acc[4] = fmaf(a, t1.x, acc[4]), acc[5] = fmaf(a, t1.y, acc[5]);
-          acc[6] = fmaf(a, t1.z, acc[6]), acc[7] = fmaf(a, t1.w, acc[7]);
-        }
-      }
-      *reinterpret_cast<float4*>(x + r * 16 + c0) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      *reinterpret_cast<float4*>(x + r * 16 + c0 + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
-      __syncwarp();
-      const float* d_row = Tf + (16 * i + r) * kLdCf + 16 * i;
-      float out[8] = {};
-#pragma unroll
-      for (int q = 0; q < 16; ++q) {
-        const float dq = d_row[q];
-        const float4 x0 = *reinterpret_cast<const float4*>(x + q * 16 + c0);
-        const float4 x1 = *reinterpret_cast<const float4*>(x + q * 16 + c0 + 4);
-        out[0] = fmaf(dq, x0.x, out[0]), out[1] = fmaf(dq, x0.y, out[1]);
-        out[2] = fmaf(dq, x0.z, out[2]), out[3] = fmaf(dq, x0.w, out[3]);
-        out[4] = fmaf(dq, x1.x, out[4]), out[5] = fmaf(dq, x1.y, out[5]);
-        out[6] = fmaf(dq, x1.z, out[6]), out[7] = fmaf(dq, x1.w, out[7]);
-      }
-      float* t_out = Tf + (16 * i + r) * kLdCf + 16 * j + c0;
-      *reinterpret_cast<float4*>(t_out) = make_float4(-out[0], -out[1], -out[2], -out[3]);
-      *reinterpret_cast<float4*>(t_out + 4) = make_float4(-out[4], -out[5], -out[6], -out[7]);
-      __syncwarp();  // x is rewritten next round
-    }
-    __syncthreads();
+  {  // 2.
+    const int i = 2 * (warp >> 1), r = lane & 15, cx = 4 * (lane >> 4), c = 8 * (warp & 1) + cx;
+    const int row = 16 * (i + 1) + r;
+    float* x = X + warp * 256;  // [16][8]
+    float acc[4];
+    row_times_block(A + row * kLdCf + 16 * i, Tf + 16 * i * kLdCf + 16 * i + c, kLdCf, 16, acc);
+    *reinterpret_cast<float4*>(x + r * 8 + cx) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    __syncwarp();
+    row_times_block(Tf + row * kLdCf + 16 * (i + 1), x + cx, 8, 16, acc);
+    store_negated(Tf + row * kLdCf + 16 * i + c, acc);
   }
+  __syncthreads();
+  const int rb = warp >> 1, cb = warp & 1, r = lane >> 1, c = 16 * cb + 8 * (lane & 1);
+  const int row = 32 + 16 * rb + r;
+  float acc[8];
+  // 3.
+  row_times_block(A + row * kLdCf + 16 * cb, Tf + 16 * cb * kLdCf + c, kLdCf, 32 - 16 * cb, acc);
+  float* y = X + (16 * rb + r) * 32 + c;  // [32][32]
+  *reinterpret_cast<float4*>(y) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  *reinterpret_cast<float4*>(y + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
+  __syncthreads();
+  // 4.
+  row_times_block(Tf + row * kLdCf + 32, X + c, 32, 16 * (rb + 1), acc);
+  store_negated(Tf + row * kLdCf + c, acc);
+  __syncthreads();
 }
 
 template <typename T>
