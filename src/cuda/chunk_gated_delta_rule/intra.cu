@@ -29,8 +29,9 @@
 // heads of a key head run in parallel blocks, each recomputing K K^T and Q K^T (320 mma, cheap)
 // from q and k that the neighbouring block has just pulled into L2 (blocks are numbered value
 // head fastest); the accumulators die before W and U, q's tile is reused for A once Q K^T is
-// done (the same 272-byte rows), and v needs one buffer: 73 KB and at most 168 registers, so
-// 3 blocks (12 warps) fit on an SM of sm_90.
+// done (the same 272-byte rows), the inverse turns A into T in place, and v needs one buffer:
+// 56 KB and 128 registers, so 4 blocks (16 warps) fit on an SM of sm_90 (with T in a tile of
+// its own, 73 KB: 3 blocks).
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -46,22 +47,25 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 struct IntraSmem {
   bf16 kn[kC * kLdD];  // normalised k
-  // Normalised, scaled q until Q K^T (and Q's copy to the workspace) is done; then
-  // the gated A for the inverse (fp32); then, after the inverse, the warps' staging tiles.
-  // Row r of A occupies exactly the bytes of row r of q (kLdD bf16 = kLdCf fp32 = 272 bytes).
+  // Normalised, scaled q until Q K^T (and Q's copy to the workspace) is done; then the gated A
+  // for the inverse (fp32), which turns it into T in place (its blocks above the diagonal are
+  // never written); then, once each warp holds its rows of T as fragments, the warps' staging
+  // tiles, warp w's over its own rows. Row r of A occupies exactly the bytes of row r of q
+  // (kLdD bf16 = kLdCf fp32 = 272 bytes), and warp w's staging tile those of its rows.
   alignas(16) unsigned char qa[kC * kLdCf * sizeof(float)];
   bf16 v[kC * kLdD];
-  float tf[kC * kLdCf];   // T in fp32 (its blocks above the diagonal are never written)
-  float x[kWarps * 256];  // the inverse's per-warp 16 x 16 scratch
-  float gamma[kC], beta[kC], be[kC];
+  float x[kWarps * 256];  // the inverse's scratch; before it, each warp's M staging (1 KB)
+  float gamma[kC], beta[kC];
   float k_inv[kC], q_inv[kC];  // 1 / |x| of k's and q's rows (l2norm), for the backward
 };
 static_assert(kLdD * sizeof(bf16) == kLdCf * sizeof(float) &&
                   kC * kLdD * sizeof(bf16) == sizeof(IntraSmem::qa),
               "q's rows and A's rows share bytes");
-static_assert(kWarps * 16 * kLdD * sizeof(bf16) <= sizeof(IntraSmem::qa),
-              "the staging tiles live in A's space");
-static_assert(3 * (sizeof(IntraSmem) + 1024) <= 228 * 1024, "three blocks per SM on sm_90");
+static_assert(16 * kLdD * sizeof(bf16) == 16 * kLdCf * sizeof(float),
+              "a warp's staging tile covers its own rows of T");
+// 57,344 bytes: four blocks (16 warps) an SM on sm_90, where the previous layout (T in a tile of
+// its own) allowed three.
+static_assert(4 * (sizeof(IntraSmem) + 1024) <= 228 * 1024, "four blocks per SM on sm_90");
 // bf16 v whose rows are 16-byte runs (the usual [B, T, HV, 128] layout, or a view with such
 // strides) is copied by cp.async: no registers, so the next value head's v is in flight while
 // this one is computed. Rows past the chunk's end are zero-filled with plain stores.
@@ -88,8 +92,8 @@ __device__ __forceinline__ void load_v_async(const ChunkParams& p, const ChunkRe
   }
 }
 
-static_assert(offsetof(IntraSmem, qa) % 16 == 0 && offsetof(IntraSmem, tf) % 16 == 0 &&
-                  offsetof(IntraSmem, x) % 16 == 0 && offsetof(IntraSmem, v) % 16 == 0,
+static_assert(offsetof(IntraSmem, qa) % 16 == 0 && offsetof(IntraSmem, x) % 16 == 0 &&
+                  offsetof(IntraSmem, v) % 16 == 0,
               "16-byte accesses");
 
 // out[c] = sum_{q < len} l_row[q] r[q][c], c < kN: one row of a product of fp32 blocks in shared
@@ -125,20 +129,21 @@ __device__ __forceinline__ void store_negated(float* dst, const float (&x)[kN]) 
         make_float4(-x[4 * c4], -x[4 * c4 + 1], -x[4 * c4 + 2], -x[4 * c4 + 3]);
 }
 
-// T = (I + A)^-1 for strictly lower A (fp32 [64, kLdCf], complete below the diagonal), in fp32,
-// by 2 x 2 block recursion (T = [[T1, 0], [-T2 A21 T1, T2]] for halves T1, T2): every thread of
-// the block calls it (it synchronises the block, first so that A's writes are visible); X is the
-// block's 4 KB of scratch. Tf receives T's 16 x 16 blocks on and below the diagonal.
-//   1. D_i = (I + A_ii)^-1, i < 4: substitution down each column (64 threads, 16 steps)
+// T = (I + A)^-1 for strictly lower A, in place (fp32 [64, kLdCf], A complete below the
+// diagonal: T's 16 x 16 blocks on and below the diagonal replace it), by 2 x 2 block recursion
+// (T = [[T1, 0], [-T2 A21 T1, T2]] for halves T1, T2). Every thread of the block calls it (it
+// synchronises the block, first so that A's writes are visible); X is the block's 4 KB of scratch.
+//   1. D_i = (I + A_ii)^-1, i < 4: substitution down each column (64 threads, 16 steps; a
+//      block's 16 columns are half a warp, which has read A_ii before any of them is written)
 //   2. the 32-row halves: T_(i+1)i = -D_(i+1) (A_(i+1)i D_i), i = 0, 2 (warps 2i/2, 2i/2 + 1, 8
 //      columns each: a lane one row and 4 columns; the product in between in the warp's
-//      scratch)
+//      scratch, and a block barrier before T_(i+1)i overwrites the A both warps read)
 //   3. Y = A21 T1 ([32 x 32], T1 lower: block column c sums from row block c): warp w, block
 //      (w / 2, w % 2), a lane one row and 8 columns; Y in the scratch
-//   4. T21 = -T2 Y (T2 lower: block row r sums up to block r), the same blocks
+//   4. T21 = -T2 Y (T2 lower: block row r sums up to block r), the same blocks, over A21
 // Longest chain 16 + 2 x 16 + 2 x 32 inner steps (the previous column-by-column rounds: 16 +
 // 144, with one warp of four busy in the last), every warp busy in 2 to 4.
-__device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) {
+__device__ void invert_unit_lower_in_place(float* A, float* X) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   __syncthreads();  // A complete
   if (tid < kC) {
@@ -151,8 +156,9 @@ __device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) 
       for (int m = 0; m < i; ++m) acc = fmaf(A[(o + i) * kLdCf + o + m], t[m], acc);
       t[i] = i < j ? 0.f : (i == j ? 1.f : -acc);
     }
+    __syncwarp(0xffffffffu);  // the block's A_ii read by all its columns
 #pragma unroll
-    for (int i = 0; i < 16; ++i) Tf[(o + i) * kLdCf + o + j] = t[i];
+    for (int i = 0; i < 16; ++i) A[(o + i) * kLdCf + o + j] = t[i];
   }
   __syncthreads();
   {  // 2.
@@ -160,30 +166,30 @@ __device__ void invert_unit_lower_by_warps(const float* A, float* Tf, float* X) 
     const int row = 16 * (i + 1) + r;
     float* x = X + warp * 256;  // [16][8]
     float acc[4];
-    row_times_block(A + row * kLdCf + 16 * i, Tf + 16 * i * kLdCf + 16 * i + c, kLdCf, 16, acc);
+    row_times_block(A + row * kLdCf + 16 * i, A + 16 * i * kLdCf + 16 * i + c, kLdCf, 16, acc);
     *reinterpret_cast<float4*>(x + r * 8 + cx) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    __syncwarp();
-    row_times_block(Tf + row * kLdCf + 16 * (i + 1), x + cx, 8, 16, acc);
-    store_negated(Tf + row * kLdCf + 16 * i + c, acc);
+    __syncthreads();  // both warps of the block are done with A_(i+1)i
+    row_times_block(A + row * kLdCf + 16 * (i + 1), x + cx, 8, 16, acc);
+    store_negated(A + row * kLdCf + 16 * i + c, acc);
   }
   __syncthreads();
   const int rb = warp >> 1, cb = warp & 1, r = lane >> 1, c = 16 * cb + 8 * (lane & 1);
   const int row = 32 + 16 * rb + r;
   float acc[8];
   // 3.
-  row_times_block(A + row * kLdCf + 16 * cb, Tf + 16 * cb * kLdCf + c, kLdCf, 32 - 16 * cb, acc);
+  row_times_block(A + row * kLdCf + 16 * cb, A + 16 * cb * kLdCf + c, kLdCf, 32 - 16 * cb, acc);
   float* y = X + (16 * rb + r) * 32 + c;  // [32][32]
   *reinterpret_cast<float4*>(y) = make_float4(acc[0], acc[1], acc[2], acc[3]);
   *reinterpret_cast<float4*>(y + 4) = make_float4(acc[4], acc[5], acc[6], acc[7]);
   __syncthreads();
   // 4.
-  row_times_block(Tf + row * kLdCf + 32, X + c, 32, 16 * (rb + 1), acc);
-  store_negated(Tf + row * kLdCf + c, acc);
+  row_times_block(A + row * kLdCf + 32, X + c, 32, 16 * (rb + 1), acc);
+  store_negated(A + row * kLdCf + c, acc);
   __syncthreads();
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p) {
+__global__ void __launch_bounds__(kThreads, 4) intra_kernel(const ChunkParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   IntraSmem& sm = *reinterpret_cast<IntraSmem*>(smem_raw);
   // Value head fastest: the blocks of one key head's value heads are neighbours (q, k from L2).
@@ -218,14 +224,7 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   if (!v_async)
     load_tile<T, kThreads>(static_cast<const T*>(p.v), p.v_s, ch.batch, ch.t0, ch.len, hv,
                            p.head_v_dim, false, 1.f, nullptr, sm.v);
-  if (warp == 0) {  // the gates, and be, by the lanes that wrote them
-    gates.store(sm.gamma, sm.beta);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int c = 2 * lane + j;
-      sm.be[c] = sm.beta[c] * __expf(sm.gamma[c]);
-    }
-  }
+  if (warp == 0) gates.store(sm.gamma, sm.beta);
   __syncthreads();  // k, q, gates (and the converted v)
 
   // K K^T and Q K^T, rows r0 .. r0 + 15, n8 tiles up to the diagonal block (2 warp + 1);
@@ -274,61 +273,72 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
   __syncwarp();
 
   // A (fp32, to shared memory for the inverse) and M (bf16, to the workspace) from the
-  // accumulators. M is written whole, zeros above the diagonal: each warp stages its 16 rows in
-  // its own rows of T's tile (free until the inverse's first barrier) and stores them as 16-byte
-  // pieces (from the accumulators, 8 rows of 4 bytes an instruction, such stores cost the
-  // gradient kernel ~230 us for 2 x 134 MB: bench/NOTES.md, session 15).
+  // accumulators. M is written whole, zeros above the diagonal: each warp stages its 16 rows,
+  // half of the columns at a time, in its 1 KB of the inverse's scratch (free until the
+  // inverse) and stores them as 16-byte pieces (from the accumulators, 8 rows of 4 bytes an
+  // instruction, such stores cost the gradient kernel ~230 us for 2 x 134 MB: bench/NOTES.md,
+  // session 15). The staging is [16][32] bf16 with 16-byte chunk j of row r at j ^ (r % 4): the
+  // 4-byte writes meet at most in pairs.
   {
-    constexpr int kLdStage = kC + 8;  // bf16 row stride: conflict-free 4-byte writes
-    static_assert(16 * kLdStage * sizeof(bf16) <= 16 * kLdCf * sizeof(float), "a warp's rows");
-    bf16* const m_stage = reinterpret_cast<bf16*>(sm.tf + r0 * kLdCf);
+    bf16* const m_stage = reinterpret_cast<bf16*>(sm.x + warp * 256);
+    auto staged = [&](int r, int c) {
+      return m_stage + r * 32 + ((((c >> 3) ^ r) & 3) << 3) + (c & 7);
+    };
+    bf16* const m_out = p.ws.m + ws_index(p, slot, hv, kC * kC) + r0 * kC;
     const float gr[2] = {sm.gamma[rows[0]], sm.gamma[rows[1]]};
     const float br[2] = {sm.beta[rows[0]], sm.beta[rows[1]]};
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int c = nt * 8 + 2 * t4;
-      if (nt < 2 * warp + 2) {
-        const float gc[2] = {sm.gamma[c], sm.gamma[c + 1]};
+    for (int half = 0; half < 2; ++half) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = rows[h];
-          float av[2], mv[2];
+      for (int n4 = 0; n4 < 4; ++n4) {
+        const int nt = 4 * half + n4, c = nt * 8 + 2 * t4, cs = n4 * 8 + 2 * t4;
+        if (nt < 2 * warp + 2) {
+          const float gc[2] = {sm.gamma[c], sm.gamma[c + 1]};
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const float decay = __expf(gr[h] - gc[j]);
-            av[j] = c + j < r ? br[h] * decay * kk[nt][2 * h + j] : 0.f;
-            mv[j] = c + j <= r ? decay * qk[nt][2 * h + j] : 0.f;
+          for (int h = 0; h < 2; ++h) {
+            const int r = rows[h];
+            float av[2], mv[2];
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const float decay = __expf(gr[h] - gc[j]);
+              av[j] = c + j < r ? br[h] * decay * kk[nt][2 * h + j] : 0.f;
+              mv[j] = c + j <= r ? decay * qk[nt][2 * h + j] : 0.f;
+            }
+            *reinterpret_cast<float2*>(a_tile + r * kLdCf + c) = make_float2(av[0], av[1]);
+            *reinterpret_cast<uint32_t*>(staged(r - r0, cs)) = pack_bf16(mv[0], mv[1]);
           }
-          *reinterpret_cast<float2*>(a_tile + r * kLdCf + c) = make_float2(av[0], av[1]);
-          *reinterpret_cast<uint32_t*>(m_stage + (r - r0) * kLdStage + c) =
-              pack_bf16(mv[0], mv[1]);
+        } else {
+          *reinterpret_cast<uint32_t*>(staged(g, cs)) = 0u;
+          *reinterpret_cast<uint32_t*>(staged(g + 8, cs)) = 0u;
         }
-      } else {
-        *reinterpret_cast<uint32_t*>(m_stage + g * kLdStage + c) = 0u;
-        *reinterpret_cast<uint32_t*>(m_stage + (g + 8) * kLdStage + c) = 0u;
       }
-    }
-    __syncwarp();
-    bf16* const m_out = p.ws.m + ws_index(p, slot, hv, kC * kC) + r0 * kC;
+      __syncwarp();
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // 16 rows x 8 pieces
-      const int e = j * 32 + lane, r = e >> 3, c = (e & 7) * 8;
-      *reinterpret_cast<uint4*>(m_out + r * kC + c) =
-          *reinterpret_cast<const uint4*>(m_stage + r * kLdStage + c);
+      for (int j = 0; j < 2; ++j) {  // 16 rows x 4 pieces
+        const int e = j * 32 + lane, r = e >> 2, cs = (e & 3) * 8;
+        *reinterpret_cast<uint4*>(m_out + r * kC + 32 * half + cs) =
+            *reinterpret_cast<const uint4*>(staged(r, cs));
+      }
+      __syncwarp();  // the staging is rewritten by the next half
     }
   }
 
   if (v_async) cp_async_wait<0>();  // this thread's part of v; the inverse's barrier the rest
-  // T = (I + A)^-1; its last barrier also frees A's space for the staging tiles.
-  invert_unit_lower_by_warps(a_tile, sm.tf, sm.x);
+  // T = (I + A)^-1, in A's place.
+  invert_unit_lower_in_place(a_tile, sm.x);
 
-  if (p.ws.t) {  // the backward uses T, bf16 as the products take it; zero above the diagonal
+  // From here each warp reads only its own rows of T: the backward's copy (bf16, as the products
+  // take it; zero above the diagonal), then the A fragments of W = (T diag(be)) K and
+  // U = (T diag(b)) V (T's rows scaled per column into bf16; only k16 blocks up to the diagonal
+  // are non-zero, be = b e^gamma). Then its rows become its staging tile.
+  if (p.ws.t) {
     bf16* t_out = p.ws.t + ws_index(p, slot, hv, kC * kC);
-    for (int e = threadIdx.x; e < kC * kC / 8; e += kThreads) {
-      const int r = e >> 3, c = (e & 7) * 8;
-      const bool zero = (c >> 4) > (r >> 4);  // a block above the diagonal: never written
-      const float4 f0 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c);
-      const float4 f1 = *reinterpret_cast<const float4*>(sm.tf + r * kLdCf + c + 4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {  // 16 rows x 8 pieces
+      const int e = j * 32 + lane, r = r0 + (e >> 3), c = (e & 7) * 8;
+      const bool zero = (c >> 4) > warp;  // a block above the diagonal: never written
+      const float4 f0 = *reinterpret_cast<const float4*>(a_tile + r * kLdCf + c);
+      const float4 f1 = *reinterpret_cast<const float4*>(a_tile + r * kLdCf + c + 4);
       uint4 h;
       h.x = zero ? 0u : pack_bf16(f0.x, f0.y);
       h.y = zero ? 0u : pack_bf16(f0.z, f0.w);
@@ -337,29 +347,30 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
       *reinterpret_cast<uint4*>(t_out + r * kC + c) = h;
     }
   }
-
-  // W = (T diag(be)) K, then U = (T diag(b)) V: T's rows (fp32) scaled per column into bf16
-  // A fragments; only k16 blocks up to the diagonal are non-zero.
+  uint32_t ta[2][4][4];  // [W, U][k16 block]
+#pragma unroll
+  for (int kc = 0; kc < 4; ++kc) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ta[0][kc][e] = ta[1][kc][e] = 0u;
+    if (kc > warp) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // columns 2 t4 (a0, a1), 2 t4 + 8 (a2, a3)
+      const int c = kc * 16 + 8 * h + 2 * t4;
+      const float b0 = sm.beta[c], b1 = sm.beta[c + 1];
+      const float be0 = b0 * __expf(sm.gamma[c]), be1 = b1 * __expf(sm.gamma[c + 1]);
+      const float2 lo = *reinterpret_cast<const float2*>(a_tile + rows[0] * kLdCf + c);
+      const float2 hi = *reinterpret_cast<const float2*>(a_tile + rows[1] * kLdCf + c);
+      ta[0][kc][2 * h] = pack_bf16(lo.x * be0, lo.y * be1);
+      ta[0][kc][2 * h + 1] = pack_bf16(hi.x * be0, hi.y * be1);
+      ta[1][kc][2 * h] = pack_bf16(lo.x * b0, lo.y * b1);
+      ta[1][kc][2 * h + 1] = pack_bf16(hi.x * b0, hi.y * b1);
+    }
+  }
+  __syncwarp();  // the warp's rows of T are read: they become its staging tile
   bf16* stage = reinterpret_cast<bf16*>(sm.qa) + warp * 16 * kLdD;
 #pragma unroll
   for (int which = 0; which < 2; ++which) {
-    const float* col_scale = which == 0 ? sm.be : sm.beta;
     const bf16* operand = which == 0 ? sm.kn : sm.v;
-    uint32_t ta[4][4];
-#pragma unroll
-    for (int kc = 0; kc < 4; ++kc) {
-      ta[kc][0] = ta[kc][1] = ta[kc][2] = ta[kc][3] = 0u;
-      if (kc > warp) continue;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {  // columns 2 t4 (a0, a1), 2 t4 + 8 (a2, a3)
-        const int c = kc * 16 + 8 * h + 2 * t4;
-        const float s0 = col_scale[c], s1 = col_scale[c + 1];
-        const float2 lo = *reinterpret_cast<const float2*>(sm.tf + rows[0] * kLdCf + c);
-        const float2 hi = *reinterpret_cast<const float2*>(sm.tf + rows[1] * kLdCf + c);
-        ta[kc][2 * h] = pack_bf16(lo.x * s0, lo.y * s1);
-        ta[kc][2 * h + 1] = pack_bf16(hi.x * s0, hi.y * s1);
-      }
-    }
     float acc[16][4] = {};
 #pragma unroll
     for (int kc = 0; kc < 4; ++kc) {
@@ -368,8 +379,8 @@ __global__ void __launch_bounds__(kThreads, 3) intra_kernel(const ChunkParams p)
       for (int np = 0; np < 8; ++np) {
         uint32_t b[4];
         load_b_cols(b, operand, kLdD, np * 16, kc * 16);
-        mma_bf16(acc[2 * np], ta[kc], b[0], b[1]);
-        mma_bf16(acc[2 * np + 1], ta[kc], b[2], b[3]);
+        mma_bf16(acc[2 * np], ta[which][kc], b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], ta[which][kc], b[2], b[3]);
       }
     }
     store_rows16x128(acc, stage, (which == 0 ? p.ws.w : p.ws.u) + base + r0 * kD);
