@@ -8,7 +8,8 @@
 //   K K^T, Q K^T                                                mma.sync, in accumulator registers
 //   A  = strictLower(b_i exp(gamma_i - gamma_j) (K K^T)_ij)    on the accumulator registers
 //   M  = Gamma * causal(Q K^T)                                  likewise; stored bf16
-//   T  = (I + A)^-1                                             fp32, by 16 x 16 blocks
+//   T  = (I + A)^-1                                             fp32, by 2 x 2 block recursion,
+//                                                               in A's place
 //   W  = (T diag(be)) K,  U = (T diag(b)) V                     the row scalings of K and V are
 //                                                               column scalings of T, applied
 //                                                               while T's rows become A fragments
