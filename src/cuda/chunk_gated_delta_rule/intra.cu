@@ -136,7 +136,7 @@ __device__ __forceinline__ void store_negated(float* dst, const float (&x)[kN]) 
 // synchronises the block, first so that A's writes are visible); X is the block's 4 KB of scratch.
 //   1. D_i = (I + A_ii)^-1, i < 4: substitution down each column (64 threads, 16 steps; a
 //      block's 16 columns are half a warp, which has read A_ii before any of them is written)
-//   2. the 32-row halves: T_(i+1)i = -D_(i+1) (A_(i+1)i D_i), i = 0, 2 (warps 2i/2, 2i/2 + 1, 8
+//   2. the 32-row halves: T_(i+1)i = -D_(i+1) (A_(i+1)i D_i), i = 0, 2 (warps i and i + 1, 8
 //      columns each: a lane one row and 4 columns; the product in between in the warp's
 //      scratch, and a block barrier before T_(i+1)i overwrites the A both warps read)
 //   3. Y = A21 T1 ([32 x 32], T1 lower: block column c sums from row block c): warp w, block
